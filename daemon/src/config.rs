@@ -1,0 +1,112 @@
+//! `kilnd.toml`: the engine's keys plus the daemon's own, at the top level.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use kiln_engine::EngineConfig;
+use serde::{Deserialize, Serialize};
+
+/// Where kilnd looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kiln/kilnd.toml";
+
+/// The whole config file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonConfig {
+    /// Engine keys (`state_dir`, `runtime_dir`, `accel`, …).
+    #[serde(flatten)]
+    pub engine: EngineConfig,
+    /// Daemon keys.
+    #[serde(flatten)]
+    pub daemon: DaemonKeys,
+}
+
+/// Keys only the daemon reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DaemonKeys {
+    /// Stop every VM when kilnd exits. Off by default: VMs outlive the
+    /// daemon and are re-adopted when it comes back.
+    pub stop_vms_on_exit: bool,
+    /// Log filter (`RUST_LOG` syntax) when `RUST_LOG` is not set.
+    pub log_level: String,
+}
+
+impl Default for DaemonKeys {
+    fn default() -> Self {
+        Self {
+            stop_vms_on_exit: false,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// Load `path`, or the defaults when `path` is the default location and
+    /// does not exist. Unknown keys are an error (serde cannot deny unknown
+    /// fields across `flatten`, so we compare keys ourselves).
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let (path, explicit): (PathBuf, bool) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (DEFAULT_CONFIG_PATH.into(), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default())
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// Parse config text strictly.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let table: toml::Table = toml::from_str(text)?;
+        let config: Self = toml::Value::Table(table.clone()).try_into()?;
+        let known = toml::Table::try_from(&config)?;
+        let unknown: Vec<&String> = table.keys().filter(|k| !known.contains_key(*k)).collect();
+        if !unknown.is_empty() {
+            bail!(
+                "unknown key(s): {}",
+                unknown
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(
+            DaemonConfig::parse("").expect("parse"),
+            DaemonConfig::default()
+        );
+    }
+
+    #[test]
+    fn keys_of_both_parts_are_read() {
+        let c = DaemonConfig::parse(
+            "state_dir = \"/tmp/s\"\naccel = \"tcg\"\nstop_vms_on_exit = true\n",
+        )
+        .expect("parse");
+        assert_eq!(c.engine.state_dir, PathBuf::from("/tmp/s"));
+        assert!(c.daemon.stop_vms_on_exit);
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_errors() {
+        let err = DaemonConfig::parse("stat_dir = \"/tmp\"\n").expect_err("typo");
+        assert!(err.to_string().contains("stat_dir"), "{err}");
+        assert!(DaemonConfig::parse("accel = \"fast\"\n").is_err());
+        assert!(DaemonConfig::parse("boot_timeout_sec = \"x\"\n").is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! kilnd: the Kiln node daemon.
+//!
+//! Wires the engine to its surroundings: config, logging, signals, and (in
+//! later modules) the D-Bus and varlink adapters and systemd notification.
+//! A `select!` here supervises every long-running part; any of them ending
+//! starts an orderly shutdown.
+
+mod config;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use kiln_engine::Engine;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+use crate::config::DaemonConfig;
+
+const USAGE: &str = "usage: kilnd [--config FILE] [--version] [--help]";
+
+struct Args {
+    config: Option<PathBuf>,
+}
+
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut config = None;
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("--version" | "-V") => {
+                println!("kilnd {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            Some("--help" | "-h") => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            Some("--config" | "-c") => {
+                config = Some(PathBuf::from(args.next().context("--config needs a file")?));
+            }
+            _ => anyhow::bail!("unexpected argument {arg:?}\n{USAGE}"),
+        }
+    }
+    Ok(Some(Args { config }))
+}
+
+fn init_logging(default_filter: &str) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Under systemd, stderr is connected to the journal: log natively with
+    // structured fields instead of text.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald)
+                .init();
+            return;
+        }
+    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
+    let config = DaemonConfig::load(args.config.as_deref())?;
+    init_logging(&config.daemon.log_level);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(config))
+}
+
+async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let (engine, mut engine_task) = Engine::start(config.engine.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message()))
+        .context("cannot start the engine")?;
+    let status = engine
+        .status()
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message()))?;
+    info!(version = %status.version, accel = %status.accel, vms = status.vms, "kilnd running");
+
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM received"),
+        _ = sigint.recv() => info!("SIGINT received"),
+        _ = &mut engine_task => anyhow::bail!("engine stopped unexpectedly"),
+    }
+    engine.shutdown(config.daemon.stop_vms_on_exit).await.ok();
+    let _ = engine_task.await;
+    info!("kilnd stopped");
+    Ok(())
+}

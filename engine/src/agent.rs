@@ -1,0 +1,333 @@
+//! Client of the guest agent (`io.kiln.Agent`, see `kiln-agent-proto`).
+//!
+//! QEMU bridges the guest's virtio-serial port to a unix socket it listens
+//! on. One call is in flight at a time (the agent serves one at a time); the
+//! client's mutex queues concurrent callers. A call that times out drops the
+//! connection, and every new connection starts with a `Ping` carrying a fresh
+//! nonce, skipping any late reply meant for the abandoned call: a reply can
+//! never be taken for the answer to a different call.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_agent_proto::{self as proto, Call, Reply};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::Mutex;
+
+/// Agent failures.
+#[derive(Debug, Clone, Error)]
+pub enum AgentError {
+    /// The agent socket could not be reached.
+    #[error("cannot connect to the guest agent: {0}")]
+    Connect(String),
+    /// No answer within the deadline.
+    #[error("guest agent did not answer {method} in time")]
+    Timeout {
+        /// Method called.
+        method: String,
+    },
+    /// The connection broke.
+    #[error("guest agent connection closed")]
+    Disconnected,
+    /// The agent answered with a varlink error.
+    #[error("guest agent error {name}: {message}")]
+    Call {
+        /// Varlink error name.
+        name: String,
+        /// Its `message` parameter, if any.
+        message: String,
+    },
+    /// The agent sent something unreadable.
+    #[error("guest agent protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Deadline of one `Ping` attempt in [`AgentClient::wait_ready`].
+const PING_ATTEMPT: Duration = Duration::from_secs(2);
+
+struct Connection {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+/// A client for one VM's agent socket.
+#[derive(Debug)]
+pub struct AgentClient {
+    socket: PathBuf,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connection")
+    }
+}
+
+impl AgentClient {
+    /// A client for `socket`; connects lazily.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            conn: Mutex::new(None),
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Call `method` and decode its reply.
+    pub async fn call<P: Serialize, R: DeserializeOwned>(
+        &self,
+        method: &str,
+        parameters: &P,
+        timeout: Duration,
+    ) -> Result<R, AgentError> {
+        let parameters =
+            serde_json::to_value(parameters).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut guard = self.conn.lock().await;
+        let result = tokio::time::timeout_at(deadline, async {
+            if guard.is_none() {
+                *guard = Some(self.connect_and_sync().await?);
+            }
+            let conn = guard.as_mut().ok_or(AgentError::Disconnected)?;
+            roundtrip(conn, method, parameters).await
+        })
+        .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(AgentError::Timeout {
+                method: method.to_owned(),
+            }),
+        };
+        if matches!(
+            result,
+            Err(AgentError::Timeout { .. } | AgentError::Disconnected | AgentError::Protocol(_))
+        ) {
+            // The stream may now hold a late reply: start afresh next time.
+            *guard = None;
+        }
+        let value = result?;
+        serde_json::from_value(value).map_err(|e| AgentError::Protocol(e.to_string()))
+    }
+
+    /// `Ping`: liveness and guest facts.
+    pub async fn ping(&self, timeout: Duration) -> Result<proto::PingReply, AgentError> {
+        self.call(proto::method::PING, &proto::PingRequest::default(), timeout)
+            .await
+    }
+
+    /// Retry `Ping` (reconnecting as needed) until the agent answers or
+    /// `timeout` passes. Used while a guest boots.
+    ///
+    /// Each attempt has a short deadline of its own: a ping queued before
+    /// the guest opened its port is answered as soon as the agent is up, but
+    /// one the guest swallowed (a reset in mid-call) would otherwise be
+    /// waited for until the whole boot timeout is gone.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<proto::PingReply, AgentError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(AgentError::Timeout {
+                    method: proto::method::PING.into(),
+                });
+            }
+            match self.ping(left.min(PING_ATTEMPT)).await {
+                Ok(reply) => return Ok(reply),
+                // Socket not there yet or QEMU not accepting: try again soon.
+                Err(AgentError::Connect(_) | AgentError::Disconnected) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(AgentError::Timeout { .. }) if left > PING_ATTEMPT => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Drop the connection (the next call reconnects).
+    pub async fn disconnect(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    async fn connect_and_sync(&self) -> Result<Connection, AgentError> {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| AgentError::Connect(e.to_string()))?;
+        let (read, writer) = stream.into_split();
+        let mut conn = Connection {
+            reader: BufReader::new(read),
+            writer,
+        };
+        let mut nonce_bytes = [0u8; 8];
+        crate::ids::fill_random(&mut nonce_bytes);
+        let nonce = u64::from_le_bytes(nonce_bytes);
+        let request = proto::PingRequest { nonce: Some(nonce) };
+        let call = Call {
+            method: proto::method::PING.to_owned(),
+            parameters: Some(
+                serde_json::to_value(request).map_err(|e| AgentError::Protocol(e.to_string()))?,
+            ),
+        };
+        send(&mut conn, &call).await?;
+        loop {
+            let reply = receive(&mut conn).await?;
+            let echoed = reply
+                .parameters
+                .as_ref()
+                .and_then(|p| p.get("nonce"))
+                .and_then(Value::as_u64);
+            if reply.error.is_none() && echoed == Some(nonce) {
+                return Ok(conn);
+            }
+            tracing::debug!(socket = %self.socket.display(), "skipping a stale agent reply");
+        }
+    }
+}
+
+async fn roundtrip(
+    conn: &mut Connection,
+    method: &str,
+    parameters: Value,
+) -> Result<Value, AgentError> {
+    let call = Call {
+        method: method.to_owned(),
+        parameters: Some(parameters),
+    };
+    send(conn, &call).await?;
+    let reply = receive(conn).await?;
+    match reply.error {
+        None => Ok(reply
+            .parameters
+            .unwrap_or(Value::Object(Default::default()))),
+        Some(name) => {
+            let message = reply
+                .parameters
+                .as_ref()
+                .and_then(|p| p.get("message"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            Err(AgentError::Call { name, message })
+        }
+    }
+}
+
+async fn send(conn: &mut Connection, call: &Call) -> Result<(), AgentError> {
+    let bytes = proto::encode(call).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    conn.writer
+        .write_all(&bytes)
+        .await
+        .map_err(|_| AgentError::Disconnected)
+}
+
+async fn receive(conn: &mut Connection) -> Result<Reply, AgentError> {
+    let mut frame = Vec::new();
+    let n = (&mut conn.reader)
+        .take(proto::MAX_MESSAGE_BYTES as u64)
+        .read_until(0, &mut frame)
+        .await
+        .map_err(|_| AgentError::Disconnected)?;
+    if n == 0 {
+        return Err(AgentError::Disconnected);
+    }
+    if frame.last() != Some(&0) {
+        return Err(AgentError::Protocol("message too long or truncated".into()));
+    }
+    frame.pop();
+    proto::decode(&frame).map_err(|e| AgentError::Protocol(e.to_string()))
+}
+
+use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    async fn read_frame(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> Call {
+        let mut buf = Vec::new();
+        reader.read_until(0, &mut buf).await.expect("read");
+        buf.pop();
+        proto::decode(&buf).expect("call")
+    }
+
+    /// A fake agent that first sends a stale reply (as a guest would after a
+    /// timed-out call), then answers the sync ping and one exec.
+    #[tokio::test]
+    async fn stale_replies_are_skipped_on_connect() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut reader = BufReader::new(read);
+            let stale = proto::encode(&Reply {
+                parameters: Some(serde_json::json!({"exitCode": 99, "stdout": "", "stderr": ""})),
+                error: None,
+            })
+            .expect("encode");
+            write.write_all(&stale).await.expect("write");
+            let ping = read_frame(&mut reader).await;
+            assert_eq!(ping.method, proto::method::PING);
+            let nonce = ping.parameters.expect("params")["nonce"].clone();
+            let pong = serde_json::json!({"agentVersion": "t", "kernelRelease": "k", "bootId": "b",
+                "hostname": "h", "uptimeMs": 1, "nonce": nonce});
+            write
+                .write_all(
+                    &proto::encode(&Reply {
+                        parameters: Some(pong),
+                        error: None,
+                    })
+                    .expect("encode"),
+                )
+                .await
+                .expect("write");
+            let exec = read_frame(&mut reader).await;
+            assert_eq!(exec.method, proto::method::EXEC);
+            let reply = Reply {
+                parameters: Some(serde_json::json!({"exitCode": 0, "stdout": "ok", "stderr": ""})),
+                error: None,
+            };
+            write
+                .write_all(&proto::encode(&reply).expect("encode"))
+                .await
+                .expect("write");
+        });
+        let client = AgentClient::new(&path);
+        let reply: proto::ExecReply = client
+            .call(
+                proto::method::EXEC,
+                &proto::ExecRequest {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                },
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("exec");
+        assert_eq!((reply.exit_code, reply.stdout.as_str()), (0, "ok"));
+    }
+
+    #[tokio::test]
+    async fn no_socket_is_a_connect_error_and_wait_ready_times_out() {
+        let client = AgentClient::new("/nonexistent/agent.sock");
+        assert!(matches!(
+            client.ping(Duration::from_secs(1)).await,
+            Err(AgentError::Connect(_))
+        ));
+        let err = client
+            .wait_ready(Duration::from_millis(50))
+            .await
+            .expect_err("timeout");
+        assert!(matches!(err, AgentError::Timeout { .. }), "{err:?}");
+    }
+}

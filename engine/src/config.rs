@@ -1,0 +1,69 @@
+//! Engine configuration: the `[engine]`-level keys of `kilnd.toml`.
+//!
+//! Every path is a key so kilnd runs unprivileged in a temp dir for tests.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::accel::AccelChoice;
+
+/// Engine settings. Strict: unknown keys are an error, not a silent typo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Persistent state (VM records): `/var/lib/kiln`.
+    pub state_dir: PathBuf,
+    /// Runtime files (QMP/agent sockets, pid files): `/run/kiln`.
+    pub runtime_dir: PathBuf,
+    /// Directory holding the built-in guest image (`vmlinuz`, `initramfs`).
+    pub guest_dir: PathBuf,
+    /// QEMU binary, looked up in `PATH` unless absolute.
+    pub qemu_binary: PathBuf,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: AccelChoice,
+    /// How long a boot may take until the agent answers.
+    pub boot_timeout_sec: u64,
+    /// Default grace period of a stop before QEMU is killed.
+    pub stop_timeout_sec: u64,
+    /// Deadline of every QMP command.
+    pub qmp_timeout_ms: u64,
+    /// TCG translation cache per VM in MiB (bounds TCG memory use).
+    pub tcg_tb_size_mib: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: "/var/lib/kiln".into(),
+            runtime_dir: "/run/kiln".into(),
+            guest_dir: "/usr/lib/kiln/guest".into(),
+            qemu_binary: "qemu-system-x86_64".into(),
+            accel: AccelChoice::Auto,
+            boot_timeout_sec: 60,
+            stop_timeout_sec: 10,
+            qmp_timeout_ms: 5_000,
+            tcg_tb_size_mib: 32,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Boot deadline.
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.boot_timeout_sec)
+    }
+    /// QMP command deadline.
+    pub fn qmp_timeout(&self) -> Duration {
+        Duration::from_millis(self.qmp_timeout_ms)
+    }
+    /// Where VM records live.
+    pub fn vm_records_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+    /// Runtime directory of one VM.
+    pub fn vm_runtime_dir(&self, id: &str) -> PathBuf {
+        self.runtime_dir.join("vms").join(id)
+    }
+}

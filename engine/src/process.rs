@@ -1,0 +1,223 @@
+//! QEMU processes: launch, identify, watch, signal.
+//!
+//! QEMU is started in a session of its own (`setsid`), with its output in a
+//! log file rather than a pipe (a pipe would SIGPIPE it once kilnd is gone),
+//! so it outlives a `kill -9` of kilnd. We do not use `-daemonize`: its
+//! fork and `setsid` happen after `-sandbox` is in force, and the sandbox's
+//! `spawn=deny,elevateprivileges=deny` would refuse them. The spawned child
+//! handle is dropped at once; tokio reaps it when it exits. Every process,
+//! launched or re-adopted, is tracked through a pidfd, which reports its
+//! exit at once and cannot signal a recycled pid.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+
+use crate::qemu::argv::{process_name, QemuLaunch};
+
+/// Process failures.
+#[derive(Debug, Error)]
+pub enum ProcessError {
+    /// The QEMU binary could not be executed.
+    #[error("cannot run {binary}")]
+    Exec {
+        /// Binary.
+        binary: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU exited while starting, with its own error message.
+    #[error("QEMU refused to start: {message}")]
+    QemuRefused {
+        /// What QEMU printed on stderr.
+        message: String,
+    },
+    /// pidfd_open failed (the process is already gone).
+    #[error("process {pid} is gone")]
+    Gone {
+        /// Pid.
+        pid: u32,
+    },
+    /// Signalling failed.
+    #[error("cannot signal process {pid}")]
+    Signal {
+        /// Pid.
+        pid: u32,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running QEMU, watched through its pidfd.
+#[derive(Debug, Clone)]
+pub struct VmProcess {
+    /// Process id.
+    pub pid: u32,
+    pidfd: Arc<AsyncFd<OwnedFd>>,
+}
+
+impl VmProcess {
+    /// Start QEMU in its own session; stdout and stderr go to `log`.
+    /// Returns at once: the caller waits for QMP to learn it is up.
+    pub fn launch(launch: &QemuLaunch, log: &Path) -> Result<Self, ProcessError> {
+        let argv = launch.argv();
+        let binary = launch.binary.display().to_string();
+        let exec_err = |source| ProcessError::Exec {
+            binary: binary.clone(),
+            source,
+        };
+        let log = std::fs::File::create(log).map_err(exec_err)?;
+        let mut command = tokio::process::Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(exec_err)?)
+            .stderr(log)
+            .kill_on_drop(false);
+        // SAFETY: the closure runs between fork and exec and only calls
+        // setsid(2), which is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(exec_err)?;
+        let pid = child.id().ok_or(ProcessError::Gone { pid: 0 })?;
+        let process = Self::attach(pid);
+        // Dropping the handle does not kill QEMU; tokio reaps it on exit.
+        drop(child);
+        process
+    }
+
+    /// Watch an existing process.
+    pub fn attach(pid: u32) -> Result<Self, ProcessError> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
+        // no memory is shared with the kernel.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(ProcessError::Gone { pid });
+        }
+        // SAFETY: the syscall returned a fresh fd that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: `owned` is an open fd that the AsyncFd owns from here on;
+        // OwnedFd always returns that same fd from as_raw_fd().
+        let pidfd =
+            unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
+                .map_err(|_| ProcessError::Gone { pid })?;
+        Ok(Self {
+            pid,
+            pidfd: Arc::new(pidfd),
+        })
+    }
+
+    /// Resolves when the process has exited.
+    pub async fn exited(&self) {
+        // A pidfd becomes readable when the process exits (and stays so).
+        loop {
+            match self.pidfd.readable().await {
+                Ok(mut guard) => {
+                    // Not our child: nothing to reap, readiness is the signal.
+                    guard.retain_ready();
+                    return;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Whether it is still running (non-blocking).
+    pub fn is_alive(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.pidfd.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, timeout 0.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n == 0
+    }
+
+    /// Send `signal` through the pidfd (never hits a recycled pid).
+    pub fn signal(&self, signal: i32) -> Result<(), ProcessError> {
+        // SAFETY: pidfd_send_signal with a valid pidfd, a signal number, a
+        // null siginfo and no flags.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.get_ref().as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(()); // Already gone: the goal of every signal we send.
+        }
+        Err(ProcessError::Signal {
+            pid: self.pid,
+            source: err,
+        })
+    }
+
+    /// SIGKILL.
+    pub fn kill(&self) -> Result<(), ProcessError> {
+        self.signal(libc::SIGKILL)
+    }
+}
+
+/// Read a QEMU pid file.
+pub fn read_pid_file(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is a QEMU running VM `vm_id` (guards re-adoption against
+/// recycled pids): its argv carries `-name kiln-<id>,…`.
+pub fn is_qemu_of(pid: u32, vm_id: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let wanted = format!("{},process=", process_name(vm_id));
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg.starts_with(wanted.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pidfd_sees_exit_of_a_non_child() {
+        // `sh -c 'sleep 30 & echo $!'` leaves a grandchild we did not spawn
+        // directly, like a re-adopted QEMU.
+        let out = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .output()
+            .expect("sh");
+        let pid: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("pid");
+        let process = VmProcess::attach(pid).expect("attach");
+        assert!(process.is_alive());
+        assert!(!is_qemu_of(pid, "0123456789ab"));
+        process.kill().expect("kill");
+        tokio::time::timeout(std::time::Duration::from_secs(5), process.exited())
+            .await
+            .expect("exit seen");
+        assert!(!process.is_alive());
+        process.kill().expect("killing the dead is fine");
+    }
+}

@@ -1,0 +1,217 @@
+//! Typed QEMU command line.
+//!
+//! [`QemuLaunch`] says what a VM needs; [`QemuLaunch::argv`] is the only
+//! place that knows QEMU's option syntax. Golden files under
+//! `engine/src/qemu/golden/` pin the exact argv; regenerate them with
+//! `KILN_UPDATE_GOLDEN=1 cargo test -p kiln-engine golden` after a deliberate
+//! change and review the diff.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::accel::Accel;
+
+/// Machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    /// `microvm` with ACPI (virtio-mmio devices discovered through ACPI, since
+    /// Debian's kernels lack `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`).
+    Microvm,
+    /// `q35`: PCIe, for GPUs and NIC hotplug.
+    Q35,
+}
+
+/// Everything QEMU is launched with.
+#[derive(Debug, Clone)]
+pub struct QemuLaunch {
+    /// QEMU binary.
+    pub binary: PathBuf,
+    /// VM id; becomes the QEMU `-name` and process name, which is how a
+    /// process is recognised as this VM's on re-adoption.
+    pub vm_id: String,
+    /// Machine type.
+    pub machine: Machine,
+    /// Accelerator.
+    pub accel: Accel,
+    /// TCG translation cache size (MiB), ignored under KVM.
+    pub tcg_tb_size_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// RAM in MiB.
+    pub memory_mib: u32,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: PathBuf,
+    /// Full kernel command line.
+    pub cmdline: String,
+    /// QMP socket (QEMU listens).
+    pub qmp_socket: PathBuf,
+    /// Guest agent socket (QEMU listens, bridged to the virtio-serial port).
+    pub agent_socket: PathBuf,
+    /// Serial console log.
+    pub console_log: PathBuf,
+    /// Pid file QEMU writes at start (found by reconcile if kilnd died
+    /// before recording the pid).
+    pub pid_file: PathBuf,
+}
+
+/// Name of the process (and `-name`) of a VM: lets `ps` and re-adoption
+/// recognise it.
+pub fn process_name(vm_id: &str) -> String {
+    format!("kiln-{vm_id}")
+}
+
+impl QemuLaunch {
+    /// The kernel command line Kiln always uses, before the caller's extra part.
+    pub const BASE_CMDLINE: &'static str = "console=ttyS0 quiet panic=-1 reboot=t";
+
+    /// The argv, binary first.
+    pub fn argv(&self) -> Vec<OsString> {
+        let mut args = Args::default();
+        args.push(self.binary.clone());
+        let name = process_name(&self.vm_id);
+        args.pair("-name", format!("{name},process={name}"));
+        match self.machine {
+            // Keep the PIT: without it (pit=off) the guest kernel cannot
+            // calibrate the TSC under TCG and hangs at boot (measured).
+            Machine::Microvm => args.pair("-machine", "microvm,acpi=on"),
+            Machine::Q35 => args.pair("-machine", "q35"),
+        };
+        match self.accel {
+            Accel::Kvm => {
+                args.pair("-accel", "kvm");
+                args.pair("-cpu", "host");
+            }
+            Accel::Tcg => {
+                args.pair("-accel", format!("tcg,tb-size={}", self.tcg_tb_size_mib));
+                args.pair("-cpu", "max");
+            }
+        }
+        args.pair("-smp", self.vcpus.to_string());
+        args.pair("-m", format!("{}M", self.memory_mib));
+        args.flag("-nodefaults");
+        args.flag("-no-user-config");
+        args.pair("-display", "none");
+        args.pair("-serial", path_arg("file:", &self.console_log));
+        args.pair("-kernel", self.kernel.clone());
+        args.pair("-initrd", self.initrd.clone());
+        args.pair("-append", self.cmdline.clone());
+        let (serial_bus, rng) = match self.machine {
+            Machine::Microvm => ("virtio-serial-device", "virtio-rng-device"),
+            Machine::Q35 => ("virtio-serial-pci", "virtio-rng-pci"),
+        };
+        args.pair("-device", serial_bus);
+        args.pair(
+            "-chardev",
+            path_arg(
+                "socket,id=agent,server=on,wait=off,path=",
+                &self.agent_socket,
+            ),
+        );
+        args.pair(
+            "-device",
+            format!(
+                "virtserialport,chardev=agent,name={}",
+                kiln_agent_proto::PORT_NAME
+            ),
+        );
+        args.pair("-device", rng);
+        args.pair(
+            "-chardev",
+            path_arg("socket,id=qmp,server=on,wait=off,path=", &self.qmp_socket),
+        );
+        args.pair("-mon", "chardev=qmp,mode=control");
+        args.pair("-pidfile", self.pid_file.clone());
+        // No spawning helpers, no privilege changes, no obsolete syscalls.
+        args.pair(
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        );
+        args.0
+    }
+}
+
+/// QEMU option values are comma-separated; a comma inside a path is
+/// written doubled.
+fn path_arg(prefix: &str, path: &std::path::Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(path.to_string_lossy().replace(',', ",,"));
+    s
+}
+
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn push(&mut self, a: impl Into<OsString>) {
+        self.0.push(a.into());
+    }
+    fn flag(&mut self, f: &str) {
+        self.push(f);
+    }
+    fn pair(&mut self, opt: &str, value: impl Into<OsString>) {
+        self.push(opt);
+        self.push(value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(machine: Machine, accel: Accel) -> QemuLaunch {
+        let run = PathBuf::from("/run/kiln/vms/0123456789ab");
+        QemuLaunch {
+            binary: "qemu-system-x86_64".into(),
+            vm_id: "0123456789ab".into(),
+            machine,
+            accel,
+            tcg_tb_size_mib: 32,
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/usr/lib/kiln/guest/vmlinuz".into(),
+            initrd: "/usr/lib/kiln/guest/initramfs".into(),
+            cmdline: format!("{} kiln.extra=1", QemuLaunch::BASE_CMDLINE),
+            qmp_socket: run.join("qmp.sock"),
+            agent_socket: run.join("agent.sock"),
+            console_log: run.join("console,log"),
+            pid_file: run.join("qemu.pid"),
+        }
+    }
+
+    fn check_golden(name: &str, launch: &QemuLaunch) {
+        let got: String = launch
+            .argv()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned() + "\n")
+            .collect();
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("src/qemu/golden")
+            .join(name);
+        if std::env::var_os("KILN_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, &got).expect("write golden");
+        }
+        let want =
+            std::fs::read_to_string(&path).expect("golden file (KILN_UPDATE_GOLDEN=1 to create)");
+        assert_eq!(got, want, "argv differs from {}", path.display());
+    }
+
+    #[test]
+    fn golden_microvm_tcg() {
+        check_golden("microvm-tcg.args", &launch(Machine::Microvm, Accel::Tcg));
+    }
+
+    #[test]
+    fn golden_q35_kvm() {
+        check_golden("q35-kvm.args", &launch(Machine::Q35, Accel::Kvm));
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let argv = launch(Machine::Microvm, Accel::Tcg).argv();
+        assert!(argv
+            .iter()
+            .any(|a| a == "file:/run/kiln/vms/0123456789ab/console,,log"));
+    }
+}

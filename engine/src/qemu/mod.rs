@@ -1,0 +1,7 @@
+//! QEMU: the typed command line and the QMP client.
+
+pub mod argv;
+pub mod qmp;
+
+pub use argv::{Machine, QemuLaunch};
+pub use qmp::{Qmp, QmpError, QmpEvent};

@@ -1,0 +1,306 @@
+//! What a caller may ask for when creating a VM, and the limits it is held to.
+//!
+//! [`VmSpec`] is the one serde type for pool files, varlink bodies and D-Bus
+//! `a{sv}` (camelCase fields, unknown fields rejected). [`VmSpec::resolve`]
+//! validates it against [`Limits`] and fills defaults, giving the
+//! [`ResolvedSpec`] that is persisted and launched.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::accel::Accel;
+
+/// A VM as requested: everything optional has a default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmSpec {
+    /// Virtual CPUs (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Guest RAM in MiB (default 128).
+    #[serde(default, rename = "memoryMiB", skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Kernel image; defaults to the built-in guest image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs; defaults to the built-in guest image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended to Kiln's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Accelerator for this VM; defaults to the daemon's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
+}
+
+/// A validated spec with every default filled in: what is persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedSpec {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u32,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: PathBuf,
+    /// Extra kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Accelerator.
+    pub accel: Accel,
+}
+
+/// Bounds every request is checked against.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most vCPUs one VM may have.
+    pub max_vcpus: u32,
+    /// Smallest guest RAM that boots the built-in image.
+    pub min_memory_mib: u32,
+    /// Most guest RAM one VM may have (default: host RAM).
+    pub max_memory_mib: u32,
+}
+
+/// Longest VM or pool name.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest extra kernel command line (the kernel's own limit is 2048 with
+/// Kiln's part included).
+pub const MAX_CMDLINE_LEN: usize = 1024;
+/// Longest path accepted for kernel/initrd.
+pub const MAX_PATH_LEN: usize = 1024;
+
+/// Why a spec or a name was refused. Every variant maps to the wire error
+/// `InvalidSpec` (or `InvalidName`), with this text as its message.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SpecError {
+    /// Name empty, too long or with characters outside `[A-Za-z0-9_.-]`.
+    #[error("invalid name {0:?}: 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . -, not starting with . or -")]
+    InvalidName(String),
+    /// vCPU count outside `1..=max`.
+    #[error("vcpus must be between 1 and {max}, got {got}")]
+    Vcpus { got: u32, max: u32 },
+    /// Memory outside `min..=max`.
+    #[error("memoryMiB must be between {min} and {max}, got {got}")]
+    Memory { got: u32, min: u32, max: u32 },
+    /// Kernel or initrd missing or not a regular file.
+    #[error("{what} {path:?} is not a readable file")]
+    MissingFile { what: &'static str, path: PathBuf },
+    /// Path too long or not absolute.
+    #[error("{what} path must be absolute and at most {MAX_PATH_LEN} bytes")]
+    BadPath { what: &'static str },
+    /// Command line too long or with control characters.
+    #[error("cmdline must be at most {MAX_CMDLINE_LEN} printable characters")]
+    Cmdline,
+}
+
+/// Check a VM or pool name.
+pub fn validate_name(name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::InvalidName(
+            name.chars().take(MAX_NAME_LEN + 8).collect(),
+        ))
+    }
+}
+
+/// Defaults that come from the daemon rather than the caller.
+#[derive(Debug, Clone)]
+pub struct SpecDefaults {
+    /// Built-in guest kernel.
+    pub kernel: PathBuf,
+    /// Built-in guest initramfs.
+    pub initrd: PathBuf,
+    /// Daemon accelerator (already auto-detected).
+    pub accel: Accel,
+}
+
+impl VmSpec {
+    /// Validate against `limits` and fill defaults.
+    pub fn resolve(
+        &self,
+        defaults: &SpecDefaults,
+        limits: &Limits,
+    ) -> Result<ResolvedSpec, SpecError> {
+        let vcpus = self.vcpus.unwrap_or(1);
+        if vcpus == 0 || vcpus > limits.max_vcpus {
+            return Err(SpecError::Vcpus {
+                got: vcpus,
+                max: limits.max_vcpus,
+            });
+        }
+        let memory_mib = self.memory_mib.unwrap_or(128);
+        if memory_mib < limits.min_memory_mib || memory_mib > limits.max_memory_mib {
+            return Err(SpecError::Memory {
+                got: memory_mib,
+                min: limits.min_memory_mib,
+                max: limits.max_memory_mib,
+            });
+        }
+        let kernel = checked_file("kernel", self.kernel.as_deref().unwrap_or(&defaults.kernel))?;
+        let initrd = checked_file("initrd", self.initrd.as_deref().unwrap_or(&defaults.initrd))?;
+        let cmdline = self.cmdline.clone().unwrap_or_default();
+        if cmdline.len() > MAX_CMDLINE_LEN || cmdline.chars().any(char::is_control) {
+            return Err(SpecError::Cmdline);
+        }
+        Ok(ResolvedSpec {
+            vcpus,
+            memory_mib,
+            kernel,
+            initrd,
+            cmdline,
+            accel: self.accel.unwrap_or(defaults.accel),
+        })
+    }
+}
+
+fn checked_file(what: &'static str, path: &Path) -> Result<PathBuf, SpecError> {
+    if !path.is_absolute() || path.as_os_str().len() > MAX_PATH_LEN {
+        return Err(SpecError::BadPath { what });
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(path.to_path_buf()),
+        _ => Err(SpecError::MissingFile {
+            what,
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+/// Total host RAM in MiB, from `/proc/meminfo` (None if unreadable).
+pub fn host_memory_mib() -> Option<u32> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    u32::try_from(kib / 1024).ok()
+}
+
+impl Limits {
+    /// Limits for this host: at most the host's RAM per VM, 64 vCPUs.
+    pub fn for_host() -> Self {
+        Self {
+            max_vcpus: 64,
+            min_memory_mib: 32,
+            max_memory_mib: host_memory_mib().unwrap_or(4096),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults(dir: &Path) -> SpecDefaults {
+        let kernel = dir.join("vmlinuz");
+        let initrd = dir.join("initramfs");
+        std::fs::write(&kernel, b"k").expect("write");
+        std::fs::write(&initrd, b"i").expect("write");
+        SpecDefaults {
+            kernel,
+            initrd,
+            accel: Accel::Tcg,
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_vcpus: 8,
+            min_memory_mib: 32,
+            max_memory_mib: 1024,
+        }
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_spec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = defaults(dir.path());
+        let spec = VmSpec::default().resolve(&d, &limits()).expect("valid");
+        assert_eq!((spec.vcpus, spec.memory_mib), (1, 128));
+        assert_eq!(spec.kernel, d.kernel);
+        assert_eq!(spec.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = defaults(dir.path());
+        let zero_cpus = VmSpec {
+            vcpus: Some(0),
+            ..VmSpec::default()
+        };
+        assert_eq!(
+            zero_cpus.resolve(&d, &limits()),
+            Err(SpecError::Vcpus { got: 0, max: 8 })
+        );
+        let huge = VmSpec {
+            memory_mib: Some(1 << 30),
+            ..VmSpec::default()
+        };
+        assert!(matches!(
+            huge.resolve(&d, &limits()),
+            Err(SpecError::Memory { .. })
+        ));
+        let missing = VmSpec {
+            kernel: Some("/nonexistent/vmlinuz".into()),
+            ..VmSpec::default()
+        };
+        assert!(matches!(
+            missing.resolve(&d, &limits()),
+            Err(SpecError::MissingFile { what: "kernel", .. })
+        ));
+        let relative = VmSpec {
+            initrd: Some("initramfs".into()),
+            ..VmSpec::default()
+        };
+        assert!(matches!(
+            relative.resolve(&d, &limits()),
+            Err(SpecError::BadPath { .. })
+        ));
+        let control = VmSpec {
+            cmdline: Some("a\nb".into()),
+            ..VmSpec::default()
+        };
+        assert_eq!(control.resolve(&d, &limits()), Err(SpecError::Cmdline));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "web-1", "A.b_c", &"x".repeat(MAX_NAME_LEN)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "a/b",
+            "a b",
+            "ü",
+            &"x".repeat(MAX_NAME_LEN + 1),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_and_names_are_camel_case() {
+        let err = serde_json::from_str::<VmSpec>(r#"{"vcpu": 1}"#);
+        assert!(err.is_err());
+        let spec: VmSpec =
+            serde_json::from_str(r#"{"vcpus": 2, "memoryMiB": 256}"#).expect("parse");
+        assert_eq!((spec.vcpus, spec.memory_mib), (Some(2), Some(256)));
+        let toml_spec: VmSpec = toml::from_str("vcpus = 1\nmemoryMiB = 64\n").expect("toml");
+        assert_eq!(toml_spec.memory_mib, Some(64));
+    }
+}

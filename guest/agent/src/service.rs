@@ -1,0 +1,339 @@
+//! The varlink service: turns one frame into one reply. Interfaces served:
+//! `io.kiln.Agent` and `org.varlink.service` (introspection).
+
+use kiln_agent_proto::{
+    error, method, Call, ExecRequest, FailureParameters, PingReply, PingRequest, Reply,
+    SetIdentityRequest, INTERFACE,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::exec::{self, Plan, SpawnFailed};
+use crate::frame::Frame;
+use crate::identity::Identity;
+use crate::params::{self, InvalidParameter};
+use crate::sys;
+
+/// The IDL of `io.kiln.Agent`, served by `GetInterfaceDescription`.
+pub const AGENT_IDL: &str = include_str!("../../io.kiln.Agent.varlink");
+/// The IDL of `org.varlink.service` (from the varlink specification).
+pub const SERVICE_IDL: &str = "\
+# The Varlink Service Interface is provided by every varlink service. It
+# describes the service and the interfaces it implements.
+interface org.varlink.service
+
+# Get a list of all the interfaces a service provides and information
+# about the implementation.
+method GetInfo() -> (
+  vendor: string,
+  product: string,
+  version: string,
+  url: string,
+  interfaces: []string
+)
+
+# Get the description of an interface that is implemented by this service.
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+# The requested interface was not found.
+error InterfaceNotFound (interface: string)
+
+# The requested method was not found
+error MethodNotFound (method: string)
+
+# The interface defines the requested method, but the service does not
+# implement it.
+error MethodNotImplemented (method: string)
+
+# One of the passed parameters is invalid.
+error InvalidParameter (parameter: string)
+
+# Client is denied access
+error PermissionDenied ()
+
+# Method is expected to be called with 'more' set to true, but wasn't
+error ExpectedMore ()
+";
+const SERVICE_INTERFACE: &str = "org.varlink.service";
+const GET_INFO: &str = "org.varlink.service.GetInfo";
+const GET_INTERFACE_DESCRIPTION: &str = "org.varlink.service.GetInterfaceDescription";
+const INTERFACE_NOT_FOUND: &str = "org.varlink.service.InterfaceNotFound";
+
+/// Version of this agent, reported by `Ping` and `GetInfo`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What the main loop must do once the reply has been written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Keep serving.
+    Continue,
+    /// `sync` and power off.
+    PowerOff,
+    /// `sync` and reboot.
+    Reboot,
+}
+
+/// Result of handling one frame.
+#[derive(Debug)]
+pub struct Response {
+    /// Encoded reply, NUL included; `None` for `oneway` calls.
+    pub bytes: Option<Vec<u8>>,
+    /// Action to take after the reply is sent.
+    pub after: After,
+}
+
+/// Handles one frame from the port.
+pub fn handle_frame(frame: &Frame) -> Response {
+    let message = match frame {
+        Frame::TooLarge => {
+            return respond(
+                invalid_parameter(&InvalidParameter::new("parameters")),
+                After::Continue,
+            )
+        }
+        Frame::Message(message) => message,
+    };
+    let value: Value = match serde_json::from_slice(message) {
+        Ok(value) => value,
+        Err(_) => {
+            return respond(
+                invalid_parameter(&InvalidParameter::new("method")),
+                After::Continue,
+            )
+        }
+    };
+    let oneway = value
+        .get("oneway")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let call: Call = match serde_json::from_value(value) {
+        Ok(call) => call,
+        Err(_) => {
+            return respond(
+                invalid_parameter(&InvalidParameter::new("method")),
+                After::Continue,
+            )
+        }
+    };
+    let (reply, after) = dispatch(&call);
+    let mut response = respond(reply, after);
+    if oneway {
+        response.bytes = None;
+    }
+    response
+}
+
+fn respond(reply: Reply, after: After) -> Response {
+    let bytes = kiln_agent_proto::encode(&reply).unwrap_or_else(|_| {
+        // Unreachable in practice (serializing a Value cannot fail); keep
+        // the call/reply pairing intact anyway.
+        b"{\"error\":\"org.varlink.service.InvalidParameter\",\"parameters\":{\"parameter\":\"parameters\"}}\0"
+            .to_vec()
+    });
+    Response {
+        bytes: Some(bytes),
+        after,
+    }
+}
+
+/// Dispatches a decoded call.
+pub fn dispatch(call: &Call) -> (Reply, After) {
+    let params = call.parameters.as_ref();
+    let reply = match call.method.as_str() {
+        method::PING => params::decode::<PingRequest>(params).map(|req| ok(&ping(req))),
+        method::EXEC => params::decode::<ExecRequest>(params)
+            .and_then(Plan::new)
+            .map(|plan| match exec::run(plan) {
+                Ok(reply) => ok(&reply),
+                Err(SpawnFailed(message)) => failure(error::EXEC_FAILED, message),
+            }),
+        method::SET_IDENTITY => params::decode::<SetIdentityRequest>(params)
+            .and_then(Identity::new)
+            .map(|identity| match identity.apply() {
+                Ok(()) => ok(&json!({})),
+                Err(e) => failure(error::IDENTITY_FAILED, e.0),
+            }),
+        method::SHUTDOWN => {
+            return (ok(&json!({})), After::PowerOff);
+        }
+        method::REBOOT => {
+            return (ok(&json!({})), After::Reboot);
+        }
+        GET_INFO => Ok(ok(&json!({
+            "vendor": "Kiln",
+            "product": "kiln-agent",
+            "version": AGENT_VERSION,
+            "url": "https://github.com/kiln-vm/kiln",
+            "interfaces": [SERVICE_INTERFACE, INTERFACE],
+        }))),
+        GET_INTERFACE_DESCRIPTION => interface_description(params),
+        other => Ok(error_reply(
+            error::METHOD_NOT_FOUND,
+            json!({ "method": other }),
+        )),
+    };
+    (
+        reply.unwrap_or_else(|p| invalid_parameter(&p)),
+        After::Continue,
+    )
+}
+
+fn interface_description(params: Option<&Value>) -> Result<Reply, InvalidParameter> {
+    let name = params
+        .and_then(|p| p.get("interface"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| InvalidParameter::new("interface"))?;
+    Ok(match name {
+        INTERFACE => ok(&json!({ "description": AGENT_IDL })),
+        SERVICE_INTERFACE => ok(&json!({ "description": SERVICE_IDL })),
+        other => error_reply(INTERFACE_NOT_FOUND, json!({ "interface": other })),
+    })
+}
+
+fn ping(req: PingRequest) -> PingReply {
+    let (kernel_release, hostname) = sys::uname();
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    PingReply {
+        agent_version: AGENT_VERSION.to_owned(),
+        kernel_release,
+        boot_id,
+        hostname,
+        uptime_ms: sys::boottime_ms(),
+        nonce: req.nonce,
+    }
+}
+
+fn ok<T: Serialize>(parameters: &T) -> Reply {
+    let parameters = serde_json::to_value(parameters).unwrap_or_else(|_| json!({}));
+    Reply {
+        parameters: Some(parameters),
+        error: None,
+    }
+}
+
+fn error_reply(name: &str, parameters: Value) -> Reply {
+    Reply {
+        parameters: Some(parameters),
+        error: Some(name.to_owned()),
+    }
+}
+
+fn failure(name: &str, message: String) -> Reply {
+    error_reply(name, json!(FailureParameters { message }))
+}
+
+fn invalid_parameter(p: &InvalidParameter) -> Reply {
+    error_reply(error::INVALID_PARAMETER, json!({ "parameter": p.0 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(frame: &str) -> (Value, After) {
+        let response = handle_frame(&Frame::Message(frame.as_bytes().to_vec()));
+        let bytes = response.bytes.expect("a reply");
+        assert_eq!(bytes.last(), Some(&0));
+        let value =
+            serde_json::from_slice(bytes.get(..bytes.len() - 1).expect("frame")).expect("json");
+        (value, response.after)
+    }
+
+    #[test]
+    fn ping_echoes_the_nonce() {
+        let (reply, after) = call(r#"{"method":"io.kiln.Agent.Ping","parameters":{"nonce":42}}"#);
+        assert_eq!(after, After::Continue);
+        assert_eq!(reply["parameters"]["nonce"], 42);
+        assert_eq!(reply["parameters"]["agentVersion"], AGENT_VERSION);
+        assert!(reply.get("error").is_none());
+    }
+
+    #[test]
+    fn unknown_method_is_method_not_found() {
+        let (reply, _) = call(r#"{"method":"io.kiln.Agent.Fly"}"#);
+        assert_eq!(reply["error"], error::METHOD_NOT_FOUND);
+        assert_eq!(reply["parameters"]["method"], "io.kiln.Agent.Fly");
+    }
+
+    #[test]
+    fn bad_parameters_name_the_parameter() {
+        let (reply, _) = call(r#"{"method":"io.kiln.Agent.Exec","parameters":{"argv":[]}}"#);
+        assert_eq!(reply["error"], error::INVALID_PARAMETER);
+        assert_eq!(reply["parameters"]["parameter"], "argv");
+        let (reply, _) =
+            call(r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{"machineId":"x"}}"#);
+        assert_eq!(reply["parameters"]["parameter"], "machineId");
+    }
+
+    #[test]
+    fn exec_reports_spawn_failure() {
+        let (reply, _) =
+            call(r#"{"method":"io.kiln.Agent.Exec","parameters":{"argv":["/nonexistent/x"]}}"#);
+        assert_eq!(reply["error"], error::EXEC_FAILED);
+        assert!(reply["parameters"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/nonexistent/x")));
+    }
+
+    #[test]
+    fn shutdown_and_reboot_reply_then_act() {
+        assert_eq!(
+            call(r#"{"method":"io.kiln.Agent.Shutdown"}"#).1,
+            After::PowerOff
+        );
+        assert_eq!(
+            call(r#"{"method":"io.kiln.Agent.Reboot","parameters":{}}"#).1,
+            After::Reboot
+        );
+    }
+
+    #[test]
+    fn serves_varlink_introspection() {
+        let (info, _) = call(r#"{"method":"org.varlink.service.GetInfo"}"#);
+        assert_eq!(
+            info["parameters"]["interfaces"],
+            json!(["org.varlink.service", "io.kiln.Agent"])
+        );
+        let (desc, _) = call(
+            r#"{"method":"org.varlink.service.GetInterfaceDescription","parameters":{"interface":"io.kiln.Agent"}}"#,
+        );
+        let text = desc["parameters"]["description"].as_str().expect("text");
+        assert!(text.contains("interface io.kiln.Agent"));
+        let (missing, _) = call(
+            r#"{"method":"org.varlink.service.GetInterfaceDescription","parameters":{"interface":"x.y"}}"#,
+        );
+        assert_eq!(missing["error"], INTERFACE_NOT_FOUND);
+    }
+
+    #[test]
+    fn idl_names_every_method() {
+        for m in [
+            method::PING,
+            method::EXEC,
+            method::SET_IDENTITY,
+            method::SHUTDOWN,
+            method::REBOOT,
+        ] {
+            let short = m.rsplit('.').next().unwrap_or_default();
+            assert!(AGENT_IDL.contains(&format!("method {short}(")), "{m}");
+        }
+    }
+
+    #[test]
+    fn oneway_calls_get_no_reply() {
+        let r = handle_frame(&Frame::Message(
+            br#"{"method":"io.kiln.Agent.Ping","oneway":true}"#.to_vec(),
+        ));
+        assert!(r.bytes.is_none());
+    }
+
+    #[test]
+    fn malformed_and_oversized_frames_still_get_a_reply() {
+        let (reply, _) = call("not json");
+        assert_eq!(reply["error"], error::INVALID_PARAMETER);
+        let r = handle_frame(&Frame::TooLarge);
+        assert!(r.bytes.is_some());
+    }
+}

@@ -1,0 +1,219 @@
+//! Wire types of `io.kiln.Agent`, the interface kilnd speaks with the guest
+//! agent over the virtio-serial port `io.kiln.agent.0`.
+//!
+//! The transport is varlink framing: one JSON object per message, each
+//! terminated by a NUL byte. Calls are `{"method": "io.kiln.Agent.X",
+//! "parameters": {...}}`; replies are `{"parameters": {...}}` or
+//! `{"error": "io.kiln.Agent.Y", "parameters": {...}}`. One call is in flight
+//! at a time on the port; replies come back in order. The full protocol is
+//! described in `docs/agent-protocol.md` and `guest/io.kiln.Agent.varlink`.
+//!
+//! This crate is shared by the agent (sync, std only) and the host client
+//! (tokio), so it holds only types and framing helpers, no I/O.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Name of the virtio-serial port the agent listens on.
+pub const PORT_NAME: &str = "io.kiln.agent.0";
+/// Varlink interface name.
+pub const INTERFACE: &str = "io.kiln.Agent";
+/// Largest message either side accepts, in bytes (framing included).
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Default and upper bound of captured bytes per output stream of `Exec`.
+pub const DEFAULT_MAX_OUTPUT_BYTES: u32 = 1024 * 1024;
+/// Upper bound a caller may ask for in [`ExecRequest::max_output_bytes`].
+pub const LIMIT_MAX_OUTPUT_BYTES: u32 = 4 * 1024 * 1024;
+
+/// Fully qualified method names.
+pub mod method {
+    /// `Ping(PingRequest) -> PingReply`: liveness and guest facts.
+    pub const PING: &str = "io.kiln.Agent.Ping";
+    /// `Exec(ExecRequest) -> ExecReply`.
+    pub const EXEC: &str = "io.kiln.Agent.Exec";
+    /// `SetIdentity(SetIdentityRequest) -> ()`: hostname, machine id, entropy.
+    pub const SET_IDENTITY: &str = "io.kiln.Agent.SetIdentity";
+    /// `Shutdown() -> ()`: replies, syncs, then powers off.
+    pub const SHUTDOWN: &str = "io.kiln.Agent.Shutdown";
+    /// `Reboot() -> ()`: replies, syncs, then reboots.
+    pub const REBOOT: &str = "io.kiln.Agent.Reboot";
+}
+
+/// Fully qualified error names.
+pub mod error {
+    /// The command could not be started (no such file, not executable, …).
+    pub const EXEC_FAILED: &str = "io.kiln.Agent.ExecFailed";
+    /// A parameter is missing, malformed or out of range.
+    pub const INVALID_PARAMETER: &str = "org.varlink.service.InvalidParameter";
+    /// The method does not exist.
+    pub const METHOD_NOT_FOUND: &str = "org.varlink.service.MethodNotFound";
+    /// Setting the identity failed (hostname, machine id or entropy).
+    pub const IDENTITY_FAILED: &str = "io.kiln.Agent.IdentityFailed";
+}
+
+/// A varlink call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    /// Fully qualified method name.
+    pub method: String,
+    /// Method parameters; absent means `{}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+}
+
+/// A varlink reply: either `parameters` or an `error` name with parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Reply parameters (or error parameters when `error` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+    /// Error name, when the call failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Parameters of `Ping`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PingRequest {
+    /// Echoed back in [`PingReply::nonce`]. A host that reconnects sends a
+    /// fresh nonce and discards replies until it sees it: a reply to a call
+    /// an earlier connection gave up on (timeout) is then never mistaken for
+    /// the answer to a new call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<u64>,
+}
+
+/// Reply of `Ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PingReply {
+    /// Version of the agent binary.
+    pub agent_version: String,
+    /// `uname -r` of the guest kernel.
+    pub kernel_release: String,
+    /// `/proc/sys/kernel/random/boot_id`: changes on every guest boot.
+    pub boot_id: String,
+    /// Current hostname.
+    pub hostname: String,
+    /// Guest uptime in milliseconds.
+    pub uptime_ms: u64,
+    /// The request's nonce, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<u64>,
+}
+
+/// Parameters of `Exec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH` if it has no `/`.
+    pub argv: Vec<String>,
+    /// Extra environment entries, `KEY=VALUE`, added to the agent's base
+    /// environment (`PATH`, `HOME`).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Bytes written to the command's stdin, then stdin is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Kill the command (SIGKILL) after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Cap on captured bytes per stream (default [`DEFAULT_MAX_OUTPUT_BYTES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<u32>,
+}
+
+/// Reply of `Exec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecReply {
+    /// Exit code, or `128 + signal` when the command was killed by a signal.
+    pub exit_code: i32,
+    /// Signal that ended the command, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Captured stdout (lossy UTF-8).
+    pub stdout: String,
+    /// Captured stderr (lossy UTF-8).
+    pub stderr: String,
+    /// Stdout was longer than the cap and was cut.
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    /// Stderr was longer than the cap and was cut.
+    #[serde(default)]
+    pub stderr_truncated: bool,
+    /// The command ran past `timeoutMs` and was killed.
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// Parameters of `SetIdentity`. Every field is optional; absent ones are
+/// left as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SetIdentityRequest {
+    /// New hostname (`sethostname`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// 32 lowercase hex characters, written to `/etc/machine-id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+    /// Host entropy as hex; credited with `RNDADDENTROPY`, then the CRNG is
+    /// reseeded (`RNDRESEEDCRNG`) so clones of one template diverge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy_hex: Option<String>,
+}
+
+/// Error parameters of `ExecFailed` and `IdentityFailed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureParameters {
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// Serialize `message` and append the NUL terminator.
+pub fn encode<T: Serialize>(message: &T) -> serde_json::Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec(message)?;
+    bytes.push(0);
+    Ok(bytes)
+}
+
+/// Decode one frame (without its NUL terminator).
+pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> serde_json::Result<T> {
+    serde_json::from_slice(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_round_trips_with_nul_terminator() {
+        let call = Call {
+            method: method::EXEC.to_owned(),
+            parameters: Some(serde_json::json!({"argv": ["uname", "-r"]})),
+        };
+        let bytes = encode(&call).expect("encode");
+        assert_eq!(bytes.last(), Some(&0));
+        let back: Call = decode(&bytes[..bytes.len() - 1]).expect("decode");
+        assert_eq!(back, call);
+        let request: ExecRequest =
+            serde_json::from_value(back.parameters.expect("parameters")).expect("request");
+        assert_eq!(request.argv, ["uname", "-r"]);
+        assert!(request.env.is_empty());
+    }
+
+    #[test]
+    fn fields_are_camel_case_on_the_wire() {
+        let reply = ExecReply {
+            exit_code: 3,
+            timed_out: true,
+            ..ExecReply::default()
+        };
+        let json = serde_json::to_value(&reply).expect("json");
+        assert_eq!(json["exitCode"], 3);
+        assert_eq!(json["timedOut"], true);
+    }
+}

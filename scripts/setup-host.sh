@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs every system package Kiln needs to build, run and test, on a fresh
+# Debian 12 (bookworm) or 13 (trixie) machine. Idempotent: a second run with
+# everything present does no network I/O.
+#
+# QEMU 10, systemd 257 (varlinkctl, systemd-dissect), mmdebstrap and
+# erofs-utils come from trixie; on bookworm a trixie source is added with a
+# low pin (100) so nothing else is upgraded unless asked for (DESIGN.md §8).
+set -euo pipefail
+
+# Packages taken from trixie when the host is bookworm.
+TRIXIE_PACKAGES=(qemu-system-x86 qemu-utils systemd systemd-container mmdebstrap erofs-utils)
+# Packages the host's own release provides well enough.
+BASE_PACKAGES=(dbus iproute2 nftables xz-utils zstd python3 make gcc pkg-config ca-certificates
+               procps psmisc util-linux kmod)
+
+missing=()
+for pkg in "${TRIXIE_PACKAGES[@]}" "${BASE_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# varlinkctl arrives with systemd >= 255; bookworm's systemd 252 lacks it.
+command -v varlinkctl >/dev/null || missing+=(systemd)
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+echo "setup-host: installing ${missing[*]}" >&2
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup-host: must run as root to install packages (or install them yourself): ${missing[*]}" >&2
+    exit 1
+fi
+
+. /etc/os-release
+export DEBIAN_FRONTEND=noninteractive
+if [ "${VERSION_CODENAME:-}" = "bookworm" ]; then
+    if [ ! -e /etc/apt/sources.list.d/kiln-trixie.sources ]; then
+        cat > /etc/apt/sources.list.d/kiln-trixie.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+        cat > /etc/apt/preferences.d/kiln-trixie.pref <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+PIN
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${BASE_PACKAGES[@]}"
+    apt-get install -y -qq --no-install-recommends -t trixie "${TRIXIE_PACKAGES[@]}"
+else
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${BASE_PACKAGES[@]}" "${TRIXIE_PACKAGES[@]}"
+fi

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite (what `make test` and CI run). Expects the host
+# packages and the guest image (`make deps guest`, done by `make test`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+export KILN_GUEST_DIR="${KILN_GUEST_DIR:-$CARGO_TARGET_DIR/guest}"
+
+# A test killed by a timeout cannot run its fixture's cleanup: on exit,
+# remove any QEMU a test sandbox (/tmp/kiln-t*) left behind, never anyone
+# else's.
+cleanup() {
+    for pidfile in /tmp/kiln-t*/run/vms/*/qemu.pid; do
+        [ -e "$pidfile" ] && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+
+echo "== formatting and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== unit and integration tests (real QEMU, TCG where KVM is unusable)"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+else
+    echo "cargo-nextest not found, falling back to cargo test" >&2
+    cargo test --workspace --no-fail-fast
+fi
+
