@@ -30,6 +30,11 @@ pub struct DaemonKeys {
     pub stop_vms_on_exit: bool,
     /// Log filter (`RUST_LOG` syntax) when `RUST_LOG` is not set.
     pub log_level: String,
+    /// varlink socket kilnd binds when systemd passes none.
+    pub varlink_socket: PathBuf,
+    /// Members of this group may call mutating varlink methods (root and
+    /// the daemon's own user always may).
+    pub manage_group: String,
 }
 
 impl Default for DaemonKeys {
@@ -37,6 +42,8 @@ impl Default for DaemonKeys {
         Self {
             stop_vms_on_exit: false,
             log_level: "info".into(),
+            varlink_socket: "/run/kiln/io.kiln.Manager".into(),
+            manage_group: "kiln".into(),
         }
     }
 }

@@ -86,11 +86,14 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!(e.message()))
         .context("cannot start the engine")?;
+    let endpoint = kiln_varlink::Endpoint::from_env_or(&config.daemon.varlink_socket);
+    let authorizer = kiln_varlink::Authorizer::new(&config.daemon.manage_group);
+    kiln_varlink::spawn(endpoint, engine.clone(), authorizer).context("cannot serve varlink")?;
     let status = engine
         .status()
         .await
         .map_err(|e| anyhow::anyhow!(e.message()))?;
-    info!(version = %status.version, accel = %status.accel, vms = status.vms, "kilnd running");
+    info!(version = %status.version, accel = %status.accel, vms = status.vms, varlink = %config.daemon.varlink_socket.display(), "kilnd running");
 
     tokio::select! {
         _ = sigterm.recv() => info!("SIGTERM received"),

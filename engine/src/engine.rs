@@ -822,13 +822,14 @@ impl Engine {
     }
 
     fn exec_vm(&mut self, id: &str, request: ExecRequest, reply: Reply<ExecReply>) {
+        // Input first: a malformed request is refused whatever the id.
+        if let Err(e) = validate_exec(&request) {
+            return drop(reply.send(Err(e)));
+        }
         let entry = match self.entry(id) {
             Ok(e) => e,
             Err(e) => return drop(reply.send(Err(e))),
         };
-        if let Err(e) = validate_exec(&request) {
-            return drop(reply.send(Err(e)));
-        }
         let state = entry.record.state;
         let Some(runtime) = entry.runtime.as_ref().filter(|_| state.guest_answers()) else {
             return drop(reply.send(Err(EngineError::InvalidState {

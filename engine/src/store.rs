@@ -99,9 +99,7 @@ impl RecordDir {
     /// Load every record. Unparseable ones are moved aside and returned as
     /// [`BrokenRecord`]s; leftover temp files from an interrupted write are
     /// removed.
-    pub fn load_all<T: DeserializeOwned>(
-        &self,
-    ) -> Result<Loaded<T>, StoreError> {
+    pub fn load_all<T: DeserializeOwned>(&self) -> Result<Loaded<T>, StoreError> {
         let mut good = Vec::new();
         let mut broken = Vec::new();
         let mut entries: Vec<_> = fs::read_dir(&self.dir)

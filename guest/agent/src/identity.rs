@@ -92,7 +92,7 @@ fn valid_machine_id(id: &str) -> bool {
 
 /// Decodes hex (either case); `None` if malformed.
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let digit = |b: u8| {

@@ -111,7 +111,7 @@ fn serve_port(port: &mut Port) -> ! {
                     log::error!("reading the port: {e}");
                 }
                 std::thread::sleep(Duration::from_millis(200));
-                if errors % 10 == 0 {
+                if errors.is_multiple_of(10) {
                     port.reopen(PORT_NAME);
                 }
             }

@@ -75,7 +75,7 @@ impl Port {
                 }
                 Err(e) => {
                     // 10 ms steps for the first second, then every second.
-                    if attempt == 100 || (attempt > 100 && attempt % 60 == 0) {
+                    if attempt == 100 || (attempt > 100 && attempt.is_multiple_of(60)) {
                         log::error!("waiting for virtio port {name}: {e}");
                     }
                     let pause = if attempt < 100 { 10 } else { 1000 };

@@ -17,43 +17,7 @@ use crate::sys;
 /// The IDL of `io.kiln.Agent`, served by `GetInterfaceDescription`.
 pub const AGENT_IDL: &str = include_str!("../../io.kiln.Agent.varlink");
 /// The IDL of `org.varlink.service` (from the varlink specification).
-pub const SERVICE_IDL: &str = "\
-# The Varlink Service Interface is provided by every varlink service. It
-# describes the service and the interfaces it implements.
-interface org.varlink.service
-
-# Get a list of all the interfaces a service provides and information
-# about the implementation.
-method GetInfo() -> (
-  vendor: string,
-  product: string,
-  version: string,
-  url: string,
-  interfaces: []string
-)
-
-# Get the description of an interface that is implemented by this service.
-method GetInterfaceDescription(interface: string) -> (description: string)
-
-# The requested interface was not found.
-error InterfaceNotFound (interface: string)
-
-# The requested method was not found
-error MethodNotFound (method: string)
-
-# The interface defines the requested method, but the service does not
-# implement it.
-error MethodNotImplemented (method: string)
-
-# One of the passed parameters is invalid.
-error InvalidParameter (parameter: string)
-
-# Client is denied access
-error PermissionDenied ()
-
-# Method is expected to be called with 'more' set to true, but wasn't
-error ExpectedMore ()
-";
+pub const SERVICE_IDL: &str = kiln_agent_proto::VARLINK_SERVICE_IDL;
 const SERVICE_INTERFACE: &str = "org.varlink.service";
 const GET_INFO: &str = "org.varlink.service.GetInfo";
 const GET_INTERFACE_DESCRIPTION: &str = "org.varlink.service.GetInterfaceDescription";

@@ -25,6 +25,47 @@ pub const DEFAULT_MAX_OUTPUT_BYTES: u32 = 1024 * 1024;
 /// Upper bound a caller may ask for in [`ExecRequest::max_output_bytes`].
 pub const LIMIT_MAX_OUTPUT_BYTES: u32 = 4 * 1024 * 1024;
 
+/// The standard `org.varlink.service` interface description (from the
+/// varlink specification), served by every varlink service in Kiln: the
+/// guest agent and kilnd's `io.kiln.Manager`.
+pub const VARLINK_SERVICE_IDL: &str = "\
+# The Varlink Service Interface is provided by every varlink service. It
+# describes the service and the interfaces it implements.
+interface org.varlink.service
+
+# Get a list of all the interfaces a service provides and information
+# about the implementation.
+method GetInfo() -> (
+  vendor: string,
+  product: string,
+  version: string,
+  url: string,
+  interfaces: []string
+)
+
+# Get the description of an interface that is implemented by this service.
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+# The requested interface was not found.
+error InterfaceNotFound (interface: string)
+
+# The requested method was not found
+error MethodNotFound (method: string)
+
+# The interface defines the requested method, but the service does not
+# implement it.
+error MethodNotImplemented (method: string)
+
+# One of the passed parameters is invalid.
+error InvalidParameter (parameter: string)
+
+# Client is denied access
+error PermissionDenied ()
+
+# Method is expected to be called with 'more' set to true, but wasn't
+error ExpectedMore ()
+";
+
 /// Fully qualified method names.
 pub mod method {
     /// `Ping(PingRequest) -> PingReply`: liveness and guest facts.

@@ -1,0 +1,411 @@
+//! The real kilnd binary driven with the real `varlinkctl`, booting real
+//! QEMU VMs (TCG here).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A kilnd running on a temp dir; SIGKILLed with its QEMUs on drop.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("KILN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"))
+}
+
+impl Daemon {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-t")
+            .tempdir_in("/tmp")
+            .unwrap();
+        // Other users must reach the socket (the permission test).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = format!(
+            "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\nvarlink_socket = \"{0}/varlink\"\nboot_timeout_sec = 180\n",
+            dir.path().display(),
+            guest_dir().display()
+        );
+        std::fs::write(dir.path().join("kilnd.toml"), config).unwrap();
+        let mut daemon = Self { dir, child: None };
+        daemon.spawn();
+        daemon
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("kilnd.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .arg("--config")
+            .arg(self.dir.path().join("kilnd.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.call("org.varlink.service.GetInfo", json!({})).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "kilnd did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn sigkill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn address(&self) -> String {
+        format!("unix:{}/varlink", self.dir.path().display())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()
+    }
+
+    /// `varlinkctl call`; Ok(reply) or Err((error name, error parameters)).
+    fn call(&self, method: &str, params: Value) -> Result<Value, (String, Value)> {
+        self.call_as(None, method, &params.to_string())
+    }
+
+    fn call_as(
+        &self,
+        uid: Option<u32>,
+        method: &str,
+        params: &str,
+    ) -> Result<Value, (String, Value)> {
+        let mut command = match uid {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".into(),
+                ]);
+                c.arg("varlinkctl");
+                c
+            }
+            None => Command::new("varlinkctl"),
+        };
+        let out = command
+            .args(["call", "--json=short", &self.address(), method, params])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+        if out.status.success() {
+            return Ok(value);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let name = stderr
+            .rsplit("failed: ")
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        Err((name, value))
+    }
+
+    fn ok(&self, method: &str, params: Value) -> Value {
+        let method = format!("io.kiln.Manager.{method}");
+        self.call(&method, params.clone())
+            .unwrap_or_else(|e| panic!("{method} {params}: {e:?}\n{}", self.log()))
+    }
+
+    fn err(&self, method: &str, params: Value) -> String {
+        let method = format!("io.kiln.Manager.{method}");
+        match self.call(&method, params) {
+            Ok(v) => panic!("{method} succeeded: {v}"),
+            Err((name, _)) => name,
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.sigkill();
+        for entry in std::fs::read_dir(self.dir.path().join("run/vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    // SAFETY: kill(2) with a pid and a signal number.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lifecycle_over_varlinkctl() {
+    let d = Daemon::start();
+    let vm = d.ok(
+        "CreateVM",
+        json!({"name": "web", "spec": {"vcpus": 1, "memoryMiB": 128}}),
+    )["vm"]
+        .clone();
+    assert_eq!(vm["state"], "created");
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let vm = d.ok("StartVM", json!({"id": id}))["vm"].clone();
+    assert_eq!(vm["state"], "ready", "{vm}");
+    let exec = d.ok(
+        "ExecVM",
+        json!({"id": id, "command": ["sh", "-c", "echo hi; echo err >&2; exit 3"]}),
+    );
+    assert_eq!(
+        (
+            exec["exitCode"].as_i64(),
+            exec["stdout"].as_str(),
+            exec["stderr"].as_str()
+        ),
+        (Some(3), Some("hi\n"), Some("err\n"))
+    );
+    assert_eq!(d.ok("PauseVM", json!({"id": id}))["vm"]["state"], "paused");
+    assert_eq!(
+        d.err("ExecVM", json!({"id": id, "command": ["true"]})),
+        "io.kiln.Manager.InvalidState"
+    );
+    assert_eq!(d.ok("ResumeVM", json!({"id": id}))["vm"]["state"], "ready");
+    assert_eq!(
+        d.ok("ExecVM", json!({"id": id, "command": ["true"]}))["exitCode"],
+        0
+    );
+    let stopped = d.ok("StopVM", json!({"id": id, "timeoutSec": 20}))["vm"].clone();
+    assert_eq!(stopped["state"], "stopped");
+    d.ok("DeleteVM", json!({"id": id}));
+    assert_eq!(
+        d.err("DescribeVM", json!({"id": id})),
+        "io.kiln.Manager.NoSuchVM"
+    );
+    assert_eq!(d.ok("ListVMs", json!({}))["vms"], json!([]));
+}
+
+#[test]
+fn kilnd_sigkill_then_restart_readopts_the_vm() {
+    let mut d = Daemon::start();
+    let id = d.ok("CreateVM", json!({"name": "survivor"}))["vm"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = d.ok("StartVM", json!({"id": id}))["vm"].clone();
+    d.sigkill();
+    d.spawn();
+    let after = d.ok("DescribeVM", json!({"id": id}))["vm"].clone();
+    assert_eq!(after["state"], "ready", "{after}");
+    assert_eq!(after["pid"], before["pid"], "same QEMU process");
+    assert_eq!(after["bootId"], before["bootId"], "same guest boot");
+    let out = d.ok(
+        "ExecVM",
+        json!({"id": id, "command": ["cat", "/proc/sys/kernel/random/boot_id"]}),
+    );
+    assert_eq!(
+        out["stdout"].as_str().unwrap().trim(),
+        before["bootId"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn watch_streams_events_while_another_client_acts() {
+    let d = Daemon::start();
+    let mut watcher = Command::new("varlinkctl")
+        .args([
+            "call",
+            "--more",
+            "--json=short",
+            &d.address(),
+            "io.kiln.Manager.Watch",
+            "{}",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = watcher.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // With --more on a pipe varlinkctl writes JSON-SEQ (RFC 7464):
+            // each record starts with an RS byte.
+            if let Ok(v) = serde_json::from_str::<Value>(line.trim_start_matches('\u{1e}')) {
+                let _ = tx.send(v["event"].clone());
+            }
+        }
+    });
+    let next = |want: &str| loop {
+        let event = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no {want} event"));
+        eprintln!("watch: {event}");
+        if event["type"] == want {
+            return event;
+        }
+    };
+    next("ready");
+    let id = d.ok("CreateVM", json!({"name": "watched"}))["vm"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let added = next("vmAdded");
+    assert_eq!(
+        (added["id"].as_str(), added["vm"]["name"].as_str()),
+        (Some(id.as_str()), Some("watched"))
+    );
+    d.ok("DeleteVM", json!({"id": id}));
+    assert_eq!(next("vmRemoved")["id"], id.as_str());
+    assert_eq!(
+        d.err("Watch", json!({})),
+        "org.varlink.service.ExpectedMore"
+    );
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+}
+
+#[test]
+fn bad_input_gets_named_errors_and_the_daemon_keeps_serving() {
+    let d = Daemon::start();
+    assert_eq!(
+        d.err("CreateVM", json!({"name": 5})),
+        "org.varlink.service.InvalidParameter"
+    );
+    assert_eq!(
+        d.err("CreateVM", json!({"name": "x", "spec": {"vcpus": "two"}})),
+        "org.varlink.service.InvalidParameter"
+    );
+    assert_eq!(
+        d.err("CreateVM", json!({"name": "x", "spec": {"bogus": 1}})),
+        "org.varlink.service.InvalidParameter"
+    );
+    assert_eq!(
+        d.err("CreateVM", json!({"name": "x".repeat(100_000)})),
+        "io.kiln.Manager.InvalidName"
+    );
+    assert_eq!(
+        d.err("CreateVM", json!({"name": "x", "spec": {"vcpus": 0}})),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    assert_eq!(
+        d.err(
+            "CreateVM",
+            json!({"name": "x", "spec": {"memoryMiB": 100_000_000}})
+        ),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    assert_eq!(
+        d.err(
+            "CreateVM",
+            json!({"name": "x", "spec": {"kernel": "/nope"}})
+        ),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    assert_eq!(
+        d.err("NoSuchMethod", json!({})),
+        "org.varlink.service.MethodNotFound"
+    );
+    assert_eq!(
+        d.err("StartVM", json!({"id": "000000000000"})),
+        "io.kiln.Manager.NoSuchVM"
+    );
+    assert_eq!(
+        d.err("StartVM", json!({})),
+        "org.varlink.service.InvalidParameter"
+    );
+    assert_eq!(
+        d.err("ExecVM", json!({"id": "000000000000", "command": []})),
+        "io.kiln.Manager.InvalidArgument"
+    );
+
+    // Malformed JSON on a raw connection: that connection is closed, nothing else.
+    let path = d.dir.path().join("varlink");
+    let mut raw = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    raw.write_all(b"{not json\0").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut raw, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "connection closed on malformed JSON");
+
+    d.ok("CreateVM", json!({"name": "after-abuse"}));
+    assert_eq!(
+        d.ok("ListVMs", json!({}))["vms"].as_array().unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn unprivileged_callers_may_read_but_not_change() {
+    let d = Daemon::start();
+    d.ok("CreateVM", json!({"name": "owned"}));
+    let nobody = Some(65534);
+    let listed = d
+        .call_as(nobody, "io.kiln.Manager.ListVMs", "{}")
+        .expect("read-only call allowed");
+    assert_eq!(listed["vms"].as_array().unwrap().len(), 1);
+    let refused = d
+        .call_as(nobody, "io.kiln.Manager.CreateVM", r#"{"name":"intruder"}"#)
+        .expect_err("refused");
+    assert_eq!(refused.0, "io.kiln.Manager.PermissionDenied");
+    assert_eq!(
+        d.ok("ListVMs", json!({}))["vms"].as_array().unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn introspection_serves_the_committed_idl() {
+    let d = Daemon::start();
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../varlink/io.kiln.Manager.varlink"),
+    )
+    .unwrap();
+    let live = d
+        .call(
+            "org.varlink.service.GetInterfaceDescription",
+            json!({"interface": "io.kiln.Manager"}),
+        )
+        .unwrap();
+    assert_eq!(live["description"].as_str(), Some(committed.as_str()));
+    // varlinkctl parses it: the IDL is valid varlink.
+    let out = Command::new("varlinkctl")
+        .args(["introspect", &d.address(), "io.kiln.Manager"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every method the IDL declares is served (none is MethodNotFound).
+    for line in committed.lines().filter_map(|l| l.strip_prefix("method ")) {
+        let name = line.split('(').next().unwrap().trim();
+        if let Err((error, _)) = d.call(&format!("io.kiln.Manager.{name}"), json!({})) {
+            assert_ne!(
+                error, "org.varlink.service.MethodNotFound",
+                "{name} is declared but not served"
+            );
+        }
+    }
+    let info = Command::new("varlinkctl")
+        .args(["info", &d.address()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("io.kiln.Manager"));
+}

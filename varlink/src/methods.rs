@@ -1,0 +1,80 @@
+//! Parameters of `io.kiln.Manager` methods, as the IDL declares them
+//! (camelCase, unknown fields refused), and the engine calls they become.
+
+use std::time::Duration;
+
+use kiln_agent_proto::ExecRequest;
+use kiln_engine::VmSpec;
+use serde::Deserialize;
+
+/// `{id}`: every per-VM method without other arguments.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdParams {
+    pub id: String,
+}
+
+/// `CreateVM(name, spec?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateParams {
+    pub name: String,
+    #[serde(default)]
+    pub spec: Option<VmSpec>,
+}
+
+/// `StopVM(id, timeoutSec?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StopParams {
+    pub id: String,
+    #[serde(default)]
+    pub timeout_sec: Option<u32>,
+}
+
+impl StopParams {
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_sec.map(|s| Duration::from_secs(u64::from(s)))
+    }
+}
+
+/// `ExecVM(id, command, env?, stdin?, timeoutSec?, maxOutputBytes?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ExecParams {
+    pub id: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub stdin: Option<String>,
+    #[serde(default)]
+    pub timeout_sec: Option<u32>,
+    #[serde(default)]
+    pub max_output_bytes: Option<u32>,
+}
+
+impl ExecParams {
+    pub fn into_request(self) -> (String, ExecRequest) {
+        let request = ExecRequest {
+            argv: self.command,
+            env: self.env,
+            stdin: self.stdin,
+            timeout_ms: self.timeout_sec.map(|s| u64::from(s) * 1000),
+            max_output_bytes: self.max_output_bytes,
+        };
+        (self.id, request)
+    }
+}
+
+/// Methods without parameters accept `{}` and nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// `GetInterfaceDescription(interface)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceParams {
+    pub interface: String,
+}

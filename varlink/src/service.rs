@@ -1,0 +1,297 @@
+//! The `io.kiln.Manager` service: decode, authorize, call the engine, map.
+
+use std::pin::Pin;
+
+use futures_util::stream::{self, Stream, StreamExt};
+use kiln_engine::{EngineError, EngineEvent, EngineHandle};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+use zlink::service::{HandleResult, MethodReply, ReplyStreamItem};
+use zlink::{Call, Connection, Reply};
+
+use crate::auth::Authorizer;
+use crate::methods::*;
+use crate::{INTERFACE, INTERFACE_DESCRIPTION};
+
+type Sock = zlink::tokio::unix::Stream;
+
+/// Any call: method name and raw parameters, decoded per method so a bad
+/// parameter gets a named error instead of a dropped connection.
+#[derive(Debug, Deserialize)]
+pub struct RawCall {
+    method: String,
+    #[serde(default)]
+    parameters: Option<Value>,
+}
+
+/// A varlink error reply: `{"error": name, "parameters": {...}}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorReply {
+    error: String,
+    parameters: Value,
+}
+
+impl ErrorReply {
+    fn new(error: impl Into<String>, parameters: Value) -> Self {
+        Self {
+            error: error.into(),
+            parameters,
+        }
+    }
+
+    fn invalid_parameter(parameter: impl Into<String>) -> Self {
+        Self::new(
+            "org.varlink.service.InvalidParameter",
+            json!({ "parameter": parameter.into() }),
+        )
+    }
+
+    fn permission_denied(method: &str) -> Self {
+        Self::new(
+            format!("{INTERFACE}.PermissionDenied"),
+            json!({ "message": format!("{method} needs root or membership in the kiln group") }),
+        )
+    }
+}
+
+/// The one mapping of engine errors to varlink error names.
+impl From<EngineError> for ErrorReply {
+    fn from(e: EngineError) -> Self {
+        let parameters = match &e {
+            EngineError::NoSuchVM(id) => json!({ "id": id }),
+            _ => json!({ "message": e.message() }),
+        };
+        Self::new(format!("{INTERFACE}.{}", e.name()), parameters)
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = ReplyStreamItem<Value, ErrorReply>>>>;
+
+enum Outcome {
+    Single(Value),
+    Stream(EventStream),
+}
+
+/// Per-connection service value: a handle and a policy, nothing else.
+#[derive(Debug, Clone)]
+pub struct ManagerService {
+    engine: EngineHandle,
+    auth: Authorizer,
+}
+
+impl ManagerService {
+    pub fn new(engine: EngineHandle, auth: Authorizer) -> Self {
+        Self { engine, auth }
+    }
+}
+
+/// Methods that change state; everything else is read-only.
+const MUTATING: &[&str] = &[
+    "CreateVM", "StartVM", "StopVM", "KillVM", "PauseVM", "ResumeVM", "RebootVM", "DeleteVM",
+    "ExecVM",
+];
+
+fn params<T: DeserializeOwned>(raw: &Option<Value>) -> Result<T, ErrorReply> {
+    let value = raw.clone().unwrap_or_else(|| json!({}));
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let parameter = if path == "." {
+            // Unknown or missing field: serde names it between backticks.
+            let msg = e.inner().to_string();
+            msg.split('`').nth(1).unwrap_or("parameters").to_owned()
+        } else {
+            path
+        };
+        ErrorReply::invalid_parameter(parameter)
+    })
+}
+
+fn vm_reply(vm: kiln_engine::VmInfo) -> Result<Outcome, ErrorReply> {
+    Ok(Outcome::Single(json!({ "vm": vm })))
+}
+
+impl ManagerService {
+    async fn dispatch(
+        &self,
+        call: &Call<RawCall>,
+        conn: &mut Connection<Sock>,
+    ) -> Result<Outcome, ErrorReply> {
+        let method_name = call.method().method.as_str();
+        let raw = &call.method().parameters;
+        let Some(method) = method_name.strip_prefix("io.kiln.Manager.") else {
+            return self.service_method(method_name, raw);
+        };
+        if MUTATING.contains(&method) {
+            let creds = conn
+                .peer_credentials()
+                .await
+                .map_err(|_| ErrorReply::permission_denied(method))?;
+            let uid = creds.unix_user_id().as_raw();
+            let gids = std::iter::once(creds.unix_primary_group_id().as_raw()).chain(
+                creds
+                    .unix_supplementary_group_ids()
+                    .iter()
+                    .map(|g| g.as_raw()),
+            );
+            if !self.auth.may_manage(uid, gids) {
+                tracing::info!(method, uid, "varlink: refused unprivileged caller");
+                return Err(ErrorReply::permission_denied(method));
+            }
+        }
+        let engine = &self.engine;
+        match method {
+            "CreateVM" => {
+                let p: CreateParams = params(raw)?;
+                vm_reply(
+                    engine
+                        .create_vm(&p.name, p.spec.unwrap_or_default())
+                        .await?,
+                )
+            }
+            "StartVM" => vm_reply(engine.start_vm(&params::<IdParams>(raw)?.id).await?),
+            "StopVM" => {
+                let p: StopParams = params(raw)?;
+                vm_reply(engine.stop_vm(&p.id, p.timeout()).await?)
+            }
+            "KillVM" => vm_reply(engine.kill_vm(&params::<IdParams>(raw)?.id).await?),
+            "PauseVM" => vm_reply(engine.pause_vm(&params::<IdParams>(raw)?.id).await?),
+            "ResumeVM" => vm_reply(engine.resume_vm(&params::<IdParams>(raw)?.id).await?),
+            "RebootVM" => vm_reply(engine.reboot_vm(&params::<IdParams>(raw)?.id).await?),
+            "DeleteVM" => {
+                engine.delete_vm(&params::<IdParams>(raw)?.id).await?;
+                Ok(Outcome::Single(json!({})))
+            }
+            "DescribeVM" => vm_reply(engine.describe_vm(&params::<IdParams>(raw)?.id).await?),
+            "ListVMs" => {
+                params::<NoParams>(raw)?;
+                Ok(Outcome::Single(json!({ "vms": engine.list_vms().await? })))
+            }
+            "ExecVM" => {
+                let (id, request) = params::<ExecParams>(raw)?.into_request();
+                let reply = engine.exec_vm(&id, request).await?;
+                Ok(Outcome::Single(json!({
+                    "exitCode": reply.exit_code,
+                    "signal": reply.signal,
+                    "stdout": reply.stdout,
+                    "stderr": reply.stderr,
+                    "stdoutTruncated": reply.stdout_truncated,
+                    "stderrTruncated": reply.stderr_truncated,
+                    "timedOut": reply.timed_out,
+                })))
+            }
+            "GetStatus" => {
+                params::<NoParams>(raw)?;
+                let status = engine.status().await?;
+                Ok(Outcome::Single(
+                    serde_json::to_value(status).unwrap_or_default(),
+                ))
+            }
+            "Watch" => {
+                params::<NoParams>(raw)?;
+                if !call.more() {
+                    return Err(ErrorReply::new(
+                        "org.varlink.service.ExpectedMore",
+                        json!({}),
+                    ));
+                }
+                Ok(Outcome::Stream(watch(engine.subscribe())))
+            }
+            _ => Err(ErrorReply::new(
+                "org.varlink.service.MethodNotFound",
+                json!({ "method": method_name }),
+            )),
+        }
+    }
+
+    /// `org.varlink.service`: introspection.
+    fn service_method(&self, method: &str, raw: &Option<Value>) -> Result<Outcome, ErrorReply> {
+        match method {
+            "org.varlink.service.GetInfo" => Ok(Outcome::Single(json!({
+                "vendor": "Kiln",
+                "product": "kilnd",
+                "version": env!("CARGO_PKG_VERSION"),
+                "url": "https://github.com/kiln-vm/kiln",
+                "interfaces": [INTERFACE, "org.varlink.service"],
+            }))),
+            "org.varlink.service.GetInterfaceDescription" => {
+                let p: InterfaceParams = params(raw)?;
+                match p.interface.as_str() {
+                    INTERFACE => Ok(Outcome::Single(
+                        json!({ "description": INTERFACE_DESCRIPTION }),
+                    )),
+                    "org.varlink.service" => Ok(Outcome::Single(
+                        json!({ "description": kiln_agent_proto::VARLINK_SERVICE_IDL }),
+                    )),
+                    other => Err(ErrorReply::new(
+                        "org.varlink.service.InterfaceNotFound",
+                        json!({ "interface": other }),
+                    )),
+                }
+            }
+            _ => Err(ErrorReply::new(
+                "org.varlink.service.MethodNotFound",
+                json!({ "method": method }),
+            )),
+        }
+    }
+}
+
+/// Engine events as a `more` stream: a `ready` marker first (the watcher is
+/// subscribed from here on), then one reply per event.
+fn watch(events: broadcast::Receiver<EngineEvent>) -> EventStream {
+    let ready = stream::once(async { event_item(json!({ "type": "ready", "id": "" })) });
+    let rest = stream::unfold(events, |mut events| async move {
+        let event = match events.recv().await {
+            Ok(EngineEvent::VmAdded { vm }) => {
+                json!({ "type": "vmAdded", "id": vm.id.clone(), "vm": vm })
+            }
+            Ok(EngineEvent::VmChanged { vm }) => {
+                json!({ "type": "vmChanged", "id": vm.id.clone(), "vm": vm })
+            }
+            Ok(EngineEvent::VmRemoved { id }) => json!({ "type": "vmRemoved", "id": id }),
+            // The watcher fell behind: tell it to re-list.
+            Err(broadcast::error::RecvError::Lagged(_)) => json!({ "type": "lagged", "id": "" }),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((event_item(event), events))
+    });
+    Box::pin(ready.chain(rest))
+}
+
+fn event_item(event: Value) -> ReplyStreamItem<Value, ErrorReply> {
+    (
+        Ok(Reply::new(Some(json!({ "event": event }))).set_continues(Some(true))),
+        Vec::new(),
+    )
+}
+
+impl zlink::Service<Sock> for ManagerService {
+    type MethodCall<'de> = RawCall;
+    type ReplyParams<'ser> = Value;
+    type ReplyStreamParams = Value;
+    type ReplyStreamError = ErrorReply;
+    type ReplyStream = EventStream;
+    type ReplyError<'ser> = ErrorReply;
+    type Upgrade = ();
+
+    async fn handle<'ser>(
+        &'ser mut self,
+        call: &'ser Call<Self::MethodCall<'_>>,
+        conn: &mut Connection<Sock>,
+        _fds: Vec<std::os::fd::OwnedFd>,
+    ) -> HandleResult<
+        Self::ReplyParams<'ser>,
+        Self::ReplyStream,
+        Self::ReplyError<'ser>,
+        Self::Upgrade,
+    > {
+        let reply = match self.dispatch(call, conn).await {
+            Ok(Outcome::Single(value)) => MethodReply::Single(Some(value)),
+            Ok(Outcome::Stream(stream)) => MethodReply::Multi(stream),
+            Err(error) => MethodReply::Error(error),
+        };
+        (reply, Vec::new())
+    }
+}
