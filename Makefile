@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 GUEST_DIR := $(CARGO_TARGET_DIR)/guest
 
-.PHONY: deps build guest run test test-unit test-vm clean
+.PHONY: deps build guest run test bench clean
 
 deps:
 	./scripts/setup-host.sh
@@ -22,6 +22,10 @@ run: build guest
 
 test: deps guest
 	./scripts/test.sh
+
+# QUICK=1 for a short run.
+bench: build guest
+	python3 tests/bench/run.py
 
 clean:
 	$(CARGO) clean

@@ -12,7 +12,7 @@ set -euo pipefail
 TRIXIE_PACKAGES=(qemu-system-x86 qemu-utils systemd systemd-container mmdebstrap erofs-utils)
 # Packages the host's own release provides well enough.
 BASE_PACKAGES=(dbus iproute2 nftables xz-utils zstd python3 make gcc pkg-config ca-certificates
-               procps psmisc util-linux kmod)
+               procps psmisc util-linux kmod jq)
 
 missing=()
 for pkg in "${TRIXIE_PACKAGES[@]}" "${BASE_PACKAGES[@]}"; do

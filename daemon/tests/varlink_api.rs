@@ -409,3 +409,47 @@ fn introspection_serves_the_committed_idl() {
         .unwrap();
     assert!(String::from_utf8_lossy(&info.stdout).contains("io.kiln.Manager"));
 }
+
+/// Every ```sh block of docs/api.md's varlink section runs, in order, in one
+/// bash with `set -e`, against this daemon.
+#[test]
+fn api_doc_examples_run() {
+    let d = Daemon::start();
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.md"))
+        .unwrap();
+    let section = doc
+        .split("## varlink examples")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let mut script = String::from("set -euo pipefail\n");
+    for block in section.split("```sh\n").skip(1) {
+        script.push_str(block.split("```").next().unwrap());
+    }
+    assert!(
+        script.contains("SOCK=unix:/run/kiln/io.kiln.Manager"),
+        "doc names the default socket"
+    );
+    let script = script.replace(
+        "SOCK=unix:/run/kiln/io.kiln.Manager",
+        &format!("SOCK={}", d.address()),
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docs/api.md examples failed:\n{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("demo ready"),
+        "ListVMs example output"
+    );
+}

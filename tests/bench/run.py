@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Kiln benchmarks: time until the guest agent answers.
+
+Peers are measured in the same run, alternating, so ratios hold on a noisy
+machine:
+  raw-qemu-cold   plain qemu-system-x86_64 with exactly the argv kilnd uses
+                  (copied from a kilnd-launched QEMU's /proc/PID/cmdline),
+                  timed from exec to the agent's first Ping reply;
+  kilnd-cold      StartVM through varlink (varlinkctl), timed around the call;
+                  also kilnd's own readyAt - startedAt.
+
+Writes target/bench/report.json and report.md. QUICK=1 runs fewer rounds.
+"""
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+GUEST = os.environ.get("KILN_GUEST_DIR", os.path.join(TARGET, "guest"))
+KILND = os.path.join(TARGET, "release", "kilnd")
+OUT = os.path.join(TARGET, "bench")
+QUICK = os.environ.get("QUICK") == "1"
+ROUNDS = 3 if QUICK else 10
+
+
+def varlink(sock, method, params):
+    out = subprocess.run(["varlinkctl", "call", "--json=short", f"unix:{sock}",
+                          f"io.kiln.Manager.{method}", json.dumps(params)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{method}: {out.stderr.strip()} {out.stdout.strip()}")
+    return json.loads(out.stdout)
+
+
+def agent_ping(path, deadline):
+    """Connect to a QEMU agent socket and wait for the first Ping reply."""
+    while True:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            break
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError("agent socket never appeared")
+            time.sleep(0.002)
+    s.settimeout(max(0.1, deadline - time.monotonic()))
+    s.sendall(json.dumps({"method": "io.kiln.Agent.Ping", "parameters": {"nonce": 1}}).encode() + b"\0")
+    buf = b""
+    while not buf.endswith(b"\0"):
+        chunk = s.recv(65536)
+        if not chunk:
+            raise RuntimeError("agent closed the connection")
+        buf += chunk
+    s.close()
+    return json.loads(buf[:-1])
+
+
+def stats(samples):
+    s = sorted(samples)
+    p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    return {"n": len(s), "median_ms": round(statistics.median(s), 1), "p99_ms": round(p99, 1),
+            "min_ms": round(s[0], 1), "max_ms": round(s[-1], 1)}
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="kiln-bench-", dir="/tmp")
+    os.chmod(work, 0o755)
+    sock = os.path.join(work, "varlink")
+    with open(os.path.join(work, "kilnd.toml"), "w") as f:
+        f.write(f'state_dir = "{work}/state"\nruntime_dir = "{work}/run"\nguest_dir = "{GUEST}"\n'
+                f'varlink_socket = "{sock}"\nboot_timeout_sec = 180\n')
+    log = open(os.path.join(work, "kilnd.log"), "w")
+    kilnd = subprocess.Popen([KILND, "--config", os.path.join(work, "kilnd.toml")], stdout=log, stderr=log)
+    results = {"raw-qemu-cold": [], "kilnd-cold (varlink StartVM)": [], "kilnd-cold (engine readyAt-startedAt)": []}
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if time.monotonic() > deadline:
+                raise RuntimeError("kilnd did not start")
+            time.sleep(0.01)
+        # Warm-up boot; its QEMU argv becomes the raw peer's argv.
+        vm = varlink(sock, "CreateVM", {"name": "warmup"})["vm"]
+        vm = varlink(sock, "StartVM", {"id": vm["id"]})["vm"]
+        with open(f"/proc/{vm['pid']}/cmdline", "rb") as f:
+            kiln_argv = [a.decode() for a in f.read().split(b"\0") if a]
+        varlink(sock, "DeleteVM", {"id": vm["id"]})
+        vm_dir = os.path.join(work, "run", "vms", vm["id"])
+
+        for i in range(ROUNDS):
+            # Plain QEMU, same argv, its own files.
+            raw_dir = os.path.join(work, f"raw{i}")
+            os.makedirs(raw_dir)
+            argv = [a.replace(vm_dir, raw_dir).replace(f"kiln-{vm['id']}", "kiln-bench-raw") for a in kiln_argv]
+            t0 = time.monotonic()
+            qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                agent_ping(os.path.join(raw_dir, "agent.sock"), t0 + 180)
+                results["raw-qemu-cold"].append((time.monotonic() - t0) * 1000)
+            finally:
+                qemu.kill()
+                qemu.wait()
+            shutil.rmtree(raw_dir, ignore_errors=True)
+
+            # kilnd, through its API.
+            vm = varlink(sock, "CreateVM", {"name": f"bench{i}"})["vm"]
+            t0 = time.monotonic()
+            ready = varlink(sock, "StartVM", {"id": vm["id"]})["vm"]
+            results["kilnd-cold (varlink StartVM)"].append((time.monotonic() - t0) * 1000)
+            results["kilnd-cold (engine readyAt-startedAt)"].append((ready["readyAt"] - ready["startedAt"]) / 1000)
+            varlink(sock, "DeleteVM", {"id": vm["id"]})
+            print(f"round {i + 1}/{ROUNDS}: raw {results['raw-qemu-cold'][-1]:.0f} ms, "
+                  f"kilnd {results['kilnd-cold (varlink StartVM)'][-1]:.0f} ms", file=sys.stderr)
+    finally:
+        kilnd.terminate()
+        kilnd.wait()
+        for pidfile in subprocess.run(["sh", "-c", f"ls {work}/run/vms/*/qemu.pid 2>/dev/null"],
+                                      capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(open(pidfile).read()), 9)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+
+    accel = "tcg" if "tcg" in " ".join(kiln_argv) else "kvm"
+    table = {name: stats(samples) for name, samples in results.items()}
+    floor = table["raw-qemu-cold"]["median_ms"]
+    os.makedirs(OUT, exist_ok=True)
+    report = {"accel": accel, "rounds": ROUNDS, "guest": GUEST, "scenarios": table}
+    with open(os.path.join(OUT, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = [f"# Kiln benchmark ({accel}, {ROUNDS} rounds, alternating)", "",
+             "Time until the guest agent answers.", "",
+             "| scenario | n | median ms | p99 ms | min ms | max ms | vs raw QEMU |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, s in table.items():
+        lines.append(f"| {name} | {s['n']} | {s['median_ms']} | {s['p99_ms']} | {s['min_ms']} | {s['max_ms']} | "
+                     f"{s['median_ms'] / floor:.2f}x |")
+    with open(os.path.join(OUT, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
