@@ -13,6 +13,11 @@ state_dir = "$dev/state"
 runtime_dir = "$dev/run"
 guest_dir = "$target/guest"
 accel = "auto"
+varlink_socket = "$dev/io.kiln.Manager"
 TOML
-echo "kilnd: config $config (state in $dev); Ctrl-C stops kilnd, VMs keep running and are re-adopted next time" >&2
+cat >&2 <<MSG
+kilnd: config $config, state in $dev
+kilnd: reach it with  varlinkctl call unix:$dev/io.kiln.Manager io.kiln.Manager.ListVMs '{}'
+kilnd: Ctrl-C stops kilnd; VMs keep running and are re-adopted next time
+MSG
 exec "$target/release/kilnd" --config "$config"

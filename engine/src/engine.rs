@@ -1088,13 +1088,17 @@ impl Engine {
         let deletes: Vec<_> = entry.delete_waiters.drain(..).collect();
         if !deletes.is_empty() {
             let result = self.remove_vm(id);
+            let failure = result.err().map(|e| e.message());
             for waiter in deletes {
-                let _ = waiter.send(
-                    result
-                        .as_ref()
-                        .map(|_| ())
-                        .map_err(|e| EngineError::BootFailed(e.message())),
-                );
+                let _ = waiter.send(match &failure {
+                    None => Ok(()),
+                    Some(message) => {
+                        Err(EngineError::StorageFailed(crate::store::StoreError::Io {
+                            path: self.config.vm_records_dir(),
+                            source: std::io::Error::other(message.clone()),
+                        }))
+                    }
+                });
             }
         }
     }
