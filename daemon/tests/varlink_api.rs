@@ -453,3 +453,36 @@ fn api_doc_examples_run() {
         "ListVMs example output"
     );
 }
+
+/// SIGTERM stops kilnd, not its VMs (`stop_vms_on_exit = false`).
+#[test]
+fn sigterm_leaves_vms_running() {
+    let mut d = Daemon::start();
+    let id = d.ok("CreateVM", json!({"name": "outlives"}))["vm"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pid = d.ok("StartVM", json!({"id": id}))["vm"]["pid"]
+        .as_i64()
+        .unwrap();
+    let mut child = d.child.take().unwrap();
+    // SAFETY: kill(2) with our child's pid and a signal number.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "kilnd exits cleanly on SIGTERM: {status}\n{}",
+        d.log()
+    );
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, 0) },
+        0,
+        "QEMU still running"
+    );
+    d.spawn();
+    assert_eq!(
+        d.ok("DescribeVM", json!({"id": id}))["vm"]["state"],
+        "ready"
+    );
+}
