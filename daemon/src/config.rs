@@ -35,6 +35,13 @@ pub struct DaemonKeys {
     /// Members of this group may call mutating varlink methods (root and
     /// the daemon's own user always may).
     pub manage_group: String,
+    /// D-Bus: `system`, `session`, `none` or a bus address. An unreachable
+    /// system bus is only a warning (dev machines have none); any other
+    /// unreachable bus fails startup.
+    pub dbus: String,
+    /// Ask polkit (`io.kiln.manage`) before mutating D-Bus calls. Off (tests,
+    /// private buses): only root and kilnd's own user may change things.
+    pub polkit: bool,
 }
 
 impl Default for DaemonKeys {
@@ -44,6 +51,8 @@ impl Default for DaemonKeys {
             log_level: "info".into(),
             varlink_socket: "/run/kiln/io.kiln.Manager".into(),
             manage_group: "kiln".into(),
+            dbus: "system".into(),
+            polkit: true,
         }
     }
 }

@@ -89,19 +89,52 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let endpoint = kiln_varlink::Endpoint::from_env_or(&config.daemon.varlink_socket);
     let authorizer = kiln_varlink::Authorizer::new(&config.daemon.manage_group);
     kiln_varlink::spawn(endpoint, engine.clone(), authorizer).context("cannot serve varlink")?;
+    let mut dbus = start_dbus(&config, &engine).await?;
     let status = engine
         .status()
         .await
         .map_err(|e| anyhow::anyhow!(e.message()))?;
     info!(version = %status.version, accel = %status.accel, vms = status.vms, varlink = %config.daemon.varlink_socket.display(), "kilnd running");
 
+    let dbus_stopped = async {
+        match dbus.as_mut() {
+            Some(d) => d.finished().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = sigterm.recv() => info!("SIGTERM received"),
         _ = sigint.recv() => info!("SIGINT received"),
         _ = &mut engine_task => anyhow::bail!("engine stopped unexpectedly"),
+        _ = dbus_stopped => anyhow::bail!("D-Bus adapter stopped unexpectedly"),
     }
+    drop(dbus);
     engine.shutdown(config.daemon.stop_vms_on_exit).await.ok();
     let _ = engine_task.await;
     info!("kilnd stopped");
     Ok(())
+}
+
+/// Serve D-Bus per the `dbus` key. No system bus is a warning (development
+/// machines and containers have none); an explicit bus must work.
+async fn start_dbus(
+    config: &DaemonConfig,
+    engine: &kiln_engine::EngineHandle,
+) -> anyhow::Result<Option<kiln_dbus::Service>> {
+    let Some(bus) = kiln_dbus::Bus::from_config(&config.daemon.dbus) else {
+        info!("dbus: disabled by config");
+        return Ok(None);
+    };
+    let auth = kiln_dbus::Authorizer::new(config.daemon.polkit);
+    match kiln_dbus::serve(bus.clone(), engine.clone(), auth).await {
+        Ok(service) => Ok(Some(service)),
+        Err(e) if bus == kiln_dbus::Bus::System => {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::from(e)),
+                "dbus: continuing without D-Bus"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::from(e).context("cannot serve D-Bus")),
+    }
 }

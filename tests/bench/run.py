@@ -76,7 +76,7 @@ def main():
     sock = os.path.join(work, "varlink")
     with open(os.path.join(work, "kilnd.toml"), "w") as f:
         f.write(f'state_dir = "{work}/state"\nruntime_dir = "{work}/run"\nguest_dir = "{GUEST}"\n'
-                f'varlink_socket = "{sock}"\nboot_timeout_sec = 180\n')
+                f'varlink_socket = "{sock}"\ndbus = "none"\nboot_timeout_sec = 180\n')
     log = open(os.path.join(work, "kilnd.log"), "w")
     kilnd = subprocess.Popen([KILND, "--config", os.path.join(work, "kilnd.toml")], stdout=log, stderr=log)
     results = {"raw-qemu-cold": [], "kilnd-cold (varlink StartVM)": [], "kilnd-cold (engine readyAt-startedAt)": []}

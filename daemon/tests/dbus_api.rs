@@ -1,0 +1,702 @@
+//! The real kilnd binary on a private, real `dbus-daemon`, driven with the
+//! real `busctl` (and `varlinkctl` for parity), booting real QEMU VMs (TCG
+//! here). `busctl` prints only an error's message, so error *names* are read
+//! from a `busctl monitor` of the same bus.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const NAME: &str = "io.kiln.Kiln1";
+const MANAGER: &str = "/io/kiln/Kiln1/Manager";
+const MANAGER_IF: &str = "io.kiln.Kiln1.Manager";
+const VM_IF: &str = "io.kiln.Kiln1.VM";
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("KILN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"))
+}
+
+const BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path=@DIR@/bus.sock</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+  </policy>
+</busconfig>
+"#;
+
+/// A private dbus-daemon and a kilnd on it, in a temp dir; everything
+/// (kilnd, its QEMUs, the bus) is SIGKILLed on drop.
+struct Kiln {
+    dir: tempfile::TempDir,
+    bus: Child,
+    kilnd: Option<Child>,
+    address: String,
+}
+
+impl Kiln {
+    fn start(polkit: bool) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-t")
+            .tempdir_in("/tmp")
+            .unwrap();
+        // Other users must reach the bus socket (the polkit test).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let conf = dir.path().join("bus.conf");
+        std::fs::write(
+            &conf,
+            BUS_CONF.replace("@DIR@", &dir.path().display().to_string()),
+        )
+        .unwrap();
+        let mut bus = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .args(["--nofork", "--print-address"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(bus.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line.trim().to_owned();
+        assert!(address.starts_with("unix:"), "dbus-daemon said {line:?}");
+        let config = format!(
+            "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\nvarlink_socket = \"{0}/varlink\"\nboot_timeout_sec = 180\ndbus = \"{2}\"\npolkit = {3}\n",
+            dir.path().display(),
+            guest_dir().display(),
+            address,
+            polkit,
+        );
+        std::fs::write(dir.path().join("kilnd.toml"), config).unwrap();
+        let mut kiln = Self {
+            dir,
+            bus,
+            kilnd: None,
+            address,
+        };
+        kiln.spawn_kilnd();
+        kiln
+    }
+
+    fn spawn_kilnd(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("kilnd.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .arg("--config")
+            .arg(self.dir.path().join("kilnd.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.kilnd = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self
+            .busctl(&["get-property", NAME, MANAGER, MANAGER_IF, "Version"])
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "kilnd did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()
+    }
+
+    fn busctl_as(&self, uid: Option<u32>, args: &[&str]) -> Output {
+        let mut command = match uid {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".into(),
+                    "busctl".into(),
+                ]);
+                c
+            }
+            None => Command::new("busctl"),
+        };
+        // `--` so arguments like `-c` are not taken for busctl options.
+        command
+            .arg(format!("--address={}", self.address))
+            .args(["--json=short", "--"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn busctl(&self, args: &[&str]) -> Output {
+        self.busctl_as(None, args)
+    }
+
+    /// `busctl` with text output (`tree`, `introspect`).
+    fn busctl_text(&self, args: &[&str]) -> String {
+        let out = Command::new("busctl")
+            .arg(format!("--address={}", self.address))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "busctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `busctl call` that must succeed; returns the reply's `data`.
+    fn call(&self, path: &str, iface: &str, method: &str, args: &[&str]) -> Value {
+        let mut all = vec!["call", NAME, path, iface, method];
+        all.extend_from_slice(args);
+        let out = self.busctl(&all);
+        assert!(
+            out.status.success(),
+            "{method} {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return Value::Null;
+        }
+        serde_json::from_str::<Value>(text.trim()).unwrap()["data"].clone()
+    }
+
+    /// `busctl call` that must fail; returns busctl's stderr.
+    fn call_err(
+        &self,
+        uid: Option<u32>,
+        path: &str,
+        iface: &str,
+        method: &str,
+        args: &[&str],
+    ) -> String {
+        let mut all = vec!["call", NAME, path, iface, method];
+        all.extend_from_slice(args);
+        let out = self.busctl_as(uid, &all);
+        assert!(!out.status.success(), "{method} {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    fn prop(&self, path: &str, iface: &str, name: &str) -> Value {
+        let out = self.busctl(&["get-property", NAME, path, iface, name]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<Value>(String::from_utf8_lossy(&out.stdout).trim()).unwrap()["data"]
+            .clone()
+    }
+
+    fn state(&self, path: &str) -> String {
+        self.prop(path, VM_IF, "State").as_str().unwrap().to_owned()
+    }
+
+    fn create(&self, name: &str, spec: &[&str]) -> String {
+        let mut args = vec!["sa{sv}", name];
+        let count = (spec.len() / 3).to_string();
+        args.push(&count);
+        args.extend_from_slice(spec);
+        self.call(MANAGER, MANAGER_IF, "CreateVM", &args)[0]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn list(&self) -> Vec<String> {
+        serde_json::from_value(self.call(MANAGER, MANAGER_IF, "ListVMs", &[])[0].clone()).unwrap()
+    }
+
+    fn tree(&self) -> String {
+        self.busctl_text(&["tree", "--list", NAME])
+    }
+
+    fn introspect_xml(&self, path: &str) -> String {
+        self.busctl_text(&["introspect", "--xml-interface", NAME, path])
+    }
+
+    fn varlinkctl(&self, method: &str, params: Value) -> Value {
+        let out = Command::new("varlinkctl")
+            .args([
+                "call",
+                "--json=short",
+                &format!("unix:{}/varlink", self.dir.path().display()),
+                &format!("io.kiln.Manager.{method}"),
+                &params.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{method}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+    }
+
+    /// `busctl monitor` of everything to and from kilnd, ready once it
+    /// has seen a probe call.
+    fn monitor(&self) -> Monitor {
+        let mut child = Command::new("busctl")
+            .arg(format!("--address={}", self.address))
+            .args(["monitor", "--json=short", NAME])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let mut monitor = Monitor { child, rx };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.prop(MANAGER, MANAGER_IF, "Accel");
+            let probe = |m: &Value| m["member"] == "Get" && m["type"] == "method_call";
+            if monitor
+                .try_find(Duration::from_millis(300), probe)
+                .is_some()
+            {
+                return monitor;
+            }
+            assert!(Instant::now() < deadline, "busctl monitor never saw a call");
+        }
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.kilnd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for entry in std::fs::read_dir(self.dir.path().join("run/vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    // SAFETY: kill(2) with a pid and a signal number.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = self.bus.kill();
+        let _ = self.bus.wait();
+    }
+}
+
+/// Messages seen by `busctl monitor`.
+struct Monitor {
+    child: Child,
+    rx: mpsc::Receiver<Value>,
+}
+
+impl Monitor {
+    fn try_find(&mut self, timeout: Duration, want: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.rx.recv_timeout(left) {
+                Ok(m) if want(&m) => return Some(m),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn find(&mut self, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+        self.try_find(Duration::from_secs(30), want)
+            .unwrap_or_else(|| panic!("busctl monitor never saw {what}"))
+    }
+
+    /// The next error reply's name.
+    fn error_name(&mut self) -> String {
+        self.find("an error", |m| m["type"] == "error")["error_name"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn vm_changed(path: &str, prop: &'static str, value: &'static str) -> impl Fn(&Value) -> bool {
+    let path = path.to_owned();
+    move |m: &Value| {
+        m["member"] == "PropertiesChanged"
+            && m["path"] == path.as_str()
+            && m["payload"]["data"][1][prop]["data"] == value
+    }
+}
+
+#[test]
+fn dbus_lifecycle_over_busctl() {
+    let k = Kiln::start(false);
+    let mut monitor = k.monitor();
+    let path = k.create("web", &["vcpus", "u", "1", "memoryMiB", "u", "128"]);
+    assert!(path.starts_with("/io/kiln/Kiln1/vm/"), "{path}");
+    assert_eq!(k.list(), vec![path.clone()]);
+    assert_eq!(k.state(&path), "created");
+    assert_eq!(k.prop(&path, VM_IF, "Name"), "web");
+    assert_eq!(k.prop(&path, VM_IF, "MemoryMiB"), 128);
+    assert_eq!(k.prop(&path, VM_IF, "Pid"), 0);
+
+    k.call(&path, VM_IF, "Start", &[]);
+    assert_eq!(k.state(&path), "ready");
+    assert!(k.prop(&path, VM_IF, "Pid").as_u64().unwrap() > 0);
+    assert!(k.prop(&path, VM_IF, "ReadyAt").as_u64().unwrap() > 0);
+    assert_eq!(
+        k.prop(&path, VM_IF, "BootId").as_str().unwrap().len(),
+        36,
+        "a boot id"
+    );
+    // Changes are signalled, not only readable.
+    monitor.find("State=ready", vm_changed(&path, "State", "ready"));
+
+    let exec = k.call(
+        &path,
+        VM_IF,
+        "Exec",
+        &[
+            "asassu",
+            "3",
+            "sh",
+            "-c",
+            "echo hi; echo err >&2; exit 3",
+            "0",
+            "",
+            "0",
+        ],
+    );
+    assert_eq!(exec, json!([3, "hi\n", "err\n"]));
+    let exec = k.call(
+        &path,
+        VM_IF,
+        "Exec",
+        &["asassu", "1", "cat", "0", "fed", "10"],
+    );
+    assert_eq!(exec, json!([0, "fed", ""]));
+
+    k.call(&path, VM_IF, "Pause", &[]);
+    assert_eq!(k.state(&path), "paused");
+    monitor.find("State=paused", vm_changed(&path, "State", "paused"));
+    k.call_err(
+        None,
+        &path,
+        VM_IF,
+        "Exec",
+        &["asassu", "1", "true", "0", "", "0"],
+    );
+    assert_eq!(monitor.error_name(), "io.kiln.Kiln1.Error.InvalidState");
+    k.call(&path, VM_IF, "Resume", &[]);
+    assert_eq!(k.state(&path), "ready");
+
+    k.call(&path, VM_IF, "Stop", &["u", "20"]);
+    assert_eq!(k.state(&path), "stopped");
+    assert_eq!(k.prop(&path, VM_IF, "Pid"), 0);
+
+    k.call(&path, VM_IF, "Delete", &[]);
+    monitor.find("InterfacesRemoved", |m| {
+        m["member"] == "InterfacesRemoved" && m["payload"]["data"][0] == path.as_str()
+    });
+    assert!(!k.tree().contains(&path), "{}", k.tree());
+    assert!(k.list().is_empty());
+    k.call_err(None, &path, VM_IF, "Start", &[]);
+    assert_eq!(
+        monitor.error_name(),
+        "org.freedesktop.DBus.Error.UnknownObject"
+    );
+}
+
+#[test]
+fn dbus_and_varlink_show_the_same_vms() {
+    let k = Kiln::start(false);
+    let mut monitor = k.monitor();
+    let vm = k.varlinkctl("CreateVM", json!({"name": "x"}))["vm"].clone();
+    let path = format!("/io/kiln/Kiln1/vm/{}", vm["id"].as_str().unwrap());
+    let added = monitor.find("InterfacesAdded", |m| m["member"] == "InterfacesAdded");
+    assert_eq!(added["path"], "/io/kiln/Kiln1");
+    assert_eq!(added["payload"]["data"][0], path.as_str());
+    assert_eq!(
+        added["payload"]["data"][1][VM_IF]["Name"]["data"], "x",
+        "{added}"
+    );
+    assert!(k.tree().contains(&path), "{}", k.tree());
+    assert_eq!(k.prop(&path, VM_IF, "Name"), "x");
+    assert_eq!(k.prop(&path, VM_IF, "Id"), vm["id"]);
+    let managed = k.call(
+        "/io/kiln/Kiln1",
+        "org.freedesktop.DBus.ObjectManager",
+        "GetManagedObjects",
+        &[],
+    );
+    assert_eq!(managed[0][&path][VM_IF]["State"]["data"], "created");
+
+    k.call(&path, VM_IF, "Delete", &[]);
+    assert_eq!(k.varlinkctl("ListVMs", json!({}))["vms"], json!([]));
+    assert!(!k.tree().contains(&path));
+
+    // And the other way round: a VM deleted over varlink leaves D-Bus.
+    let path = k.create("y", &[]);
+    let id = k.prop(&path, VM_IF, "Id");
+    k.varlinkctl("DeleteVM", json!({"id": id}));
+    monitor.find("InterfacesRemoved", |m| {
+        m["member"] == "InterfacesRemoved" && m["payload"]["data"][0] == path.as_str()
+    });
+    assert!(k.list().is_empty());
+}
+
+#[test]
+fn dbus_bad_input_gets_named_errors() {
+    let k = Kiln::start(false);
+    let mut monitor = k.monitor();
+    let create_err = |monitor: &mut Monitor, args: &[&str]| {
+        k.call_err(None, MANAGER, MANAGER_IF, "CreateVM", args);
+        monitor.error_name()
+    };
+    let unknown_key = k.call_err(
+        None,
+        MANAGER,
+        MANAGER_IF,
+        "CreateVM",
+        &["sa{sv}", "a", "1", "cpus", "u", "1"],
+    );
+    assert!(unknown_key.contains("cpus"), "{unknown_key}");
+    assert_eq!(monitor.error_name(), "io.kiln.Kiln1.Error.InvalidSpec");
+    assert_eq!(
+        create_err(&mut monitor, &["sa{sv}", "a", "1", "vcpus", "s", "two"]),
+        "io.kiln.Kiln1.Error.InvalidSpec"
+    );
+    assert_eq!(
+        create_err(&mut monitor, &["sa{sv}", "a", "1", "vcpus", "u", "0"]),
+        "io.kiln.Kiln1.Error.InvalidSpec"
+    );
+    assert_eq!(
+        create_err(&mut monitor, &["sa{sv}", "a", "1", "kernel", "s", "/nope"]),
+        "io.kiln.Kiln1.Error.InvalidSpec"
+    );
+    assert_eq!(
+        create_err(&mut monitor, &["sa{sv}", "../a", "0"]),
+        "io.kiln.Kiln1.Error.InvalidName"
+    );
+    // Wrong signature altogether: refused by zbus before Kiln's code runs,
+    // under zbus' own error name.
+    assert_eq!(
+        create_err(&mut monitor, &["su", "a", "1"]),
+        "org.freedesktop.zbus.Error"
+    );
+    k.create("dup", &[]);
+    assert_eq!(
+        create_err(&mut monitor, &["sa{sv}", "dup", "0"]),
+        "io.kiln.Kiln1.Error.AlreadyExists"
+    );
+    k.call_err(None, "/io/kiln/Kiln1/vm/000000000000", VM_IF, "Start", &[]);
+    assert_eq!(
+        monitor.error_name(),
+        "org.freedesktop.DBus.Error.UnknownObject"
+    );
+    k.call_err(None, MANAGER, MANAGER_IF, "NoSuchMethod", &[]);
+    assert_eq!(
+        monitor.error_name(),
+        "org.freedesktop.DBus.Error.UnknownMethod"
+    );
+    // Still serving, and nothing half-created.
+    assert_eq!(k.list().len(), 1);
+    assert_eq!(
+        k.prop(MANAGER, MANAGER_IF, "Accel").as_str().map(str::len),
+        Some(3)
+    );
+}
+
+/// The `io.kiln.*` `<interface>` elements of an introspection document,
+/// whitespace-normalized.
+fn kiln_interfaces(xml: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find("<interface name=\"io.kiln.") {
+        let end = rest[start..].find("</interface>").unwrap() + start + "</interface>".len();
+        found.push(
+            rest[start..end]
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        rest = &rest[end..];
+    }
+    found
+}
+
+#[test]
+fn dbus_introspection_matches_the_committed_xml() {
+    let k = Kiln::start(false);
+    let path = k.create("introspected", &[]);
+    let dbus_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dbus");
+    for (object, file) in [
+        (MANAGER, "io.kiln.Kiln1.Manager.xml"),
+        (path.as_str(), "io.kiln.Kiln1.VM.xml"),
+    ] {
+        let committed = std::fs::read_to_string(dbus_dir.join(file)).unwrap();
+        let committed = kiln_interfaces(&committed);
+        assert_eq!(committed.len(), 1, "{file}");
+        assert_eq!(
+            kiln_interfaces(&k.introspect_xml(object)),
+            committed,
+            "live {object} differs from dbus/{file}; regenerate it with busctl introspect --xml-interface"
+        );
+    }
+    // The root carries the ObjectManager.
+    assert!(k
+        .introspect_xml("/io/kiln/Kiln1")
+        .contains("org.freedesktop.DBus.ObjectManager"));
+}
+
+/// A stand-in for polkitd: resolves the subject's bus name to a uid like
+/// polkitd does and authorizes uid 0 only. Records what it was asked.
+struct FakeAuthority {
+    conn: std::sync::OnceLock<zbus::Connection>,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<(String, u32, String)>>>,
+}
+
+#[zbus::interface(name = "org.freedesktop.PolicyKit1.Authority")]
+impl FakeAuthority {
+    async fn check_authorization(
+        &self,
+        subject: zbus_polkit::policykit1::Subject,
+        action_id: String,
+        _details: HashMap<String, String>,
+        _flags: u32,
+        _cancellation_id: String,
+    ) -> zbus::fdo::Result<zbus_polkit::policykit1::AuthorizationResult> {
+        let name: String = subject
+            .subject_details
+            .get("name")
+            .and_then(|v| String::try_from(v.try_clone().ok()?).ok())
+            .ok_or_else(|| zbus::fdo::Error::InvalidArgs("subject without a bus name".into()))?;
+        let conn = self.conn.get().unwrap();
+        let uid = zbus::fdo::DBusProxy::new(conn)
+            .await?
+            .get_connection_unix_user(
+                zbus::names::BusName::try_from(name.as_str()).map_err(zbus::Error::from)?,
+            )
+            .await?;
+        self.asked
+            .lock()
+            .unwrap()
+            .push((subject.subject_kind.clone(), uid, action_id));
+        Ok(zbus_polkit::policykit1::AuthorizationResult {
+            is_authorized: uid == 0,
+            is_challenge: false,
+            details: HashMap::new(),
+        })
+    }
+}
+
+#[test]
+fn dbus_polkit_decides_for_the_caller() {
+    let k = Kiln::start(true);
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let authority = FakeAuthority {
+        conn: std::sync::OnceLock::new(),
+        asked: asked.clone(),
+    };
+    let _polkit = runtime.block_on(async {
+        let conn = zbus::connection::Builder::address(k.address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        authority.conn.set(conn.clone()).unwrap();
+        conn.object_server()
+            .at("/org/freedesktop/PolicyKit1/Authority", authority)
+            .await
+            .unwrap();
+        conn.request_name("org.freedesktop.PolicyKit1")
+            .await
+            .unwrap();
+        conn
+    });
+    let mut monitor = k.monitor();
+    let nobody = Some(65534);
+
+    // Root: allowed by the authority.
+    let path = k.create("guarded", &[]);
+    // nobody: may read, may not change.
+    let out = k.busctl_as(nobody, &["call", NAME, MANAGER, MANAGER_IF, "ListVMs"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&path));
+    let out = k.busctl_as(nobody, &["get-property", NAME, &path, VM_IF, "State"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = k.call_err(
+        nobody,
+        MANAGER,
+        MANAGER_IF,
+        "CreateVM",
+        &["sa{sv}", "intruder", "0"],
+    );
+    assert!(refused.contains("io.kiln.manage"), "{refused}");
+    assert_eq!(monitor.error_name(), "io.kiln.Kiln1.Error.PermissionDenied");
+    k.call_err(nobody, &path, VM_IF, "Delete", &[]);
+    assert_eq!(monitor.error_name(), "io.kiln.Kiln1.Error.PermissionDenied");
+    assert_eq!(k.list(), vec![path.clone()]);
+
+    // Every decision was asked about the calling bus name (never kilnd's
+    // own process): root once, nobody twice.
+    let asked = asked.lock().unwrap().clone();
+    let uids: Vec<u32> = asked.iter().map(|(_, uid, _)| *uid).collect();
+    assert_eq!(uids, vec![0, 65534, 65534], "{asked:?}");
+    assert!(asked
+        .iter()
+        .all(|(kind, _, action)| kind == "system-bus-name" && action == "io.kiln.manage"));
+}

@@ -1,0 +1,261 @@
+//! `io.kiln.Kiln1.VM`: one object per VM at `/io/kiln/Kiln1/vm/<id>`.
+//!
+//! Methods are thin (authorize, one engine call, map the error). Properties
+//! read a view of the last [`VmInfo`] the engine published; only the event
+//! task in `objects.rs` writes it. The view is a `watch` channel rather than
+//! `&mut self` so updating it never waits for a running method (zbus holds
+//! an interface's read lock for the whole of a method call, e.g. a boot).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_agent_proto::ExecRequest;
+use kiln_engine::{EngineHandle, VmInfo};
+use tokio::sync::watch;
+use zbus::message::Header;
+use zbus::zvariant::Value;
+use zbus::{interface, Connection};
+
+use crate::auth::Authorizer;
+use crate::error::KilnError;
+
+/// The interface name.
+pub const VM_INTERFACE: &str = "io.kiln.Kiln1.VM";
+
+/// One exported VM.
+#[derive(Debug)]
+pub struct Vm {
+    id: String,
+    engine: EngineHandle,
+    auth: Authorizer,
+    view: Arc<watch::Sender<VmInfo>>,
+}
+
+impl Vm {
+    /// An object for `info`.
+    pub fn new(info: VmInfo, engine: EngineHandle, auth: Authorizer) -> Self {
+        Self {
+            id: info.id.clone(),
+            engine,
+            auth,
+            view: Arc::new(watch::Sender::new(info)),
+        }
+    }
+
+    /// The view the event task updates.
+    pub fn view(&self) -> Arc<watch::Sender<VmInfo>> {
+        self.view.clone()
+    }
+
+    fn info(&self) -> watch::Ref<'_, VmInfo> {
+        self.view.borrow()
+    }
+}
+
+/// Every property as (D-Bus name, value), for PropertiesChanged diffs.
+pub fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
+    let s = |v: &Option<String>| Value::from(v.clone().unwrap_or_default());
+    vec![
+        ("Id", Value::from(info.id.clone())),
+        ("Name", Value::from(info.name.clone())),
+        ("State", Value::from(info.state.as_str())),
+        ("Vcpus", Value::from(info.vcpus)),
+        ("MemoryMiB", Value::from(info.memory_mib)),
+        ("Pid", Value::from(info.pid.unwrap_or(0))),
+        ("CreatedAt", Value::from(info.created_at)),
+        ("StartedAt", Value::from(info.started_at.unwrap_or(0))),
+        ("ReadyAt", Value::from(info.ready_at.unwrap_or(0))),
+        ("QemuVersion", s(&info.qemu_version)),
+        ("KernelRelease", s(&info.kernel_release)),
+        ("BootId", s(&info.boot_id)),
+        ("LastError", s(&info.last_error)),
+    ]
+}
+
+#[interface(name = "io.kiln.Kiln1.VM")]
+impl Vm {
+    /// Boot the VM; returns once the guest agent answers.
+    async fn start(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "Start").await?;
+        self.engine.start_vm(&self.id).await?;
+        Ok(())
+    }
+
+    /// Shut down cleanly (agent, then ACPI, then SIGKILL after the timeout;
+    /// 0 = the daemon's default).
+    async fn stop(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        timeout_sec: u32,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "Stop").await?;
+        let timeout = (timeout_sec > 0).then(|| Duration::from_secs(u64::from(timeout_sec)));
+        self.engine.stop_vm(&self.id, timeout).await?;
+        Ok(())
+    }
+
+    /// SIGKILL the QEMU process.
+    async fn kill(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "Kill").await?;
+        self.engine.kill_vm(&self.id).await?;
+        Ok(())
+    }
+
+    /// Pause the vCPUs.
+    async fn pause(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "Pause").await?;
+        self.engine.pause_vm(&self.id).await?;
+        Ok(())
+    }
+
+    /// Resume paused vCPUs.
+    async fn resume(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "Resume").await?;
+        self.engine.resume_vm(&self.id).await?;
+        Ok(())
+    }
+
+    /// Reboot the guest; returns once it is ready again.
+    async fn reboot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "Reboot").await?;
+        self.engine.reboot_vm(&self.id).await?;
+        Ok(())
+    }
+
+    /// Delete the VM, killing its QEMU first if it has one; its object goes
+    /// away (InterfacesRemoved).
+    async fn delete(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "Delete").await?;
+        self.engine.delete_vm(&self.id).await?;
+        // Also removed by the event task; whoever is first wins, so the
+        // object is gone when the caller gets the reply.
+        crate::objects::unexport(conn.object_server(), &self.id).await;
+        Ok(())
+    }
+
+    /// Run a command in the guest (stdin "" = none, timeout 0 = default).
+    #[zbus(out_args("exit_code", "stdout", "stderr"))]
+    async fn exec(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        command: Vec<String>,
+        env: Vec<String>,
+        stdin: String,
+        timeout_sec: u32,
+    ) -> Result<(i32, String, String), KilnError> {
+        self.auth.check_manage(conn, &header, "Exec").await?;
+        let request = ExecRequest {
+            argv: command,
+            env,
+            stdin: (!stdin.is_empty()).then_some(stdin),
+            timeout_ms: (timeout_sec > 0).then(|| u64::from(timeout_sec) * 1000),
+            max_output_bytes: None,
+        };
+        let reply = self.engine.exec_vm(&self.id, request).await?;
+        Ok((reply.exit_code, reply.stdout, reply.stderr))
+    }
+
+    /// Opaque id (also the last element of the object path).
+    #[zbus(property)]
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    /// Caller-chosen unique name.
+    #[zbus(property)]
+    fn name(&self) -> String {
+        self.info().name.clone()
+    }
+
+    /// Lifecycle state (`created`, `booting`, `ready`, `paused`, …).
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.info().state.as_str().to_owned()
+    }
+
+    /// Virtual CPUs.
+    #[zbus(property)]
+    fn vcpus(&self) -> u32 {
+        self.info().vcpus
+    }
+
+    /// Guest RAM in MiB.
+    #[zbus(property, name = "MemoryMiB")]
+    fn memory_mib(&self) -> u32 {
+        self.info().memory_mib
+    }
+
+    /// QEMU pid, 0 when no process exists.
+    #[zbus(property)]
+    fn pid(&self) -> u32 {
+        self.info().pid.unwrap_or(0)
+    }
+
+    /// Creation time, µs since the epoch.
+    #[zbus(property)]
+    fn created_at(&self) -> u64 {
+        self.info().created_at
+    }
+
+    /// Last start, µs since the epoch (0 = never).
+    #[zbus(property)]
+    fn started_at(&self) -> u64 {
+        self.info().started_at.unwrap_or(0)
+    }
+
+    /// Last time the guest became ready, µs since the epoch (0 = never).
+    #[zbus(property)]
+    fn ready_at(&self) -> u64 {
+        self.info().ready_at.unwrap_or(0)
+    }
+
+    /// QEMU version of the running process ("" = unknown).
+    #[zbus(property)]
+    fn qemu_version(&self) -> String {
+        self.info().qemu_version.clone().unwrap_or_default()
+    }
+
+    /// Guest kernel release ("" = unknown).
+    #[zbus(property)]
+    fn kernel_release(&self) -> String {
+        self.info().kernel_release.clone().unwrap_or_default()
+    }
+
+    /// Guest boot id ("" = unknown).
+    #[zbus(property)]
+    fn boot_id(&self) -> String {
+        self.info().boot_id.clone().unwrap_or_default()
+    }
+
+    /// Last failure ("" = none).
+    #[zbus(property)]
+    fn last_error(&self) -> String {
+        self.info().last_error.clone().unwrap_or_default()
+    }
+}
