@@ -6,8 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,11 +18,7 @@ const MANAGER: &str = "/io/kiln/Kiln1/Manager";
 const MANAGER_IF: &str = "io.kiln.Kiln1.Manager";
 const VM_IF: &str = "io.kiln.Kiln1.VM";
 
-fn guest_dir() -> PathBuf {
-    std::env::var_os("KILN_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"))
-}
+mod common;
 
 const BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -43,26 +38,17 @@ const BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus 
 /// A private dbus-daemon and a kilnd on it, in a temp dir; everything
 /// (kilnd, its QEMUs, the bus) is SIGKILLed on drop.
 struct Kiln {
-    dir: tempfile::TempDir,
+    kilnd: common::Kilnd,
     bus: Child,
-    kilnd: Option<Child>,
     address: String,
 }
 
 impl Kiln {
     fn start(polkit: bool) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-t")
-            .tempdir_in("/tmp")
-            .unwrap();
-        // Other users must reach the bus socket (the polkit test).
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let conf = dir.path().join("bus.conf");
-        std::fs::write(
-            &conf,
-            BUS_CONF.replace("@DIR@", &dir.path().display().to_string()),
-        )
-        .unwrap();
+        let kilnd = common::Kilnd::new("");
+        let dir = kilnd.dir.path();
+        let conf = dir.join("bus.conf");
+        std::fs::write(&conf, BUS_CONF.replace("@DIR@", &dir.display().to_string())).unwrap();
         let mut bus = Command::new("dbus-daemon")
             .arg(format!("--config-file={}", conf.display()))
             .args(["--nofork", "--print-address"])
@@ -75,18 +61,10 @@ impl Kiln {
             .unwrap();
         let address = line.trim().to_owned();
         assert!(address.starts_with("unix:"), "dbus-daemon said {line:?}");
-        let config = format!(
-            "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\nvarlink_socket = \"{0}/varlink\"\nboot_timeout_sec = 180\ndbus = \"{2}\"\npolkit = {3}\n",
-            dir.path().display(),
-            guest_dir().display(),
-            address,
-            polkit,
-        );
-        std::fs::write(dir.path().join("kilnd.toml"), config).unwrap();
+        kilnd.append_config(&format!("dbus = \"{address}\"\npolkit = {polkit}\n"));
         let mut kiln = Self {
-            dir,
+            kilnd,
             bus,
-            kilnd: None,
             address,
         };
         kiln.spawn_kilnd();
@@ -94,52 +72,16 @@ impl Kiln {
     }
 
     fn spawn_kilnd(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("kilnd.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-            .arg("--config")
-            .arg(self.dir.path().join("kilnd.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.kilnd = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self
-            .busctl(&["get-property", NAME, MANAGER, MANAGER_IF, "Version"])
-            .status
-            .success()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "kilnd did not come up: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let address = self.address.clone();
+        self.kilnd.spawn(|_| manager_answers(&address));
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()
+        self.kilnd.log()
     }
 
     fn busctl_as(&self, uid: Option<u32>, args: &[&str]) -> Output {
-        let mut command = match uid {
-            Some(uid) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    format!("--reuid={uid}"),
-                    format!("--regid={uid}"),
-                    "--clear-groups".into(),
-                    "busctl".into(),
-                ]);
-                c
-            }
-            None => Command::new("busctl"),
-        };
+        let mut command = common::command_as(uid, "busctl");
         // `--` so arguments like `-c` are not taken for busctl options.
         command
             .arg(format!("--address={}", self.address))
@@ -245,7 +187,7 @@ impl Kiln {
             .args([
                 "call",
                 "--json=short",
-                &format!("unix:{}/varlink", self.dir.path().display()),
+                &format!("unix:{}/varlink", self.kilnd.dir.path().display()),
                 &format!("io.kiln.Manager.{method}"),
                 &params.to_string(),
             ])
@@ -298,25 +240,19 @@ impl Kiln {
 
 impl Drop for Kiln {
     fn drop(&mut self) {
-        if let Some(mut child) = self.kilnd.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for entry in std::fs::read_dir(self.dir.path().join("run/vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) {
-                if let Ok(pid) = pid.trim().parse::<i32>() {
-                    // SAFETY: kill(2) with a pid and a signal number.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
+        // kilnd and its QEMUs go with the `kilnd` field; the bus here.
         let _ = self.bus.kill();
         let _ = self.bus.wait();
     }
+}
+
+/// Whether kilnd's Manager answers on the bus at `address`.
+fn manager_answers(address: &str) -> bool {
+    Command::new("busctl")
+        .arg(format!("--address={address}"))
+        .args(["get-property", NAME, MANAGER, MANAGER_IF, "Version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Messages seen by `busctl monitor`.

@@ -3,82 +3,44 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// A kilnd running on a temp dir; SIGKILLed with its QEMUs on drop.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
+mod common;
 
-fn guest_dir() -> PathBuf {
-    std::env::var_os("KILN_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"))
+/// A kilnd (no D-Bus) driven through its varlink socket.
+struct Daemon {
+    kilnd: common::Kilnd,
 }
 
 impl Daemon {
     fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-t")
-            .tempdir_in("/tmp")
-            .unwrap();
-        // Other users must reach the socket (the permission test).
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let config = format!(
-            "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\nvarlink_socket = \"{0}/varlink\"\ndbus = \"none\"\nboot_timeout_sec = 180\n",
-            dir.path().display(),
-            guest_dir().display()
-        );
-        std::fs::write(dir.path().join("kilnd.toml"), config).unwrap();
-        let mut daemon = Self { dir, child: None };
+        let mut daemon = Self {
+            kilnd: common::Kilnd::new("dbus = \"none\"\n"),
+        };
         daemon.spawn();
         daemon
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("kilnd.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
-            .arg("--config")
-            .arg(self.dir.path().join("kilnd.toml"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.call("org.varlink.service.GetInfo", json!({})).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "kilnd did not come up: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let address = self.address();
+        self.kilnd
+            .spawn(|_| varlinkctl_ok(&address, "org.varlink.service.GetInfo"));
     }
 
     fn sigkill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
+        self.kilnd.sigkill();
     }
 
     fn address(&self) -> String {
-        format!("unix:{}/varlink", self.dir.path().display())
+        self.kilnd.varlink_address()
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()
+        self.kilnd.log()
     }
 
     /// `varlinkctl call`; Ok(reply) or Err((error name, error parameters)).
@@ -92,19 +54,7 @@ impl Daemon {
         method: &str,
         params: &str,
     ) -> Result<Value, (String, Value)> {
-        let mut command = match uid {
-            Some(uid) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    format!("--reuid={uid}"),
-                    format!("--regid={uid}"),
-                    "--clear-groups".into(),
-                ]);
-                c.arg("varlinkctl");
-                c
-            }
-            None => Command::new("varlinkctl"),
-        };
+        let mut command = common::command_as(uid, "varlinkctl");
         let out = command
             .args(["call", "--json=short", &self.address(), method, params])
             .output()
@@ -139,22 +89,11 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.sigkill();
-        for entry in std::fs::read_dir(self.dir.path().join("run/vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) {
-                if let Ok(pid) = pid.trim().parse::<i32>() {
-                    // SAFETY: kill(2) with a pid and a signal number.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-    }
+fn varlinkctl_ok(address: &str, method: &str) -> bool {
+    Command::new("varlinkctl")
+        .args(["call", address, method, "{}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 #[test]
@@ -335,7 +274,7 @@ fn bad_input_gets_named_errors_and_the_daemon_keeps_serving() {
     );
 
     // Malformed JSON on a raw connection: that connection is closed, nothing else.
-    let path = d.dir.path().join("varlink");
+    let path = d.kilnd.dir.path().join("varlink");
     let mut raw = std::os::unix::net::UnixStream::connect(&path).unwrap();
     raw.write_all(b"{not json\0").unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -465,7 +404,7 @@ fn sigterm_leaves_vms_running() {
     let pid = d.ok("StartVM", json!({"id": id}))["vm"]["pid"]
         .as_i64()
         .unwrap();
-    let mut child = d.child.take().unwrap();
+    let mut child = d.kilnd.take_child().unwrap();
     // SAFETY: kill(2) with our child's pid and a signal number.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();

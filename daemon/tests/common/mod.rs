@@ -1,0 +1,138 @@
+//! The fixture every daemon test shares: the real kilnd binary on a temp
+//! dir, SIGKILLed with its QEMU processes on drop (also when a test fails).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// Where `make guest` put the guest image (override with `KILN_GUEST_DIR`).
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("KILN_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest"))
+}
+
+/// `program` run as `uid` (and its group, no supplementary groups), or as
+/// ourselves when `uid` is None.
+pub fn command_as(uid: Option<u32>, program: &str) -> Command {
+    match uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+            ]);
+            c.arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// A kilnd process and its temp dir.
+pub struct Kilnd {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Kilnd {
+    /// A temp dir (reachable by other users, for the permission tests) with
+    /// a kilnd.toml: state, runtime and varlink socket inside it, the
+    /// built-in guest image, plus `extra_config` lines. Not started yet.
+    pub fn new(extra_config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-t")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = format!(
+            "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\nvarlink_socket = \"{0}/varlink\"\nboot_timeout_sec = 180\n{2}",
+            dir.path().display(),
+            guest_dir().display(),
+            extra_config
+        );
+        std::fs::write(dir.path().join("kilnd.toml"), config).unwrap();
+        Self { dir, child: None }
+    }
+
+    /// Add lines to kilnd.toml (before [`Kilnd::spawn`]).
+    pub fn append_config(&self, lines: &str) {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("kilnd.toml"))
+            .unwrap();
+        file.write_all(lines.as_bytes()).unwrap();
+    }
+
+    /// Start kilnd and wait until `ready` says it serves.
+    pub fn spawn(&mut self, ready: impl Fn(&Self) -> bool) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("kilnd.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+            .arg("--config")
+            .arg(self.dir.path().join("kilnd.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready(self) {
+            assert!(
+                Instant::now() < deadline,
+                "kilnd did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Take the running kilnd out of the fixture (to signal it yourself).
+    pub fn take_child(&mut self) -> Option<Child> {
+        self.child.take()
+    }
+
+    /// SIGKILL kilnd (its VMs keep running).
+    pub fn sigkill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// The varlink address.
+    pub fn varlink_address(&self) -> String {
+        format!("unix:{}/varlink", self.dir.path().display())
+    }
+
+    /// kilnd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Kilnd {
+    fn drop(&mut self) {
+        self.sigkill();
+        for entry in std::fs::read_dir(self.dir.path().join("run/vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    // SAFETY: kill(2) with a pid and a signal number.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
