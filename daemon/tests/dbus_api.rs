@@ -636,3 +636,21 @@ fn dbus_polkit_decides_for_the_caller() {
         .iter()
         .all(|(kind, _, action)| kind == "system-bus-name" && action == "io.kiln.manage"));
 }
+
+/// The D-Bus examples of docs/api.md run verbatim against this daemon.
+#[test]
+fn dbus_api_doc_examples_run() {
+    let kiln = Kiln::start(false);
+    let script = common::api_doc_script("## D-Bus");
+    assert!(script.contains("busctl --system"));
+    let script = script.replace(
+        "busctl --system",
+        &format!("busctl --address={}", kiln.address),
+    );
+    let stdout = common::run_bash(&script, &kiln.log());
+    assert!(
+        stdout.contains("s \"ready\""),
+        "State property example output: {stdout}"
+    );
+    assert!(kiln.list().is_empty(), "the example deletes its VM");
+}
