@@ -8,6 +8,9 @@ machine:
                   timed from exec to the agent's first Ping reply;
   kilnd-cold      StartVM through varlink (varlinkctl), timed around the call;
                   also kilnd's own readyAt - startedAt.
+  api-*           varlink round trips on one persistent connection:
+                  ListVMs with 100 VM records against org.varlink.service.GetInfo
+                  (the floor), latency and calls per second.
 
 Writes target/bench/report.json and report.md. QUICK=1 runs fewer rounds.
 """
@@ -63,11 +66,52 @@ def agent_ping(path, deadline):
     return json.loads(buf[:-1])
 
 
+class VarlinkConnection:
+    """A minimal varlink client: one socket, NUL-framed JSON, in order."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def call(self, method, params):
+        self.sock.sendall(json.dumps({"method": method, "parameters": params}).encode() + b"\0")
+        while b"\0" not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise RuntimeError("kilnd closed the connection")
+            self.buf += chunk
+        frame, self.buf = self.buf.split(b"\0", 1)
+        reply = json.loads(frame)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply}")
+        return reply.get("parameters", {})
+
+
+def api_round_trips(sock, calls):
+    """ListVMs with 100 records vs GetInfo, alternating in blocks."""
+    conn = VarlinkConnection(sock)
+    existing = len(conn.call("io.kiln.Manager.ListVMs", {})["vms"])
+    for i in range(existing, 100):
+        conn.call("io.kiln.Manager.CreateVM", {"name": f"record{i}"})
+    assert len(conn.call("io.kiln.Manager.ListVMs", {})["vms"]) == 100
+    samples = {"api: ListVMs, 100 VMs (varlink)": [], "api: GetInfo floor (varlink)": []}
+    methods = [("api: ListVMs, 100 VMs (varlink)", "io.kiln.Manager.ListVMs"),
+               ("api: GetInfo floor (varlink)", "org.varlink.service.GetInfo")]
+    for _ in range(calls // 50):
+        for name, method in methods:
+            for _ in range(50):
+                t0 = time.perf_counter()
+                conn.call(method, {})
+                samples[name].append((time.perf_counter() - t0) * 1000)
+    return samples
+
+
 def stats(samples):
     s = sorted(samples)
     p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
-    return {"n": len(s), "median_ms": round(statistics.median(s), 1), "p99_ms": round(p99, 1),
-            "min_ms": round(s[0], 1), "max_ms": round(s[-1], 1)}
+    return {"n": len(s), "median_ms": round(statistics.median(s), 3), "p99_ms": round(p99, 3),
+            "min_ms": round(s[0], 3), "max_ms": round(s[-1], 3)}
 
 
 def main():
@@ -118,6 +162,7 @@ def main():
             varlink(sock, "DeleteVM", {"id": vm["id"]})
             print(f"round {i + 1}/{ROUNDS}: raw {results['raw-qemu-cold'][-1]:.0f} ms, "
                   f"kilnd {results['kilnd-cold (varlink StartVM)'][-1]:.0f} ms", file=sys.stderr)
+        results.update(api_round_trips(sock, 200 if QUICK else 1000))
     finally:
         kilnd.terminate()
         kilnd.wait()
@@ -131,18 +176,22 @@ def main():
 
     accel = "tcg" if "tcg" in " ".join(kiln_argv) else "kvm"
     table = {name: stats(samples) for name, samples in results.items()}
-    floor = table["raw-qemu-cold"]["median_ms"]
+    boot_floor = table["raw-qemu-cold"]["median_ms"]
+    api_floor = table["api: GetInfo floor (varlink)"]["median_ms"]
     os.makedirs(OUT, exist_ok=True)
     report = {"accel": accel, "rounds": ROUNDS, "guest": GUEST, "scenarios": table}
     with open(os.path.join(OUT, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     lines = [f"# Kiln benchmark ({accel}, {ROUNDS} rounds, alternating)", "",
-             "Time until the guest agent answers.", "",
-             "| scenario | n | median ms | p99 ms | min ms | max ms | vs raw QEMU |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "Boots: time until the guest agent answers (floor: raw QEMU). "
+             "API: one varlink round trip (floor: GetInfo).", "",
+             "| scenario | n | median ms | p99 ms | min ms | max ms | vs floor | calls/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in table.items():
+        floor = api_floor if name.startswith("api:") else boot_floor
+        rate = f"{1000 / s['median_ms']:.0f}" if name.startswith("api:") else ""
         lines.append(f"| {name} | {s['n']} | {s['median_ms']} | {s['p99_ms']} | {s['min_ms']} | {s['max_ms']} | "
-                     f"{s['median_ms'] / floor:.2f}x |")
+                     f"{s['median_ms'] / floor:.2f}x | {rate} |")
     with open(os.path.join(OUT, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
