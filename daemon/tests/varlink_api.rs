@@ -398,3 +398,27 @@ fn sigterm_leaves_vms_running() {
         "ready"
     );
 }
+
+/// Under systemd's socket activation kilnd serves the listening socket it is
+/// given (`FileDescriptorName=varlink`), not one of its own.
+#[test]
+fn serves_the_socket_systemd_passes() {
+    let mut kilnd = common::Kilnd::new("dbus = \"none\"\n");
+    let activated = kilnd.dir.path().join("activated.sock");
+    let mut command = Command::new("systemd-socket-activate");
+    command
+        .arg(format!("--listen={}", activated.display()))
+        .arg("--fdname=varlink");
+    command.arg(env!("CARGO_BIN_EXE_kilnd"));
+    let address = format!("unix:{}", activated.display());
+    kilnd.spawn_with(command, |_| {
+        varlinkctl_ok(&address, "io.kiln.Manager.ListVMs")
+    });
+    assert!(
+        kilnd.log().contains("serving the socket passed by systemd"),
+        "{}",
+        kilnd.log()
+    );
+    // The configured socket path was never bound.
+    assert!(!kilnd.dir.path().join("varlink").exists());
+}

@@ -71,12 +71,18 @@ impl Kilnd {
 
     /// Start kilnd and wait until `ready` says it serves.
     pub fn spawn(&mut self, ready: impl Fn(&Self) -> bool) {
+        self.spawn_with(Command::new(env!("CARGO_BIN_EXE_kilnd")), ready);
+    }
+
+    /// Like [`Kilnd::spawn`], with kilnd started by `command` (e.g. under
+    /// `systemd-socket-activate`); `--config FILE` is appended.
+    pub fn spawn_with(&mut self, mut command: Command, ready: impl Fn(&Self) -> bool) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("kilnd.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
+        let child = command
             .arg("--config")
             .arg(self.dir.path().join("kilnd.toml"))
             .stdout(log.try_clone().unwrap())
