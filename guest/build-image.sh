@@ -29,6 +29,7 @@ CARGO=${CARGO:-cargo}
 PYTHON=${PYTHON:-python3}
 TARGET_TRIPLE=x86_64-unknown-linux-gnu
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$REPO/$TARGET_DIR" ;; esac   # cargo runs in $REPO
 # Modules a `-M microvm,acpi=on` or q35 guest needs; dependencies are added
 # and built-in ones (virtio_pci, virtio_console on trixie) skipped.
 MODULES=(virtio_mmio virtio_pci virtio_console virtio_net virtio_blk virtio_rng virtio_balloon)

@@ -176,6 +176,13 @@ impl AgentClient {
                 serde_json::to_value(request).map_err(|e| AgentError::Protocol(e.to_string()))?,
             ),
         };
+        // A lone NUL first ends any request a previous host left half-sent
+        // (the agent keeps a partial frame for a moment across reconnects);
+        // whatever it answers to that is skipped below with stale replies.
+        conn.writer
+            .write_all(&[0])
+            .await
+            .map_err(|_| AgentError::Disconnected)?;
         send(&mut conn, &call).await?;
         loop {
             let reply = receive(&mut conn).await?;
@@ -252,11 +259,16 @@ mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
+    /// The next call, skipping empty frames (the client's leading NUL).
     async fn read_frame(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> Call {
-        let mut buf = Vec::new();
-        reader.read_until(0, &mut buf).await.expect("read");
-        buf.pop();
-        proto::decode(&buf).expect("call")
+        loop {
+            let mut buf = Vec::new();
+            reader.read_until(0, &mut buf).await.expect("read");
+            buf.pop();
+            if !buf.is_empty() {
+                return proto::decode(&buf).expect("call");
+            }
+        }
     }
 
     /// A fake agent that first sends a stale reply (as a guest would after a

@@ -13,7 +13,9 @@ exits).
   guest/tests/boot-smoke.py [OUTDIR]      (default: target/guest)
 
 Options via environment: KILN_QEMU (qemu-system-x86_64), KILN_SMOKE_APPEND
-(kernel command line), KILN_SMOKE_KEEP=1 keeps the work directory. Exits non-zero on the first failure; QEMU
+(kernel command line; default "console=ttyS0 quiet panic=-1" plus
+tsc_early_khz=<host TSC kHz>, see default_append), KILN_SMOKE_KEEP=1 keeps
+the work directory. Exits non-zero on the first failure; QEMU
 processes and the work directory are always cleaned up.
 """
 
@@ -30,7 +32,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QEMU = os.environ.get("KILN_QEMU", "qemu-system-x86_64")
 BOOT_TIMEOUT = 120.0
 CALL_TIMEOUT = 60.0
-APPEND = os.environ.get("KILN_SMOKE_APPEND", "console=ttyS0 quiet panic=-1")
+
+
+def host_tsc_khz():
+    """Host TSC frequency, which is also the guest's under TCG, from
+    /proc/cpuinfo (good enough where the CPU has a constant, known TSC)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return None
+    flags = next((l for l in info.splitlines() if l.startswith("flags")), "")
+    mhz = next((l.split(":")[1] for l in info.splitlines() if l.startswith("cpu MHz")), None)
+    if mhz is None or "constant_tsc" not in flags.split():
+        return None
+    return round(float(mhz) * 1000)
+
+
+def default_append():
+    # Without tsc_early_khz a loaded host often makes the guest's PIT-based
+    # TSC calibration fail under TCG; the kernel then spins forever in
+    # calibrate_delay() (microvm has no HPET/PM timer to fall back on).
+    append = "console=ttyS0 quiet panic=-1"
+    khz = host_tsc_khz()
+    return f"{append} tsc_early_khz={khz}" if khz else append
+
+
+APPEND = os.environ.get("KILN_SMOKE_APPEND") or default_append()
 
 
 def qemu_argv(guest, work, name, no_reboot=True, incoming=None):
@@ -68,21 +96,26 @@ def check(cond, what):
         raise Failure(what)
 
 
-def wait_for_path(path, timeout=10.0):
+def connect_unix(path, timeout=10.0):
+    """Connects to a socket QEMU is about to create (it may not listen yet)."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise Failure(f"{path} did not appear")
-        time.sleep(0.005)
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise Failure(f"cannot connect to {path}")
+            time.sleep(0.005)
 
 
 class Agent:
     """A varlink client on the agent's chardev socket."""
 
     def __init__(self, path):
-        wait_for_path(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+        self.sock = connect_unix(path)
         self.buf = b""
         self.nonce = int(time.time() * 1000) % 1_000_000 * 1000
 
@@ -141,9 +174,7 @@ class Agent:
 
 class Qmp:
     def __init__(self, path):
-        wait_for_path(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+        self.sock = connect_unix(path)
         self.file = self.sock.makefile("rwb")
         self._read()  # greeting
         self.cmd("qmp_capabilities")
@@ -175,6 +206,7 @@ def step(name):
 def run(guest, work, procs):
     release = open(os.path.join(guest, "kernel-release")).read().strip()
 
+    print(f"    kernel command line: {APPEND}")
     step("boot: QEMU launch to first Ping reply")
     t0 = time.monotonic()
     vm = subprocess.Popen(qemu_argv(guest, work, "vm", no_reboot=False), stdin=subprocess.DEVNULL)
@@ -273,15 +305,37 @@ def run(guest, work, procs):
         agent = Agent(f"{work}/vm-agent.sock")
         check(agent.sync_ping()["bootId"] == boot_id, "boot id changed")
         agent.close()
+    # Quick reconnects, each sending its call right away: the guest driver
+    # may see the data before it learns the host is connected again.
+    for i in range(20):
+        agent = Agent(f"{work}/vm-agent.sock")
+        r = agent.call("io.kiln.Agent.Ping", {"nonce": i}, timeout=10)
+        check(r.get("parameters", {}).get("nonce") == i, f"quick reconnect {i}: {r}")
+        agent.close()
+        time.sleep((i % 4) * 0.005)
+    # A large call (several virtio buffers) on a fresh connection.
+    agent = Agent(f"{work}/vm-agent.sock")
+    big = "x" * 200_000
+    r = agent.exec(["wc", "-c"], stdin=big)
+    check(r["stdout"].strip() == str(len(big)), f"large call: {r}")
+    agent.close()
+    # A host that leaves in the middle of a frame: the agent drops the
+    # partial frame once the host stayed away for a second.
     agent = Agent(f"{work}/vm-agent.sock")
     agent.sock.sendall(b'{"method":"io.kiln.Agent.Pi')   # cut short
     time.sleep(0.3)
     agent.close()
-    time.sleep(0.3)
+    time.sleep(1.5)
     agent = Agent(f"{work}/vm-agent.sock")
     agent.send("io.kiln.Agent.Ping", {"nonce": 77})        # no resync NUL
     r = agent.recv()
     check(r.get("parameters", {}).get("nonce") == 77, f"after a cut frame: {r}")
+    # Same, reconnecting at once: the leading NUL of sync_ping ends the
+    # stale fragment, whose error reply sync_ping skips.
+    agent.sock.sendall(b'{"method":"io.kiln.Agent.Pi')
+    agent.close()
+    agent = Agent(f"{work}/vm-agent.sock")
+    agent.sync_ping()
     # A disconnect while a command runs: its reply is dropped, the agent lives on.
     agent.send("io.kiln.Agent.Exec", {"argv": ["sleep", "1"]})
     agent.close()

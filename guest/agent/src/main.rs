@@ -96,14 +96,16 @@ fn serve_port(port: &mut Port) -> ! {
                 }
             }
             Ok(Incoming::HostGone) => {
-                // A frame cut short by a disconnect must not be glued to
-                // the first frame of the next connection.
-                if splitter.has_partial() {
-                    log::info!("host disconnected in the middle of a message; dropped it");
+                // A frame cut short by a host that went away must not be
+                // glued to the first frame of the next connection. But a
+                // "disconnected" state can also be a stale view right
+                // after a reconnect (see port.rs), while the new host's
+                // frame is half read: so drop the partial frame only once
+                // the host has stayed away for a while.
+                if !port.wait_for_host() && splitter.has_partial() {
+                    log::info!("host went away in the middle of a message; dropped it");
+                    splitter.reset();
                 }
-                splitter.reset();
-                sys::reap_zombies();
-                port.wait_for_host();
             }
             Err(e) => {
                 errors = errors.saturating_add(1);
@@ -111,8 +113,10 @@ fn serve_port(port: &mut Port) -> ! {
                     log::error!("reading the port: {e}");
                 }
                 std::thread::sleep(Duration::from_millis(200));
-                if errors.is_multiple_of(10) {
+                // Persistent errors (the port was unplugged?): start over.
+                if errors >= 10 {
                     port.reopen(PORT_NAME);
+                    errors = 0;
                 }
             }
         }

@@ -9,8 +9,13 @@
 //!   `SIGIO` and waits for it with `sigtimedwait` (1 s timeout, so a missed
 //!   signal only costs a second).
 //! - a blocking `write` sleeps until the host connects; the descriptor is
-//!   therefore non-blocking and replies to a host that went away are
-//!   dropped (a reconnecting host resynchronizes with `Ping`'s nonce).
+//!   therefore non-blocking and a reply to a host that went away is dropped
+//!   after a short grace period (a reconnecting host resynchronizes with
+//!   `Ping`'s nonce).
+//! - data from a host that just connected can be readable before the driver
+//!   has processed the "host connected" message (data is handled in the
+//!   interrupt, control messages in a work queue), so the port may look
+//!   disconnected while the reply to that data is written: hence the grace.
 //! - a snapshot taken while the agent waits here and restored in a clone
 //!   looks to the guest like a host disconnect followed by a connect.
 
@@ -26,6 +31,8 @@ use crate::{log, sys};
 pub const SYSFS_PORTS: &str = "/sys/class/virtio-ports";
 /// How long to sleep waiting for the host to (re)connect before re-checking.
 const HOST_WAIT: Duration = Duration::from_secs(1);
+/// How long a reply waits for a host that looks disconnected.
+const REPLY_GRACE: Duration = Duration::from_secs(2);
 
 /// Finds the device node of the port called `name` under `sysfs_dir`.
 pub fn find_port(sysfs_dir: &Path, name: &str) -> Option<PathBuf> {
@@ -60,6 +67,7 @@ impl Port {
     pub fn open_waiting(name: &str) -> Self {
         let start = Instant::now();
         let mut attempt: u32 = 0;
+        let mut next_report: u32 = 100;
         loop {
             let result = find_port(Path::new(SYSFS_PORTS), name)
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "port not listed in sysfs"))
@@ -74,8 +82,10 @@ impl Port {
                     return port;
                 }
                 Err(e) => {
-                    // 10 ms steps for the first second, then every second.
-                    if attempt == 100 || (attempt > 100 && attempt.is_multiple_of(60)) {
+                    // 10 ms steps for the first second, then every second;
+                    // complain after a second, then once a minute.
+                    if attempt == 100 || attempt == next_report {
+                        next_report = attempt.saturating_add(60);
                         log::error!("waiting for virtio port {name}: {e}");
                     }
                     let pause = if attempt < 100 { 10 } else { 1000 };
@@ -115,40 +125,48 @@ impl Port {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Connected, nothing queued: sleep until data or hang-up.
                     let mut fds = [self.pollfd(libc::POLLIN)];
-                    let t = Instant::now();
-                    let r = sys::poll(&mut fds, Some(Duration::from_secs(60)))?;
-                    if t.elapsed() > Duration::from_secs(2) {
-                        log::error!(
-                            "DBG poll in -> {r} {:#x} after {:?}",
-                            fds[0].revents,
-                            t.elapsed()
-                        );
-                    }
+                    sys::poll(&mut fds, Some(Duration::from_secs(60)))?;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Sleeps until the host may have connected (`SIGIO`) or a second passed.
-    pub fn wait_for_host(&self) {
-        sys::wait_signal(libc::SIGIO, HOST_WAIT);
+    /// Sleeps until the host may have connected (`SIGIO`) or a second
+    /// passed; false on timeout.
+    pub fn wait_for_host(&self) -> bool {
+        sys::wait_signal(libc::SIGIO, HOST_WAIT)
     }
 
-    /// Writes a whole reply. If the host disconnects meanwhile the rest is
-    /// dropped and `Ok(false)` is returned.
+    /// Writes a whole reply. Returns `Ok(false)` if the host is (still)
+    /// not connected after [`REPLY_GRACE`]; the rest of the reply is then
+    /// dropped.
+    ///
+    /// The grace period matters right after a connect: the driver handles
+    /// incoming data in the interrupt but the "host connected" control
+    /// message in a work queue, so a request can be read while the port
+    /// still looks disconnected. Dropping the reply then would leave the
+    /// new client waiting forever.
     pub fn write_reply(&mut self, mut bytes: &[u8]) -> io::Result<bool> {
+        let mut host_gone_since: Option<Instant> = None;
         while !bytes.is_empty() {
             match self.file.write(bytes) {
                 Ok(0) => return Ok(false),
-                Ok(n) => bytes = bytes.get(n..).unwrap_or_default(),
+                Ok(n) => {
+                    bytes = bytes.get(n..).unwrap_or_default();
+                    host_gone_since = None;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut fds = [self.pollfd(libc::POLLOUT)];
-                    let r = sys::poll(&mut fds, Some(HOST_WAIT))?;
-                    log::error!("DBG write EAGAIN, poll -> {r} {:#x}", fds[0].revents);
+                    sys::poll(&mut fds, Some(HOST_WAIT))?;
                     if fds[0].revents & libc::POLLHUP != 0 {
-                        return Ok(false);
+                        let since = *host_gone_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= REPLY_GRACE {
+                            return Ok(false);
+                        }
+                        // SIGIO comes with the next connection change.
+                        sys::wait_signal(libc::SIGIO, Duration::from_millis(50));
                     }
                 }
                 Err(e) => return Err(e),
