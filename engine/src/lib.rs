@@ -20,6 +20,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod ids;
+pub mod pool;
 pub mod process;
 pub mod qemu;
 pub mod spec;
