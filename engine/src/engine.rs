@@ -272,6 +272,16 @@ enum Op {
     Resume,
 }
 
+impl Op {
+    /// The operation's name in errors, and the state it leads to.
+    fn name_and_target(self) -> (&'static str, VmState) {
+        match self {
+            Op::Pause => ("pause", VmState::Paused),
+            Op::Resume => ("resume", VmState::Ready),
+        }
+    }
+}
+
 /// Reports from sub-tasks to the actor.
 #[derive(Debug)]
 enum Internal {
@@ -696,10 +706,7 @@ impl Engine {
     }
 
     fn pause_or_resume(&mut self, id: &str, op: Op, reply: Reply<VmInfo>) {
-        let (operation, target) = match op {
-            Op::Pause => ("pause", VmState::Paused),
-            Op::Resume => ("resume", VmState::Ready),
-        };
+        let (operation, target) = op.name_and_target();
         let entry = match self.entry_mut(id) {
             Ok(e) => e,
             Err(e) => return drop(reply.send(Err(e))),
@@ -941,18 +948,15 @@ impl Engine {
                 if let Err(e) = result {
                     return drop(reply.send(Err(e)));
                 }
+                let (operation, target) = op.name_and_target();
                 if !current {
                     let state = entry.record.state;
                     return drop(reply.send(Err(EngineError::InvalidState {
                         id,
                         state,
-                        operation: "pause",
+                        operation,
                     })));
                 }
-                let target = match op {
-                    Op::Pause => VmState::Paused,
-                    Op::Resume => VmState::Ready,
-                };
                 // The STOP/RESUME event may have applied it already.
                 if entry.record.state != target
                     && entry.record.state.check_transition(target).is_ok()
