@@ -25,6 +25,7 @@ test: deps guest
 
 # QUICK=1 for a short run.
 bench: build guest
+	python3 -m pip install --quiet --disable-pip-version-check jeepney
 	python3 tests/bench/run.py
 
 clean:

@@ -8,9 +8,12 @@ machine:
                   timed from exec to the agent's first Ping reply;
   kilnd-cold      StartVM through varlink (varlinkctl), timed around the call;
                   also kilnd's own readyAt - startedAt.
-  api-*           varlink round trips on one persistent connection:
-                  ListVMs with 100 VM records against org.varlink.service.GetInfo
-                  (the floor), latency and calls per second.
+  api-*           round trips on one persistent connection per transport,
+                  with 100 VM records: varlink ListVMs against
+                  org.varlink.service.GetInfo (its floor); D-Bus ListVMs (paths
+                  only) and ObjectManager.GetManagedObjects (every property)
+                  against org.freedesktop.DBus.Peer.Ping (its floor). kilnd sits
+                  on a private dbus-daemon; the D-Bus client is jeepney.
 
 Writes target/bench/report.json and report.md. QUICK=1 runs fewer rounds.
 """
@@ -107,6 +110,31 @@ def api_round_trips(sock, calls):
     return samples
 
 
+def dbus_round_trips(address, calls):
+    """D-Bus calls against the same 100 VMs, alternating in blocks."""
+    from jeepney import DBusAddress, new_method_call
+    from jeepney.io.blocking import open_dbus_connection
+
+    conn = open_dbus_connection(bus=address)
+    manager = DBusAddress("/io/kiln/Kiln1/Manager", bus_name="io.kiln.Kiln1", interface="io.kiln.Kiln1.Manager")
+    root = DBusAddress("/io/kiln/Kiln1", bus_name="io.kiln.Kiln1", interface="org.freedesktop.DBus.ObjectManager")
+    peer = DBusAddress("/io/kiln/Kiln1/Manager", bus_name="io.kiln.Kiln1", interface="org.freedesktop.DBus.Peer")
+    listed = conn.send_and_get_reply(new_method_call(manager, "ListVMs")).body[0]
+    assert len(listed) == 100, len(listed)
+    methods = [("api: ListVMs, 100 VMs (D-Bus, paths)", manager, "ListVMs"),
+               ("api: GetManagedObjects, 100 VMs (D-Bus)", root, "GetManagedObjects"),
+               ("api: Peer.Ping floor (D-Bus)", peer, "Ping")]
+    samples = {name: [] for name, _, _ in methods}
+    for _ in range(calls // 50):
+        for name, address_, method in methods:
+            for _ in range(50):
+                t0 = time.perf_counter()
+                conn.send_and_get_reply(new_method_call(address_, method))
+                samples[name].append((time.perf_counter() - t0) * 1000)
+    conn.close()
+    return samples
+
+
 def stats(samples):
     s = sorted(samples)
     p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
@@ -120,7 +148,12 @@ def main():
     sock = os.path.join(work, "varlink")
     with open(os.path.join(work, "kilnd.toml"), "w") as f:
         f.write(f'state_dir = "{work}/state"\nruntime_dir = "{work}/run"\nguest_dir = "{GUEST}"\n'
-                f'varlink_socket = "{sock}"\ndbus = "none"\nboot_timeout_sec = 180\n')
+                f'varlink_socket = "{sock}"\nboot_timeout_sec = 180\n')
+    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--print-address=1"],
+                           stdout=subprocess.PIPE, text=True)
+    bus_address = bus.stdout.readline().strip()
+    with open(os.path.join(work, "kilnd.toml"), "a") as f:
+        f.write(f'dbus = "{bus_address}"\npolkit = false\n')
     log = open(os.path.join(work, "kilnd.log"), "w")
     kilnd = subprocess.Popen([KILND, "--config", os.path.join(work, "kilnd.toml")], stdout=log, stderr=log)
     results = {"raw-qemu-cold": [], "kilnd-cold (varlink StartVM)": [], "kilnd-cold (engine readyAt-startedAt)": []}
@@ -163,9 +196,12 @@ def main():
             print(f"round {i + 1}/{ROUNDS}: raw {results['raw-qemu-cold'][-1]:.0f} ms, "
                   f"kilnd {results['kilnd-cold (varlink StartVM)'][-1]:.0f} ms", file=sys.stderr)
         results.update(api_round_trips(sock, 200 if QUICK else 1000))
+        results.update(dbus_round_trips(bus_address, 200 if QUICK else 1000))
     finally:
         kilnd.terminate()
         kilnd.wait()
+        bus.kill()
+        bus.wait()
         for pidfile in subprocess.run(["sh", "-c", f"ls {work}/run/vms/*/qemu.pid 2>/dev/null"],
                                       capture_output=True, text=True).stdout.split():
             try:
@@ -177,18 +213,19 @@ def main():
     accel = "tcg" if "tcg" in " ".join(kiln_argv) else "kvm"
     table = {name: stats(samples) for name, samples in results.items()}
     boot_floor = table["raw-qemu-cold"]["median_ms"]
-    api_floor = table["api: GetInfo floor (varlink)"]["median_ms"]
+    api_floors = {"(varlink)": table["api: GetInfo floor (varlink)"]["median_ms"],
+                  "(D-Bus": table["api: Peer.Ping floor (D-Bus)"]["median_ms"]}
     os.makedirs(OUT, exist_ok=True)
     report = {"accel": accel, "rounds": ROUNDS, "guest": GUEST, "scenarios": table}
     with open(os.path.join(OUT, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     lines = [f"# Kiln benchmark ({accel}, {ROUNDS} rounds, alternating)", "",
              "Boots: time until the guest agent answers (floor: raw QEMU). "
-             "API: one varlink round trip (floor: GetInfo).", "",
+             "API: one round trip (floors: varlink GetInfo, D-Bus Peer.Ping).", "",
              "| scenario | n | median ms | p99 ms | min ms | max ms | vs floor | calls/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in table.items():
-        floor = api_floor if name.startswith("api:") else boot_floor
+        floor = next((f for tag, f in api_floors.items() if tag in name), boot_floor)
         rate = f"{1000 / s['median_ms']:.0f}" if name.startswith("api:") else ""
         lines.append(f"| {name} | {s['n']} | {s['median_ms']} | {s['p99_ms']} | {s['min_ms']} | {s['max_ms']} | "
                      f"{s['median_ms'] / floor:.2f}x | {rate} |")
