@@ -8,7 +8,7 @@ dev="$target/dev"
 mkdir -p "$dev"
 config="$dev/kilnd.toml"
 cat > "$config" <<TOML
-# Written by scripts/run-dev.sh; see docs/configuration.md.
+# Written by scripts/run-dev.sh; every key is described in README.md (Configuration).
 state_dir = "$dev/state"
 runtime_dir = "$dev/run"
 guest_dir = "$target/guest"
