@@ -28,3 +28,5 @@ else
     cargo test --workspace --no-fail-fast
 fi
 
+echo "== guest agent against real QEMU: exec, reconnects, snapshot + clone, reboot, shutdown"
+python3 guest/tests/boot-smoke.py "$KILN_GUEST_DIR"
