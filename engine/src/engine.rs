@@ -266,6 +266,20 @@ struct VmEntry {
     delete_waiters: Vec<Reply<()>>,
 }
 
+impl VmEntry {
+    /// An entry with no process and nobody waiting.
+    fn new(record: VmRecord) -> Self {
+        Self {
+            record,
+            runtime: None,
+            busy: false,
+            ready_waiters: Vec::new(),
+            exit_waiters: Vec::new(),
+            delete_waiters: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Pause,
@@ -483,17 +497,7 @@ impl Engine {
         self.store.write(&id, &record)?;
         let info = VmInfo::from(&record);
         info!(vm = %id, name = %record.name, "VM created");
-        self.vms.insert(
-            id,
-            VmEntry {
-                record,
-                runtime: None,
-                busy: false,
-                ready_waiters: Vec::new(),
-                exit_waiters: Vec::new(),
-                delete_waiters: Vec::new(),
-            },
-        );
+        self.vms.insert(id, VmEntry::new(record));
         let _ = self.events.send(EngineEvent::VmAdded { vm: info.clone() });
         Ok(info)
     }
@@ -794,13 +798,7 @@ impl Engine {
                     let _ = qmp.system_reset().await;
                 }
             }
-            agent.disconnect().await;
-            let result = wait_for_new_boot(&agent, old_boot_id.as_deref(), boot_timeout).await;
-            let _ = tx.send(Internal::BootDone {
-                id,
-                generation,
-                result,
-            });
+            report_next_boot(id, generation, &agent, old_boot_id, boot_timeout, &tx).await;
         });
     }
 
@@ -1138,18 +1136,16 @@ impl Engine {
                         if let Some(e) = self.vms.get_mut(id) {
                             e.busy = true;
                         }
-                        let old = entry_boot_id(self.vms.get(id));
+                        let old = self
+                            .vms
+                            .get(id)
+                            .and_then(|e| e.record.guest.as_ref())
+                            .map(|g| g.boot_id.clone());
                         let tx = self.internal_tx.clone();
                         let timeout = self.config.boot_timeout();
                         let id = id.to_owned();
                         tokio::spawn(async move {
-                            agent.disconnect().await;
-                            let result = wait_for_new_boot(&agent, old.as_deref(), timeout).await;
-                            let _ = tx.send(Internal::BootDone {
-                                id,
-                                generation,
-                                result,
-                            });
+                            report_next_boot(id, generation, &agent, old, timeout, &tx).await;
                         });
                     }
                     _ => {}
@@ -1172,17 +1168,7 @@ impl Engine {
             }
             known.insert(record.id.clone());
             let id = record.id.clone();
-            self.vms.insert(
-                id.clone(),
-                VmEntry {
-                    record,
-                    runtime: None,
-                    busy: false,
-                    ready_waiters: Vec::new(),
-                    exit_waiters: Vec::new(),
-                    delete_waiters: Vec::new(),
-                },
-            );
+            self.vms.insert(id.clone(), VmEntry::new(record));
             self.readopt(&id).await;
         }
         self.remove_orphan_runtime_dirs(&known);
@@ -1276,12 +1262,7 @@ impl Engine {
                 let timeout = self.config.boot_timeout();
                 let id = id.to_owned();
                 tokio::spawn(async move {
-                    let result = agent.wait_ready(timeout).await.map_err(EngineError::from);
-                    let _ = tx.send(Internal::BootDone {
-                        id,
-                        generation,
-                        result,
-                    });
+                    report_next_boot(id, generation, &agent, None, timeout, &tx).await;
                 });
             }
             _ => {}
@@ -1336,12 +1317,6 @@ impl Engine {
             }
         }
     }
-}
-
-fn entry_boot_id(entry: Option<&VmEntry>) -> Option<String> {
-    entry
-        .and_then(|e| e.record.guest.as_ref())
-        .map(|g| g.boot_id.clone())
 }
 
 fn truncate(id: &str) -> String {
@@ -1468,6 +1443,26 @@ async fn connect_when_up(
             }
         }
     }
+}
+
+/// Start afresh with the agent, wait until it answers from a boot other than
+/// `old_boot_id` (any boot when None), and report that as `BootDone`. Used by
+/// reboot, a guest-initiated reset and a re-adopted VM that was booting.
+async fn report_next_boot(
+    id: String,
+    generation: u64,
+    agent: &AgentClient,
+    old_boot_id: Option<String>,
+    timeout: Duration,
+    tx: &mpsc::UnboundedSender<Internal>,
+) {
+    agent.disconnect().await;
+    let result = wait_for_new_boot(agent, old_boot_id.as_deref(), timeout).await;
+    let _ = tx.send(Internal::BootDone {
+        id,
+        generation,
+        result,
+    });
 }
 
 /// Wait until the agent answers from a boot other than `old_boot_id`.
