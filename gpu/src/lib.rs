@@ -1,0 +1,1 @@
+//! GPU render node inventory and leases (work in progress: see issue 7).

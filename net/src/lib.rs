@@ -1,0 +1,1 @@
+//! VM networking (work in progress: see issue 6).
