@@ -1,11 +1,13 @@
 //! kilnd: the Kiln node daemon.
 //!
-//! Wires the engine to its surroundings: config, logging, signals, and (in
-//! later modules) the D-Bus and varlink adapters and systemd notification.
-//! A `select!` here supervises every long-running part; any of them ending
-//! starts an orderly shutdown.
+//! Wires the engine to its surroundings: config, logging, signals, the
+//! D-Bus and varlink adapters, systemd notification and machined
+//! registration. A `select!` here supervises every long-running part; any
+//! of them ending starts an orderly shutdown.
 
 mod config;
+mod machined;
+mod notify;
 
 use std::path::PathBuf;
 
@@ -95,6 +97,10 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!(e.message()))?;
     info!(version = %status.version, accel = %status.accel, vms = status.vms, varlink = %config.daemon.varlink_socket.display(), "kilnd running");
+    let _machined = machined::spawn(engine.clone()).map(AbortOnDrop);
+    // State is reconciled and both APIs serve: tell systemd.
+    notify::ready(&engine).await;
+    let _notifier = notify::spawn(engine.clone()).map(AbortOnDrop);
 
     let dbus_stopped = async {
         match dbus.as_mut() {
@@ -108,11 +114,21 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         _ = &mut engine_task => anyhow::bail!("engine stopped unexpectedly"),
         _ = dbus_stopped => anyhow::bail!("D-Bus adapter stopped unexpectedly"),
     }
+    notify::stopping();
     drop(dbus);
     engine.shutdown(config.daemon.stop_vms_on_exit).await.ok();
     let _ = engine_task.await;
     info!("kilnd stopped");
     Ok(())
+}
+
+/// A background task that ends with the scope that owns it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Serve D-Bus per the `dbus` key. No system bus is a warning (development
