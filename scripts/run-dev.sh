@@ -14,10 +14,13 @@ runtime_dir = "$dev/run"
 guest_dir = "$target/guest"
 accel = "auto"
 varlink_socket = "$dev/io.kiln.Manager"
+# The shipped pools (the default pool: template clones, 2 kept hot).
+pool_dirs = ["$PWD/packaging/pools.d"]
 TOML
 cat >&2 <<MSG
 kilnd: config $config, state in $dev
-kilnd: reach it with  varlinkctl call unix:$dev/io.kiln.Manager io.kiln.Manager.ListVMs '{}'
+kilnd: reach it with  varlinkctl call unix:$dev/io.kiln.Manager io.kiln.Manager.ListPools '{}'
+kilnd: take a VM:     varlinkctl call unix:$dev/io.kiln.Manager io.kiln.Manager.Acquire '{"pool":"default"}'
 kilnd: Ctrl-C stops kilnd; VMs keep running and are re-adopted next time
 MSG
 exec "$target/release/kilnd" --config "$config"

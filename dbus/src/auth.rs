@@ -13,6 +13,25 @@ use crate::error::KilnError;
 /// polkit action for everything that changes state.
 pub const ACTION_MANAGE: &str = "io.kiln.manage";
 
+/// Who is calling, for the record (a lease's holder): the unique bus name
+/// and, when the bus daemon tells, the caller's uid.
+pub async fn caller(conn: &Connection, header: &Header<'_>) -> String {
+    let Some(sender) = header.sender() else {
+        return "dbus:unknown".into();
+    };
+    let uid = match zbus::fdo::DBusProxy::new(conn).await {
+        Ok(proxy) => proxy
+            .get_connection_unix_user(BusName::from(sender.to_owned()))
+            .await
+            .ok(),
+        Err(_) => None,
+    };
+    match uid {
+        Some(uid) => format!("uid:{uid} dbus:{sender}"),
+        None => format!("dbus:{sender}"),
+    }
+}
+
 /// Authorization policy for D-Bus callers.
 #[derive(Debug, Clone, Copy)]
 pub enum Authorizer {

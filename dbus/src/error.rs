@@ -39,6 +39,10 @@ pub enum KilnError {
     ExecFailed(String),
     /// State could not be persisted.
     StorageFailed(String),
+    /// No pool has this name.
+    NoSuchPool(String),
+    /// The pool owns `max` VMs and none can come free.
+    PoolExhausted(String),
     /// kilnd is shutting down.
     ShuttingDown(String),
     /// The caller may not do this.
@@ -63,6 +67,9 @@ impl From<EngineError> for KilnError {
             EngineError::AgentFailed(_) => Self::AgentFailed(message),
             EngineError::ExecFailed(_) => Self::ExecFailed(message),
             EngineError::StorageFailed(_) => Self::StorageFailed(message),
+            EngineError::NoSuchPool(_) => Self::NoSuchPool(message),
+            EngineError::InvalidPool(_) => Self::InvalidSpec(message),
+            EngineError::PoolExhausted { .. } => Self::PoolExhausted(message),
             EngineError::ShuttingDown => Self::ShuttingDown(message),
         }
     }

@@ -9,8 +9,12 @@
 //! - `/io/kiln/Kiln1/Manager`: `io.kiln.Kiln1.Manager`
 //! - `/io/kiln/Kiln1/vm/<id>`: `io.kiln.Kiln1.VM`, added and removed as the
 //!   engine reports VMs (InterfacesAdded/Removed), PropertiesChanged on
-//!   every change. One task mirrors engine events onto the object server;
-//!   handlers hold no locks across engine calls.
+//!   every change;
+//! - `/io/kiln/Kiln1/pool/<escaped name>`: `io.kiln.Kiln1.Pool`, the same
+//!   way for pools.
+//!
+//! One task mirrors engine events onto the object server; handlers hold no
+//! locks across engine calls.
 //!
 //! The interfaces are committed as `dbus/io.kiln.Kiln1.*.xml`; a daemon test
 //! compares them with what the live service introspects.
@@ -19,10 +23,9 @@ mod auth;
 mod error;
 mod manager;
 mod objects;
+mod pool;
 mod spec;
 mod vm;
-
-use std::collections::HashSet;
 
 use kiln_engine::EngineHandle;
 use thiserror::Error;
@@ -43,6 +46,7 @@ pub const MANAGER_PATH: &str = "/io/kiln/Kiln1/Manager";
 pub const VM_PATH_PREFIX: &str = "/io/kiln/Kiln1/vm";
 /// Manager interface name.
 pub const MANAGER_INTERFACE: &str = "io.kiln.Kiln1.Manager";
+pub use pool::{POOL_INTERFACE, POOL_PATH_PREFIX};
 pub use vm::VM_INTERFACE;
 
 /// Which bus to serve on (`dbus` config key).
@@ -147,14 +151,15 @@ pub async fn serve(bus: Bus, engine: EngineHandle, auth: Authorizer) -> Result<S
         .map_err(connect)?;
     // Subscribe before listing so no change falls between the two.
     let events = engine.subscribe();
-    let mut known = HashSet::new();
+    let mut exported = objects::Exported::default();
     let server = connection.object_server().clone();
-    objects::resync(&server, &engine, auth, &mut known).await;
+    let context = objects::Context { engine, auth };
+    objects::resync(&server, &context, &mut exported).await;
     connection
         .request_name(BUS_NAME)
         .await
         .map_err(DbusError::Name)?;
     info!(bus = %bus, name = BUS_NAME, "dbus: serving");
-    let task = tokio::spawn(objects::follow(server, engine, auth, events, known));
+    let task = tokio::spawn(objects::follow(server, context, events, exported));
     Ok(Service { connection, task })
 }

@@ -1,15 +1,18 @@
 //! `io.kiln.Kiln1.Manager` at `/io/kiln/Kiln1/Manager`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
-use kiln_engine::EngineHandle;
+use kiln_engine::{EngineHandle, PoolInfo, PoolSpec, VmInfo};
 use zbus::message::Header;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{fdo, interface, Connection};
 
 use crate::auth::Authorizer;
 use crate::error::KilnError;
-use crate::objects::{self, Missing};
+use crate::objects::{self, Context, Missing};
+use crate::pool::{pool_path, Pool};
+use crate::vm::Vm;
 
 /// The manager object: a handle and a policy, nothing else.
 #[derive(Debug)]
@@ -23,6 +26,51 @@ impl Manager {
     pub fn new(engine: EngineHandle, auth: Authorizer) -> Self {
         Self { engine, auth }
     }
+
+    fn context(&self) -> Context {
+        Context {
+            engine: self.engine.clone(),
+            auth: self.auth,
+        }
+    }
+
+    /// Export an object now, not only when the event task gets to it, so a
+    /// returned path answers as soon as the caller has it.
+    async fn export_vm(&self, conn: &Connection, vm: VmInfo) -> Result<OwnedObjectPath, KilnError> {
+        let path = objects::vm_path(&vm.id).map_err(zbus::Error::from)?;
+        objects::upsert::<Vm>(conn.object_server(), &self.context(), vm, Missing::Export).await?;
+        Ok(path)
+    }
+
+    async fn export_pool(
+        &self,
+        conn: &Connection,
+        pool: PoolInfo,
+    ) -> Result<OwnedObjectPath, KilnError> {
+        let path = pool_path(&pool.name).map_err(zbus::Error::from)?;
+        objects::upsert::<Pool>(conn.object_server(), &self.context(), pool, Missing::Export)
+            .await?;
+        Ok(path)
+    }
+}
+
+/// The id in a VM object path (`/io/kiln/Kiln1/vm/<id>`).
+fn vm_id(path: &OwnedObjectPath) -> Result<&str, KilnError> {
+    path.as_str()
+        .strip_prefix(crate::VM_PATH_PREFIX)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+        .ok_or_else(|| KilnError::NoSuchVM(format!("{} is not a VM object path", path.as_str())))
+}
+
+/// `Acquire` options: `timeoutMs` (any integer type) and `labels` (`a{ss}`).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AcquireOptions {
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[interface(name = "io.kiln.Kiln1.Manager")]
@@ -41,18 +89,102 @@ impl Manager {
         self.auth.check_manage(conn, &header, "CreateVM").await?;
         let spec = crate::spec::vm_spec(&spec)?;
         let vm = self.engine.create_vm(&name, spec).await?;
-        let path = objects::vm_path(&vm.id).map_err(zbus::Error::from)?;
-        // Export now, not only when the event task gets to it, so the
-        // returned path answers as soon as the caller has it.
-        objects::upsert(
-            conn.object_server(),
-            &self.engine,
-            self.auth,
-            vm,
-            Missing::Export,
-        )
-        .await?;
-        Ok(path)
+        self.export_vm(conn, vm).await
+    }
+
+    /// Define a pool and start filling it. `spec` takes the PoolSpec keys
+    /// (`mode`, `warm`, `max`, `refillConcurrency`, and `vm` as an `a{sv}`
+    /// of VMSpec keys). Returns the pool's object path.
+    #[zbus(name = "CreatePool", out_args("pool"))]
+    async fn create_pool(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        spec: HashMap<String, OwnedValue>,
+    ) -> Result<OwnedObjectPath, KilnError> {
+        self.auth.check_manage(conn, &header, "CreatePool").await?;
+        let spec: PoolSpec = crate::spec::decode(&spec)?;
+        let pool = self.engine.create_pool(&name, spec).await?;
+        self.export_pool(conn, pool).await
+    }
+
+    /// Change how many VMs a pool keeps hot, and its cap (`max` 0 = keep).
+    #[zbus(name = "ResizePool")]
+    async fn resize_pool(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        warm: u32,
+        max: u32,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "ResizePool").await?;
+        let max = (max > 0).then_some(max);
+        let pool = self.engine.resize_pool(&name, warm, max).await?;
+        self.export_pool(conn, pool).await.map(drop)
+    }
+
+    /// Delete a pool; leased VMs stay with their holders until released.
+    #[zbus(name = "DeletePool")]
+    async fn delete_pool(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "DeletePool").await?;
+        self.engine.delete_pool(&name).await?;
+        objects::unexport_pool(conn.object_server(), &name).await;
+        Ok(())
+    }
+
+    /// Object paths of all pools.
+    #[zbus(name = "ListPools", out_args("pools"))]
+    async fn list_pools(&self) -> Result<Vec<OwnedObjectPath>, KilnError> {
+        let pools = self.engine.list_pools().await?;
+        pools
+            .iter()
+            .map(|p| pool_path(&p.name).map_err(|e| KilnError::ZBus(e.into())))
+            .collect()
+    }
+
+    /// Lease the oldest hot VM of `pool` (waiting up to `timeoutMs` for one
+    /// to boot). `options`: `timeoutMs` (integer), `labels` (`a{ss}`).
+    /// Returns the VM's object path.
+    #[zbus(name = "Acquire", out_args("vm"))]
+    async fn acquire(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        pool: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<OwnedObjectPath, KilnError> {
+        self.auth.check_manage(conn, &header, "Acquire").await?;
+        let options: AcquireOptions = crate::spec::decode(&options)
+            .map_err(|e| KilnError::InvalidArgument(format!("Acquire options: {e:?}")))?;
+        let holder = crate::auth::caller(conn, &header).await;
+        let timeout = options.timeout_ms.map(Duration::from_millis);
+        let vm = self
+            .engine
+            .acquire(&pool, timeout, &holder, options.labels)
+            .await?;
+        self.export_vm(conn, vm).await
+    }
+
+    /// Give an acquired VM back: destroyed, or with `recycle` reset from
+    /// the pool's template and put back hot.
+    #[zbus(name = "Release")]
+    async fn release(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        vm: OwnedObjectPath,
+        recycle: bool,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "Release").await?;
+        self.engine.release(vm_id(&vm)?, recycle).await?;
+        Ok(())
     }
 
     /// Object paths of all VMs.

@@ -1,26 +1,56 @@
-//! The exported VM objects follow the engine: one task turns engine events
-//! into objects added (InterfacesAdded), updated (PropertiesChanged) and
-//! removed (InterfacesRemoved). The object server is the registry; the task
-//! only remembers which ids it exported, to drop leftovers after it lagged.
+//! The exported VM and pool objects follow the engine: one task turns
+//! engine events into objects added (InterfacesAdded), updated
+//! (PropertiesChanged) and removed (InterfacesRemoved). The object server is
+//! the registry; the task only remembers what it exported, to drop leftovers
+//! after it lagged.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-use kiln_engine::{EngineEvent, EngineHandle, VmInfo};
-use tokio::sync::broadcast;
+use kiln_engine::{EngineEvent, EngineHandle, PoolInfo, VmInfo};
+use tokio::sync::{broadcast, watch};
 use tracing::{debug, warn};
 use zbus::fdo::Properties;
 use zbus::names::InterfaceName;
-use zbus::zvariant::OwnedObjectPath;
+use zbus::object_server::Interface;
+use zbus::zvariant::{OwnedObjectPath, Value};
 use zbus::ObjectServer;
 
 use crate::auth::Authorizer;
-use crate::vm::{properties, Vm, VM_INTERFACE};
+use crate::pool::Pool;
+use crate::vm::Vm;
 use crate::VM_PATH_PREFIX;
 
 /// `/io/kiln/Kiln1/vm/<id>` (ids are lowercase hex: valid path elements).
 pub fn vm_path(id: &str) -> Result<OwnedObjectPath, zbus::zvariant::Error> {
     OwnedObjectPath::try_from(format!("{VM_PATH_PREFIX}/{id}"))
+}
+
+/// What objects need to serve methods.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The engine.
+    pub engine: EngineHandle,
+    /// The authorization policy.
+    pub auth: Authorizer,
+}
+
+/// An object that mirrors one engine value (a VM, a pool): its properties
+/// read a view that only the event task writes.
+pub trait Mirror: Interface + Sized {
+    /// The engine value.
+    type Info: Clone + Send + Sync + 'static;
+    /// Interface name, for PropertiesChanged.
+    const INTERFACE: &'static str;
+    /// A new object showing `info`.
+    fn new_object(info: Self::Info, context: &Context) -> Self;
+    /// The view the event task updates.
+    fn view(&self) -> Arc<watch::Sender<Self::Info>>;
+    /// Where the object lives.
+    fn path(info: &Self::Info) -> Result<OwnedObjectPath, zbus::zvariant::Error>;
+    /// Every property as (D-Bus name, value), for PropertiesChanged diffs.
+    fn properties(info: &Self::Info) -> Vec<(&'static str, Value<'static>)>;
 }
 
 /// Whether [`upsert`] may create a missing object.
@@ -35,21 +65,20 @@ pub enum Missing {
 
 /// Update the view of `info`'s object (emitting PropertiesChanged for what
 /// differs) or export it.
-pub async fn upsert(
+pub async fn upsert<T: Mirror>(
     server: &ObjectServer,
-    engine: &EngineHandle,
-    auth: Authorizer,
-    info: VmInfo,
+    context: &Context,
+    info: T::Info,
     missing: Missing,
 ) -> zbus::Result<()> {
-    let path = vm_path(&info.id)?;
-    match server.interface::<_, Vm>(&path).await {
+    let path = T::path(&info)?;
+    match server.interface::<_, T>(&path).await {
         Ok(iface) => {
             let view = iface.get().await.view();
             let old = view.send_replace(info);
-            let new = properties(&view.borrow());
-            let old = properties(&old);
-            let changed: HashMap<&str, zbus::zvariant::Value<'_>> = new
+            let new = T::properties(&view.borrow());
+            let old = T::properties(&old);
+            let changed: HashMap<&str, Value<'_>> = new
                 .into_iter()
                 .zip(old)
                 .filter(|((_, n), (_, o))| n != o)
@@ -58,7 +87,7 @@ pub async fn upsert(
             if !changed.is_empty() {
                 Properties::properties_changed(
                     iface.signal_emitter(),
-                    InterfaceName::from_static_str_unchecked(VM_INTERFACE),
+                    InterfaceName::from_static_str_unchecked(T::INTERFACE),
                     changed,
                     Cow::Borrowed(&[]),
                 )
@@ -71,7 +100,7 @@ pub async fn upsert(
             // Ok(false) means another caller exported it in between:
             // nothing to do, the next event updates it.
             server
-                .at(&path, Vm::new(info, engine.clone(), auth))
+                .at(&path, T::new_object(info, context))
                 .await
                 .map(drop)
         }
@@ -79,78 +108,136 @@ pub async fn upsert(
     }
 }
 
-/// Remove a VM's object if it is exported.
-pub async fn unexport(server: &ObjectServer, id: &str) {
-    let Ok(path) = vm_path(id) else { return };
-    match server.remove::<Vm, _>(&path).await {
+/// Remove an object if it is exported.
+pub async fn unexport<T: Mirror>(server: &ObjectServer, path: OwnedObjectPath) {
+    match server.remove::<T, _>(&path).await {
         Ok(_) | Err(zbus::Error::InterfaceNotFound) => {}
-        Err(e) => warn!(vm = id, error = %e, "dbus: cannot remove VM object"),
+        Err(e) => warn!(path = %path, error = %e, "dbus: cannot remove object"),
     }
 }
 
-/// Export every VM the engine has and drop objects of VMs it no longer has.
-pub async fn resync(
-    server: &ObjectServer,
-    engine: &EngineHandle,
-    auth: Authorizer,
-    known: &mut HashSet<String>,
-) {
-    let vms = match engine.list_vms().await {
-        Ok(vms) => vms,
-        Err(e) => return warn!(error = %e.message(), "dbus: cannot list VMs"),
-    };
-    let live: HashSet<String> = vms.iter().map(|vm| vm.id.clone()).collect();
-    for id in known.difference(&live) {
-        unexport(server, id).await;
+/// Remove a VM's object if it is exported.
+pub async fn unexport_vm(server: &ObjectServer, id: &str) {
+    if let Ok(path) = vm_path(id) {
+        unexport::<Vm>(server, path).await;
     }
-    for vm in vms {
-        let id = vm.id.clone();
-        if let Err(e) = upsert(server, engine, auth, vm, Missing::Export).await {
-            warn!(vm = %id, error = %e, "dbus: cannot export VM");
+}
+
+/// Remove a pool's object if it is exported.
+pub async fn unexport_pool(server: &ObjectServer, name: &str) {
+    if let Ok(path) = crate::pool::pool_path(name) {
+        unexport::<Pool>(server, path).await;
+    }
+}
+
+/// What the event task exported, to drop leftovers after a lag.
+#[derive(Debug, Default)]
+pub struct Exported {
+    vms: HashSet<String>,
+    pools: HashSet<String>,
+}
+
+/// Export every VM and pool the engine has and drop objects of those it no
+/// longer has.
+pub async fn resync(server: &ObjectServer, context: &Context, exported: &mut Exported) {
+    match context.engine.list_vms().await {
+        Ok(vms) => {
+            let live: HashSet<String> = vms.iter().map(|vm| vm.id.clone()).collect();
+            for id in exported.vms.difference(&live) {
+                unexport_vm(server, id).await;
+            }
+            for vm in vms {
+                let id = vm.id.clone();
+                if let Err(e) = upsert::<Vm>(server, context, vm, Missing::Export).await {
+                    warn!(vm = %id, error = %e, "dbus: cannot export VM");
+                }
+            }
+            exported.vms = live;
         }
+        Err(e) => warn!(error = %e.message(), "dbus: cannot list VMs"),
     }
-    *known = live;
+    match context.engine.list_pools().await {
+        Ok(pools) => {
+            let live: HashSet<String> = pools.iter().map(|p| p.name.clone()).collect();
+            for name in exported.pools.difference(&live) {
+                unexport_pool(server, name).await;
+            }
+            for pool in pools {
+                let name = pool.name.clone();
+                if let Err(e) = upsert::<Pool>(server, context, pool, Missing::Export).await {
+                    warn!(pool = %name, error = %e, "dbus: cannot export pool");
+                }
+            }
+            exported.pools = live;
+        }
+        Err(e) => warn!(error = %e.message(), "dbus: cannot list pools"),
+    }
 }
 
-/// Mirror the engine's VMs on the bus until the engine goes away. `events`
-/// must be subscribed before the initial listing so nothing is missed.
+/// Mirror the engine's VMs and pools on the bus until the engine goes
+/// away. `events` must be subscribed before the initial listing so nothing
+/// is missed.
 pub async fn follow(
     server: ObjectServer,
-    engine: EngineHandle,
-    auth: Authorizer,
+    context: Context,
     mut events: broadcast::Receiver<EngineEvent>,
-    // Ids exported so far, only to know what to drop after a lag.
-    mut known: HashSet<String>,
+    mut exported: Exported,
 ) {
     loop {
         let result = match events.recv().await {
             Ok(EngineEvent::VmAdded { vm }) => {
-                let id = vm.id.clone();
-                known.insert(id.clone());
-                upsert(&server, &engine, auth, vm, Missing::Export)
-                    .await
-                    .map_err(|e| (id, e))
+                exported.vms.insert(vm.id.clone());
+                update_vm(&server, &context, vm, Missing::Export).await
             }
             Ok(EngineEvent::VmChanged { vm }) => {
-                let id = vm.id.clone();
-                upsert(&server, &engine, auth, vm, Missing::Ignore)
-                    .await
-                    .map_err(|e| (id, e))
+                update_vm(&server, &context, vm, Missing::Ignore).await
             }
             Ok(EngineEvent::VmRemoved { id }) => {
-                known.remove(&id);
-                unexport(&server, &id).await;
+                exported.vms.remove(&id);
+                unexport_vm(&server, &id).await;
+                Ok(())
+            }
+            Ok(EngineEvent::PoolChanged { pool }) => {
+                exported.pools.insert(pool.name.clone());
+                update_pool(&server, &context, pool).await
+            }
+            Ok(EngineEvent::PoolRemoved { name }) => {
+                exported.pools.remove(&name);
+                unexport_pool(&server, &name).await;
                 Ok(())
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 debug!(missed = n, "dbus: fell behind engine events; re-listing");
-                resync(&server, &engine, auth, &mut known).await;
+                resync(&server, &context, &mut exported).await;
                 Ok(())
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        if let Err((id, e)) = result {
-            warn!(vm = %id, error = %e, "dbus: cannot update VM object");
+        if let Err((what, e)) = result {
+            warn!(object = %what, error = %e, "dbus: cannot update object");
         }
     }
+}
+
+async fn update_vm(
+    server: &ObjectServer,
+    context: &Context,
+    vm: VmInfo,
+    missing: Missing,
+) -> Result<(), (String, zbus::Error)> {
+    let id = vm.id.clone();
+    upsert::<Vm>(server, context, vm, missing)
+        .await
+        .map_err(|e| (id, e))
+}
+
+async fn update_pool(
+    server: &ObjectServer,
+    context: &Context,
+    pool: PoolInfo,
+) -> Result<(), (String, zbus::Error)> {
+    let name = pool.name.clone();
+    upsert::<Pool>(server, context, pool, Missing::Export)
+        .await
+        .map_err(|e| (name, e))
 }

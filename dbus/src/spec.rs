@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use kiln_engine::VmSpec;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Number, Value as Json};
 use zbus::zvariant::{OwnedValue, Value};
 
@@ -14,6 +15,12 @@ use crate::error::KilnError;
 
 /// Decode a `CreateVM` spec dictionary.
 pub fn vm_spec(dict: &HashMap<String, OwnedValue>) -> Result<VmSpec, KilnError> {
+    decode(dict)
+}
+
+/// Decode an `a{sv}` into any of the engine's serde types (`PoolSpec`
+/// nests the VM spec as an `a{sv}` under `vm`).
+pub fn decode<T: DeserializeOwned>(dict: &HashMap<String, OwnedValue>) -> Result<T, KilnError> {
     let mut object = Map::new();
     for (key, value) in dict {
         let json = to_json(value).ok_or_else(|| {

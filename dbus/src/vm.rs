@@ -13,7 +13,7 @@ use kiln_agent_proto::ExecRequest;
 use kiln_engine::{EngineHandle, VmInfo};
 use tokio::sync::watch;
 use zbus::message::Header;
-use zbus::zvariant::Value;
+use zbus::zvariant::{OwnedObjectPath, Value};
 use zbus::{interface, Connection};
 
 use crate::auth::Authorizer;
@@ -42,13 +42,26 @@ impl Vm {
         }
     }
 
-    /// The view the event task updates.
-    pub fn view(&self) -> Arc<watch::Sender<VmInfo>> {
-        self.view.clone()
-    }
-
     fn info(&self) -> watch::Ref<'_, VmInfo> {
         self.view.borrow()
+    }
+}
+
+impl crate::objects::Mirror for Vm {
+    type Info = VmInfo;
+    const INTERFACE: &'static str = VM_INTERFACE;
+
+    fn new_object(info: VmInfo, context: &crate::objects::Context) -> Self {
+        Self::new(info, context.engine.clone(), context.auth)
+    }
+    fn view(&self) -> Arc<watch::Sender<VmInfo>> {
+        self.view.clone()
+    }
+    fn path(info: &VmInfo) -> Result<OwnedObjectPath, zbus::zvariant::Error> {
+        crate::objects::vm_path(&info.id)
+    }
+    fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
+        properties(info)
     }
 }
 
@@ -69,6 +82,9 @@ pub fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
         ("KernelRelease", s(&info.kernel_release)),
         ("BootId", s(&info.boot_id)),
         ("LastError", s(&info.last_error)),
+        ("Pool", s(&info.pool)),
+        ("LeasedBy", s(&info.leased_by)),
+        ("AcquiredAt", Value::from(info.acquired_at.unwrap_or(0))),
     ]
 }
 
@@ -154,7 +170,7 @@ impl Vm {
         self.engine.delete_vm(&self.id).await?;
         // Also removed by the event task; whoever is first wins, so the
         // object is gone when the caller gets the reply.
-        crate::objects::unexport(conn.object_server(), &self.id).await;
+        crate::objects::unexport_vm(conn.object_server(), &self.id).await;
         Ok(())
     }
 
@@ -257,5 +273,23 @@ impl Vm {
     #[zbus(property)]
     fn last_error(&self) -> String {
         self.info().last_error.clone().unwrap_or_default()
+    }
+
+    /// The pool that owns the VM ("" = none).
+    #[zbus(property)]
+    fn pool(&self) -> String {
+        self.info().pool.clone().unwrap_or_default()
+    }
+
+    /// Holder of the lease while acquired from a pool ("" = not leased).
+    #[zbus(property)]
+    fn leased_by(&self) -> String {
+        self.info().leased_by.clone().unwrap_or_default()
+    }
+
+    /// When it was acquired, µs since the epoch (0 = not leased).
+    #[zbus(property)]
+    fn acquired_at(&self) -> u64 {
+        self.info().acquired_at.unwrap_or(0)
     }
 }

@@ -31,6 +31,11 @@ pub struct EngineConfig {
     pub qmp_timeout_ms: u64,
     /// TCG translation cache per VM in MiB (bounds TCG memory use).
     pub tcg_tb_size_mib: u32,
+    /// Pool definition directories, lowest precedence first (a later
+    /// directory's `NAME.toml` replaces an earlier one's). Pools created or
+    /// changed through the API are kept in `<state_dir>/pools.d`, which
+    /// comes after all of these.
+    pub pool_dirs: Vec<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +50,11 @@ impl Default for EngineConfig {
             stop_timeout_sec: 10,
             qmp_timeout_ms: 5_000,
             tcg_tb_size_mib: 32,
+            pool_dirs: vec![
+                "/usr/lib/kiln/pools.d".into(),
+                "/etc/kiln/pools.d".into(),
+                "/run/kiln/pools.d".into(),
+            ],
         }
     }
 }
@@ -61,6 +71,20 @@ impl EngineConfig {
     /// Where VM records live.
     pub fn vm_records_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
+    }
+    /// Pools created or changed through the API (the top layer).
+    pub fn api_pools_dir(&self) -> PathBuf {
+        self.state_dir.join("pools.d")
+    }
+    /// Every pool definition layer, lowest precedence first.
+    pub fn pool_layers(&self) -> Vec<PathBuf> {
+        let mut layers = self.pool_dirs.clone();
+        layers.push(self.api_pools_dir());
+        layers
+    }
+    /// Where templates of pool `pool` live.
+    pub fn templates_dir(&self, pool: &str) -> PathBuf {
+        self.state_dir.join("templates").join(pool)
     }
     /// Runtime directory of one VM.
     pub fn vm_runtime_dir(&self, id: &str) -> PathBuf {

@@ -9,7 +9,9 @@
 //! exited, QEMU sent `SHUTDOWN`) always update the in-memory state even if
 //! the disk write fails: the next reconcile will agree with them anyway.
 
-use std::collections::HashMap;
+mod pools;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +25,21 @@ use crate::accel::{Accel, HostVirt};
 use crate::agent::AgentClient;
 use crate::config::EngineConfig;
 use crate::error::EngineError;
-use crate::ids::{is_vm_id, new_vm_id, now_usec};
+use crate::ids::{fill_random, is_vm_id, new_vm_id, now_usec};
+use crate::pool::{PoolFileError, PoolInfo, PoolSpec};
 use crate::process::{is_qemu_of, read_pid_file, VmProcess};
-use crate::qemu::{Machine, QemuLaunch, Qmp, QmpEvent};
-use crate::spec::{validate_name, Limits, SpecDefaults, VmSpec};
+use crate::qemu::{GuestMemory, Machine, QemuLaunch, Qmp, QmpEvent};
+use crate::spec::{validate_name, Limits, ResolvedSpec, SpecDefaults, VmSpec};
 use crate::state::VmState;
 use crate::store::{create_private_dir, BrokenRecord, RecordDir};
-use crate::vm::{GuestInfo, VmInfo, VmRecord, RECORD_VERSION};
+use crate::template::Template;
+use crate::vm::{GuestInfo, VmInfo, VmRecord};
+
+use self::pools::{BootSource, PoolChange};
+pub use self::pools::{
+    DEFAULT_ACQUIRE_TIMEOUT, FAILED_AFTER, MAX_ACQUIRE_TIMEOUT, MAX_BACKOFF, MAX_LABELS,
+    MAX_LABEL_VALUE_LEN,
+};
 
 /// Reply channel of a command.
 pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
@@ -94,6 +104,50 @@ pub enum Command {
         timeout: Duration,
         reply: Reply<PingReply>,
     },
+    /// Define a pool (persisted in the API layer of pool definitions) and
+    /// start filling it. `AlreadyExists`, `InvalidSpec`.
+    CreatePool {
+        name: String,
+        spec: PoolSpec,
+        reply: Reply<PoolInfo>,
+    },
+    /// Change a pool's `warm` (and `max`); hot VMs beyond it are destroyed,
+    /// leased ones are never touched. Persisted like `CreatePool`.
+    ResizePool {
+        name: String,
+        warm: u32,
+        max: Option<u32>,
+        reply: Reply<PoolInfo>,
+    },
+    /// Remove a pool: its unleased VMs are destroyed, leased ones stay with
+    /// their holders until released. A pool from a vendor or admin file is
+    /// masked in the API layer.
+    DeletePool { name: String, reply: Reply<()> },
+    /// Every pool.
+    ListPools { reply: Reply<Vec<PoolInfo>> },
+    /// One pool.
+    DescribePool {
+        name: String,
+        reply: Reply<PoolInfo>,
+    },
+    /// Lease the oldest hot VM of `pool` to `holder`, or wait up to
+    /// `timeout` (default [`DEFAULT_ACQUIRE_TIMEOUT`]) for one to boot.
+    /// `PoolExhausted` at once when the pool owns `max` VMs and none can
+    /// come free for this caller; `Timeout` when the wait ran out.
+    Acquire {
+        pool: String,
+        timeout: Option<Duration>,
+        holder: String,
+        labels: BTreeMap<String, String>,
+        reply: Reply<VmInfo>,
+    },
+    /// Give a leased VM back: destroyed, or with `recycle` reset from the
+    /// pool's template (rebooted, in a cold pool) and put back hot.
+    Release {
+        id: String,
+        recycle: bool,
+        reply: Reply<()>,
+    },
     /// Engine facts: accelerator, counts, broken records.
     Status { reply: Reply<EngineStatus> },
     /// Stop serving. With `stop_vms`, stop every VM first; otherwise VMs keep
@@ -115,6 +169,8 @@ pub struct EngineStatus {
     pub running: usize,
     /// Records that could not be read at start-up.
     pub broken_records: Vec<BrokenRecord>,
+    /// Pool files that were refused.
+    pub pool_errors: Vec<PoolFileError>,
 }
 
 /// A change published to watchers (varlink `Watch`, D-Bus signals).
@@ -127,6 +183,10 @@ pub enum EngineEvent {
     VmChanged { vm: VmInfo },
     /// A VM was deleted.
     VmRemoved { id: String },
+    /// A pool appeared or what callers see of it changed.
+    PoolChanged { pool: PoolInfo },
+    /// A pool was deleted.
+    PoolRemoved { name: String },
 }
 
 /// Cloneable handle to the engine.
@@ -223,6 +283,59 @@ impl EngineHandle {
         let id = id.to_owned();
         call!(self, PingVm { id, timeout })
     }
+    /// See [`Command::CreatePool`].
+    pub async fn create_pool(&self, name: &str, spec: PoolSpec) -> Result<PoolInfo, EngineError> {
+        let name = name.to_owned();
+        call!(self, CreatePool { name, spec })
+    }
+    /// See [`Command::ResizePool`].
+    pub async fn resize_pool(
+        &self,
+        name: &str,
+        warm: u32,
+        max: Option<u32>,
+    ) -> Result<PoolInfo, EngineError> {
+        let name = name.to_owned();
+        call!(self, ResizePool { name, warm, max })
+    }
+    /// See [`Command::DeletePool`].
+    pub async fn delete_pool(&self, name: &str) -> Result<(), EngineError> {
+        let name = name.to_owned();
+        call!(self, DeletePool { name })
+    }
+    /// See [`Command::ListPools`].
+    pub async fn list_pools(&self) -> Result<Vec<PoolInfo>, EngineError> {
+        call!(self, ListPools {})
+    }
+    /// See [`Command::DescribePool`].
+    pub async fn describe_pool(&self, name: &str) -> Result<PoolInfo, EngineError> {
+        let name = name.to_owned();
+        call!(self, DescribePool { name })
+    }
+    /// See [`Command::Acquire`].
+    pub async fn acquire(
+        &self,
+        pool: &str,
+        timeout: Option<Duration>,
+        holder: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<VmInfo, EngineError> {
+        let (pool, holder) = (pool.to_owned(), holder.to_owned());
+        call!(
+            self,
+            Acquire {
+                pool,
+                timeout,
+                holder,
+                labels
+            }
+        )
+    }
+    /// See [`Command::Release`].
+    pub async fn release(&self, id: &str, recycle: bool) -> Result<(), EngineError> {
+        let id = id.to_owned();
+        call!(self, Release { id, recycle })
+    }
     /// See [`Command::Status`].
     pub async fn status(&self) -> Result<EngineStatus, EngineError> {
         call!(self, Status {})
@@ -264,6 +377,8 @@ struct VmEntry {
     exit_waiters: Vec<Reply<VmInfo>>,
     /// Delete once the process is gone.
     delete_waiters: Vec<Reply<()>>,
+    /// A released pool VM: boot it again once its process is gone.
+    recycle: bool,
 }
 
 impl VmEntry {
@@ -276,6 +391,7 @@ impl VmEntry {
             ready_waiters: Vec::new(),
             exit_waiters: Vec::new(),
             delete_waiters: Vec::new(),
+            recycle: false,
         }
     }
 }
@@ -327,6 +443,21 @@ enum Internal {
         result: Result<(), EngineError>,
         reply: Reply<VmInfo>,
     },
+    TemplateBuilt {
+        pool: String,
+        generation: u64,
+        key: String,
+        result: Result<Template, EngineError>,
+    },
+    /// A pool's back-off ended.
+    PoolTick {
+        pool: String,
+    },
+    AcquireTimeout {
+        pool: String,
+        ticket: u64,
+        timeout: Duration,
+    },
 }
 
 /// The engine actor.
@@ -343,6 +474,10 @@ pub struct Engine {
     tcg_cmdline: String,
     internal_tx: mpsc::UnboundedSender<Internal>,
     events: broadcast::Sender<EngineEvent>,
+    pools: BTreeMap<String, pools::Pool>,
+    pool_errors: Vec<PoolFileError>,
+    /// Pool VM changes not yet acted on ([`Engine::settle_pools`]).
+    pool_changes: Vec<PoolChange>,
 }
 
 impl Engine {
@@ -377,8 +512,13 @@ impl Engine {
             tcg_cmdline: crate::accel::tcg_kernel_args(),
             internal_tx,
             events: events.clone(),
+            pools: BTreeMap::new(),
+            pool_errors: Vec::new(),
+            pool_changes: Vec::new(),
         };
         engine.reconcile(records).await;
+        engine.load_pools();
+        engine.settle_pools();
         info!(accel = %accel, vms = engine.vms.len(), "engine ready");
 
         let (commands_tx, mut commands) = mpsc::channel::<Command>(256);
@@ -396,6 +536,7 @@ impl Engine {
                     },
                     Some(internal) = internal_rx.recv() => engine.handle_internal(internal),
                 }
+                engine.settle_pools();
             }
         });
         Ok((
@@ -432,6 +573,34 @@ impl Engine {
             }
             Command::ExecVm { id, request, reply } => self.exec_vm(&id, request, reply),
             Command::PingVm { id, timeout, reply } => self.ping_vm(&id, timeout, reply),
+            Command::CreatePool { name, spec, reply } => {
+                let _ = reply.send(self.create_pool(name, spec));
+            }
+            Command::ResizePool {
+                name,
+                warm,
+                max,
+                reply,
+            } => {
+                let _ = reply.send(self.resize_pool(&name, warm, max));
+            }
+            Command::DeletePool { name, reply } => {
+                let _ = reply.send(self.delete_pool(&name));
+            }
+            Command::ListPools { reply } => {
+                let _ = reply.send(Ok(self.list_pools()));
+            }
+            Command::DescribePool { name, reply } => {
+                let _ = reply.send(self.pool_info(&name));
+            }
+            Command::Acquire {
+                pool,
+                timeout,
+                holder,
+                labels,
+                reply,
+            } => self.acquire(pool, timeout, holder, labels, reply),
+            Command::Release { id, recycle, reply } => self.release(&id, recycle, reply),
             Command::Status { reply } => {
                 let _ = reply.send(Ok(self.status()));
             }
@@ -453,6 +622,7 @@ impl Engine {
                 .filter(|e| e.record.state.has_process())
                 .count(),
             broken_records: self.broken.clone(),
+            pool_errors: self.pool_errors.clone(),
         }
     }
 
@@ -476,27 +646,27 @@ impl Engine {
         let spec = spec
             .resolve(&self.defaults, &self.limits)
             .map_err(EngineError::InvalidSpec)?;
-        let mut id = new_vm_id();
-        while self.vms.contains_key(&id) {
-            id = new_vm_id();
+        let record = VmRecord::new(self.unused_vm_id(), name, spec, None);
+        self.insert_vm(record)
+    }
+
+    /// A fresh id no VM has.
+    fn unused_vm_id(&self) -> String {
+        loop {
+            let id = new_vm_id();
+            if !self.vms.contains_key(&id) {
+                return id;
+            }
         }
-        let record = VmRecord {
-            version: RECORD_VERSION,
-            id: id.clone(),
-            name,
-            spec,
-            state: VmState::Created,
-            pid: None,
-            created_at: now_usec(),
-            started_at: None,
-            ready_at: None,
-            qemu_version: None,
-            guest: None,
-            last_error: None,
-        };
-        self.store.write(&id, &record)?;
+    }
+
+    /// Persist a new record and start tracking it.
+    fn insert_vm(&mut self, record: VmRecord) -> Result<VmInfo, EngineError> {
+        self.store.write(&record.id, &record)?;
         let info = VmInfo::from(&record);
-        info!(vm = %id, name = %record.name, "VM created");
+        info!(vm = %record.id, name = %record.name, "VM created");
+        let id = record.id.clone();
+        self.note_pool_change(&record, record.state, false);
         self.vms.insert(id, VmEntry::new(record));
         let _ = self.events.send(EngineEvent::VmAdded { vm: info.clone() });
         Ok(info)
@@ -516,8 +686,10 @@ impl Engine {
         let mut record = entry.record.clone();
         change(&mut record);
         self.store.write(id, &record)?;
-        entry.record = record;
-        let info = VmInfo::from(&entry.record);
+        let from = std::mem::replace(&mut entry.record, record).state;
+        let record = entry.record.clone();
+        let info = VmInfo::from(&record);
+        self.note_pool_change(&record, from, false);
         let _ = self
             .events
             .send(EngineEvent::VmChanged { vm: info.clone() });
@@ -530,13 +702,16 @@ impl Engine {
         let Some(entry) = self.vms.get_mut(id) else {
             return;
         };
+        let from = entry.record.state;
         change(&mut entry.record);
         if let Err(e) = self.store.write(id, &entry.record) {
             error!(vm = %id, error = %EngineError::from(e).message(), "cannot persist VM record");
         }
+        let record = entry.record.clone();
         let _ = self.events.send(EngineEvent::VmChanged {
-            vm: VmInfo::from(&entry.record),
+            vm: VmInfo::from(&record),
         });
+        self.note_pool_change(&record, from, false);
     }
 
     fn start_vm(&mut self, id: &str, reply: Reply<VmInfo>) {
@@ -552,6 +727,18 @@ impl Engine {
                 operation: "start",
             })));
         }
+        self.begin_boot(id, BootSource::Cold, Some(reply));
+    }
+
+    /// Launch a VM's process (cold, or restored from a template) and hand
+    /// the wait for its agent to a sub-task. The caller checked that the VM
+    /// may boot. Pool VMs also get their own identity before they count as
+    /// ready.
+    fn begin_boot(&mut self, id: &str, source: BootSource, reply: Option<Reply<VmInfo>>) {
+        let template = match &source {
+            BootSource::Cold => None,
+            BootSource::Clone(t) => Some(t.dir.clone()),
+        };
         let result = self.update(id, |r| {
             r.state = VmState::Booting;
             r.started_at = Some(now_usec());
@@ -559,9 +746,13 @@ impl Engine {
             r.pid = None;
             r.guest = None;
             r.last_error = None;
+            r.template = template;
         });
         if let Err(e) = result {
-            return drop(reply.send(Err(e)));
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(e));
+            }
+            return;
         }
         let generation = self.next_generation();
         let runtime_dir = self.config.vm_runtime_dir(id);
@@ -569,7 +760,13 @@ impl Engine {
         let Some(record) = self.vms.get(id).map(|e| &e.record) else {
             return;
         };
-        let launch = self.launch_for(record, &runtime_dir);
+        let (memory, restore) = match &source {
+            BootSource::Cold => (GuestMemory::Anonymous, None),
+            BootSource::Clone(t) => (GuestMemory::TemplateClone(t.memory()), Some(t.state())),
+        };
+        let mut launch = self.launch_for_spec(id, &record.spec, &runtime_dir, memory);
+        launch.incoming = restore.is_some();
+        let identity = record.pool.is_some().then(|| fresh_identity(&record.name));
         let Some(entry) = self.vms.get_mut(id) else {
             return;
         };
@@ -581,23 +778,20 @@ impl Engine {
             stop_intent: None,
             shutdown_seen: false,
         });
-        entry.ready_waiters.push(reply);
+        entry.ready_waiters.extend(reply);
         let tx = self.internal_tx.clone();
-        let (qmp_timeout, boot_timeout) = (self.config.qmp_timeout(), self.config.boot_timeout());
+        let plan = BootPlan {
+            launch,
+            runtime_dir,
+            restore,
+            identity,
+            qmp_timeout: self.config.qmp_timeout(),
+            boot_timeout: self.config.boot_timeout(),
+        };
         let id = id.to_owned();
-        info!(vm = %id, generation, "starting VM");
+        info!(vm = %id, generation, clone = plan.restore.is_some(), "starting VM");
         tokio::spawn(async move {
-            let result = boot(
-                &id,
-                generation,
-                &launch,
-                &runtime_dir,
-                agent,
-                qmp_timeout,
-                boot_timeout,
-                &tx,
-            )
-            .await;
+            let result = boot(&id, generation, &plan, agent, &tx).await;
             let _ = tx.send(Internal::BootDone {
                 id,
                 generation,
@@ -606,8 +800,15 @@ impl Engine {
         });
     }
 
-    fn launch_for(&self, record: &VmRecord, runtime_dir: &Path) -> QemuLaunch {
-        let spec = &record.spec;
+    /// The QEMU launch of VM `id` with `spec`, its runtime files in
+    /// `runtime_dir` and its RAM in `memory`.
+    fn launch_for_spec(
+        &self,
+        id: &str,
+        spec: &ResolvedSpec,
+        runtime_dir: &Path,
+        memory: GuestMemory,
+    ) -> QemuLaunch {
         let mut cmdline = QemuLaunch::BASE_CMDLINE.to_owned();
         for extra in [
             if spec.accel == Accel::Tcg {
@@ -624,7 +825,7 @@ impl Engine {
         }
         QemuLaunch {
             binary: self.config.qemu_binary.clone(),
-            vm_id: record.id.clone(),
+            vm_id: id.to_owned(),
             machine: Machine::Microvm,
             accel: spec.accel,
             tcg_tb_size_mib: self.config.tcg_tb_size_mib,
@@ -637,6 +838,8 @@ impl Engine {
             agent_socket: runtime_dir.join("agent.sock"),
             console_log: runtime_dir.join("console.log"),
             pid_file: runtime_dir.join("qemu.pid"),
+            memory,
+            incoming: false,
         }
     }
 
@@ -818,7 +1021,12 @@ impl Engine {
     fn remove_vm(&mut self, id: &str) -> Result<(), EngineError> {
         self.store.remove(id)?;
         remove_runtime_dir(&self.config.vm_runtime_dir(id));
-        self.vms.remove(id);
+        if let Some(entry) = self.vms.remove(id) {
+            self.note_pool_change(&entry.record, entry.record.state, true);
+            for waiter in entry.ready_waiters {
+                let _ = waiter.send(Err(EngineError::NoSuchVM(id.to_owned())));
+            }
+        }
         info!(vm = %id, "VM deleted");
         let _ = self
             .events
@@ -931,6 +1139,18 @@ impl Engine {
                 generation,
                 event,
             } => self.qmp_event(&id, generation, event),
+            Internal::TemplateBuilt {
+                pool,
+                generation,
+                key,
+                result,
+            } => self.template_built(&pool, generation, key, result),
+            Internal::PoolTick { pool } => self.pool_tick(&pool),
+            Internal::AcquireTimeout {
+                pool,
+                ticket,
+                timeout,
+            } => self.acquire_timed_out(&pool, ticket, timeout),
             Internal::OpDone {
                 id,
                 generation,
@@ -1073,6 +1293,7 @@ impl Engine {
         self.record_fact(id, |r| {
             r.state = next;
             r.pid = None;
+            r.template = None;
             if error.is_some() {
                 r.last_error = error;
             }
@@ -1362,24 +1583,34 @@ fn exec_error(message: &str) -> EngineError {
     EngineError::InvalidArgument(message.to_owned())
 }
 
-/// Launch QEMU, connect QMP, start the monitor, wait for the agent.
-#[allow(clippy::too_many_arguments)]
+/// How a boot sub-task launches a VM.
+#[derive(Debug)]
+struct BootPlan {
+    launch: QemuLaunch,
+    runtime_dir: PathBuf,
+    /// Template state to load (a clone).
+    restore: Option<PathBuf>,
+    /// Identity the agent sets before the VM counts as ready (pool VMs).
+    identity: Option<proto::SetIdentityRequest>,
+    qmp_timeout: Duration,
+    boot_timeout: Duration,
+}
+
+/// Launch QEMU, connect QMP, start the monitor, restore a template's state
+/// if cloning, wait for the agent and give the guest its identity.
 async fn boot(
     id: &str,
     generation: u64,
-    launch: &QemuLaunch,
-    runtime_dir: &Path,
+    plan: &BootPlan,
     agent: Arc<AgentClient>,
-    qmp_timeout: Duration,
-    boot_timeout: Duration,
     tx: &mpsc::UnboundedSender<Internal>,
 ) -> Result<PingReply, EngineError> {
-    remove_runtime_dir(runtime_dir);
-    create_private_dir(runtime_dir)?;
-    let log = runtime_dir.join("qemu.log");
-    let process = VmProcess::launch(launch, &log).map_err(EngineError::LaunchFailed)?;
+    remove_runtime_dir(&plan.runtime_dir);
+    create_private_dir(&plan.runtime_dir)?;
+    let log = plan.runtime_dir.join("qemu.log");
+    let process = VmProcess::launch(&plan.launch, &log).map_err(EngineError::LaunchFailed)?;
     let (qmp, version, events) =
-        match connect_when_up(&process, &launch.qmp_socket, &log, qmp_timeout).await {
+        match connect_when_up(&process, &plan.launch.qmp_socket, &log, plan.qmp_timeout).await {
             Ok(c) => c,
             Err(e) => {
                 let _ = process.kill();
@@ -1397,18 +1628,42 @@ async fn boot(
         id: id.to_owned(),
         generation,
         process,
-        qmp,
+        qmp: qmp.clone(),
         qemu_version: version.0,
     });
-    agent
-        .wait_ready(boot_timeout)
-        .await
-        .map_err(EngineError::from)
+    if let Some(state) = &plan.restore {
+        // The template was saved paused, so the clone loads paused.
+        qmp.enable_ignore_shared().await?;
+        qmp.restore_from_file(state, plan.boot_timeout).await?;
+        qmp.cont().await?;
+    }
+    let ping = agent.wait_ready(plan.boot_timeout).await?;
+    if let Some(identity) = &plan.identity {
+        let _: serde_json::Value = agent
+            .call(proto::method::SET_IDENTITY, identity, plan.qmp_timeout)
+            .await?;
+    }
+    Ok(ping)
+}
+
+/// A hostname, a machine id and fresh host entropy: what makes a pool VM
+/// (above all a clone, which starts with its template's RNG state) its own.
+fn fresh_identity(name: &str) -> proto::SetIdentityRequest {
+    let mut machine_id = [0u8; 16];
+    fill_random(&mut machine_id);
+    let mut entropy = [0u8; 32];
+    fill_random(&mut entropy);
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    proto::SetIdentityRequest {
+        hostname: Some(name.to_owned()),
+        machine_id: Some(hex(&machine_id)),
+        entropy_hex: Some(hex(&entropy)),
+    }
 }
 
 /// Connect to QMP as soon as QEMU listens; fail with QEMU's own message if
 /// it exits first.
-async fn connect_when_up(
+pub(crate) async fn connect_when_up(
     process: &VmProcess,
     socket: &Path,
     log: &Path,
@@ -1537,7 +1792,7 @@ async fn stop_gracefully(
     let _ = process.kill();
 }
 
-fn remove_runtime_dir(dir: &Path) {
+pub(crate) fn remove_runtime_dir(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!(dir = %dir.display(), error = %e, "cannot remove runtime directory");
@@ -1546,7 +1801,7 @@ fn remove_runtime_dir(dir: &Path) {
 }
 
 /// Last lines of a console log, for error messages.
-fn console_tail(path: &PathBuf) -> Option<String> {
+pub(crate) fn console_tail(path: &Path) -> Option<String> {
     let bytes = std::fs::read(path).ok()?;
     let start = bytes.len().saturating_sub(1024);
     let text = String::from_utf8_lossy(&bytes[start..]);

@@ -7,6 +7,7 @@
 use thiserror::Error;
 
 use crate::agent::AgentError;
+use crate::pool::PoolSpecError;
 use crate::process::ProcessError;
 use crate::qemu::QmpError;
 use crate::spec::SpecError;
@@ -68,6 +69,20 @@ pub enum EngineError {
     /// State could not be written (disk full, permissions).
     #[error("cannot persist state")]
     StorageFailed(#[source] StoreError),
+    /// No pool has this name.
+    #[error("no pool named {0:?}")]
+    NoSuchPool(String),
+    /// The pool definition is not acceptable.
+    #[error(transparent)]
+    InvalidPool(PoolSpecError),
+    /// The pool owns `max` VMs and none is free.
+    #[error("pool {pool:?} is exhausted: all {max} VMs are leased or booting for earlier callers")]
+    PoolExhausted {
+        /// Pool name.
+        pool: String,
+        /// Its cap.
+        max: u32,
+    },
     /// The engine is shutting down.
     #[error("kilnd is shutting down")]
     ShuttingDown,
@@ -91,6 +106,9 @@ impl EngineError {
             Self::AgentFailed(_) => "AgentFailed",
             Self::ExecFailed(_) => "ExecFailed",
             Self::StorageFailed(_) => "StorageFailed",
+            Self::NoSuchPool(_) => "NoSuchPool",
+            Self::InvalidPool(_) => "InvalidSpec",
+            Self::PoolExhausted { .. } => "PoolExhausted",
             Self::ShuttingDown => "ShuttingDown",
         }
     }

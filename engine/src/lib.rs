@@ -26,12 +26,14 @@ pub mod qemu;
 pub mod spec;
 pub mod state;
 pub mod store;
+pub mod template;
 pub mod vm;
 
 pub use accel::Accel;
 pub use config::EngineConfig;
 pub use engine::{Command, Engine, EngineEvent, EngineHandle};
 pub use error::EngineError;
+pub use pool::{PoolInfo, PoolMode, PoolSpec, PoolState};
 pub use spec::VmSpec;
 pub use state::VmState;
 pub use vm::VmInfo;

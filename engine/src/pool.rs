@@ -7,8 +7,10 @@
 //! file that is empty or a symlink to `/dev/null` masks it (systemd drop-in
 //! style). The same serde type is the body of the API's `CreatePool`.
 //!
-//! This module only reads and validates definitions; keeping pools filled
-//! is the pool manager's job.
+//! This module holds the schema, reads and validates definitions, and
+//! defines what callers see of a pool ([`PoolInfo`]); keeping pools filled
+//! is the engine's job (`engine/pools.rs`), templates live in
+//! [`crate::template`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -93,6 +95,59 @@ impl PoolSpec {
     }
 }
 
+/// Where a pool stands, for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolState {
+    /// Fewer than `warm` VMs are hot; boots are under way.
+    Filling,
+    /// `warm` VMs are hot (or the pool is at `max`).
+    Ready,
+    /// The template VM is being booted and saved.
+    BuildingTemplate,
+    /// A boot failed; the next one waits (exponential back-off).
+    Backoff,
+    /// Boots keep failing (a crash loop): retried only rarely; see `lastError`.
+    Failed,
+}
+
+/// A pool as the APIs show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolInfo {
+    /// Name.
+    pub name: String,
+    /// `template` or `cold`.
+    pub mode: PoolMode,
+    /// Hot VMs kept ready.
+    pub warm: u32,
+    /// Cap of VMs the pool owns.
+    pub max: u32,
+    /// Boots run at once while refilling.
+    pub refill_concurrency: u32,
+    /// Where it stands.
+    pub state: PoolState,
+    /// Ready, unleased VMs.
+    pub hot: u32,
+    /// VMs being booted or cloned.
+    pub booting: u32,
+    /// VMs handed out and not yet released.
+    pub leased: u32,
+    /// Boots that failed since the last one that worked.
+    pub failed: u32,
+    /// `Acquire` calls waiting for a VM.
+    pub waiting: u32,
+    /// Whether the template is built and on disk (template pools).
+    pub template_ready: bool,
+    /// Last boot or template error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The file the definition came from.
+    pub source: PathBuf,
+    /// The VM every member is made from.
+    pub vm: VmSpec,
+}
+
 /// A definition that was found and accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolDefinition {
@@ -105,7 +160,7 @@ pub struct PoolDefinition {
 }
 
 /// A pool file that could not be used; the others still load.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PoolFileError {
     /// The file.
     pub path: PathBuf,

@@ -1,5 +1,7 @@
 //! A VM as persisted ([`VmRecord`]) and as shown to callers ([`VmInfo`]).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
@@ -19,6 +21,20 @@ pub struct GuestInfo {
     pub kernel_release: String,
     /// Guest boot id (changes on reboot).
     pub boot_id: String,
+}
+
+/// Who holds a pool VM handed out by `Acquire`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lease {
+    /// The caller that acquired it, as the adapter identified it
+    /// (`uid:1000`, a D-Bus unique name with its uid, …).
+    pub holder: String,
+    /// Caller-chosen labels (e.g. a job id).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// When it was acquired (µs since epoch).
+    pub acquired_at: u64,
 }
 
 /// One VM's persisted record (`<state_dir>/vms/<id>.json`).
@@ -55,6 +71,40 @@ pub struct VmRecord {
     /// Last failure, for operators.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The pool that owns the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Its holder while acquired from a pool. Written atomically with the
+    /// `leased` state, so a VM never has two holders, even across crashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    /// Template directory whose RAM file this VM's process maps (a clone):
+    /// the template is kept on disk while such a VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<std::path::PathBuf>,
+}
+
+impl VmRecord {
+    /// A new record in state `created` (`pool` set for pool members).
+    pub fn new(id: String, name: String, spec: ResolvedSpec, pool: Option<String>) -> Self {
+        Self {
+            version: RECORD_VERSION,
+            id,
+            name,
+            spec,
+            state: VmState::Created,
+            pid: None,
+            created_at: crate::ids::now_usec(),
+            started_at: None,
+            ready_at: None,
+            qemu_version: None,
+            guest: None,
+            last_error: None,
+            pool,
+            lease: None,
+            template: None,
+        }
+    }
 }
 
 /// A VM as the APIs show it.
@@ -100,6 +150,18 @@ pub struct VmInfo {
     /// Last failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Owning pool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Holder of the lease, while acquired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leased_by: Option<String>,
+    /// When it was acquired (µs since epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acquired_at: Option<u64>,
+    /// Labels given to `Acquire`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl From<&VmRecord> for VmInfo {
@@ -120,6 +182,14 @@ impl From<&VmRecord> for VmInfo {
             kernel_release: r.guest.as_ref().map(|g| g.kernel_release.clone()),
             boot_id: r.guest.as_ref().map(|g| g.boot_id.clone()),
             last_error: r.last_error.clone(),
+            pool: r.pool.clone(),
+            leased_by: r.lease.as_ref().map(|l| l.holder.clone()),
+            acquired_at: r.lease.as_ref().map(|l| l.acquired_at),
+            labels: r
+                .lease
+                .as_ref()
+                .map(|l| l.labels.clone())
+                .unwrap_or_default(),
         }
     }
 }

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use kiln_agent_proto::ExecRequest;
-use kiln_engine::VmSpec;
+use std::collections::BTreeMap;
+
+use kiln_engine::{PoolSpec, VmSpec};
 use serde::Deserialize;
 
 /// `{id}`: every per-VM method without other arguments.
@@ -77,4 +79,55 @@ pub struct NoParams {}
 #[serde(deny_unknown_fields)]
 pub struct InterfaceParams {
     pub interface: String,
+}
+
+/// `{name}`: pool methods without other arguments.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    pub name: String,
+}
+
+/// `CreatePool(name, spec)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePoolParams {
+    pub name: String,
+    pub spec: PoolSpec,
+}
+
+/// `ResizePool(name, warm, max?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizePoolParams {
+    pub name: String,
+    pub warm: u32,
+    #[serde(default)]
+    pub max: Option<u32>,
+}
+
+/// `Acquire(pool, timeoutMs?, labels?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AcquireParams {
+    pub pool: String,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl AcquireParams {
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_ms.map(Duration::from_millis)
+    }
+}
+
+/// `Release(id, recycle?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseParams {
+    pub id: String,
+    #[serde(default)]
+    pub recycle: bool,
 }

@@ -89,8 +89,20 @@ impl ManagerService {
 
 /// Methods that change state; everything else is read-only.
 const MUTATING: &[&str] = &[
-    "CreateVM", "StartVM", "StopVM", "KillVM", "PauseVM", "ResumeVM", "RebootVM", "DeleteVM",
+    "CreateVM",
+    "StartVM",
+    "StopVM",
+    "KillVM",
+    "PauseVM",
+    "ResumeVM",
+    "RebootVM",
+    "DeleteVM",
     "ExecVM",
+    "CreatePool",
+    "ResizePool",
+    "DeletePool",
+    "Acquire",
+    "Release",
 ];
 
 fn params<T: DeserializeOwned>(raw: &Option<Value>) -> Result<T, ErrorReply> {
@@ -112,6 +124,10 @@ fn vm_reply(vm: kiln_engine::VmInfo) -> Result<Outcome, ErrorReply> {
     Ok(Outcome::Single(json!({ "vm": vm })))
 }
 
+fn pool_reply(pool: kiln_engine::PoolInfo) -> Result<Outcome, ErrorReply> {
+    Ok(Outcome::Single(json!({ "pool": pool })))
+}
+
 impl ManagerService {
     async fn dispatch(
         &self,
@@ -123,12 +139,16 @@ impl ManagerService {
         let Some(method) = method_name.strip_prefix("io.kiln.Manager.") else {
             return self.service_method(method_name, raw);
         };
+        // The caller, from the socket's peer credentials (never from the
+        // message): who is authorized, and who holds what it acquires.
+        let mut caller_uid = None;
         if MUTATING.contains(&method) {
             let creds = conn
                 .peer_credentials()
                 .await
                 .map_err(|_| ErrorReply::permission_denied(method))?;
             let uid = creds.unix_user_id().as_raw();
+            caller_uid = Some(uid);
             let gids = std::iter::once(creds.unix_primary_group_id().as_raw()).chain(
                 creds
                     .unix_supplementary_group_ids()
@@ -180,6 +200,43 @@ impl ManagerService {
                     "stderrTruncated": reply.stderr_truncated,
                     "timedOut": reply.timed_out,
                 })))
+            }
+            "CreatePool" => {
+                let p: CreatePoolParams = params(raw)?;
+                pool_reply(engine.create_pool(&p.name, p.spec).await?)
+            }
+            "ResizePool" => {
+                let p: ResizePoolParams = params(raw)?;
+                pool_reply(engine.resize_pool(&p.name, p.warm, p.max).await?)
+            }
+            "DeletePool" => {
+                engine.delete_pool(&params::<NameParams>(raw)?.name).await?;
+                Ok(Outcome::Single(json!({})))
+            }
+            "DescribePool" => pool_reply(
+                engine
+                    .describe_pool(&params::<NameParams>(raw)?.name)
+                    .await?,
+            ),
+            "ListPools" => {
+                params::<NoParams>(raw)?;
+                Ok(Outcome::Single(
+                    json!({ "pools": engine.list_pools().await? }),
+                ))
+            }
+            "Acquire" => {
+                let p: AcquireParams = params(raw)?;
+                let holder = format!("uid:{}", caller_uid.unwrap_or(u32::MAX));
+                vm_reply(
+                    engine
+                        .acquire(&p.pool, p.timeout(), &holder, p.labels.clone())
+                        .await?,
+                )
+            }
+            "Release" => {
+                let p: ReleaseParams = params(raw)?;
+                engine.release(&p.id, p.recycle).await?;
+                Ok(Outcome::Single(json!({})))
             }
             "GetStatus" => {
                 params::<NoParams>(raw)?;
@@ -251,6 +308,10 @@ fn watch(events: broadcast::Receiver<EngineEvent>) -> EventStream {
                 json!({ "type": "vmChanged", "id": vm.id.clone(), "vm": vm })
             }
             Ok(EngineEvent::VmRemoved { id }) => json!({ "type": "vmRemoved", "id": id }),
+            Ok(EngineEvent::PoolChanged { pool }) => {
+                json!({ "type": "poolChanged", "id": pool.name.clone(), "pool": pool })
+            }
+            Ok(EngineEvent::PoolRemoved { name }) => json!({ "type": "poolRemoved", "id": name }),
             // The watcher fell behind: tell it to re-list.
             Err(broadcast::error::RecvError::Lagged(_)) => json!({ "type": "lagged", "id": "" }),
             Err(broadcast::error::RecvError::Closed) => return None,

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod varlink;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -50,9 +52,15 @@ impl Kilnd {
             .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let config = format!(
-            "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\nvarlink_socket = \"{0}/varlink\"\nboot_timeout_sec = 180\n{2}",
+            "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\nvarlink_socket = \"{0}/varlink\"\nboot_timeout_sec = 180\n{2}{3}",
             dir.path().display(),
             guest_dir().display(),
+            // Never the host's /usr/lib, /etc or /run pools.
+            if extra_config.contains("pool_dirs") {
+                String::new()
+            } else {
+                format!("pool_dirs = [\"{}/pools.d\"]\n", dir.path().display())
+            },
             extra_config
         );
         std::fs::write(dir.path().join("kilnd.toml"), config).unwrap();

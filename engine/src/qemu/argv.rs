@@ -21,6 +21,18 @@ pub enum Machine {
     Q35,
 }
 
+/// Where guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// Anonymous memory (a plain VM).
+    Anonymous,
+    /// A file mapped shared: the template being built writes its RAM there.
+    TemplateSource(PathBuf),
+    /// A template's RAM file mapped privately (copy-on-write): the clone
+    /// shares every page it does not write.
+    TemplateClone(PathBuf),
+}
+
 /// Everything QEMU is launched with.
 #[derive(Debug, Clone)]
 pub struct QemuLaunch {
@@ -54,6 +66,10 @@ pub struct QemuLaunch {
     /// Pid file QEMU writes at start (found by reconcile if kilnd died
     /// before recording the pid).
     pub pid_file: PathBuf,
+    /// Where guest RAM lives.
+    pub memory: GuestMemory,
+    /// Start with `-incoming defer`: state is loaded over QMP (clones).
+    pub incoming: bool,
 }
 
 /// Name of the process (and `-name`) of a VM: lets `ps` and re-adoption
@@ -72,12 +88,21 @@ impl QemuLaunch {
         args.push(self.binary.clone());
         let name = process_name(&self.vm_id);
         args.pair("-name", format!("{name},process={name}"));
-        match self.machine {
-            // Keep the PIT: without it (pit=off) the guest kernel cannot
-            // calibrate the TSC under TCG and hangs at boot (measured).
-            Machine::Microvm => args.pair("-machine", "microvm,acpi=on"),
-            Machine::Q35 => args.pair("-machine", "q35"),
+        // Keep the PIT: without it (pit=off) the guest kernel cannot
+        // calibrate the TSC under TCG and hangs at boot (measured).
+        let mut machine = match self.machine {
+            Machine::Microvm => "microvm,acpi=on".to_owned(),
+            Machine::Q35 => "q35".to_owned(),
         };
+        let memory_file = match &self.memory {
+            GuestMemory::Anonymous => None,
+            GuestMemory::TemplateSource(path) => Some((path, "on")),
+            GuestMemory::TemplateClone(path) => Some((path, "off")),
+        };
+        if memory_file.is_some() {
+            machine.push_str(",memory-backend=ram");
+        }
+        args.pair("-machine", machine);
         match self.accel {
             Accel::Kvm => {
                 args.pair("-accel", "kvm");
@@ -90,6 +115,14 @@ impl QemuLaunch {
         }
         args.pair("-smp", self.vcpus.to_string());
         args.pair("-m", format!("{}M", self.memory_mib));
+        if let Some((path, share)) = memory_file {
+            let mut object = OsString::from(format!(
+                "memory-backend-file,id=ram,size={}M,share={share},mem-path=",
+                self.memory_mib
+            ));
+            object.push(path_arg("", path));
+            args.pair("-object", object);
+        }
         args.flag("-nodefaults");
         args.flag("-no-user-config");
         args.pair("-display", "none");
@@ -123,6 +156,9 @@ impl QemuLaunch {
         );
         args.pair("-mon", "chardev=qmp,mode=control");
         args.pair("-pidfile", self.pid_file.clone());
+        if self.incoming {
+            args.pair("-incoming", "defer");
+        }
         // No spawning helpers, no privilege changes, no obsolete syscalls.
         args.pair(
             "-sandbox",
@@ -177,6 +213,8 @@ mod tests {
             agent_socket: run.join("agent.sock"),
             console_log: run.join("console,log"),
             pid_file: run.join("qemu.pid"),
+            memory: GuestMemory::Anonymous,
+            incoming: false,
         }
     }
 
@@ -205,6 +243,18 @@ mod tests {
     #[test]
     fn golden_q35_kvm() {
         check_golden("q35-kvm.args", &launch(Machine::Q35, Accel::Kvm));
+    }
+
+    #[test]
+    fn golden_template_source_and_clone() {
+        let ram = PathBuf::from("/var/lib/kiln/templates/default/0a1b/memory");
+        let mut source = launch(Machine::Microvm, Accel::Tcg);
+        source.memory = GuestMemory::TemplateSource(ram.clone());
+        check_golden("microvm-tcg-template.args", &source);
+        let mut clone = launch(Machine::Microvm, Accel::Tcg);
+        clone.memory = GuestMemory::TemplateClone(ram);
+        clone.incoming = true;
+        check_golden("microvm-tcg-clone.args", &clone);
     }
 
     #[test]

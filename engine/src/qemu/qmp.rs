@@ -261,6 +261,77 @@ impl Qmp {
         }
     }
 
+    /// Turn on `x-ignore-shared` (both sides of a template save/restore):
+    /// RAM that lives in a shared file is not copied into the stream.
+    pub async fn enable_ignore_shared(&self) -> Result<(), QmpError> {
+        let capabilities = json!({
+            "capabilities": [{"capability": "x-ignore-shared", "state": true}]
+        });
+        self.execute("migrate-set-capabilities", Some(capabilities))
+            .await
+            .map(drop)
+    }
+
+    /// Save device state (and RAM not ignored) to `path`, waiting until the
+    /// migration completed or `timeout` passed.
+    pub async fn save_to_file(&self, path: &Path, timeout: Duration) -> Result<(), QmpError> {
+        let uri = format!("file:{}", path.display());
+        self.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let reply = self.execute("query-migrate", None).await?;
+            match reply.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed" | "cancelled") => {
+                    let desc = reply
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("migration failed");
+                    return Err(QmpError::Command {
+                        command: "migrate".into(),
+                        class: "MigrationFailed".into(),
+                        desc: desc.to_owned(),
+                    });
+                }
+                _ if tokio::time::Instant::now() > deadline => {
+                    return Err(QmpError::Timeout {
+                        command: "migrate".into(),
+                    })
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// Load state saved by [`Qmp::save_to_file`] into a QEMU started with
+    /// `-incoming defer`, waiting until it is loaded (the guest is then
+    /// paused, as it was when saved).
+    pub async fn restore_from_file(&self, path: &Path, timeout: Duration) -> Result<(), QmpError> {
+        let uri = format!("file:{}", path.display());
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.query_status().await?;
+            match status.status.as_str() {
+                "inmigrate" if tokio::time::Instant::now() > deadline => {
+                    return Err(QmpError::Timeout {
+                        command: "migrate-incoming".into(),
+                    })
+                }
+                "inmigrate" => tokio::time::sleep(Duration::from_millis(2)).await,
+                "paused" | "postmigrate" | "running" => return Ok(()),
+                other => {
+                    return Err(QmpError::Command {
+                        command: "migrate-incoming".into(),
+                        class: "MigrationFailed".into(),
+                        desc: format!("guest is {other} after loading the template"),
+                    })
+                }
+            }
+        }
+    }
+
     /// Whether the actor is still connected.
     pub fn is_connected(&self) -> bool {
         !self.requests.is_closed()

@@ -1,0 +1,103 @@
+//! A kilnd without D-Bus, driven through its varlink socket with the real
+//! `varlinkctl`.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use super::Kilnd;
+
+/// A kilnd (no D-Bus) driven through its varlink socket.
+pub struct Daemon {
+    pub kilnd: Kilnd,
+}
+
+impl Daemon {
+    pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// kilnd with extra config lines.
+    pub fn start_with(extra_config: &str) -> Self {
+        let mut daemon = Self::new(extra_config);
+        daemon.spawn();
+        daemon
+    }
+
+    /// Not started yet (to add pool files first).
+    pub fn new(extra_config: &str) -> Self {
+        Self {
+            kilnd: Kilnd::new(&format!("dbus = \"none\"\n{extra_config}")),
+        }
+    }
+
+    pub fn spawn(&mut self) {
+        let address = self.address();
+        self.kilnd
+            .spawn(|_| varlinkctl_ok(&address, "org.varlink.service.GetInfo"));
+    }
+
+    pub fn sigkill(&mut self) {
+        self.kilnd.sigkill();
+    }
+
+    pub fn address(&self) -> String {
+        self.kilnd.varlink_address()
+    }
+
+    pub fn log(&self) -> String {
+        self.kilnd.log()
+    }
+
+    /// `varlinkctl call`; Ok(reply) or Err((error name, error parameters)).
+    pub fn call(&self, method: &str, params: Value) -> Result<Value, (String, Value)> {
+        self.call_as(None, method, &params.to_string())
+    }
+
+    pub fn call_as(
+        &self,
+        uid: Option<u32>,
+        method: &str,
+        params: &str,
+    ) -> Result<Value, (String, Value)> {
+        let mut command = super::command_as(uid, "varlinkctl");
+        let out = command
+            .args(["call", "--json=short", &self.address(), method, params])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+        if out.status.success() {
+            return Ok(value);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let name = stderr
+            .rsplit("failed: ")
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        Err((name, value))
+    }
+
+    pub fn ok(&self, method: &str, params: Value) -> Value {
+        let method = format!("io.kiln.Manager.{method}");
+        self.call(&method, params.clone())
+            .unwrap_or_else(|e| panic!("{method} {params}: {e:?}\n{}", self.log()))
+    }
+
+    pub fn err(&self, method: &str, params: Value) -> String {
+        let method = format!("io.kiln.Manager.{method}");
+        match self.call(&method, params) {
+            Ok(v) => panic!("{method} succeeded: {v}"),
+            Err((name, _)) => name,
+        }
+    }
+}
+
+pub fn varlinkctl_ok(address: &str, method: &str) -> bool {
+    Command::new("varlinkctl")
+        .args(["call", address, method, "{}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
