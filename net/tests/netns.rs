@@ -1,0 +1,534 @@
+//! kiln-net against the real kernel: real TAPs, a real bridge, real
+//! nftables, each test inside a network namespace it creates
+//! (`ip netns add kiln-t-<random>`) and deletes on drop, so the host's own
+//! interfaces and rules are never touched. Needs root (CAP_NET_ADMIN,
+//! CAP_SYS_ADMIN for setns), `ip` and `nft`; without root every test says
+//! it was skipped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use kiln_net::firewall::Protocol;
+use kiln_net::{
+    create_tap_in, ForwardOutcome, IpamError, NetConfig, NetError, Network, PortForward, Removal,
+    TapError, TapOutcome, TapOwner,
+};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("SKIPPED: needs root (network namespaces, TAPs, nftables)");
+            return;
+        }
+    };
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+        .unwrap();
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn vm_id() -> String {
+    random_hex(6)
+}
+
+/// A network namespace for one test, deleted on drop (which also deletes
+/// every link in it, persistent TAPs included, once nothing holds them).
+struct TestNs {
+    name: String,
+}
+
+impl TestNs {
+    fn new() -> Self {
+        let name = format!("kiln-t-{}", random_hex(4));
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip netns add: {out:?}");
+        let ns = Self { name };
+        ns.sh(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs a command inside the namespace; returns (success, stdout+stderr).
+    fn run(&self, argv: &[&str]) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .unwrap();
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// Runs a command inside the namespace that must succeed; its output.
+    fn sh(&self, argv: &[&str]) -> String {
+        let (ok, text) = self.run(argv);
+        assert!(ok, "{argv:?} failed: {text}");
+        text
+    }
+
+    fn config(&self) -> NetConfig {
+        NetConfig {
+            bridge: format!("kb{}", random_hex(3)),
+            netns: Some(self.path()),
+            ..NetConfig::default()
+        }
+    }
+
+    /// A link Kiln does not own, named `name` (a veth pair; its peer gets a
+    /// random name). The kernel here has no `dummy` driver.
+    fn foreign_link(&self, name: &str) {
+        let peer = format!("vp{}", random_hex(4));
+        self.sh(&[
+            "ip", "link", "add", name, "type", "veth", "peer", "name", &peer,
+        ]);
+    }
+
+    fn link_exists(&self, name: &str) -> bool {
+        self.run(&["ip", "link", "show", "dev", name]).0
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// The test's links must never show up in the test process's own
+/// (the host's) namespace.
+fn assert_not_on_host(name: &str) {
+    let out = Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{name} leaked into the host namespace"
+    );
+}
+
+#[tokio::test]
+async fn tap_create_persist_reopen_list_delete() {
+    require_root!();
+    let ns = TestNs::new();
+    let mut config = ns.config();
+    config.tap_owner = Some(4242);
+    let net = Network::open(config).await.unwrap();
+    let bridge = net.ensure().await.unwrap();
+    let vm = vm_id();
+
+    let tap = net.create_tap(&vm, 0).await.unwrap();
+    assert_eq!(tap.name, format!("kt{vm}0"));
+    assert_eq!(tap.outcome, TapOutcome::Created);
+    let flags = kiln_net::tap::flags(&tap.fd).unwrap();
+    let want = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    assert_eq!(flags & want, want, "flags {flags:#x}");
+    let details = ns.sh(&["ip", "-d", "link", "show", "dev", &tap.name]);
+    assert!(
+        details.contains("tun type tap pi off vnet_hdr on persist on"),
+        "{details}"
+    );
+    assert!(details.contains("user 4242"), "{details}");
+    assert!(
+        details.contains(&format!("master {}", bridge.name)),
+        "{details}"
+    );
+    assert!(details.contains(",UP"), "{details}");
+    assert_not_on_host(&tap.name);
+
+    // Held by a "QEMU": a second open is refused, not stolen.
+    match net.create_tap(&vm, 0).await {
+        Err(NetError::Tap(TapError::Busy { name })) => assert_eq!(name, tap.name),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    // Persistent: survives its descriptor, and is reattached.
+    let index = tap.index;
+    drop(tap);
+    assert!(ns.link_exists(&format!("kt{vm}0")));
+    let again = net.create_tap(&vm, 0).await.unwrap();
+    assert_eq!(again.outcome, TapOutcome::Reopened);
+    assert_eq!(again.index, index);
+    drop(again);
+
+    let second = net.create_tap(&vm, 1).await.unwrap();
+    let mut listed = net.taps().await.unwrap();
+    listed.sort_by_key(|t| t.nic);
+    assert_eq!(listed.len(), 2);
+    assert_eq!((listed[0].vm_id.as_str(), listed[0].nic), (vm.as_str(), 0));
+    assert_eq!((listed[1].vm_id.as_str(), listed[1].nic), (vm.as_str(), 1));
+    assert!(listed
+        .iter()
+        .all(|t| t.master == Some(bridge.index) && t.up));
+
+    // Deleting works while the descriptor is still held (QEMU running).
+    assert_eq!(net.delete_tap(&vm, 1).await.unwrap(), Removal::Deleted);
+    assert!(!ns.link_exists(&second.name));
+    assert_eq!(net.delete_tap(&vm, 1).await.unwrap(), Removal::AlreadyGone);
+    assert_eq!(net.delete_tap(&vm, 0).await.unwrap(), Removal::Deleted);
+    assert!(net.taps().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bridge_gets_the_gateway_once_and_is_found_again() {
+    require_root!();
+    let ns = TestNs::new();
+    let mut config = ns.config();
+    config.subnet = "10.77.8.0/24".parse().unwrap();
+    config.mtu = Some(1400);
+    let net = Network::open(config.clone()).await.unwrap();
+    let first = net.ensure().await.unwrap();
+    assert!(first.created);
+    let second = net.ensure().await.unwrap();
+    assert!(!second.created);
+    assert_eq!(first.index, second.index);
+    let addrs = ns.sh(&["ip", "-4", "-o", "addr", "show", "dev", &config.bridge]);
+    assert_eq!(addrs.matches("inet 10.77.8.1/24").count(), 1, "{addrs}");
+    let details = ns.sh(&["ip", "-d", "link", "show", "dev", &config.bridge]);
+    assert!(
+        details.contains("mtu 1400") && details.contains(",UP") && details.contains("bridge "),
+        "{details}"
+    );
+    assert_not_on_host(&config.bridge);
+
+    // A TAP takes the bridge's MTU and is enslaved.
+    let tap = net.create_tap(&vm_id(), 0).await.unwrap();
+    let details = ns.sh(&["ip", "-d", "link", "show", "dev", &tap.name]);
+    assert!(
+        details.contains("mtu 1400") && details.contains(&format!("master {}", config.bridge)),
+        "{details}"
+    );
+
+    // teardown removes bridge, TAPs and table.
+    drop(tap);
+    let cleanup = net.teardown().await.unwrap();
+    assert_eq!(cleanup.taps.len(), 1);
+    assert!(!ns.link_exists(&config.bridge));
+    assert!(!ns.run(&["nft", "list", "table", "inet", "kiln"]).0);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_named_error_and_creates_nothing() {
+    require_root!();
+    let ns = TestNs::new();
+    let links_before = ns.sh(&["ip", "-o", "link"]);
+
+    // Bridge name too long: refused before anything happens.
+    let mut config = ns.config();
+    config.bridge = "kiln-bridge-too-long".into();
+    match Network::open(config).await {
+        Err(e @ NetError::InvalidBridgeName { .. }) => {
+            assert_eq!(e.kind(), kiln_net::ErrorKind::InvalidInput)
+        }
+        other => panic!("expected InvalidBridgeName, got {other:?}"),
+    }
+
+    // A foreign link with the bridge's name is not taken over.
+    let config = ns.config();
+    ns.foreign_link(&config.bridge);
+    let net = Network::open(config.clone()).await.unwrap();
+    assert!(matches!(
+        net.ensure().await,
+        Err(NetError::NotABridge { .. })
+    ));
+    let foreign = ns.sh(&["ip", "-d", "link", "show", "dev", &config.bridge]);
+    assert!(foreign.contains("veth"), "{foreign}");
+    assert!(
+        !ns.run(&["nft", "list", "table", "inet", "kiln"]).0,
+        "table made anyway"
+    );
+    ns.sh(&["ip", "link", "del", &config.bridge]);
+
+    // A subnet already on another interface is refused.
+    ns.foreign_link("other0");
+    ns.sh(&["ip", "addr", "add", "10.77.0.9/16", "dev", "other0"]);
+    match net.ensure().await {
+        Err(NetError::SubnetInUse { link, .. }) => assert_eq!(link, "other0"),
+        other => panic!("expected SubnetInUse, got {other:?}"),
+    }
+    assert!(!ns.link_exists(&config.bridge));
+    assert!(
+        !ns.run(&["nft", "list", "table", "inet", "kiln"]).0,
+        "table made anyway"
+    );
+    ns.sh(&["ip", "link", "del", "other0"]);
+
+    // No bridge yet: no TAP either.
+    assert!(matches!(
+        net.create_tap(&vm_id(), 0).await,
+        Err(NetError::BridgeMissing { .. })
+    ));
+    assert_eq!(ns.sh(&["ip", "-o", "link"]), links_before);
+
+    net.ensure().await.unwrap();
+    // A TAP name held by a non-TAP link is not touched.
+    let vm = vm_id();
+    ns.foreign_link(&format!("kt{vm}0"));
+    assert!(matches!(
+        net.create_tap(&vm, 0).await,
+        Err(NetError::NotATap { .. })
+    ));
+    assert!(matches!(
+        net.delete_tap(&vm, 0).await,
+        Err(NetError::NotATap { .. })
+    ));
+    assert!(ns.link_exists(&format!("kt{vm}0")));
+    // Bad VM id / NIC index.
+    assert!(matches!(
+        net.create_tap("NOPE", 0).await,
+        Err(NetError::Name(_))
+    ));
+    assert!(matches!(
+        net.create_tap(&vm, 40).await,
+        Err(NetError::Name(_))
+    ));
+
+    // Forward to an address outside the subnet, or a port already taken.
+    let outside = PortForward {
+        vm_id: vm.clone(),
+        protocol: Protocol::Tcp,
+        host_port: 8080,
+        address: Ipv4Addr::new(192, 0, 2, 1),
+        port: 80,
+    };
+    assert!(matches!(
+        net.add_forward(outside).await,
+        Err(NetError::Ipam(IpamError::OutsideSubnet { .. }))
+    ));
+    assert!(net.forwards().await.unwrap().is_empty());
+    let fwd = PortForward {
+        vm_id: vm.clone(),
+        protocol: Protocol::Tcp,
+        host_port: 8080,
+        address: Ipv4Addr::new(10, 77, 0, 5),
+        port: 80,
+    };
+    net.add_forward(fwd.clone()).await.unwrap();
+    let rules_before = ns.sh(&["nft", "list", "table", "inet", "kiln"]);
+    let taken = PortForward {
+        vm_id: vm_id(),
+        port: 81,
+        address: Ipv4Addr::new(10, 77, 0, 6),
+        ..fwd
+    };
+    match net.add_forward(taken).await {
+        Err(e @ NetError::Firewall(kiln_net::FirewallError::PortInUse { .. })) => {
+            assert_eq!(e.kind(), kiln_net::ErrorKind::Conflict);
+            assert!(e.to_string().contains(&vm), "{e}");
+        }
+        other => panic!("expected PortInUse, got {other:?}"),
+    }
+    assert_eq!(
+        ns.sh(&["nft", "list", "table", "inet", "kiln"]),
+        rules_before
+    );
+}
+
+#[tokio::test]
+async fn nft_masquerade_and_forwards_by_vm_leave_other_tables_alone() {
+    require_root!();
+    let ns = TestNs::new();
+    // Someone else's table, with a rule.
+    ns.sh(&["nft", "add", "table", "ip", "other"]);
+    ns.sh(&[
+        "nft",
+        "add",
+        "chain",
+        "ip",
+        "other",
+        "input",
+        "{ type filter hook input priority 0; }",
+    ]);
+    ns.sh(&[
+        "nft",
+        "add",
+        "rule",
+        "ip",
+        "other",
+        "input",
+        "tcp",
+        "dport",
+        "22",
+        "accept",
+        "comment",
+        "\"kiln:vm=000000000000;fwd=tcp/22;to=10.77.0.2:22\"",
+    ]);
+    let other_before = ns.sh(&["nft", "list", "table", "ip", "other"]);
+
+    let mut config = ns.config();
+    config.masquerade = true;
+    let net = Network::open(config).await.unwrap();
+    net.ensure().await.unwrap();
+    assert!(net.masquerading().await.unwrap());
+    let table = ns.sh(&["nft", "list", "table", "inet", "kiln"]);
+    assert!(
+        table.contains("ip saddr 10.77.0.0/24 ip daddr != 10.77.0.0/24 masquerade"),
+        "{table}"
+    );
+    assert_eq!(ns.sh(&["cat", "/proc/sys/net/ipv4/ip_forward"]).trim(), "1");
+    // ensure() is idempotent: still exactly one masquerade rule.
+    net.ensure().await.unwrap();
+    let table = ns.sh(&["nft", "list", "table", "inet", "kiln"]);
+    assert_eq!(table.matches("masquerade comment").count(), 1, "{table}");
+
+    let (a, b) = (vm_id(), vm_id());
+    let fwd = |vm: &str, protocol, host_port, last, port| PortForward {
+        vm_id: vm.to_owned(),
+        protocol,
+        host_port,
+        address: Ipv4Addr::new(10, 77, 0, last),
+        port,
+    };
+    let a1 = fwd(&a, Protocol::Tcp, 8080, 2, 80);
+    let a2 = fwd(&a, Protocol::Udp, 5353, 2, 53);
+    let b1 = fwd(&b, Protocol::Tcp, 9090, 3, 90);
+    // The same port number on the other protocol is a different forward.
+    let b2 = fwd(&b, Protocol::Udp, 8080, 3, 8080);
+    for f in [&a1, &a2, &b1, &b2] {
+        assert_eq!(
+            net.add_forward(f.clone()).await.unwrap(),
+            ForwardOutcome::Added
+        );
+    }
+    assert_eq!(
+        net.add_forward(a1.clone()).await.unwrap(),
+        ForwardOutcome::AlreadyPresent
+    );
+    let table = ns.sh(&["nft", "list", "table", "inet", "kiln"]);
+    assert!(
+        table.contains("fib daddr type local tcp dport 8080 dnat ip to 10.77.0.2:80"),
+        "{table}"
+    );
+    assert!(
+        table.contains("fib daddr type local udp dport 5353 dnat ip to 10.77.0.2:53"),
+        "{table}"
+    );
+    // Each forward is in prerouting and output.
+    assert_eq!(table.matches("dnat ip to").count(), 8, "{table}");
+    let mut listed = net.forwards().await.unwrap();
+    listed.sort_by_key(|f| (f.host_port, f.protocol));
+    assert_eq!(listed, vec![a2.clone(), a1.clone(), b2.clone(), b1.clone()]);
+
+    // Removing A removes exactly A's rules.
+    let cleanup = net.remove_vm(&a).await.unwrap();
+    let mut removed = cleanup.forwards;
+    removed.sort_by_key(|f| f.host_port);
+    assert_eq!(removed, vec![a2, a1]);
+    let mut left = net.forwards().await.unwrap();
+    left.sort_by_key(|f| f.host_port);
+    assert_eq!(left, vec![b2.clone(), b1.clone()]);
+    assert!(net.remove_vm(&a).await.unwrap().forwards.is_empty());
+    let table = ns.sh(&["nft", "list", "table", "inet", "kiln"]);
+    assert!(table.contains("masquerade"), "masquerade lost: {table}");
+
+    // Reconcile with only A "alive": B's rules go.
+    let cleanup = net.reconcile([&a]).await.unwrap();
+    assert_eq!(cleanup.forwards.len(), 2);
+    assert!(net.forwards().await.unwrap().is_empty());
+
+    // The other table was never touched (even its Kiln-looking comment).
+    assert_eq!(
+        ns.sh(&["nft", "list", "table", "ip", "other"]),
+        other_before
+    );
+    net.teardown().await.unwrap();
+    assert_eq!(
+        ns.sh(&["nft", "list", "table", "ip", "other"]),
+        other_before
+    );
+}
+
+#[tokio::test]
+async fn reconcile_removes_orphan_taps_only() {
+    require_root!();
+    let ns = TestNs::new();
+    let net = Network::open(ns.config()).await.unwrap();
+    net.ensure().await.unwrap();
+    let (live, dead) = (vm_id(), vm_id());
+    let held = net.create_tap(&live, 0).await.unwrap();
+    drop(net.create_tap(&live, 1).await.unwrap());
+    let dead_tap = net.create_tap(&dead, 0).await.unwrap();
+    net.add_forward(PortForward {
+        vm_id: dead.clone(),
+        protocol: Protocol::Tcp,
+        host_port: 2222,
+        address: Ipv4Addr::new(10, 77, 0, 9),
+        port: 22,
+    })
+    .await
+    .unwrap();
+    // Not Kiln's: a TAP with another name, a TUN and a veth with Kiln-like
+    // names.
+    ns.sh(&["ip", "tuntap", "add", "dev", "othertap", "mode", "tap"]);
+    let tun = format!("kt{}0", vm_id());
+    ns.sh(&["ip", "tuntap", "add", "dev", &tun, "mode", "tun"]);
+    let fake = format!("kt{}0", vm_id());
+    ns.foreign_link(&fake);
+
+    let cleanup = net.reconcile([&live]).await.unwrap();
+    assert_eq!(cleanup.taps, vec![dead_tap.name.clone()]);
+    assert_eq!(cleanup.forwards.len(), 1);
+    assert!(!ns.link_exists(&dead_tap.name));
+    assert!(ns.link_exists(&held.name));
+    assert!(ns.link_exists(&format!("kt{live}1")));
+    assert!(ns.link_exists("othertap"));
+    assert!(ns.link_exists(&fake));
+    assert!(ns.link_exists(&tun));
+    let names: Vec<String> = net
+        .taps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[tokio::test]
+async fn tap_in_a_named_namespace_for_cni() {
+    require_root!();
+    let ns = TestNs::new();
+    let name = format!("cni{}", random_hex(3));
+    let (fd, outcome) = create_tap_in(Some(&ns.path()), &name, TapOwner::default())
+        .await
+        .unwrap();
+    assert_eq!(outcome, TapOutcome::Created);
+    assert!(ns.link_exists(&name));
+    assert_not_on_host(&name);
+    drop(fd);
+    assert!(ns.link_exists(&name), "not persistent");
+    let (_fd, outcome) = create_tap_in(Some(&ns.path()), &name, TapOwner::default())
+        .await
+        .unwrap();
+    assert_eq!(outcome, TapOutcome::Reopened);
+    // A namespace that does not exist is a named error.
+    assert!(matches!(
+        create_tap_in(
+            Some(&PathBuf::from("/run/netns/kiln-t-none")),
+            &name,
+            TapOwner::default()
+        )
+        .await,
+        Err(NetError::Netns(kiln_net::NetnsError::Open { .. }))
+    ));
+}
