@@ -9,7 +9,8 @@
 set -euo pipefail
 
 # Packages taken from trixie when the host is bookworm.
-TRIXIE_PACKAGES=(qemu-system-x86 qemu-utils systemd systemd-container mmdebstrap erofs-utils)
+# qemu-system-modules-opengl: virtio-gpu-gl and egl-headless for GPU pools (docs/gpu.md).
+TRIXIE_PACKAGES=(qemu-system-x86 qemu-system-modules-opengl qemu-utils systemd systemd-container mmdebstrap erofs-utils)
 # Packages the host's own release provides well enough.
 BASE_PACKAGES=(dbus iproute2 nftables xz-utils zstd python3 make gcc pkg-config ca-certificates
                procps psmisc util-linux kmod jq)
