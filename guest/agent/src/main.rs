@@ -16,6 +16,7 @@ mod frame;
 mod identity;
 mod init;
 mod log;
+mod network;
 mod params;
 mod port;
 mod service;

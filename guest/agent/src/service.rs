@@ -2,8 +2,8 @@
 //! `io.kiln.Agent` and `org.varlink.service` (introspection).
 
 use kiln_agent_proto::{
-    error, method, Call, ExecRequest, FailureParameters, PingReply, PingRequest, Reply,
-    SetIdentityRequest, INTERFACE,
+    error, method, Call, ConfigureNetworkRequest, ExecRequest, FailureParameters,
+    NoSuchInterfaceParameters, PingReply, PingRequest, Reply, SetIdentityRequest, INTERFACE,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use crate::exec::{self, Plan, SpawnFailed};
 use crate::frame::Frame;
 use crate::identity::Identity;
+use crate::network::{NetworkFailure, NetworkPlan};
 use crate::params::{self, InvalidParameter};
 use crate::sys;
 
@@ -116,6 +117,16 @@ pub fn dispatch(call: &Call) -> (Reply, After) {
             .map(|identity| match identity.apply() {
                 Ok(()) => ok(&json!({})),
                 Err(e) => failure(error::IDENTITY_FAILED, e.0),
+            }),
+        method::CONFIGURE_NETWORK => params::decode::<ConfigureNetworkRequest>(params)
+            .and_then(NetworkPlan::new)
+            .map(|plan| match plan.apply() {
+                Ok(reply) => ok(&reply),
+                Err(NetworkFailure::NoSuchInterface(mac)) => error_reply(
+                    error::NO_SUCH_INTERFACE,
+                    json!(NoSuchInterfaceParameters { mac }),
+                ),
+                Err(NetworkFailure::Failed(message)) => failure(error::NETWORK_FAILED, message),
             }),
         method::SHUTDOWN => {
             return (ok(&json!({})), After::PowerOff);
@@ -229,6 +240,14 @@ mod tests {
         let (reply, _) =
             call(r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{"machineId":"x"}}"#);
         assert_eq!(reply["parameters"]["parameter"], "machineId");
+        let (reply, _) = call(
+            r#"{"method":"io.kiln.Agent.ConfigureNetwork","parameters":{"interfaces":[{"mac":"nope"}]}}"#,
+        );
+        assert_eq!(reply["error"], error::INVALID_PARAMETER);
+        assert_eq!(reply["parameters"]["parameter"], "interfaces");
+        let (reply, _) =
+            call(r#"{"method":"io.kiln.Agent.ConfigureNetwork","parameters":{"dns":[]}}"#);
+        assert_eq!(reply["parameters"]["parameter"], "interfaces");
     }
 
     #[test]
@@ -279,6 +298,7 @@ mod tests {
             method::SET_IDENTITY,
             method::SHUTDOWN,
             method::REBOOT,
+            method::CONFIGURE_NETWORK,
         ] {
             let short = m.rsplit('.').next().unwrap_or_default();
             assert!(AGENT_IDL.contains(&format!("method {short}(")), "{m}");

@@ -78,6 +78,9 @@ pub mod method {
     pub const SHUTDOWN: &str = "io.kiln.Agent.Shutdown";
     /// `Reboot() -> ()`: replies, syncs, then reboots.
     pub const REBOOT: &str = "io.kiln.Agent.Reboot";
+    /// `ConfigureNetwork(ConfigureNetworkRequest) -> ConfigureNetworkReply`:
+    /// MACs, addresses, MTU, default route and DNS of the guest's NICs.
+    pub const CONFIGURE_NETWORK: &str = "io.kiln.Agent.ConfigureNetwork";
 }
 
 /// Fully qualified error names.
@@ -90,6 +93,10 @@ pub mod error {
     pub const METHOD_NOT_FOUND: &str = "org.varlink.service.MethodNotFound";
     /// Setting the identity failed (hostname, machine id or entropy).
     pub const IDENTITY_FAILED: &str = "io.kiln.Agent.IdentityFailed";
+    /// No guest interface has the MAC (nor the previous MAC) asked for.
+    pub const NO_SUCH_INTERFACE: &str = "io.kiln.Agent.NoSuchInterface";
+    /// Configuring the network failed in a system call.
+    pub const NETWORK_FAILED: &str = "io.kiln.Agent.NetworkFailed";
 }
 
 /// A varlink call.
@@ -206,7 +213,79 @@ pub struct SetIdentityRequest {
     pub entropy_hex: Option<String>,
 }
 
-/// Error parameters of `ExecFailed` and `IdentityFailed`.
+/// Largest number of interfaces one `ConfigureNetwork` call may name.
+pub const MAX_NETWORK_INTERFACES: usize = 64;
+
+/// One guest NIC in `ConfigureNetwork`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkInterface {
+    /// The MAC the interface must have (`02:6b:…`). The interface is found
+    /// by this MAC or by [`NetworkInterface::previous_mac`].
+    pub mac: String,
+    /// A MAC the interface may still carry: a template clone's NIC keeps
+    /// the template's MAC until it is told otherwise (the MAC is part of
+    /// the migrated device state; see docs/networking.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_mac: Option<String>,
+    /// IPv4 address (`10.77.0.5`); it replaces the interface's primary
+    /// IPv4 address. Absent: the primary IPv4 address is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Prefix length of `address` (required with it), 1 to 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_length: Option<u8>,
+    /// MTU, 68 to 65535; absent: left as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+}
+
+/// Parameters of `ConfigureNetwork`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigureNetworkRequest {
+    /// The NICs to configure; each is set down, given its MAC, MTU and
+    /// address, then set up (which announces the address with a gratuitous
+    /// ARP).
+    pub interfaces: Vec<NetworkInterface>,
+    /// Default gateway (IPv4); it must be inside the subnet of one of
+    /// `interfaces`. Replaces any default route. Absent: no default route
+    /// is added (reconfiguring an interface drops the routes through it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Name servers (IPv4 or IPv6), written to `/etc/resolv.conf`. Absent:
+    /// the file is left alone; empty: it is emptied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<String>>,
+}
+
+/// A NIC as `ConfigureNetwork` left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfiguredInterface {
+    /// Interface name in the guest (`eth0`).
+    pub name: String,
+    /// Its MAC now.
+    pub mac: String,
+}
+
+/// Reply of `ConfigureNetwork`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigureNetworkReply {
+    /// The interfaces, in request order.
+    pub interfaces: Vec<ConfiguredInterface>,
+}
+
+/// Error parameters of `NoSuchInterface`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NoSuchInterfaceParameters {
+    /// The MAC asked for.
+    pub mac: String,
+}
+
+/// Error parameters of `ExecFailed`, `IdentityFailed` and `NetworkFailed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FailureParameters {
@@ -256,5 +335,25 @@ mod tests {
         let json = serde_json::to_value(&reply).expect("json");
         assert_eq!(json["exitCode"], 3);
         assert_eq!(json["timedOut"], true);
+    }
+
+    #[test]
+    fn configure_network_wire_form() {
+        let req: ConfigureNetworkRequest = serde_json::from_value(serde_json::json!({
+            "interfaces": [{"mac": "02:00:00:00:00:0b", "previousMac": "02:00:00:00:00:0a",
+                            "address": "10.77.0.5", "prefixLength": 24, "mtu": 1400}],
+            "gateway": "10.77.0.1",
+            "dns": ["10.77.0.1"]
+        }))
+        .expect("request");
+        assert_eq!(
+            req.interfaces[0].previous_mac.as_deref(),
+            Some("02:00:00:00:00:0a")
+        );
+        assert_eq!(req.interfaces[0].prefix_length, Some(24));
+        let minimal: ConfigureNetworkRequest =
+            serde_json::from_value(serde_json::json!({"interfaces": []})).expect("minimal");
+        assert_eq!(minimal.dns, None);
+        assert_eq!(minimal.gateway, None);
     }
 }
