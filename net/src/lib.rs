@@ -337,13 +337,7 @@ impl Network {
                 has_gateway = true;
                 continue;
             }
-            let Ok(theirs) = Ipv4Net::new(
-                Ipv4Addr::from(u32::from(a.address) & prefix_mask(a.prefix_len)),
-                a.prefix_len.clamp(ipam::MIN_PREFIX, ipam::MAX_PREFIX),
-            ) else {
-                continue;
-            };
-            if !ours && (theirs.overlaps(&subnet) || subnet.contains(a.address)) {
+            if !ours && overlaps(a.address, a.prefix_len, subnet) {
                 let link = link::by_index(&self.netlink, a.index)
                     .await?
                     .map_or_else(|| a.index.to_string(), |l| l.name);
@@ -609,6 +603,13 @@ impl Network {
     }
 }
 
+/// Whether `address/prefix_len` (an address on some link) shares any
+/// address with `subnet`: compare under the shorter of the two prefixes.
+fn overlaps(address: Ipv4Addr, prefix_len: u8, subnet: Ipv4Net) -> bool {
+    let mask = prefix_mask(prefix_len.min(subnet.prefix_len()));
+    u32::from(address) & mask == u32::from(subnet.network()) & mask
+}
+
 fn prefix_mask(prefix_len: u8) -> u32 {
     u32::MAX
         .checked_shl(32 - u32::from(prefix_len.min(32)))
@@ -642,6 +643,19 @@ mod tests {
         assert_eq!(prefix_mask(0), 0);
         assert_eq!(prefix_mask(24), 0xffff_ff00);
         assert_eq!(prefix_mask(32), u32::MAX);
+    }
+
+    #[test]
+    fn overlap_of_link_addresses_with_the_subnet() {
+        let subnet: Ipv4Net = "10.77.0.0/24".parse().unwrap();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert!(overlaps(ip("10.77.0.9"), 32, subnet));
+        assert!(overlaps(ip("10.77.0.9"), 16, subnet));
+        assert!(overlaps(ip("10.1.2.3"), 8, subnet));
+        assert!(overlaps(ip("10.77.0.129"), 25, subnet));
+        assert!(!overlaps(ip("10.77.1.1"), 24, subnet));
+        assert!(!overlaps(ip("127.0.0.1"), 8, subnet));
+        assert!(!overlaps(ip("10.76.255.255"), 32, subnet));
     }
 
     #[test]

@@ -266,6 +266,13 @@ async fn bad_input_is_a_named_error_and_creates_nothing() {
         Err(NetError::SubnetInUse { link, .. }) => assert_eq!(link, "other0"),
         other => panic!("expected SubnetInUse, got {other:?}"),
     }
+    // Also a single host address inside the subnet.
+    ns.sh(&["ip", "addr", "flush", "dev", "other0"]);
+    ns.sh(&["ip", "addr", "add", "10.77.0.200/32", "dev", "other0"]);
+    assert!(matches!(
+        net.ensure().await,
+        Err(NetError::SubnetInUse { prefix_len: 32, .. })
+    ));
     assert!(!ns.link_exists(&config.bridge));
     assert!(
         !ns.run(&["nft", "list", "table", "inet", "kiln"]).0,
