@@ -63,6 +63,13 @@ impl Kiln {
         let address = line.trim().to_owned();
         assert!(address.starts_with("unix:"), "dbus-daemon said {line:?}");
         kilnd.append_config(&format!("dbus = \"{address}\"\npolkit = {polkit}\n"));
+        // Two render nodes (a tree made with mknod), for the GPU objects.
+        let gpu_root = dir.join("gpu-tree");
+        common::fake_gpu_tree(&gpu_root);
+        kilnd.append_config(&format!(
+            "gpu_sysfs_root = \"{0}/sys\"\ngpu_dev_root = \"{0}/dev\"\n",
+            gpu_root.display()
+        ));
         let mut kiln = Self {
             kilnd,
             bus,
@@ -533,6 +540,7 @@ fn dbus_introspection_matches_the_committed_xml() {
         (MANAGER, "io.kiln.Kiln1.Manager.xml"),
         (path.as_str(), "io.kiln.Kiln1.VM.xml"),
         (pool.as_str(), "io.kiln.Kiln1.Pool.xml"),
+        ("/io/kiln/Kiln1/gpu/renderD128", "io.kiln.Kiln1.Gpu.xml"),
     ] {
         let live = k.introspect_xml(object);
         if std::env::var_os("KILN_UPDATE_XML").is_some() {
@@ -547,6 +555,23 @@ fn dbus_introspection_matches_the_committed_xml() {
             "live {object} differs from dbus/{file}; regenerate it with KILN_UPDATE_XML=1 cargo nextest run dbus_introspection"
         );
     }
+    let gpus: Vec<String> =
+        serde_json::from_value(k.call(MANAGER, MANAGER_IF, "ListGPUs", &[])[0].clone()).unwrap();
+    assert_eq!(
+        gpus,
+        [
+            "/io/kiln/Kiln1/gpu/renderD128",
+            "/io/kiln/Kiln1/gpu/renderD129"
+        ]
+    );
+    assert_eq!(
+        k.prop(
+            "/io/kiln/Kiln1/gpu/renderD129",
+            "io.kiln.Kiln1.Gpu",
+            "Vendor"
+        ),
+        "0x1002"
+    );
     // The root carries the ObjectManager.
     assert!(k
         .introspect_xml("/io/kiln/Kiln1")

@@ -43,6 +43,8 @@ pub enum KilnError {
     NoSuchPool(String),
     /// The pool owns `max` VMs and none can come free.
     PoolExhausted(String),
+    /// No render node can serve the VM's GPU request.
+    NoGpuAvailable(String),
     /// kilnd is shutting down.
     ShuttingDown(String),
     /// The caller may not do this.
@@ -70,6 +72,7 @@ impl From<EngineError> for KilnError {
             EngineError::NoSuchPool(_) => Self::NoSuchPool(message),
             EngineError::InvalidPool(_) => Self::InvalidSpec(message),
             EngineError::PoolExhausted { .. } => Self::PoolExhausted(message),
+            EngineError::NoGpuAvailable(_) => Self::NoGpuAvailable(message),
             EngineError::ShuttingDown => Self::ShuttingDown(message),
         }
     }

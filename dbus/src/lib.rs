@@ -11,7 +11,9 @@
 //!   engine reports VMs (InterfacesAdded/Removed), PropertiesChanged on
 //!   every change;
 //! - `/io/kiln/Kiln1/pool/<escaped name>`: `io.kiln.Kiln1.Pool`, the same
-//!   way for pools.
+//!   way for pools;
+//! - `/io/kiln/Kiln1/gpu/<name>`: `io.kiln.Kiln1.Gpu`, one per host render
+//!   node, with its holders.
 //!
 //! One task mirrors engine events onto the object server; handlers hold no
 //! locks across engine calls.
@@ -21,6 +23,7 @@
 
 mod auth;
 mod error;
+mod gpu;
 mod manager;
 mod objects;
 mod pool;
@@ -46,6 +49,7 @@ pub const MANAGER_PATH: &str = "/io/kiln/Kiln1/Manager";
 pub const VM_PATH_PREFIX: &str = "/io/kiln/Kiln1/vm";
 /// Manager interface name.
 pub const MANAGER_INTERFACE: &str = "io.kiln.Kiln1.Manager";
+pub use gpu::{GPU_INTERFACE, GPU_PATH_PREFIX};
 pub use pool::{POOL_INTERFACE, POOL_PATH_PREFIX};
 pub use vm::VM_INTERFACE;
 

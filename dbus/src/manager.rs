@@ -149,6 +149,15 @@ impl Manager {
             .collect()
     }
 
+    /// Object paths of the host's GPU render nodes.
+    #[zbus(name = "ListGPUs", out_args("gpus"))]
+    async fn list_gpus(&self) -> Result<Vec<OwnedObjectPath>, KilnError> {
+        let gpus = self.engine.list_gpus().await?;
+        gpus.iter()
+            .map(|g| crate::gpu::gpu_path(&g.node.name).map_err(|e| KilnError::ZBus(e.into())))
+            .collect()
+    }
+
     /// Lease the oldest hot VM of `pool` (waiting up to `timeoutMs` for one
     /// to boot). `options`: `timeoutMs` (integer), `labels` (`a{ss}`).
     /// Returns the VM's object path.

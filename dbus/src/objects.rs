@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use kiln_engine::{EngineEvent, EngineHandle, PoolInfo, VmInfo};
+use kiln_engine::{EngineEvent, EngineHandle, GpuInfo, PoolInfo, VmInfo};
 use tokio::sync::{broadcast, watch};
 use tracing::{debug, warn};
 use zbus::fdo::Properties;
@@ -18,6 +18,7 @@ use zbus::zvariant::{OwnedObjectPath, Value};
 use zbus::ObjectServer;
 
 use crate::auth::Authorizer;
+use crate::gpu::Gpu;
 use crate::pool::Pool;
 use crate::vm::Vm;
 use crate::VM_PATH_PREFIX;
@@ -135,6 +136,7 @@ pub async fn unexport_pool(server: &ObjectServer, name: &str) {
 pub struct Exported {
     vms: HashSet<String>,
     pools: HashSet<String>,
+    gpus: HashSet<String>,
 }
 
 /// Export every VM and pool the engine has and drop objects of those it no
@@ -172,6 +174,32 @@ pub async fn resync(server: &ObjectServer, context: &Context, exported: &mut Exp
         }
         Err(e) => warn!(error = %e.message(), "dbus: cannot list pools"),
     }
+    match context.engine.list_gpus().await {
+        Ok(gpus) => sync_gpus(server, context, gpus, exported).await,
+        Err(e) => warn!(error = %e.message(), "dbus: cannot list GPUs"),
+    }
+}
+
+/// Make the GPU objects match `gpus` (the whole inventory).
+async fn sync_gpus(
+    server: &ObjectServer,
+    context: &Context,
+    gpus: Vec<GpuInfo>,
+    exported: &mut Exported,
+) {
+    let live: HashSet<String> = gpus.iter().map(|g| g.node.name.clone()).collect();
+    for name in exported.gpus.difference(&live) {
+        if let Ok(path) = crate::gpu::gpu_path(name) {
+            unexport::<Gpu>(server, path).await;
+        }
+    }
+    for gpu in gpus {
+        let name = gpu.node.name.clone();
+        if let Err(e) = upsert::<Gpu>(server, context, gpu, Missing::Export).await {
+            warn!(gpu = %name, error = %e, "dbus: cannot export GPU");
+        }
+    }
+    exported.gpus = live;
 }
 
 /// Mirror the engine's VMs and pools on the bus until the engine goes
@@ -204,6 +232,10 @@ pub async fn follow(
             Ok(EngineEvent::PoolRemoved { name }) => {
                 exported.pools.remove(&name);
                 unexport_pool(&server, &name).await;
+                Ok(())
+            }
+            Ok(EngineEvent::GpusChanged { gpus }) => {
+                sync_gpus(&server, &context, gpus, &mut exported).await;
                 Ok(())
             }
             Err(broadcast::error::RecvError::Lagged(n)) => {

@@ -20,6 +20,12 @@ pub const POOL_PATH_PREFIX: &str = "/io/kiln/Kiln1/pool";
 /// `/io/kiln/Kiln1/pool/<name>`, with every byte outside `[A-Za-z0-9]`
 /// written `_xx` (hex), as systemd escapes unit names in object paths.
 pub fn pool_path(name: &str) -> Result<OwnedObjectPath, zbus::zvariant::Error> {
+    OwnedObjectPath::try_from(format!("{POOL_PATH_PREFIX}/{}", escape_path_element(name)))
+}
+
+/// A name as an object path element: every byte outside `[A-Za-z0-9]`
+/// written `_xx` (hex).
+pub fn escape_path_element(name: &str) -> String {
     let mut escaped = String::with_capacity(name.len() * 3);
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() {
@@ -28,7 +34,7 @@ pub fn pool_path(name: &str) -> Result<OwnedObjectPath, zbus::zvariant::Error> {
             escaped.push_str(&format!("_{b:02x}"));
         }
     }
-    OwnedObjectPath::try_from(format!("{POOL_PATH_PREFIX}/{escaped}"))
+    escaped
 }
 
 /// One exported pool.

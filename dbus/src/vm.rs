@@ -85,7 +85,16 @@ pub fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
         ("Pool", s(&info.pool)),
         ("LeasedBy", s(&info.leased_by)),
         ("AcquiredAt", Value::from(info.acquired_at.unwrap_or(0))),
+        ("Gpus", Value::from(info.gpus.clone())),
+        ("Display", Value::from(display(info))),
     ]
+}
+
+fn display(info: &VmInfo) -> String {
+    serde_json::to_value(info.display)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 #[interface(name = "io.kiln.Kiln1.VM")]
@@ -285,6 +294,18 @@ impl Vm {
     #[zbus(property)]
     fn leased_by(&self) -> String {
         self.info().leased_by.clone().unwrap_or_default()
+    }
+
+    /// Render nodes leased while it runs.
+    #[zbus(property)]
+    fn gpus(&self) -> Vec<String> {
+        self.info().gpus.clone()
+    }
+
+    /// Display device (`none`, `virtio-gpu`).
+    #[zbus(property)]
+    fn display(&self) -> String {
+        display(&self.info())
     }
 
     /// When it was acquired, µs since the epoch (0 = not leased).

@@ -36,6 +36,13 @@ pub struct EngineConfig {
     /// changed through the API are kept in `<state_dir>/pools.d`, which
     /// comes after all of these.
     pub pool_dirs: Vec<PathBuf>,
+    /// Where GPU render nodes are looked up: `<root>/class/drm/renderD*`
+    /// (tests point it at a tree they build).
+    pub gpu_sysfs_root: PathBuf,
+    /// Where render node device files are: `<root>/dri/renderD*`.
+    pub gpu_dev_root: PathBuf,
+    /// How many VMs may share one render node in `shared` mode.
+    pub max_vms_per_gpu: u32,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +62,9 @@ impl Default for EngineConfig {
                 "/etc/kiln/pools.d".into(),
                 "/run/kiln/pools.d".into(),
             ],
+            gpu_sysfs_root: "/sys".into(),
+            gpu_dev_root: "/dev".into(),
+            max_vms_per_gpu: 4,
         }
     }
 }
@@ -81,6 +91,10 @@ impl EngineConfig {
         let mut layers = self.pool_dirs.clone();
         layers.push(self.api_pools_dir());
         layers
+    }
+    /// The GPU lease table.
+    pub fn gpu_leases_file(&self) -> PathBuf {
+        self.state_dir.join("gpu-leases.json")
     }
     /// Where templates of pool `pool` live.
     pub fn templates_dir(&self, pool: &str) -> PathBuf {

@@ -9,6 +9,7 @@
 //! exited, QEMU sent `SHUTDOWN`) always update the in-memory state even if
 //! the disk write fails: the next reconcile will agree with them anyway.
 
+mod gpus;
 mod pools;
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +36,7 @@ use crate::store::{create_private_dir, BrokenRecord, RecordDir};
 use crate::template::Template;
 use crate::vm::{GuestInfo, VmInfo, VmRecord};
 
+pub use self::gpus::GpuInfo;
 use self::pools::{BootSource, PoolChange};
 pub use self::pools::{
     DEFAULT_ACQUIRE_TIMEOUT, FAILED_AFTER, MAX_ACQUIRE_TIMEOUT, MAX_BACKOFF, MAX_LABELS,
@@ -148,6 +150,8 @@ pub enum Command {
         recycle: bool,
         reply: Reply<()>,
     },
+    /// Every GPU render node and who holds it.
+    ListGpus { reply: Reply<Vec<GpuInfo>> },
     /// Engine facts: accelerator, counts, broken records.
     Status { reply: Reply<EngineStatus> },
     /// Stop serving. With `stop_vms`, stop every VM first; otherwise VMs keep
@@ -187,6 +191,8 @@ pub enum EngineEvent {
     PoolChanged { pool: PoolInfo },
     /// A pool was deleted.
     PoolRemoved { name: String },
+    /// GPU nodes or their leases changed.
+    GpusChanged { gpus: Vec<GpuInfo> },
 }
 
 /// Cloneable handle to the engine.
@@ -336,6 +342,10 @@ impl EngineHandle {
         let id = id.to_owned();
         call!(self, Release { id, recycle })
     }
+    /// See [`Command::ListGpus`].
+    pub async fn list_gpus(&self) -> Result<Vec<GpuInfo>, EngineError> {
+        call!(self, ListGpus {})
+    }
     /// See [`Command::Status`].
     pub async fn status(&self) -> Result<EngineStatus, EngineError> {
         call!(self, Status {})
@@ -453,6 +463,8 @@ enum Internal {
     PoolTick {
         pool: String,
     },
+    /// The GPU watcher saw `/dev/dri` or `/sys/class/drm` change.
+    GpusChanged,
     AcquireTimeout {
         pool: String,
         ticket: u64,
@@ -478,6 +490,7 @@ pub struct Engine {
     pool_errors: Vec<PoolFileError>,
     /// Pool VM changes not yet acted on ([`Engine::settle_pools`]).
     pool_changes: Vec<PoolChange>,
+    gpus: gpus::Gpus,
 }
 
 impl Engine {
@@ -491,6 +504,8 @@ impl Engine {
         let defaults = SpecDefaults {
             kernel: config.guest_dir.join("vmlinuz"),
             initrd: config.guest_dir.join("initramfs"),
+            gpu_kernel: config.guest_dir.join("gpu/vmlinuz"),
+            gpu_initrd: config.guest_dir.join("gpu/initramfs"),
             accel,
         };
         create_private_dir(&config.runtime_dir.join("vms"))?;
@@ -515,8 +530,11 @@ impl Engine {
             pools: BTreeMap::new(),
             pool_errors: Vec::new(),
             pool_changes: Vec::new(),
+            gpus: gpus::Gpus::default(),
         };
         engine.reconcile(records).await;
+        engine.load_gpus();
+        engine.watch_gpus();
         engine.load_pools();
         engine.settle_pools();
         info!(accel = %accel, vms = engine.vms.len(), "engine ready");
@@ -601,6 +619,9 @@ impl Engine {
                 reply,
             } => self.acquire(pool, timeout, holder, labels, reply),
             Command::Release { id, recycle, reply } => self.release(&id, recycle, reply),
+            Command::ListGpus { reply } => {
+                let _ = reply.send(Ok(self.list_gpus()));
+            }
             Command::Status { reply } => {
                 let _ = reply.send(Ok(self.status()));
             }
@@ -739,6 +760,22 @@ impl Engine {
             BootSource::Cold => None,
             BootSource::Clone(t) => Some(t.dir.clone()),
         };
+        // GPUs first: without them the VM does not start at all.
+        let Some(spec) = self.vms.get(id).map(|e| e.record.spec.clone()) else {
+            return;
+        };
+        let gpu_args = match self.lease_gpus(id, &spec) {
+            Ok(args) => args,
+            Err(e) => {
+                warn!(vm = %id, error = %e.message(), "cannot start VM");
+                match reply {
+                    Some(reply) => drop(reply.send(Err(e))),
+                    None => self.pool_vm_not_started(id, e),
+                }
+                return;
+            }
+        };
+        let gpu_nodes = self.gpus_of(id);
         let result = self.update(id, |r| {
             r.state = VmState::Booting;
             r.started_at = Some(now_usec());
@@ -747,8 +784,10 @@ impl Engine {
             r.guest = None;
             r.last_error = None;
             r.template = template;
+            r.gpus = gpu_nodes;
         });
         if let Err(e) = result {
+            self.release_gpus(id);
             if let Some(reply) = reply {
                 let _ = reply.send(Err(e));
             }
@@ -766,6 +805,7 @@ impl Engine {
         };
         let mut launch = self.launch_for_spec(id, &record.spec, &runtime_dir, memory);
         launch.incoming = restore.is_some();
+        launch.gpu = gpu_args;
         let identity = record.pool.is_some().then(|| fresh_identity(&record.name));
         let Some(entry) = self.vms.get_mut(id) else {
             return;
@@ -826,7 +866,11 @@ impl Engine {
         QemuLaunch {
             binary: self.config.qemu_binary.clone(),
             vm_id: id.to_owned(),
-            machine: Machine::Microvm,
+            machine: if spec.needs_gpu_machine() {
+                Machine::Q35
+            } else {
+                Machine::Microvm
+            },
             accel: spec.accel,
             tcg_tb_size_mib: self.config.tcg_tb_size_mib,
             vcpus: spec.vcpus,
@@ -840,7 +884,26 @@ impl Engine {
             pid_file: runtime_dir.join("qemu.pid"),
             memory,
             incoming: false,
+            gpu: Vec::new(),
         }
+    }
+
+    /// Follow `/dev/dri` and `/sys/class/drm` for GPU hot-plug.
+    fn watch_gpus(&self) {
+        let watcher =
+            kiln_gpu::GpuWatcher::new(&self.config.gpu_sysfs_root, &self.config.gpu_dev_root);
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => return debug!(error = %e, "not watching GPU render nodes"),
+        };
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            while watcher.changed().await.is_ok() {
+                if tx.send(Internal::GpusChanged).is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     fn next_generation(&mut self) -> u64 {
@@ -1021,6 +1084,7 @@ impl Engine {
     fn remove_vm(&mut self, id: &str) -> Result<(), EngineError> {
         self.store.remove(id)?;
         remove_runtime_dir(&self.config.vm_runtime_dir(id));
+        self.release_gpus(id);
         if let Some(entry) = self.vms.remove(id) {
             self.note_pool_change(&entry.record, entry.record.state, true);
             for waiter in entry.ready_waiters {
@@ -1146,6 +1210,7 @@ impl Engine {
                 result,
             } => self.template_built(&pool, generation, key, result),
             Internal::PoolTick { pool } => self.pool_tick(&pool),
+            Internal::GpusChanged => self.rescan_gpus(),
             Internal::AcquireTimeout {
                 pool,
                 ticket,
@@ -1290,10 +1355,12 @@ impl Engine {
         if state != next && state.check_transition(next).is_err() {
             warn!(vm = %id, from = %state, to = %next, "unexpected transition on exit");
         }
+        self.release_gpus(id);
         self.record_fact(id, |r| {
             r.state = next;
             r.pid = None;
             r.template = None;
+            r.gpus.clear();
             if error.is_some() {
                 r.last_error = error;
             }

@@ -83,6 +83,9 @@ pub enum EngineError {
         /// Its cap.
         max: u32,
     },
+    /// No render node can serve the VM's GPU request.
+    #[error("no GPU available: {0}")]
+    NoGpuAvailable(String),
     /// The engine is shutting down.
     #[error("kilnd is shutting down")]
     ShuttingDown,
@@ -109,6 +112,7 @@ impl EngineError {
             Self::NoSuchPool(_) => "NoSuchPool",
             Self::InvalidPool(_) => "InvalidSpec",
             Self::PoolExhausted { .. } => "PoolExhausted",
+            Self::NoGpuAvailable(_) => "NoGpuAvailable",
             Self::ShuttingDown => "ShuttingDown",
         }
     }

@@ -31,7 +31,7 @@ pub mod vm;
 
 pub use accel::Accel;
 pub use config::EngineConfig;
-pub use engine::{Command, Engine, EngineEvent, EngineHandle};
+pub use engine::{Command, Engine, EngineEvent, EngineHandle, GpuInfo};
 pub use error::EngineError;
 pub use pool::{PoolInfo, PoolMode, PoolSpec, PoolState};
 pub use spec::VmSpec;

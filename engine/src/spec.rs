@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use kiln_gpu::GpuRequest;
+
 use crate::accel::Accel;
 
 /// A VM as requested: everything optional has a default.
@@ -34,6 +36,25 @@ pub struct VmSpec {
     /// Accelerator for this VM; defaults to the daemon's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<Accel>,
+    /// Host GPU render nodes to lease: a count, or `{count, vendor?, node?,
+    /// mode?}`. Such VMs use the `q35` machine and the GPU guest image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<GpuRequest>,
+    /// Display device without a host GPU: `none` (default) or `virtio-gpu`
+    /// (2D; the guest gets a DRM device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<Display>,
+}
+
+/// A display device that needs no host GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Display {
+    /// No display device.
+    #[default]
+    None,
+    /// 2D `virtio-gpu-pci`.
+    VirtioGpu,
 }
 
 /// A validated spec with every default filled in: what is persisted.
@@ -54,6 +75,19 @@ pub struct ResolvedSpec {
     pub cmdline: String,
     /// Accelerator.
     pub accel: Accel,
+    /// GPU render nodes leased at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<GpuRequest>,
+    /// Display device.
+    #[serde(default)]
+    pub display: Display,
+}
+
+impl ResolvedSpec {
+    /// Whether the VM needs a PCI machine and the GPU guest image.
+    pub fn needs_gpu_machine(&self) -> bool {
+        self.gpus.is_some() || self.display != Display::None
+    }
 }
 
 /// Bounds every request is checked against.
@@ -97,6 +131,9 @@ pub enum SpecError {
     /// Command line too long or with control characters.
     #[error("cmdline must be at most {MAX_CMDLINE_LEN} printable characters")]
     Cmdline,
+    /// The GPU request is not acceptable.
+    #[error("gpus: {0}")]
+    Gpus(String),
 }
 
 /// Check a VM or pool name.
@@ -125,6 +162,11 @@ pub struct SpecDefaults {
     pub initrd: PathBuf,
     /// Daemon accelerator (already auto-detected).
     pub accel: Accel,
+    /// Kernel of GPU and display VMs (the generic kernel has DRM; the
+    /// cloud kernel has none).
+    pub gpu_kernel: PathBuf,
+    /// Initramfs of GPU and display VMs.
+    pub gpu_initrd: PathBuf,
 }
 
 impl VmSpec {
@@ -149,8 +191,25 @@ impl VmSpec {
                 max: limits.max_memory_mib,
             });
         }
-        let kernel = checked_file("kernel", self.kernel.as_deref().unwrap_or(&defaults.kernel))?;
-        let initrd = checked_file("initrd", self.initrd.as_deref().unwrap_or(&defaults.initrd))?;
+        if let Some(gpus) = &self.gpus {
+            gpus.validate()
+                .map_err(|e| SpecError::Gpus(e.to_string()))?;
+            // QEMU takes one render node per VM (one egl-headless display).
+            if gpus.count > kiln_gpu::qemu::QEMU_MAX_RENDER_NODES as u32 {
+                return Err(SpecError::Gpus(format!(
+                    "at most {} render node per VM",
+                    kiln_gpu::qemu::QEMU_MAX_RENDER_NODES
+                )));
+            }
+        }
+        let gpu_machine = self.gpus.is_some() || self.display.unwrap_or_default() != Display::None;
+        let (default_kernel, default_initrd) = if gpu_machine {
+            (&defaults.gpu_kernel, &defaults.gpu_initrd)
+        } else {
+            (&defaults.kernel, &defaults.initrd)
+        };
+        let kernel = checked_file("kernel", self.kernel.as_deref().unwrap_or(default_kernel))?;
+        let initrd = checked_file("initrd", self.initrd.as_deref().unwrap_or(default_initrd))?;
         let cmdline = self.cmdline.clone().unwrap_or_default();
         if cmdline.len() > MAX_CMDLINE_LEN || cmdline.chars().any(char::is_control) {
             return Err(SpecError::Cmdline);
@@ -162,6 +221,8 @@ impl VmSpec {
             initrd,
             cmdline,
             accel: self.accel.unwrap_or(defaults.accel),
+            gpus: self.gpus.clone(),
+            display: self.display.unwrap_or_default(),
         })
     }
 }
@@ -208,6 +269,8 @@ mod tests {
         std::fs::write(&kernel, b"k").expect("write");
         std::fs::write(&initrd, b"i").expect("write");
         SpecDefaults {
+            gpu_kernel: kernel.clone(),
+            gpu_initrd: initrd.clone(),
             kernel,
             initrd,
             accel: Accel::Tcg,

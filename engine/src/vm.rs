@@ -82,6 +82,9 @@ pub struct VmRecord {
     /// the template is kept on disk while such a VM runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<std::path::PathBuf>,
+    /// Render nodes leased to the running process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
 }
 
 impl VmRecord {
@@ -103,6 +106,7 @@ impl VmRecord {
             pool,
             lease: None,
             template: None,
+            gpus: Vec::new(),
         }
     }
 }
@@ -162,6 +166,12 @@ pub struct VmInfo {
     /// Labels given to `Acquire`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Render nodes leased while it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
+    /// Display device (`none`, `virtio-gpu`).
+    #[serde(default)]
+    pub display: crate::spec::Display,
 }
 
 impl From<&VmRecord> for VmInfo {
@@ -190,6 +200,8 @@ impl From<&VmRecord> for VmInfo {
                 .as_ref()
                 .map(|l| l.labels.clone())
                 .unwrap_or_default(),
+            gpus: r.gpus.clone(),
+            display: r.spec.display,
         }
     }
 }

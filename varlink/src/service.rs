@@ -238,6 +238,12 @@ impl ManagerService {
                 engine.release(&p.id, p.recycle).await?;
                 Ok(Outcome::Single(json!({})))
             }
+            "ListGPUs" => {
+                params::<NoParams>(raw)?;
+                Ok(Outcome::Single(
+                    json!({ "gpus": engine.list_gpus().await? }),
+                ))
+            }
             "GetStatus" => {
                 params::<NoParams>(raw)?;
                 let status = engine.status().await?;
@@ -312,6 +318,9 @@ fn watch(events: broadcast::Receiver<EngineEvent>) -> EventStream {
                 json!({ "type": "poolChanged", "id": pool.name.clone(), "pool": pool })
             }
             Ok(EngineEvent::PoolRemoved { name }) => json!({ "type": "poolRemoved", "id": name }),
+            Ok(EngineEvent::GpusChanged { gpus }) => {
+                json!({ "type": "gpusChanged", "id": "", "gpus": gpus })
+            }
             // The watcher fell behind: tell it to re-list.
             Err(broadcast::error::RecvError::Lagged(_)) => json!({ "type": "lagged", "id": "" }),
             Err(broadcast::error::RecvError::Closed) => return None,

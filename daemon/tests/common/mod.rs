@@ -181,3 +181,48 @@ pub fn run_bash(script: &str, context: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `<root>/sys` and `<root>/dev` with render nodes 128 (vendor 0x10de) and
+/// 129 (0x1002), as sysfs lays them out.
+pub fn fake_gpu_tree(root: &Path) {
+    for (index, pci, vendor, driver) in [
+        (128, "0000:01:00.0", "0x10de", "nvidia"),
+        (129, "0000:02:00.0", "0x1002", "amdgpu"),
+    ] {
+        let sys = root.join("sys");
+        let pci_dir = sys.join("devices/pci0000:00").join(pci);
+        let name = format!("renderD{index}");
+        let drm = pci_dir.join("drm").join(&name);
+        std::fs::create_dir_all(&drm).unwrap();
+        std::fs::write(drm.join("dev"), format!("226:{index}\n")).unwrap();
+        std::os::unix::fs::symlink(format!("../../../{pci}"), drm.join("device")).unwrap();
+        std::fs::write(pci_dir.join("vendor"), format!("{vendor}\n")).unwrap();
+        std::fs::write(pci_dir.join("device"), "0x1234\n").unwrap();
+        std::fs::write(pci_dir.join("numa_node"), "0\n").unwrap();
+        std::fs::create_dir_all(sys.join("bus/pci/drivers").join(driver)).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../../../bus/pci/drivers/{driver}"),
+            pci_dir.join("driver"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("../../../bus/pci", pci_dir.join("subsystem")).unwrap();
+        std::fs::create_dir_all(sys.join("class/drm")).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../../devices/pci0000:00/{pci}/drm/{name}"),
+            sys.join("class/drm").join(&name),
+        )
+        .unwrap();
+        let dri = root.join("dev/dri");
+        std::fs::create_dir_all(&dri).unwrap();
+        let node = std::ffi::CString::new(dri.join(&name).to_str().unwrap()).unwrap();
+        // SAFETY: mknod with a valid C string; the test runs as root.
+        let rc = unsafe {
+            libc::mknod(
+                node.as_ptr(),
+                libc::S_IFCHR | 0o660,
+                libc::makedev(226, index),
+            )
+        };
+        assert_eq!(rc, 0, "mknod needs root");
+    }
+}

@@ -490,6 +490,16 @@ impl Engine {
         }
     }
 
+    /// A pool VM could not even be launched (no GPU free): it counts as a
+    /// failed boot and goes.
+    pub(super) fn pool_vm_not_started(&mut self, id: &str, error: EngineError) {
+        let pool = self.vms.get(id).and_then(|e| e.record.pool.clone());
+        if let Some(pool) = pool {
+            self.pool_boot_failed(&pool, error.message());
+        }
+        self.destroy_vm(id);
+    }
+
     fn pool_boot_failed(&mut self, name: &str, reason: String) {
         let Some(pool) = self.pools.get_mut(name) else {
             return;

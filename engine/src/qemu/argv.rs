@@ -70,6 +70,9 @@ pub struct QemuLaunch {
     pub memory: GuestMemory,
     /// Start with `-incoming defer`: state is loaded over QMP (clones).
     pub incoming: bool,
+    /// GPU device and display options (from `kiln_gpu::qemu_args`); a
+    /// `-display` here replaces Kiln's `-display none`.
+    pub gpu: Vec<(String, String)>,
 }
 
 /// Name of the process (and `-name`) of a VM: lets `ps` and re-adoption
@@ -125,7 +128,12 @@ impl QemuLaunch {
         }
         args.flag("-nodefaults");
         args.flag("-no-user-config");
-        args.pair("-display", "none");
+        if !self.gpu.iter().any(|(option, _)| option == "-display") {
+            args.pair("-display", "none");
+        }
+        for (option, value) in &self.gpu {
+            args.pair(option, value.clone());
+        }
         args.pair("-serial", path_arg("file:", &self.console_log));
         args.pair("-kernel", self.kernel.clone());
         args.pair("-initrd", self.initrd.clone());
@@ -150,6 +158,12 @@ impl QemuLaunch {
             ),
         );
         args.pair("-device", rng);
+        if self.machine == Machine::Q35 {
+            // A fresh generation id per launch: clones get a new one, and
+            // guests that support it reseed their RNG (microvm has no ACPI
+            // table for it).
+            args.pair("-device", "vmgenid");
+        }
         args.pair(
             "-chardev",
             path_arg("socket,id=qmp,server=on,wait=off,path=", &self.qmp_socket),
@@ -215,6 +229,7 @@ mod tests {
             pid_file: run.join("qemu.pid"),
             memory: GuestMemory::Anonymous,
             incoming: false,
+            gpu: Vec::new(),
         }
     }
 
@@ -243,6 +258,24 @@ mod tests {
     #[test]
     fn golden_q35_kvm() {
         check_golden("q35-kvm.args", &launch(Machine::Q35, Accel::Kvm));
+    }
+
+    #[test]
+    fn golden_q35_tcg_virtio_gpu() {
+        let mut l = launch(Machine::Q35, Accel::Tcg);
+        l.gpu = kiln_gpu::qemu_args(&kiln_gpu::GpuDevice::Virtio2d).expect("args");
+        check_golden("q35-tcg-virtio-gpu.args", &l);
+    }
+
+    #[test]
+    fn golden_q35_kvm_virgl() {
+        let mut l = launch(Machine::Q35, Accel::Kvm);
+        let device = kiln_gpu::GpuDevice::Virgl {
+            render_node: "/dev/dri/renderD128".into(),
+            options: kiln_gpu::VirglOptions::default(),
+        };
+        l.gpu = kiln_gpu::qemu_args(&device).expect("args");
+        check_golden("q35-kvm-virgl.args", &l);
     }
 
     #[test]
