@@ -55,12 +55,21 @@ pub fn status_line(facts: &StatusFacts) -> String {
 /// Ask the engine for the facts `STATUS=` shows, within `deadline`.
 /// `None` when the engine does not answer in time (or is gone).
 async fn status_facts(engine: &EngineHandle, deadline: Duration) -> Option<StatusFacts> {
-    match tokio::time::timeout(deadline, engine.status()).await {
-        Ok(Ok(status)) => Some(StatusFacts {
+    let facts = async {
+        Ok::<_, kiln_engine::EngineError>((engine.status().await?, engine.list_pools().await?))
+    };
+    match tokio::time::timeout(deadline, facts).await {
+        Ok(Ok((status, pools))) => Some(StatusFacts {
             vms: status.vms,
             running: status.running,
-            // Filled by the pool manager once pools exist.
-            pools: Vec::new(),
+            pools: pools
+                .into_iter()
+                .map(|p| PoolFill {
+                    name: p.name,
+                    hot: p.hot as usize,
+                    warm: p.warm as usize,
+                })
+                .collect(),
         }),
         Ok(Err(e)) => {
             warn!(error = %e.message(), "notify: engine status failed");
