@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 GUEST_DIR := $(CARGO_TARGET_DIR)/guest
 
-.PHONY: deps build guest run test bench clean
+.PHONY: deps build guest run test bench packages system-test clean
 
 deps:
 	./scripts/setup-host.sh
@@ -22,6 +22,15 @@ run: build guest
 
 test: deps guest
 	./scripts/test.sh
+
+# deb, rpm and sysext image into $(CARGO_TARGET_DIR)/packages/ (docs/packaging.md).
+packages: build guest
+	./packaging/build.sh
+
+# The packages under a real systemd in containers (tests/system/run.py);
+# ONLY=deb,rpm,sysext picks flows. `make test` runs it too.
+system-test: packages
+	python3 tests/system/run.py $(if $(ONLY),--only $(ONLY))
 
 # QUICK=1 for a short run.
 bench: build guest

@@ -13,7 +13,25 @@ set -euo pipefail
 TRIXIE_PACKAGES=(qemu-system-x86 qemu-system-modules-opengl qemu-utils systemd systemd-container mmdebstrap erofs-utils)
 # Packages the host's own release provides well enough.
 BASE_PACKAGES=(dbus iproute2 nftables xz-utils zstd python3 make gcc pkg-config ca-certificates
-               procps psmisc util-linux kmod jq)
+               procps psmisc util-linux kmod jq
+               # make packages and the system test (docs/packaging.md): strip,
+               # dpkg-shlibdeps for cargo-deb, lintian, rpm.
+               binutils dpkg-dev lintian rpm)
+# Cargo subcommands for `make packages`, built once with their own lock files.
+CARGO_TOOLS=("cargo-deb@3.8.0" "cargo-generate-rpm@0.21.1")
+
+# Installed by cargo, not apt: run on every call, before the apt part can
+# end the script early.
+install_cargo_tools() {
+    local tool
+    for tool in "${CARGO_TOOLS[@]}"; do
+        if ! command -v "${tool%@*}" >/dev/null; then
+            echo "setup-host: cargo install --locked $tool" >&2
+            cargo install --locked --quiet "${tool%@*}" --version "${tool#*@}"
+        fi
+    done
+}
+trap install_cargo_tools EXIT
 
 missing=()
 for pkg in "${TRIXIE_PACKAGES[@]}" "${BASE_PACKAGES[@]}"; do

@@ -33,3 +33,15 @@ python3 guest/tests/boot-smoke.py "$KILN_GUEST_DIR"
 
 echo "== GPU guest image: virtio-gpu seen by the guest (virgl where a render node exists)"
 python3 guest/tests/gpu-smoke.py "$KILN_GUEST_DIR/gpu"
+
+# Slowest, so last: a release build, the packages, and the packages under a
+# real systemd in containers (docs/packaging.md). KILN_SKIP_SYSTEM_TEST=1
+# skips it for a quick local run; CI never sets it.
+if [ "${KILN_SKIP_SYSTEM_TEST:-}" = 1 ]; then
+    echo "== system test skipped (KILN_SKIP_SYSTEM_TEST=1)"
+else
+    echo "== packages (deb, rpm, sysext) under a real systemd: tests/system/run.py"
+    cargo build --release -p kilnd
+    ./packaging/build.sh
+    python3 tests/system/run.py
+fi

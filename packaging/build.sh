@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# `make packages`: the deb (cargo-deb), the rpm (cargo-generate-rpm) and the
+# sysext image (sysext/build.sh) into $CARGO_TARGET_DIR/packages/.
+# Expects a release kilnd and the guest image (`make build guest`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+target="${CARGO_TARGET_DIR:-$repo/target}"
+guest="${KILN_GUEST_DIR:-$target/guest}"
+out="$target/packages"
+# cargo-deb and cargo-generate-rpm read assets at fixed paths relative to
+# the repository (daemon/Cargo.toml): stage what is built elsewhere there.
+stage="$repo/target/packaging-stage"
+
+for f in "$target/release/kilnd" "$guest/vmlinuz" "$guest/initramfs" "$guest/image-info.json"; do
+    [ -e "$f" ] || { echo "packages: $f is missing (run make build guest)" >&2; exit 1; }
+done
+version=$(cargo metadata --no-deps --format-version 1 --offline \
+    | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="kilnd"))')
+
+rm -rf "$stage" "$out"
+mkdir -p "$stage/guest" "$out"
+cp "$guest/vmlinuz" "$guest/initramfs" "$guest/image-info.json" "$stage/guest/"
+cp "$target/release/kilnd" "$stage/kilnd"
+strip --strip-unneeded "$stage/kilnd"
+gzip -9n < packaging/kilnd.8 > "$stage/kilnd.8.gz"
+
+echo "packages: deb" >&2
+cargo deb -p kilnd --no-build --quiet --output "$out/kiln_${version}-1_amd64.deb"
+
+echo "packages: rpm" >&2
+cargo generate-rpm -p daemon --output "$out/kiln-${version}-1.x86_64.rpm"
+
+echo "packages: sysext" >&2
+./sysext/build.sh "$stage" "$out/kiln.raw" "$version"
+
+ls -l "$out" >&2
