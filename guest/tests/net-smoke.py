@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -372,7 +373,9 @@ def main():
         run(env)
         print(f"net-smoke: PASS ({time.monotonic() - t0:.1f} s)")
     except (Failure, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as e:
-        print(f"net-smoke: FAIL: {e!r}", file=sys.stderr)
+        ours = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == os.path.abspath(__file__)]
+        where = f" (at net-smoke.py:{ours[-1].lineno}: {ours[-1].line})" if ours else ""
+        print(f"net-smoke: FAIL: {e!r}{where}", file=sys.stderr)
         consoles = [n for n in sorted(os.listdir(work)) if n.endswith("console.log")]
         for name in consoles:
             with open(os.path.join(work, name), errors="replace") as f:
