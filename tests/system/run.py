@@ -444,6 +444,41 @@ def check_machined(c, flow, vid, pid):
     check("machine.slice/machine-kiln" in cgroup, f"{flow}: QEMU {pid} runs in its own machine scope, not in kilnd.service", cgroup)
 
 
+def registered_via(c, vid):
+    """How kilnd registered VM `vid` with machined, from its journal fields."""
+    out = c.out("journalctl -b -u kilnd.service -o json --no-pager MESSAGE='machined: registered VM' || true")
+    via = None
+    for line in out.splitlines():
+        entry = json.loads(line)
+        # tracing-journald prefixes kilnd's own fields with F_.
+        if entry.get("F_MACHINE") == f"kiln-{vid}":
+            via = entry.get("F_VIA")
+    return via
+
+
+def check_machined_dbus_fallback(c, flow, vid):
+    """With machined stopped nothing answers on its varlink socket: kilnd
+    registers the next VM over D-Bus, which starts machined again."""
+    check(registered_via(c, vid) == "varlink", f"{flow}: the first VM was registered over varlink (io.systemd.Machine.Register)")
+    c.run("systemctl stop systemd-machined.service")
+    check(unit_state(c, "systemd-machined.service") == "inactive"
+          and not c.ok("varlinkctl info /run/systemd/machine/io.systemd.Machine"),
+          f"{flow}: machined stopped, nothing answers on its varlink socket")
+    vid2 = start_vm(c, flow, "fallback")
+    pid2 = describe(c, vid2)["pid"]
+    deadline = time.monotonic() + 20
+    while registered_via(c, vid2) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    check(registered_via(c, vid2) == "D-Bus", f"{flow}: the next VM was registered over D-Bus (CreateMachine), which started machined")
+    check_machined(c, flow, vid2, pid2)
+    varlink(c, "KillVM", json.dumps({"id": vid2}))
+    varlink(c, "DeleteVM", json.dumps({"id": vid2}))
+    deadline = time.monotonic() + 20
+    while f"kiln-{vid2}" in c.out("machinectl list --no-legend --no-pager") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    check(f"kiln-{vid2}" not in c.out("machinectl list --no-legend --no-pager"), f"{flow}: a deleted VM leaves machinectl list")
+
+
 def check_restart_keeps_vm(c, flow, vid):
     before = describe(c, vid)
     pid = before["pid"]
@@ -640,6 +675,7 @@ def flow_rpm(keep):
         exec_echo(c, "rpm", vid, "from-rpm")
         pid = describe(c, vid)["pid"]
         check_machined(c, "rpm", vid, pid)
+        check_machined_dbus_fallback(c, "rpm", vid)
         r = c.run("rpm -e kiln", check_rc=False, timeout=300)
         check(r.returncode == 0, "rpm: rpm -e kiln", r.stdout + r.stderr)
         check(unit_state(c, "kilnd.service") == "inactive" and unit_state(c, "kilnd.socket") == "inactive",
