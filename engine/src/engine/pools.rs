@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{Engine, EngineEvent, Internal, Reply};
 use crate::error::EngineError;
@@ -300,7 +300,12 @@ impl Engine {
             Err(e) => return drop(reply.send(Err(e))),
         };
         if let Some(id) = self.oldest_hot(&name) {
+            let started = Instant::now();
             let result = self.lease(&id, holder, labels);
+            // The engine's share of a hot acquire (the bench reads it from
+            // the log): pick, atomic record write with fsync, events.
+            let engine_us = started.elapsed().as_micros() as u64;
+            debug!(vm = %id, engine_us, "hot acquire");
             self.publish_pool(&name);
             return drop(reply.send(result));
         }
