@@ -393,6 +393,27 @@ def check_dbus_activation(c, flow):
     check(unit_state(c, "kilnd.service") == "active", f"{flow}: the bus started kilnd.service")
 
 
+def check_default_pool(c, flow):
+    """Out of the box: the shipped `default` pool fills from the packaged
+    guest image, and a VM can be acquired from it and given back."""
+    t = time.monotonic()
+    deadline = t + 240
+    pool = {}
+    while time.monotonic() < deadline:
+        pool = varlink(c, "DescribePool", json.dumps({"name": "default"}))["pool"]
+        if pool.get("hot", 0) >= pool.get("warm", 1):
+            break
+        time.sleep(1)
+    check(pool.get("hot", 0) >= pool.get("warm", 1) >= 1,
+          f"{flow}: the default pool fills with no further steps ({pool.get('hot')}/{pool.get('warm')} hot "
+          f"after {time.monotonic() - t:.0f} s)", pool)
+    t = time.monotonic()
+    vm = varlink(c, "Acquire", json.dumps({"pool": "default"}))
+    check(isinstance(vm, dict), f"{flow}: Acquire from the default pool ({(time.monotonic() - t) * 1000:.0f} ms)", vm)
+    exec_echo(c, flow, vm["vm"]["id"], "pooled")
+    varlink(c, "Release", json.dumps({"id": vm["vm"]["id"]}))
+
+
 def start_vm(c, flow, name):
     vm = varlink(c, "CreateVM", json.dumps({"name": name, "spec": {"vcpus": 1, "memoryMiB": 128}}))
     check(isinstance(vm, dict), f"{flow}: CreateVM {name}", vm)
@@ -573,6 +594,8 @@ def find_package(pattern):
 
 def flow_deb(keep):
     deb = find_package("kiln_*.deb")
+    r = host(["lintian", "--fail-on", "error,warning", deb], check_rc=False, timeout=300)
+    check(r.returncode == 0, "deb: lintian reports no errors and no warnings", r.stdout + r.stderr)
     root = extract(base_tarball(), "deb")
     shutil.copy(deb, os.path.join(root, "root", "kiln.deb"))
     with booted("kiln-deb", root, remove=not keep) as c:
@@ -591,6 +614,7 @@ def flow_deb(keep):
               "deb: tmpfiles seeded /etc/kiln/kilnd.toml")
         check_socket_activation(c, "deb")
         check_dbus_activation(c, "deb")
+        check_default_pool(c, "deb")
         vid = start_vm(c, "deb", "a")
         exec_echo(c, "deb", vid, "hello")
         pid = describe(c, vid)["pid"]
