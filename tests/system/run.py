@@ -516,6 +516,22 @@ def check_restart_keeps_vm(c, flow, vid):
     return pid, started
 
 
+def check_upgrade_keeps_vm(c, flow, vid, command):
+    """The package's upgrade path (reinstalling the same version runs it)
+    restarts kilnd and keeps the VM."""
+    pid = describe(c, vid)["pid"]
+    started = proc_start_time(c, pid)
+    main = c.out("systemctl show -P MainPID kilnd.service")
+    r = c.run(command, check_rc=False, timeout=300)
+    check(r.returncode == 0, f"{flow}: upgrade in place ({command.split()[0]})", r.stdout[-2000:] + r.stderr)
+    new_main = c.out("systemctl show -P MainPID kilnd.service")
+    check(new_main not in ("0", main), f"{flow}: the upgrade restarted kilnd ({main} -> {new_main})")
+    after = describe(c, vid)
+    check(after["pid"] == pid and proc_start_time(c, pid) == started,
+          f"{flow}: the VM kept running through the upgrade (QEMU {pid})", after)
+    exec_echo(c, flow, vid, "after-upgrade")
+
+
 def check_watchdog(c, flow, vid, pid, started):
     """A kilnd that stops answering is aborted by the watchdog and restarted;
     the VM survives and is re-adopted."""
@@ -624,6 +640,8 @@ def flow_deb(keep):
         check_watchdog(c, "deb", vid, pid, started)
         exec_echo(c, "deb", vid, "after-watchdog")
 
+        check_upgrade_keeps_vm(c, "deb", vid, "apt-get install -y -q --reinstall /root/kiln.deb")
+
         files = [line.split()[-1].lstrip(".") for line in host(["dpkg-deb", "-c", deb]).stdout.splitlines()
                  if not line.startswith("d")]
         r = c.run("apt-get remove -y -q kiln", check_rc=False, timeout=300)
@@ -700,6 +718,7 @@ def flow_rpm(keep):
         pid = describe(c, vid)["pid"]
         check_machined(c, "rpm", vid, pid)
         check_machined_dbus_fallback(c, "rpm", vid)
+        check_upgrade_keeps_vm(c, "rpm", vid, "rpm -U --replacepkgs --nodeps /root/kiln.rpm")
         r = c.run("rpm -e kiln", check_rc=False, timeout=300)
         check(r.returncode == 0, "rpm: rpm -e kiln", r.stdout + r.stderr)
         check(unit_state(c, "kilnd.service") == "inactive" and unit_state(c, "kilnd.socket") == "inactive",
