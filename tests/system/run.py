@@ -154,8 +154,8 @@ def qemu_tarball():
     log(f"# adding {', '.join(QEMU_PACKAGES)} to the base rootfs")
     root = extract(base, "qemu-layer")
     try:
+        # The .debs stay in the bind-mounted archive cache, not in the root.
         nspawn_run(root, "apt_install " + " ".join(QEMU_PACKAGES))
-        nspawn_run(root, "apt-get clean")
         tmp = path + ".tmp"
         host(["tar", "--numeric-owner", "--xattrs", "-C", root, "-cf", tmp, "."], timeout=600)
         os.rename(tmp, path)
@@ -359,8 +359,10 @@ def cleanup_all():
 
 def varlink(c, method, params="{}", user=None, check_rc=True):
     r = c.run(
-        f"varlinkctl call --json=short {SOCK} io.kiln.Manager.{method} {shlex.quote(params)}",
-        user=user, check_rc=check_rc, timeout=240,
+        # varlinkctl gives up after 45 s by default; a boot on a loaded
+        # 2-core machine under TCG can take longer.
+        f"varlinkctl call --timeout=300 --json=short {SOCK} io.kiln.Manager.{method} {shlex.quote(params)}",
+        user=user, check_rc=check_rc, timeout=320,
     )
     return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else r
 
@@ -802,7 +804,8 @@ def flow_sysext(keep):
             check(any(v["id"] == vid and v["state"] in ("failed", "stopped") and not v.get("pid") for v in vms),
                   "sysext: after a reboot kilnd reconciles the VM of the last boot as not running", vms)
             check_dbus_activation(c, "sysext")
-            r = c.run(f"busctl --system call io.kiln.Kiln1 /io/kiln/Kiln1/vm/{vid} io.kiln.Kiln1.VM Start", check_rc=False, timeout=240)
+            r = c.run(f"busctl --system --timeout=300 call io.kiln.Kiln1 /io/kiln/Kiln1/vm/{vid} io.kiln.Kiln1.VM Start",
+                  check_rc=False, timeout=320)
             check(r.returncode == 0, "sysext: the VM starts again over D-Bus after the reboot", r.stderr)
             exec_echo(c, "sysext", vid, "after-reboot")
             # Unmerge: Kiln is gone from /usr; the upheld socket is masked first.
