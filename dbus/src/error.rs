@@ -49,6 +49,12 @@ pub enum KilnError {
     ShuttingDown(String),
     /// The caller may not do this.
     PermissionDenied(String),
+    /// The address is taken (or the subnet is full).
+    AddressInUse(String),
+    /// The host port is already forwarded to another VM.
+    PortInUse(String),
+    /// The host network failed.
+    NetworkFailed(String),
 }
 
 impl From<EngineError> for KilnError {
@@ -74,6 +80,9 @@ impl From<EngineError> for KilnError {
             EngineError::PoolExhausted { .. } => Self::PoolExhausted(message),
             EngineError::NoGpuAvailable(_) => Self::NoGpuAvailable(message),
             EngineError::ShuttingDown => Self::ShuttingDown(message),
+            EngineError::AddressInUse(_) => Self::AddressInUse(message),
+            EngineError::PortInUse(_) => Self::PortInUse(message),
+            EngineError::NetworkFailed(_) => Self::NetworkFailed(message),
         }
     }
 }
@@ -100,6 +109,8 @@ mod tests {
             EngineError::BootFailed("x".into()),
             EngineError::ExecFailed("x".into()),
             EngineError::ShuttingDown,
+            EngineError::AddressInUse("x".into()),
+            EngineError::PortInUse("x".into()),
         ];
         for e in cases {
             let want = format!("io.kiln.Kiln1.Error.{}", e.name());

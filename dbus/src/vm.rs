@@ -87,7 +87,23 @@ pub fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
         ("AcquiredAt", Value::from(info.acquired_at.unwrap_or(0))),
         ("Gpus", Value::from(info.gpus.clone())),
         ("Display", Value::from(display(info))),
+        ("Network", Value::from(network(info))),
     ]
+}
+
+/// `a(suss)`: TAP, ifindex, MAC, address per NIC.
+fn network(info: &VmInfo) -> Vec<(String, u32, String, String)> {
+    info.network
+        .iter()
+        .map(|n| {
+            (
+                n.tap.clone(),
+                n.ifindex,
+                n.mac.to_string(),
+                n.address.to_string(),
+            )
+        })
+        .collect()
 }
 
 fn display(info: &VmInfo) -> String {
@@ -300,6 +316,13 @@ impl Vm {
     #[zbus(property)]
     fn gpus(&self) -> Vec<String> {
         self.info().gpus.clone()
+    }
+
+    /// NICs (bridge mode): TAP, its ifindex while the VM runs (0 otherwise),
+    /// the guest's MAC and IPv4 address.
+    #[zbus(property)]
+    fn network(&self) -> Vec<(String, u32, String, String)> {
+        network(&self.info())
     }
 
     /// Display device (`none`, `virtio-gpu`).

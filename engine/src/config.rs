@@ -43,6 +43,10 @@ pub struct EngineConfig {
     pub gpu_dev_root: PathBuf,
     /// How many VMs may share one render node in `shared` mode.
     pub max_vms_per_gpu: u32,
+    /// Bridge networking (`[network]` table); without it, VMs with
+    /// `network.mode = "bridge"` are refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<kiln_net::NetConfig>,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +69,7 @@ impl Default for EngineConfig {
             gpu_sysfs_root: "/sys".into(),
             gpu_dev_root: "/dev".into(),
             max_vms_per_gpu: 4,
+            network: None,
         }
     }
 }

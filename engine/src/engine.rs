@@ -10,9 +10,11 @@
 //! the disk write fails: the next reconcile will agree with them anyway.
 
 mod gpus;
+mod network;
 mod pools;
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +31,8 @@ use crate::error::EngineError;
 use crate::ids::{fill_random, is_vm_id, new_vm_id, now_usec};
 use crate::pool::{PoolFileError, PoolInfo, PoolSpec};
 use crate::process::{is_qemu_of, read_pid_file, VmProcess};
-use crate::qemu::{GuestMemory, Machine, QemuLaunch, Qmp, QmpEvent};
-use crate::spec::{validate_name, Limits, ResolvedSpec, SpecDefaults, VmSpec};
+use crate::qemu::{GuestMemory, Machine, NicArgs, NicBackend, QemuLaunch, Qmp, QmpEvent};
+use crate::spec::{validate_name, Limits, ResolvedSpec, SpecDefaults, SpecError, VmSpec};
 use crate::state::VmState;
 use crate::store::{create_private_dir, BrokenRecord, RecordDir};
 use crate::template::Template;
@@ -387,6 +389,9 @@ struct VmEntry {
     exit_waiters: Vec<Reply<VmInfo>>,
     /// Delete once the process is gone.
     delete_waiters: Vec<Reply<()>>,
+    /// Removal of the VM's TAP and forwards after its process exited; the
+    /// next boot waits for it, so it cannot delete the new TAP.
+    net_cleanup: Option<tokio::task::JoinHandle<()>>,
     /// A released pool VM: boot it again once its process is gone.
     recycle: bool,
 }
@@ -401,6 +406,7 @@ impl VmEntry {
             ready_waiters: Vec::new(),
             exit_waiters: Vec::new(),
             delete_waiters: Vec::new(),
+            net_cleanup: None,
             recycle: false,
         }
     }
@@ -440,6 +446,12 @@ enum Internal {
     Exited {
         id: String,
         generation: u64,
+    },
+    /// The boot sub-task made the VM's TAP.
+    NicUp {
+        id: String,
+        generation: u64,
+        ifindex: u32,
     },
     Qmp {
         id: String,
@@ -491,6 +503,29 @@ pub struct Engine {
     /// Pool VM changes not yet acted on ([`Engine::settle_pools`]).
     pool_changes: Vec<PoolChange>,
     gpus: gpus::Gpus,
+    /// Bridge networking, when `[network]` is configured.
+    net: Option<Arc<kiln_net::Network>>,
+    /// Addresses and MACs of every VM with a NIC; rebuilt from the records
+    /// on start (the records are the truth).
+    ipam: Option<kiln_net::Ipam>,
+}
+
+/// Descriptor number of a VM's TAP in QEMU (`-netdev tap,fd=3`).
+const TAP_FD: i32 = 3;
+
+/// The MAC of a template VM's NIC. Clones start with it (it is part of the
+/// saved device state) until the agent gives them their own.
+fn template_mac() -> kiln_net::MacAddr {
+    kiln_net::MacAddr::for_vm("000000000000", 0, 0)
+}
+
+/// Open the configured network and make sure the bridge and Kiln's nft
+/// table exist.
+async fn open_network(config: kiln_net::NetConfig) -> Result<kiln_net::Network, EngineError> {
+    let net = kiln_net::Network::open(config).await?;
+    let bridge = net.ensure().await?;
+    info!(bridge = %bridge.name, index = bridge.index, created = bridge.created, "network ready");
+    Ok(net)
 }
 
 impl Engine {
@@ -509,6 +544,13 @@ impl Engine {
             accel,
         };
         create_private_dir(&config.runtime_dir.join("vms"))?;
+        let (net, ipam) = match config.network.clone() {
+            Some(c) => {
+                let ipam = c.new_ipam().map_err(kiln_net::NetError::from)?;
+                (Some(Arc::new(open_network(c).await?)), Some(ipam))
+            }
+            None => (None, None),
+        };
         let store = RecordDir::open(config.vm_records_dir())?;
         let (records, broken) = store.load_all::<VmRecord>()?;
         for b in &broken {
@@ -531,8 +573,11 @@ impl Engine {
             pool_errors: Vec::new(),
             pool_changes: Vec::new(),
             gpus: gpus::Gpus::default(),
+            net,
+            ipam,
         };
         engine.reconcile(records).await;
+        engine.reconcile_network().await;
         engine.load_gpus();
         engine.watch_gpus();
         engine.load_pools();
@@ -681,9 +726,16 @@ impl Engine {
         }
     }
 
-    /// Persist a new record and start tracking it.
-    fn insert_vm(&mut self, record: VmRecord) -> Result<VmInfo, EngineError> {
-        self.store.write(&record.id, &record)?;
+    /// Persist a new record and start tracking it. A bridge VM gets its
+    /// address and MAC here, in the record before anything is created.
+    fn insert_vm(&mut self, mut record: VmRecord) -> Result<VmInfo, EngineError> {
+        self.allocate_network(&mut record)?;
+        if let Err(e) = self.store.write(&record.id, &record) {
+            if let Some(ipam) = self.ipam.as_mut() {
+                ipam.release(&record.id);
+            }
+            return Err(e.into());
+        }
         let info = VmInfo::from(&record);
         info!(vm = %record.id, name = %record.name, "VM created");
         let id = record.id.clone();
@@ -764,6 +816,20 @@ impl Engine {
         let Some(spec) = self.vms.get(id).map(|e| e.record.spec.clone()) else {
             return;
         };
+        let has_nic = self
+            .vms
+            .get(id)
+            .is_some_and(|e| !e.record.network.is_empty());
+        if spec.network.is_some() && (self.net.is_none() || !has_nic) {
+            let e = EngineError::InvalidSpec(SpecError::Network(
+                "bridge mode needs a [network] table in kilnd.toml".into(),
+            ));
+            match reply {
+                Some(reply) => drop(reply.send(Err(e))),
+                None => self.pool_vm_not_started(id, e),
+            }
+            return;
+        }
         let gpu_args = match self.lease_gpus(id, &spec) {
             Ok(args) => args,
             Err(e) => {
@@ -806,6 +872,18 @@ impl Engine {
         let mut launch = self.launch_for_spec(id, &record.spec, &runtime_dir, memory);
         launch.incoming = restore.is_some();
         launch.gpu = gpu_args;
+        let net = self.net_plan(id, restore.is_some());
+        if let Some(n) = &net {
+            // A clone's device keeps the template's MAC (migrated state).
+            let mac = n.previous_mac.unwrap_or(n.mac);
+            launch.nics = vec![NicArgs {
+                backend: NicBackend::TapFd(TAP_FD),
+                mac: mac.to_string(),
+            }];
+        }
+        let Some(record) = self.vms.get(id).map(|e| &e.record) else {
+            return;
+        };
         let identity = record.pool.is_some().then(|| fresh_identity(&record.name));
         let Some(entry) = self.vms.get_mut(id) else {
             return;
@@ -820,10 +898,11 @@ impl Engine {
         });
         entry.ready_waiters.extend(reply);
         let tx = self.internal_tx.clone();
-        let plan = BootPlan {
+        let mut plan = BootPlan {
             launch,
             runtime_dir,
             restore,
+            net,
             identity,
             qmp_timeout: self.config.qmp_timeout(),
             boot_timeout: self.config.boot_timeout(),
@@ -831,6 +910,9 @@ impl Engine {
         let id = id.to_owned();
         info!(vm = %id, generation, clone = plan.restore.is_some(), "starting VM");
         tokio::spawn(async move {
+            if let Some(cleanup) = plan.net.as_mut().and_then(|n| n.cleanup.take()) {
+                let _ = cleanup.await;
+            }
             let result = boot(&id, generation, &plan, agent, &tx).await;
             let _ = tx.send(Internal::BootDone {
                 id,
@@ -885,6 +967,15 @@ impl Engine {
             memory,
             incoming: false,
             gpu: Vec::new(),
+            // Isolated until the boot gives it a TAP: the template VM's NIC.
+            nics: spec
+                .network
+                .iter()
+                .map(|_| NicArgs {
+                    backend: NicBackend::Isolated,
+                    mac: template_mac().to_string(),
+                })
+                .collect(),
         }
     }
 
@@ -1085,6 +1176,7 @@ impl Engine {
         self.store.remove(id)?;
         remove_runtime_dir(&self.config.vm_runtime_dir(id));
         self.release_gpus(id);
+        self.release_network(id);
         if let Some(entry) = self.vms.remove(id) {
             self.note_pool_change(&entry.record, entry.record.state, true);
             for waiter in entry.ready_waiters {
@@ -1198,6 +1290,19 @@ impl Engine {
                 result,
             } => self.boot_done(&id, generation, result),
             Internal::Exited { id, generation } => self.exited(&id, generation),
+            Internal::NicUp {
+                id,
+                generation,
+                ifindex,
+            } => {
+                if self.runtime_of(&id, generation).is_some() {
+                    self.record_fact(&id, |r| {
+                        if let Some(nic) = r.network.first_mut() {
+                            nic.ifindex = ifindex;
+                        }
+                    });
+                }
+            }
             Internal::Qmp {
                 id,
                 generation,
@@ -1356,11 +1461,15 @@ impl Engine {
             warn!(vm = %id, from = %state, to = %next, "unexpected transition on exit");
         }
         self.release_gpus(id);
+        self.remove_taps(id);
         self.record_fact(id, |r| {
             r.state = next;
             r.pid = None;
             r.template = None;
             r.gpus.clear();
+            for nic in &mut r.network {
+                nic.ifindex = 0;
+            }
             if error.is_some() {
                 r.last_error = error;
             }
@@ -1657,6 +1766,8 @@ struct BootPlan {
     runtime_dir: PathBuf,
     /// Template state to load (a clone).
     restore: Option<PathBuf>,
+    /// The VM's NIC (bridge mode).
+    net: Option<NetPlan>,
     /// Identity the agent sets before the VM counts as ready (pool VMs).
     identity: Option<proto::SetIdentityRequest>,
     qmp_timeout: Duration,
@@ -1675,7 +1786,25 @@ async fn boot(
     remove_runtime_dir(&plan.runtime_dir);
     create_private_dir(&plan.runtime_dir)?;
     let log = plan.runtime_dir.join("qemu.log");
-    let process = VmProcess::launch(&plan.launch, &log).map_err(EngineError::LaunchFailed)?;
+    // The TAP first (about 3 ms): QEMU inherits it as fd 3.
+    let tap = match &plan.net {
+        Some(n) => {
+            let tap = n.net.create_tap(id, 0).await?;
+            let _ = tx.send(Internal::NicUp {
+                id: id.to_owned(),
+                generation,
+                ifindex: tap.index,
+            });
+            Some(tap)
+        }
+        None => None,
+    };
+    let inherit: Vec<_> = tap.iter().map(|t| (t.fd.as_fd(), TAP_FD)).collect();
+    let process =
+        VmProcess::launch(&plan.launch, &log, &inherit).map_err(EngineError::LaunchFailed)?;
+    // QEMU holds the TAP now; the persistent TAP outlives kilnd's copy.
+    drop(inherit);
+    drop(tap);
     let (qmp, version, events) =
         match connect_when_up(&process, &plan.launch.qmp_socket, &log, plan.qmp_timeout).await {
             Ok(c) => c,
@@ -1710,7 +1839,53 @@ async fn boot(
             .call(proto::method::SET_IDENTITY, identity, plan.qmp_timeout)
             .await?;
     }
+    if let Some(n) = &plan.net {
+        let _: serde_json::Value = agent
+            .call(
+                proto::method::CONFIGURE_NETWORK,
+                &n.guest_config(),
+                plan.qmp_timeout,
+            )
+            .await?;
+        // Forwards only once the guest has its address.
+        for forward in &n.forwards {
+            n.net.add_forward(forward.clone()).await?;
+        }
+    }
     Ok(ping)
+}
+
+/// What the boot sub-task needs for a bridge VM's NIC.
+#[derive(Debug)]
+struct NetPlan {
+    net: Arc<kiln_net::Network>,
+    address: std::net::Ipv4Addr,
+    mac: kiln_net::MacAddr,
+    /// A clone's NIC still has the template's MAC.
+    previous_mac: Option<kiln_net::MacAddr>,
+    prefix_len: u8,
+    gateway: std::net::Ipv4Addr,
+    dns: Vec<std::net::Ipv4Addr>,
+    mtu: Option<u32>,
+    forwards: Vec<kiln_net::PortForward>,
+    /// The previous process's TAP removal, awaited before the new TAP.
+    cleanup: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl NetPlan {
+    fn guest_config(&self) -> proto::ConfigureNetworkRequest {
+        proto::ConfigureNetworkRequest {
+            interfaces: vec![proto::NetworkInterface {
+                mac: self.mac.to_string(),
+                previous_mac: self.previous_mac.map(|m| m.to_string()),
+                address: Some(self.address.to_string()),
+                prefix_length: Some(self.prefix_len),
+                mtu: self.mtu,
+            }],
+            gateway: Some(self.gateway.to_string()),
+            dns: (!self.dns.is_empty()).then(|| self.dns.iter().map(|d| d.to_string()).collect()),
+        }
+    }
 }
 
 /// A hostname, a machine id and fresh host entropy: what makes a pool VM

@@ -89,6 +89,16 @@ pub enum EngineError {
     /// The engine is shutting down.
     #[error("kilnd is shutting down")]
     ShuttingDown,
+    /// The address (asked for, or the one the subnet has left) is taken.
+    #[error("address in use: {0}")]
+    AddressInUse(String),
+    /// A host port is already forwarded to another VM.
+    #[error("port in use: {0}")]
+    PortInUse(String),
+    /// The host network failed (netlink, nftables, TAP ioctls, a foreign
+    /// link in the way).
+    #[error("host network")]
+    NetworkFailed(#[source] kiln_net::NetError),
 }
 
 impl EngineError {
@@ -114,6 +124,9 @@ impl EngineError {
             Self::PoolExhausted { .. } => "PoolExhausted",
             Self::NoGpuAvailable(_) => "NoGpuAvailable",
             Self::ShuttingDown => "ShuttingDown",
+            Self::AddressInUse(_) => "AddressInUse",
+            Self::PortInUse(_) => "PortInUse",
+            Self::NetworkFailed(_) => "NetworkFailed",
         }
     }
 
@@ -127,6 +140,24 @@ impl EngineError {
             source = cause.source();
         }
         message
+    }
+}
+
+impl From<kiln_net::NetError> for EngineError {
+    /// Input problems are `InvalidSpec`, taken addresses and ports their own
+    /// names, everything else `NetworkFailed`.
+    fn from(e: kiln_net::NetError) -> Self {
+        use kiln_net::{ErrorKind, FirewallError, IpamError, NetError};
+        match &e {
+            NetError::Ipam(IpamError::AddressInUse { .. } | IpamError::Exhausted { .. }) => {
+                Self::AddressInUse(e.to_string())
+            }
+            NetError::Firewall(FirewallError::PortInUse { .. }) => Self::PortInUse(e.to_string()),
+            _ if e.kind() == ErrorKind::InvalidInput => {
+                Self::InvalidSpec(SpecError::Network(e.to_string()))
+            }
+            _ => Self::NetworkFailed(e),
+        }
     }
 }
 

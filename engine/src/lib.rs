@@ -36,4 +36,4 @@ pub use error::EngineError;
 pub use pool::{PoolInfo, PoolMode, PoolSpec, PoolState};
 pub use spec::VmSpec;
 pub use state::VmState;
-pub use vm::VmInfo;
+pub use vm::{NicInfo, VmInfo};

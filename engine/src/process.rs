@@ -9,7 +9,7 @@
 //! launched or re-adopted, is tracked through a pidfd, which reports its
 //! exit at once and cannot signal a recycled pid.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -63,8 +63,14 @@ pub struct VmProcess {
 
 impl VmProcess {
     /// Start QEMU in its own session; stdout and stderr go to `log`.
+    /// `inherit` are descriptors QEMU gets at fixed numbers (a TAP as fd 3
+    /// for `-netdev tap,fd=3`); kilnd's copies stay with the caller.
     /// Returns at once: the caller waits for QMP to learn it is up.
-    pub fn launch(launch: &QemuLaunch, log: &Path) -> Result<Self, ProcessError> {
+    pub fn launch(
+        launch: &QemuLaunch,
+        log: &Path,
+        inherit: &[(BorrowedFd<'_>, RawFd)],
+    ) -> Result<Self, ProcessError> {
         let argv = launch.argv();
         let binary = launch.binary.display().to_string();
         let exec_err = |source| ProcessError::Exec {
@@ -79,12 +85,29 @@ impl VmProcess {
             .stdout(log.try_clone().map_err(exec_err)?)
             .stderr(log)
             .kill_on_drop(false);
+        let fds: Vec<(RawFd, RawFd)> = inherit
+            .iter()
+            .map(|(fd, target)| (fd.as_raw_fd(), *target))
+            .collect();
         // SAFETY: the closure runs between fork and exec and only calls
-        // setsid(2), which is async-signal-safe.
+        // setsid(2), dup2(2) and fcntl(2), which are async-signal-safe; the
+        // descriptors are borrowed from the caller and open until spawn
+        // returns.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for &(src, dst) in &fds {
+                    // dup2 onto itself keeps close-on-exec: clear it instead.
+                    let rc = if src == dst {
+                        libc::fcntl(src, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(src, dst)
+                    };
+                    if rc < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

@@ -5,12 +5,14 @@
 //! validates it against [`Limits`] and fills defaults, giving the
 //! [`ResolvedSpec`] that is persisted and launched.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use kiln_gpu::GpuRequest;
+use kiln_net::Protocol;
 
 use crate::accel::Accel;
 
@@ -44,6 +46,90 @@ pub struct VmSpec {
     /// (2D; the guest gets a DRM device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display: Option<Display>,
+    /// Networking: `{mode: "none"|"bridge", address?, forwards?}`
+    /// (default none: no NIC at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+}
+
+/// Most port forwards one VM may have.
+pub const MAX_FORWARDS: usize = 64;
+
+/// A VM's network as requested (and, for `bridge`, as persisted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// `none` (no NIC) or `bridge` (one NIC on the daemon's bridge).
+    #[serde(default)]
+    pub mode: NetMode,
+    /// A fixed address in the daemon's subnet; default: the next free one.
+    /// Not for pool VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    /// Host ports forwarded to the VM. Not for pool VMs (a host port can
+    /// reach one VM only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<ForwardSpec>,
+}
+
+/// Network mode of a VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetMode {
+    /// No NIC.
+    #[default]
+    None,
+    /// One virtio-net NIC whose TAP is on the daemon's bridge.
+    Bridge,
+}
+
+/// One port forward: `hostPort` on the host → `vmPort` in the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ForwardSpec {
+    /// Port on the host (every local address of kilnd's namespace).
+    pub host_port: u16,
+    /// Port in the VM.
+    pub vm_port: u16,
+    /// `tcp` (default) or `udp`.
+    #[serde(default = "tcp")]
+    pub protocol: Protocol,
+}
+
+fn tcp() -> Protocol {
+    Protocol::Tcp
+}
+
+impl NetworkSpec {
+    /// Checks what can be checked without the daemon's network: ports and
+    /// duplicates. Returns the spec to persist (`None` for mode `none`).
+    fn resolve(&self) -> Result<Option<NetworkSpec>, SpecError> {
+        let bad = |m: &str| Err(SpecError::Network(m.to_owned()));
+        if self.mode == NetMode::None {
+            if self.address.is_some() || !self.forwards.is_empty() {
+                return bad("address and forwards need mode \"bridge\"");
+            }
+            return Ok(None);
+        }
+        if self.forwards.len() > MAX_FORWARDS {
+            return Err(SpecError::Network(format!(
+                "at most {MAX_FORWARDS} forwards"
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.forwards {
+            if f.host_port == 0 || f.vm_port == 0 {
+                return bad("forward ports must be 1 to 65535");
+            }
+            if !seen.insert((f.protocol, f.host_port)) {
+                return Err(SpecError::Network(format!(
+                    "host port {}/{} is forwarded twice",
+                    f.host_port, f.protocol
+                )));
+            }
+        }
+        Ok(Some(self.clone()))
+    }
 }
 
 /// A display device that needs no host GPU.
@@ -81,6 +167,9 @@ pub struct ResolvedSpec {
     /// Display device.
     #[serde(default)]
     pub display: Display,
+    /// Bridge networking (`None`: no NIC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
 }
 
 impl ResolvedSpec {
@@ -134,6 +223,9 @@ pub enum SpecError {
     /// The GPU request is not acceptable.
     #[error("gpus: {0}")]
     Gpus(String),
+    /// The network request is not acceptable.
+    #[error("network: {0}")]
+    Network(String),
 }
 
 /// Check a VM or pool name.
@@ -223,6 +315,10 @@ impl VmSpec {
             accel: self.accel.unwrap_or(defaults.accel),
             gpus: self.gpus.clone(),
             display: self.display.unwrap_or_default(),
+            network: match &self.network {
+                Some(n) => n.resolve()?,
+                None => None,
+            },
         })
     }
 }

@@ -145,7 +145,7 @@ pub async fn build(mut plan: BuildPlan) -> Result<Template, EngineError> {
     plan.launch.incoming = false;
     let started = std::time::Instant::now();
     let log = plan.runtime_dir.join("qemu.log");
-    let process = VmProcess::launch(&plan.launch, &log).map_err(EngineError::LaunchFailed)?;
+    let process = VmProcess::launch(&plan.launch, &log, &[]).map_err(EngineError::LaunchFailed)?;
     let result = boot_and_save(&plan, &process, &tmp_dir).await;
     // Whatever happened, the template VM's work is over.
     if process.is_alive() {

@@ -85,6 +85,25 @@ pub struct VmRecord {
     /// Render nodes leased to the running process.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<String>,
+    /// The VM's NICs: address and MAC leased when the VM is defined (kept
+    /// until it is deleted), the TAP's index while a process runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<NicInfo>,
+}
+
+/// One NIC of a VM, as persisted and as shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NicInfo {
+    /// Its TAP's name (`kt<id><nic>`).
+    pub tap: String,
+    /// The TAP's interface index while the VM runs (0 otherwise).
+    #[serde(default)]
+    pub ifindex: u32,
+    /// The MAC the guest's interface has.
+    pub mac: kiln_net::MacAddr,
+    /// The guest's IPv4 address.
+    pub address: std::net::Ipv4Addr,
 }
 
 impl VmRecord {
@@ -107,6 +126,7 @@ impl VmRecord {
             lease: None,
             template: None,
             gpus: Vec::new(),
+            network: Vec::new(),
         }
     }
 }
@@ -172,6 +192,9 @@ pub struct VmInfo {
     /// Display device (`none`, `virtio-gpu`).
     #[serde(default)]
     pub display: crate::spec::Display,
+    /// NICs (bridge mode).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<NicInfo>,
 }
 
 impl From<&VmRecord> for VmInfo {
@@ -202,6 +225,7 @@ impl From<&VmRecord> for VmInfo {
                 .unwrap_or_default(),
             gpus: r.gpus.clone(),
             display: r.spec.display,
+            network: r.network.clone(),
         }
     }
 }

@@ -33,6 +33,26 @@ pub enum GuestMemory {
     TemplateClone(PathBuf),
 }
 
+/// Where a NIC's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicBackend {
+    /// A TAP whose descriptor QEMU inherits as this fd number.
+    TapFd(i32),
+    /// A hub port with nothing else on the hub: the device exists, frames
+    /// go nowhere. Template VMs: the saved device state is what clones
+    /// need, their TAP is theirs.
+    Isolated,
+}
+
+/// One virtio-net NIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicArgs {
+    /// Backend.
+    pub backend: NicBackend,
+    /// MAC of the device (`02:…`).
+    pub mac: String,
+}
+
 /// Everything QEMU is launched with.
 #[derive(Debug, Clone)]
 pub struct QemuLaunch {
@@ -73,6 +93,8 @@ pub struct QemuLaunch {
     /// GPU device and display options (from `kiln_gpu::qemu_args`); a
     /// `-display` here replaces Kiln's `-display none`.
     pub gpu: Vec<(String, String)>,
+    /// NICs, `net0` first.
+    pub nics: Vec<NicArgs>,
 }
 
 /// Name of the process (and `-name`) of a VM: lets `ps` and re-adoption
@@ -158,6 +180,21 @@ impl QemuLaunch {
             ),
         );
         args.pair("-device", rng);
+        let nic_device = match self.machine {
+            Machine::Microvm => "virtio-net-device",
+            Machine::Q35 => "virtio-net-pci",
+        };
+        for (i, nic) in self.nics.iter().enumerate() {
+            let netdev = match nic.backend {
+                NicBackend::TapFd(fd) => format!("tap,id=net{i},fd={fd}"),
+                NicBackend::Isolated => format!("hubport,id=net{i},hubid={i}"),
+            };
+            args.pair("-netdev", netdev);
+            args.pair(
+                "-device",
+                format!("{nic_device},netdev=net{i},mac={}", nic.mac),
+            );
+        }
         if self.machine == Machine::Q35 {
             // A fresh generation id per launch: clones get a new one, and
             // guests that support it reseed their RNG (microvm has no ACPI
@@ -230,6 +267,7 @@ mod tests {
             memory: GuestMemory::Anonymous,
             incoming: false,
             gpu: Vec::new(),
+            nics: Vec::new(),
         }
     }
 
@@ -288,6 +326,22 @@ mod tests {
         clone.memory = GuestMemory::TemplateClone(ram);
         clone.incoming = true;
         check_golden("microvm-tcg-clone.args", &clone);
+    }
+
+    #[test]
+    fn golden_nics() {
+        let mut l = launch(Machine::Microvm, Accel::Tcg);
+        l.nics = vec![NicArgs {
+            backend: NicBackend::TapFd(3),
+            mac: "02:6b:01:02:03:04".into(),
+        }];
+        check_golden("microvm-tcg-tap.args", &l);
+        let mut t = launch(Machine::Q35, Accel::Kvm);
+        t.nics = vec![NicArgs {
+            backend: NicBackend::Isolated,
+            mac: "02:6b:00:00:00:01".into(),
+        }];
+        check_golden("q35-kvm-template-nic.args", &t);
     }
 
     #[test]

@@ -1,0 +1,301 @@
+//! Bridge networking through the real kilnd, run inside a network
+//! namespace the test creates (`ip netns exec`): real TAPs on a real
+//! bridge, nftables forwards, the guest configured by its agent. Traffic
+//! only goes to addresses inside that namespace; deleting the namespace
+//! (also when a test fails) removes the bridge, TAPs and rules.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+mod common;
+
+use common::varlink::{varlinkctl_ok, Daemon};
+
+const GATEWAY: &str = "10.77.0.1";
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        let name = format!("kiln-t-{}", std::process::id() ^ rand_suffix());
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Self(name)
+    }
+
+    /// `argv` run inside the namespace.
+    fn command(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(argv);
+        c
+    }
+
+    /// The helpers of guest/tests/net-smoke.py (raw-socket ping, TCP echo),
+    /// run in the namespace; their JSON line.
+    fn helper(&self, args: &[&str]) -> Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/tests/net-smoke.py");
+        let out = self
+            .command(&["python3", script.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn links(&self) -> String {
+        let out = self.command(&["ip", "-br", "link"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn nft(&self) -> String {
+        let out = self
+            .command(&["nft", "list", "table", "inet", "kiln"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}
+
+fn run(argv: &[&str]) {
+    let status = Command::new(argv[0]).args(&argv[1..]).status().unwrap();
+    assert!(status.success(), "{argv:?}");
+}
+
+const NETWORK: &str = "[network]\nbridge = \"kb0\"\nsubnet = \"10.77.0.0/24\"\n";
+
+/// kilnd (no D-Bus) running inside `ns` with a `[network]` table.
+fn daemon_in(ns: &Netns, network: &str) -> Daemon {
+    let mut d = Daemon::new("");
+    d.kilnd.append_config(network);
+    spawn_in(&mut d, ns);
+    d
+}
+
+fn spawn_in(d: &mut Daemon, ns: &Netns) {
+    let address = d.address();
+    d.kilnd
+        .spawn_with(ns.command(&[env!("CARGO_BIN_EXE_kilnd")]), |_| {
+            varlinkctl_ok(&address, "org.varlink.service.GetInfo")
+        });
+}
+
+fn nic(vm: &Value) -> Value {
+    vm["network"][0].clone()
+}
+
+fn echo_until_up(ns: &Netns, host: &str, port: &str, message: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = ns.helper(&["--echo", host, port, message]);
+        if r["reply"] == message {
+            return;
+        }
+        assert!(Instant::now() < deadline, "TCP echo {host}:{port}: {r}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn start_echo_server(d: &Daemon, id: &Value) {
+    let r = d.ok(
+        "ExecVM",
+        json!({"id": id, "command": ["sh", "-c",
+            "(nc -ll -p 7777 -e /bin/cat >/dev/null 2>&1 &)"]}),
+    );
+    assert_eq!(r["exitCode"], 0, "{r}");
+}
+
+#[test]
+fn bridge_vm_ping_echo_forward_and_cleanup() {
+    let ns = Netns::new();
+    let d = daemon_in(&ns, NETWORK);
+    let spec = json!({"memoryMiB": 128, "network": {"mode": "bridge",
+        "forwards": [{"hostPort": 8080, "vmPort": 7777}]}});
+    let vm = d.ok("CreateVM", json!({"name": "web", "spec": spec}))["vm"].clone();
+    let id = vm["id"].clone();
+    let n = nic(&vm);
+    assert_eq!(n["address"], "10.77.0.2", "{vm}");
+    assert_eq!(n["ifindex"], 0, "no TAP before start: {vm}");
+    let tap = n["tap"].as_str().unwrap().to_owned();
+    assert!(!ns.links().contains(&tap));
+
+    // Bad input: named errors, nothing created.
+    let bad = |name: &str, network: Value| {
+        d.err(
+            "CreateVM",
+            json!({"name": name, "spec": {"memoryMiB": 128, "network": network}}),
+        )
+    };
+    assert_eq!(
+        bad("outside", json!({"mode": "bridge", "address": "10.78.0.5"})),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    assert_eq!(
+        bad("taken", json!({"mode": "bridge", "address": "10.77.0.2"})),
+        "io.kiln.Manager.AddressInUse"
+    );
+    assert_eq!(
+        bad("gw", json!({"mode": "bridge", "address": GATEWAY})),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    assert_eq!(
+        bad(
+            "port",
+            json!({"mode": "bridge", "forwards": [{"hostPort": 8080, "vmPort": 1}]})
+        ),
+        "io.kiln.Manager.PortInUse"
+    );
+    assert_eq!(
+        bad(
+            "zero",
+            json!({"mode": "bridge", "forwards": [{"hostPort": 0, "vmPort": 1}]})
+        ),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    let vms = d.ok("ListVMs", json!({}))["vms"].as_array().unwrap().len();
+    assert_eq!(vms, 1, "nothing half-created");
+
+    let started = Instant::now();
+    let vm = d.ok("StartVM", json!({"id": id}))["vm"].clone();
+    eprintln!("bridge VM ready in {:?}", started.elapsed());
+    let n = nic(&vm);
+    assert!(n["ifindex"].as_u64().unwrap() > 0, "{vm}");
+    assert!(ns.links().contains(&tap), "{}", ns.links());
+
+    // The guest has its address: ping, then a TCP echo to a server the
+    // agent started, directly and through the forward (output chain).
+    let ping = ns.helper(&["--ping", "10.77.0.2"]);
+    assert!(ping["received"].as_u64().unwrap_or(0) >= 2, "{ping}");
+    eprintln!("host->guest ping: {ping}");
+    start_echo_server(&d, &id);
+    echo_until_up(&ns, "10.77.0.2", "7777", "direct\n");
+    assert!(ns.nft().contains("8080"), "{}", ns.nft());
+    echo_until_up(&ns, GATEWAY, "8080", "forwarded\n");
+
+    // Describe on D-Bus is covered by the property; here varlink.
+    let described = d.ok("DescribeVM", json!({"id": id}))["vm"].clone();
+    assert_eq!(nic(&described)["mac"], n["mac"]);
+
+    // Deleting the VM removes its TAP and its forward; its address is free.
+    d.ok("DeleteVM", json!({"id": id}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns.links().contains(&tap) || ns.nft().contains("8080") {
+        assert!(Instant::now() < deadline, "{}\n{}", ns.links(), ns.nft());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let again = d.ok(
+        "CreateVM",
+        json!({"name": "again", "spec": {"memoryMiB": 128,
+            "network": {"mode": "bridge", "address": "10.77.0.2",
+                "forwards": [{"hostPort": 8080, "vmPort": 7777}]}}}),
+    )["vm"]
+        .clone();
+    assert_eq!(nic(&again)["address"], "10.77.0.2");
+}
+
+#[test]
+fn kill9_reconcile_reclaims_the_orphan_tap_and_keeps_live_ones() {
+    let ns = Netns::new();
+    let mut d = daemon_in(&ns, NETWORK);
+    let mut vms = Vec::new();
+    for name in ["a", "b"] {
+        let vm = d.ok(
+            "CreateVM",
+            json!({"name": name, "spec": {"memoryMiB": 128, "network": {"mode": "bridge"}}}),
+        )["vm"]
+            .clone();
+        vms.push(d.ok("StartVM", json!({"id": vm["id"]}))["vm"].clone());
+    }
+    let (a, b) = (&vms[0], &vms[1]);
+    assert_ne!(nic(a)["address"], nic(b)["address"]);
+    assert_ne!(nic(a)["mac"], nic(b)["mac"]);
+    for vm in [a, b] {
+        let addr = nic(vm)["address"].as_str().unwrap().to_owned();
+        let ping = ns.helper(&["--ping", &addr]);
+        assert!(
+            ping["received"].as_u64().unwrap_or(0) >= 2,
+            "{addr}: {ping}"
+        );
+    }
+
+    d.sigkill();
+    // b's QEMU dies while kilnd is down.
+    let pid = b["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) with a pid and a signal number.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let tap_b = nic(b)["tap"].as_str().unwrap().to_owned();
+    let tap_a = nic(a)["tap"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ns.links().contains(&tap_b), "persistent TAP outlives QEMU");
+
+    spawn_in(&mut d, &ns);
+    let links = ns.links();
+    assert!(!links.contains(&tap_b), "orphan TAP reclaimed: {links}");
+    assert!(links.contains(&tap_a), "live VM keeps its TAP: {links}");
+    let a2 = d.ok("DescribeVM", json!({"id": a["id"]}))["vm"].clone();
+    assert_eq!(a2["state"], "ready");
+    assert_eq!(nic(&a2)["address"], nic(a)["address"]);
+    let addr_a = nic(a)["address"].as_str().unwrap().to_owned();
+    let ping = ns.helper(&["--ping", &addr_a]);
+    assert!(ping["received"].as_u64().unwrap_or(0) >= 2, "{ping}");
+    let b2 = d.ok("DescribeVM", json!({"id": b["id"]}))["vm"].clone();
+    assert_eq!(b2["state"], "failed");
+    assert_eq!(nic(&b2)["ifindex"], 0, "{b2}");
+    // Deleting the dead VM frees its address for a new one.
+    let addr_b = nic(b)["address"].clone();
+    d.ok("DeleteVM", json!({"id": b["id"]}));
+    let c = d.ok(
+        "CreateVM",
+        json!({"name": "c", "spec": {"memoryMiB": 128,
+            "network": {"mode": "bridge", "address": addr_b}}}),
+    )["vm"]
+        .clone();
+    assert_eq!(nic(&c)["address"], addr_b);
+}
+
+#[test]
+fn a_too_long_bridge_name_stops_kilnd_with_a_named_error() {
+    let ns = Netns::new();
+    let d = Daemon::new("");
+    d.kilnd
+        .append_config("[network]\nbridge = \"a-bridge-name-too-long\"\n");
+    let out = ns
+        .command(&[env!("CARGO_BIN_EXE_kilnd")])
+        .arg("--config")
+        .arg(d.kilnd.dir.path().join("kilnd.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid bridge name"), "{stderr}");
+    assert!(!ns.links().contains("a-bridge"), "{}", ns.links());
+}
+
+#[test]
+fn bridge_mode_without_a_network_table_is_invalid_spec() {
+    let d = Daemon::start();
+    assert_eq!(
+        d.err(
+            "CreateVM",
+            json!({"name": "x", "spec": {"network": {"mode": "bridge"}}})
+        ),
+        "io.kiln.Manager.InvalidSpec"
+    );
+}
