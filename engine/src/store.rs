@@ -77,13 +77,23 @@ impl RecordDir {
         self.dir.join(format!("{key}.json"))
     }
 
-    /// Atomically replace record `key` with `value`.
+    /// Atomically and durably replace record `key` with `value`.
     pub fn write<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        self.write_with(key, value, Durability::Durable)
+    }
+
+    /// Atomically replace record `key` with `value`, synced per `durability`.
+    pub fn write_with<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Serialize {
             key: key.to_owned(),
             source,
         })?;
-        write_atomic(&self.path_of(key), &bytes)
+        write_atomic_with(&self.path_of(key), &bytes, durability)
     }
 
     /// Remove record `key`; a missing record is not an error (idempotent).
@@ -149,8 +159,29 @@ pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(io_err(dir))
 }
 
+/// How far a write must reach before it counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk: survives a host crash (temp file, fsync, rename, fsync dir).
+    Durable,
+    /// Atomic but not synced (temp file, rename): survives a crash of kilnd,
+    /// since the page cache outlives the process, but not of the host. For
+    /// facts about running processes only (a lease): a host crash ends the
+    /// VMs too, and start-up reconciles whatever version is on disk.
+    UntilHostCrash,
+}
+
 /// Write `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_atomic_with(path, bytes, Durability::Durable)
+}
+
+/// Write `bytes` to `path` atomically, synced per `durability`.
+pub fn write_atomic_with(
+    path: &Path,
+    bytes: &[u8],
+    durability: Durability,
+) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path
         .file_name()
@@ -160,14 +191,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let result = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if durability == Durability::Durable {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)
     })();
     if let Err(e) = result {
         let _ = fs::remove_file(&tmp);
         return Err(io_err(path)(e));
     }
-    sync_dir(dir)
+    match durability {
+        Durability::Durable => sync_dir(dir),
+        Durability::UntilHostCrash => Ok(()),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
