@@ -299,3 +299,74 @@ fn bridge_mode_without_a_network_table_is_invalid_spec() {
         "io.kiln.Manager.InvalidSpec"
     );
 }
+
+#[test]
+fn template_clones_get_their_own_mac_and_address_and_are_reachable() {
+    let ns = Netns::new();
+    let mut d = Daemon::new("");
+    d.kilnd.append_config(NETWORK);
+    let pools = d.kilnd.dir.path().join("pools.d");
+    std::fs::create_dir_all(&pools).unwrap();
+    std::fs::write(
+        pools.join("net.toml"),
+        "mode = \"template\"\nwarm = 2\nmax = 2\n[vm]\nmemoryMiB = 128\nnetwork = { mode = \"bridge\" }\n",
+    )
+    .unwrap();
+    spawn_in(&mut d, &ns);
+    // A fixed address or forwards cannot go to every VM of a pool.
+    assert_eq!(
+        d.err(
+            "CreatePool",
+            json!({"name": "fwd", "spec": {"mode": "cold", "warm": 0, "max": 1,
+                "vm": {"network": {"mode": "bridge",
+                    "forwards": [{"hostPort": 9090, "vmPort": 80}]}}}}),
+        ),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    let deadline = Instant::now() + Duration::from_secs(400);
+    loop {
+        let pool = d.ok("DescribePool", json!({"name": "net"}))["pool"].clone();
+        if pool["hot"] == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{pool}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let vms = d.ok("ListVMs", json!({}))["vms"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(vms.len(), 2);
+    let (a, b) = (nic(&vms[0]), nic(&vms[1]));
+    assert_ne!(a["mac"], b["mac"], "{vms:?}");
+    assert_ne!(a["address"], b["address"], "{vms:?}");
+    for vm in &vms {
+        let addr = nic(vm)["address"].as_str().unwrap().to_owned();
+        let ping = ns.helper(&["--ping", &addr]);
+        assert!(
+            ping["received"].as_u64().unwrap_or(0) >= 2,
+            "{addr}: {ping}"
+        );
+        start_echo_server(&d, &vm["id"]);
+        echo_until_up(&ns, &addr, "7777", "clone\n");
+        // The guest's interface has the VM's own MAC, not the template's.
+        let out = d.ok(
+            "ExecVM",
+            json!({"id": vm["id"], "command": ["sh", "-c", "cat /sys/class/net/eth0/address"]}),
+        );
+        assert_eq!(
+            out["stdout"].as_str().unwrap().trim(),
+            nic(vm)["mac"].as_str().unwrap()
+        );
+    }
+    // After a reboot the clone is configured again (QEMU resets the
+    // device to the template's MAC).
+    let id = vms[0]["id"].clone();
+    d.ok("RebootVM", json!({"id": id}));
+    let addr = a["address"].as_str().unwrap().to_owned();
+    let ping = ns.helper(&["--ping", &addr]);
+    assert!(
+        ping["received"].as_u64().unwrap_or(0) >= 2,
+        "after reboot: {ping}"
+    );
+}

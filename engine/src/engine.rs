@@ -874,11 +874,9 @@ impl Engine {
         launch.gpu = gpu_args;
         let net = self.net_plan(id, restore.is_some());
         if let Some(n) = &net {
-            // A clone's device keeps the template's MAC (migrated state).
-            let mac = n.previous_mac.unwrap_or(n.mac);
             launch.nics = vec![NicArgs {
                 backend: NicBackend::TapFd(TAP_FD),
-                mac: mac.to_string(),
+                mac: n.device_mac.to_string(),
             }];
         }
         let Some(record) = self.vms.get(id).map(|e| &e.record) else {
@@ -1140,6 +1138,7 @@ impl Engine {
         });
         let tx = self.internal_tx.clone();
         let boot_timeout = self.config.boot_timeout();
+        let guest_net = self.guest_net(id);
         let id = id.to_owned();
         info!(vm = %id, "rebooting VM");
         tokio::spawn(async move {
@@ -1155,7 +1154,16 @@ impl Engine {
                     let _ = qmp.system_reset().await;
                 }
             }
-            report_next_boot(id, generation, &agent, old_boot_id, boot_timeout, &tx).await;
+            report_next_boot(
+                id,
+                generation,
+                &agent,
+                old_boot_id,
+                guest_net,
+                boot_timeout,
+                &tx,
+            )
+            .await;
         });
     }
 
@@ -1540,9 +1548,10 @@ impl Engine {
                             .map(|g| g.boot_id.clone());
                         let tx = self.internal_tx.clone();
                         let timeout = self.config.boot_timeout();
+                        let net = self.guest_net(id);
                         let id = id.to_owned();
                         tokio::spawn(async move {
-                            report_next_boot(id, generation, &agent, old, timeout, &tx).await;
+                            report_next_boot(id, generation, &agent, old, net, timeout, &tx).await;
                         });
                     }
                     _ => {}
@@ -1657,9 +1666,10 @@ impl Engine {
             VmState::Booting => {
                 let tx = self.internal_tx.clone();
                 let timeout = self.config.boot_timeout();
+                let net = self.guest_net(id);
                 let id = id.to_owned();
                 tokio::spawn(async move {
-                    report_next_boot(id, generation, &agent, None, timeout, &tx).await;
+                    report_next_boot(id, generation, &agent, None, net, timeout, &tx).await;
                 });
             }
             _ => {}
@@ -1841,11 +1851,7 @@ async fn boot(
     }
     if let Some(n) = &plan.net {
         let _: serde_json::Value = agent
-            .call(
-                proto::method::CONFIGURE_NETWORK,
-                &n.guest_config(),
-                plan.qmp_timeout,
-            )
+            .call(proto::method::CONFIGURE_NETWORK, &n.guest, plan.qmp_timeout)
             .await?;
         // Forwards only once the guest has its address.
         for forward in &n.forwards {
@@ -1859,33 +1865,13 @@ async fn boot(
 #[derive(Debug)]
 struct NetPlan {
     net: Arc<kiln_net::Network>,
-    address: std::net::Ipv4Addr,
-    mac: kiln_net::MacAddr,
-    /// A clone's NIC still has the template's MAC.
-    previous_mac: Option<kiln_net::MacAddr>,
-    prefix_len: u8,
-    gateway: std::net::Ipv4Addr,
-    dns: Vec<std::net::Ipv4Addr>,
-    mtu: Option<u32>,
+    /// The MAC of QEMU's device: the VM's own, or a clone's template's.
+    device_mac: kiln_net::MacAddr,
+    /// What the agent is told.
+    guest: proto::ConfigureNetworkRequest,
     forwards: Vec<kiln_net::PortForward>,
     /// The previous process's TAP removal, awaited before the new TAP.
     cleanup: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl NetPlan {
-    fn guest_config(&self) -> proto::ConfigureNetworkRequest {
-        proto::ConfigureNetworkRequest {
-            interfaces: vec![proto::NetworkInterface {
-                mac: self.mac.to_string(),
-                previous_mac: self.previous_mac.map(|m| m.to_string()),
-                address: Some(self.address.to_string()),
-                prefix_length: Some(self.prefix_len),
-                mtu: self.mtu,
-            }],
-            gateway: Some(self.gateway.to_string()),
-            dns: (!self.dns.is_empty()).then(|| self.dns.iter().map(|d| d.to_string()).collect()),
-        }
-    }
 }
 
 /// A hostname, a machine id and fresh host entropy: what makes a pool VM
@@ -1950,11 +1936,26 @@ async fn report_next_boot(
     generation: u64,
     agent: &AgentClient,
     old_boot_id: Option<String>,
+    guest_net: Option<proto::ConfigureNetworkRequest>,
     timeout: Duration,
     tx: &mpsc::UnboundedSender<Internal>,
 ) {
     agent.disconnect().await;
-    let result = wait_for_new_boot(agent, old_boot_id.as_deref(), timeout).await;
+    let mut result = wait_for_new_boot(agent, old_boot_id.as_deref(), timeout).await;
+    // A new boot starts with the NIC unconfigured (and a clone's NIC with
+    // the template's MAC again: QEMU resets the device to its own MAC).
+    if let (Ok(_), Some(request)) = (&result, &guest_net) {
+        let configured: Result<serde_json::Value, _> = agent
+            .call(
+                proto::method::CONFIGURE_NETWORK,
+                request,
+                Duration::from_secs(10),
+            )
+            .await;
+        if let Err(e) = configured {
+            result = Err(e.into());
+        }
+    }
     let _ = tx.send(Internal::BootDone {
         id,
         generation,

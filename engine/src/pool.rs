@@ -76,6 +76,10 @@ pub enum PoolSpecError {
     /// `refillConcurrency` out of range.
     #[error("refillConcurrency must be between 1 and {MAX_REFILL_CONCURRENCY}, got {0}")]
     Concurrency(u32),
+    /// A fixed address or a port forward in a pool's VM spec (it would
+    /// need to go to every VM of the pool).
+    #[error("pool VMs cannot have a fixed network address or port forwards")]
+    NetworkFixed,
 }
 
 impl PoolSpec {
@@ -90,6 +94,14 @@ impl PoolSpec {
         }
         if self.refill_concurrency == 0 || self.refill_concurrency > MAX_REFILL_CONCURRENCY {
             return Err(PoolSpecError::Concurrency(self.refill_concurrency));
+        }
+        if self
+            .vm
+            .network
+            .as_ref()
+            .is_some_and(|n| n.address.is_some() || !n.forwards.is_empty())
+        {
+            return Err(PoolSpecError::NetworkFixed);
         }
         Ok(())
     }

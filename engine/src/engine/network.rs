@@ -12,6 +12,8 @@
 
 use std::sync::Arc;
 
+use kiln_agent_proto as proto;
+
 use tracing::{debug, error, info, warn};
 
 use super::{Engine, NetPlan};
@@ -66,10 +68,10 @@ impl Engine {
     /// What the boot sub-task needs for VM `id`'s NIC (None: no NIC).
     pub(super) fn net_plan(&mut self, id: &str, clone: bool) -> Option<NetPlan> {
         let net = self.net.clone()?;
+        let guest = self.guest_net_for(id, clone)?;
         let entry = self.vms.get_mut(id)?;
         let nic = entry.record.network.first()?.clone();
         let spec = entry.record.spec.network.as_ref()?;
-        let config = net.config();
         Some(NetPlan {
             forwards: spec
                 .forwards
@@ -82,15 +84,39 @@ impl Engine {
                     port: f.vm_port,
                 })
                 .collect(),
-            address: nic.address,
-            mac: nic.mac,
-            previous_mac: clone.then(super::template_mac),
-            prefix_len: config.subnet.prefix_len(),
-            gateway: config.gateway(),
-            dns: config.dns.clone(),
-            mtu: config.mtu,
+            // A clone's device keeps the template's MAC (migrated state).
+            device_mac: if clone {
+                super::template_mac()
+            } else {
+                nic.mac
+            },
+            guest,
             cleanup: entry.net_cleanup.take(),
             net,
+        })
+    }
+
+    /// The agent's `ConfigureNetwork` for the running VM `id` (after a
+    /// reboot or reset), if it has a NIC.
+    pub(super) fn guest_net(&self, id: &str) -> Option<proto::ConfigureNetworkRequest> {
+        let clone = self.vms.get(id)?.record.template.is_some();
+        self.guest_net_for(id, clone)
+    }
+
+    fn guest_net_for(&self, id: &str, clone: bool) -> Option<proto::ConfigureNetworkRequest> {
+        let config = self.net.as_ref()?.config();
+        let nic = self.vms.get(id)?.record.network.first()?;
+        Some(proto::ConfigureNetworkRequest {
+            interfaces: vec![proto::NetworkInterface {
+                mac: nic.mac.to_string(),
+                previous_mac: clone.then(|| super::template_mac().to_string()),
+                address: Some(nic.address.to_string()),
+                prefix_length: Some(config.subnet.prefix_len()),
+                mtu: config.mtu,
+            }],
+            gateway: Some(config.gateway().to_string()),
+            dns: (!config.dns.is_empty())
+                .then(|| config.dns.iter().map(ToString::to_string).collect()),
         })
     }
 
