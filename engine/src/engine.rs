@@ -34,7 +34,7 @@ use crate::process::{is_qemu_of, read_pid_file, VmProcess};
 use crate::qemu::{GuestMemory, Machine, NicArgs, NicBackend, QemuLaunch, Qmp, QmpEvent};
 use crate::spec::{validate_name, Limits, ResolvedSpec, SpecDefaults, SpecError, VmSpec};
 use crate::state::VmState;
-use crate::store::{create_private_dir, BrokenRecord, RecordDir};
+use crate::store::{create_private_dir, BrokenRecord, Durability, RecordDir};
 use crate::template::Template;
 use crate::vm::{GuestInfo, VmInfo, VmRecord};
 
@@ -752,13 +752,23 @@ impl Engine {
         id: &str,
         change: impl FnOnce(&mut VmRecord),
     ) -> Result<VmInfo, EngineError> {
+        self.update_with(id, Durability::Durable, change)
+    }
+
+    /// [`Engine::update`] with a chosen durability (see [`Durability`]).
+    fn update_with(
+        &mut self,
+        id: &str,
+        durability: Durability,
+        change: impl FnOnce(&mut VmRecord),
+    ) -> Result<VmInfo, EngineError> {
         let entry = self
             .vms
             .get_mut(id)
             .ok_or_else(|| EngineError::NoSuchVM(truncate(id)))?;
         let mut record = entry.record.clone();
         change(&mut record);
-        self.store.write(id, &record)?;
+        self.store.write_with(id, &record, durability)?;
         let from = std::mem::replace(&mut entry.record, record).state;
         let record = entry.record.clone();
         let info = VmInfo::from(&record);

@@ -35,7 +35,7 @@ use crate::pool::{load_definitions, PoolDefinition, PoolInfo, PoolMode, PoolSpec
 use crate::qemu::GuestMemory;
 use crate::spec::{validate_name, ResolvedSpec, MAX_NAME_LEN};
 use crate::state::VmState;
-use crate::store::write_atomic;
+use crate::store::{write_atomic, Durability};
 use crate::template::{self, Template};
 use crate::vm::{Lease, VmInfo, VmRecord};
 
@@ -769,14 +769,16 @@ impl Engine {
         }
     }
 
-    /// Lease a hot VM: state and holder in one atomic write.
+    /// Lease a hot VM: state and holder in one atomic write. Not synced to
+    /// disk: the lease only means something while the VM's process runs,
+    /// which a host crash ends; a crash of kilnd keeps the page cache.
     fn lease(
         &mut self,
         id: &str,
         holder: String,
         labels: BTreeMap<String, String>,
     ) -> Result<VmInfo, EngineError> {
-        let info = self.update(id, |r| {
+        let info = self.update_with(id, Durability::UntilHostCrash, |r| {
             r.state = VmState::Leased;
             r.lease = Some(Lease {
                 holder: holder.clone(),
