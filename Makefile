@@ -32,9 +32,12 @@ packages: build guest
 system-test: packages
 	python3 tests/system/run.py $(if $(ONLY),--only $(ONLY))
 
-# QUICK=1 for a short run.
+# Benchmarks into $(CARGO_TARGET_DIR)/bench/: report.md, report.json and SVG
+# plots, compared with tests/bench/baseline.json (warnings only); see
+# docs/benchmarks.md. QUICK=1 for a short run (no libvirt peer);
+# BENCH_SKIP_LIBVIRT=1 skips the libvirt peer of a full run.
 bench: build guest
-	python3 -m pip install --quiet --disable-pip-version-check jeepney
+	python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore jeepney
 	python3 tests/bench/run.py
 
 clean:

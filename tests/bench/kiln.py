@@ -1,0 +1,250 @@
+"""Clients and fixtures the benchmark scenarios share.
+
+A release kilnd in a temp dir with a private dbus-daemon (`Kilnd`), a
+minimal varlink client on one persistent connection (`VarlinkConnection`),
+the guest agent's Ping (`agent_ping`), a small QMP client (`Qmp`) and pool
+polling helpers. Nothing here measures; the scenario modules do.
+"""
+import glob
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+GUEST = os.environ.get("KILN_GUEST_DIR", os.path.join(TARGET, "guest"))
+KILND = os.path.join(TARGET, "release", "kilnd")
+
+
+def log(msg):
+    """Progress on stderr, flushed (the report goes to stdout)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def varlinkctl(sock, method, params):
+    """One call through the real `varlinkctl` client (a process per call)."""
+    out = subprocess.run(["varlinkctl", "call", "--json=short", f"unix:{sock}",
+                          f"io.kiln.Manager.{method}", json.dumps(params)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{method}: {out.stderr.strip()} {out.stdout.strip()}")
+    return json.loads(out.stdout)
+
+
+def connect_unix(path, deadline, pause=0.002):
+    """Connect to a unix socket, retrying until it exists or `deadline`."""
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            return s
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path} never accepted a connection")
+            time.sleep(pause)
+
+
+def agent_ping(path, deadline):
+    """Connect to a QEMU agent socket and wait for the first Ping reply."""
+    s = connect_unix(path, deadline)
+    s.settimeout(max(0.1, deadline - time.monotonic()))
+    s.sendall(json.dumps({"method": "io.kiln.Agent.Ping", "parameters": {"nonce": 1}}).encode() + b"\0")
+    buf = b""
+    while not buf.endswith(b"\0"):
+        chunk = s.recv(65536)
+        if not chunk:
+            raise RuntimeError("agent closed the connection")
+        buf += chunk
+    s.close()
+    return json.loads(buf[:-1])
+
+
+class VarlinkError(RuntimeError):
+    """A varlink error reply; `name` is the error's name."""
+
+    def __init__(self, method, reply):
+        super().__init__(f"{method}: {reply}")
+        self.name = reply.get("error", "")
+
+
+class VarlinkConnection:
+    """A minimal varlink client: one socket, NUL-framed JSON, in order."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def call(self, method, params=None):
+        if "." not in method:
+            method = f"io.kiln.Manager.{method}"
+        self.sock.sendall(json.dumps({"method": method, "parameters": params or {}}).encode() + b"\0")
+        while b"\0" not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise RuntimeError("kilnd closed the connection")
+            self.buf += chunk
+        frame, self.buf = self.buf.split(b"\0", 1)
+        reply = json.loads(frame)
+        if "error" in reply:
+            raise VarlinkError(method, reply)
+        return reply.get("parameters", {})
+
+    def close(self):
+        self.sock.close()
+
+
+class Qmp:
+    """QMP on a unix socket: capabilities negotiated, events skipped."""
+
+    def __init__(self, path, deadline):
+        self.sock = connect_unix(path, deadline, pause=0.001)
+        self.file = self.sock.makefile("rwb")
+        self._read()
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        while True:
+            msg = json.loads(self.file.readline())
+            if "event" not in msg:
+                return msg
+
+    def cmd(self, name, **args):
+        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.file.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(f"QMP {name}: {reply}")
+        return reply.get("return")
+
+
+def describe_pool(conn, name):
+    return conn.call("DescribePool", {"name": name})["pool"]
+
+
+def wait_pool(conn, name, want, timeout=300, poll=0.02):
+    """Poll DescribePool until `want(pool)`; TimeoutError names the state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pool = describe_pool(conn, name)
+        if want(pool):
+            return pool
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pool {name} after {timeout:.0f} s: {pool}")
+        time.sleep(poll)
+
+
+def pool_vms(conn, name):
+    return [v for v in conn.call("ListVMs")["vms"] if v.get("pool") == name]
+
+
+def wait_pool_gone(conn, name, timeout=120):
+    """Wait until no VM of pool `name` is left (after DeletePool)."""
+    deadline = time.monotonic() + timeout
+    while pool_vms(conn, name):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pool {name} VMs never went away")
+        time.sleep(0.05)
+
+
+def drain(conn, name, max_vms=1, timeout=120):
+    """Resize a pool to warm 0 and wait until it owns no VM.
+
+    A shrink destroys the hot VMs but lets boots in flight finish, and they
+    stay hot; so resize again until nothing is left.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        conn.call("ResizePool", {"name": name, "warm": 0, "max": max_vms})
+        pool = wait_pool(conn, name, lambda p: p["booting"] == 0, timeout=max(1, deadline - time.monotonic()))
+        if pool["hot"] == 0 and pool["leased"] == 0 and not pool_vms(conn, name):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pool {name} never drained: {pool}")
+        time.sleep(0.05)
+
+
+def delete_pool(conn, name):
+    conn.call("DeletePool", {"name": name})
+    wait_pool_gone(conn, name)
+
+
+def argv_of(pid):
+    """A process's argv from /proc/PID/cmdline."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0") if a]
+
+
+class Kilnd:
+    """A release kilnd on a temp dir and a private dbus-daemon.
+
+    Used as a context manager; on exit kilnd and the bus are stopped, any
+    QEMU it left is killed and the temp dir removed.
+    """
+
+    def __init__(self):
+        self.work = tempfile.mkdtemp(prefix="kiln-bench-", dir="/tmp")
+        os.chmod(self.work, 0o755)
+        self.sock = os.path.join(self.work, "varlink")
+        self.bus = None
+        self.bus_address = None
+        self.proc = None
+
+    def __enter__(self):
+        self.bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--print-address=1"],
+                                    stdout=subprocess.PIPE, text=True)
+        self.bus_address = self.bus.stdout.readline().strip()
+        config = os.path.join(self.work, "kilnd.toml")
+        with open(config, "w") as f:
+            f.write(f'state_dir = "{self.work}/state"\nruntime_dir = "{self.work}/run"\n'
+                    f'guest_dir = "{GUEST}"\nvarlink_socket = "{self.sock}"\n'
+                    f'boot_timeout_sec = 180\npool_dirs = []\n'
+                    f'dbus = "{self.bus_address}"\npolkit = false\n')
+        self.log = open(os.path.join(self.work, "kilnd.log"), "w")
+        self.proc = subprocess.Popen([KILND, "--config", config], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"kilnd did not start:\n{self.log_tail()}")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def vm_dir(self, vm_id):
+        return os.path.join(self.work, "run", "vms", vm_id)
+
+    def log_tail(self, chars=4000):
+        try:
+            with open(os.path.join(self.work, "kilnd.log"), errors="replace") as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.bus:
+            self.bus.kill()
+            self.bus.wait()
+        for pidfile in glob.glob(f"{self.work}/run/vms/*/qemu.pid"):
+            try:
+                with open(pidfile) as f:
+                    os.kill(int(f.read()), 9)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(self.work, ignore_errors=True)
+        return False

@@ -1,0 +1,175 @@
+"""Pool latencies and API round trips.
+
+raw-qemu-clone  plain QEMU restoring a kilnd pool template with the argv of a
+                kilnd clone (RAM file mapped share=off, -incoming defer,
+                x-ignore-shared, migrate-incoming, cont), timed to the
+                agent's Ping: the floor for clones;
+kilnd-clone     Acquire from a template pool with nothing hot (warm 0), so the
+                call waits for a fresh clone (identity set-up included);
+kilnd-hot       Acquire with a VM hot, on one persistent connection, varlink
+                and D-Bus alternating; before each, the pool is back to warm
+                (the refill runs behind the previous acquire);
+api-*           round trips on one persistent connection per transport with
+                100 VM records: varlink ListVMs against
+                org.varlink.service.GetInfo (its floor); D-Bus ListVMs (paths)
+                and ObjectManager.GetManagedObjects (every property) against
+                org.freedesktop.DBus.Peer.Ping (its floor). kilnd sits on a
+                private dbus-daemon; the D-Bus client is jeepney.
+"""
+import os
+import shutil
+import subprocess
+import time
+
+from kiln import Qmp, VarlinkConnection, agent_ping, argv_of, log, wait_pool
+
+RAW_CLONE = "raw-qemu-clone (template restore)"
+KILND_CLONE = "kilnd-clone (Acquire, nothing hot)"
+HOT_VARLINK = "kilnd-hot Acquire (varlink)"
+HOT_DBUS = "kilnd-hot Acquire (D-Bus)"
+
+
+def dbus_manager():
+    from jeepney import DBusAddress
+    return DBusAddress("/io/kiln/Kiln1/Manager", bus_name="io.kiln.Kiln1", interface="io.kiln.Kiln1.Manager")
+
+
+def raw_restore(argv, run_dir, template_dir):
+    """Exec a clone's argv, restore the template over QMP, time to agent Ping."""
+    t0 = time.monotonic()
+    qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        qmp = Qmp(os.path.join(run_dir, "qmp.sock"), t0 + 30)
+        qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        qmp.cmd("migrate-incoming", uri=f"file:{template_dir}/state")
+        while qmp.cmd("query-status")["status"] == "inmigrate":
+            time.sleep(0.001)
+        qmp.cmd("cont")
+        agent_ping(os.path.join(run_dir, "agent.sock"), t0 + 60)
+        return (time.monotonic() - t0) * 1000
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+def clones(kilnd, rounds, pool, concurrency):
+    """Raw template restore against Acquire from a pool with nothing hot.
+
+    Creates the template pool `pool` (warm 0); later scenarios reuse it and
+    its template.
+    """
+    conn = VarlinkConnection(kilnd.sock)
+    results = {RAW_CLONE: [], KILND_CLONE: []}
+    conn.call("CreatePool", {"name": pool, "spec": {"mode": "template", "warm": 0, "max": 1,
+                                                    "refillConcurrency": concurrency}})
+    # Warm-up: builds the template; its clone's argv becomes the raw peer's.
+    t0 = time.monotonic()
+    vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 300000})["vm"]
+    template_build_ms = (time.monotonic() - t0) * 1000
+    argv = argv_of(vm["pid"])
+    template_dir = os.path.dirname(next(a for a in argv if "mem-path=" in a).split("mem-path=")[1])
+    conn.call("Release", {"id": vm["id"]})
+    vm_dir = kilnd.vm_dir(vm["id"])
+    for i in range(rounds):
+        raw_dir = os.path.join(kilnd.work, f"rawclone{i}")
+        os.makedirs(raw_dir)
+        raw_argv = [a.replace(vm_dir, raw_dir).replace(f"kiln-{vm['id']}", "kiln-bench-raw") for a in argv]
+        results[RAW_CLONE].append(raw_restore(raw_argv, raw_dir, template_dir))
+        shutil.rmtree(raw_dir, ignore_errors=True)
+        t0 = time.monotonic()
+        got = conn.call("Acquire", {"pool": pool, "timeoutMs": 60000})["vm"]
+        results[KILND_CLONE].append((time.monotonic() - t0) * 1000)
+        conn.call("Release", {"id": got["id"]})
+        wait_pool(conn, pool, lambda p: p["leased"] == 0 and p["booting"] == 0)
+    log(f"clones: raw {sorted(results[RAW_CLONE])[rounds // 2]:.0f} ms, "
+        f"kilnd {sorted(results[KILND_CLONE])[rounds // 2]:.0f} ms (median)")
+    conn.close()
+    return results, {"template build, first Acquire of a new pool (ms)": round(template_build_ms, 1)}
+
+
+def hot_acquires(kilnd, pool, acquires, budget_s, min_acquires):
+    """Acquire from a template pool kept at 2 hot, varlink and D-Bus alternating.
+
+    Stops after `budget_s` once `min_acquires` were made.
+    """
+    from jeepney import new_method_call
+    from jeepney.io.blocking import open_dbus_connection
+
+    conn = VarlinkConnection(kilnd.sock)
+    results = {HOT_VARLINK: [], HOT_DBUS: []}
+    conn.call("ResizePool", {"name": pool, "warm": 2, "max": 4})
+    bus = open_dbus_connection(bus=kilnd.bus_address)
+    manager = dbus_manager()
+    deadline = time.monotonic() + budget_s
+    for i in range(acquires):
+        if i >= min_acquires and time.monotonic() > deadline:
+            log(f"hot acquires: {i} in the {budget_s} s budget")
+            break
+        wait_pool(conn, pool, lambda p: p["hot"] == 2, timeout=300)
+        t0 = time.perf_counter()
+        if i % 2 == 0:
+            vm_id = conn.call("Acquire", {"pool": pool, "timeoutMs": 0})["vm"]["id"]
+            results[HOT_VARLINK].append((time.perf_counter() - t0) * 1000)
+        else:
+            reply = bus.send_and_get_reply(new_method_call(manager, "Acquire", "sa{sv}",
+                                                           (pool, {"timeoutMs": ("t", 0)})))
+            results[HOT_DBUS].append((time.perf_counter() - t0) * 1000)
+            vm_id = reply.body[0].rsplit("/", 1)[1]
+        conn.call("Release", {"id": vm_id})
+    bus.close()
+    conn.close()
+    return results
+
+
+def varlink_round_trips(kilnd, calls):
+    """ListVMs with 100 records vs GetInfo, alternating in blocks of 50."""
+    conn = VarlinkConnection(kilnd.sock)
+    existing = len(conn.call("ListVMs")["vms"])
+    for i in range(existing, 100):
+        conn.call("CreateVM", {"name": f"record{i}"})
+    assert len(conn.call("ListVMs")["vms"]) == 100
+    methods = [("api: ListVMs, 100 VMs (varlink)", "io.kiln.Manager.ListVMs"),
+               ("api: GetInfo floor (varlink)", "org.varlink.service.GetInfo")]
+    samples = {name: [] for name, _ in methods}
+    for _ in range(calls // 50):
+        for name, method in methods:
+            for _ in range(50):
+                t0 = time.perf_counter()
+                conn.call(method, {})
+                samples[name].append((time.perf_counter() - t0) * 1000)
+    conn.close()
+    return samples
+
+
+def dbus_round_trips(kilnd, calls):
+    """D-Bus calls against the same 100 VMs, alternating in blocks of 50."""
+    from jeepney import DBusAddress, new_method_call
+    from jeepney.io.blocking import open_dbus_connection
+
+    conn = open_dbus_connection(bus=kilnd.bus_address)
+    manager = dbus_manager()
+    root = DBusAddress("/io/kiln/Kiln1", bus_name="io.kiln.Kiln1", interface="org.freedesktop.DBus.ObjectManager")
+    peer = DBusAddress("/io/kiln/Kiln1/Manager", bus_name="io.kiln.Kiln1", interface="org.freedesktop.DBus.Peer")
+    listed = conn.send_and_get_reply(new_method_call(manager, "ListVMs")).body[0]
+    assert len(listed) == 100, len(listed)
+    methods = [("api: ListVMs, 100 VMs (D-Bus, paths)", manager, "ListVMs"),
+               ("api: GetManagedObjects, 100 VMs (D-Bus)", root, "GetManagedObjects"),
+               ("api: Peer.Ping floor (D-Bus)", peer, "Ping")]
+    samples = {name: [] for name, _, _ in methods}
+    for _ in range(calls // 50):
+        for name, address, method in methods:
+            for _ in range(50):
+                t0 = time.perf_counter()
+                conn.send_and_get_reply(new_method_call(address, method))
+                samples[name].append((time.perf_counter() - t0) * 1000)
+    conn.close()
+    return samples
+
+
+def delete_records(kilnd):
+    """Remove the idle VM records the API round trips created."""
+    conn = VarlinkConnection(kilnd.sock)
+    for vm in conn.call("ListVMs")["vms"]:
+        if vm["name"].startswith("record"):
+            conn.call("DeleteVM", {"id": vm["id"]})
+    conn.close()

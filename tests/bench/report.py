@@ -1,0 +1,284 @@
+"""The report: statistics, report.json, report.md and the SVG plots.
+
+Every latency scenario is summarised as n, median, p99, min and max, and set
+against its floor measured in the same run (raw QEMU for boots and clones,
+the transport's no-op call for API round trips and hot acquires).
+"""
+import json
+import os
+import statistics
+
+import svg
+
+# scenario -> the scenario it is compared against
+FLOORS = {
+    "kilnd-cold (varlink StartVM)": "raw-qemu-cold",
+    "kilnd-cold (engine readyAt-startedAt)": "raw-qemu-cold",
+    "kilnd-clone (Acquire, nothing hot)": "raw-qemu-clone (template restore)",
+    "kilnd-hot Acquire (varlink)": "api: GetInfo floor (varlink)",
+    "kilnd-hot Acquire (D-Bus)": "api: Peer.Ping floor (D-Bus)",
+    "api: ListVMs, 100 VMs (varlink)": "api: GetInfo floor (varlink)",
+    "api: ListVMs, 100 VMs (D-Bus, paths)": "api: Peer.Ping floor (D-Bus)",
+    "api: GetManagedObjects, 100 VMs (D-Bus)": "api: Peer.Ping floor (D-Bus)",
+    "libvirt virsh create": "raw-qemu-cold (in container)",
+}
+
+ANCHORS = [
+    "containerd + Cloud Hypervisor on KVM: cold start ~74 ms, warm restore ~25 ms, ~24 MB per VM",
+    "Kata Containers: ~500 ms - 1 s per pod start, ~330 MB per pod",
+    "fill rate: 150 pods ready in 11 s on 24 KVM vCPUs (13.6 pods/s, 0.57 pods/s per vCPU)",
+    "issue 4 targets: hot Acquire p50 <= 1 ms, p99 <= 5 ms; clone <= 1.5x raw restore; "
+    "template PSS <= 60 % of cold",
+]
+
+
+def stats(samples):
+    """n, median, p99 (nearest rank), min and max of a list of ms."""
+    s = sorted(samples)
+    p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    return {"n": len(s), "median_ms": round(statistics.median(s), 3), "p99_ms": round(p99, 3),
+            "min_ms": round(s[0], 3), "max_ms": round(s[-1], 3)}
+
+
+def with_floors(table):
+    """Each scenario's ratio of medians against its floor, where both exist."""
+    for name, s in table.items():
+        floor = FLOORS.get(name) or ("api: GetInfo floor (varlink)" if "Acquire (varlink)" in name else None)
+        if floor in table and table[floor]["median_ms"] > 0:
+            s["floor"] = floor
+            s["vs_floor"] = round(s["median_ms"] / table[floor]["median_ms"], 2)
+    return table
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def ms(v):
+    """A latency for a table: 3 significant-ish digits."""
+    if v is None:
+        return "–"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def density_rows(ladder):
+    """Markdown rows of one mode's density ladder."""
+    rows = []
+    for s in ladder["steps"]:
+        a = s.get("acquire") or {}
+        rows.append(f"| {ladder['mode']} | {s['n']} | {s.get('filled_from', '?')}→{s['n']} in {fmt(s.get('fill_s'))} | "
+                    f"{fmt(s['pss_total_mib'])} | "
+                    f"{fmt(s['pss_per_vm_mib'])} | {s['idle_vms_cpu_cores']:.2f} | {s['idle_cpu_per_vm_pct']:.1f} | "
+                    f"{fmt(s['host_busy_pct'])} | {fmt(s['kilnd_rss_mib'])} | {s['kilnd_cpu_pct']:.2f} | "
+                    f"{ms(a.get('median_ms'))} | {ms(a.get('p99_ms'))} | {a.get('n', 0)} |")
+    return rows
+
+
+def summary(report):
+    """The headline table (the one for the issue note)."""
+    sc = report["scenarios"]
+    rows = ["| what | here | floor / peer, same run | ratio | anchor elsewhere |",
+            "| --- | --- | --- | --- | --- |"]
+
+    def line(label, name, anchor=""):
+        if name not in sc:
+            return
+        s = sc[name]
+        floor = s.get("floor")
+        fl = f"{floor}: {ms(sc[floor]['median_ms'])} ms" if floor else ""
+        ratio = f"{s['vs_floor']:.2f}x" if "vs_floor" in s else ""
+        rows.append(f"| {label} | {ms(s['median_ms'])} ms (p99 {ms(s['p99_ms'])}, n={s['n']}) | {fl} | {ratio} | {anchor} |")
+
+    line("cold boot to agent, kilnd StartVM", "kilnd-cold (varlink StartVM)", "CH/KVM ~74 ms; Kata 0.5–1 s")
+    line("cold boot to agent, libvirt virsh create", "libvirt virsh create", "")
+    if "libvirt virsh create" in sc and "kilnd-cold (varlink StartVM)" in sc:
+        k, v = sc["kilnd-cold (varlink StartVM)"], sc["libvirt virsh create"]
+        rows.append(f"| kilnd cold vs libvirt, each over its own raw QEMU | "
+                    f"{k.get('vs_floor', 0):.2f}x vs {v.get('vs_floor', 0):.2f}x | | "
+                    f"{k.get('vs_floor', 0) / max(v.get('vs_floor', 1), 1e-9):.2f}x | |")
+    elif report.get("libvirt", {}).get("skipped"):
+        rows.append(f"| libvirt virsh create | skipped: {report['libvirt']['skipped']} | | | |")
+    line("template clone to agent, Acquire with nothing hot", "kilnd-clone (Acquire, nothing hot)",
+         "CH/KVM warm restore ~25 ms; target ≤ 1.5x raw")
+    line("hot Acquire, varlink", "kilnd-hot Acquire (varlink)", "target p50 ≤ 1 ms, p99 ≤ 5 ms")
+    line("hot Acquire, D-Bus", "kilnd-hot Acquire (D-Bus)", "")
+    dens = report.get("density", {})
+    t, c = dens.get("template", {}).get("steps", []), dens.get("cold", {}).get("steps", [])
+    if t and c:
+        common = max(set(s["n"] for s in t) & set(s["n"] for s in c), default=None)
+        if common:
+            ts = next(s for s in t if s["n"] == common)
+            cs = next(s for s in c if s["n"] == common)
+            rows.append(f"| PSS per idle hot VM (128 MiB) at N={common} | template {fmt(ts['pss_per_vm_mib'])} MiB | "
+                        f"cold {fmt(cs['pss_per_vm_mib'])} MiB | {ts['pss_per_vm_mib'] / cs['pss_per_vm_mib']:.0%} | "
+                        f"CH ~24 MB, Kata ~330 MB; target ≤ 60 % |")
+    for mode, steps in (("template", t), ("cold", c)):
+        if steps:
+            last = steps[-1]
+            why = dens[mode].get("stopped") or dens[mode].get("cap") or "ladder done"
+            rows.append(f"| most idle {mode} VMs held | {last['n']}: {fmt(last['pss_total_mib'] / 1024, 2)} GiB PSS, "
+                        f"idle VMs {last['idle_vms_cpu_cores']:.2f} cores | | | {why} |")
+    fills = [f for f in report.get("fill", []) if f.get("fill_s")]
+    if fills:
+        best = min(fills, key=lambda f: f["fill_s"])
+        rows.append(f"| fill {best['n']}-VM template pool from empty | {best['fill_s']:.1f} s at refillConcurrency "
+                    f"{best['concurrency']} ({best['vms_per_s']:.1f} VMs/s, {best['vms_per_s_per_core']:.2f}/s per core) | "
+                    f"| | 150 pods in 11 s on 24 KVM vCPUs (0.57/s per vCPU); aim ≤ 10 s |")
+    d = report.get("daemon", {})
+    if d.get("idle_no_vms"):
+        at40 = d.get("with_40_vms") or {}
+        rows.append(f"| kilnd RSS: no VMs / 40 hot VMs | {fmt(d['idle_no_vms']['rss_mib'])} / "
+                    f"{fmt(at40.get('kilnd_rss_mib'))} MiB | | | |")
+        rows.append(f"| kilnd CPU while idle: no VMs / 40 hot VMs | {d['idle_no_vms']['cpu_pct']:.2f} % / "
+                    f"{fmt(at40.get('kilnd_cpu_pct'), 2)} % of a core | | | resolution: one 10 ms tick per "
+                    f"interval ({d['idle_no_vms']['interval_s']:.0f} s / {fmt(at40.get('cpu_interval_s'), 0)} s) |")
+    return rows
+
+
+def markdown(report):
+    """report.md: summary, latency table, density, fill, daemon, libvirt, guard."""
+    m = report["meta"]
+    out = [f"# Kiln benchmark ({m['accel']}, {'QUICK' if m['quick'] else 'full'} run)", "",
+           f"{m['date']}, commit {m['commit']}, {m['machine']}; load average {m['load_start']} at the start, "
+           f"{m['load_end']} at the end; the run took {m['duration_s']:.0f} s. The machine is shared: "
+           "compare ratios against the floors measured in the same run, not absolute numbers.", "",
+           "## Summary", ""] + summary(report)
+    out += ["", "## Latencies", "",
+            "Boots and clones: time until the guest agent answers Ping. API: one round trip on a "
+            "persistent connection. `vs floor` is the ratio of medians against the floor named.", "",
+            "| scenario | n | median ms | p99 ms | min ms | max ms | floor | vs floor |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, s in report["scenarios"].items():
+        out.append(f"| {name} | {s['n']} | {ms(s['median_ms'])} | {ms(s['p99_ms'])} | {ms(s['min_ms'])} | "
+                   f"{ms(s['max_ms'])} | {s.get('floor', '')} | {str(s['vs_floor']) + 'x' if 'vs_floor' in s else ''} |")
+    out += density_md(report)
+    out += fill_md(report)
+    out += daemon_md(report)
+    out += libvirt_md(report)
+    out += ["", "## Plots", "", "- `latency.svg`: distribution of every latency scenario (log scale)",
+            "- `pss.svg`: total PSS of N idle hot VMs, cold and template",
+            "- `idle-cpu.svg`: CPU used by N idle hot VMs", "- `fill.svg`: hot VMs over time while a "
+            "template pool fills from empty", "", "## Numbers to compare against (elsewhere)", ""]
+    out += [f"- {a}" for a in ANCHORS]
+    g = report.get("guard", {})
+    out += ["", "## Regression guard", "",
+            f"{g.get('compared', 0)} metrics compared with tests/bench/baseline.json "
+            f"(made {g.get('baseline_made', '?')}); {len(g.get('warnings', []))} warnings. {g.get('note', '')}"]
+    out += [f"- {w}" for w in g.get("warnings", [])]
+    return "\n".join(out) + "\n"
+
+
+def density_md(report):
+    out = ["", "## Density: N idle hot VMs of 128 MiB", "",
+           "PSS from /proc/PID/smaps_rollup of every member QEMU; idle CPU from their utime+stime over "
+           "the interval (cores; % of one core per VM); host busy from /proc/stat (everything on the "
+           "machine); acquires: k in a row with the pool refilling behind.", "",
+           "| mode | N | filled (hot before → N) in s | PSS total MiB | PSS/VM MiB | idle VMs cores | idle %/VM | host busy % | "
+           "kilnd RSS MiB | kilnd CPU % | acquire p50 ms | p99 ms | acquires |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    notes = []
+    for mode, ladder in report.get("density", {}).items():
+        out += density_rows(ladder)
+        conc = f"refillConcurrency {ladder['refillConcurrency']}, ladder {ladder['planned_ns']}, " \
+               f"budget {ladder['budget_s']} s"
+        notes.append(f"- {mode}: {conc}. " + (f"Capped: {ladder['cap']}. " if ladder.get("cap") else "")
+                     + (f"**Stopped: {ladder['stopped']}**" if ladder.get("stopped") else "Ladder completed."))
+        if ladder.get("first_fill_s_with_template_build"):
+            notes.append(f"  The first VM of the new template pool took {ladder['first_fill_s_with_template_build']} s "
+                         "(template boot + save + first clone).")
+    return out + [""] + notes
+
+
+def fill_md(report):
+    fills = report.get("fill", [])
+    if not fills:
+        return []
+    out = ["", "## Fill rate: a template pool from empty to 50 hot", "",
+           "ResizePool warm=50 on a pool whose template is built; time until 50 are hot. "
+           "Anchor: 150 pods in 11 s on 24 KVM vCPUs.", "",
+           "| refillConcurrency | filled | fill s | first hot s | half s | VMs/s | VMs/s per core |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for f in fills:
+        out.append(f"| {f['concurrency']} | {f['filled']}/{f['n']} | {fmt(f.get('fill_s'))} | {fmt(f.get('first_s'), 2)} | "
+                   f"{fmt(f.get('half_s'))} | {fmt(f.get('vms_per_s'), 2)} | {fmt(f.get('vms_per_s_per_core'), 2)} |")
+        if f.get("error"):
+            out.append(f"|  | {f['error']} | | | | | |")
+    return out
+
+
+def daemon_md(report):
+    d = report.get("daemon", {})
+    if not d:
+        return []
+    out = ["", "## Daemon cost (kilnd)", "", "| when | RSS MiB | PSS MiB | CPU % of a core | interval s |",
+           "| --- | --- | --- | --- | --- |"]
+    for label, key in (("no VMs, after start", "idle_no_vms"), ("40 hot VMs (density step)", "with_40_vms"),
+                       ("no VMs, end of the run", "idle_end")):
+        s = d.get(key)
+        if s:
+            out.append(f"| {label} | {fmt(s.get('rss_mib', s.get('kilnd_rss_mib')))} | "
+                       f"{fmt(s.get('pss_mib', s.get('kilnd_pss_mib')))} | "
+                       f"{fmt(s.get('cpu_pct', s.get('kilnd_cpu_pct')), 2)} | "
+                       f"{fmt(s.get('interval_s', s.get('cpu_interval_s')))} |")
+    return out
+
+
+def libvirt_md(report):
+    lv = report.get("libvirt", {})
+    out = ["", "## libvirt", ""]
+    if lv.get("skipped"):
+        return out + [f"Skipped: {lv['skipped']}"]
+    if lv.get("error"):
+        return out + [f"Failed: {lv['error']}"]
+    out.append(f"{lv.get('libvirt_version', '?')} with {lv.get('qemu_in_container', '?')}, in a trixie container "
+               f"booted with systemd-nspawn (container up in {lv.get('container_boot_s')} s"
+               f"{', root filesystem built this run' if lv.get('rootfs_built_this_run') else ''}). "
+               f"Idle PSS of one VM: raw QEMU {lv.get('raw_idle_pss_mib')} MiB, libvirt's QEMU "
+               f"{lv.get('libvirt_idle_pss_mib')} MiB. libvirt's QEMU command line:")
+    out += ["", "```", str(lv.get("libvirt_qemu_argv")), "```", "", "Domain XML:", "", "```xml",
+            lv.get("domain_xml", "").strip(), "```"]
+    return out
+
+
+def plots(report, samples, out_dir):
+    """Write latency.svg, pss.svg, idle-cpu.svg and fill.svg."""
+    order = list(report["scenarios"])
+    with open(os.path.join(out_dir, "latency.svg"), "w") as f:
+        f.write(svg.distributions([(n, samples[n]) for n in order if samples.get(n)],
+                                  "Time to ready / round trip per scenario"))
+    dens = report.get("density", {})
+    series = [(mode, [(s["n"], s["pss_total_mib"]) for s in d["steps"]]) for mode, d in dens.items()]
+    with open(os.path.join(out_dir, "pss.svg"), "w") as f:
+        f.write(svg.lines(series, "PSS of N idle hot VMs (128 MiB each)", "N hot VMs", "total PSS, MiB",
+                          notes=[f"{m}: {d['steps'][-1]['pss_per_vm_mib']} MiB/VM at N={d['steps'][-1]['n']}"
+                                 for m, d in dens.items() if d["steps"]]))
+    series = [(mode, [(s["n"], s["idle_vms_cpu_cores"]) for s in d["steps"]]) for mode, d in dens.items()]
+    with open(os.path.join(out_dir, "idle-cpu.svg"), "w") as f:
+        f.write(svg.lines(series, "CPU used by N idle hot VMs", "N hot VMs", "cores busy (of the host's)"))
+    series = [(f"refillConcurrency {f['concurrency']}", [tuple(p) for p in f["curve"]])
+              for f in report.get("fill", [])]
+    with open(os.path.join(out_dir, "fill.svg"), "w") as f:
+        f.write(svg.lines(series, "Template pool filling from empty", "seconds since ResizePool",
+                          "hot VMs", steps=True))
+
+
+def write(report, samples, out_dir):
+    """report.json (with the raw samples), report.md and the plots."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(dict(report, samples={k: [round(v, 3) for v in s] for k, s in samples.items()}), f, indent=1)
+    text = markdown(report)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(text)
+    plots(report, samples, out_dir)
+    return text
