@@ -369,8 +369,13 @@ fn pools_are_created_resized_and_deleted_through_the_api() {
         (Some(2), Some(3))
     );
     wait_pool(&d, "api", "2 hot VMs", hot(2));
+    // Shrink while clones are still booting: they must not stay hot.
+    d.ok("ResizePool", json!({ "name": "api", "warm": 3 }));
     d.ok("ResizePool", json!({ "name": "api", "warm": 0 }));
-    wait_pool(&d, "api", "no hot VMs", |p| p["hot"] == 0);
+    wait_pool(&d, "api", "no hot or booting VMs", |p| {
+        p["hot"] == 0 && p["booting"] == 0
+    });
+    std::thread::sleep(Duration::from_secs(1));
     assert!(d.ok("ListVMs", json!({}))["vms"]
         .as_array()
         .unwrap()

@@ -442,6 +442,9 @@ impl Engine {
             }
             for name in touched {
                 self.serve_waiters(&name);
+                // A clone that was booting when the pool shrank turns hot
+                // beyond `warm`: it goes too.
+                self.trim(&name);
                 self.refill(&name);
                 self.publish_pool(&name);
             }
