@@ -306,7 +306,16 @@ fn a_half_booted_pool_vm_is_cleaned_after_kill_9() {
     }
     d.sigkill();
     d.spawn();
-    // The half-booted VM is gone (process and record); a new one boots.
+    // The half-booted VM goes (its QEMU is killed at start-up, the record
+    // removed once the process is gone); a new one boots.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d
+        .call("io.kiln.Manager.DescribeVM", json!({ "id": booting["id"] }))
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "the half-booted VM stayed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         d.err("DescribeVM", json!({ "id": booting["id"] })),
         "io.kiln.Manager.NoSuchVM"
