@@ -199,6 +199,31 @@ class Qmp:
         self.sock.close()
 
 
+def print_console_tails(work, lines=30):
+    """After a failure: the end of every VM console log in `work`, to stderr."""
+    for log in sorted(os.listdir(work)):
+        if log.endswith("console.log"):
+            print(f"--- {log} (last {lines} lines)", file=sys.stderr)
+            with open(os.path.join(work, log), errors="replace") as f:
+                print("".join(f.readlines()[-lines:]), file=sys.stderr)
+
+
+def kill_all(procs):
+    """SIGKILL and reap every QEMU a smoke test started that still runs."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def remove_work(test, work):
+    """Remove a smoke test's work dir, unless KILN_SMOKE_KEEP asks to keep it."""
+    if os.environ.get("KILN_SMOKE_KEEP"):
+        print(f"{test}: kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def step(name):
     print(f"--- {name}", flush=True)
 
@@ -412,21 +437,11 @@ def main():
         print(f"boot-smoke: PASS (boot to first Ping {boot_s:.2f} s)")
     except Failure as e:
         print(f"boot-smoke: FAIL: {e}", file=sys.stderr)
-        for log in sorted(os.listdir(work)):
-            if log.endswith("console.log"):
-                print(f"--- {log} (last 30 lines)", file=sys.stderr)
-                with open(os.path.join(work, log), errors="replace") as f:
-                    print("".join(f.readlines()[-30:]), file=sys.stderr)
+        print_console_tails(work)
         sys.exit(1)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if os.environ.get("KILN_SMOKE_KEEP"):
-            print(f"boot-smoke: kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        kill_all(procs)
+        remove_work("boot-smoke", work)
 
 
 if __name__ == "__main__":

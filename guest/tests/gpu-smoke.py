@@ -28,7 +28,6 @@ import glob
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -279,21 +278,11 @@ def main():
         print(f"gpu-smoke: PASS (virtio-gpu 2D passed, virgl {virgl}) in {time.monotonic() - t0:.1f} s")
     except (Failure, subprocess.CalledProcessError) as e:
         print(f"gpu-smoke: FAIL: {e}", file=sys.stderr)
-        for log in sorted(os.listdir(work)):
-            if log.endswith("console.log"):
-                print(f"--- {log} (last 30 lines)", file=sys.stderr)
-                with open(os.path.join(work, log), errors="replace") as f:
-                    print("".join(f.readlines()[-30:]), file=sys.stderr)
+        smoke.print_console_tails(work)
         sys.exit(1)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        if os.environ.get("KILN_SMOKE_KEEP"):
-            print(f"gpu-smoke: kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        smoke.kill_all(procs)
+        smoke.remove_work("gpu-smoke", work)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ CARGO_TARGET_DIR (see boot-smoke.py).
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -376,18 +375,11 @@ def main():
         ours = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == os.path.abspath(__file__)]
         where = f" (at net-smoke.py:{ours[-1].lineno}: {ours[-1].line})" if ours else ""
         print(f"net-smoke: FAIL: {e!r}{where}", file=sys.stderr)
-        consoles = [n for n in sorted(os.listdir(work)) if n.endswith("console.log")]
-        for name in consoles:
-            with open(os.path.join(work, name), errors="replace") as f:
-                tail = f.readlines()[-30:]
-            print(f"--- {name} (last 30 lines)\n{''.join(tail)}", file=sys.stderr)
+        bs.print_console_tails(work)
         sys.exit(1)
     finally:
         env.cleanup()
-        if os.environ.get("KILN_SMOKE_KEEP"):
-            print(f"net-smoke: kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        bs.remove_work("net-smoke", work)
 
 
 if __name__ == "__main__":
