@@ -54,6 +54,15 @@ pub trait Mirror: Interface + Sized {
     fn properties(info: &Self::Info) -> Vec<(&'static str, Value<'static>)>;
 }
 
+/// The wire spelling of an engine enum (`template`, `building-template`,
+/// `virtio-gpu`, …), as varlink shows it.
+pub fn wire_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// Whether [`upsert`] may create a missing object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Missing {

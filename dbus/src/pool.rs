@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use zbus::interface;
 use zbus::zvariant::{OwnedObjectPath, Value};
 
-use crate::objects::Mirror;
+use crate::objects::{wire_name, Mirror};
 
 /// The interface name.
 pub const POOL_INTERFACE: &str = "io.kiln.Kiln1.Pool";
@@ -82,14 +82,6 @@ impl Mirror for Pool {
             ),
         ]
     }
-}
-
-/// The wire spelling of serde enums (`template`, `building-template`, …).
-fn wire_name<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 fn mode(info: &PoolInfo) -> String {

@@ -107,10 +107,7 @@ fn network(info: &VmInfo) -> Vec<(String, u32, String, String)> {
 }
 
 fn display(info: &VmInfo) -> String {
-    serde_json::to_value(info.display)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
+    crate::objects::wire_name(&info.display)
 }
 
 #[interface(name = "io.kiln.Kiln1.VM")]

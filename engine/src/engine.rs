@@ -34,7 +34,7 @@ use crate::process::{is_qemu_of, read_pid_file, VmProcess};
 use crate::qemu::{GuestMemory, Machine, NicArgs, NicBackend, QemuLaunch, Qmp, QmpEvent};
 use crate::spec::{validate_name, Limits, ResolvedSpec, SpecDefaults, SpecError, VmSpec};
 use crate::state::VmState;
-use crate::store::{create_private_dir, BrokenRecord, Durability, RecordDir};
+use crate::store::{create_private_dir, remove_tree, BrokenRecord, Durability, RecordDir};
 use crate::template::Template;
 use crate::vm::{GuestInfo, VmInfo, VmRecord};
 
@@ -1192,7 +1192,7 @@ impl Engine {
 
     fn remove_vm(&mut self, id: &str) -> Result<(), EngineError> {
         self.store.remove(id)?;
-        remove_runtime_dir(&self.config.vm_runtime_dir(id));
+        remove_tree(&self.config.vm_runtime_dir(id));
         self.release_gpus(id);
         self.release_network(id);
         if let Some(entry) = self.vms.remove(id) {
@@ -1474,7 +1474,7 @@ impl Engine {
         } else {
             info!(vm = %id, state = %next, "QEMU exited");
         }
-        remove_runtime_dir(&runtime_dir);
+        remove_tree(&runtime_dir);
         if state != next && state.check_transition(next).is_err() {
             warn!(vm = %id, from = %state, to = %next, "unexpected transition on exit");
         }
@@ -1608,7 +1608,7 @@ impl Engine {
             .and_then(|pid| VmProcess::attach(pid).ok());
         let Some(process) = process else {
             warn!(vm = %id, was = %state, "QEMU is gone, marking the VM failed");
-            remove_runtime_dir(&runtime_dir);
+            remove_tree(&runtime_dir);
             self.record_fact(id, |r| {
                 r.state = VmState::Failed;
                 r.pid = None;
@@ -1626,7 +1626,7 @@ impl Engine {
                 tokio::time::timeout(Duration::from_secs(5), process.exited())
                     .await
                     .ok();
-                remove_runtime_dir(&runtime_dir);
+                remove_tree(&runtime_dir);
                 self.record_fact(id, |r| {
                     r.state = VmState::Failed;
                     r.pid = None;
@@ -1703,7 +1703,7 @@ impl Engine {
                     }
                 }
             }
-            remove_runtime_dir(&dir.path());
+            remove_tree(&dir.path());
         }
     }
 
@@ -1803,7 +1803,7 @@ async fn boot(
     agent: Arc<AgentClient>,
     tx: &mpsc::UnboundedSender<Internal>,
 ) -> Result<PingReply, EngineError> {
-    remove_runtime_dir(&plan.runtime_dir);
+    remove_tree(&plan.runtime_dir);
     create_private_dir(&plan.runtime_dir)?;
     let log = plan.runtime_dir.join("qemu.log");
     // The TAP first (about 3 ms): QEMU inherits it as fd 3.
@@ -2043,14 +2043,6 @@ async fn stop_gracefully(
         }
     }
     let _ = process.kill();
-}
-
-pub(crate) fn remove_runtime_dir(dir: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            warn!(dir = %dir.display(), error = %e, "cannot remove runtime directory");
-        }
-    }
 }
 
 /// Last lines of a console log, for error messages.

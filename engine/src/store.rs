@@ -206,6 +206,16 @@ pub fn write_atomic_with(
     }
 }
 
+/// Remove a directory tree; one that is already gone is fine, any other
+/// failure is logged (a leftover directory is harmless, so callers go on).
+pub fn remove_tree(dir: &Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove directory");
+        }
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())

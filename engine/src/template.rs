@@ -32,7 +32,7 @@ use crate::error::EngineError;
 use crate::ids::now_usec;
 use crate::process::VmProcess;
 use crate::qemu::{GuestMemory, QemuLaunch};
-use crate::store::{create_private_dir, write_atomic};
+use crate::store::{create_private_dir, remove_tree, write_atomic};
 
 /// File names inside a template directory.
 const MEMORY_FILE: &str = "memory";
@@ -137,9 +137,9 @@ pub struct BuildPlan {
 pub async fn build(mut plan: BuildPlan) -> Result<Template, EngineError> {
     let final_dir = plan.pool_dir.join(&plan.key);
     let tmp_dir = plan.pool_dir.join(format!(".{}.tmp", plan.key));
-    remove_dir(&tmp_dir);
+    remove_tree(&tmp_dir);
     create_private_dir(&tmp_dir)?;
-    crate::engine::remove_runtime_dir(&plan.runtime_dir);
+    remove_tree(&plan.runtime_dir);
     create_private_dir(&plan.runtime_dir)?;
     plan.launch.memory = GuestMemory::TemplateSource(tmp_dir.join(MEMORY_FILE));
     plan.launch.incoming = false;
@@ -153,11 +153,11 @@ pub async fn build(mut plan: BuildPlan) -> Result<Template, EngineError> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), process.exited()).await;
     let console = crate::engine::console_tail(&plan.runtime_dir.join("console.log"));
-    crate::engine::remove_runtime_dir(&plan.runtime_dir);
+    remove_tree(&plan.runtime_dir);
     let boot_ms = match result {
         Ok(boot_ms) => boot_ms,
         Err(e) => {
-            remove_dir(&tmp_dir);
+            remove_tree(&tmp_dir);
             return Err(match console {
                 Some(tail) => EngineError::BootFailed(format!("{}; console: {tail}", e.message())),
                 None => e,
@@ -185,12 +185,12 @@ pub async fn build(mut plan: BuildPlan) -> Result<Template, EngineError> {
             })
         })?;
         write_atomic(&tmp_dir.join(META_FILE), &json)?;
-        remove_dir(&final_dir);
+        remove_tree(&final_dir);
         std::fs::rename(&tmp_dir, &final_dir).map_err(|e| io_error(&final_dir, e))?;
         Ok(())
     };
     if let Err(e) = finish() {
-        remove_dir(&tmp_dir);
+        remove_tree(&tmp_dir);
         return Err(e);
     }
     info!(
@@ -247,7 +247,7 @@ pub fn remove_unused(pool_dir: &Path, current: Option<&Path>, in_use: &HashSet<P
             continue;
         }
         info!(dir = %path.display(), "removing unused template");
-        remove_dir(&path);
+        remove_tree(&path);
     }
 }
 
@@ -262,7 +262,7 @@ pub fn remove_unfinished(templates_root: &Path) {
         };
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().ends_with(".tmp") {
-                remove_dir(&entry.path());
+                remove_tree(&entry.path());
             }
         }
     }
@@ -279,13 +279,4 @@ fn io_error(path: &Path, source: std::io::Error) -> EngineError {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// Remove a directory tree; a missing one is fine.
-pub fn remove_dir(dir: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            warn!(dir = %dir.display(), error = %e, "cannot remove directory");
-        }
-    }
 }
