@@ -473,6 +473,16 @@ fn dbus_bad_input_gets_named_errors() {
         create_err(&mut monitor, &["sa{sv}", "dup", "0"]),
         "io.kiln.Kiln1.Error.AlreadyExists"
     );
+    // NIC hot-plug on a VM without slots, and a NIC that does not exist;
+    // ListNICs of a VM without a network is empty.
+    let dup = k.list()[0].clone();
+    k.call_err(None, &dup, VM_IF, "AttachNIC", &["s", ""]);
+    assert_eq!(monitor.error_name(), "io.kiln.Kiln1.Error.NoHotplugSlot");
+    k.call_err(None, &dup, VM_IF, "AttachNIC", &["s", "not-an-address"]);
+    assert_eq!(monitor.error_name(), "io.kiln.Kiln1.Error.InvalidArgument");
+    k.call_err(None, &dup, VM_IF, "DetachNIC", &["y", "1"]);
+    assert_eq!(monitor.error_name(), "io.kiln.Kiln1.Error.NoSuchNIC");
+    assert_eq!(k.call(&dup, VM_IF, "ListNICs", &[])[0], json!([]));
     k.call_err(None, "/io/kiln/Kiln1/vm/000000000000", VM_IF, "Start", &[]);
     assert_eq!(
         monitor.error_name(),

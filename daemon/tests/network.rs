@@ -370,3 +370,159 @@ fn template_clones_get_their_own_mac_and_address_and_are_reachable() {
         "after reboot: {ping}"
     );
 }
+
+/// The guest's interfaces as `name mac` lines.
+fn guest_interfaces(d: &Daemon, id: &Value) -> String {
+    let r = d.ok(
+        "ExecVM",
+        json!({"id": id, "command": ["sh", "-c",
+            "for i in /sys/class/net/*; do echo ${i##*/} $(cat $i/address); done"]}),
+    );
+    r["stdout"].as_str().unwrap_or_default().to_owned()
+}
+
+fn pings(ns: &Netns, address: &str) -> bool {
+    ns.helper(&["--ping", address])["received"]
+        .as_u64()
+        .unwrap_or(0)
+        >= 2
+}
+
+#[test]
+fn a_hot_plugged_nic_is_configured_reachable_and_gone_after_detach() {
+    let ns = Netns::new();
+    let mut d = daemon_in(&ns, NETWORK);
+    let plain = d.ok(
+        "CreateVM",
+        json!({"name": "plain", "spec": {"memoryMiB": 128, "network": {"mode": "bridge"}}}),
+    )["vm"]["id"]
+        .clone();
+    assert_eq!(
+        d.err("AttachNIC", json!({"id": plain})),
+        "io.kiln.Manager.NoHotplugSlot"
+    );
+    assert_eq!(
+        d.err(
+            "CreateVM",
+            json!({"name": "many", "spec": {"network": {"mode": "bridge", "hotplugSlots": 9}}})
+        ),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    let vm = d.ok(
+        "CreateVM",
+        json!({"name": "hp", "spec": {"memoryMiB": 128,
+            "network": {"mode": "bridge", "hotplugSlots": 2}}}),
+    )["vm"]
+        .clone();
+    let id = vm["id"].clone();
+    assert_eq!(
+        d.err("AttachNIC", json!({"id": id})),
+        "io.kiln.Manager.InvalidState",
+        "not running yet"
+    );
+    let started = Instant::now();
+    let vm = d.ok("StartVM", json!({"id": id}))["vm"].clone();
+    eprintln!(
+        "q35 VM with 2 hot-plug slots ready in {:?}",
+        started.elapsed()
+    );
+    let boot_address = nic(&vm)["address"].as_str().unwrap().to_owned();
+
+    // Bad addresses: named errors, nothing attached.
+    assert_eq!(
+        d.err("AttachNIC", json!({"id": id, "address": "10.78.0.9"})),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    assert_eq!(
+        d.err("AttachNIC", json!({"id": id, "address": boot_address})),
+        "io.kiln.Manager.AddressInUse"
+    );
+    assert_eq!(
+        d.ok("ListNICs", json!({"id": id}))["nics"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Attach: a TAP on the bridge, the guest has the MAC and the address.
+    let started = Instant::now();
+    let second = d.ok("AttachNIC", json!({"id": id, "address": "10.77.0.50"}))["nic"].clone();
+    eprintln!("AttachNIC took {:?}: {second}", started.elapsed());
+    assert_eq!(second["index"], 1, "{second}");
+    assert_eq!(second["address"], "10.77.0.50");
+    assert!(second["ifindex"].as_u64().unwrap() > 0, "{second}");
+    let tap = second["tap"].as_str().unwrap().to_owned();
+    let mac = second["mac"].as_str().unwrap().to_owned();
+    assert!(ns.links().contains(&tap), "{}", ns.links());
+    assert!(
+        guest_interfaces(&d, &id).contains(&mac),
+        "{}",
+        guest_interfaces(&d, &id)
+    );
+    assert!(pings(&ns, "10.77.0.50"), "the new NIC's address answers");
+    assert!(pings(&ns, &boot_address), "the boot NIC still answers");
+    let third = d.ok("AttachNIC", json!({"id": id}))["nic"].clone();
+    assert_eq!(third["index"], 2, "{third}");
+    assert_eq!(
+        d.err("AttachNIC", json!({"id": id})),
+        "io.kiln.Manager.NoHotplugSlot",
+        "both slots used"
+    );
+    let described = d.ok("DescribeVM", json!({"id": id}))["vm"].clone();
+    assert_eq!(
+        described["network"].as_array().unwrap().len(),
+        3,
+        "{described}"
+    );
+
+    // kill -9 and restart: the NICs QEMU has are kept.
+    d.sigkill();
+    spawn_in(&mut d, &ns);
+    let nics = d.ok("ListNICs", json!({"id": id}))["nics"].clone();
+    assert_eq!(nics.as_array().unwrap().len(), 3, "{nics}");
+    assert!(pings(&ns, "10.77.0.50"), "reachable after the restart");
+
+    // Detach: gone in the guest, on the host and from the VM; the address
+    // can be had again.
+    assert_eq!(
+        d.err("DetachNIC", json!({"id": id, "index": 0})),
+        "io.kiln.Manager.InvalidArgument"
+    );
+    assert_eq!(
+        d.err("DetachNIC", json!({"id": id, "index": 5})),
+        "io.kiln.Manager.NoSuchNIC"
+    );
+    let started = Instant::now();
+    d.ok("DetachNIC", json!({"id": id, "index": 1}));
+    eprintln!("DetachNIC took {:?}", started.elapsed());
+    assert!(!ns.links().contains(&tap), "{}", ns.links());
+    assert!(
+        !guest_interfaces(&d, &id).contains(&mac),
+        "{}",
+        guest_interfaces(&d, &id)
+    );
+    assert!(!pings(&ns, "10.77.0.50"), "the detached address is silent");
+    let nics = d.ok("ListNICs", json!({"id": id}))["nics"].clone();
+    let indices: Vec<u64> = nics
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 2], "{nics}");
+    let again = d.ok("AttachNIC", json!({"id": id, "address": "10.77.0.50"}))["nic"].clone();
+    assert_eq!(again["index"], 1, "{again}");
+
+    // Hot-plugged NICs go with the process; the boot NIC's address stays.
+    let third_tap = third["tap"].as_str().unwrap().to_owned();
+    let stopped = d.ok("KillVM", json!({"id": id}))["vm"].clone();
+    let network = stopped["network"].as_array().unwrap().clone();
+    assert_eq!(network.len(), 1, "{stopped}");
+    assert_eq!(network[0]["address"], boot_address.as_str());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns.links().contains(&third_tap) || ns.links().contains(&tap) {
+        assert!(Instant::now() < deadline, "{}", ns.links());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -55,6 +55,10 @@ pub enum KilnError {
     PortInUse(String),
     /// The host network failed.
     NetworkFailed(String),
+    /// The VM has no such NIC.
+    NoSuchNIC(String),
+    /// The VM has no free hot-plug slot.
+    NoHotplugSlot(String),
 }
 
 impl From<EngineError> for KilnError {
@@ -83,6 +87,8 @@ impl From<EngineError> for KilnError {
             EngineError::AddressInUse(_) => Self::AddressInUse(message),
             EngineError::PortInUse(_) => Self::PortInUse(message),
             EngineError::NetworkFailed(_) => Self::NetworkFailed(message),
+            EngineError::NoSuchNIC(_) => Self::NoSuchNIC(message),
+            EngineError::NoHotplugSlot(_) => Self::NoHotplugSlot(message),
         }
     }
 }
@@ -111,6 +117,8 @@ mod tests {
             EngineError::ShuttingDown,
             EngineError::AddressInUse("x".into()),
             EngineError::PortInUse("x".into()),
+            EngineError::NoSuchNIC("x".into()),
+            EngineError::NoHotplugSlot("x".into()),
         ];
         for e in cases {
             let want = format!("io.kiln.Kiln1.Error.{}", e.name());

@@ -91,19 +91,21 @@ pub fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
     ]
 }
 
-/// `a(suss)`: TAP, ifindex, MAC, address per NIC.
-fn network(info: &VmInfo) -> Vec<(String, u32, String, String)> {
-    info.network
-        .iter()
-        .map(|n| {
-            (
-                n.tap.clone(),
-                n.ifindex,
-                n.mac.to_string(),
-                n.address.to_string(),
-            )
-        })
-        .collect()
+/// One NIC on the wire, `(ysuss)`: index, TAP, ifindex, MAC, address.
+type NicTuple = (u8, String, u32, String, String);
+
+fn nic_tuple(n: &kiln_engine::NicInfo) -> NicTuple {
+    (
+        n.index,
+        n.tap.clone(),
+        n.ifindex,
+        n.mac.to_string(),
+        n.address.to_string(),
+    )
+}
+
+fn network(info: &VmInfo) -> Vec<NicTuple> {
+    info.network.iter().map(nic_tuple).collect()
 }
 
 fn display(info: &VmInfo) -> String {
@@ -219,6 +221,51 @@ impl Vm {
         Ok((reply.exit_code, reply.stdout, reply.stderr))
     }
 
+    /// Hot-plug a NIC (VMs created with `hotplugSlots`): a TAP on the
+    /// bridge and `address` ("" = the next free one), configured in the
+    /// guest before this returns.
+    #[zbus(
+        name = "AttachNIC",
+        out_args("index", "tap", "ifindex", "mac", "address")
+    )]
+    async fn attach_nic(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        address: String,
+    ) -> Result<NicTuple, KilnError> {
+        self.auth.check_manage(conn, &header, "AttachNIC").await?;
+        let address = match address.as_str() {
+            "" => None,
+            a => Some(a.parse().map_err(|_| {
+                KilnError::InvalidArgument(format!("address {a:?} is not an IPv4 address"))
+            })?),
+        };
+        let nic = self.engine.attach_nic(&self.id, address).await?;
+        Ok(nic_tuple(&nic))
+    }
+
+    /// Unplug hot-plugged NIC `index` (1 or more); returns once the guest
+    /// released it and its TAP and address are gone.
+    #[zbus(name = "DetachNIC")]
+    async fn detach_nic(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        index: u8,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "DetachNIC").await?;
+        self.engine.detach_nic(&self.id, index).await?;
+        Ok(())
+    }
+
+    /// The VM's NICs (as the `Network` property).
+    #[zbus(name = "ListNICs")]
+    async fn list_nics(&self) -> Result<Vec<NicTuple>, KilnError> {
+        let nics = self.engine.list_nics(&self.id).await?;
+        Ok(nics.iter().map(nic_tuple).collect())
+    }
+
     /// Opaque id (also the last element of the object path).
     #[zbus(property)]
     fn id(&self) -> String {
@@ -315,10 +362,11 @@ impl Vm {
         self.info().gpus.clone()
     }
 
-    /// NICs (bridge mode): TAP, its ifindex while the VM runs (0 otherwise),
-    /// the guest's MAC and IPv4 address.
+    /// NICs (bridge mode): index (0 = the boot NIC, 1… hot-plugged), TAP,
+    /// its ifindex while the VM runs (0 otherwise), the guest's MAC and
+    /// IPv4 address.
     #[zbus(property)]
-    fn network(&self) -> Vec<(String, u32, String, String)> {
+    fn network(&self) -> Vec<NicTuple> {
         network(&self.info())
     }
 

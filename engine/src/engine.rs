@@ -11,9 +11,11 @@
 
 mod gpus;
 mod network;
+mod nics;
 mod pools;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +38,7 @@ use crate::spec::{validate_name, Limits, ResolvedSpec, SpecDefaults, SpecError, 
 use crate::state::VmState;
 use crate::store::{create_private_dir, remove_tree, BrokenRecord, Durability, RecordDir};
 use crate::template::Template;
-use crate::vm::{GuestInfo, VmInfo, VmRecord};
+use crate::vm::{GuestInfo, NicInfo, VmInfo, VmRecord};
 
 pub use self::gpus::GpuInfo;
 use self::pools::{BootSource, PoolChange};
@@ -151,6 +153,30 @@ pub enum Command {
         id: String,
         recycle: bool,
         reply: Reply<()>,
+    },
+    /// Hot-plug a NIC into a running (`ready` or `leased`) bridge VM
+    /// created with `network.hotplugSlots`: a TAP on the bridge, an
+    /// address (`address`, or the next free one) and a configured guest
+    /// interface. Replies once the guest has the address. The NIC goes
+    /// with the process (stop, crash) or with [`Command::DetachNic`].
+    /// `NoHotplugSlot`, `AddressInUse`, `InvalidSpec`, `InvalidState`.
+    AttachNic {
+        id: String,
+        address: Option<Ipv4Addr>,
+        reply: Reply<NicInfo>,
+    },
+    /// Unplug NIC `index` (1 or more) of a running VM: the guest releases
+    /// the device, then its TAP and address go. `NoSuchNIC`; the boot NIC
+    /// (0) cannot be detached.
+    DetachNic {
+        id: String,
+        index: u8,
+        reply: Reply<()>,
+    },
+    /// A VM's NICs.
+    ListNics {
+        id: String,
+        reply: Reply<Vec<NicInfo>>,
     },
     /// Every GPU render node and who holds it.
     ListGpus { reply: Reply<Vec<GpuInfo>> },
@@ -344,6 +370,28 @@ impl EngineHandle {
         let id = id.to_owned();
         call!(self, Release { id, recycle })
     }
+    /// See [`Command::AttachNic`].
+    pub async fn attach_nic(
+        &self,
+        id: &str,
+        address: Option<Ipv4Addr>,
+    ) -> Result<NicInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, AttachNic { id, address })
+    }
+
+    /// See [`Command::DetachNic`].
+    pub async fn detach_nic(&self, id: &str, index: u8) -> Result<(), EngineError> {
+        let id = id.to_owned();
+        call!(self, DetachNic { id, index })
+    }
+
+    /// See [`Command::ListNics`].
+    pub async fn list_nics(&self, id: &str) -> Result<Vec<NicInfo>, EngineError> {
+        let id = id.to_owned();
+        call!(self, ListNics { id })
+    }
+
     /// See [`Command::ListGpus`].
     pub async fn list_gpus(&self) -> Result<Vec<GpuInfo>, EngineError> {
         call!(self, ListGpus {})
@@ -394,6 +442,8 @@ struct VmEntry {
     net_cleanup: Option<tokio::task::JoinHandle<()>>,
     /// A released pool VM: boot it again once its process is gone.
     recycle: bool,
+    /// NICs with an attach or detach in flight.
+    nic_ops: BTreeSet<u8>,
 }
 
 impl VmEntry {
@@ -408,6 +458,7 @@ impl VmEntry {
             delete_waiters: Vec::new(),
             net_cleanup: None,
             recycle: false,
+            nic_ops: BTreeSet::new(),
         }
     }
 }
@@ -470,6 +521,22 @@ enum Internal {
         generation: u64,
         key: String,
         result: Result<Template, EngineError>,
+    },
+    /// A NIC hot-plug finished (or failed, everything undone).
+    NicAttached {
+        id: String,
+        generation: u64,
+        index: u8,
+        result: Result<u32, EngineError>,
+        reply: Reply<NicInfo>,
+    },
+    /// A NIC unplug finished (the guest released it) or failed.
+    NicDetached {
+        id: String,
+        generation: u64,
+        index: u8,
+        result: Result<(), EngineError>,
+        reply: Reply<()>,
     },
     /// A pool's back-off ended.
     PoolTick {
@@ -664,6 +731,12 @@ impl Engine {
                 reply,
             } => self.acquire(pool, timeout, holder, labels, reply),
             Command::Release { id, recycle, reply } => self.release(&id, recycle, reply),
+            Command::AttachNic { id, address, reply } => self.attach_nic(&id, address, reply),
+            Command::DetachNic { id, index, reply } => self.detach_nic(&id, index, reply),
+            Command::ListNics { id, reply } => {
+                let nics = self.entry(&id).map(|e| e.record.network.clone());
+                let _ = reply.send(nics);
+            }
             Command::ListGpus { reply } => {
                 let _ = reply.send(Ok(self.list_gpus()));
             }
@@ -956,7 +1029,7 @@ impl Engine {
         QemuLaunch {
             binary: self.config.qemu_binary.clone(),
             vm_id: id.to_owned(),
-            machine: if spec.needs_gpu_machine() {
+            machine: if spec.needs_pci_machine() {
                 Machine::Q35
             } else {
                 Machine::Microvm
@@ -984,6 +1057,7 @@ impl Engine {
                     mac: template_mac().to_string(),
                 })
                 .collect(),
+            hotplug_slots: spec.hotplug_slots(),
         }
     }
 
@@ -1315,7 +1389,7 @@ impl Engine {
             } => {
                 if self.runtime_of(&id, generation).is_some() {
                     self.record_fact(&id, |r| {
-                        if let Some(nic) = r.network.first_mut() {
+                        if let Some(nic) = r.network.iter_mut().find(|n| n.index == 0) {
                             nic.ifindex = ifindex;
                         }
                     });
@@ -1332,6 +1406,20 @@ impl Engine {
                 key,
                 result,
             } => self.template_built(&pool, generation, key, result),
+            Internal::NicAttached {
+                id,
+                generation,
+                index,
+                result,
+                reply,
+            } => self.nic_attached(&id, generation, index, result, reply),
+            Internal::NicDetached {
+                id,
+                generation,
+                index,
+                result,
+                reply,
+            } => self.nic_detached(&id, generation, index, result, reply),
             Internal::PoolTick { pool } => self.pool_tick(&pool),
             Internal::GpusChanged => self.rescan_gpus(),
             Internal::AcquireTimeout {
@@ -1480,6 +1568,7 @@ impl Engine {
         }
         self.release_gpus(id);
         self.remove_taps(id);
+        self.drop_hotplugged_nics(id);
         self.record_fact(id, |r| {
             r.state = next;
             r.pid = None;
@@ -1635,6 +1724,7 @@ impl Engine {
                 return;
             }
         };
+        self.reconcile_hotplugged_nics(id, &qmp).await;
         let generation = self.next_generation();
         let paused = qmp
             .query_status()

@@ -95,6 +95,12 @@ pub enum EngineError {
     /// A host port is already forwarded to another VM.
     #[error("port in use: {0}")]
     PortInUse(String),
+    /// The VM has no such NIC.
+    #[error("no such NIC: {0}")]
+    NoSuchNIC(String),
+    /// The VM has no free hot-plug slot (or none at all).
+    #[error("no hot-plug slot: {0}")]
+    NoHotplugSlot(String),
     /// The host network failed (netlink, nftables, TAP ioctls, a foreign
     /// link in the way).
     #[error("host network")]
@@ -127,6 +133,8 @@ impl EngineError {
             Self::AddressInUse(_) => "AddressInUse",
             Self::PortInUse(_) => "PortInUse",
             Self::NetworkFailed(_) => "NetworkFailed",
+            Self::NoSuchNIC(_) => "NoSuchNIC",
+            Self::NoHotplugSlot(_) => "NoHotplugSlot",
         }
     }
 

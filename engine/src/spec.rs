@@ -55,6 +55,11 @@ pub struct VmSpec {
 /// Most port forwards one VM may have.
 pub const MAX_FORWARDS: usize = 64;
 
+/// Most PCIe slots for NICs attached at runtime. Each is a
+/// `pcie-root-port` on q35 (a slot of its own, so a NIC can be unplugged
+/// alone); eight keeps the boot cost small and the NIC index one digit.
+pub const MAX_HOTPLUG_SLOTS: u8 = 8;
+
 /// A VM's network as requested (and, for `bridge`, as persisted).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -70,6 +75,14 @@ pub struct NetworkSpec {
     /// reach one VM only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forwards: Vec<ForwardSpec>,
+    /// Empty PCIe slots for NICs attached while the VM runs (`AttachNIC`),
+    /// 0 to [`MAX_HOTPLUG_SLOTS`]. More than 0 puts the VM on `q35`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hotplug_slots: u8,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 /// Network mode of a VM.
@@ -106,10 +119,15 @@ impl NetworkSpec {
     fn resolve(&self) -> Result<Option<NetworkSpec>, SpecError> {
         let bad = |m: &str| Err(SpecError::Network(m.to_owned()));
         if self.mode == NetMode::None {
-            if self.address.is_some() || !self.forwards.is_empty() {
-                return bad("address and forwards need mode \"bridge\"");
+            if self.address.is_some() || !self.forwards.is_empty() || self.hotplug_slots > 0 {
+                return bad("address, forwards and hotplugSlots need mode \"bridge\"");
             }
             return Ok(None);
+        }
+        if self.hotplug_slots > MAX_HOTPLUG_SLOTS {
+            return Err(SpecError::Network(format!(
+                "hotplugSlots must be 0 to {MAX_HOTPLUG_SLOTS}"
+            )));
         }
         if self.forwards.len() > MAX_FORWARDS {
             return Err(SpecError::Network(format!(
@@ -173,9 +191,21 @@ pub struct ResolvedSpec {
 }
 
 impl ResolvedSpec {
-    /// Whether the VM needs a PCI machine and the GPU guest image.
+    /// Whether the VM needs the GPU guest image (and a PCI machine).
     pub fn needs_gpu_machine(&self) -> bool {
         self.gpus.is_some() || self.display != Display::None
+    }
+
+    /// Empty PCIe slots for runtime NICs.
+    pub fn hotplug_slots(&self) -> u8 {
+        self.network.as_ref().map_or(0, |n| n.hotplug_slots)
+    }
+
+    /// Whether the VM needs `q35` rather than `microvm`: GPUs and displays
+    /// are PCI devices, and hot-plug needs PCIe root ports (microvm has
+    /// neither ACPI nor native PCIe hot-plug).
+    pub fn needs_pci_machine(&self) -> bool {
+        self.needs_gpu_machine() || self.hotplug_slots() > 0
     }
 }
 
@@ -432,6 +462,42 @@ mod tests {
             ..VmSpec::default()
         };
         assert_eq!(control.resolve(&d, &limits()), Err(SpecError::Cmdline));
+    }
+
+    #[test]
+    fn hotplug_slots_need_bridge_mode_and_a_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = defaults(dir.path());
+        let with = |mode: NetMode, slots: u8| VmSpec {
+            network: Some(NetworkSpec {
+                mode,
+                hotplug_slots: slots,
+                ..NetworkSpec::default()
+            }),
+            ..VmSpec::default()
+        };
+        let ok = with(NetMode::Bridge, 2)
+            .resolve(&d, &limits())
+            .expect("valid");
+        assert!(ok.needs_pci_machine() && !ok.needs_gpu_machine());
+        assert_eq!(ok.hotplug_slots(), 2);
+        assert!(matches!(
+            with(NetMode::Bridge, MAX_HOTPLUG_SLOTS + 1).resolve(&d, &limits()),
+            Err(SpecError::Network(_))
+        ));
+        assert!(matches!(
+            with(NetMode::None, 1).resolve(&d, &limits()),
+            Err(SpecError::Network(_))
+        ));
+        // Zero is not written, so specs from before the field hash alike.
+        let plain = with(NetMode::Bridge, 0);
+        assert!(!serde_json::to_string(&plain)
+            .expect("json")
+            .contains("hotplug"));
+        let parsed: VmSpec =
+            serde_json::from_str(r#"{"network": {"mode": "bridge", "hotplugSlots": 3}}"#)
+                .expect("parse");
+        assert_eq!(parsed.network.map(|n| n.hotplug_slots), Some(3));
     }
 
     #[test]

@@ -95,6 +95,11 @@ pub struct VmRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NicInfo {
+    /// The NIC's number in the VM: 0 for the one it boots with, 1 to
+    /// `hotplugSlots` for NICs attached at runtime (which go with the
+    /// process).
+    #[serde(default)]
+    pub index: u8,
     /// Its TAP's name (`kt<id><nic>`).
     pub tap: String,
     /// The TAP's interface index while the VM runs (0 otherwise).

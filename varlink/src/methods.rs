@@ -40,6 +40,23 @@ impl StopParams {
     }
 }
 
+/// `AttachNIC(id, address?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachNicParams {
+    pub id: String,
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
+}
+
+/// `DetachNIC(id, index)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetachNicParams {
+    pub id: String,
+    pub index: u8,
+}
+
 /// `ExecVM(id, command, env?, stdin?, timeoutSec?, maxOutputBytes?)`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

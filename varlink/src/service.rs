@@ -98,6 +98,8 @@ const MUTATING: &[&str] = &[
     "RebootVM",
     "DeleteVM",
     "ExecVM",
+    "AttachNIC",
+    "DetachNIC",
     "CreatePool",
     "ResizePool",
     "DeletePool",
@@ -200,6 +202,20 @@ impl ManagerService {
                     "stderrTruncated": reply.stderr_truncated,
                     "timedOut": reply.timed_out,
                 })))
+            }
+            "AttachNIC" => {
+                let p: AttachNicParams = params(raw)?;
+                let nic = engine.attach_nic(&p.id, p.address).await?;
+                Ok(Outcome::Single(json!({ "nic": nic })))
+            }
+            "DetachNIC" => {
+                let p: DetachNicParams = params(raw)?;
+                engine.detach_nic(&p.id, p.index).await?;
+                Ok(Outcome::Single(json!({})))
+            }
+            "ListNICs" => {
+                let nics = engine.list_nics(&params::<IdParams>(raw)?.id).await?;
+                Ok(Outcome::Single(json!({ "nics": nics })))
             }
             "CreatePool" => {
                 let p: CreatePoolParams = params(raw)?;

@@ -57,6 +57,7 @@ impl Engine {
             .map_err(kiln_net::NetError::from)?;
         let tap = kiln_net::names::tap_name(&record.id, 0).map_err(kiln_net::NetError::from)?;
         record.network = vec![NicInfo {
+            index: 0,
             tap,
             ifindex: 0,
             mac: lease.mac,
@@ -70,7 +71,7 @@ impl Engine {
         let net = self.net.clone()?;
         let guest = self.guest_net_for(id, clone)?;
         let entry = self.vms.get_mut(id)?;
-        let nic = entry.record.network.first()?.clone();
+        let nic = entry.record.network.iter().find(|n| n.index == 0)?.clone();
         let spec = entry.record.spec.network.as_ref()?;
         Some(NetPlan {
             forwards: spec
@@ -103,17 +104,29 @@ impl Engine {
         self.guest_net_for(id, clone)
     }
 
+    /// Every NIC of the VM, the boot NIC first (the default route goes
+    /// through it). Hot-plugged NICs have their own MAC in QEMU, so only
+    /// a clone's boot NIC may still carry the template's.
     fn guest_net_for(&self, id: &str, clone: bool) -> Option<proto::ConfigureNetworkRequest> {
         let config = self.net.as_ref()?.config();
-        let nic = self.vms.get(id)?.record.network.first()?;
+        let network = &self.vms.get(id)?.record.network;
+        if network.is_empty() {
+            return None;
+        }
+        let mut nics: Vec<&NicInfo> = network.iter().collect();
+        nics.sort_by_key(|n| n.index);
         Some(proto::ConfigureNetworkRequest {
-            interfaces: vec![proto::NetworkInterface {
-                mac: nic.mac.to_string(),
-                previous_mac: clone.then(|| super::template_mac().to_string()),
-                address: Some(nic.address.to_string()),
-                prefix_length: Some(config.subnet.prefix_len()),
-                mtu: config.mtu,
-            }],
+            interfaces: nics
+                .into_iter()
+                .map(|nic| proto::NetworkInterface {
+                    mac: nic.mac.to_string(),
+                    previous_mac: (clone && nic.index == 0)
+                        .then(|| super::template_mac().to_string()),
+                    address: Some(nic.address.to_string()),
+                    prefix_length: Some(config.subnet.prefix_len()),
+                    mtu: config.mtu,
+                })
+                .collect(),
             gateway: Some(config.gateway().to_string()),
             dns: (!config.dns.is_empty())
                 .then(|| config.dns.iter().map(ToString::to_string).collect()),
@@ -159,10 +172,10 @@ impl Engine {
             return;
         };
         for entry in self.vms.values() {
-            for (nic, n) in entry.record.network.iter().enumerate() {
+            for n in &entry.record.network {
                 let lease = kiln_net::Lease {
                     vm_id: entry.record.id.clone(),
-                    nic: nic as u8,
+                    nic: n.index,
                     address: n.address,
                     mac: n.mac,
                 };
@@ -177,11 +190,13 @@ impl Engine {
             .filter(|(_, e)| e.runtime.is_some())
             .map(|(id, _)| id.clone())
             .collect();
+        let leases = ipam.leases().count();
+        self.remove_unrecorded_taps(&net).await;
         match net.reconcile(&live).await {
             Ok(c) => info!(
                 removed_taps = ?c.taps,
                 removed_forwards = c.forwards.len(),
-                leases = ipam.leases().count(),
+                leases,
                 "network reconciled"
             ),
             Err(e) => {
@@ -196,6 +211,32 @@ impl Engine {
             .collect();
         for id in stale {
             self.record_fact(&id, |r| r.network.iter_mut().for_each(|n| n.ifindex = 0));
+        }
+    }
+
+    /// TAPs of live VMs whose NIC is not in the record: kilnd died while
+    /// attaching or detaching it (the record is written first on attach,
+    /// dropped last on detach).
+    async fn remove_unrecorded_taps(&self, net: &kiln_net::Network) {
+        let taps = match net.taps().await {
+            Ok(t) => t,
+            Err(e) => return warn!(error = %EngineError::from(e).message(), "cannot list TAPs"),
+        };
+        for tap in taps {
+            let Some(entry) = self.vms.get(&tap.vm_id) else {
+                continue;
+            };
+            if entry.runtime.is_none() || entry.record.network.iter().any(|n| n.index == tap.nic) {
+                continue;
+            }
+            match net.delete_tap(&tap.vm_id, tap.nic).await {
+                Ok(_) => {
+                    info!(vm = %tap.vm_id, tap = %tap.name, "removed the TAP of a NIC not in the record")
+                }
+                Err(e) => {
+                    warn!(vm = %tap.vm_id, tap = %tap.name, error = %EngineError::from(e).message(), "cannot remove TAP")
+                }
+            }
         }
     }
 }

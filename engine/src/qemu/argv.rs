@@ -95,6 +95,34 @@ pub struct QemuLaunch {
     pub gpu: Vec<(String, String)>,
     /// NICs, `net0` first.
     pub nics: Vec<NicArgs>,
+    /// Empty PCIe root ports `hp1`… for NICs attached later (q35 only).
+    pub hotplug_slots: u8,
+}
+
+/// QEMU ids of hot-plugged NIC `index` (1-based): the root port it goes
+/// into, its netdev, its device and the name of its TAP descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HotplugIds {
+    /// `pcie-root-port` id (`hp<index>`).
+    pub port: String,
+    /// `-netdev`/`netdev_add` id (`net<index>`).
+    pub netdev: String,
+    /// `device_add` id (`nic<index>`).
+    pub device: String,
+    /// `getfd` name of the TAP (`tap<index>`).
+    pub fd: String,
+}
+
+impl HotplugIds {
+    /// The ids of NIC `index`.
+    pub fn of(index: u8) -> Self {
+        Self {
+            port: format!("hp{index}"),
+            netdev: format!("net{index}"),
+            device: format!("nic{index}"),
+            fd: format!("tap{index}"),
+        }
+    }
 }
 
 /// Name of the process (and `-name`) of a VM: lets `ps` and re-adoption
@@ -196,6 +224,17 @@ impl QemuLaunch {
             );
         }
         if self.machine == Machine::Q35 {
+            // One root port per slot: native PCIe hot-plug works per port,
+            // so each NIC can be unplugged alone.
+            for index in 1..=self.hotplug_slots {
+                args.pair(
+                    "-device",
+                    format!(
+                        "pcie-root-port,id={},bus=pcie.0,chassis={index}",
+                        HotplugIds::of(index).port
+                    ),
+                );
+            }
             // A fresh generation id per launch: clones get a new one, and
             // guests that support it reseed their RNG (microvm has no ACPI
             // table for it).
@@ -268,6 +307,7 @@ mod tests {
             incoming: false,
             gpu: Vec::new(),
             nics: Vec::new(),
+            hotplug_slots: 0,
         }
     }
 
@@ -342,6 +382,13 @@ mod tests {
             mac: "02:6b:00:00:00:01".into(),
         }];
         check_golden("q35-kvm-template-nic.args", &t);
+        let mut h = launch(Machine::Q35, Accel::Tcg);
+        h.nics = vec![NicArgs {
+            backend: NicBackend::TapFd(3),
+            mac: "02:6b:01:02:03:04".into(),
+        }];
+        h.hotplug_slots = 2;
+        check_golden("q35-tcg-hotplug.args", &h);
     }
 
     #[test]

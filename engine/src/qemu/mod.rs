@@ -3,5 +3,5 @@
 pub mod argv;
 pub mod qmp;
 
-pub use argv::{GuestMemory, Machine, NicArgs, NicBackend, QemuLaunch};
+pub use argv::{GuestMemory, HotplugIds, Machine, NicArgs, NicBackend, QemuLaunch};
 pub use qmp::{Qmp, QmpError, QmpEvent};

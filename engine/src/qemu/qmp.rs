@@ -15,13 +15,14 @@
 //! small typed structs where we read them.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -72,6 +73,8 @@ pub struct QmpEvent {
 struct Request {
     command: String,
     arguments: Option<Value>,
+    /// A descriptor sent with the command (SCM_RIGHTS), for `getfd`.
+    fd: Option<OwnedFd>,
     reply: oneshot::Sender<Result<Value, QmpError>>,
 }
 
@@ -207,10 +210,21 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.send(command, arguments, None, timeout).await
+    }
+
+    async fn send(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<OwnedFd>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let (reply, rx) = oneshot::channel();
         let request = Request {
             command: command.to_owned(),
             arguments,
+            fd,
             reply,
         };
         self.requests
@@ -259,6 +273,76 @@ impl Qmp {
             Ok(_) | Err(QmpError::Disconnected) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// `getfd`: hand QEMU the descriptor `fd` under `name` (sent with the
+    /// command as SCM_RIGHTS), for a later `netdev_add … fd=name`. QEMU
+    /// keeps its own copy; ours is closed once sent.
+    pub async fn getfd(&self, name: &str, fd: OwnedFd) -> Result<(), QmpError> {
+        self.send(
+            "getfd",
+            Some(json!({ "fdname": name })),
+            Some(fd),
+            self.timeout,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `device_add` with `arguments` (`driver`, `id`, and the device's
+    /// properties).
+    pub async fn device_add(&self, arguments: Value) -> Result<(), QmpError> {
+        self.execute("device_add", Some(arguments)).await.map(drop)
+    }
+
+    /// `device_del`: ask the guest to release device `id`. Completion is
+    /// the `DEVICE_DELETED` event, which needs the guest's cooperation
+    /// (PCIe native hot-unplug).
+    pub async fn device_del(&self, id: &str) -> Result<(), QmpError> {
+        self.execute("device_del", Some(json!({ "id": id })))
+            .await
+            .map(drop)
+    }
+
+    /// `netdev_add` with `arguments` (`type`, `id`, and the backend's
+    /// options).
+    pub async fn netdev_add(&self, arguments: Value) -> Result<(), QmpError> {
+        self.execute("netdev_add", Some(arguments)).await.map(drop)
+    }
+
+    /// `netdev_del`: remove backend `id` (its device must be gone).
+    pub async fn netdev_del(&self, id: &str) -> Result<(), QmpError> {
+        self.execute("netdev_del", Some(json!({ "id": id })))
+            .await
+            .map(drop)
+    }
+
+    /// `closefd`: drop a descriptor given with [`Qmp::getfd`] and not used.
+    pub async fn closefd(&self, name: &str) -> Result<(), QmpError> {
+        self.execute("closefd", Some(json!({ "fdname": name })))
+            .await
+            .map(drop)
+    }
+
+    /// The ids of the devices added with an `id` (`-device …,id=` or
+    /// `device_add`): the children of `/machine/peripheral`.
+    pub async fn peripheral_ids(&self) -> Result<Vec<String>, QmpError> {
+        #[derive(Deserialize)]
+        struct Property {
+            name: String,
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        let value = self
+            .execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
+            .await?;
+        let properties: Vec<Property> =
+            serde_json::from_value(value).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        Ok(properties
+            .into_iter()
+            .filter(|p| p.kind.starts_with("child<"))
+            .map(|p| p.name)
+            .collect())
     }
 
     /// Turn on `x-ignore-shared` (both sides of a template save/restore):
@@ -338,6 +422,64 @@ impl Qmp {
     }
 }
 
+/// Write `bytes` with `fd` attached as SCM_RIGHTS ancillary data (QEMU
+/// takes the descriptor that arrives with a command's first byte).
+async fn send_with_fd(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let stream: &UnixStream = write.as_ref();
+    let sent = loop {
+        stream.writable().await?;
+        match stream.try_io(Interest::WRITABLE, || {
+            sendmsg_with_fd(stream.as_raw_fd(), bytes, fd.as_raw_fd())
+        }) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    // The descriptor went with the first byte; the rest is plain data.
+    write.write_all(&bytes[sent..]).await
+}
+
+/// One `sendmsg(2)` of `bytes` carrying `fd`; returns the bytes written.
+fn sendmsg_with_fd(socket: i32, bytes: &[u8], fd: i32) -> std::io::Result<usize> {
+    const FD_SIZE: u32 = std::mem::size_of::<libc::c_int>() as u32;
+    // u64 elements keep the control buffer aligned for `cmsghdr`.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: zeroed msghdr is a valid empty header; every pointer set
+    // below points into locals that outlive the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(FD_SIZE) } as usize;
+    debug_assert!(msg.msg_controllen <= std::mem::size_of_val(&control));
+    // SAFETY: msg_control points at a buffer of at least CMSG_SPACE(int)
+    // bytes, so the first header and its int payload fit in it.
+    unsafe {
+        let header = libc::CMSG_FIRSTHDR(&msg);
+        (*header).cmsg_level = libc::SOL_SOCKET;
+        (*header).cmsg_type = libc::SCM_RIGHTS;
+        (*header).cmsg_len = libc::CMSG_LEN(FD_SIZE) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>(), fd);
+    }
+    // SAFETY: `msg` is fully initialised and its buffers are live; the
+    // socket is non-blocking, so a full buffer is EWOULDBLOCK.
+    let n = unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 fn command_error(command: &str, err: &Value) -> QmpError {
     QmpError::Command {
         command: command.to_owned(),
@@ -413,7 +555,13 @@ async fn run_actor(
                 }
                 let mut bytes = msg.to_string().into_bytes();
                 bytes.push(b'\n');
-                if write.write_all(&bytes).await.is_err() {
+                let sent = match &request.fd {
+                    Some(fd) => send_with_fd(&mut write, &bytes, fd.as_fd()).await,
+                    None => write.write_all(&bytes).await,
+                };
+                // Our copy of a sent descriptor is not needed any more.
+                drop(request.fd);
+                if sent.is_err() {
                     let _ = request.reply.send(Err(QmpError::Disconnected));
                     break;
                 }
@@ -531,6 +679,85 @@ mod tests {
         // Server gone: the event stream ends and commands fail fast.
         assert!(events.recv().await.is_none());
         assert!(matches!(qmp.stop().await, Err(QmpError::Disconnected)));
+    }
+
+    /// `getfd` carries the descriptor: the peer receives it with the
+    /// command and what it writes into it comes out of our pipe.
+    #[tokio::test]
+    async fn getfd_passes_the_descriptor_with_the_command() {
+        use std::io::Read;
+        use std::os::fd::FromRawFd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let stream = stream.into_std().expect("std");
+            stream.set_nonblocking(false).expect("blocking");
+            tokio::task::spawn_blocking(move || {
+                use std::io::{BufRead, Write};
+                let mut writer = stream.try_clone().expect("clone");
+                writer
+                    .write_all(b"{\"QMP\":{\"version\":{\"qemu\":{\"major\":10,\"minor\":0,\"micro\":2},\"package\":\"\"},\"capabilities\":[]}}\n")
+                    .expect("greet");
+                let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                let mut caps = String::new();
+                reader.read_line(&mut caps).expect("caps");
+                writer.write_all(b"{\"return\":{},\"id\":0}\n").expect("ack");
+                // Read the command with recvmsg to get the descriptor.
+                let mut data = [0u8; 512];
+                let mut control = [0u64; 8];
+                let mut iov = libc::iovec {
+                    iov_base: data.as_mut_ptr().cast(),
+                    iov_len: data.len(),
+                };
+                // SAFETY: test-only recvmsg into local buffers.
+                let (n, fd) = unsafe {
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_iov = &mut iov;
+                    msg.msg_iovlen = 1;
+                    msg.msg_control = control.as_mut_ptr().cast();
+                    msg.msg_controllen = std::mem::size_of_val(&control);
+                    let n = libc::recvmsg(stream.as_raw_fd(), &mut msg, 0);
+                    let header = libc::CMSG_FIRSTHDR(&msg);
+                    assert!(!header.is_null(), "no ancillary data");
+                    assert_eq!((*header).cmsg_type, libc::SCM_RIGHTS);
+                    let fd = std::ptr::read_unaligned(libc::CMSG_DATA(header).cast::<i32>());
+                    (n, fd)
+                };
+                let text = std::str::from_utf8(&data[..n as usize]).expect("utf8");
+                let cmd: Value = serde_json::from_str(text.trim()).expect("json");
+                assert_eq!(cmd["execute"], "getfd");
+                assert_eq!(cmd["arguments"]["fdname"], "tap1");
+                // SAFETY: the descriptor just received is ours to own.
+                let mut received = unsafe { std::fs::File::from_raw_fd(fd) };
+                received.write_all(b"through").expect("write to passed fd");
+                let id = cmd["id"].as_u64().expect("id");
+                writer
+                    .write_all(format!("{{\"return\":{{}},\"id\":{id}}}\n").as_bytes())
+                    .expect("reply");
+            })
+            .await
+            .expect("server thread");
+        });
+        let (qmp, _, _events) = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 fills two fresh descriptors we then own.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors are fresh and owned here.
+        let (mut read_end, write_end) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        qmp.getfd("tap1", write_end).await.expect("getfd");
+        server.await.expect("server");
+        let mut got = String::new();
+        read_end.read_to_string(&mut got).expect("read");
+        assert_eq!(got, "through");
     }
 
     #[tokio::test]
