@@ -526,3 +526,115 @@ fn a_hot_plugged_nic_is_configured_reachable_and_gone_after_detach() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The guest's default gateway from `/proc/net/route` (hex, host order).
+fn guest_default_gateway(d: &Daemon, id: &Value) -> String {
+    let r = d.ok(
+        "ExecVM",
+        json!({"id": id, "command": ["sh", "-c",
+            "awk '$2 == \"00000000\" { print $3 }' /proc/net/route"]}),
+    );
+    r["stdout"].as_str().unwrap_or_default().trim().to_owned()
+}
+
+#[test]
+fn a_netns_vm_gets_its_tap_in_the_callers_namespace() {
+    let ns = Netns::new();
+    let pod = Netns::new();
+    // No [network] table: netns mode needs no bridge of kilnd's.
+    let mut d = daemon_in(&ns, "");
+    let bad = |name: &str, network: Value| {
+        d.err(
+            "CreateVM",
+            json!({"name": name, "spec": {"memoryMiB": 128, "network": network}}),
+        )
+    };
+    for network in [
+        json!({"mode": "netns"}),
+        json!({"mode": "netns", "netns": "../etc"}),
+        json!({"mode": "netns", "netns": pod.0, "address": "10.99.0.2"}),
+        json!({"mode": "netns", "netns": pod.0, "forwards": [{"hostPort": 80, "vmPort": 80}]}),
+    ] {
+        assert_eq!(
+            bad("bad", network.clone()),
+            "io.kiln.Manager.InvalidSpec",
+            "{network}"
+        );
+    }
+    // A namespace that does not exist: a named error at start, the VM
+    // stays as it was.
+    let lost = d.ok(
+        "CreateVM",
+        json!({"name": "lost", "spec": {"memoryMiB": 128,
+            "network": {"mode": "netns", "netns": "kiln-t-no-such-ns"}}}),
+    )["vm"]["id"]
+        .clone();
+    assert_eq!(
+        d.err("StartVM", json!({"id": lost})),
+        "io.kiln.Manager.NetworkFailed"
+    );
+    assert_eq!(
+        d.ok("DescribeVM", json!({"id": lost}))["vm"]["state"],
+        "created"
+    );
+
+    let vm = d.ok(
+        "CreateVM",
+        json!({"name": "pod", "spec": {"memoryMiB": 128, "network": {"mode": "netns",
+            "netns": pod.0, "address": "10.99.0.2", "prefixLength": 24,
+            "gateway": "10.99.0.1"}}}),
+    )["vm"]
+        .clone();
+    let id = vm["id"].clone();
+    let n = nic(&vm);
+    assert_eq!(n["netns"], pod.0.as_str(), "{vm}");
+    assert_eq!(n["address"], "10.99.0.2");
+    let tap = n["tap"].as_str().unwrap().to_owned();
+    let vm = d.ok("StartVM", json!({"id": id}))["vm"].clone();
+    assert!(nic(&vm)["ifindex"].as_u64().unwrap() > 0, "{vm}");
+    assert!(
+        pod.links().contains(&tap),
+        "TAP in the pod namespace: {}",
+        pod.links()
+    );
+    assert!(!ns.links().contains(&tap), "not in kilnd's: {}", ns.links());
+    assert_eq!(guest_default_gateway(&d, &id), "0100630A", "via 10.99.0.1");
+
+    // The orchestrator wires the TAP; then the guest answers.
+    for argv in [
+        vec!["ip", "addr", "add", "10.99.0.1/24", "dev", &tap],
+        vec!["ip", "link", "set", &tap, "up"],
+    ] {
+        assert!(pod.command(&argv).status().unwrap().success(), "{argv:?}");
+    }
+    assert!(
+        pings(&pod, "10.99.0.2"),
+        "guest reachable in the pod namespace"
+    );
+
+    // kill -9 of kilnd and of the VM's QEMU: the restarted kilnd removes
+    // the orphan TAP from the pod namespace.
+    d.sigkill();
+    let pid = vm["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill(2) with a pid and a signal number.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(pod.links().contains(&tap), "persistent TAP outlives QEMU");
+    spawn_in(&mut d, &ns);
+    assert!(
+        !pod.links().contains(&tap),
+        "orphan TAP reclaimed: {}",
+        pod.links()
+    );
+
+    // Start again: a new TAP; stopping the VM removes it.
+    d.ok("StartVM", json!({"id": id}));
+    assert!(pod.links().contains(&tap), "{}", pod.links());
+    d.ok("KillVM", json!({"id": id}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pod.links().contains(&tap) {
+        assert!(Instant::now() < deadline, "{}", pod.links());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.ok("DeleteVM", json!({"id": id}));
+}

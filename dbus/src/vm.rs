@@ -91,7 +91,8 @@ pub fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
     ]
 }
 
-/// One NIC on the wire, `(ysuss)`: index, TAP, ifindex, MAC, address.
+/// One NIC on the wire, `(ysuss)`: index, TAP, ifindex, MAC, address
+/// ("" when a `netns` VM was given none).
 type NicTuple = (u8, String, u32, String, String);
 
 fn nic_tuple(n: &kiln_engine::NicInfo) -> NicTuple {
@@ -100,7 +101,7 @@ fn nic_tuple(n: &kiln_engine::NicInfo) -> NicTuple {
         n.tap.clone(),
         n.ifindex,
         n.mac.to_string(),
-        n.address.to_string(),
+        n.address.map(|a| a.to_string()).unwrap_or_default(),
     )
 }
 

@@ -34,7 +34,7 @@ use crate::ids::{fill_random, is_vm_id, new_vm_id, now_usec};
 use crate::pool::{PoolFileError, PoolInfo, PoolSpec};
 use crate::process::{is_qemu_of, read_pid_file, VmProcess};
 use crate::qemu::{GuestMemory, Machine, NicArgs, NicBackend, QemuLaunch, Qmp, QmpEvent};
-use crate::spec::{validate_name, Limits, ResolvedSpec, SpecDefaults, SpecError, VmSpec};
+use crate::spec::{validate_name, Limits, ResolvedSpec, SpecDefaults, VmSpec};
 use crate::state::VmState;
 use crate::store::{create_private_dir, remove_tree, BrokenRecord, Durability, RecordDir};
 use crate::template::Template;
@@ -899,14 +899,7 @@ impl Engine {
         let Some(spec) = self.vms.get(id).map(|e| e.record.spec.clone()) else {
             return;
         };
-        let has_nic = self
-            .vms
-            .get(id)
-            .is_some_and(|e| !e.record.network.is_empty());
-        if spec.network.is_some() && (self.net.is_none() || !has_nic) {
-            let e = EngineError::InvalidSpec(SpecError::Network(
-                "bridge mode needs a [network] table in kilnd.toml".into(),
-            ));
+        if let Err(e) = self.check_network(id) {
             match reply {
                 Some(reply) => drop(reply.send(Err(e))),
                 None => self.pool_vm_not_started(id, e),
@@ -1899,7 +1892,7 @@ async fn boot(
     // The TAP first (about 3 ms): QEMU inherits it as fd 3.
     let tap = match &plan.net {
         Some(n) => {
-            let tap = n.net.create_tap(id, 0).await?;
+            let tap = n.home.create_tap(id).await?;
             let _ = tx.send(Internal::NicUp {
                 id: id.to_owned(),
                 generation,
@@ -1954,8 +1947,10 @@ async fn boot(
             .call(proto::method::CONFIGURE_NETWORK, &n.guest, plan.qmp_timeout)
             .await?;
         // Forwards only once the guest has its address.
-        for forward in &n.forwards {
-            n.net.add_forward(forward.clone()).await?;
+        if let network::TapHome::Bridge(net) = &n.home {
+            for forward in &n.forwards {
+                net.add_forward(forward.clone()).await?;
+            }
         }
     }
     Ok(ping)
@@ -1964,7 +1959,8 @@ async fn boot(
 /// What the boot sub-task needs for a bridge VM's NIC.
 #[derive(Debug)]
 struct NetPlan {
-    net: Arc<kiln_net::Network>,
+    /// Where its TAP is made.
+    home: network::TapHome,
     /// The MAC of QEMU's device: the VM's own, or a clone's template's.
     device_mac: kiln_net::MacAddr,
     /// What the agent is told.

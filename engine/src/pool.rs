@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::spec::{validate_name, SpecError, VmSpec};
+use crate::spec::{validate_name, NetMode, SpecError, VmSpec};
 
 /// Most VMs one pool may own.
 pub const MAX_POOL_VMS: u32 = 1000;
@@ -78,7 +78,7 @@ pub enum PoolSpecError {
     Concurrency(u32),
     /// A fixed address or a port forward in a pool's VM spec (it would
     /// need to go to every VM of the pool).
-    #[error("pool VMs cannot have a fixed network address or port forwards")]
+    #[error("pool VMs cannot have a fixed network address, port forwards or a caller's namespace")]
     NetworkFixed,
 }
 
@@ -95,12 +95,9 @@ impl PoolSpec {
         if self.refill_concurrency == 0 || self.refill_concurrency > MAX_REFILL_CONCURRENCY {
             return Err(PoolSpecError::Concurrency(self.refill_concurrency));
         }
-        if self
-            .vm
-            .network
-            .as_ref()
-            .is_some_and(|n| n.address.is_some() || !n.forwards.is_empty())
-        {
+        if self.vm.network.as_ref().is_some_and(|n| {
+            n.address.is_some() || !n.forwards.is_empty() || n.mode == NetMode::Netns
+        }) {
             return Err(PoolSpecError::NetworkFixed);
         }
         Ok(())

@@ -64,13 +64,27 @@ pub const MAX_HOTPLUG_SLOTS: u8 = 8;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkSpec {
-    /// `none` (no NIC) or `bridge` (one NIC on the daemon's bridge).
+    /// `none` (no NIC), `bridge` (one NIC on the daemon's bridge) or
+    /// `netns` (one NIC whose TAP lives in a caller's namespace).
     #[serde(default)]
     pub mode: NetMode,
-    /// A fixed address in the daemon's subnet; default: the next free one.
+    /// `bridge`: a fixed address in the daemon's subnet (default: the next
+    /// free one). `netns`: the guest's address, if the caller gives one.
     /// Not for pool VMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<Ipv4Addr>,
+    /// `netns`: the network namespace (a name under `/run/netns`, as `ip
+    /// netns add` makes) to create the VM's TAP in. Its owner wires the
+    /// TAP; Kiln adds no bridge, address or rules there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// `netns`: prefix length of `address` (required with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_length: Option<u8>,
+    /// `netns`: the guest's default gateway (needs `address`, in its
+    /// subnet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
     /// Host ports forwarded to the VM. Not for pool VMs (a host port can
     /// reach one VM only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -94,7 +108,13 @@ pub enum NetMode {
     None,
     /// One virtio-net NIC whose TAP is on the daemon's bridge.
     Bridge,
+    /// One virtio-net NIC whose TAP is created in a network namespace the
+    /// caller names (CNI-style: an orchestrator owns the namespace).
+    Netns,
 }
+
+/// Where the namespaces of `netns` mode are (`ip netns` keeps them here).
+pub const NETNS_DIR: &str = "/run/netns";
 
 /// One port forward: `hostPort` on the host → `vmPort` in the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,11 +138,24 @@ impl NetworkSpec {
     /// duplicates. Returns the spec to persist (`None` for mode `none`).
     fn resolve(&self) -> Result<Option<NetworkSpec>, SpecError> {
         let bad = |m: &str| Err(SpecError::Network(m.to_owned()));
-        if self.mode == NetMode::None {
-            if self.address.is_some() || !self.forwards.is_empty() || self.hotplug_slots > 0 {
-                return bad("address, forwards and hotplugSlots need mode \"bridge\"");
+        let netns_fields =
+            self.netns.is_some() || self.prefix_length.is_some() || self.gateway.is_some();
+        match self.mode {
+            NetMode::None => {
+                if self.address.is_some()
+                    || !self.forwards.is_empty()
+                    || self.hotplug_slots > 0
+                    || netns_fields
+                {
+                    return bad("mode \"none\" takes no other network fields");
+                }
+                return Ok(None);
             }
-            return Ok(None);
+            NetMode::Netns => return self.resolve_netns().map(Some),
+            NetMode::Bridge if netns_fields => {
+                return bad("netns, prefixLength and gateway need mode \"netns\"");
+            }
+            NetMode::Bridge => {}
         }
         if self.hotplug_slots > MAX_HOTPLUG_SLOTS {
             return Err(SpecError::Network(format!(
@@ -147,6 +180,43 @@ impl NetworkSpec {
             }
         }
         Ok(Some(self.clone()))
+    }
+
+    fn resolve_netns(&self) -> Result<NetworkSpec, SpecError> {
+        let bad = |m: String| Err(SpecError::Network(m));
+        if !self.forwards.is_empty() || self.hotplug_slots > 0 {
+            return bad("forwards and hotplugSlots need mode \"bridge\"".into());
+        }
+        let Some(name) = &self.netns else {
+            return bad("mode \"netns\" needs netns: the name of a namespace in /run/netns".into());
+        };
+        if validate_name(name).is_err() {
+            return bad(format!(
+                "netns {name:?} is not a namespace name (1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . -)"
+            ));
+        }
+        match (self.address, self.prefix_length) {
+            (Some(_), Some(1..=32)) | (None, None) => {}
+            (Some(_), _) => return bad("address needs prefixLength 1 to 32".into()),
+            (None, Some(_)) => return bad("prefixLength needs address".into()),
+        }
+        if let Some(gateway) = self.gateway {
+            let (Some(address), Some(prefix)) = (self.address, self.prefix_length) else {
+                return bad("gateway needs address".into());
+            };
+            let mask = u32::MAX << (32 - u32::from(prefix));
+            if gateway == address || u32::from(gateway) & mask != u32::from(address) & mask {
+                return bad(format!(
+                    "gateway {gateway} must be another address of {address}/{prefix}"
+                ));
+            }
+        }
+        Ok(self.clone())
+    }
+
+    /// The namespace file of `netns` mode.
+    pub fn netns_path(&self) -> Option<PathBuf> {
+        self.netns.as_ref().map(|n| Path::new(NETNS_DIR).join(n))
     }
 }
 
@@ -498,6 +568,49 @@ mod tests {
             serde_json::from_str(r#"{"network": {"mode": "bridge", "hotplugSlots": 3}}"#)
                 .expect("parse");
         assert_eq!(parsed.network.map(|n| n.hotplug_slots), Some(3));
+    }
+
+    #[test]
+    fn netns_mode_is_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = defaults(dir.path());
+        let resolve = |json: &str| {
+            let network: NetworkSpec = serde_json::from_str(json).expect("parse");
+            VmSpec {
+                network: Some(network),
+                ..VmSpec::default()
+            }
+            .resolve(&d, &limits())
+        };
+        let ok = resolve(
+            r#"{"mode": "netns", "netns": "pod-1", "address": "10.1.0.5",
+                "prefixLength": 24, "gateway": "10.1.0.1"}"#,
+        )
+        .expect("valid");
+        let network = ok.network.clone().expect("network");
+        assert_eq!(
+            network.netns_path(),
+            Some(PathBuf::from("/run/netns/pod-1"))
+        );
+        assert!(!ok.needs_pci_machine());
+        resolve(r#"{"mode": "netns", "netns": "pod-1"}"#).expect("no address is fine");
+        for bad in [
+            r#"{"mode": "netns"}"#,
+            r#"{"mode": "netns", "netns": "../etc"}"#,
+            r#"{"mode": "netns", "netns": "a/b"}"#,
+            r#"{"mode": "netns", "netns": "p", "address": "10.1.0.5"}"#,
+            r#"{"mode": "netns", "netns": "p", "prefixLength": 24}"#,
+            r#"{"mode": "netns", "netns": "p", "address": "10.1.0.5", "prefixLength": 33}"#,
+            r#"{"mode": "netns", "netns": "p", "gateway": "10.1.0.1"}"#,
+            r#"{"mode": "netns", "netns": "p", "address": "10.1.0.5", "prefixLength": 24, "gateway": "10.2.0.1"}"#,
+            r#"{"mode": "netns", "netns": "p", "address": "10.1.0.5", "prefixLength": 24, "gateway": "10.1.0.5"}"#,
+            r#"{"mode": "netns", "netns": "p", "forwards": [{"hostPort": 1, "vmPort": 1}]}"#,
+            r#"{"mode": "netns", "netns": "p", "hotplugSlots": 1}"#,
+            r#"{"mode": "bridge", "netns": "p"}"#,
+            r#"{"mode": "none", "gateway": "10.1.0.1"}"#,
+        ] {
+            assert!(matches!(resolve(bad), Err(SpecError::Network(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -107,8 +107,14 @@ pub struct NicInfo {
     pub ifindex: u32,
     /// The MAC the guest's interface has.
     pub mac: kiln_net::MacAddr,
-    /// The guest's IPv4 address.
-    pub address: std::net::Ipv4Addr,
+    /// The guest's IPv4 address (always, on the bridge; in `netns` mode
+    /// when the caller gave one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
+    /// The namespace its TAP lives in (`netns` mode; none: kilnd's
+    /// network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 impl VmRecord {

@@ -625,13 +625,37 @@ pub async fn create_tap_in(
     netns: Option<&Path>,
     name: &str,
     owner: TapOwner,
-) -> Result<(OwnedFd, TapOutcome), NetError> {
+) -> Result<Tap, NetError> {
     names::validate_ifname(name)?;
     let exec = NsExec::new(netns)?;
-    let name = name.to_owned();
-    Ok(exec
-        .run(move || tap::open_or_create(&name, owner))
-        .await??)
+    let n = name.to_owned();
+    let (fd, outcome, index) = exec
+        .run(move || {
+            tap::open_or_create(&n, owner).map(|(fd, outcome)| (fd, outcome, tap::index(&n)))
+        })
+        .await??;
+    Ok(Tap {
+        name: name.to_owned(),
+        index: index.unwrap_or(0),
+        fd,
+        outcome,
+    })
+}
+
+/// Removes the persistent TAP `name` from network namespace `netns` (or
+/// kilnd's own), as made by [`create_tap_in`]. Idempotent; a TAP a QEMU
+/// still holds is `TapError::Busy`, an interface of that name that is not
+/// such a TAP is left alone (`NotATap`).
+pub async fn delete_tap_in(netns: Option<&Path>, name: &str) -> Result<Removal, NetError> {
+    names::validate_ifname(name)?;
+    let exec = NsExec::new(netns)?;
+    let n = name.to_owned();
+    match exec.run(move || tap::remove(&n)).await? {
+        Ok(true) => Ok(Removal::Deleted),
+        Ok(false) => Ok(Removal::AlreadyGone),
+        Err(TapError::NameTaken { name }) => Err(NetError::NotATap { name }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

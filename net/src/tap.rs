@@ -183,6 +183,36 @@ pub fn open_or_create(name: &str, owner: TapOwner) -> Result<(OwnedFd, TapOutcom
     Ok((fd, outcome))
 }
 
+/// Index of interface `name` in the calling thread's network namespace
+/// (`if_nametoindex` asks through a socket, which is made in the thread's
+/// namespace, unlike `/sys/class/net`, which shows the mounter's).
+pub fn index(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a NUL-terminated string that lives across the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// Removes the persistent TAP `name` of the calling thread's namespace
+/// without netlink: attach, clear `TUNSETPERSIST`, close (the kernel then
+/// deletes it). Returns false if there is no such interface. A TAP some
+/// process still holds is [`TapError::Busy`]; an interface that is not a
+/// single-queue TAP with Kiln's flags is [`TapError::NameTaken`].
+pub fn remove(name: &str) -> Result<bool, TapError> {
+    validate_ifname(name)?;
+    if index(name).is_none() {
+        return Ok(false);
+    }
+    let fd = open_tun()?;
+    set_iff(&fd, name, TAP_FLAGS).map_err(|e| attach_error(name, e))?;
+    ioctl_value(&fd, libc::TUNSETPERSIST, 0).map_err(|source| TapError::Ioctl {
+        op: "TUNSETPERSIST",
+        name: name.to_owned(),
+        source,
+    })?;
+    Ok(true)
+}
+
 /// The `TUNGETIFF` flags of an open TAP descriptor (for checks and tests).
 pub fn flags(fd: &OwnedFd) -> io::Result<libc::c_int> {
     let mut req = ifreq("", 0);

@@ -13,8 +13,8 @@ use std::process::Command;
 
 use kiln_net::firewall::Protocol;
 use kiln_net::{
-    create_tap_in, ForwardOutcome, IpamError, NetConfig, NetError, Network, PortForward, Removal,
-    TapError, TapOutcome, TapOwner,
+    create_tap_in, delete_tap_in, ForwardOutcome, IpamError, NetConfig, NetError, Network,
+    PortForward, Removal, TapError, TapOutcome, TapOwner,
 };
 
 fn is_root() -> bool {
@@ -516,18 +516,47 @@ async fn tap_in_a_named_namespace_for_cni() {
     require_root!();
     let ns = TestNs::new();
     let name = format!("cni{}", random_hex(3));
-    let (fd, outcome) = create_tap_in(Some(&ns.path()), &name, TapOwner::default())
+    let tap = create_tap_in(Some(&ns.path()), &name, TapOwner::default())
         .await
         .unwrap();
-    assert_eq!(outcome, TapOutcome::Created);
+    assert_eq!(tap.outcome, TapOutcome::Created);
+    assert!(tap.index > 0, "the index in the namespace");
     assert!(ns.link_exists(&name));
     assert_not_on_host(&name);
-    drop(fd);
+    drop(tap);
     assert!(ns.link_exists(&name), "not persistent");
-    let (_fd, outcome) = create_tap_in(Some(&ns.path()), &name, TapOwner::default())
+    let tap = create_tap_in(Some(&ns.path()), &name, TapOwner::default())
         .await
         .unwrap();
-    assert_eq!(outcome, TapOutcome::Reopened);
+    assert_eq!(tap.outcome, TapOutcome::Reopened);
+    // Held: not removed. Released: removed, then already gone.
+    assert!(matches!(
+        delete_tap_in(Some(&ns.path()), &name).await,
+        Err(NetError::Tap(kiln_net::TapError::Busy { .. }))
+    ));
+    drop(tap);
+    assert_eq!(
+        delete_tap_in(Some(&ns.path()), &name).await.unwrap(),
+        Removal::Deleted
+    );
+    assert!(!ns.link_exists(&name));
+    assert_eq!(
+        delete_tap_in(Some(&ns.path()), &name).await.unwrap(),
+        Removal::AlreadyGone
+    );
+    // Something else with the name is left alone.
+    let veth = format!("cniv{}", random_hex(3));
+    let ok = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "link", "add", &veth, "type", "veth"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert!(matches!(
+        delete_tap_in(Some(&ns.path()), &veth).await,
+        Err(NetError::NotATap { .. })
+    ));
+    assert!(ns.link_exists(&veth));
     // A namespace that does not exist is a named error.
     assert!(matches!(
         create_tap_in(

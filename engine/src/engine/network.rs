@@ -1,15 +1,17 @@
-//! Bridge networking in the actor (DESIGN.md §5, docs/networking.md).
+//! Networking in the actor (DESIGN.md §5, docs/networking.md).
 //!
 //! The actor owns the [`kiln_net::Ipam`] and the VM records; `kiln-net`'s
-//! [`kiln_net::Network`] does the system work in sub-tasks. A VM's address
-//! and MAC are leased when it is defined and written in its record before
-//! anything exists on the host; they stay with the VM until it is deleted
-//! (stable across restarts). Its TAP exists while a process does: made by
-//! the boot sub-task right before QEMU, removed with the VM's forwards
-//! when the process exits. On start the leases are rebuilt from the
-//! records and every TAP and forward of a VM without a live process is
-//! removed.
+//! [`kiln_net::Network`] does the system work in sub-tasks. A bridge VM's
+//! address and MAC are leased when it is defined and written in its record
+//! before anything exists on the host; they stay with the VM until it is
+//! deleted (stable across restarts). Its TAP exists while a process does:
+//! made by the boot sub-task right before QEMU, removed with the VM's
+//! forwards when the process exits. On start the leases are rebuilt from
+//! the records and every TAP and forward of a VM without a live process is
+//! removed. A `netns`-mode VM's TAP follows the same life, in the
+//! namespace its spec names.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_agent_proto as proto;
@@ -18,21 +20,73 @@ use tracing::{debug, error, info, warn};
 
 use super::{Engine, NetPlan};
 use crate::error::EngineError;
-use crate::spec::SpecError;
+use crate::spec::{NetMode, SpecError};
 use crate::vm::{NicInfo, VmRecord};
 
+/// Where a VM's boot NIC's TAP is made.
+#[derive(Debug, Clone)]
+pub(super) enum TapHome {
+    /// On kilnd's bridge (with the VM's forwards).
+    Bridge(Arc<kiln_net::Network>),
+    /// In a caller's namespace (`netns` mode): made there, not wired.
+    Netns {
+        /// The namespace file.
+        path: PathBuf,
+        /// The TAP's name.
+        tap: String,
+    },
+}
+
+impl TapHome {
+    /// Create (or reattach) the TAP of `id`'s boot NIC.
+    pub(super) async fn create_tap(&self, id: &str) -> Result<kiln_net::Tap, EngineError> {
+        Ok(match self {
+            Self::Bridge(net) => net.create_tap(id, 0).await?,
+            Self::Netns { path, tap } => {
+                kiln_net::create_tap_in(Some(path), tap, kiln_net::TapOwner::default()).await?
+            }
+        })
+    }
+}
+
+/// The namespace TAPs of a record's NICs (`netns` mode), to remove.
+fn netns_taps(record: &VmRecord) -> Vec<(PathBuf, String)> {
+    record
+        .network
+        .iter()
+        .filter_map(|n| {
+            let netns = n.netns.as_ref()?;
+            Some((
+                PathBuf::from(crate::spec::NETNS_DIR).join(netns),
+                n.tap.clone(),
+            ))
+        })
+        .collect()
+}
+
 impl Engine {
-    /// Lease an address and MAC for a bridge VM being defined. Refuses,
-    /// changing nothing, an address that is taken or outside the subnet
-    /// and a host port another VM forwards.
+    /// Give a VM being defined its NIC: for `bridge`, lease an address and
+    /// MAC (refusing, changing nothing, an address that is taken or
+    /// outside the subnet and a host port another VM forwards); for
+    /// `netns`, a MAC and the caller's address.
     pub(super) fn allocate_network(&mut self, record: &mut VmRecord) -> Result<(), EngineError> {
         let Some(spec) = record.spec.network.clone() else {
             return Ok(());
         };
+        let tap = kiln_net::names::tap_name(&record.id, 0).map_err(kiln_net::NetError::from)?;
+        if spec.mode == NetMode::Netns {
+            record.network = vec![NicInfo {
+                index: 0,
+                tap,
+                ifindex: 0,
+                mac: kiln_net::MacAddr::for_vm(&record.id, 0, 0),
+                address: spec.address,
+                netns: spec.netns.clone(),
+            }];
+            return Ok(());
+        }
         if self.net.is_none() {
-            return Err(EngineError::InvalidSpec(SpecError::Network(
-                "bridge mode needs a [network] table in kilnd.toml".into(),
-            )));
+            return Err(no_network_table());
         }
         for f in &spec.forwards {
             let holder = self.vms.values().find(|e| {
@@ -55,34 +109,66 @@ impl Engine {
         let lease = ipam
             .allocate(&record.id, 0, spec.address)
             .map_err(kiln_net::NetError::from)?;
-        let tap = kiln_net::names::tap_name(&record.id, 0).map_err(kiln_net::NetError::from)?;
         record.network = vec![NicInfo {
             index: 0,
             tap,
             ifindex: 0,
             mac: lease.mac,
-            address: lease.address,
+            address: Some(lease.address),
+            netns: None,
         }];
+        Ok(())
+    }
+
+    /// Whether VM `id` can get its NIC now: bridge mode needs kilnd's
+    /// network, `netns` mode an existing namespace (checked before
+    /// anything is changed, so a missing one leaves the VM as it was).
+    pub(super) fn check_network(&self, id: &str) -> Result<(), EngineError> {
+        let Some(entry) = self.vms.get(id) else {
+            return Ok(());
+        };
+        let Some(spec) = entry.record.spec.network.as_ref() else {
+            return Ok(());
+        };
+        if entry.record.network.is_empty() || (spec.mode == NetMode::Bridge && self.net.is_none()) {
+            return Err(no_network_table());
+        }
+        if let Some(path) = spec.netns_path() {
+            if let Err(source) = std::fs::File::open(&path) {
+                return Err(
+                    kiln_net::NetError::Netns(kiln_net::NetnsError::Open { path, source }).into(),
+                );
+            }
+        }
         Ok(())
     }
 
     /// What the boot sub-task needs for VM `id`'s NIC (None: no NIC).
     pub(super) fn net_plan(&mut self, id: &str, clone: bool) -> Option<NetPlan> {
-        let net = self.net.clone()?;
         let guest = self.guest_net_for(id, clone)?;
+        let net = self.net.clone();
         let entry = self.vms.get_mut(id)?;
         let nic = entry.record.network.iter().find(|n| n.index == 0)?.clone();
         let spec = entry.record.spec.network.as_ref()?;
+        let home = match spec.netns_path() {
+            Some(path) => TapHome::Netns {
+                path,
+                tap: nic.tap.clone(),
+            },
+            None => TapHome::Bridge(net?),
+        };
         Some(NetPlan {
             forwards: spec
                 .forwards
                 .iter()
-                .map(|f| kiln_net::PortForward {
-                    vm_id: id.to_owned(),
-                    protocol: f.protocol,
-                    host_port: f.host_port,
-                    address: nic.address,
-                    port: f.vm_port,
+                .filter_map(|f| {
+                    Some(kiln_net::PortForward {
+                        vm_id: id.to_owned(),
+                        protocol: f.protocol,
+                        host_port: f.host_port,
+                        address: nic.address?,
+                        port: f.vm_port,
+                    })
                 })
                 .collect(),
             // A clone's device keeps the template's MAC (migrated state).
@@ -93,7 +179,7 @@ impl Engine {
             },
             guest,
             cleanup: entry.net_cleanup.take(),
-            net,
+            home,
         })
     }
 
@@ -106,26 +192,39 @@ impl Engine {
 
     /// Every NIC of the VM, the boot NIC first (the default route goes
     /// through it). Hot-plugged NICs have their own MAC in QEMU, so only
-    /// a clone's boot NIC may still carry the template's.
+    /// a clone's boot NIC may still carry the template's. A `netns` VM
+    /// gets what its spec says (maybe just a link that is up).
     fn guest_net_for(&self, id: &str, clone: bool) -> Option<proto::ConfigureNetworkRequest> {
+        let record = &self.vms.get(id)?.record;
+        let spec = record.spec.network.as_ref()?;
+        let mut nics: Vec<&NicInfo> = record.network.iter().collect();
+        nics.sort_by_key(|n| n.index);
+        let interface =
+            |nic: &NicInfo, prefix_length: Option<u8>, mtu: Option<u32>| proto::NetworkInterface {
+                mac: nic.mac.to_string(),
+                previous_mac: (clone && nic.index == 0).then(|| super::template_mac().to_string()),
+                address: nic.address.map(|a| a.to_string()),
+                prefix_length: nic.address.and(prefix_length),
+                mtu,
+            };
+        if spec.mode == NetMode::Netns {
+            return Some(proto::ConfigureNetworkRequest {
+                interfaces: nics
+                    .into_iter()
+                    .map(|n| interface(n, spec.prefix_length, None))
+                    .collect(),
+                gateway: spec.gateway.map(|g| g.to_string()),
+                dns: None,
+            });
+        }
         let config = self.net.as_ref()?.config();
-        let network = &self.vms.get(id)?.record.network;
-        if network.is_empty() {
+        if nics.is_empty() {
             return None;
         }
-        let mut nics: Vec<&NicInfo> = network.iter().collect();
-        nics.sort_by_key(|n| n.index);
         Some(proto::ConfigureNetworkRequest {
             interfaces: nics
                 .into_iter()
-                .map(|nic| proto::NetworkInterface {
-                    mac: nic.mac.to_string(),
-                    previous_mac: (clone && nic.index == 0)
-                        .then(|| super::template_mac().to_string()),
-                    address: Some(nic.address.to_string()),
-                    prefix_length: Some(config.subnet.prefix_len()),
-                    mtu: config.mtu,
-                })
+                .map(|n| interface(n, Some(config.subnet.prefix_len()), config.mtu))
                 .collect(),
             gateway: Some(config.gateway().to_string()),
             dns: (!config.dns.is_empty())
@@ -133,34 +232,44 @@ impl Engine {
         })
     }
 
-    /// Remove VM `id`'s TAP and forwards in a sub-task (its process is
+    /// Remove VM `id`'s TAPs and forwards in a sub-task (its process is
     /// gone); the next boot of the VM waits for it.
     pub(super) fn remove_taps(&mut self, id: &str) {
-        let Some(net) = self.net.clone() else {
-            return;
-        };
+        let net = self.net.clone();
         let Some(entry) = self.vms.get_mut(id) else {
             return;
         };
         if entry.record.network.is_empty() {
             return;
         }
-        let previous = entry.net_cleanup.take();
-        entry.net_cleanup = Some(spawn_removal(net, id.to_owned(), previous));
+        let removal = Removal {
+            net,
+            id: id.to_owned(),
+            netns_taps: netns_taps(&entry.record),
+            previous: entry.net_cleanup.take(),
+        };
+        entry.net_cleanup = Some(removal.spawn());
     }
 
     /// Release VM `id`'s address and remove what it has on the host (it is
     /// being deleted).
     pub(super) fn release_network(&mut self, id: &str) {
-        let Some(ipam) = self.ipam.as_mut() else {
+        let released = self
+            .ipam
+            .as_mut()
+            .map(|ipam| ipam.release(id))
+            .unwrap_or_default();
+        let Some(entry) = self.vms.get_mut(id) else {
             return;
         };
-        let released = ipam.release(id);
-        let previous = self.vms.get_mut(id).and_then(|e| e.net_cleanup.take());
-        if let Some(net) = self.net.clone() {
-            if !released.is_empty() || previous.is_some() {
-                drop(spawn_removal(net, id.to_owned(), previous));
-            }
+        let removal = Removal {
+            net: self.net.clone().filter(|_| !released.is_empty()),
+            id: id.to_owned(),
+            netns_taps: netns_taps(&entry.record),
+            previous: entry.net_cleanup.take(),
+        };
+        if removal.net.is_some() || !removal.netns_taps.is_empty() || removal.previous.is_some() {
+            drop(removal.spawn());
         }
     }
 
@@ -168,15 +277,38 @@ impl Engine {
     /// VM without a live process removed (orphans of VMs deleted or dead
     /// while kilnd was down).
     pub(super) async fn reconcile_network(&mut self) {
+        let dead: Vec<(String, Vec<(PathBuf, String)>)> = self
+            .vms
+            .iter()
+            .filter(|(_, e)| e.runtime.is_none())
+            .map(|(id, e)| (id.clone(), netns_taps(&e.record)))
+            .collect();
+        for (id, taps) in dead {
+            for (netns, tap) in taps {
+                remove_netns_tap(&id, &netns, &tap).await;
+            }
+        }
+        let stale: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, e)| e.runtime.is_none() && e.record.network.iter().any(|n| n.ifindex != 0))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            self.record_fact(&id, |r| r.network.iter_mut().for_each(|n| n.ifindex = 0));
+        }
         let (Some(net), Some(ipam)) = (self.net.clone(), self.ipam.as_mut()) else {
             return;
         };
         for entry in self.vms.values() {
             for n in &entry.record.network {
+                let (Some(address), None) = (n.address, &n.netns) else {
+                    continue;
+                };
                 let lease = kiln_net::Lease {
                     vm_id: entry.record.id.clone(),
                     nic: n.index,
-                    address: n.address,
+                    address,
                     mac: n.mac,
                 };
                 if let Err(e) = ipam.restore(lease) {
@@ -202,15 +334,6 @@ impl Engine {
             Err(e) => {
                 error!(error = %EngineError::from(e).message(), "cannot reconcile the network")
             }
-        }
-        let stale: Vec<String> = self
-            .vms
-            .iter()
-            .filter(|(_, e)| e.runtime.is_none() && e.record.network.iter().any(|n| n.ifindex != 0))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in stale {
-            self.record_fact(&id, |r| r.network.iter_mut().for_each(|n| n.ifindex = 0));
         }
     }
 
@@ -241,22 +364,59 @@ impl Engine {
     }
 }
 
-fn spawn_removal(
-    net: Arc<kiln_net::Network>,
+/// The clean-up of a VM's network after its process ended or it was
+/// deleted: its TAPs and forwards in kilnd's network, its TAP in a
+/// caller's namespace.
+struct Removal {
+    net: Option<Arc<kiln_net::Network>>,
     id: String,
+    netns_taps: Vec<(PathBuf, String)>,
+    /// An earlier removal, finished first.
     previous: Option<tokio::task::JoinHandle<()>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Some(previous) = previous {
-            let _ = previous.await;
-        }
-        match net.remove_vm(&id).await {
-            Ok(c) => {
-                debug!(vm = %id, taps = ?c.taps, forwards = c.forwards.len(), "VM network removed")
+}
+
+impl Removal {
+    fn spawn(self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let id = self.id;
+            if let Some(previous) = self.previous {
+                let _ = previous.await;
             }
-            Err(e) => {
-                warn!(vm = %id, error = %EngineError::from(e).message(), "cannot remove VM network")
+            if let Some(net) = self.net {
+                match net.remove_vm(&id).await {
+                    Ok(c) => {
+                        debug!(vm = %id, taps = ?c.taps, forwards = c.forwards.len(), "VM network removed")
+                    }
+                    Err(e) => {
+                        warn!(vm = %id, error = %EngineError::from(e).message(), "cannot remove VM network")
+                    }
+                }
             }
+            for (netns, tap) in self.netns_taps {
+                remove_netns_tap(&id, &netns, &tap).await;
+            }
+        })
+    }
+}
+
+/// Remove `tap` from the caller's namespace `netns`; a namespace that is
+/// gone took the TAP with it.
+async fn remove_netns_tap(id: &str, netns: &std::path::Path, tap: &str) {
+    match kiln_net::delete_tap_in(Some(netns), tap).await {
+        Ok(r) => {
+            debug!(vm = %id, tap, netns = %netns.display(), removal = ?r, "namespace TAP removed")
         }
-    })
+        Err(kiln_net::NetError::Netns(kiln_net::NetnsError::Open { .. })) => {
+            debug!(vm = %id, tap, netns = %netns.display(), "namespace is gone, and its TAP with it")
+        }
+        Err(e) => {
+            warn!(vm = %id, tap, netns = %netns.display(), error = %EngineError::from(e).message(), "cannot remove namespace TAP")
+        }
+    }
+}
+
+fn no_network_table() -> EngineError {
+    EngineError::InvalidSpec(SpecError::Network(
+        "bridge mode needs a [network] table in kilnd.toml".into(),
+    ))
 }

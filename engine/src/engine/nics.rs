@@ -102,14 +102,15 @@ impl Engine {
             tap: kiln_net::names::tap_name(id, index).map_err(kiln_net::NetError::from)?,
             ifindex: 0,
             mac: lease.mac,
-            address: lease.address,
+            address: Some(lease.address),
+            netns: None,
         };
         let config = net.config();
         let guest = proto::ConfigureNetworkRequest {
             interfaces: vec![proto::NetworkInterface {
                 mac: nic.mac.to_string(),
                 previous_mac: None,
-                address: Some(nic.address.to_string()),
+                address: Some(lease.address.to_string()),
                 prefix_length: Some(config.subnet.prefix_len()),
                 mtu: config.mtu,
             }],
@@ -127,7 +128,7 @@ impl Engine {
         if let Some(entry) = self.vms.get_mut(id) {
             entry.nic_ops.insert(index);
         }
-        info!(vm = %id, nic = index, address = %nic.address, "attaching NIC");
+        info!(vm = %id, nic = index, address = %lease.address, "attaching NIC");
         Ok(AttachPlan {
             generation,
             nic,
