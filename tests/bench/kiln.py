@@ -188,7 +188,11 @@ class Kilnd:
     QEMU it left is killed and the temp dir removed.
     """
 
-    def __init__(self):
+    def __init__(self, extra_config="", wrap=()):
+        """`extra_config` is appended to kilnd.toml; `wrap` prefixes the
+        command (e.g. `ip netns exec NS`)."""
+        self.extra_config = extra_config
+        self.wrap = list(wrap)
         self.work = tempfile.mkdtemp(prefix="kiln-bench-", dir="/tmp")
         os.chmod(self.work, 0o755)
         self.sock = os.path.join(self.work, "varlink")
@@ -205,9 +209,10 @@ class Kilnd:
             f.write(f'state_dir = "{self.work}/state"\nruntime_dir = "{self.work}/run"\n'
                     f'guest_dir = "{GUEST}"\nvarlink_socket = "{self.sock}"\n'
                     f'boot_timeout_sec = 180\npool_dirs = []\n'
-                    f'dbus = "{self.bus_address}"\npolkit = false\n')
+                    f'dbus = "{self.bus_address}"\npolkit = false\n{self.extra_config}')
         self.log = open(os.path.join(self.work, "kilnd.log"), "w")
-        self.proc = subprocess.Popen([KILND, "--config", config], stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(self.wrap + [KILND, "--config", config], stdout=self.log,
+                                     stderr=self.log)
         deadline = time.monotonic() + 30
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -12,6 +12,9 @@ the same guest kernel and initramfs, with peers measured in the same run
   density.py  N idle hot VMs (template, then cold): PSS, idle CPU, acquire
               latency at each N; the time to fill a 50-VM template pool;
               kilnd's own RSS and CPU;
+  network.py  a bridge NIC's cost on clone and hot Acquire (pools with and
+              without one, in a kilnd inside a fresh network namespace);
+              host <-> guest TCP throughput;
   virt.py     libvirt `virsh create` of an equivalent domain vs raw QEMU, in
               a systemd container (full runs only).
 
@@ -30,6 +33,7 @@ import time
 import boots
 import density
 import guard
+import network
 import pools
 import procfs
 import report
@@ -55,6 +59,7 @@ PLAN = {
                                "both cores each), so 50 or 100 of them do not fit in a 20-minute run here"},
         "libvirt_rounds": 5, "libvirt_min_rounds": 3, "libvirt_budget_s": 120,
         "daemon_interval_s": 10,
+        "network": {"clones": 8, "hot": 100, "mib": 64},
     },
     True: {
         "boot_rounds": 3, "boot_min_rounds": 2, "boot_budget_s": 45,
@@ -68,6 +73,7 @@ PLAN = {
                  "cpu_interval_s": 2, "cap_reason": "QUICK: one cold VM only"},
         "libvirt_rounds": 0,
         "daemon_interval_s": 3,
+        "network": {"clones": 2, "hot": 20, "mib": 16},
     },
 }[QUICK]
 
@@ -134,6 +140,16 @@ def kilnd_phases(ph, samples, rep):
     return kiln_vm
 
 
+def network_phase(ph, samples, rep):
+    """The bridge NIC's cost and throughput (a kilnd of its own in a namespace)."""
+    try:
+        net_samples, rep["network"] = ph.run("network", network.run, PLAN["network"])
+        samples.update(net_samples)
+    except Exception as e:  # noqa: BLE001 - reported, the rest of the report stands
+        rep["network"] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"network phase failed: {e}")
+
+
 def libvirt_phase(ph, samples, rep, kiln_vm):
     """The libvirt peer, or the reason it did not run."""
     if QUICK:
@@ -171,6 +187,7 @@ def main():
     rep, samples, ph = {"meta": meta(), "plan": PLAN}, {}, Phases()
     kiln_vm = kilnd_phases(ph, samples, rep)
     rep["meta"]["accel"] = "tcg" if "tcg" in " ".join(kiln_vm[0]) else "kvm"
+    network_phase(ph, samples, rep)
     libvirt_phase(ph, samples, rep, kiln_vm)
     rep["meta"]["phases_s"] = ph.times
     rep["meta"]["load_end"] = os.getloadavg()[0]

@@ -1,0 +1,199 @@
+"""Network: what a bridge NIC costs a pool VM, and host <-> guest throughput.
+
+One kilnd with a `[network]` table runs inside a fresh network namespace
+(`ip netns exec`), so its bridge, TAPs and nft table never touch the host.
+Two template pools of the same shape, one with a bridge NIC and one
+without, are measured alternately:
+
+net: kilnd-clone ...   Acquire with nothing hot: the clone's boot includes
+                       its TAP and the agent's ConfigureNetwork;
+net: kilnd-hot ...     Acquire with a VM hot: the NIC was made while the VM
+                       warmed, so nothing network-related is on this path.
+
+Throughput: host -> guest and guest -> host TCP to/from a busybox `nc` in
+the guest, and the guest's own loopback as its ceiling under TCG (iperf3
+is not in the guest image: it is busybox plus the agent). The host side
+runs in a thread that entered the namespace with setns(2).
+"""
+import ctypes
+import os
+import socket
+import subprocess
+import threading
+import time
+
+from kiln import Kilnd, VarlinkConnection, delete_pool, log, wait_pool
+
+CLONE_NIC = "net: kilnd-clone with a bridge NIC (Acquire, nothing hot)"
+CLONE_PLAIN = "net: kilnd-clone without a NIC (Acquire, nothing hot)"
+HOT_NIC = "net: kilnd-hot Acquire with a bridge NIC (varlink)"
+HOT_PLAIN = "net: kilnd-hot Acquire without a NIC (varlink)"
+GATEWAY = "10.77.0.1"
+CLONE_NEWNET = 0x40000000
+
+
+def in_netns(ns, fn, *args):
+    """Run fn(*args) on a thread inside network namespace `ns`; its result."""
+    out = {}
+
+    def body():
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(fd)
+        try:
+            out["value"] = fn(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = e
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def exec_vm(conn, vm_id, script, timeout_s=120):
+    return conn.call("ExecVM", {"id": vm_id, "command": ["sh", "-c", script], "timeoutSec": timeout_s})
+
+
+def send_to_guest(address, port, nbytes, deadline_s=120):
+    """Connect (retrying until the guest listens), send nbytes, wait for the
+    guest to close: seconds of the transfer."""
+    end = time.monotonic() + 30
+    while True:
+        try:
+            s = socket.create_connection((address, port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+    s.settimeout(deadline_s)
+    chunk = b"\0" * (256 * 1024)
+    t0 = time.monotonic()
+    sent = 0
+    while sent < nbytes:
+        sent += s.send(chunk[: min(len(chunk), nbytes - sent)])
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(65536):
+        pass
+    elapsed = time.monotonic() - t0
+    s.close()
+    return elapsed
+
+
+def receive_from_guest(listener, nbytes, deadline_s=120):
+    """Accept one connection and read until EOF: (seconds, bytes)."""
+    listener.settimeout(deadline_s)
+    c, _ = listener.accept()
+    c.settimeout(deadline_s)
+    t0 = time.monotonic()
+    got = 0
+    while True:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        got += len(b)
+    elapsed = time.monotonic() - t0
+    c.close()
+    return elapsed, got
+
+
+def throughput(ns, conn, vm, mib):
+    """Host -> guest, guest -> host, and guest loopback, each `mib` MiB."""
+    vm_id, address = vm["id"], vm["network"][0]["address"]
+    nbytes = mib << 20
+    rows = []
+
+    def row(what, seconds):
+        rows.append({"what": what, "mib": mib, "s": round(seconds, 3),
+                     "mbit_s": round(nbytes * 8 / seconds / 1e6, 1)})
+
+    exec_vm(conn, vm_id, "(nc -l -p 5001 >/dev/null 2>&1 &)")
+    row("host -> guest", in_netns(ns, send_to_guest, address, 5001, nbytes))
+
+    def guest_to_host():
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((GATEWAY, 5002))
+        listener.listen(1)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=receive_from_guest(listener, nbytes)))
+        t.start()
+        return listener, t, result
+
+    listener, t, result = in_netns(ns, guest_to_host)
+    exec_vm(conn, vm_id, f"dd if=/dev/zero bs=64k count={nbytes // 65536} 2>/dev/null | nc {GATEWAY} 5002")
+    t.join()
+    listener.close()
+    seconds, got = result["r"]
+    if got != nbytes:
+        raise RuntimeError(f"guest -> host: {got} of {nbytes} bytes")
+    row("guest -> host", seconds)
+
+    # /proc/uptime: busybox date has no sub-second format; 10 ms resolution.
+    r = exec_vm(conn, vm_id, "(nc -l -p 5003 >/dev/null 2>&1 &); sleep 0.3; "
+                             "s=$(cut -d' ' -f1 /proc/uptime); "
+                             f"dd if=/dev/zero bs=64k count={nbytes // 65536} 2>/dev/null | nc 127.0.0.1 5003; "
+                             "e=$(cut -d' ' -f1 /proc/uptime); echo $s $e")
+    try:
+        start, end = (float(x) for x in r["stdout"].split())
+    except ValueError as e:
+        raise RuntimeError(f"guest loopback: {r}") from e
+    row("guest loopback (the guest's ceiling)", max(end - start, 0.01))
+    return rows
+
+
+def run(plan):
+    """(samples, report section)."""
+    ns = f"kiln-bench-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+    samples = {CLONE_NIC: [], CLONE_PLAIN: [], HOT_NIC: [], HOT_PLAIN: []}
+    try:
+        config = '[network]\nbridge = "kb0"\nsubnet = "10.77.0.0/24"\n'
+        with Kilnd(extra_config=config, wrap=["ip", "netns", "exec", ns]) as k:
+            conn = VarlinkConnection(k.sock)
+            shapes = {"net": {"network": {"mode": "bridge"}}, "plain": {}}
+            for pool, extra in shapes.items():
+                conn.call("CreatePool", {"name": pool, "spec": {"mode": "template", "warm": 0, "max": 1,
+                                                                "vm": dict({"memoryMiB": 128}, **extra)}})
+            # Warm-up: each pool's template is built by its first Acquire.
+            for pool in shapes:
+                vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 300000})["vm"]
+                conn.call("Release", {"id": vm["id"]})
+            for i in range(plan["clones"]):
+                for pool, name in (("net", CLONE_NIC), ("plain", CLONE_PLAIN))[:: 1 if i % 2 == 0 else -1]:
+                    wait_pool(conn, pool, lambda p: p["leased"] == 0 and p["booting"] == 0)
+                    t0 = time.monotonic()
+                    vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 60000})["vm"]
+                    samples[name].append((time.monotonic() - t0) * 1000)
+                    conn.call("Release", {"id": vm["id"]})
+            for pool in shapes:
+                conn.call("ResizePool", {"name": pool, "warm": 1, "max": 2})
+            for i in range(plan["hot"]):
+                for pool, name in (("net", HOT_NIC), ("plain", HOT_PLAIN))[:: 1 if i % 2 == 0 else -1]:
+                    wait_pool(conn, pool, lambda p: p["hot"] == 1, timeout=300)
+                    t0 = time.perf_counter()
+                    vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 0})["vm"]
+                    samples[name].append((time.perf_counter() - t0) * 1000)
+                    conn.call("Release", {"id": vm["id"]})
+            wait_pool(conn, "net", lambda p: p["hot"] == 1, timeout=300)
+            vm = conn.call("Acquire", {"pool": "net", "timeoutMs": 60000})["vm"]
+            rows = throughput(ns, conn, vm, plan["mib"])
+            for r in rows:
+                log(f"throughput {r['what']}: {r['mbit_s']} Mbit/s")
+            conn.call("Release", {"id": vm["id"]})
+            for pool in shapes:
+                delete_pool(conn, pool)
+            conn.close()
+        note = ("TAP create + enslave + up alone: ~3 ms per NIC (`cargo test -p kiln-net --test netns "
+                "tap_create_attach_delete_cost -- --nocapture`), done in the boot sub-task before QEMU starts.")
+        return samples, {"throughput": rows, "note": note}
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
