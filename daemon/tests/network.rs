@@ -270,12 +270,11 @@ fn kill9_reconcile_reclaims_the_orphan_tap_and_keeps_live_ones() {
     assert_eq!(nic(&c)["address"], addr_b);
 }
 
-#[test]
-fn a_too_long_bridge_name_stops_kilnd_with_a_named_error() {
-    let ns = Netns::new();
+/// kilnd run in `ns` with `network` appended to its config must refuse to
+/// start; its stderr.
+fn kilnd_refuses(ns: &Netns, network: &str) -> String {
     let d = Daemon::new("");
-    d.kilnd
-        .append_config("[network]\nbridge = \"a-bridge-name-too-long\"\n");
+    d.kilnd.append_config(network);
     let out = ns
         .command(&[env!("CARGO_BIN_EXE_kilnd")])
         .arg("--config")
@@ -283,7 +282,13 @@ fn a_too_long_bridge_name_stops_kilnd_with_a_named_error() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_too_long_bridge_name_stops_kilnd_with_a_named_error() {
+    let ns = Netns::new();
+    let stderr = kilnd_refuses(&ns, "[network]\nbridge = \"a-bridge-name-too-long\"\n");
     assert!(stderr.contains("invalid bridge name"), "{stderr}");
     assert!(!ns.links().contains("a-bridge"), "{}", ns.links());
 }
@@ -637,4 +642,82 @@ fn a_netns_vm_gets_its_tap_in_the_callers_namespace() {
         std::thread::sleep(Duration::from_millis(50));
     }
     d.ok("DeleteVM", json!({"id": id}));
+}
+
+const TWO_BRIDGES: &str = "[network]\nbridge = \"kb0\"\nsubnet = \"10.77.0.0/24\"\n\n\
+    [[networks]]\nbridge = \"kb1\"\nsubnet = \"10.78.0.0/24\"\nmasquerade = true\n";
+
+#[test]
+fn a_pool_can_name_another_bridge_with_its_own_subnet() {
+    let ns = Netns::new();
+    let d = daemon_in(&ns, TWO_BRIDGES);
+    for (network, why) in [
+        (json!({"mode": "bridge", "bridge": "kb9"}), "no such bridge"),
+        (
+            json!({"mode": "none", "bridge": "kb1"}),
+            "bridge without bridge mode",
+        ),
+    ] {
+        assert_eq!(
+            d.err(
+                "CreateVM",
+                json!({"name": "bad", "spec": {"network": network}})
+            ),
+            "io.kiln.Manager.InvalidSpec",
+            "{why}"
+        );
+    }
+    d.ok(
+        "CreatePool",
+        json!({"name": "back", "spec": {"mode": "template", "warm": 1, "max": 2,
+            "vm": {"memoryMiB": 128, "network": {"mode": "bridge", "bridge": "kb1"}}}}),
+    );
+    let front = d.ok(
+        "CreateVM",
+        json!({"name": "front", "spec": {"memoryMiB": 128, "network": {"mode": "bridge"}}}),
+    )["vm"]["id"]
+        .clone();
+    let front = d.ok("StartVM", json!({"id": front}))["vm"].clone();
+    let back = d.ok("Acquire", json!({"pool": "back", "timeoutMs": 240000}))["vm"].clone();
+    let (front_nic, back_nic) = (nic(&front), nic(&back));
+    assert!(
+        front_nic["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.77.0."),
+        "{front}"
+    );
+    assert!(
+        back_nic["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("10.78.0."),
+        "{back}"
+    );
+    for (n, bridge) in [(&front_nic, "kb0"), (&back_nic, "kb1")] {
+        let tap = n["tap"].as_str().unwrap();
+        let out = ns
+            .command(&["ip", "-d", "link", "show", tap])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("master {bridge}")), "{tap}: {text}");
+        assert!(pings(&ns, n["address"].as_str().unwrap()), "{n}");
+    }
+    // Each network its own masquerade rule: kb1 asks for one, kb0 not.
+    let table = ns.nft();
+    assert!(
+        table.contains("10.78.0.0/24") && !table.contains("ip saddr 10.77.0.0/24"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_bridge_configured_twice_stops_kilnd() {
+    let ns = Netns::new();
+    let stderr = kilnd_refuses(
+        &ns,
+        "[network]\nbridge = \"kb0\"\n\n[[networks]]\nbridge = \"kb0\"\nsubnet = \"10.78.0.0/24\"\n",
+    );
+    assert!(stderr.contains("configured twice"), "{stderr}");
 }

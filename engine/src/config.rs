@@ -47,6 +47,11 @@ pub struct EngineConfig {
     /// `network.mode = "bridge"` are refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<kiln_net::NetConfig>,
+    /// More bridges (`[[networks]]`, each a table like `[network]` with a
+    /// bridge name and subnet of its own), chosen per VM or pool with
+    /// `network.bridge`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<kiln_net::NetConfig>,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +75,7 @@ impl Default for EngineConfig {
             gpu_dev_root: "/dev".into(),
             max_vms_per_gpu: 4,
             network: None,
+            networks: Vec::new(),
         }
     }
 }

@@ -570,11 +570,10 @@ pub struct Engine {
     /// Pool VM changes not yet acted on ([`Engine::settle_pools`]).
     pool_changes: Vec<PoolChange>,
     gpus: gpus::Gpus,
-    /// Bridge networking, when `[network]` is configured.
-    net: Option<Arc<kiln_net::Network>>,
-    /// Addresses and MACs of every VM with a NIC; rebuilt from the records
-    /// on start (the records are the truth).
-    ipam: Option<kiln_net::Ipam>,
+    /// kilnd's bridges (`[network]`, `[[networks]]`), each with the
+    /// addresses and MACs of its VMs (rebuilt from the records on start:
+    /// the records are the truth).
+    bridges: network::Bridges,
 }
 
 /// Descriptor number of a VM's TAP in QEMU (`-netdev tap,fd=3`).
@@ -584,15 +583,6 @@ const TAP_FD: i32 = 3;
 /// saved device state) until the agent gives them their own.
 fn template_mac() -> kiln_net::MacAddr {
     kiln_net::MacAddr::for_vm("000000000000", 0, 0)
-}
-
-/// Open the configured network and make sure the bridge and Kiln's nft
-/// table exist.
-async fn open_network(config: kiln_net::NetConfig) -> Result<kiln_net::Network, EngineError> {
-    let net = kiln_net::Network::open(config).await?;
-    let bridge = net.ensure().await?;
-    info!(bridge = %bridge.name, index = bridge.index, created = bridge.created, "network ready");
-    Ok(net)
 }
 
 impl Engine {
@@ -611,13 +601,8 @@ impl Engine {
             accel,
         };
         create_private_dir(&config.runtime_dir.join("vms"))?;
-        let (net, ipam) = match config.network.clone() {
-            Some(c) => {
-                let ipam = c.new_ipam().map_err(kiln_net::NetError::from)?;
-                (Some(Arc::new(open_network(c).await?)), Some(ipam))
-            }
-            None => (None, None),
-        };
+        let bridges =
+            network::Bridges::open(config.network.clone(), config.networks.clone()).await?;
         let store = RecordDir::open(config.vm_records_dir())?;
         let (records, broken) = store.load_all::<VmRecord>()?;
         for b in &broken {
@@ -640,8 +625,7 @@ impl Engine {
             pool_errors: Vec::new(),
             pool_changes: Vec::new(),
             gpus: gpus::Gpus::default(),
-            net,
-            ipam,
+            bridges,
         };
         engine.reconcile(records).await;
         engine.reconcile_network().await;
@@ -804,8 +788,8 @@ impl Engine {
     fn insert_vm(&mut self, mut record: VmRecord) -> Result<VmInfo, EngineError> {
         self.allocate_network(&mut record)?;
         if let Err(e) = self.store.write(&record.id, &record) {
-            if let Some(ipam) = self.ipam.as_mut() {
-                ipam.release(&record.id);
+            if let Some(bridge) = self.bridges.of_spec_mut(&record.spec) {
+                bridge.ipam.release(&record.id);
             }
             return Err(e.into());
         }

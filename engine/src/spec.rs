@@ -73,6 +73,10 @@ pub struct NetworkSpec {
     /// Not for pool VMs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<Ipv4Addr>,
+    /// `bridge`: which of kilnd's bridges (a `[[networks]]` entry's
+    /// `bridge`); default: the `[network]` table's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
     /// `netns`: the network namespace (a name under `/run/netns`, as `ip
     /// netns add` makes) to create the VM's TAP in. Its owner wires the
     /// TAP; Kiln adds no bridge, address or rules there.
@@ -140,6 +144,9 @@ impl NetworkSpec {
         let bad = |m: &str| Err(SpecError::Network(m.to_owned()));
         let netns_fields =
             self.netns.is_some() || self.prefix_length.is_some() || self.gateway.is_some();
+        if self.bridge.is_some() && self.mode != NetMode::Bridge {
+            return bad("bridge needs mode \"bridge\"");
+        }
         match self.mode {
             NetMode::None => {
                 if self.address.is_some()

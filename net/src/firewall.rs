@@ -37,7 +37,7 @@ use std::str::FromStr;
 use nftables::expr::{
     Expression, Fib, FibFlag, FibResult, NamedExpression, Payload, PayloadField, Prefix,
 };
-use nftables::schema::{Chain, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, NATFamily, Operator, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::{Deserialize, Serialize};
@@ -51,7 +51,14 @@ pub const TABLE: &str = "kiln";
 const PREROUTING: &str = "prerouting";
 const OUTPUT: &str = "output";
 const POSTROUTING: &str = "postrouting";
+/// The masquerade rule of one subnet is commented `kiln:masquerade;net=<subnet>`
+/// (each of kilnd's networks has its own); a bare `kiln:masquerade` is
+/// what earlier versions wrote, replaced on the next `ensure`.
 const MASQUERADE_COMMENT: &str = "kiln:masquerade";
+
+fn masquerade_comment(subnet: Ipv4Net) -> String {
+    format!("{MASQUERADE_COMMENT};net={subnet}")
+}
 const VM_COMMENT_PREFIX: &str = "kiln:vm=";
 
 /// Firewall errors.
@@ -304,8 +311,18 @@ fn masquerade_rule(subnet: Ipv4Net) -> Rule<'static> {
             matches(payload("ip", "daddr"), Operator::NEQ, prefix(subnet)),
             Statement::Masquerade(None),
         ],
-        MASQUERADE_COMMENT.to_owned(),
+        masquerade_comment(subnet),
     )
+}
+
+fn delete_rule(r: &TableRule) -> NfObject<'static> {
+    NfObject::CmdObject(NfCmd::Delete(NfListObject::Rule(Rule {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        chain: Cow::Owned(r.chain.clone()),
+        handle: Some(r.handle),
+        ..Rule::default()
+    })))
 }
 
 fn add(obj: NfListObject<'static>) -> NfObject<'static> {
@@ -383,10 +400,12 @@ impl Firewall {
         }))
     }
 
-    /// Creates the table and its chains if missing (idempotent) and sets
-    /// the masquerade rule for `subnet` on or off, in one transaction.
+    /// Creates the table and its chains if missing (idempotent), then sets
+    /// the masquerade rule for `subnet` on or off in one transaction,
+    /// leaving the rules of other subnets (other networks of kilnd's)
+    /// alone.
     pub fn ensure(&self, subnet: Ipv4Net, masquerade: bool) -> Result<(), FirewallError> {
-        let mut cmds = vec![
+        let cmds = vec![
             add(NfListObject::Table(table_ref())),
             // dstnat = -100, srcnat = 100 (nft's named priorities).
             add(NfListObject::Chain(base_chain(
@@ -404,17 +423,26 @@ impl Firewall {
                 NfHook::Postrouting,
                 100,
             ))),
-            NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(Chain {
-                family: NfFamily::INet,
-                table: Cow::Borrowed(TABLE),
-                name: Cow::Borrowed(POSTROUTING),
-                ..Chain::default()
-            }))),
         ];
+        self.apply("ensure table", &batch(cmds))?;
+        let own = masquerade_comment(subnet);
+        let mut cmds: Vec<NfObject<'static>> = self
+            .rules()?
+            .into_iter()
+            .filter(|r| {
+                r.comment
+                    .as_deref()
+                    .is_some_and(|c| c == own || c == MASQUERADE_COMMENT)
+            })
+            .map(|r| delete_rule(&r))
+            .collect();
         if masquerade {
             cmds.push(add(NfListObject::Rule(masquerade_rule(subnet))));
         }
-        self.apply("ensure table", &batch(cmds))
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        self.apply("set masquerade", &batch(cmds))
     }
 
     /// Deletes the whole table (uninstall, tests); `false` if it was absent.
@@ -454,12 +482,13 @@ impl Firewall {
         Ok(rules)
     }
 
-    /// Whether the masquerade rule is in place.
-    pub fn masquerading(&self) -> Result<bool, FirewallError> {
+    /// Whether the masquerade rule of `subnet` is in place.
+    pub fn masquerading(&self, subnet: Ipv4Net) -> Result<bool, FirewallError> {
+        let own = masquerade_comment(subnet);
         Ok(self
             .rules()?
             .iter()
-            .any(|r| r.comment.as_deref() == Some(MASQUERADE_COMMENT)))
+            .any(|r| r.comment.as_deref() == Some(own.as_str())))
     }
 
     /// Every forward in the table.
@@ -527,15 +556,7 @@ impl Firewall {
                     removed.push(f);
                 }
             }
-            cmds.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Rule(
-                Rule {
-                    family: NfFamily::INet,
-                    table: Cow::Borrowed(TABLE),
-                    chain: Cow::Owned(r.chain.clone()),
-                    handle: Some(r.handle),
-                    ..Rule::default()
-                },
-            ))));
+            cmds.push(delete_rule(&r));
         }
         if !cmds.is_empty() {
             self.apply("delete rules", &batch(cmds))?;

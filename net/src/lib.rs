@@ -546,7 +546,8 @@ impl Network {
 
     /// Whether masquerading is in place (as the table says).
     pub async fn masquerading(&self) -> Result<bool, NetError> {
-        self.with_firewall(|fw| fw.masquerading()).await
+        let subnet = self.config.subnet;
+        self.with_firewall(move |fw| fw.masquerading(subnet)).await
     }
 
     /// Removes everything of `vm_id`: its TAPs and its rules. Idempotent.

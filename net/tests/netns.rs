@@ -397,6 +397,20 @@ async fn nft_masquerade_and_forwards_by_vm_leave_other_tables_alone() {
     net.ensure().await.unwrap();
     let table = ns.sh(&["nft", "list", "table", "inet", "kiln"]);
     assert_eq!(table.matches("masquerade comment").count(), 1, "{table}");
+    // A second network of kilnd's in the namespace has its own rule, and
+    // turning it off leaves the first one's.
+    let mut second = ns.config();
+    second.subnet = "10.78.0.0/24".parse().unwrap();
+    second.masquerade = true;
+    let net2 = Network::open(second.clone()).await.unwrap();
+    net2.ensure().await.unwrap();
+    let table = ns.sh(&["nft", "list", "table", "inet", "kiln"]);
+    assert_eq!(table.matches("masquerade comment").count(), 2, "{table}");
+    second.masquerade = false;
+    let net2 = Network::open(second).await.unwrap();
+    net2.ensure().await.unwrap();
+    assert!(!net2.masquerading().await.unwrap());
+    assert!(net.masquerading().await.unwrap());
 
     let (a, b) = (vm_id(), vm_id());
     let fwd = |vm: &str, protocol, host_port, last, port| PortForward {

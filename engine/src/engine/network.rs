@@ -11,6 +11,7 @@
 //! removed. A `netns`-mode VM's TAP follows the same life, in the
 //! namespace its spec names.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -22,6 +23,96 @@ use super::{Engine, NetPlan};
 use crate::error::EngineError;
 use crate::spec::{NetMode, SpecError};
 use crate::vm::{NicInfo, VmRecord};
+
+/// One of kilnd's bridges: the network and the leases of its VMs.
+#[derive(Debug)]
+pub(super) struct Bridge {
+    pub(super) net: Arc<kiln_net::Network>,
+    pub(super) ipam: kiln_net::Ipam,
+}
+
+/// kilnd's bridges by name: the `[network]` table's (the default) and
+/// every `[[networks]]` entry's. Each has its own subnet and addresses; a
+/// VM names one with `network.bridge`.
+#[derive(Debug, Default)]
+pub(super) struct Bridges {
+    default: Option<String>,
+    by_name: BTreeMap<String, Bridge>,
+}
+
+impl Bridges {
+    /// Open every configured bridge, making sure it and Kiln's nft table
+    /// exist. A bridge name given twice stops kilnd; so does a subnet that
+    /// overlaps another's (kiln-net's `SubnetInUse`: the first bridge
+    /// already carries its gateway address).
+    pub(super) async fn open(
+        default: Option<kiln_net::NetConfig>,
+        more: Vec<kiln_net::NetConfig>,
+    ) -> Result<Self, EngineError> {
+        let mut bridges = Self {
+            default: default.as_ref().map(|c| c.bridge.clone()),
+            by_name: BTreeMap::new(),
+        };
+        for config in default.into_iter().chain(more) {
+            let name = config.bridge.clone();
+            if bridges.by_name.contains_key(&name) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "bridge {name:?} is configured twice ([network] and [[networks]] need distinct bridges)"
+                )));
+            }
+            let ipam = config.new_ipam().map_err(kiln_net::NetError::from)?;
+            let net = kiln_net::Network::open(config).await?;
+            let status = net.ensure().await?;
+            info!(bridge = %status.name, index = status.index, created = status.created, "network ready");
+            bridges.by_name.insert(
+                name,
+                Bridge {
+                    net: Arc::new(net),
+                    ipam,
+                },
+            );
+        }
+        Ok(bridges)
+    }
+
+    /// The bridge a VM's spec names (its `network.bridge`, else the
+    /// default), if it is a bridge VM and that bridge exists.
+    pub(super) fn of_spec(&self, spec: &crate::spec::ResolvedSpec) -> Option<&Bridge> {
+        let name = self.name_for(spec)?;
+        self.by_name.get(&name)
+    }
+
+    /// See [`Bridges::of_spec`].
+    pub(super) fn of_spec_mut(&mut self, spec: &crate::spec::ResolvedSpec) -> Option<&mut Bridge> {
+        let name = self.name_for(spec)?;
+        self.by_name.get_mut(&name)
+    }
+
+    fn name_for(&self, spec: &crate::spec::ResolvedSpec) -> Option<String> {
+        let network = spec
+            .network
+            .as_ref()
+            .filter(|n| n.mode == NetMode::Bridge)?;
+        network.bridge.clone().or_else(|| self.default.clone())
+    }
+
+    /// Every bridge.
+    pub(super) fn all(&self) -> impl Iterator<Item = &Bridge> {
+        self.by_name.values()
+    }
+
+    /// The error for a bridge VM whose bridge is not configured.
+    pub(super) fn missing(&self, spec: &crate::spec::ResolvedSpec) -> EngineError {
+        let named = spec.network.as_ref().and_then(|n| n.bridge.clone());
+        EngineError::InvalidSpec(SpecError::Network(match named {
+            Some(name) => format!(
+                "no bridge named {name:?} in kilnd.toml (configured: {})",
+                self.by_name.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            None => "bridge mode needs a [network] table in kilnd.toml".into(),
+        }))
+    }
+}
 
 /// Where a VM's boot NIC's TAP is made.
 #[derive(Debug, Clone)]
@@ -85,8 +176,8 @@ impl Engine {
             }];
             return Ok(());
         }
-        if self.net.is_none() {
-            return Err(no_network_table());
+        if self.bridges.of_spec(&record.spec).is_none() {
+            return Err(self.bridges.missing(&record.spec));
         }
         for f in &spec.forwards {
             let holder = self.vms.values().find(|e| {
@@ -103,10 +194,11 @@ impl Engine {
                 )));
             }
         }
-        let Some(ipam) = self.ipam.as_mut() else {
+        let Some(bridge) = self.bridges.of_spec_mut(&record.spec) else {
             return Ok(());
         };
-        let lease = ipam
+        let lease = bridge
+            .ipam
             .allocate(&record.id, 0, spec.address)
             .map_err(kiln_net::NetError::from)?;
         record.network = vec![NicInfo {
@@ -130,7 +222,10 @@ impl Engine {
         let Some(spec) = entry.record.spec.network.as_ref() else {
             return Ok(());
         };
-        if entry.record.network.is_empty() || (spec.mode == NetMode::Bridge && self.net.is_none()) {
+        if spec.mode == NetMode::Bridge && self.bridges.of_spec(&entry.record.spec).is_none() {
+            return Err(self.bridges.missing(&entry.record.spec));
+        }
+        if entry.record.network.is_empty() {
             return Err(no_network_table());
         }
         if let Some(path) = spec.netns_path() {
@@ -146,7 +241,7 @@ impl Engine {
     /// What the boot sub-task needs for VM `id`'s NIC (None: no NIC).
     pub(super) fn net_plan(&mut self, id: &str, clone: bool) -> Option<NetPlan> {
         let guest = self.guest_net_for(id, clone)?;
-        let net = self.net.clone();
+        let net = self.vm_net(id);
         let entry = self.vms.get_mut(id)?;
         let nic = entry.record.network.iter().find(|n| n.index == 0)?.clone();
         let spec = entry.record.spec.network.as_ref()?;
@@ -217,7 +312,7 @@ impl Engine {
                 dns: None,
             });
         }
-        let config = self.net.as_ref()?.config();
+        let config = self.bridges.of_spec(&record.spec)?.net.config();
         if nics.is_empty() {
             return None;
         }
@@ -235,7 +330,7 @@ impl Engine {
     /// Remove VM `id`'s TAPs and forwards in a sub-task (its process is
     /// gone); the next boot of the VM waits for it.
     pub(super) fn remove_taps(&mut self, id: &str) {
-        let net = self.net.clone();
+        let net = self.vm_net(id);
         let Some(entry) = self.vms.get_mut(id) else {
             return;
         };
@@ -254,16 +349,16 @@ impl Engine {
     /// Release VM `id`'s address and remove what it has on the host (it is
     /// being deleted).
     pub(super) fn release_network(&mut self, id: &str) {
-        let released = self
-            .ipam
-            .as_mut()
-            .map(|ipam| ipam.release(id))
+        let net = self.vm_net(id);
+        let spec = self.vms.get(id).map(|e| e.record.spec.clone());
+        let released = spec
+            .and_then(|spec| self.bridges.of_spec_mut(&spec).map(|b| b.ipam.release(id)))
             .unwrap_or_default();
         let Some(entry) = self.vms.get_mut(id) else {
             return;
         };
         let removal = Removal {
-            net: self.net.clone().filter(|_| !released.is_empty()),
+            net: net.filter(|_| !released.is_empty()),
             id: id.to_owned(),
             netns_taps: netns_taps(&entry.record),
             previous: entry.net_cleanup.take(),
@@ -297,10 +392,10 @@ impl Engine {
         for id in stale {
             self.record_fact(&id, |r| r.network.iter_mut().for_each(|n| n.ifindex = 0));
         }
-        let (Some(net), Some(ipam)) = (self.net.clone(), self.ipam.as_mut()) else {
-            return;
-        };
         for entry in self.vms.values() {
+            let Some(bridge) = self.bridges.of_spec_mut(&entry.record.spec) else {
+                continue;
+            };
             for n in &entry.record.network {
                 let (Some(address), None) = (n.address, &n.netns) else {
                     continue;
@@ -311,7 +406,7 @@ impl Engine {
                     address,
                     mac: n.mac,
                 };
-                if let Err(e) = ipam.restore(lease) {
+                if let Err(e) = bridge.ipam.restore(lease) {
                     error!(vm = %entry.record.id, error = %e, "VM record's address conflicts, ignoring it");
                 }
             }
@@ -322,19 +417,32 @@ impl Engine {
             .filter(|(_, e)| e.runtime.is_some())
             .map(|(id, _)| id.clone())
             .collect();
-        let leases = ipam.leases().count();
-        self.remove_unrecorded_taps(&net).await;
-        match net.reconcile(&live).await {
-            Ok(c) => info!(
-                removed_taps = ?c.taps,
-                removed_forwards = c.forwards.len(),
-                leases,
-                "network reconciled"
-            ),
-            Err(e) => {
-                error!(error = %EngineError::from(e).message(), "cannot reconcile the network")
+        let nets: Vec<(Arc<kiln_net::Network>, usize)> = self
+            .bridges
+            .all()
+            .map(|b| (b.net.clone(), b.ipam.leases().count()))
+            .collect();
+        for (net, leases) in nets {
+            self.remove_unrecorded_taps(&net).await;
+            match net.reconcile(&live).await {
+                Ok(c) => info!(
+                    bridge = %net.config().bridge,
+                    removed_taps = ?c.taps,
+                    removed_forwards = c.forwards.len(),
+                    leases,
+                    "network reconciled"
+                ),
+                Err(e) => {
+                    error!(error = %EngineError::from(e).message(), "cannot reconcile the network")
+                }
             }
         }
+    }
+
+    /// The network of VM `id`'s bridge (bridge VMs only).
+    pub(super) fn vm_net(&self, id: &str) -> Option<Arc<kiln_net::Network>> {
+        let spec = &self.vms.get(id)?.record.spec;
+        Some(self.bridges.of_spec(spec)?.net.clone())
     }
 
     /// TAPs of live VMs whose NIC is not in the record: kilnd died while

@@ -89,12 +89,13 @@ impl Engine {
             )));
         };
         let (generation, agent) = (runtime.generation, runtime.agent.clone());
-        let (Some(net), Some(ipam)) = (self.net.clone(), self.ipam.as_mut()) else {
-            return Err(EngineError::NoHotplugSlot(
-                "hot-plug needs a [network] table in kilnd.toml".into(),
-            ));
+        let spec = entry.record.spec.clone();
+        let Some(bridge) = self.bridges.of_spec_mut(&spec) else {
+            return Err(self.bridges.missing(&spec));
         };
-        let lease = ipam
+        let net = bridge.net.clone();
+        let lease = bridge
+            .ipam
             .allocate(id, index, address)
             .map_err(kiln_net::NetError::from)?;
         let nic = NicInfo {
@@ -120,8 +121,8 @@ impl Engine {
         };
         let added = nic.clone();
         if let Err(e) = self.update(id, |r| r.network.push(added)) {
-            if let Some(ipam) = self.ipam.as_mut() {
-                ipam.release_nic(id, index);
+            if let Some(bridge) = self.bridges.of_spec_mut(&spec) {
+                bridge.ipam.release_nic(id, index);
             }
             return Err(e);
         }
@@ -275,16 +276,26 @@ impl Engine {
     /// released, its TAP removed in a sub-task.
     fn forget_nic(&mut self, id: &str, index: u8) {
         self.record_fact(id, |r| r.network.retain(|n| n.index != index));
-        if let Some(ipam) = self.ipam.as_mut() {
-            ipam.release_nic(id, index);
-        }
-        if let Some(net) = self.net.clone() {
+        self.release_nics(id, &[index]);
+        if let Some(net) = self.vm_net(id) {
             let id = id.to_owned();
             tokio::spawn(async move {
                 if let Err(e) = net.delete_tap(&id, index).await {
                     warn!(vm = %id, nic = index, error = %EngineError::from(e).message(), "cannot remove TAP");
                 }
             });
+        }
+    }
+
+    /// Release the addresses of NICs `indices` of VM `id`.
+    fn release_nics(&mut self, id: &str, indices: &[u8]) {
+        let Some(spec) = self.vms.get(id).map(|e| e.record.spec.clone()) else {
+            return;
+        };
+        if let Some(bridge) = self.bridges.of_spec_mut(&spec) {
+            for index in indices {
+                bridge.ipam.release_nic(id, *index);
+            }
         }
     }
 
@@ -307,11 +318,7 @@ impl Engine {
         if indices.is_empty() {
             return;
         }
-        if let Some(ipam) = self.ipam.as_mut() {
-            for index in &indices {
-                ipam.release_nic(id, *index);
-            }
-        }
+        self.release_nics(id, &indices);
         self.record_fact(id, |r| r.network.retain(|n| n.index == 0));
     }
 
