@@ -8,7 +8,9 @@ kilnd-clone     Acquire from a template pool with nothing hot (warm 0), so the
                 call waits for a fresh clone (identity set-up included);
 kilnd-hot       Acquire with a VM hot, on one persistent connection, varlink
                 and D-Bus alternating; before each, the pool is back to warm
-                (the refill runs behind the previous acquire);
+                (the refill runs behind the previous acquire); and the
+                engine's own share of each (`engine_us` from kilnd's debug
+                log: pick, lease record write, events), the issue-4 target;
 api-*           round trips on one persistent connection per transport with
                 100 VM records: varlink ListVMs against
                 org.varlink.service.GetInfo (its floor); D-Bus ListVMs (paths)
@@ -27,6 +29,7 @@ RAW_CLONE = "raw-qemu-clone (template restore)"
 KILND_CLONE = "kilnd-clone (Acquire, nothing hot)"
 HOT_VARLINK = "kilnd-hot Acquire (varlink)"
 HOT_DBUS = "kilnd-hot Acquire (D-Bus)"
+HOT_ENGINE = "kilnd-hot Acquire, engine share (actor, from kilnd's log)"
 
 
 def dbus_manager():
@@ -118,6 +121,7 @@ def hot_acquires(kilnd, pool, acquires, budget_s, min_acquires):
         conn.call("Release", {"id": vm_id})
     bus.close()
     conn.close()
+    results[HOT_ENGINE] = kilnd.engine_acquire_ms()
     return results
 
 

@@ -303,7 +303,8 @@ impl Engine {
             let started = Instant::now();
             let result = self.lease(&id, holder, labels);
             // The engine's share of a hot acquire (the bench reads it from
-            // the log): pick, atomic record write with fsync, events.
+            // the log): pick, atomic record write (no fsync: see
+            // `Durability::UntilHostCrash`), events.
             let engine_us = started.elapsed().as_micros() as u64;
             debug!(vm = %id, engine_us, "hot acquire");
             self.publish_pool(&name);
