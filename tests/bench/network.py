@@ -29,6 +29,11 @@ CLONE_PLAIN = "net: kilnd-clone without a NIC (Acquire, nothing hot)"
 HOT_NIC = "net: kilnd-hot Acquire with a bridge NIC (varlink)"
 HOT_PLAIN = "net: kilnd-hot Acquire without a NIC (varlink)"
 GATEWAY = "10.77.0.1"
+# A receiver in the guest that counts what arrives into a file. busybox nc
+# in listen mode hangs up when its own stdin ends (exec gives it none), so
+# the counting runs as its -e program, which reads the socket to the end.
+GUEST_COUNTER = "nc -l -p {port} -e sh -c 'wc -c > {out}.tmp && mv {out}.tmp {out}' </dev/null >/dev/null 2>&1"
+WAIT_FOR_COUNT = "for i in $(seq 600); do [ -s {out} ] && break; sleep 0.02; done"
 CLONE_NEWNET = 0x40000000
 
 
@@ -114,8 +119,12 @@ def throughput(ns, conn, vm, mib):
         rows.append({"what": what, "mib": mib, "s": round(seconds, 3),
                      "mbit_s": round(nbytes * 8 / seconds / 1e6, 1)})
 
-    exec_vm(conn, vm_id, "(nc -l -p 5001 >/dev/null 2>&1 &)")
-    row("host -> guest", in_netns(ns, send_to_guest, address, 5001, nbytes))
+    exec_vm(conn, vm_id, f"rm -f /tmp/in.n; ({GUEST_COUNTER.format(port=5001, out='/tmp/in.n')} &)")
+    seconds = in_netns(ns, send_to_guest, address, 5001, nbytes)
+    got = exec_vm(conn, vm_id, f"{WAIT_FOR_COUNT.format(out='/tmp/in.n')}; cat /tmp/in.n")["stdout"].strip()
+    if got != str(nbytes):
+        raise RuntimeError(f"host -> guest: {got!r} of {nbytes} bytes arrived")
+    row("host -> guest", seconds)
 
     def guest_to_host():
         listener = socket.socket()
@@ -137,14 +146,19 @@ def throughput(ns, conn, vm, mib):
     row("guest -> host", seconds)
 
     # /proc/uptime: busybox date has no sub-second format; 10 ms resolution.
-    r = exec_vm(conn, vm_id, "(nc -l -p 5003 >/dev/null 2>&1 &); sleep 0.3; "
-                             "s=$(cut -d' ' -f1 /proc/uptime); "
+    # Timed until the receiver has counted everything.
+    r = exec_vm(conn, vm_id, f"rm -f /tmp/lo.n; ({GUEST_COUNTER.format(port=5003, out='/tmp/lo.n')} &); "
+                             "sleep 0.5; s=$(cut -d' ' -f1 /proc/uptime); "
                              f"dd if=/dev/zero bs=64k count={nbytes // 65536} 2>/dev/null | nc 127.0.0.1 5003; "
-                             "e=$(cut -d' ' -f1 /proc/uptime); echo $s $e")
+                             f"{WAIT_FOR_COUNT.format(out='/tmp/lo.n')}; "
+                             "e=$(cut -d' ' -f1 /proc/uptime); echo $s $e $(cat /tmp/lo.n)")
     try:
-        start, end = (float(x) for x in r["stdout"].split())
+        start, end, got = r["stdout"].split()
+        start, end, got = float(start), float(end), int(got)
     except ValueError as e:
         raise RuntimeError(f"guest loopback: {r}") from e
+    if got != nbytes:
+        raise RuntimeError(f"guest loopback: {got} of {nbytes} bytes arrived: {r}")
     row("guest loopback (the guest's ceiling)", max(end - start, 0.01))
     return rows
 
