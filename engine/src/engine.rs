@@ -1185,10 +1185,11 @@ impl Engine {
         if entry.busy {
             return drop(reply.send(Err(EngineError::Busy { id: id.into() })));
         }
-        let (agent, qmp, generation) = (
+        let (agent, qmp, generation, qemu) = (
             runtime.agent.clone(),
             runtime.qmp.clone(),
             runtime.generation,
+            runtime.process.clone(),
         );
         let old_boot_id = entry.record.guest.as_ref().map(|g| g.boot_id.clone());
         entry.busy = true;
@@ -1215,16 +1216,16 @@ impl Engine {
                     let _ = qmp.system_reset().await;
                 }
             }
-            report_next_boot(
+            let next = NextBoot {
                 id,
                 generation,
-                &agent,
+                agent,
+                qemu,
                 old_boot_id,
                 guest_net,
-                boot_timeout,
-                &tx,
-            )
-            .await;
+                timeout: boot_timeout,
+            };
+            next.report(&tx).await;
         });
     }
 
@@ -1595,6 +1596,7 @@ impl Engine {
             "SHUTDOWN" => runtime.shutdown_seen = true,
             "STOP" | "RESUME" | "RESET" => {
                 let agent = runtime.agent.clone();
+                let qemu = runtime.process.clone();
                 let Some(entry) = self.vms.get(id) else {
                     return;
                 };
@@ -1623,12 +1625,16 @@ impl Engine {
                             .and_then(|e| e.record.guest.as_ref())
                             .map(|g| g.boot_id.clone());
                         let tx = self.internal_tx.clone();
-                        let timeout = self.config.boot_timeout();
-                        let net = self.guest_net(id);
-                        let id = id.to_owned();
-                        tokio::spawn(async move {
-                            report_next_boot(id, generation, &agent, old, net, timeout, &tx).await;
-                        });
+                        let next = NextBoot {
+                            id: id.to_owned(),
+                            generation,
+                            agent,
+                            qemu,
+                            old_boot_id: old,
+                            guest_net: self.guest_net(id),
+                            timeout: self.config.boot_timeout(),
+                        };
+                        tokio::spawn(async move { next.report(&tx).await });
                     }
                     _ => {}
                 }
@@ -1717,6 +1723,7 @@ impl Engine {
             self.internal_tx.clone(),
         ));
         let pid = process.pid;
+        let qemu = process.clone();
         if let Some(entry) = self.vms.get_mut(id) {
             entry.runtime = Some(Runtime {
                 generation,
@@ -1742,12 +1749,16 @@ impl Engine {
             VmState::Stopping => self.kill_process(id),
             VmState::Booting => {
                 let tx = self.internal_tx.clone();
-                let timeout = self.config.boot_timeout();
-                let net = self.guest_net(id);
-                let id = id.to_owned();
-                tokio::spawn(async move {
-                    report_next_boot(id, generation, &agent, None, net, timeout, &tx).await;
-                });
+                let next = NextBoot {
+                    id: id.to_owned(),
+                    generation,
+                    agent,
+                    qemu: Some(qemu),
+                    old_boot_id: None,
+                    guest_net: self.guest_net(id),
+                    timeout: self.config.boot_timeout(),
+                };
+                tokio::spawn(async move { next.report(&tx).await });
             }
             _ => {}
         }
@@ -1907,6 +1918,7 @@ async fn boot(
         events,
         tx.clone(),
     ));
+    let qemu = process.clone();
     let _ = tx.send(Internal::Launched {
         id: id.to_owned(),
         generation,
@@ -1920,7 +1932,16 @@ async fn boot(
         qmp.restore_from_file(state, plan.boot_timeout).await?;
         qmp.cont().await?;
     }
-    let ping = agent.wait_ready(plan.boot_timeout).await?;
+    // A QEMU killed or crashed mid-boot ends the wait at once, rather than
+    // leaving this task polling the agent socket until the deadline.
+    let ping = tokio::select! {
+        ping = agent.wait_ready(plan.boot_timeout) => ping?,
+        () = qemu.exited() => {
+            return Err(EngineError::BootFailed(
+                "QEMU exited before the guest agent answered".into(),
+            ))
+        }
+    };
     if let Some(identity) = &plan.identity {
         let _: serde_json::Value = agent
             .call(proto::method::SET_IDENTITY, identity, plan.qmp_timeout)
@@ -2008,39 +2029,59 @@ pub(crate) async fn connect_when_up(
     }
 }
 
-/// Start afresh with the agent, wait until it answers from a boot other than
-/// `old_boot_id` (any boot when None), and report that as `BootDone`. Used by
-/// reboot, a guest-initiated reset and a re-adopted VM that was booting.
-async fn report_next_boot(
+/// A wait for the guest's next boot: used by reboot, a guest-initiated
+/// reset and a re-adopted VM that was booting.
+struct NextBoot {
     id: String,
     generation: u64,
-    agent: &AgentClient,
+    agent: Arc<AgentClient>,
+    /// The VM's QEMU: its exit ends the wait at once (rather than polling
+    /// the agent socket until the deadline).
+    qemu: Option<VmProcess>,
+    /// Wait for a boot other than this one (any boot when None).
     old_boot_id: Option<String>,
+    /// Configure the network again once it answers.
     guest_net: Option<proto::ConfigureNetworkRequest>,
     timeout: Duration,
-    tx: &mpsc::UnboundedSender<Internal>,
-) {
-    agent.disconnect().await;
-    let mut result = wait_for_new_boot(agent, old_boot_id.as_deref(), timeout).await;
-    // A new boot starts with the NIC unconfigured (and a clone's NIC with
-    // the template's MAC again: QEMU resets the device to its own MAC).
-    if let (Ok(_), Some(request)) = (&result, &guest_net) {
-        let configured: Result<serde_json::Value, _> = agent
-            .call(
-                proto::method::CONFIGURE_NETWORK,
-                request,
-                Duration::from_secs(10),
-            )
-            .await;
-        if let Err(e) = configured {
-            result = Err(e.into());
+}
+
+impl NextBoot {
+    /// Start afresh with the agent, wait until it answers from a new boot,
+    /// configure its network, and report that as `BootDone`.
+    async fn report(self, tx: &mpsc::UnboundedSender<Internal>) {
+        let agent = &self.agent;
+        agent.disconnect().await;
+        let waited = wait_for_new_boot(agent, self.old_boot_id.as_deref(), self.timeout);
+        let mut result = match &self.qemu {
+            Some(qemu) => tokio::select! {
+                result = waited => result,
+                () = qemu.exited() => Err(EngineError::BootFailed(
+                    "QEMU exited before the guest agent answered".into(),
+                )),
+            },
+            None => waited.await,
+        };
+        // A new boot starts with the NIC unconfigured (and a clone's NIC
+        // with the template's MAC again: QEMU resets the device to its own
+        // MAC).
+        if let (Ok(_), Some(request)) = (&result, &self.guest_net) {
+            let configured: Result<serde_json::Value, _> = agent
+                .call(
+                    proto::method::CONFIGURE_NETWORK,
+                    request,
+                    Duration::from_secs(10),
+                )
+                .await;
+            if let Err(e) = configured {
+                result = Err(e.into());
+            }
         }
+        let _ = tx.send(Internal::BootDone {
+            id: self.id,
+            generation: self.generation,
+            result,
+        });
     }
-    let _ = tx.send(Internal::BootDone {
-        id,
-        generation,
-        result,
-    });
 }
 
 /// Wait until the agent answers from a boot other than `old_boot_id`.
