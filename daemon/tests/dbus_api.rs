@@ -186,6 +186,26 @@ impl Kiln {
         self.busctl_text(&["tree", "--list", NAME])
     }
 
+    /// Wait until `busctl tree` satisfies `want`. While objects come and go
+    /// (a pool's VMs being destroyed) a walk can fail on a path that
+    /// vanished between listing and introspecting it; that is retried.
+    fn wait_tree(&self, what: &str, want: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("busctl")
+                .arg(format!("--address={}", self.address))
+                .args(["tree", "--list", NAME])
+                .output()
+                .unwrap();
+            let tree = String::from_utf8_lossy(&out.stdout);
+            if out.status.success() && want(&tree) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {tree}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn introspect_xml(&self, path: &str) -> String {
         self.busctl_text(&["introspect", "--xml-interface", NAME, path])
     }
@@ -831,5 +851,7 @@ fn dbus_pools_acquire_and_release() {
     k.call(MANAGER, MANAGER_IF, "Release", &["ob", &vm, "false"]);
     assert!(!k.list().contains(&vm));
     k.call(MANAGER, MANAGER_IF, "DeletePool", &["s", "bus"]);
-    assert!(!k.tree().contains("/io/kiln/Kiln1/pool/bus"));
+    k.wait_tree("pool object gone", |t| {
+        !t.contains("/io/kiln/Kiln1/pool/bus")
+    });
 }
