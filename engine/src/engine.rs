@@ -1932,25 +1932,17 @@ async fn boot(
         qmp.restore_from_file(state, plan.boot_timeout).await?;
         qmp.cont().await?;
     }
-    // A QEMU killed or crashed mid-boot ends the wait at once, rather than
-    // leaving this task polling the agent socket until the deadline.
-    let ping = tokio::select! {
-        ping = agent.wait_ready(plan.boot_timeout) => ping?,
-        () = qemu.exited() => {
-            return Err(EngineError::BootFailed(
-                "QEMU exited before the guest agent answered".into(),
-            ))
-        }
-    };
+    let ping = until_qemu_exits(Some(&qemu), async {
+        Ok(agent.wait_ready(plan.boot_timeout).await?)
+    })
+    .await?;
     if let Some(identity) = &plan.identity {
         let _: serde_json::Value = agent
             .call(proto::method::SET_IDENTITY, identity, plan.qmp_timeout)
             .await?;
     }
     if let Some(n) = &plan.net {
-        let _: serde_json::Value = agent
-            .call(proto::method::CONFIGURE_NETWORK, &n.guest, plan.qmp_timeout)
-            .await?;
+        agent.configure_network(&n.guest, plan.qmp_timeout).await?;
         // Forwards only once the guest has its address.
         if let network::TapHome::Bridge(net) = &n.home {
             for forward in &n.forwards {
@@ -2052,27 +2044,15 @@ impl NextBoot {
         let agent = &self.agent;
         agent.disconnect().await;
         let waited = wait_for_new_boot(agent, self.old_boot_id.as_deref(), self.timeout);
-        let mut result = match &self.qemu {
-            Some(qemu) => tokio::select! {
-                result = waited => result,
-                () = qemu.exited() => Err(EngineError::BootFailed(
-                    "QEMU exited before the guest agent answered".into(),
-                )),
-            },
-            None => waited.await,
-        };
+        let mut result = until_qemu_exits(self.qemu.as_ref(), waited).await;
         // A new boot starts with the NIC unconfigured (and a clone's NIC
         // with the template's MAC again: QEMU resets the device to its own
         // MAC).
         if let (Ok(_), Some(request)) = (&result, &self.guest_net) {
-            let configured: Result<serde_json::Value, _> = agent
-                .call(
-                    proto::method::CONFIGURE_NETWORK,
-                    request,
-                    Duration::from_secs(10),
-                )
-                .await;
-            if let Err(e) = configured {
+            if let Err(e) = agent
+                .configure_network(request, Duration::from_secs(10))
+                .await
+            {
                 result = Err(e.into());
             }
         }
@@ -2081,6 +2061,24 @@ impl NextBoot {
             generation: self.generation,
             result,
         });
+    }
+}
+
+/// `wait` for the guest agent, cut short when `qemu` (if known) exits: a
+/// QEMU killed or crashed mid-boot ends the wait at once, rather than
+/// leaving a task polling the agent socket until the boot deadline.
+async fn until_qemu_exits<T>(
+    qemu: Option<&VmProcess>,
+    wait: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    let Some(qemu) = qemu else {
+        return wait.await;
+    };
+    tokio::select! {
+        result = wait => result,
+        () = qemu.exited() => Err(EngineError::BootFailed(
+            "QEMU exited before the guest agent answered".into(),
+        )),
     }
 }
 

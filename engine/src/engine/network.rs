@@ -101,6 +101,21 @@ impl Bridges {
         self.by_name.values()
     }
 
+    /// One bridge's network per network namespace: what is namespace-wide
+    /// (Kiln's TAPs, the `inet kiln` table) is reconciled through it once.
+    pub(super) fn one_per_namespace(&self) -> Vec<Arc<kiln_net::Network>> {
+        let mut nets: Vec<Arc<kiln_net::Network>> = Vec::new();
+        for bridge in self.all() {
+            if !nets
+                .iter()
+                .any(|n| n.config().netns == bridge.net.config().netns)
+            {
+                nets.push(bridge.net.clone());
+            }
+        }
+        nets
+    }
+
     /// The error for a bridge VM whose bridge is not configured.
     pub(super) fn missing(&self, spec: &crate::spec::ResolvedSpec) -> EngineError {
         let named = spec.network.as_ref().and_then(|n| n.bridge.clone());
@@ -140,6 +155,24 @@ impl TapHome {
     }
 }
 
+/// How the agent is told about one NIC: its MAC (and, for a clone's boot
+/// NIC, the template's MAC it still carries), its address with the
+/// subnet's prefix, and the MTU.
+pub(super) fn guest_interface(
+    nic: &NicInfo,
+    carries_template_mac: bool,
+    prefix_length: Option<u8>,
+    mtu: Option<u32>,
+) -> proto::NetworkInterface {
+    proto::NetworkInterface {
+        mac: nic.mac.to_string(),
+        previous_mac: carries_template_mac.then(|| super::template_mac().to_string()),
+        address: nic.address.map(|a| a.to_string()),
+        prefix_length: nic.address.and(prefix_length),
+        mtu,
+    }
+}
+
 /// The namespace TAPs of a record's NICs (`netns` mode), to remove.
 fn netns_taps(record: &VmRecord) -> Vec<(PathBuf, String)> {
     record
@@ -176,9 +209,9 @@ impl Engine {
             }];
             return Ok(());
         }
-        if self.bridges.of_spec(&record.spec).is_none() {
+        let Some(bridge) = self.bridges.of_spec_mut(&record.spec) else {
             return Err(self.bridges.missing(&record.spec));
-        }
+        };
         for f in &spec.forwards {
             let holder = self.vms.values().find(|e| {
                 e.record.spec.network.as_ref().is_some_and(|n| {
@@ -194,9 +227,6 @@ impl Engine {
                 )));
             }
         }
-        let Some(bridge) = self.bridges.of_spec_mut(&record.spec) else {
-            return Ok(());
-        };
         let lease = bridge
             .ipam
             .allocate(&record.id, 0, spec.address)
@@ -294,14 +324,9 @@ impl Engine {
         let spec = record.spec.network.as_ref()?;
         let mut nics: Vec<&NicInfo> = record.network.iter().collect();
         nics.sort_by_key(|n| n.index);
-        let interface =
-            |nic: &NicInfo, prefix_length: Option<u8>, mtu: Option<u32>| proto::NetworkInterface {
-                mac: nic.mac.to_string(),
-                previous_mac: (clone && nic.index == 0).then(|| super::template_mac().to_string()),
-                address: nic.address.map(|a| a.to_string()),
-                prefix_length: nic.address.and(prefix_length),
-                mtu,
-            };
+        let interface = |nic: &NicInfo, prefix_length: Option<u8>, mtu: Option<u32>| {
+            guest_interface(nic, clone && nic.index == 0, prefix_length, mtu)
+        };
         if spec.mode == NetMode::Netns {
             return Some(proto::ConfigureNetworkRequest {
                 interfaces: nics
@@ -350,13 +375,14 @@ impl Engine {
     /// being deleted).
     pub(super) fn release_network(&mut self, id: &str) {
         let net = self.vm_net(id);
-        let spec = self.vms.get(id).map(|e| e.record.spec.clone());
-        let released = spec
-            .and_then(|spec| self.bridges.of_spec_mut(&spec).map(|b| b.ipam.release(id)))
-            .unwrap_or_default();
         let Some(entry) = self.vms.get_mut(id) else {
             return;
         };
+        let released = self
+            .bridges
+            .of_spec_mut(&entry.record.spec)
+            .map(|b| b.ipam.release(id))
+            .unwrap_or_default();
         let removal = Removal {
             net: net.filter(|_| !released.is_empty()),
             id: id.to_owned(),
@@ -417,16 +443,13 @@ impl Engine {
             .filter(|(_, e)| e.runtime.is_some())
             .map(|(id, _)| id.clone())
             .collect();
-        let nets: Vec<(Arc<kiln_net::Network>, usize)> = self
-            .bridges
-            .all()
-            .map(|b| (b.net.clone(), b.ipam.leases().count()))
-            .collect();
-        for (net, leases) in nets {
+        let leases: usize = self.bridges.all().map(|b| b.ipam.leases().count()).sum();
+        // TAP listings and the nft table are per namespace, not per bridge.
+        for net in self.bridges.one_per_namespace() {
             self.remove_unrecorded_taps(&net).await;
             match net.reconcile(&live).await {
                 Ok(c) => info!(
-                    bridge = %net.config().bridge,
+                    netns = ?net.config().netns,
                     removed_taps = ?c.taps,
                     removed_forwards = c.forwards.len(),
                     leases,

@@ -108,13 +108,12 @@ impl Engine {
         };
         let config = net.config();
         let guest = proto::ConfigureNetworkRequest {
-            interfaces: vec![proto::NetworkInterface {
-                mac: nic.mac.to_string(),
-                previous_mac: None,
-                address: Some(lease.address.to_string()),
-                prefix_length: Some(config.subnet.prefix_len()),
-                mtu: config.mtu,
-            }],
+            interfaces: vec![super::network::guest_interface(
+                &nic,
+                false,
+                Some(config.subnet.prefix_len()),
+                config.mtu,
+            )],
             // The boot NIC keeps the default route and DNS.
             gateway: None,
             dns: None,
@@ -289,10 +288,10 @@ impl Engine {
 
     /// Release the addresses of NICs `indices` of VM `id`.
     fn release_nics(&mut self, id: &str, indices: &[u8]) {
-        let Some(spec) = self.vms.get(id).map(|e| e.record.spec.clone()) else {
+        let Some(entry) = self.vms.get(id) else {
             return;
         };
-        if let Some(bridge) = self.bridges.of_spec_mut(&spec) {
+        if let Some(bridge) = self.bridges.of_spec_mut(&entry.record.spec) {
             for index in indices {
                 bridge.ipam.release_nic(id, *index);
             }
@@ -422,14 +421,10 @@ async fn configure_when_present(
 ) -> Result<(), EngineError> {
     let deadline = tokio::time::Instant::now() + HOTPLUG_TIMEOUT;
     loop {
-        let result: Result<serde_json::Value, AgentError> = agent
-            .call(
-                proto::method::CONFIGURE_NETWORK,
-                request,
-                Duration::from_secs(15),
-            )
-            .await;
-        match result {
+        match agent
+            .configure_network(request, Duration::from_secs(15))
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(AgentError::Call { name, .. })
                 if name == proto::error::NO_SUCH_INTERFACE
