@@ -2,14 +2,19 @@
 # `make packages`: the deb (cargo-deb), the rpm (cargo-generate-rpm) and the
 # sysext image (sysext/build.sh) into $CARGO_TARGET_DIR/packages/.
 # Expects a release kilnd and the guest image (`make build guest`).
+#
+# What each package holds comes from packaging/manifest.toml alone
+# (packaging/manifest.py): the deb takes the tree staged here, the rpm a
+# generated asset list, the sysext its own tree; all three are checked
+# against the manifest at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 target="${CARGO_TARGET_DIR:-$repo/target}"
 guest="${KILN_GUEST_DIR:-$target/guest}"
 out="$target/packages"
-# cargo-deb and cargo-generate-rpm read assets at fixed paths relative to
-# the repository (daemon/Cargo.toml): stage what is built elsewhere there.
+# cargo-deb reads its assets at a fixed path relative to the repository
+# (daemon/Cargo.toml): stage what is built elsewhere there.
 stage="$repo/target/packaging-stage"
 
 for f in "$target/release/kilnd" "$guest/vmlinuz" "$guest/initramfs" "$guest/image-info.json"; do
@@ -18,6 +23,7 @@ done
 version=$(cargo metadata --no-deps --format-version 1 --offline \
     | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="kilnd"))')
 
+# The build outputs the manifest calls `staged`.
 rm -rf "$stage" "$out"
 mkdir -p "$stage/guest" "$out"
 cp "$guest/vmlinuz" "$guest/initramfs" "$guest/image-info.json" "$stage/guest/"
@@ -26,12 +32,16 @@ strip --strip-unneeded "$stage/kilnd"
 gzip -9n < packaging/kilnd.8 > "$stage/kilnd.8.gz"
 
 echo "packages: deb" >&2
+python3 packaging/manifest.py tree deb "$stage" "$stage/deb"
 cargo deb -p kilnd --no-build --quiet --output "$out/kiln_${version}-1_amd64.deb"
 
 echo "packages: rpm" >&2
-cargo generate-rpm -p daemon --output "$out/kiln-${version}-1.x86_64.rpm"
+python3 packaging/manifest.py rpm-assets "$stage" > "$stage/rpm-assets.toml"
+cargo generate-rpm -p daemon --metadata-overwrite "$stage/rpm-assets.toml" \
+    --output "$out/kiln-${version}-1.x86_64.rpm"
 
 echo "packages: sysext" >&2
 ./sysext/build.sh "$stage" "$out/kiln.raw" "$version"
 
+python3 packaging/manifest.py check "$out"
 ls -l "$out" >&2

@@ -27,7 +27,9 @@ install_cargo_tools() {
     for tool in "${CARGO_TOOLS[@]}"; do
         if ! command -v "${tool%@*}" >/dev/null; then
             echo "setup-host: cargo install --locked $tool" >&2
-            cargo install --locked --quiet "${tool%@*}" --version "${tool#*@}"
+            # Its own temporary target dir: a CARGO_TARGET_DIR shared with
+            # the workspace (the Makefile exports one) races with builds.
+            env -u CARGO_TARGET_DIR cargo install --locked --quiet "${tool%@*}" --version "${tool#*@}"
         fi
     done
 }

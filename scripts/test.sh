@@ -31,6 +31,9 @@ fi
 echo "== guest agent against real QEMU: exec, reconnects, snapshot + clone, reboot, shutdown"
 python3 guest/tests/boot-smoke.py "$KILN_GUEST_DIR"
 
+echo "== networking without kilnd: knet's TAPs and forwards, the agent's ConfigureNetwork, clone MACs (root)"
+python3 guest/tests/net-smoke.py "$KILN_GUEST_DIR"
+
 echo "== GPU guest image: virtio-gpu seen by the guest (virgl where a render node exists)"
 python3 guest/tests/gpu-smoke.py "$KILN_GUEST_DIR/gpu"
 

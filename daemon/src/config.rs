@@ -25,8 +25,10 @@ pub struct DaemonConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DaemonKeys {
-    /// Stop every VM when kilnd exits. Off by default: VMs outlive the
-    /// daemon and are re-adopted when it comes back.
+    /// Stop every VM when kilnd is asked to exit (SIGTERM, SIGINT). Off by
+    /// default: VMs outlive the daemon and are re-adopted when it comes
+    /// back. kilnd exiting on a failure always keeps them, for the restart
+    /// to re-adopt.
     pub stop_vms_on_exit: bool,
     /// Log filter (`RUST_LOG` syntax) when `RUST_LOG` is not set.
     pub log_level: String,

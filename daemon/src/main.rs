@@ -10,11 +10,13 @@ mod machined;
 mod notify;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use kiln_engine::Engine;
-use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
 use crate::config::DaemonConfig;
 
@@ -72,7 +74,19 @@ fn init_logging(default_filter: &str) {
         .init();
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line: what the journal and
+            // `systemctl status` show.
+            eprintln!("kilnd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main() -> anyhow::Result<()> {
     let Some(args) = parse_args()? else {
         return Ok(());
     };
@@ -86,27 +100,103 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(config))
 }
 
+/// The long-running parts besides the engine that `supervise` watches.
+/// Dropping them disconnects D-Bus and ends the tasks.
+#[derive(Default)]
+struct Parts {
+    dbus: Option<kiln_dbus::Service>,
+    /// `STATUS=` and `WATCHDOG=1` (only under a service manager).
+    notifier: Option<AbortOnDrop>,
+    /// machined registration (only on a system booted with systemd).
+    machined: Option<AbortOnDrop>,
+}
+
 async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let (engine, mut engine_task) = Engine::start(config.engine.clone())
+    let (engine, engine_task) = Engine::start(config.engine.clone())
         .await
         .map_err(|e| anyhow::anyhow!(e.message()))
         .context("cannot start the engine")?;
+    // `None` once it has ended (a JoinHandle must not be awaited twice).
+    let mut engine_task = Some(AbortOnDrop(engine_task));
+
+    // From here on the engine runs: every way out, an API that fails to
+    // start included, goes through the orderly shutdown below.
+    let mut parts = Parts::default();
+    // A signal also ends a start that hangs (a bus that never answers).
+    let started = tokio::select! {
+        started = start(&config, &engine, &mut parts) => started.map(|()| true),
+        _ = sigterm.recv() => Ok(false),
+        _ = sigint.recv() => Ok(false),
+    };
+    let outcome = match started {
+        Ok(true) => {
+            // State is reconciled and both APIs serve: tell systemd.
+            notify::ready(&engine).await;
+            parts.notifier = notify::spawn(engine.clone()).map(AbortOnDrop);
+            supervise(&mut engine_task, &mut parts, &mut sigterm, &mut sigint).await
+        }
+        Ok(false) => {
+            info!("stop requested during start-up");
+            Ok(())
+        }
+        // No READY=1: systemd sees a start that failed.
+        Err(e) => Err(e),
+    };
+
+    let status = match &outcome {
+        Ok(()) => "stopping".to_owned(),
+        // A newline would end the STATUS= assignment.
+        Err(e) => format!("stopping: {e:#}").replace('\n', " "),
+    };
+    notify::stopping(&status);
+    drop(parts);
+    if engine_task.is_some() {
+        // A failure keeps the VMs whatever `stop_vms_on_exit` says: the
+        // restart that follows re-adopts them.
+        let stop_vms = outcome.is_ok() && config.daemon.stop_vms_on_exit;
+        if let Err(e) = engine.shutdown(stop_vms).await {
+            warn!(error = %e.message(), "engine shutdown failed");
+        }
+        let _ = ended(&mut engine_task).await;
+    }
+    info!("kilnd stopped");
+    outcome
+}
+
+/// Serve varlink and D-Bus and follow the engine for machined. An error
+/// names the part that could not start.
+async fn start(
+    config: &DaemonConfig,
+    engine: &kiln_engine::EngineHandle,
+    parts: &mut Parts,
+) -> anyhow::Result<()> {
     let endpoint = kiln_varlink::Endpoint::from_env_or(&config.daemon.varlink_socket);
     let authorizer = kiln_varlink::Authorizer::new(&config.daemon.manage_group);
     kiln_varlink::spawn(endpoint, engine.clone(), authorizer).context("cannot serve varlink")?;
-    let mut dbus = start_dbus(&config, &engine).await?;
+    parts.dbus = start_dbus(config, engine).await?;
     let status = engine
         .status()
         .await
-        .map_err(|e| anyhow::anyhow!(e.message()))?;
+        .map_err(|e| anyhow::anyhow!(e.message()))
+        .context("the engine does not answer")?;
     info!(version = %status.version, accel = %status.accel, vms = status.vms, varlink = %config.daemon.varlink_socket.display(), "kilnd running");
-    let _machined = machined::spawn(engine.clone()).map(AbortOnDrop);
-    // State is reconciled and both APIs serve: tell systemd.
-    notify::ready(&engine).await;
-    let _notifier = notify::spawn(engine.clone()).map(AbortOnDrop);
+    parts.machined = machined::spawn(engine.clone()).map(AbortOnDrop);
+    Ok(())
+}
 
+/// Wait until a signal asks kilnd to stop (`Ok`) or a long-running part
+/// ends or fails (`Err` naming it). Not watched, for want of a handle: the
+/// varlink server (a thread `kiln_varlink::spawn` does not hand back) and
+/// the bus connection itself (`Service::finished` follows the engine only).
+async fn supervise(
+    engine_task: &mut Option<AbortOnDrop>,
+    parts: &mut Parts,
+    sigterm: &mut Signal,
+    sigint: &mut Signal,
+) -> anyhow::Result<()> {
+    let dbus = &mut parts.dbus;
     let dbus_stopped = async {
         match dbus.as_mut() {
             Some(d) => d.finished().await,
@@ -114,26 +204,44 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         }
     };
     tokio::select! {
+        // The engine first: when it ends, the parts that follow it end too,
+        // and the error should name the cause.
+        biased;
+        r = ended(engine_task) => return Err(part_ended("the engine", r)),
         _ = sigterm.recv() => info!("SIGTERM received"),
         _ = sigint.recv() => info!("SIGINT received"),
-        _ = &mut engine_task => anyhow::bail!("engine stopped unexpectedly"),
-        _ = dbus_stopped => anyhow::bail!("D-Bus adapter stopped unexpectedly"),
+        _ = dbus_stopped => anyhow::bail!("the D-Bus adapter stopped unexpectedly"),
+        r = ended(&mut parts.notifier) => return Err(part_ended("the service notifier", r)),
+        r = ended(&mut parts.machined) => return Err(part_ended("machined registration", r)),
     }
-    notify::stopping();
-    drop(dbus);
-    engine.shutdown(config.daemon.stop_vms_on_exit).await.ok();
-    let _ = engine_task.await;
-    info!("kilnd stopped");
     Ok(())
 }
 
+fn part_ended(part: &str, result: Result<(), tokio::task::JoinError>) -> anyhow::Error {
+    match result {
+        Ok(()) => anyhow::anyhow!("{part} stopped unexpectedly"),
+        Err(e) => anyhow::Error::new(e).context(format!("{part} failed")),
+    }
+}
+
 /// A background task that ends with the scope that owns it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop(JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Resolves when the task ends and leaves `None` behind; never resolves
+/// when there is no task.
+async fn ended(task: &mut Option<AbortOnDrop>) -> Result<(), tokio::task::JoinError> {
+    let Some(t) = task.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = (&mut t.0).await;
+    *task = None;
+    result
 }
 
 /// Serve D-Bus per the `dbus` key. No system bus is a warning (development
@@ -150,7 +258,7 @@ async fn start_dbus(
     match kiln_dbus::serve(bus.clone(), engine.clone(), auth).await {
         Ok(service) => Ok(Some(service)),
         Err(e) if bus == kiln_dbus::Bus::System => {
-            tracing::warn!(
+            warn!(
                 error = format!("{:#}", anyhow::Error::from(e)),
                 "dbus: continuing without D-Bus"
             );

@@ -109,10 +109,11 @@ pub async fn ready(engine: &EngineHandle) {
     send(&[NotifyState::Ready, NotifyState::Status(&line)]);
 }
 
-/// `STOPPING=1`: shutdown has begun.
-pub fn stopping() {
+/// `STOPPING=1`: shutdown has begun, with `status` (why) as `STATUS=`.
+/// Also sent when kilnd gives up before `READY=1`.
+pub fn stopping(status: &str) {
     if under_service_manager() {
-        send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+        send(&[NotifyState::Stopping, NotifyState::Status(status)]);
     }
 }
 

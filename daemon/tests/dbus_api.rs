@@ -11,6 +11,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kiln_testkit::{
+    api_doc_script, command_as, run_bash, varlinkctl_call, wait_until, Kilnd, PrivateBus,
+};
 use serde_json::{json, Value};
 
 const NAME: &str = "io.kiln.Kiln1";
@@ -19,57 +22,22 @@ const MANAGER_IF: &str = "io.kiln.Kiln1.Manager";
 const VM_IF: &str = "io.kiln.Kiln1.VM";
 const POOL_IF: &str = "io.kiln.Kiln1.Pool";
 
-mod common;
-
-const BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path=@DIR@/bus.sock</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-  </policy>
-</busconfig>
-"#;
-
 /// A private dbus-daemon and a kilnd on it, in a temp dir; everything
-/// (kilnd, its QEMUs, the bus) is SIGKILLed on drop.
+/// (kilnd, its QEMUs, then the bus) is SIGKILLed on drop.
 struct Kiln {
-    kilnd: common::Kilnd,
-    bus: Child,
+    kilnd: Kilnd,
+    bus: PrivateBus,
     address: String,
 }
 
 impl Kiln {
     fn start(polkit: bool) -> Self {
-        let kilnd = common::Kilnd::new("");
-        let dir = kilnd.dir.path();
-        let conf = dir.join("bus.conf");
-        std::fs::write(&conf, BUS_CONF.replace("@DIR@", &dir.display().to_string())).unwrap();
-        let mut bus = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf.display()))
-            .args(["--nofork", "--print-address"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(bus.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let address = line.trim().to_owned();
-        assert!(address.starts_with("unix:"), "dbus-daemon said {line:?}");
+        let kilnd = Kilnd::new("");
+        let bus = PrivateBus::start(kilnd.dir.path());
+        let address = bus.address().to_owned();
         kilnd.append_config(&format!("dbus = \"{address}\"\npolkit = {polkit}\n"));
         // Two render nodes (a tree made with mknod), for the GPU objects.
-        let gpu_root = dir.join("gpu-tree");
-        common::fake_gpu_tree(&gpu_root);
-        kilnd.append_config(&format!(
-            "gpu_sysfs_root = \"{0}/sys\"\ngpu_dev_root = \"{0}/dev\"\n",
-            gpu_root.display()
-        ));
+        kilnd.add_fake_gpus();
         let mut kiln = Self {
             kilnd,
             bus,
@@ -80,7 +48,7 @@ impl Kiln {
     }
 
     fn spawn_kilnd(&mut self) {
-        let address = self.address.clone();
+        let address = self.bus.address().to_owned();
         self.kilnd.spawn(|_| manager_answers(&address));
     }
 
@@ -89,7 +57,7 @@ impl Kiln {
     }
 
     fn busctl_as(&self, uid: Option<u32>, args: &[&str]) -> Output {
-        let mut command = common::command_as(uid, "busctl");
+        let mut command = command_as(uid, "busctl");
         // `--` so arguments like `-c` are not taken for busctl options.
         command
             .arg(format!("--address={}", self.address))
@@ -190,20 +158,19 @@ impl Kiln {
     /// (a pool's VMs being destroyed) a walk can fail on a path that
     /// vanished between listing and introspecting it; that is retried.
     fn wait_tree(&self, what: &str, want: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        wait_until(Duration::from_secs(30), what, || {
             let out = Command::new("busctl")
                 .arg(format!("--address={}", self.address))
                 .args(["tree", "--list", NAME])
                 .output()
                 .unwrap();
-            let tree = String::from_utf8_lossy(&out.stdout);
+            let tree = String::from_utf8_lossy(&out.stdout).into_owned();
             if out.status.success() && want(&tree) {
-                return;
+                Ok(())
+            } else {
+                Err(tree)
             }
-            assert!(Instant::now() < deadline, "{what}: {tree}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        });
     }
 
     fn introspect_xml(&self, path: &str) -> String {
@@ -211,22 +178,13 @@ impl Kiln {
     }
 
     fn varlinkctl(&self, method: &str, params: Value) -> Value {
-        let out = Command::new("varlinkctl")
-            .args([
-                "call",
-                "--json=short",
-                &format!("unix:{}/varlink", self.kilnd.dir.path().display()),
-                &format!("io.kiln.Manager.{method}"),
-                &params.to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{method}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+        varlinkctl_call(
+            None,
+            &self.kilnd.varlink_address(),
+            &format!("io.kiln.Manager.{method}"),
+            &params.to_string(),
+        )
+        .unwrap_or_else(|e| panic!("{method}: {e:?}"))
     }
 
     /// `busctl monitor` of everything to and from kilnd, ready once it
@@ -263,14 +221,6 @@ impl Kiln {
             }
             assert!(Instant::now() < deadline, "busctl monitor never saw a call");
         }
-    }
-}
-
-impl Drop for Kiln {
-    fn drop(&mut self) {
-        // kilnd and its QEMUs go with the `kilnd` field; the bus here.
-        let _ = self.bus.kill();
-        let _ = self.bus.wait();
     }
 }
 
@@ -361,7 +311,7 @@ fn dbus_lifecycle_over_busctl() {
         VM_IF,
         "Exec",
         &[
-            "asassu",
+            "asassuu",
             "3",
             "sh",
             "-c",
@@ -369,16 +319,48 @@ fn dbus_lifecycle_over_busctl() {
             "0",
             "",
             "0",
+            "0",
         ],
     );
-    assert_eq!(exec, json!([3, "hi\n", "err\n"]));
+    assert_eq!(exec, json!([3, "hi\n", "err\n", 0, false, false, false]));
     let exec = k.call(
         &path,
         VM_IF,
         "Exec",
-        &["asassu", "1", "cat", "0", "fed", "10"],
+        &["asassuu", "1", "cat", "0", "fed", "10", "0"],
     );
-    assert_eq!(exec, json!([0, "fed", ""]));
+    assert_eq!(exec, json!([0, "fed", "", 0, false, false, false]));
+    // What varlink's ExecVM tells, D-Bus tells: output cut at
+    // max_output_bytes, the signal that ended the command, the timeout.
+    let exec = k.call(
+        &path,
+        VM_IF,
+        "Exec",
+        &[
+            "asassuu",
+            "3",
+            "sh",
+            "-c",
+            "echo 0123456789abcdefghij; sleep 30",
+            "0",
+            "",
+            "1",
+            "16",
+        ],
+    );
+    assert_eq!(
+        exec,
+        json!([137, "0123456789abcdef", "", 9, true, false, true])
+    );
+    // D-Bus strings cannot hold NUL: a guest printing one gets U+FFFD, not
+    // a message the bus refuses.
+    let exec = k.call(
+        &path,
+        VM_IF,
+        "Exec",
+        &["asassuu", "2", "printf", "a\\0b", "0", "", "0", "0"],
+    );
+    assert_eq!(exec[1], "a\u{fffd}b");
 
     k.call(&path, VM_IF, "Pause", &[]);
     assert_eq!(k.state(&path), "paused");
@@ -388,7 +370,7 @@ fn dbus_lifecycle_over_busctl() {
         &path,
         VM_IF,
         "Exec",
-        &["asassu", "1", "true", "0", "", "0"],
+        &["asassuu", "1", "true", "0", "", "0", "0"],
     );
     assert_eq!(monitor.error_name(), "io.kiln.Kiln1.Error.InvalidState");
     k.call(&path, VM_IF, "Resume", &[]);
@@ -739,13 +721,13 @@ fn dbus_polkit_decides_for_the_caller() {
 #[test]
 fn dbus_api_doc_examples_run() {
     let kiln = Kiln::start(false);
-    let script = common::api_doc_script("## D-Bus");
+    let script = api_doc_script("## D-Bus");
     assert!(script.contains("busctl --system"));
     let script = script.replace(
         "busctl --system",
         &format!("busctl --address={}", kiln.address),
     );
-    let stdout = common::run_bash(&script, &kiln.log());
+    let stdout = run_bash(&script, &kiln.log());
     assert!(
         stdout.contains("s \"ready\""),
         "State property example output: {stdout}"
@@ -830,7 +812,7 @@ fn dbus_pools_acquire_and_release() {
         &vm,
         VM_IF,
         "Exec",
-        &["asassu", "1", "hostname", "0", "", "30"],
+        &["asassuu", "1", "hostname", "0", "", "30", "0"],
     );
     assert_eq!(out[0], 0);
     // varlink sees the same lease.
@@ -854,4 +836,75 @@ fn dbus_pools_acquire_and_release() {
     k.wait_tree("pool object gone", |t| {
         !t.contains("/io/kiln/Kiln1/pool/bus")
     });
+}
+
+/// Issue 13's bug: a leased VM that was paused and resumed, or rebooted,
+/// showed `ready` while it still held its lease. On both transports it is
+/// `leased` after each of them, and no other Acquire ever gets it.
+#[test]
+fn leased_vms_stay_leased_through_pause_resume_and_reboot() {
+    let k = Kiln::start(false);
+    k.varlinkctl(
+        "CreatePool",
+        json!({ "name": "held", "spec": {
+            "mode": "template", "warm": 1, "max": 3, "vm": { "memoryMiB": 128 } } }),
+    );
+    let acquire_varlink =
+        || k.varlinkctl("Acquire", json!({ "pool": "held", "timeoutMs": 240000 }))["vm"].clone();
+
+    // Over varlink: each reply and DescribeVM say `leased`.
+    let a = acquire_varlink();
+    let a_id = a["id"].as_str().unwrap().to_owned();
+    assert_eq!(a["state"], "leased");
+    let id = json!({ "id": a_id });
+    assert_eq!(k.varlinkctl("PauseVM", id.clone())["vm"]["state"], "paused");
+    assert_eq!(
+        k.varlinkctl("ResumeVM", id.clone())["vm"]["state"],
+        "leased"
+    );
+    assert_eq!(
+        k.varlinkctl("RebootVM", id.clone())["vm"]["state"],
+        "leased"
+    );
+    let described = k.varlinkctl("DescribeVM", id.clone())["vm"].clone();
+    assert_eq!(described["state"], "leased");
+    assert_eq!(described["leasedBy"], a["leasedBy"]);
+
+    // Over D-Bus: the State property says `leased` after each call.
+    let b = k.call(
+        MANAGER,
+        MANAGER_IF,
+        "Acquire",
+        &["sa{sv}", "held", "1", "timeoutMs", "t", "240000"],
+    )[0]
+    .as_str()
+    .unwrap()
+    .to_owned();
+    assert_eq!(k.state(&b), "leased");
+    k.call(&b, VM_IF, "Pause", &[]);
+    assert_eq!(k.state(&b), "paused");
+    k.call(&b, VM_IF, "Resume", &[]);
+    assert_eq!(k.state(&b), "leased");
+    k.call(&b, VM_IF, "Reboot", &[]);
+    assert_eq!(k.state(&b), "leased");
+
+    // The third Acquire gets a third VM, and with max reached the pool is
+    // exhausted: neither leased VM was handed out again.
+    let b_id = b.rsplit('/').next().unwrap().to_owned();
+    let c = acquire_varlink();
+    let c_id = c["id"].as_str().unwrap();
+    assert!(
+        c_id != a_id && c_id != b_id,
+        "a held VM was handed out again"
+    );
+    let refused = varlinkctl_call(
+        None,
+        &k.kilnd.varlink_address(),
+        "io.kiln.Manager.Acquire",
+        &json!({ "pool": "held", "timeoutMs": 1000 }).to_string(),
+    );
+    let error = format!("{refused:?}");
+    assert!(error.contains("PoolExhausted"), "{error}");
+    let pool = k.varlinkctl("DescribePool", json!({ "name": "held" }))["pool"].clone();
+    assert_eq!(pool["leased"], 3, "{pool}");
 }

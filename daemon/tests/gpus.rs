@@ -4,20 +4,14 @@
 //! sees a DRM device. A real render node is used when the host has one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::time::Duration;
+
+use kiln_testkit::{wait_until, Daemon};
 use serde_json::{json, Value};
-
-mod common;
-
-use common::varlink::Daemon;
 
 fn gpu_daemon() -> Daemon {
     let mut d = Daemon::new("");
-    let root = d.kilnd.dir.path().join("gpu-tree");
-    common::fake_gpu_tree(&root);
-    d.kilnd.append_config(&format!(
-        "gpu_sysfs_root = \"{0}/sys\"\ngpu_dev_root = \"{0}/dev\"\n",
-        root.display()
-    ));
+    d.kilnd.add_fake_gpus();
     d.spawn();
     d
 }
@@ -80,18 +74,17 @@ fn inventory_and_leases_never_leave_a_vm_half_started() {
         err.ends_with("BootFailed") || err.ends_with("LaunchFailed"),
         "{err}"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
+    wait_until(Duration::from_secs(30), "the lease given back", || {
         let list = gpus(&d);
         if list
             .iter()
             .all(|g| g["vmIds"].as_array().unwrap().is_empty())
         {
-            break;
+            Ok(())
+        } else {
+            Err(format!("lease kept: {list:?}"))
         }
-        assert!(std::time::Instant::now() < deadline, "lease kept: {list:?}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    });
     let leases = std::fs::read_to_string(d.kilnd.dir.path().join("state/gpu-leases.json")).unwrap();
     assert!(!leases.contains("renderD128"), "{leases}");
 }

@@ -6,37 +6,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kiln_testkit::{pid_alive, try_wait_until, varlinkctl_ok, wait_until, Daemon, Netns};
 use serde_json::{json, Value};
-
-mod common;
-
-use common::varlink::{varlinkctl_ok, Daemon};
 
 const GATEWAY: &str = "10.77.0.1";
 
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Self {
-        let name = format!("kiln-t-{}", std::process::id() ^ rand_suffix());
-        run(&["ip", "netns", "add", &name]);
-        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        Self(name)
-    }
-
-    /// `argv` run inside the namespace.
-    fn command(&self, argv: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(argv);
-        c
-    }
-
+/// What these tests ask of a namespace besides the kit's.
+trait NetnsExt {
     /// The helpers of guest/tests/net-smoke.py (raw-socket ping, TCP echo),
     /// run in the namespace; their JSON line.
+    fn helper(&self, args: &[&str]) -> Value;
+    /// kilnd's nftables table in the namespace.
+    fn nft(&self) -> String;
+}
+
+impl NetnsExt for Netns {
     fn helper(&self, args: &[&str]) -> Value {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest/tests/net-smoke.py");
         let out = self
@@ -47,11 +33,6 @@ impl Netns {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
-    fn links(&self) -> String {
-        let out = self.command(&["ip", "-br", "link"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     fn nft(&self) -> String {
         let out = self
             .command(&["nft", "list", "table", "inet", "kiln"])
@@ -59,24 +40,6 @@ impl Netns {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn rand_suffix() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-}
-
-fn run(argv: &[&str]) {
-    let status = Command::new(argv[0]).args(&argv[1..]).status().unwrap();
-    assert!(status.success(), "{argv:?}");
 }
 
 const NETWORK: &str = "[network]\nbridge = \"kb0\"\nsubnet = \"10.77.0.0/24\"\n";
@@ -102,15 +65,18 @@ fn nic(vm: &Value) -> Value {
 }
 
 fn echo_until_up(ns: &Netns, host: &str, port: &str, message: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = ns.helper(&["--echo", host, port, message]);
-        if r["reply"] == message {
-            return;
-        }
-        assert!(Instant::now() < deadline, "TCP echo {host}:{port}: {r}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        &format!("TCP echo {host}:{port}"),
+        || {
+            let r = ns.helper(&["--echo", host, port, message]);
+            if r["reply"] == message {
+                Ok(())
+            } else {
+                Err(r)
+            }
+        },
+    );
 }
 
 fn start_echo_server(d: &Daemon, id: &Value) {
@@ -195,11 +161,14 @@ fn bridge_vm_ping_echo_forward_and_cleanup() {
 
     // Deleting the VM removes its TAP and its forward; its address is free.
     d.ok("DeleteVM", json!({"id": id}));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ns.links().contains(&tap) || ns.nft().contains("8080") {
-        assert!(Instant::now() < deadline, "{}\n{}", ns.links(), ns.nft());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(Duration::from_secs(10), "the TAP and forward gone", || {
+        let (links, nft) = (ns.links(), ns.nft());
+        if links.contains(&tap) || nft.contains("8080") {
+            Err(format!("{links}\n{nft}"))
+        } else {
+            Ok(())
+        }
+    });
     let again = d.ok(
         "CreateVM",
         json!({"name": "again", "spec": {"memoryMiB": 128,
@@ -242,7 +211,9 @@ fn kill9_reconcile_reclaims_the_orphan_tap_and_keeps_live_ones() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let tap_b = nic(b)["tap"].as_str().unwrap().to_owned();
     let tap_a = nic(a)["tap"].as_str().unwrap().to_owned();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(10), "b's QEMU gone", || {
+        !pid_alive(pid as u32)
+    });
     assert!(ns.links().contains(&tap_b), "persistent TAP outlives QEMU");
 
     spawn_in(&mut d, &ns);
@@ -328,15 +299,15 @@ fn template_clones_get_their_own_mac_and_address_and_are_reachable() {
         ),
         "io.kiln.Manager.InvalidSpec"
     );
-    let deadline = Instant::now() + Duration::from_secs(400);
-    loop {
+    try_wait_until(Duration::from_secs(400), || {
         let pool = d.ok("DescribePool", json!({"name": "net"}))["pool"].clone();
         if pool["hot"] == 2 {
-            break;
+            Ok(())
+        } else {
+            Err(pool)
         }
-        assert!(Instant::now() < deadline, "{pool}\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    })
+    .unwrap_or_else(|t| panic!("pool net never got 2 hot VMs: {t}\n{}", d.log()));
     let vms = d.ok("ListVMs", json!({}))["vms"]
         .as_array()
         .unwrap()
@@ -525,11 +496,14 @@ fn a_hot_plugged_nic_is_configured_reachable_and_gone_after_detach() {
     let network = stopped["network"].as_array().unwrap().clone();
     assert_eq!(network.len(), 1, "{stopped}");
     assert_eq!(network[0]["address"], boot_address.as_str());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ns.links().contains(&third_tap) || ns.links().contains(&tap) {
-        assert!(Instant::now() < deadline, "{}", ns.links());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(Duration::from_secs(10), "the hot-plugged TAPs gone", || {
+        let links = ns.links();
+        if links.contains(&third_tap) || links.contains(&tap) {
+            Err(links)
+        } else {
+            Ok(())
+        }
+    });
 }
 
 /// The guest's default gateway from `/proc/net/route` (hex, host order).
@@ -557,8 +531,8 @@ fn a_netns_vm_gets_its_tap_in_the_callers_namespace() {
     for network in [
         json!({"mode": "netns"}),
         json!({"mode": "netns", "netns": "../etc"}),
-        json!({"mode": "netns", "netns": pod.0, "address": "10.99.0.2"}),
-        json!({"mode": "netns", "netns": pod.0, "forwards": [{"hostPort": 80, "vmPort": 80}]}),
+        json!({"mode": "netns", "netns": pod.name(), "address": "10.99.0.2"}),
+        json!({"mode": "netns", "netns": pod.name(), "forwards": [{"hostPort": 80, "vmPort": 80}]}),
     ] {
         assert_eq!(
             bad("bad", network.clone()),
@@ -586,13 +560,13 @@ fn a_netns_vm_gets_its_tap_in_the_callers_namespace() {
     let vm = d.ok(
         "CreateVM",
         json!({"name": "pod", "spec": {"memoryMiB": 128, "network": {"mode": "netns",
-            "netns": pod.0, "address": "10.99.0.2", "prefixLength": 24,
+            "netns": pod.name(), "address": "10.99.0.2", "prefixLength": 24,
             "gateway": "10.99.0.1"}}}),
     )["vm"]
         .clone();
     let id = vm["id"].clone();
     let n = nic(&vm);
-    assert_eq!(n["netns"], pod.0.as_str(), "{vm}");
+    assert_eq!(n["netns"], pod.name(), "{vm}");
     assert_eq!(n["address"], "10.99.0.2");
     let tap = n["tap"].as_str().unwrap().to_owned();
     let vm = d.ok("StartVM", json!({"id": id}))["vm"].clone();
@@ -623,7 +597,9 @@ fn a_netns_vm_gets_its_tap_in_the_callers_namespace() {
     let pid = vm["pid"].as_i64().unwrap() as i32;
     // SAFETY: kill(2) with a pid and a signal number.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(Duration::from_secs(10), "the VM's QEMU gone", || {
+        !pid_alive(pid as u32)
+    });
     assert!(pod.links().contains(&tap), "persistent TAP outlives QEMU");
     spawn_in(&mut d, &ns);
     assert!(
@@ -636,11 +612,14 @@ fn a_netns_vm_gets_its_tap_in_the_callers_namespace() {
     d.ok("StartVM", json!({"id": id}));
     assert!(pod.links().contains(&tap), "{}", pod.links());
     d.ok("KillVM", json!({"id": id}));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while pod.links().contains(&tap) {
-        assert!(Instant::now() < deadline, "{}", pod.links());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(Duration::from_secs(10), "the TAP gone from the pod", || {
+        let links = pod.links();
+        if links.contains(&tap) {
+            Err(links)
+        } else {
+            Ok(())
+        }
+    });
     d.ok("DeleteVM", json!({"id": id}));
 }
 

@@ -7,11 +7,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use kiln_testkit::{api_doc_script, run_bash, varlinkctl_ok, Daemon, Kilnd};
 use serde_json::{json, Value};
-
-mod common;
-
-use common::varlink::{varlinkctl_ok, Daemon};
 
 #[test]
 fn lifecycle_over_varlinkctl() {
@@ -239,16 +236,9 @@ fn introspection_serves_the_committed_idl() {
         )
         .unwrap();
     assert_eq!(live["description"].as_str(), Some(committed.as_str()));
-    // varlinkctl parses it: the IDL is valid varlink.
-    let out = Command::new("varlinkctl")
-        .args(["introspect", &d.address(), "io.kiln.Manager"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // That it is valid varlink is checked by systemd's validator in
+    // schema.rs (`varlinkctl introspect` exits 0 even on an IDL it cannot
+    // parse: it prints the text as it came).
     // Every method the IDL declares is served (none is MethodNotFound).
     for line in committed.lines().filter_map(|l| l.strip_prefix("method ")) {
         let name = line.split('(').next().unwrap().trim();
@@ -270,7 +260,7 @@ fn introspection_serves_the_committed_idl() {
 #[test]
 fn api_doc_examples_run() {
     let d = Daemon::start();
-    let script = common::api_doc_script("## varlink examples");
+    let script = api_doc_script("## varlink examples");
     assert!(
         script.contains("SOCK=unix:/run/kiln/io.kiln.Manager"),
         "doc names the default socket"
@@ -279,7 +269,7 @@ fn api_doc_examples_run() {
         "SOCK=unix:/run/kiln/io.kiln.Manager",
         &format!("SOCK={}", d.address()),
     );
-    let stdout = common::run_bash(&script, &d.log());
+    let stdout = run_bash(&script, &d.log());
     assert!(
         stdout.contains("demo ready"),
         "ListVMs example output: {stdout}"
@@ -320,7 +310,7 @@ fn sigterm_leaves_vms_running() {
 /// given (`FileDescriptorName=varlink`), not one of its own.
 #[test]
 fn serves_the_socket_systemd_passes() {
-    let mut kilnd = common::Kilnd::new("dbus = \"none\"\n");
+    let mut kilnd = Kilnd::new("dbus = \"none\"\n");
     let activated = kilnd.dir.path().join("activated.sock");
     let mut command = Command::new("systemd-socket-activate");
     command

@@ -8,6 +8,8 @@ use zbus::names::BusName;
 use zbus::Connection;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
+use kiln_engine::error::ErrorName;
+
 use crate::error::KilnError;
 
 /// polkit action for everything that changes state.
@@ -30,6 +32,11 @@ pub async fn caller(conn: &Connection, header: &Header<'_>) -> String {
         Some(uid) => format!("uid:{uid} dbus:{sender}"),
         None => format!("dbus:{sender}"),
     }
+}
+
+/// A refusal, named `PermissionDenied`.
+fn denied(message: impl Into<String>) -> KilnError {
+    KilnError::new(ErrorName::PermissionDenied, message)
 }
 
 /// Authorization policy for D-Bus callers.
@@ -67,11 +74,11 @@ impl Authorizer {
     ) -> Result<(), KilnError> {
         let sender = header
             .sender()
-            .ok_or_else(|| KilnError::PermissionDenied("the call has no sender".into()))?;
+            .ok_or_else(|| denied("the call has no sender"))?;
         let allowed = match self {
             Self::Polkit => {
                 let subject = Subject::new_for_message_header(header)
-                    .map_err(|e| KilnError::PermissionDenied(format!("no polkit subject: {e}")))?;
+                    .map_err(|e| denied(format!("no polkit subject: {e}")))?;
                 let authority = AuthorityProxy::builder(conn)
                     .cache_properties(zbus::proxy::CacheProperties::No)
                     .build()
@@ -88,7 +95,7 @@ impl Authorizer {
                     .map_err(|e| {
                         // Fail closed: no polkit answer, no change.
                         tracing::warn!(error = %e, "dbus: polkit check failed");
-                        KilnError::PermissionDenied(format!("cannot check authorization: {e}"))
+                        denied(format!("cannot check authorization: {e}"))
                     })?;
                 result.is_authorized
             }
@@ -104,7 +111,7 @@ impl Authorizer {
             Ok(())
         } else {
             tracing::info!(method, sender = %sender, "dbus: refused unauthorized caller");
-            Err(KilnError::PermissionDenied(format!(
+            Err(denied(format!(
                 "{method} needs authorization for {ACTION_MANAGE}"
             )))
         }

@@ -9,18 +9,8 @@ use tokio::sync::watch;
 use zbus::interface;
 use zbus::zvariant::{OwnedObjectPath, Value};
 
-use crate::objects::Mirror;
-
-/// The interface name.
-pub const GPU_INTERFACE: &str = "io.kiln.Kiln1.Gpu";
-/// Parent of the GPU objects.
-pub const GPU_PATH_PREFIX: &str = "/io/kiln/Kiln1/gpu";
-
-/// `/io/kiln/Kiln1/gpu/<name>`, escaped like pool names.
-pub fn gpu_path(name: &str) -> Result<OwnedObjectPath, zbus::zvariant::Error> {
-    let escaped = crate::pool::escape_path_element(name);
-    OwnedObjectPath::try_from(format!("{GPU_PATH_PREFIX}/{escaped}"))
-}
+use crate::mirror::{Context, Mirror};
+use crate::names::{gpu_path, GPU_INTERFACE};
 
 /// One exported render node.
 #[derive(Debug)]
@@ -32,7 +22,7 @@ impl Mirror for Gpu {
     type Info = GpuInfo;
     const INTERFACE: &'static str = GPU_INTERFACE;
 
-    fn new_object(info: GpuInfo, _context: &crate::objects::Context) -> Self {
+    fn new_object(info: GpuInfo, _context: &Context) -> Self {
         Self {
             view: Arc::new(watch::Sender::new(info)),
         }

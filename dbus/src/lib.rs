@@ -18,6 +18,11 @@
 //! One task mirrors engine events onto the object server; handlers hold no
 //! locks across engine calls.
 //!
+//! Modules, each importing only those above it (no cycles; a unit test
+//! checks): `names` (bus name, paths, interfaces), `error`, `auth`, `spec`,
+//! `mirror` (what the mirrored objects share), the objects `vm`, `pool`,
+//! `gpu`, then `objects` (the event task) and `manager`.
+//!
 //! The interfaces are committed as `dbus/io.kiln.Kiln1.*.xml`; a daemon test
 //! compares them with what the live service introspects.
 
@@ -25,6 +30,8 @@ mod auth;
 mod error;
 mod gpu;
 mod manager;
+mod mirror;
+mod names;
 mod objects;
 mod pool;
 mod spec;
@@ -38,20 +45,10 @@ use zbus::{connection, fdo::ObjectManager, Connection};
 
 pub use auth::{Authorizer, ACTION_MANAGE};
 pub use error::KilnError;
-
-/// Well-known bus name.
-pub const BUS_NAME: &str = "io.kiln.Kiln1";
-/// ObjectManager root.
-pub const ROOT_PATH: &str = "/io/kiln/Kiln1";
-/// The manager object.
-pub const MANAGER_PATH: &str = "/io/kiln/Kiln1/Manager";
-/// Parent of the VM objects.
-pub const VM_PATH_PREFIX: &str = "/io/kiln/Kiln1/vm";
-/// Manager interface name.
-pub const MANAGER_INTERFACE: &str = "io.kiln.Kiln1.Manager";
-pub use gpu::{GPU_INTERFACE, GPU_PATH_PREFIX};
-pub use pool::{POOL_INTERFACE, POOL_PATH_PREFIX};
-pub use vm::VM_INTERFACE;
+pub use names::{
+    BUS_NAME, ERROR_PREFIX, GPU_INTERFACE, GPU_PATH_PREFIX, MANAGER_INTERFACE, MANAGER_PATH,
+    POOL_INTERFACE, POOL_PATH_PREFIX, ROOT_PATH, VM_INTERFACE, VM_PATH_PREFIX,
+};
 
 /// Which bus to serve on (`dbus` config key).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +154,7 @@ pub async fn serve(bus: Bus, engine: EngineHandle, auth: Authorizer) -> Result<S
     let events = engine.subscribe();
     let mut exported = objects::Exported::default();
     let server = connection.object_server().clone();
-    let context = objects::Context { engine, auth };
+    let context = mirror::Context { engine, auth };
     objects::resync(&server, &context, &mut exported).await;
     connection
         .request_name(BUS_NAME)
@@ -166,4 +163,110 @@ pub async fn serve(bus: Bus, engine: EngineHandle, auth: Authorizer) -> Result<S
     info!(bus = %bus, name = BUS_NAME, "dbus: serving");
     let task = tokio::spawn(objects::follow(server, context, events, exported));
     Ok(Service { connection, task })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    use zbus::object_server::Interface;
+
+    use super::*;
+
+    /// What `text` names after each `crate::`: the first path element,
+    /// also inside `crate::{a, b::c}` groups.
+    fn crate_references(text: &str) -> BTreeSet<String> {
+        let ident = |s: &str| -> String {
+            s.trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        };
+        let mut found = BTreeSet::new();
+        for after in text.split("crate::").skip(1) {
+            if let Some(group) = after.strip_prefix('{') {
+                let mut depth = 0;
+                let mut item = String::new();
+                for c in group.chars() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => {
+                            found.insert(ident(&item));
+                            item.clear();
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    item.push(c);
+                }
+                found.insert(ident(&item));
+            } else {
+                found.insert(ident(after));
+            }
+        }
+        found.remove("");
+        found
+    }
+
+    /// STYLE.md 14: the modules import each other along a DAG, and none
+    /// reaches back into the crate root (which declares and uses them all).
+    #[test]
+    fn modules_import_each_other_without_cycles() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut imports: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            let module = path.file_stem().unwrap().to_string_lossy().into_owned();
+            if module != "lib" && path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                imports.insert(module, crate_references(&text));
+            }
+        }
+        assert!(imports.len() >= 10, "{imports:?}");
+        for (module, uses) in &imports {
+            for used in uses {
+                assert!(
+                    imports.contains_key(used),
+                    "{module}.rs uses crate::{used}, an item of the crate root: move it to a leaf module"
+                );
+            }
+        }
+        // Kahn: repeatedly drop modules whose imports are all dropped.
+        let mut left = imports.clone();
+        while !left.is_empty() {
+            let free: Vec<String> = left
+                .iter()
+                .filter(|(_, uses)| uses.iter().all(|u| !left.contains_key(u)))
+                .map(|(m, _)| m.clone())
+                .collect();
+            assert!(!free.is_empty(), "import cycle among {left:?}");
+            for module in free {
+                left.remove(&module);
+            }
+        }
+    }
+
+    #[test]
+    fn references_are_read_from_paths_groups_and_docs() {
+        let refs = crate_references(
+            "use crate::a::X;\nuse crate::{b::{C, D}, c};\n/// [`crate::d`]\nfn f() { crate::e::g() }",
+        );
+        assert_eq!(
+            refs.into_iter().collect::<Vec<_>>(),
+            ["a", "b", "c", "d", "e"]
+        );
+    }
+
+    #[test]
+    fn interface_names_match_the_served_interfaces() {
+        assert_eq!(manager::Manager::name().as_str(), MANAGER_INTERFACE);
+        assert_eq!(vm::Vm::name().as_str(), VM_INTERFACE);
+        assert_eq!(pool::Pool::name().as_str(), POOL_INTERFACE);
+        assert_eq!(gpu::Gpu::name().as_str(), GPU_INTERFACE);
+    }
 }

@@ -3,15 +3,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use kiln_engine::error::ErrorName;
 use kiln_engine::{EngineHandle, PoolInfo, PoolSpec, VmInfo};
 use zbus::message::Header;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{fdo, interface, Connection};
 
-use crate::auth::Authorizer;
+use crate::auth::{self, Authorizer};
 use crate::error::KilnError;
-use crate::objects::{self, Context, Missing};
-use crate::pool::{pool_path, Pool};
+use crate::mirror::{upsert, Context, Missing};
+use crate::names::{gpu_path, pool_path, vm_path};
+use crate::pool::{unexport_pool, Pool};
+use crate::spec;
 use crate::vm::Vm;
 
 /// The manager object: a handle and a policy, nothing else.
@@ -37,8 +40,8 @@ impl Manager {
     /// Export an object now, not only when the event task gets to it, so a
     /// returned path answers as soon as the caller has it.
     async fn export_vm(&self, conn: &Connection, vm: VmInfo) -> Result<OwnedObjectPath, KilnError> {
-        let path = objects::vm_path(&vm.id).map_err(zbus::Error::from)?;
-        objects::upsert::<Vm>(conn.object_server(), &self.context(), vm, Missing::Export).await?;
+        let path = vm_path(&vm.id)?;
+        upsert::<Vm>(conn.object_server(), &self.context(), vm, Missing::Export).await?;
         Ok(path)
     }
 
@@ -47,20 +50,20 @@ impl Manager {
         conn: &Connection,
         pool: PoolInfo,
     ) -> Result<OwnedObjectPath, KilnError> {
-        let path = pool_path(&pool.name).map_err(zbus::Error::from)?;
-        objects::upsert::<Pool>(conn.object_server(), &self.context(), pool, Missing::Export)
-            .await?;
+        let path = pool_path(&pool.name)?;
+        upsert::<Pool>(conn.object_server(), &self.context(), pool, Missing::Export).await?;
         Ok(path)
     }
 }
 
 /// The id in a VM object path (`/io/kiln/Kiln1/vm/<id>`).
 fn vm_id(path: &OwnedObjectPath) -> Result<&str, KilnError> {
-    path.as_str()
-        .strip_prefix(crate::VM_PATH_PREFIX)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .filter(|id| !id.is_empty() && !id.contains('/'))
-        .ok_or_else(|| KilnError::NoSuchVM(format!("{} is not a VM object path", path.as_str())))
+    crate::names::vm_id(path.as_str()).ok_or_else(|| {
+        KilnError::new(
+            ErrorName::NoSuchVM,
+            format!("{} is not a VM object path", path.as_str()),
+        )
+    })
 }
 
 /// `Acquire` options: `timeoutMs` (any integer type) and `labels` (`a{ss}`).
@@ -87,7 +90,7 @@ impl Manager {
         spec: HashMap<String, OwnedValue>,
     ) -> Result<OwnedObjectPath, KilnError> {
         self.auth.check_manage(conn, &header, "CreateVM").await?;
-        let spec = crate::spec::vm_spec(&spec)?;
+        let spec = spec::vm_spec(&spec)?;
         let vm = self.engine.create_vm(&name, spec).await?;
         self.export_vm(conn, vm).await
     }
@@ -104,7 +107,7 @@ impl Manager {
         spec: HashMap<String, OwnedValue>,
     ) -> Result<OwnedObjectPath, KilnError> {
         self.auth.check_manage(conn, &header, "CreatePool").await?;
-        let spec: PoolSpec = crate::spec::decode(&spec)?;
+        let spec: PoolSpec = spec::decode(&spec)?;
         let pool = self.engine.create_pool(&name, spec).await?;
         self.export_pool(conn, pool).await
     }
@@ -135,7 +138,7 @@ impl Manager {
     ) -> Result<(), KilnError> {
         self.auth.check_manage(conn, &header, "DeletePool").await?;
         self.engine.delete_pool(&name).await?;
-        objects::unexport_pool(conn.object_server(), &name).await;
+        unexport_pool(conn.object_server(), &name).await;
         Ok(())
     }
 
@@ -145,7 +148,7 @@ impl Manager {
         let pools = self.engine.list_pools().await?;
         pools
             .iter()
-            .map(|p| pool_path(&p.name).map_err(|e| KilnError::ZBus(e.into())))
+            .map(|p| pool_path(&p.name).map_err(KilnError::from))
             .collect()
     }
 
@@ -154,7 +157,7 @@ impl Manager {
     async fn list_gpus(&self) -> Result<Vec<OwnedObjectPath>, KilnError> {
         let gpus = self.engine.list_gpus().await?;
         gpus.iter()
-            .map(|g| crate::gpu::gpu_path(&g.node.name).map_err(|e| KilnError::ZBus(e.into())))
+            .map(|g| gpu_path(&g.node.name).map_err(KilnError::from))
             .collect()
     }
 
@@ -170,9 +173,13 @@ impl Manager {
         options: HashMap<String, OwnedValue>,
     ) -> Result<OwnedObjectPath, KilnError> {
         self.auth.check_manage(conn, &header, "Acquire").await?;
-        let options: AcquireOptions = crate::spec::decode(&options)
-            .map_err(|e| KilnError::InvalidArgument(format!("Acquire options: {e:?}")))?;
-        let holder = crate::auth::caller(conn, &header).await;
+        let options: AcquireOptions = spec::decode(&options).map_err(|e| {
+            KilnError::new(
+                ErrorName::InvalidArgument,
+                format!("Acquire options: {}", e.message()),
+            )
+        })?;
+        let holder = auth::caller(conn, &header).await;
         let timeout = options.timeout_ms.map(Duration::from_millis);
         let vm = self
             .engine
@@ -201,7 +208,7 @@ impl Manager {
     async fn list_vms(&self) -> Result<Vec<OwnedObjectPath>, KilnError> {
         let vms = self.engine.list_vms().await?;
         vms.iter()
-            .map(|vm| objects::vm_path(&vm.id).map_err(|e| KilnError::ZBus(e.into())))
+            .map(|vm| vm_path(&vm.id).map_err(KilnError::from))
             .collect()
     }
 

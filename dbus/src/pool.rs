@@ -7,35 +7,11 @@ use std::sync::Arc;
 
 use kiln_engine::PoolInfo;
 use tokio::sync::watch;
-use zbus::interface;
 use zbus::zvariant::{OwnedObjectPath, Value};
+use zbus::{interface, ObjectServer};
 
-use crate::objects::{wire_name, Mirror};
-
-/// The interface name.
-pub const POOL_INTERFACE: &str = "io.kiln.Kiln1.Pool";
-/// Parent of the pool objects.
-pub const POOL_PATH_PREFIX: &str = "/io/kiln/Kiln1/pool";
-
-/// `/io/kiln/Kiln1/pool/<name>`, with every byte outside `[A-Za-z0-9]`
-/// written `_xx` (hex), as systemd escapes unit names in object paths.
-pub fn pool_path(name: &str) -> Result<OwnedObjectPath, zbus::zvariant::Error> {
-    OwnedObjectPath::try_from(format!("{POOL_PATH_PREFIX}/{}", escape_path_element(name)))
-}
-
-/// A name as an object path element: every byte outside `[A-Za-z0-9]`
-/// written `_xx` (hex).
-pub fn escape_path_element(name: &str) -> String {
-    let mut escaped = String::with_capacity(name.len() * 3);
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() {
-            escaped.push(char::from(b));
-        } else {
-            escaped.push_str(&format!("_{b:02x}"));
-        }
-    }
-    escaped
-}
+use crate::mirror::{unexport, wire_name, Context, Mirror};
+use crate::names::{pool_path, POOL_INTERFACE};
 
 /// One exported pool.
 #[derive(Debug)]
@@ -47,7 +23,7 @@ impl Mirror for Pool {
     type Info = PoolInfo;
     const INTERFACE: &'static str = POOL_INTERFACE;
 
-    fn new_object(info: PoolInfo, _context: &crate::objects::Context) -> Self {
+    fn new_object(info: PoolInfo, _context: &Context) -> Self {
         Self {
             view: Arc::new(watch::Sender::new(info)),
         }
@@ -81,6 +57,13 @@ impl Mirror for Pool {
                 Value::from(info.source.to_string_lossy().into_owned()),
             ),
         ]
+    }
+}
+
+/// Remove a pool's object if it is exported.
+pub async fn unexport_pool(server: &ObjectServer, name: &str) {
+    if let Ok(path) = pool_path(name) {
+        unexport::<Pool>(server, path).await;
     }
 }
 
@@ -182,24 +165,5 @@ impl Pool {
     #[zbus(property)]
     fn source(&self) -> String {
         self.info().source.to_string_lossy().into_owned()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-    use super::*;
-
-    #[test]
-    fn pool_names_escape_to_valid_path_elements() {
-        assert_eq!(
-            pool_path("default").unwrap().as_str(),
-            "/io/kiln/Kiln1/pool/default"
-        );
-        assert_eq!(
-            pool_path("ci-runner_2.x").unwrap().as_str(),
-            "/io/kiln/Kiln1/pool/ci_2drunner_5f2_2ex"
-        );
-        assert_ne!(pool_path("a-b").unwrap(), pool_path("a_b").unwrap());
     }
 }

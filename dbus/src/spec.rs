@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use kiln_engine::error::ErrorName;
 use kiln_engine::VmSpec;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Number, Value as Json};
@@ -24,15 +25,18 @@ pub fn decode<T: DeserializeOwned>(dict: &HashMap<String, OwnedValue>) -> Result
     let mut object = Map::new();
     for (key, value) in dict {
         let json = to_json(value).ok_or_else(|| {
-            KilnError::InvalidSpec(format!(
-                "{key}: values of D-Bus type {} are not accepted",
-                value.value_signature()
-            ))
+            KilnError::new(
+                ErrorName::InvalidSpec,
+                format!(
+                    "{key}: values of D-Bus type {} are not accepted",
+                    value.value_signature()
+                ),
+            )
         })?;
         object.insert(key.clone(), json);
     }
     serde_json::from_value(Json::Object(object))
-        .map_err(|e| KilnError::InvalidSpec(format!("invalid spec: {e}")))
+        .map_err(|e| KilnError::new(ErrorName::InvalidSpec, format!("invalid spec: {e}")))
 }
 
 fn to_json(value: &Value<'_>) -> Option<Json> {

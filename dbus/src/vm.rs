@@ -10,17 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_agent_proto::ExecRequest;
+use kiln_engine::error::ErrorName;
 use kiln_engine::{EngineHandle, VmInfo};
 use tokio::sync::watch;
 use zbus::message::Header;
 use zbus::zvariant::{OwnedObjectPath, Value};
-use zbus::{interface, Connection};
+use zbus::{interface, Connection, ObjectServer};
 
 use crate::auth::Authorizer;
 use crate::error::KilnError;
-
-/// The interface name.
-pub const VM_INTERFACE: &str = "io.kiln.Kiln1.VM";
+use crate::mirror::{unexport, wire_name, Context, Mirror};
+use crate::names::{vm_path, VM_INTERFACE};
 
 /// One exported VM.
 #[derive(Debug)]
@@ -47,18 +47,18 @@ impl Vm {
     }
 }
 
-impl crate::objects::Mirror for Vm {
+impl Mirror for Vm {
     type Info = VmInfo;
     const INTERFACE: &'static str = VM_INTERFACE;
 
-    fn new_object(info: VmInfo, context: &crate::objects::Context) -> Self {
+    fn new_object(info: VmInfo, context: &Context) -> Self {
         Self::new(info, context.engine.clone(), context.auth)
     }
     fn view(&self) -> Arc<watch::Sender<VmInfo>> {
         self.view.clone()
     }
     fn path(info: &VmInfo) -> Result<OwnedObjectPath, zbus::zvariant::Error> {
-        crate::objects::vm_path(&info.id)
+        vm_path(&info.id)
     }
     fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
         properties(info)
@@ -110,7 +110,25 @@ fn network(info: &VmInfo) -> Vec<NicTuple> {
 }
 
 fn display(info: &VmInfo) -> String {
-    crate::objects::wire_name(&info.display)
+    wire_name(&info.display)
+}
+
+/// A guest's output as a D-Bus string: NUL, which D-Bus strings cannot
+/// hold (the bus daemon disconnects a sender whose message has one),
+/// becomes U+FFFD, as the agent already does with invalid UTF-8.
+fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text
+    }
+}
+
+/// Remove a VM's object if it is exported.
+pub async fn unexport_vm(server: &ObjectServer, id: &str) {
+    if let Ok(path) = vm_path(id) {
+        unexport::<Vm>(server, path).await;
+    }
 }
 
 #[interface(name = "io.kiln.Kiln1.VM")]
@@ -195,12 +213,28 @@ impl Vm {
         self.engine.delete_vm(&self.id).await?;
         // Also removed by the event task; whoever is first wins, so the
         // object is gone when the caller gets the reply.
-        crate::objects::unexport_vm(conn.object_server(), &self.id).await;
+        unexport_vm(conn.object_server(), &self.id).await;
         Ok(())
     }
 
-    /// Run a command in the guest (stdin "" = none, timeout 0 = default).
-    #[zbus(out_args("exit_code", "stdout", "stderr"))]
+    /// Run a command in the guest, like varlink's `ExecVM`: stdin "" = none,
+    /// timeout 0 = the default, max_output_bytes 0 = the default cap per
+    /// stream. Replies the exit code (128 + signal when killed), the output,
+    /// then the signal that ended the command (0 = none), whether each
+    /// stream was cut at the cap and whether the timeout killed it.
+    // The reply tuple is spelled out, not an alias: zbus makes one out
+    // argument per element only of a tuple it can see.
+    #[zbus(out_args(
+        "exit_code",
+        "stdout",
+        "stderr",
+        "signal",
+        "stdout_truncated",
+        "stderr_truncated",
+        "timed_out"
+    ))]
+    // The arguments are the D-Bus signature, one per field of ExecVM.
+    #[allow(clippy::too_many_arguments)]
     async fn exec(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -209,17 +243,26 @@ impl Vm {
         env: Vec<String>,
         stdin: String,
         timeout_sec: u32,
-    ) -> Result<(i32, String, String), KilnError> {
+        max_output_bytes: u32,
+    ) -> Result<(i32, String, String, i32, bool, bool, bool), KilnError> {
         self.auth.check_manage(conn, &header, "Exec").await?;
         let request = ExecRequest {
             argv: command,
             env,
             stdin: (!stdin.is_empty()).then_some(stdin),
             timeout_ms: (timeout_sec > 0).then(|| u64::from(timeout_sec) * 1000),
-            max_output_bytes: None,
+            max_output_bytes: (max_output_bytes > 0).then_some(max_output_bytes),
         };
         let reply = self.engine.exec_vm(&self.id, request).await?;
-        Ok((reply.exit_code, reply.stdout, reply.stderr))
+        Ok((
+            reply.exit_code,
+            without_nul(reply.stdout),
+            without_nul(reply.stderr),
+            reply.signal.unwrap_or(0),
+            reply.stdout_truncated,
+            reply.stderr_truncated,
+            reply.timed_out,
+        ))
     }
 
     /// Hot-plug a NIC (VMs created with `hotplugSlots`): a TAP on the
@@ -239,7 +282,10 @@ impl Vm {
         let address = match address.as_str() {
             "" => None,
             a => Some(a.parse().map_err(|_| {
-                KilnError::InvalidArgument(format!("address {a:?} is not an IPv4 address"))
+                KilnError::new(
+                    ErrorName::InvalidArgument,
+                    format!("address {a:?} is not an IPv4 address"),
+                )
             })?),
         };
         let nic = self.engine.attach_nic(&self.id, address).await?;

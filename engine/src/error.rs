@@ -1,8 +1,11 @@
 //! The engine's error type and its wire names.
 //!
-//! Every variant has a stable name ([`EngineError::name`]); the D-Bus
-//! adapter prefixes it with `io.kiln.Kiln1.Error.`, the varlink adapter with
-//! `io.kiln.Manager.`. Clients match on the name; the message is for humans.
+//! [`ErrorName`] is the one list of error names clients can see, on both
+//! wires: the D-Bus adapter prefixes a name with `io.kiln.Kiln1.Error.`, the
+//! varlink adapter with `io.kiln.Manager.`, and the committed varlink IDL
+//! declares exactly [`ErrorName::ALL`] (a daemon test checks it). Every
+//! [`EngineError`] has its name ([`EngineError::error_name`], an exhaustive
+//! match). Clients match on the name; the message is for humans.
 
 use thiserror::Error;
 
@@ -13,6 +16,99 @@ use crate::qemu::QmpError;
 use crate::spec::SpecError;
 use crate::state::VmState;
 use crate::store::StoreError;
+
+/// Declares [`ErrorName`] with its `ALL` list and `as_str` spellings from
+/// one list of variants, so neither can miss a name.
+macro_rules! error_names {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// An error name as clients see it: the last element of
+        /// `io.kiln.Kiln1.Error.<Name>` (D-Bus) and `io.kiln.Manager.<Name>`
+        /// (varlink).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum ErrorName {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl ErrorName {
+            /// Every name, in declaration order.
+            pub const ALL: &'static [ErrorName] = &[$(Self::$name,)*];
+
+            /// The name's wire spelling (the variant's own name).
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$name => stringify!($name),)*
+                }
+            }
+        }
+    };
+}
+
+error_names! {
+    /// No VM has this id.
+    NoSuchVM,
+    /// A VM or pool with this name exists.
+    AlreadyExists,
+    /// The name is not acceptable.
+    InvalidName,
+    /// The spec (of a VM, a pool, a network) is not acceptable.
+    InvalidSpec,
+    /// A call argument is out of bounds.
+    InvalidArgument,
+    /// Not valid in the VM's current state.
+    InvalidState,
+    /// Another operation on this VM is still running.
+    Busy,
+    /// A deadline passed.
+    Timeout,
+    /// QEMU could not be started.
+    LaunchFailed,
+    /// The VM never became ready.
+    BootFailed,
+    /// The QEMU monitor failed.
+    VmmFailed,
+    /// The guest agent failed.
+    AgentFailed,
+    /// The command could not be started in the guest.
+    ExecFailed,
+    /// State could not be persisted.
+    StorageFailed,
+    /// No pool has this name.
+    NoSuchPool,
+    /// The pool owns `max` VMs and none can come free.
+    PoolExhausted,
+    /// No render node can serve the VM's GPU request.
+    NoGpuAvailable,
+    /// kilnd is shutting down.
+    ShuttingDown,
+    /// The address is taken (or the subnet is full).
+    AddressInUse,
+    /// The host port is already forwarded to another VM.
+    PortInUse,
+    /// The host network failed.
+    NetworkFailed,
+    /// The VM has no such NIC.
+    NoSuchNIC,
+    /// The VM has no free hot-plug slot.
+    NoHotplugSlot,
+    /// The caller may not do this. Adapter-only: authorization happens in
+    /// the D-Bus and varlink adapters (they know the caller), so no
+    /// [`EngineError`] has this name.
+    PermissionDenied,
+}
+
+impl ErrorName {
+    /// Whether the engine itself can fail with this name; the others are
+    /// raised by the adapters only.
+    pub const fn raised_by_engine(self) -> bool {
+        !matches!(self, Self::PermissionDenied)
+    }
+}
+
+impl std::fmt::Display for ErrorName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Why an engine command failed.
 #[derive(Debug, Error)]
@@ -109,33 +205,37 @@ pub enum EngineError {
 
 impl EngineError {
     /// The stable error name used on both wires.
-    pub fn name(&self) -> &'static str {
+    pub fn error_name(&self) -> ErrorName {
         match self {
-            Self::NoSuchVM(_) => "NoSuchVM",
-            Self::AlreadyExists(_) => "AlreadyExists",
-            Self::InvalidName(_) => "InvalidName",
-            Self::InvalidSpec(_) => "InvalidSpec",
-            Self::InvalidArgument(_) => "InvalidArgument",
-            Self::InvalidState { .. } => "InvalidState",
-            Self::Busy { .. } => "Busy",
-            Self::Timeout(_) => "Timeout",
-            Self::LaunchFailed(_) => "LaunchFailed",
-            Self::BootFailed(_) => "BootFailed",
-            Self::VmmFailed(_) => "VmmFailed",
-            Self::AgentFailed(_) => "AgentFailed",
-            Self::ExecFailed(_) => "ExecFailed",
-            Self::StorageFailed(_) => "StorageFailed",
-            Self::NoSuchPool(_) => "NoSuchPool",
-            Self::InvalidPool(_) => "InvalidSpec",
-            Self::PoolExhausted { .. } => "PoolExhausted",
-            Self::NoGpuAvailable(_) => "NoGpuAvailable",
-            Self::ShuttingDown => "ShuttingDown",
-            Self::AddressInUse(_) => "AddressInUse",
-            Self::PortInUse(_) => "PortInUse",
-            Self::NetworkFailed(_) => "NetworkFailed",
-            Self::NoSuchNIC(_) => "NoSuchNIC",
-            Self::NoHotplugSlot(_) => "NoHotplugSlot",
+            Self::NoSuchVM(_) => ErrorName::NoSuchVM,
+            Self::AlreadyExists(_) => ErrorName::AlreadyExists,
+            Self::InvalidName(_) => ErrorName::InvalidName,
+            Self::InvalidSpec(_) | Self::InvalidPool(_) => ErrorName::InvalidSpec,
+            Self::InvalidArgument(_) => ErrorName::InvalidArgument,
+            Self::InvalidState { .. } => ErrorName::InvalidState,
+            Self::Busy { .. } => ErrorName::Busy,
+            Self::Timeout(_) => ErrorName::Timeout,
+            Self::LaunchFailed(_) => ErrorName::LaunchFailed,
+            Self::BootFailed(_) => ErrorName::BootFailed,
+            Self::VmmFailed(_) => ErrorName::VmmFailed,
+            Self::AgentFailed(_) => ErrorName::AgentFailed,
+            Self::ExecFailed(_) => ErrorName::ExecFailed,
+            Self::StorageFailed(_) => ErrorName::StorageFailed,
+            Self::NoSuchPool(_) => ErrorName::NoSuchPool,
+            Self::PoolExhausted { .. } => ErrorName::PoolExhausted,
+            Self::NoGpuAvailable(_) => ErrorName::NoGpuAvailable,
+            Self::ShuttingDown => ErrorName::ShuttingDown,
+            Self::AddressInUse(_) => ErrorName::AddressInUse,
+            Self::PortInUse(_) => ErrorName::PortInUse,
+            Self::NetworkFailed(_) => ErrorName::NetworkFailed,
+            Self::NoSuchNIC(_) => ErrorName::NoSuchNIC,
+            Self::NoHotplugSlot(_) => ErrorName::NoHotplugSlot,
         }
+    }
+
+    /// [`EngineError::error_name`] spelled out.
+    pub fn name(&self) -> &'static str {
+        self.error_name().as_str()
     }
 
     /// The message with its whole cause chain, for the wire.
@@ -198,7 +298,83 @@ impl From<QmpError> for EngineError {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+
+    /// One error of every kind the engine can return.
+    fn one_of_each() -> Vec<EngineError> {
+        let text = || String::from("x");
+        vec![
+            EngineError::NoSuchVM(text()),
+            EngineError::AlreadyExists(text()),
+            EngineError::InvalidName(SpecError::InvalidName(text())),
+            EngineError::InvalidSpec(SpecError::Cmdline),
+            EngineError::InvalidArgument(text()),
+            EngineError::InvalidState {
+                id: text(),
+                state: VmState::Created,
+                operation: "pause",
+            },
+            EngineError::Busy { id: text() },
+            EngineError::Timeout(text()),
+            EngineError::LaunchFailed(ProcessError::QemuRefused { message: text() }),
+            EngineError::BootFailed(text()),
+            EngineError::VmmFailed(QmpError::Disconnected),
+            EngineError::AgentFailed(AgentError::Disconnected),
+            EngineError::ExecFailed(text()),
+            EngineError::StorageFailed(StoreError::Io {
+                path: "/x".into(),
+                source: std::io::Error::other("disk full"),
+            }),
+            EngineError::NoSuchPool(text()),
+            EngineError::PoolExhausted {
+                pool: text(),
+                max: 1,
+            },
+            EngineError::NoGpuAvailable(text()),
+            EngineError::ShuttingDown,
+            EngineError::AddressInUse(text()),
+            EngineError::PortInUse(text()),
+            EngineError::NetworkFailed(kiln_net::NetError::BridgeMissing { name: text() }),
+            EngineError::NoSuchNIC(text()),
+            EngineError::NoHotplugSlot(text()),
+        ]
+    }
+
+    /// `ALL` has no name the engine cannot produce (besides the adapters'
+    /// own), so the IDL, which declares `ALL`, declares no dead error.
+    #[test]
+    fn every_engine_name_is_produced_and_no_other() {
+        let produced: BTreeSet<ErrorName> =
+            one_of_each().iter().map(EngineError::error_name).collect();
+        let engine: BTreeSet<ErrorName> = ErrorName::ALL
+            .iter()
+            .copied()
+            .filter(|n| n.raised_by_engine())
+            .collect();
+        assert_eq!(produced, engine);
+        assert!(!produced.contains(&ErrorName::PermissionDenied));
+    }
+
+    #[test]
+    fn names_are_unique_identifiers() {
+        let spelled: BTreeSet<&str> = ErrorName::ALL.iter().map(|n| n.as_str()).collect();
+        assert_eq!(spelled.len(), ErrorName::ALL.len());
+        for name in spelled {
+            // A varlink error name element and a D-Bus name element.
+            assert!(
+                name.starts_with(|c: char| c.is_ascii_uppercase())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric()),
+                "{name}"
+            );
+        }
+        assert_eq!(ErrorName::NoSuchVM.to_string(), "NoSuchVM");
+        assert_eq!(
+            EngineError::InvalidPool(PoolSpecError::Concurrency(0)).name(),
+            "InvalidSpec"
+        );
+    }
 
     #[test]
     fn message_carries_the_cause_chain_once() {

@@ -217,6 +217,16 @@ pub fn is_qemu_of(pid: u32, vm_id: &str) -> bool {
         .any(|arg| arg.starts_with(wanted.as_bytes()))
 }
 
+/// Last lines of a console log, for error messages.
+pub fn console_tail(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let start = bytes.len().saturating_sub(1024);
+    let text = String::from_utf8_lossy(&bytes[start..]);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+    (!tail.is_empty()).then_some(tail)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

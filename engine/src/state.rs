@@ -10,9 +10,13 @@
 //!      └──start──▶ booting                   failed ──start──▶ booting
 //! ```
 //!
+//! A VM that holds a lease comes back from pause, reboot or reset as
+//! `leased`, never `ready` (`booting → leased`, `paused → leased`).
+//!
 //! [`VmState::check_transition`] is the only place that decides whether a
-//! change is allowed; the engine calls it before every state write, and a test
-//! walks the whole table.
+//! change is allowed. Every state write goes through `VmRecord::set_state`,
+//! which asks it (and keeps a leased VM out of `ready`), called only by the
+//! actor's one writer (`Engine::transition`); a test walks the whole table.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -68,8 +72,9 @@ impl VmState {
         let allowed = match (self, to) {
             // Start (again).
             (Created | Stopped | Failed, Booting) => true,
-            // Boot outcome, or a guest/QMP reset sending a running VM back to boot.
-            (Booting, Ready) => true,
+            // Boot outcome (`leased` again for a leased VM that rebooted), or
+            // a guest/QMP reset sending a running VM back to boot.
+            (Booting, Ready | Leased) => true,
             (Ready | Leased | Paused, Booting) => true,
             // Pool hand-out and give-back.
             (Ready, Leased) | (Leased, Ready) => true,
@@ -136,6 +141,7 @@ mod tests {
         (Stopped, Booting),
         (Failed, Booting),
         (Booting, Ready),
+        (Booting, Leased),
         (Booting, Stopping),
         (Booting, Stopped),
         (Booting, Failed),

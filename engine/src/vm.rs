@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
 use crate::spec::ResolvedSpec;
-use crate::state::VmState;
+use crate::state::{InvalidTransition, VmState};
 
 /// Schema version of [`VmRecord`]; bumped on incompatible changes.
 pub const RECORD_VERSION: u32 = 1;
@@ -49,8 +49,9 @@ pub struct VmRecord {
     pub name: String,
     /// What it runs with.
     pub spec: ResolvedSpec,
-    /// Lifecycle state.
-    pub state: VmState,
+    /// Lifecycle state: read with [`VmRecord::state`], changed only by
+    /// [`VmRecord::set_state`], which checks the transition.
+    state: VmState,
     /// QEMU pid while a process exists.
     #[serde(default)]
     pub pid: Option<u32>,
@@ -118,6 +119,36 @@ pub struct NicInfo {
 }
 
 impl VmRecord {
+    /// Lifecycle state.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// Move to `to` if the state machine allows it ([`VmState::check_transition`];
+    /// staying put is always allowed). A VM that holds a lease runs as
+    /// `leased`, never `ready`: asked for `ready` while a lease is held (a
+    /// leased VM resumed, rebooted or reset), it becomes `leased`, and
+    /// `leased` without a lease is refused. Returns the state it moved to.
+    ///
+    /// Only the actor's one writer calls this (`Engine::transition`).
+    pub(crate) fn set_state(&mut self, to: VmState) -> Result<VmState, InvalidTransition> {
+        let to = match to {
+            VmState::Ready if self.lease.is_some() => VmState::Leased,
+            other => other,
+        };
+        if to == VmState::Leased && self.lease.is_none() {
+            return Err(InvalidTransition {
+                from: self.state,
+                to,
+            });
+        }
+        if to != self.state {
+            self.state.check_transition(to)?;
+        }
+        self.state = to;
+        Ok(to)
+    }
+
     /// A new record in state `created` (`pool` set for pool members).
     pub fn new(id: String, name: String, spec: ResolvedSpec, pool: Option<String>) -> Self {
         Self {
@@ -213,7 +244,7 @@ impl From<&VmRecord> for VmInfo {
         Self {
             id: r.id.clone(),
             name: r.name.clone(),
-            state: r.state,
+            state: r.state(),
             vcpus: r.spec.vcpus,
             memory_mib: r.spec.memory_mib,
             accel: r.spec.accel,

@@ -3,18 +3,47 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{argv, pid_alive, wait_until, Sandbox};
-use kiln_engine::{EngineError, VmSpec, VmState};
+use kiln_engine::accel::AccelChoice;
+use kiln_engine::{Engine, EngineConfig, EngineError, EngineHandle, VmSpec, VmState};
+use kiln_testkit::{guest_dir, pid_alive, wait_until_async, Sandbox};
+
+/// Engine config rooted in `root` (a sandbox, or the helper process's dir).
+fn config_in(root: &Path) -> EngineConfig {
+    EngineConfig {
+        state_dir: root.join("state"),
+        runtime_dir: root.join("run"),
+        guest_dir: guest_dir(),
+        accel: AccelChoice::Auto,
+        // Generous: TCG on 2 shared cores with other tests booting too.
+        boot_timeout_sec: 180,
+        stop_timeout_sec: 10,
+        ..EngineConfig::default()
+    }
+}
+
+/// An engine on `sandbox`; its QEMUs die with the sandbox.
+async fn engine_in(sandbox: &Sandbox) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+    Engine::start(config_in(sandbox.path()))
+        .await
+        .expect("engine starts")
+}
+
+/// An exec request for `args`.
+fn argv(args: &[&str]) -> kiln_agent_proto::ExecRequest {
+    kiln_agent_proto::ExecRequest {
+        argv: args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_exec_and_failing_command() {
     let sandbox = Sandbox::new();
-    let (engine, _task) = sandbox.engine().await;
+    let (engine, _task) = engine_in(&sandbox).await;
     let vm = engine
         .create_vm("exec-test", VmSpec::default())
         .await
@@ -26,7 +55,7 @@ async fn boot_exec_and_failing_command() {
     let boot_ms = (vm.ready_at.unwrap() - vm.started_at.unwrap()) / 1000;
     eprintln!("boot to agent ready: {boot_ms} ms");
 
-    let expected_release = std::fs::read_to_string(common::guest_dir().join("kernel-release"))
+    let expected_release = std::fs::read_to_string(guest_dir().join("kernel-release"))
         .expect("kernel-release written by make guest");
     let uname = engine
         .exec_vm(&vm.id, argv(&["uname", "-r"]))
@@ -64,7 +93,7 @@ async fn boot_exec_and_failing_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_pause_resume_reboot_kill() {
     let sandbox = Sandbox::new();
-    let (engine, _task) = sandbox.engine().await;
+    let (engine, _task) = engine_in(&sandbox).await;
     let vm = engine.create_vm("ops", VmSpec::default()).await.unwrap();
     let id = vm.id.clone();
     let vm = engine.start_vm(&id).await.expect("boot");
@@ -148,7 +177,7 @@ async fn stop_pause_resume_reboot_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_specs_are_named_errors_and_create_nothing() {
     let sandbox = Sandbox::new();
-    let (engine, _task) = sandbox.engine().await;
+    let (engine, _task) = engine_in(&sandbox).await;
     engine
         .create_vm("taken", VmSpec::default())
         .await
@@ -201,7 +230,7 @@ async fn bad_specs_are_named_errors_and_create_nothing() {
 async fn corrupt_record_is_reported_and_isolated() {
     let sandbox = Sandbox::new();
     {
-        let (engine, task) = sandbox.engine().await;
+        let (engine, task) = engine_in(&sandbox).await;
         engine
             .create_vm("survivor", VmSpec::default())
             .await
@@ -214,7 +243,7 @@ async fn corrupt_record_is_reported_and_isolated() {
         b"{\"version\": 1, \"id\": ",
     )
     .unwrap();
-    let (engine, _task) = sandbox.engine().await;
+    let (engine, _task) = engine_in(&sandbox).await;
     let status = engine.status().await.unwrap();
     assert_eq!(status.broken_records.len(), 1, "{status:?}");
     assert_eq!(status.broken_records[0].key, "abcdefabcdef");
@@ -238,7 +267,7 @@ fn helper_engine_process() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let config = common::config_in(std::path::Path::new(&root));
+        let config = config_in(Path::new(&root));
         let (engine, _task) = kiln_engine::Engine::start(config).await.unwrap();
         let mut ids = Vec::new();
         for name in ["keep-a", "keep-b"] {
@@ -287,7 +316,7 @@ async fn daemon_sigkill_readopts_vms() {
     child.kill().unwrap(); // SIGKILL: no cleanup runs in the helper.
     child.wait().unwrap();
 
-    let (engine, _task) = sandbox.engine().await;
+    let (engine, _task) = engine_in(&sandbox).await;
     let vms = engine.list_vms().await.unwrap();
     assert_eq!(vms.len(), 2);
     for id in &ids {
@@ -305,12 +334,11 @@ async fn daemon_sigkill_readopts_vms() {
     let victim = engine.describe_vm(&ids[0]).await.unwrap();
     // SAFETY: kill(2) with a pid and a signal number.
     unsafe { libc::kill(victim.pid.unwrap() as i32, libc::SIGKILL) };
-    let failed = wait_until(Duration::from_secs(1), async || {
+    let failed = wait_until_async(Duration::from_secs(1), "the crash noticed", async || {
         let vm = engine.describe_vm(&ids[0]).await.ok()?;
         (vm.state == VmState::Failed).then_some(vm)
     })
-    .await
-    .expect("crash noticed within a second");
+    .await;
     assert!(failed.pid.is_none());
     assert!(
         failed

@@ -6,14 +6,15 @@
 //! with ENXIO (no DRM driver on the test machines).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use common::{root_or_skip, FakeHost};
 use kiln_gpu::{grant, granted_uids, revoke, AccessError, Granted, Revoked};
+use kiln_testkit::{require_root, skip, FakeHost};
+
+/// Why these tests need root.
+const NEEDS_ROOT: &str = "mknod, ACLs, children running as other uids";
 
 const QEMU_UID: u32 = 64_123;
 const OTHER_UID: u32 = 64_124;
@@ -63,7 +64,7 @@ fn node_pair(host: &FakeHost) -> (std::path::PathBuf, std::path::PathBuf) {
 
 #[test]
 fn grant_opens_exactly_that_node_and_revoke_closes_it() {
-    if !root_or_skip("grant_opens_exactly_that_node_and_revoke_closes_it") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = FakeHost::new();
@@ -107,7 +108,7 @@ fn grant_opens_exactly_that_node_and_revoke_closes_it() {
 
 #[test]
 fn shared_nodes_keep_every_grantee_and_foreign_entries() {
-    if !root_or_skip("shared_nodes_keep_every_grantee_and_foreign_entries") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = FakeHost::new();
@@ -128,7 +129,7 @@ fn shared_nodes_keep_every_grantee_and_foreign_entries() {
 
 #[test]
 fn refuses_anything_but_a_character_device() {
-    if !root_or_skip("refuses_anything_but_a_character_device") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = FakeHost::new();
@@ -162,7 +163,7 @@ fn refuses_anything_but_a_character_device() {
 /// directory under this machine's /dev, removed afterwards).
 #[test]
 fn grant_and_revoke_on_devtmpfs() {
-    if !root_or_skip("grant_and_revoke_on_devtmpfs") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let fs_type = Command::new("stat")
@@ -172,7 +173,7 @@ fn grant_and_revoke_on_devtmpfs() {
     let fs_type = String::from_utf8_lossy(&fs_type.stdout).trim().to_owned();
     if fs_type != "tmpfs" {
         // devtmpfs reports itself as tmpfs to statfs.
-        eprintln!("SKIPPED grant_and_revoke_on_devtmpfs: /dev is {fs_type}, not devtmpfs");
+        skip(&format!("/dev is {fs_type}, not devtmpfs"));
         return;
     }
     struct Cleanup(std::path::PathBuf);

@@ -2,17 +2,18 @@
 //! with real character device nodes (mknod).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::fs;
 use std::time::{Duration, Instant};
 
-use common::{root_or_skip, FakeGpu, FakeHost};
 use kiln_gpu::{DevNum, GpuWatcher, Inventory, NodeFact, NodeProblem, PciId};
+use kiln_testkit::{require_root, FakeGpu, FakeHost};
+
+/// Why these tests need root.
+const NEEDS_ROOT: &str = "mknod";
 
 #[test]
 fn two_gpus_with_every_fact() {
-    if !root_or_skip("two_gpus_with_every_fact") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = FakeHost::new();
@@ -60,7 +61,7 @@ fn two_gpus_with_every_fact() {
 
 #[test]
 fn missing_facts_are_named_and_the_node_is_still_listed() {
-    if !root_or_skip("missing_facts_are_named_and_the_node_is_still_listed") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = FakeHost::new();
@@ -97,7 +98,7 @@ fn missing_facts_are_named_and_the_node_is_still_listed() {
 
 #[test]
 fn malformed_sysfs_files_are_named() {
-    if !root_or_skip("malformed_sysfs_files_are_named") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = FakeHost::new();
@@ -139,7 +140,7 @@ fn malformed_sysfs_files_are_named() {
 
 #[test]
 fn device_node_missing_wrong_type_or_wrong_number() {
-    if !root_or_skip("device_node_missing_wrong_type_or_wrong_number") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = FakeHost::new();
@@ -202,7 +203,7 @@ fn expect_quiet(w: &mut GpuWatcher, what: &str) {
 
 #[test]
 fn watcher_sees_nodes_come_and_go() {
-    if !root_or_skip("watcher_sees_nodes_come_and_go") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = FakeHost::new();
@@ -243,7 +244,7 @@ fn watcher_sees_nodes_come_and_go() {
 
 #[test]
 fn watcher_picks_up_directories_created_later() {
-    if !root_or_skip("watcher_picks_up_directories_created_later") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     // The first GPU driver loading creates /dev/dri and class/drm.
@@ -266,7 +267,7 @@ fn watcher_picks_up_directories_created_later() {
 
 #[test]
 fn watcher_works_from_tokio() {
-    if !root_or_skip("watcher_works_from_tokio") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = FakeHost::new();
@@ -282,6 +283,8 @@ fn watcher_works_from_tokio() {
         let maker = tokio::task::spawn_blocking({
             let host_dev = host.dev();
             move || {
+                // Pacing, not a wait for a condition: the node must appear
+                // while `changed()` is pending, which is what is tested.
                 std::thread::sleep(Duration::from_millis(50));
                 common_mknod(&host_dev.join("dri/renderD128"));
             }

@@ -3,14 +3,15 @@
 //! of a process that held leases.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{root_or_skip, FakeGpu, FakeHost};
 use kiln_gpu::{DropReason, GpuError, GpuRequest, Inventory, LeaseMode, LeaseTable, PciId};
+use kiln_testkit::{require_root, wait_until, FakeGpu, FakeHost};
+
+/// Why these tests need root.
+const NEEDS_ROOT: &str = "mknod";
 
 fn two_gpu_host() -> FakeHost {
     let host = FakeHost::new();
@@ -32,7 +33,7 @@ fn shared() -> GpuRequest {
 
 #[test]
 fn exclusive_leasing_exhaustion_and_release() {
-    if !root_or_skip("exclusive_leasing_exhaustion_and_release") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = two_gpu_host();
@@ -86,7 +87,7 @@ fn exclusive_leasing_exhaustion_and_release() {
 
 #[test]
 fn shared_leasing_and_vendor_filter() {
-    if !root_or_skip("shared_leasing_and_vendor_filter") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = two_gpu_host();
@@ -134,7 +135,7 @@ fn shared_leasing_and_vendor_filter() {
 
 #[test]
 fn persistence_round_trip() {
-    if !root_or_skip("persistence_round_trip") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = two_gpu_host();
@@ -196,7 +197,7 @@ fn reconcile_after_kill_9() {
         child_main(parts[0].as_ref(), parts[1].as_ref(), parts[2].as_ref());
         return;
     }
-    if !root_or_skip("reconcile_after_kill_9") {
+    if !require_root(NEEDS_ROOT) {
         return;
     }
     let host = two_gpu_host();
@@ -225,11 +226,11 @@ fn reconcile_after_kill_9() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while LeaseTable::load(&table_path).ok().flatten().is_none() {
-        assert!(Instant::now() < deadline, "child never saved its table");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        Duration::from_secs(30),
+        "the child to save its table",
+        || LeaseTable::load(&table_path).ok().flatten().is_some(),
+    );
     // SAFETY: plain syscall on our own child.
     let rc = unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     assert_eq!(rc, 0);

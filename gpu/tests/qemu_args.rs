@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use kiln_gpu::{qemu_args, DevNum, GpuDevice, GpuLease, LeaseMode, VirglOptions};
+use kiln_testkit::skip;
 
 fn qemu() -> String {
     std::env::var("KILN_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
@@ -91,9 +92,9 @@ fn option_names_exist_in_the_installed_qemu() {
     };
     assert!(devices.contains("name \"virtio-gpu-pci\""), "{devices}");
     if !devices.contains("name \"virtio-gpu-gl-pci\"") {
-        eprintln!(
-            "SKIPPED the virgl half: this QEMU has no virtio-gpu-gl-pci \
-             (Debian: install qemu-system-modules-opengl)"
+        skip(
+            "the virgl half: this QEMU has no virtio-gpu-gl-pci \
+             (Debian: install qemu-system-modules-opengl)",
         );
         return;
     }
@@ -196,9 +197,7 @@ fn qemu_accepts_the_fragments() {
         .unwrap()
         .contains("virtio-gpu-gl-pci");
     if !has_gl {
-        eprintln!(
-            "SKIPPED the virgl start: QEMU lacks the OpenGL modules (qemu-system-modules-opengl)"
-        );
+        skip("the virgl start: QEMU lacks the OpenGL modules (qemu-system-modules-opengl)");
         return;
     }
     match nodes.first() {

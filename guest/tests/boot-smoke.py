@@ -14,7 +14,7 @@ exits).
 
 Options via environment: KILN_QEMU (qemu-system-x86_64), KILN_SMOKE_APPEND
 (kernel command line; default "console=ttyS0 quiet panic=-1" plus
-tsc_early_khz=<host TSC kHz>, see default_append), KILN_SMOKE_KEEP=1 keeps
+tsc_early_khz=<host TSC kHz>, see tests/lib/kiln_testlib.py), KILN_SMOKE_KEEP=1 keeps
 the work directory. Exits non-zero on the first failure; QEMU
 processes and the work directory are always cleaned up.
 """
@@ -22,210 +22,16 @@ processes and the work directory are always cleaned up.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-QEMU = os.environ.get("KILN_QEMU", "qemu-system-x86_64")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests/lib"))
+from kiln_testlib import (APPEND, REPO, Agent, Failure, Qmp, check, kill_all, microvm_argv,  # noqa: E402
+                          print_console_tails, remove_work, skip, step, wait_until)
+
 BOOT_TIMEOUT = 120.0
-CALL_TIMEOUT = 60.0
-
-
-def host_tsc_khz():
-    """Host TSC frequency, which is also the guest's under TCG, from
-    /proc/cpuinfo (good enough where the CPU has a constant, known TSC)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return None
-    flags = next((l for l in info.splitlines() if l.startswith("flags")), "")
-    mhz = next((l.split(":")[1] for l in info.splitlines() if l.startswith("cpu MHz")), None)
-    if mhz is None or "constant_tsc" not in flags.split():
-        return None
-    return round(float(mhz) * 1000)
-
-
-def default_append():
-    # Without tsc_early_khz a loaded host often makes the guest's PIT-based
-    # TSC calibration fail under TCG; the kernel then spins forever in
-    # calibrate_delay() (microvm has no HPET/PM timer to fall back on).
-    append = "console=ttyS0 quiet panic=-1"
-    khz = host_tsc_khz()
-    return f"{append} tsc_early_khz={khz}" if khz else append
-
-
-APPEND = os.environ.get("KILN_SMOKE_APPEND") or default_append()
-
-
-def qemu_argv(guest, work, name, no_reboot=True, incoming=None):
-    """The command line kilnd uses for a plain microvm pool VM."""
-    argv = [
-        QEMU,
-        "-M", "microvm,acpi=on",
-        "-accel", "tcg,tb-size=64",
-        "-cpu", "max",
-        "-m", "128",
-        "-smp", "1",
-        "-nodefaults", "-no-user-config", "-nographic",
-        "-kernel", os.path.join(guest, "vmlinuz"),
-        "-initrd", os.path.join(guest, "initramfs"),
-        "-append", APPEND,
-        "-serial", f"file:{work}/{name}-console.log",
-        "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent,path={work}/{name}-agent.sock,server=on,wait=off",
-        "-device", "virtserialport,chardev=agent,name=io.kiln.agent.0",
-        "-qmp", f"unix:{work}/{name}-qmp.sock,server=on,wait=off",
-    ]
-    if no_reboot:
-        argv.append("-no-reboot")
-    if incoming:
-        argv += ["-incoming", incoming]
-    return argv
-
-
-class Failure(Exception):
-    pass
-
-
-def check(cond, what):
-    if not cond:
-        raise Failure(what)
-
-
-def connect_unix(path, timeout=10.0):
-    """Connects to a socket QEMU is about to create (it may not listen yet)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if time.monotonic() > deadline:
-                raise Failure(f"cannot connect to {path}")
-            time.sleep(0.005)
-
-
-class Agent:
-    """A varlink client on the agent's chardev socket."""
-
-    def __init__(self, path):
-        self.sock = connect_unix(path)
-        self.buf = b""
-        self.nonce = int(time.time() * 1000) % 1_000_000 * 1000
-
-    def close(self):
-        self.sock.close()
-
-    def send(self, method, parameters=None, **extra):
-        msg = {"method": method}
-        if parameters is not None:
-            msg["parameters"] = parameters
-        msg.update(extra)
-        self.sock.sendall(json.dumps(msg).encode() + b"\0")
-
-    def recv(self, timeout=CALL_TIMEOUT):
-        deadline = time.monotonic() + timeout
-        while b"\0" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Failure("timed out waiting for a reply")
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except socket.timeout:
-                continue
-            if not chunk:
-                raise Failure("agent socket closed")
-            self.buf += chunk
-        frame, self.buf = self.buf.split(b"\0", 1)
-        return json.loads(frame)
-
-    def call(self, method, parameters=None, timeout=CALL_TIMEOUT):
-        self.send(method, parameters)
-        return self.recv(timeout)
-
-    def ok(self, method, parameters=None, timeout=CALL_TIMEOUT):
-        reply = self.call(method, parameters, timeout)
-        check("error" not in reply, f"{method} failed: {reply}")
-        return reply.get("parameters", {})
-
-    def sync_ping(self, timeout=CALL_TIMEOUT):
-        """Ping with a fresh nonce, skipping stale replies (how kilnd syncs)."""
-        self.nonce += 1
-        nonce = self.nonce
-        # A lone NUL first ends any partial frame left by an earlier client.
-        self.sock.sendall(b"\0")
-        self.send("io.kiln.Agent.Ping", {"nonce": nonce})
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self.recv(max(0.1, deadline - time.monotonic()))
-            if reply.get("parameters", {}).get("nonce") == nonce:
-                return reply["parameters"]
-
-    def exec(self, argv, **kw):
-        return self.ok("io.kiln.Agent.Exec", {"argv": argv, **kw})
-
-
-class Qmp:
-    def __init__(self, path):
-        self.sock = connect_unix(path)
-        self.file = self.sock.makefile("rwb")
-        self._read()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise Failure("QMP closed")
-            msg = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def cmd(self, name, **args):
-        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self.file.flush()
-        reply = self._read()
-        check("error" not in reply, f"QMP {name}: {reply}")
-        return reply.get("return")
-
-    def close(self):
-        self.sock.close()
-
-
-def print_console_tails(work, lines=30):
-    """After a failure: the end of every VM console log in `work`, to stderr."""
-    for log in sorted(os.listdir(work)):
-        if log.endswith("console.log"):
-            print(f"--- {log} (last {lines} lines)", file=sys.stderr)
-            with open(os.path.join(work, log), errors="replace") as f:
-                print("".join(f.readlines()[-lines:]), file=sys.stderr)
-
-
-def kill_all(procs):
-    """SIGKILL and reap every QEMU a smoke test started that still runs."""
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def remove_work(test, work):
-    """Remove a smoke test's work dir, unless KILN_SMOKE_KEEP asks to keep it."""
-    if os.environ.get("KILN_SMOKE_KEEP"):
-        print(f"{test}: kept {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def step(name):
-    print(f"--- {name}", flush=True)
 
 
 def run(guest, work, procs):
@@ -234,7 +40,7 @@ def run(guest, work, procs):
     print(f"    kernel command line: {APPEND}")
     step("boot: QEMU launch to first Ping reply")
     t0 = time.monotonic()
-    vm = subprocess.Popen(qemu_argv(guest, work, "vm", no_reboot=False), stdin=subprocess.DEVNULL)
+    vm = subprocess.Popen(microvm_argv(guest, work, "vm", no_reboot=False), stdin=subprocess.DEVNULL)
     procs.append(vm)
     agent = Agent(f"{work}/vm-agent.sock")
     ping = agent.sync_ping(BOOT_TIMEOUT)
@@ -272,32 +78,45 @@ def run(guest, work, procs):
     r = agent.exec(["sh", "-c", "sleep 1000 & echo started"])
     check(r["stdout"] == "started\n", f"background: {r}")
     agent.exec(["sh", "-c", "sleep 0.2 & exit 0"])
-    time.sleep(0.5)
-    agent.ok("io.kiln.Agent.Ping", {})
-    r = agent.exec(["ps", "-o", "pid,stat,args"])
-    check("sleep 1000" in r["stdout"], f"background process gone: {r['stdout']}")
-    zombies = [l for l in r["stdout"].splitlines()[1:] if l.split()[1].startswith("Z")]
-    check(not zombies, f"zombies: {zombies}")
+
+    def processes():
+        return agent.exec(["ps", "-o", "pid,stat,args"])["stdout"]
+
+    def zombies(ps):
+        return [l for l in ps.splitlines()[1:] if l.split()[1].startswith("Z")]
+
+    def reaped():
+        """The process list once the orphaned `sleep 0.2` has exited and
+        been reaped (as a zombie it shows as "[sleep]") and no zombie is
+        left, else None."""
+        ps = processes()
+        return ps if "sleep 0.2" not in ps and not zombies(ps) else None
+
+    ps = wait_until(reaped, timeout=10) or processes()
+    check("sleep 1000" in ps, f"background process gone: {ps}")
+    check(not zombies(ps), f"zombies: {zombies(ps)}")
 
     step("errors: ExecFailed, MethodNotFound, InvalidParameter")
-    r = agent.call("io.kiln.Agent.Exec", {"argv": ["/no/such/program"]})
+    r = agent.request("io.kiln.Agent.Exec", {"argv": ["/no/such/program"]})
     check(r.get("error") == "io.kiln.Agent.ExecFailed" and r["parameters"]["message"], f"{r}")
-    r = agent.call("io.kiln.Agent.Fly", {})
+    r = agent.request("io.kiln.Agent.Fly", {})
     check(r == {"error": "org.varlink.service.MethodNotFound",
                 "parameters": {"method": "io.kiln.Agent.Fly"}}, f"{r}")
-    r = agent.call("io.kiln.Agent.Exec", {"argv": "uname"})
+    r = agent.request("io.kiln.Agent.Exec", {"argv": "uname"})
     check(r == {"error": "org.varlink.service.InvalidParameter",
                 "parameters": {"parameter": "argv"}}, f"{r}")
-    r = agent.call("io.kiln.Agent.Exec", {"argv": ["true"], "timeoutMs": "x"})
+    r = agent.request("io.kiln.Agent.Exec", {"argv": ["true"], "timeoutMs": "x"})
     check(r.get("parameters") == {"parameter": "timeoutMs"}, f"{r}")
 
     step("introspection: GetInfo, GetInterfaceDescription")
-    info = agent.ok("org.varlink.service.GetInfo")
+    info = agent.call("org.varlink.service.GetInfo")
     check("io.kiln.Agent" in info["interfaces"], f"{info}")
-    desc = agent.ok("org.varlink.service.GetInterfaceDescription", {"interface": "io.kiln.Agent"})
+    desc = agent.call("org.varlink.service.GetInterfaceDescription", {"interface": "io.kiln.Agent"})
     idl = open(os.path.join(REPO, "guest", "io.kiln.Agent.varlink")).read()
     check(desc["description"] == idl, "served IDL differs from guest/io.kiln.Agent.varlink")
-    if shutil.which("varlinkctl"):
+    if not shutil.which("varlinkctl"):
+        skip("varlinkctl against the agent: varlinkctl is missing (make deps)")
+    else:
         agent.close()
         out = subprocess.run(["varlinkctl", "call", f"{work}/vm-agent.sock", "io.kiln.Agent.Exec",
                               json.dumps({"argv": ["echo", "via varlinkctl"]})],
@@ -310,10 +129,10 @@ def run(guest, work, procs):
         agent.sync_ping()
 
     step("SetIdentity")
-    r = agent.call("io.kiln.Agent.SetIdentity", {"machineId": "NOT-HEX"})
+    r = agent.request("io.kiln.Agent.SetIdentity", {"machineId": "NOT-HEX"})
     check(r.get("parameters") == {"parameter": "machineId"}, f"{r}")
     before = agent.exec(["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"])["stdout"]
-    agent.ok("io.kiln.Agent.SetIdentity", {
+    agent.call("io.kiln.Agent.SetIdentity", {
         "hostname": "vm-7",
         "machineId": "0123456789abcdef0123456789abcdef",
         "entropyHex": os.urandom(32).hex(),
@@ -334,9 +153,10 @@ def run(guest, work, procs):
     # may see the data before it learns the host is connected again.
     for i in range(20):
         agent = Agent(f"{work}/vm-agent.sock")
-        r = agent.call("io.kiln.Agent.Ping", {"nonce": i}, timeout=10)
+        r = agent.request("io.kiln.Agent.Ping", {"nonce": i}, timeout=10)
         check(r.get("parameters", {}).get("nonce") == i, f"quick reconnect {i}: {r}")
         agent.close()
+        # Pacing, not a wait: reconnects at varied short intervals are the test.
         time.sleep((i % 4) * 0.005)
     # A large call (several virtio buffers) on a fresh connection.
     agent = Agent(f"{work}/vm-agent.sock")
@@ -348,6 +168,8 @@ def run(guest, work, procs):
     # partial frame once the host stayed away for a second.
     agent = Agent(f"{work}/vm-agent.sock")
     agent.sock.sendall(b'{"method":"io.kiln.Agent.Pi')   # cut short
+    # Pacing, not waits: the fragment reaches the guest, then the host
+    # stays away past the agent's 1 s limit, which is what is tested.
     time.sleep(0.3)
     agent.close()
     time.sleep(1.5)
@@ -364,6 +186,7 @@ def run(guest, work, procs):
     # A disconnect while a command runs: its reply is dropped, the agent lives on.
     agent.send("io.kiln.Agent.Exec", {"argv": ["sleep", "1"]})
     agent.close()
+    # Pacing: the command must end while no host is connected.
     time.sleep(2)
     agent = Agent(f"{work}/vm-agent.sock")
     agent.sync_ping()
@@ -377,7 +200,7 @@ def run(guest, work, procs):
         check(time.monotonic() < deadline, "migration did not complete")
         time.sleep(0.05)
     t = time.monotonic()
-    clone = subprocess.Popen(qemu_argv(guest, work, "clone", incoming=f"file:{work}/state"),
+    clone = subprocess.Popen(microvm_argv(guest, work, "clone", incoming=f"file:{work}/state"),
                              stdin=subprocess.DEVNULL)
     procs.append(clone)
     # The source was paused when saved, so the clone comes up paused too.
@@ -392,7 +215,7 @@ def run(guest, work, procs):
     check(cping["bootId"] == boot_id, "clone has another boot id")
     r = cagent.exec(["hostname"])
     check(r["stdout"] == "vm-7\n", f"clone exec: {r}")
-    cagent.ok("io.kiln.Agent.Shutdown")
+    cagent.call("io.kiln.Agent.Shutdown")
     cagent.close()
     check(clone.wait(60) == 0, "clone QEMU did not exit cleanly")
     qmp.cmd("cont")
@@ -401,7 +224,7 @@ def run(guest, work, procs):
     agent.sync_ping()
 
     step("Reboot: boot id changes")
-    agent.ok("io.kiln.Agent.Reboot")
+    agent.call("io.kiln.Agent.Reboot")
     agent.close()
     deadline = time.monotonic() + BOOT_TIMEOUT
     while True:
@@ -419,7 +242,7 @@ def run(guest, work, procs):
     check(ping["hostname"] == "kiln", "hostname after reboot")
 
     step("Shutdown: QEMU exits")
-    agent.ok("io.kiln.Agent.Shutdown")
+    agent.call("io.kiln.Agent.Shutdown")
     agent.close()
     check(vm.wait(60) == 0, f"QEMU exit status {vm.returncode}")
     return boot_s

@@ -25,7 +25,6 @@ failure; QEMU processes and the work directory are always cleaned up.
 
 import base64
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -33,15 +32,9 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-
-# The agent client, the TSC handling and the failure type are
-# boot-smoke.py's: one implementation of the protocol in the tests.
-_spec = importlib.util.spec_from_file_location("boot_smoke", os.path.join(HERE, "boot-smoke.py"))
-smoke = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(smoke)
-Agent, Failure, check, step = smoke.Agent, smoke.Failure, smoke.check, smoke.step
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests/lib"))
+from kiln_testlib import (APPEND, QEMU, REPO, Agent, Failure, check, kill_all,  # noqa: E402
+                          print_console_tails, remove_work, step)
 
 BOOT_TIMEOUT = 180.0
 PROBE_IN_GUEST = "/tmp/gpu-probe"
@@ -51,7 +44,7 @@ TRIPLE = "x86_64-unknown-linux-gnu"
 def qemu_argv(guest, work, name, gpu_args):
     """A GPU VM as kilnd will start it: q35, PCI virtio devices."""
     return [
-        smoke.QEMU,
+        QEMU,
         "-M", "q35",
         "-accel", "tcg,tb-size=64",
         "-cpu", "max",
@@ -60,7 +53,7 @@ def qemu_argv(guest, work, name, gpu_args):
         "-nodefaults", "-no-user-config",
         "-kernel", os.path.join(guest, "vmlinuz"),
         "-initrd", os.path.join(guest, "initramfs"),
-        "-append", smoke.APPEND,
+        "-append", APPEND,
         "-serial", f"file:{work}/{name}-console.log",
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent,path={work}/{name}-agent.sock,server=on,wait=off",
@@ -120,7 +113,7 @@ def boot(guest, work, procs, name, gpu_args):
 
 
 def shutdown(vm, agent):
-    agent.ok("io.kiln.Agent.Shutdown")
+    agent.call("io.kiln.Agent.Shutdown")
     agent.close()
     check(vm.wait(60) == 0, f"QEMU exit status {vm.returncode}")
 
@@ -240,9 +233,9 @@ def run_virgl(guest, work, procs, probe):
     if not nodes:
         print("    SKIPPED: no /dev/dri/renderD* on this host")
         return "skipped"
-    devices = subprocess.run([smoke.QEMU, "-device", "help"], capture_output=True, text=True).stdout
+    devices = subprocess.run([QEMU, "-device", "help"], capture_output=True, text=True).stdout
     check("virtio-gpu-gl-pci" in devices,
-          f"{nodes[0]} exists but {smoke.QEMU} has no virtio-gpu-gl-pci "
+          f"{nodes[0]} exists but {QEMU} has no virtio-gpu-gl-pci "
           "(Debian: install qemu-system-modules-opengl)")
     node = nodes[0]
     print(f"    using {node}")
@@ -271,18 +264,18 @@ def main():
     procs = []
     t0 = time.monotonic()
     try:
-        print(f"    kernel command line: {smoke.APPEND}")
+        print(f"    kernel command line: {APPEND}")
         probe = build_probe()
         run_2d(guest, work, procs, probe)
         virgl = run_virgl(guest, work, procs, probe)
         print(f"gpu-smoke: PASS (virtio-gpu 2D passed, virgl {virgl}) in {time.monotonic() - t0:.1f} s")
     except (Failure, subprocess.CalledProcessError) as e:
         print(f"gpu-smoke: FAIL: {e}", file=sys.stderr)
-        smoke.print_console_tails(work)
+        print_console_tails(work)
         sys.exit(1)
     finally:
-        smoke.kill_all(procs)
-        smoke.remove_work("gpu-smoke", work)
+        kill_all(procs)
+        remove_work("gpu-smoke", work)
 
 
 if __name__ == "__main__":

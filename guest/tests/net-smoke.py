@@ -27,7 +27,6 @@ Environment: KILN_QEMU, KILN_SMOKE_APPEND, KILN_SMOKE_KEEP=1, CARGO,
 CARGO_TARGET_DIR (see boot-smoke.py).
 """
 
-import importlib.util
 import json
 import os
 import socket
@@ -38,13 +37,11 @@ import tempfile
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests/lib"))
+from kiln_testlib import (REPO, Agent, Failure, Qmp, check, microvm_argv,  # noqa: E402
+                          print_console_tails, remove_work, skip, step)
 
-_spec = importlib.util.spec_from_file_location("boot_smoke", os.path.join(HERE, "boot-smoke.py"))
-bs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bs)
-Failure, check, step, Agent, Qmp = bs.Failure, bs.check, bs.step, bs.Agent, bs.Qmp
+BOOT_TIMEOUT = 120.0
 
 SUBNET_PREFIX = "10.77.0"
 GATEWAY = f"{SUBNET_PREFIX}.1"
@@ -163,7 +160,7 @@ class Env:
     def start_vm(self, name, vm_id, mac, incoming=None):
         """QEMU on the guest image with the agent port and one NIC whose
         TAP knet creates and passes as an inherited descriptor."""
-        argv = bs.qemu_argv(self.guest, self.work, name, no_reboot=True, incoming=incoming)
+        argv = microvm_argv(self.guest, self.work, name, no_reboot=True, incoming=incoming)
         argv += ["-netdev", "tap,id=net0,fd={fd}",
                  "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
         cmd = [self.knet_bin, "--netns", f"/run/netns/{self.ns}", "--bridge", self.bridge,
@@ -189,8 +186,8 @@ def configure(agent, mac, address, previous=None):
     if previous:
         iface["previousMac"] = previous
     t0 = time.monotonic()
-    r = agent.ok("io.kiln.Agent.ConfigureNetwork",
-                 {"interfaces": [iface], "gateway": GATEWAY, "dns": [GATEWAY]})
+    r = agent.call("io.kiln.Agent.ConfigureNetwork",
+                   {"interfaces": [iface], "gateway": GATEWAY, "dns": [GATEWAY]})
     return r, (time.monotonic() - t0) * 1000
 
 
@@ -235,7 +232,7 @@ def run(env):
     print(f"    TAP create + attach + exec QEMU: {tap_s * 1000:.0f} ms (knet process included)")
     agent = Agent(f"{env.work}/a-agent.sock")
     t0 = time.monotonic()
-    agent.sync_ping(bs.BOOT_TIMEOUT)
+    agent.sync_ping(BOOT_TIMEOUT)
     print(f"    first Ping after {time.monotonic() - t0:.1f} s")
     details = env.run(["ip", "-d", "link", "show", "dev", info["tap"]], ns=env.ns).stdout
     check("vnet_hdr on persist on" in details and f"master {env.bridge}" in details, details)
@@ -258,13 +255,13 @@ def run(env):
           and f"nameserver {GATEWAY}" in out and "LOOPBACK,UP" in out, f"guest config: {out}")
 
     step("bad ConfigureNetwork calls are named errors")
-    r = agent.call("io.kiln.Agent.ConfigureNetwork",
-                   {"interfaces": [{"mac": "02:00:00:00:00:99", "address": "10.77.0.9", "prefixLength": 24}]},
-                   timeout=30)
+    r = agent.request("io.kiln.Agent.ConfigureNetwork",
+                      {"interfaces": [{"mac": "02:00:00:00:00:99", "address": "10.77.0.9", "prefixLength": 24}]},
+                      timeout=30)
     check(r.get("error") == "io.kiln.Agent.NoSuchInterface"
           and r["parameters"] == {"mac": "02:00:00:00:00:99"}, f"{r}")
-    r = agent.call("io.kiln.Agent.ConfigureNetwork",
-                   {"interfaces": [{"mac": mac_a, "address": addr_a, "prefixLength": 24}], "gateway": "10.78.0.1"})
+    r = agent.request("io.kiln.Agent.ConfigureNetwork",
+                      {"interfaces": [{"mac": mac_a, "address": addr_a, "prefixLength": 24}], "gateway": "10.78.0.1"})
     check(r.get("error") == "org.varlink.service.InvalidParameter"
           and r["parameters"] == {"parameter": "gateway"}, f"{r}")
 
@@ -345,7 +342,7 @@ def run(env):
     r = env.knet("reconcile", b_id)
     check(r == {"taps": [], "forwards": []}, f"reconcile: {r}")
     ping_ok(env, addr_b)
-    agent_b.ok("io.kiln.Agent.Shutdown")
+    agent_b.call("io.kiln.Agent.Shutdown")
     check(vm_b.wait(60) == 0, "clone QEMU did not exit cleanly")
     r = env.knet("reconcile")
     check(r["taps"] == [f"kt{b_id}0"], f"reconcile after b: {r}")
@@ -356,7 +353,11 @@ def main():
         HELPERS[sys.argv[1]](*sys.argv[2:])
         return
     if os.geteuid() != 0:
-        sys.exit("net-smoke: needs root (network namespaces, TAPs, nftables)")
+        try:
+            skip("the network smoke test needs root (network namespaces, TAPs, nftables)")
+        except Failure as e:
+            sys.exit(f"net-smoke: FAIL: {e}")
+        return
     guest = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(REPO, "target", "guest"))
     for f in ("vmlinuz", "initramfs"):
         if not os.path.exists(os.path.join(guest, f)):
@@ -375,11 +376,11 @@ def main():
         ours = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == os.path.abspath(__file__)]
         where = f" (at net-smoke.py:{ours[-1].lineno}: {ours[-1].line})" if ours else ""
         print(f"net-smoke: FAIL: {e!r}{where}", file=sys.stderr)
-        bs.print_console_tails(work)
+        print_console_tails(work)
         sys.exit(1)
     finally:
         env.cleanup()
-        bs.remove_work("net-smoke", work)
+        remove_work("net-smoke", work)
 
 
 if __name__ == "__main__":

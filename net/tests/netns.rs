@@ -3,7 +3,7 @@
 //! (`ip netns add kiln-t-<random>`) and deletes on drop, so the host's own
 //! interfaces and rules are never touched. Needs root (CAP_NET_ADMIN,
 //! CAP_SYS_ADMIN for setns), `ip` and `nft`; without root every test says
-//! it was skipped.
+//! it was skipped (and fails in CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -16,73 +16,35 @@ use kiln_net::{
     create_tap_in, delete_tap_in, ForwardOutcome, IpamError, NetConfig, NetError, Network,
     PortForward, Removal, TapError, TapOutcome, TapOwner,
 };
+use kiln_testkit::{random_hex, Netns};
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
+/// Every test here starts with it: without root it is skipped (a failure
+/// in CI).
 macro_rules! require_root {
     () => {
-        if !is_root() {
-            eprintln!("SKIPPED: needs root (network namespaces, TAPs, nftables)");
+        if !kiln_testkit::require_root("network namespaces, TAPs, nftables") {
             return;
         }
     };
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
-        .unwrap();
-    buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn vm_id() -> String {
     random_hex(6)
 }
 
-/// A network namespace for one test, deleted on drop (which also deletes
-/// every link in it, persistent TAPs included, once nothing holds them).
-struct TestNs {
-    name: String,
+/// The kit's network namespace, with what these tests ask of it.
+struct TestNs(Netns);
+
+impl std::ops::Deref for TestNs {
+    type Target = Netns;
+    fn deref(&self) -> &Netns {
+        &self.0
+    }
 }
 
 impl TestNs {
     fn new() -> Self {
-        let name = format!("kiln-t-{}", random_hex(4));
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip netns add: {out:?}");
-        let ns = Self { name };
-        ns.sh(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// Runs a command inside the namespace; returns (success, stdout+stderr).
-    fn run(&self, argv: &[&str]) -> (bool, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(argv)
-            .output()
-            .unwrap();
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
-    }
-
-    /// Runs a command inside the namespace that must succeed; its output.
-    fn sh(&self, argv: &[&str]) -> String {
-        let (ok, text) = self.run(argv);
-        assert!(ok, "{argv:?} failed: {text}");
-        text
+        Self(Netns::new())
     }
 
     fn config(&self) -> NetConfig {
@@ -104,14 +66,6 @@ impl TestNs {
 
     fn link_exists(&self, name: &str) -> bool {
         self.run(&["ip", "link", "show", "dev", name]).0
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
     }
 }
 
@@ -561,7 +515,7 @@ async fn tap_in_a_named_namespace_for_cni() {
     // Something else with the name is left alone.
     let veth = format!("cniv{}", random_hex(3));
     let ok = std::process::Command::new("ip")
-        .args(["-n", &ns.name, "link", "add", &veth, "type", "veth"])
+        .args(["-n", ns.name(), "link", "add", &veth, "type", "veth"])
         .status()
         .unwrap()
         .success();

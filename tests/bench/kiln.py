@@ -1,20 +1,24 @@
-"""Clients and fixtures the benchmark scenarios share.
+"""Fixtures the benchmark scenarios share.
 
-A release kilnd in a temp dir with a private dbus-daemon (`Kilnd`), a
-minimal varlink client on one persistent connection (`VarlinkConnection`),
-the guest agent's Ping (`agent_ping`), a small QMP client (`Qmp`) and pool
-polling helpers. Nothing here measures; the scenario modules do.
+A release kilnd in a temp dir with a private dbus-daemon (`Kilnd`) and pool
+polling helpers. The protocol clients (varlink on one persistent
+connection, the guest agent's Ping, QMP) and `find_child` are
+tests/lib/kiln_testlib.py's, re-exported here: this module is the
+benchmark's one import of that library. Nothing here measures; the
+scenario modules do.
 """
 import glob
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../lib"))
+from kiln_testlib import Qmp, VarlinkConnection, agent_ping, find_child  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
@@ -35,94 +39,6 @@ def varlinkctl(sock, method, params):
     if out.returncode != 0:
         raise RuntimeError(f"{method}: {out.stderr.strip()} {out.stdout.strip()}")
     return json.loads(out.stdout)
-
-
-def connect_unix(path, deadline, pause=0.002):
-    """Connect to a unix socket, retrying until it exists or `deadline`."""
-    while True:
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(path)
-            return s
-        except OSError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{path} never accepted a connection")
-            time.sleep(pause)
-
-
-def agent_ping(path, deadline):
-    """Connect to a QEMU agent socket and wait for the first Ping reply."""
-    s = connect_unix(path, deadline)
-    s.settimeout(max(0.1, deadline - time.monotonic()))
-    s.sendall(json.dumps({"method": "io.kiln.Agent.Ping", "parameters": {"nonce": 1}}).encode() + b"\0")
-    buf = b""
-    while not buf.endswith(b"\0"):
-        chunk = s.recv(65536)
-        if not chunk:
-            raise RuntimeError("agent closed the connection")
-        buf += chunk
-    s.close()
-    return json.loads(buf[:-1])
-
-
-class VarlinkError(RuntimeError):
-    """A varlink error reply; `name` is the error's name."""
-
-    def __init__(self, method, reply):
-        super().__init__(f"{method}: {reply}")
-        self.name = reply.get("error", "")
-
-
-class VarlinkConnection:
-    """A minimal varlink client: one socket, NUL-framed JSON, in order."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.buf = b""
-
-    def call(self, method, params=None):
-        if "." not in method:
-            method = f"io.kiln.Manager.{method}"
-        self.sock.sendall(json.dumps({"method": method, "parameters": params or {}}).encode() + b"\0")
-        while b"\0" not in self.buf:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                raise RuntimeError("kilnd closed the connection")
-            self.buf += chunk
-        frame, self.buf = self.buf.split(b"\0", 1)
-        reply = json.loads(frame)
-        if "error" in reply:
-            raise VarlinkError(method, reply)
-        return reply.get("parameters", {})
-
-    def close(self):
-        self.sock.close()
-
-
-class Qmp:
-    """QMP on a unix socket: capabilities negotiated, events skipped."""
-
-    def __init__(self, path, deadline):
-        self.sock = connect_unix(path, deadline, pause=0.001)
-        self.file = self.sock.makefile("rwb")
-        self._read()
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while True:
-            msg = json.loads(self.file.readline())
-            if "event" not in msg:
-                return msg
-
-    def cmd(self, name, **args):
-        self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self.file.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise RuntimeError(f"QMP {name}: {reply}")
-        return reply.get("return")
 
 
 def describe_pool(conn, name):
@@ -212,7 +128,7 @@ class Kilnd:
                     f'boot_timeout_sec = 180\npool_dirs = []\n'
                     f'dbus = "{self.bus_address}"\npolkit = false\n'
                     # The engine logs its share of each hot acquire at debug.
-                    f'log_level = "info,kiln_engine::engine::pools=debug"\n{self.extra_config}')
+                    f'log_level = "info,kiln_engine::actor::pools=debug"\n{self.extra_config}')
         self.log = open(os.path.join(self.work, "kilnd.log"), "w")
         self.proc = subprocess.Popen(self.wrap + [KILND, "--config", config], stdout=self.log,
                                      stderr=self.log)

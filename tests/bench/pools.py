@@ -42,7 +42,7 @@ def raw_restore(argv, run_dir, template_dir):
     t0 = time.monotonic()
     qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        qmp = Qmp(os.path.join(run_dir, "qmp.sock"), t0 + 30)
+        qmp = Qmp(os.path.join(run_dir, "qmp.sock"), timeout=30, pause=0.001)
         qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
         qmp.cmd("migrate-incoming", uri=f"file:{template_dir}/state")
         while qmp.cmd("query-status")["status"] == "inmigrate":

@@ -31,7 +31,7 @@ import subprocess
 import time
 
 import procfs
-from kiln import TARGET, agent_ping, argv_of, log
+from kiln import TARGET, agent_ping, argv_of, find_child, log
 
 CACHE = os.path.join(TARGET, "bench", "cache")
 SUITE = "trixie"
@@ -121,7 +121,7 @@ class Container:
         while self.leader is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the container did not start (see {self.console.name})")
-            self.leader = self._find_leader()
+            self.leader = find_child(self.proc.pid, "systemd")
             time.sleep(0.1)
         state = ""
         while state not in ("running", "degraded"):
@@ -130,18 +130,6 @@ class Container:
             time.sleep(0.2)
             r = self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=120)
             state = r.stdout.strip()
-
-    def _find_leader(self):
-        for task in glob.glob(f"/proc/{self.proc.pid}/task/*/children"):
-            with open(task) as f:
-                for pid in f.read().split():
-                    try:
-                        with open(f"/proc/{pid}/comm") as c:
-                            if c.read().strip() == "systemd":
-                                return int(pid)
-                    except OSError:
-                        pass
-        return None
 
     def nsenter(self, argv):
         return ["nsenter", "-t", str(self.leader), "-a", "env", "-i", *ENV, *argv]

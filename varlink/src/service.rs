@@ -3,6 +3,7 @@
 use std::pin::Pin;
 
 use futures_util::stream::{self, Stream, StreamExt};
+use kiln_engine::error::ErrorName;
 use kiln_engine::{EngineError, EngineEvent, EngineHandle};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -48,22 +49,28 @@ impl ErrorReply {
         )
     }
 
+    /// `io.kiln.Manager.<name>`: every name of the engine's one list
+    /// ([`ErrorName`]), with the parameters the IDL declares for it.
+    fn kiln(name: ErrorName, parameters: Value) -> Self {
+        Self::new(format!("{INTERFACE}.{name}"), parameters)
+    }
+
     fn permission_denied(method: &str) -> Self {
-        Self::new(
-            format!("{INTERFACE}.PermissionDenied"),
+        Self::kiln(
+            ErrorName::PermissionDenied,
             json!({ "message": format!("{method} needs root or membership in the kiln group") }),
         )
     }
 }
 
-/// The one mapping of engine errors to varlink error names.
+/// The one mapping of engine errors to varlink errors.
 impl From<EngineError> for ErrorReply {
     fn from(e: EngineError) -> Self {
         let parameters = match &e {
             EngineError::NoSuchVM(id) => json!({ "id": id }),
             _ => json!({ "message": e.message() }),
         };
-        Self::new(format!("{INTERFACE}.{}", e.name()), parameters)
+        Self::kiln(e.error_name(), parameters)
     }
 }
 

@@ -1,13 +1,49 @@
-//! A kilnd without D-Bus, driven through its varlink socket with the real
-//! `varlinkctl`.
+//! kilnd over varlink with the real `varlinkctl`.
 
 use std::process::Command;
 
 use serde_json::Value;
 
-use super::Kilnd;
+use crate::{command_as, Kilnd};
 
-/// A kilnd (no D-Bus) driven through its varlink socket.
+/// `varlinkctl call` of `method` with `params` (JSON) at `address`, as
+/// `uid` (None: ourselves). Ok(reply) or Err((error name, error parameters)).
+pub fn varlinkctl_call(
+    uid: Option<u32>,
+    address: &str,
+    method: &str,
+    params: &str,
+) -> Result<Value, (String, Value)> {
+    let out = command_as(uid, "varlinkctl")
+        .args(["call", "--json=short", address, method, params])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+    if out.status.success() {
+        return Ok(value);
+    }
+    // varlinkctl prints "Method call <method>() failed: <error name>".
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let name = stderr
+        .rsplit("failed: ")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    Err((name, value))
+}
+
+/// Whether `method` (no parameters) succeeds at `address`.
+pub fn varlinkctl_ok(address: &str, method: &str) -> bool {
+    Command::new("varlinkctl")
+        .args(["call", address, method, "{}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A kilnd without D-Bus, driven through its varlink socket.
+#[derive(Debug)]
 pub struct Daemon {
     pub kilnd: Kilnd,
 }
@@ -24,13 +60,14 @@ impl Daemon {
         daemon
     }
 
-    /// Not started yet (to add pool files first).
+    /// Not started yet (to add pool files or config first).
     pub fn new(extra_config: &str) -> Self {
         Self {
             kilnd: Kilnd::new(&format!("dbus = \"none\"\n{extra_config}")),
         }
     }
 
+    /// Start kilnd; returns once varlink answers.
     pub fn spawn(&mut self) {
         let address = self.address();
         self.kilnd
@@ -60,32 +97,17 @@ impl Daemon {
         method: &str,
         params: &str,
     ) -> Result<Value, (String, Value)> {
-        let mut command = super::command_as(uid, "varlinkctl");
-        let out = command
-            .args(["call", "--json=short", &self.address(), method, params])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
-        if out.status.success() {
-            return Ok(value);
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let name = stderr
-            .rsplit("failed: ")
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_owned();
-        Err((name, value))
+        varlinkctl_call(uid, &self.address(), method, params)
     }
 
+    /// `io.kiln.Manager.<method>` that must succeed; its reply.
     pub fn ok(&self, method: &str, params: Value) -> Value {
         let method = format!("io.kiln.Manager.{method}");
         self.call(&method, params.clone())
             .unwrap_or_else(|e| panic!("{method} {params}: {e:?}\n{}", self.log()))
     }
 
+    /// `io.kiln.Manager.<method>` that must fail; the error's name.
     pub fn err(&self, method: &str, params: Value) -> String {
         let method = format!("io.kiln.Manager.{method}");
         match self.call(&method, params) {
@@ -93,11 +115,4 @@ impl Daemon {
             Err((name, _)) => name,
         }
     }
-}
-
-pub fn varlinkctl_ok(address: &str, method: &str) -> bool {
-    Command::new("varlinkctl")
-        .args(["call", address, method, "{}"])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }

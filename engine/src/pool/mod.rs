@@ -10,7 +10,9 @@
 //! This module holds the schema, reads and validates definitions, and
 //! defines what callers see of a pool ([`PoolInfo`]); keeping pools filled
 //! is the engine's job (`engine/pools.rs`), templates live in
-//! [`crate::template`].
+//! [`crate::pool::template`].
+
+pub mod template;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

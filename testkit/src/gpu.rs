@@ -1,9 +1,7 @@
-//! A fabricated host for the integration tests: a sysfs tree
-//! (`class/drm/renderD*` links into `devices/pci…`, vendor/device/numa
-//! files, driver and subsystem links) and a `/dev/dri` with real character
-//! device nodes made by `mknod`. Needs root (mknod); the temp dir goes away
-//! with the fixture even when a test fails.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! A fabricated GPU host: a sysfs tree (`class/drm/renderD*` links into
+//! `devices/pci…`, vendor/device/numa files, driver and subsystem links)
+//! and a `/dev/dri` with real character device nodes made by `mknod`
+//! (root only).
 
 use std::ffi::CString;
 use std::fs;
@@ -11,17 +9,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// True if the tests can mknod; otherwise they print why they skip.
-pub fn root_or_skip(test: &str) -> bool {
-    // SAFETY: plain syscall.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    eprintln!("SKIPPED {test}: needs root (mknod, ACLs, setuid children)");
-    false
-}
-
-/// One fake GPU.
+/// One fake GPU; `None` leaves that sysfs file out.
+#[derive(Debug, Clone)]
 pub struct FakeGpu {
     pub index: u32,
     pub pci: &'static str,
@@ -32,6 +21,7 @@ pub struct FakeGpu {
 }
 
 impl FakeGpu {
+    /// An NVIDIA card on NUMA node 0.
     pub fn nvidia(index: u32, pci: &'static str) -> Self {
         Self {
             index,
@@ -42,6 +32,8 @@ impl FakeGpu {
             numa: Some("0"),
         }
     }
+
+    /// An AMD card without NUMA affinity (-1).
     pub fn amd(index: u32, pci: &'static str) -> Self {
         Self {
             index,
@@ -54,34 +46,52 @@ impl FakeGpu {
     }
 }
 
+/// `<root>/sys` and `<root>/dev` of a fabricated host; a temp root goes
+/// away with the fixture, also when a test fails.
+#[derive(Debug)]
 pub struct FakeHost {
-    pub dir: tempfile::TempDir,
+    root: PathBuf,
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl FakeHost {
+    /// A host with empty `sys/class/drm` and `dev/dri`, in a temp dir.
     pub fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut host = Self::in_dir(temp.path());
+        host._temp = Some(temp);
+        host
+    }
+
+    /// The same in `root` (created if missing), which the caller owns.
+    pub fn in_dir(root: &Path) -> Self {
+        fs::create_dir_all(root.join("sys/class/drm")).expect("class/drm");
+        fs::create_dir_all(root.join("dev/dri")).expect("dev/dri");
         // Children running as other uids must reach the nodes.
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
-        fs::create_dir_all(dir.path().join("sys/class/drm")).expect("class/drm");
-        fs::create_dir_all(dir.path().join("dev/dri")).expect("dev/dri");
-        Self { dir }
+        fs::set_permissions(root, fs::Permissions::from_mode(0o755)).expect("chmod");
+        Self {
+            root: root.to_owned(),
+            _temp: None,
+        }
     }
 
     /// A host without any DRM: no class/drm, no /dev/dri.
     pub fn bare() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        fs::create_dir_all(dir.path().join("sys/class")).expect("class");
-        fs::create_dir_all(dir.path().join("dev")).expect("dev");
-        Self { dir }
+        let temp = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(temp.path().join("sys/class")).expect("class");
+        fs::create_dir_all(temp.path().join("dev")).expect("dev");
+        Self {
+            root: temp.path().to_owned(),
+            _temp: Some(temp),
+        }
     }
 
     pub fn sysfs(&self) -> PathBuf {
-        self.dir.path().join("sys")
+        self.root.join("sys")
     }
 
     pub fn dev(&self) -> PathBuf {
-        self.dir.path().join("dev")
+        self.root.join("dev")
     }
 
     pub fn node_path(&self, index: u32) -> PathBuf {
@@ -132,6 +142,7 @@ impl FakeHost {
         self.mknod(&self.node_path(index), 226, index, 0o660);
     }
 
+    /// Both sides of `gpu`.
     pub fn add(&self, gpu: &FakeGpu) {
         self.add_sysfs(gpu);
         self.add_node(gpu.index);
@@ -153,6 +164,7 @@ impl FakeHost {
         let _ = fs::remove_file(self.node_path(index));
     }
 
+    /// A character device `major:minor` at `path` with exactly `mode`.
     pub fn mknod(&self, path: &Path, major: u32, minor: u32, mode: u32) {
         fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         let c = CString::new(path.as_os_str().as_bytes()).expect("path");
@@ -167,11 +179,17 @@ impl FakeHost {
         assert_eq!(
             rc,
             0,
-            "mknod {}: {}",
+            "mknod {} (needs root): {}",
             path.display(),
             std::io::Error::last_os_error()
         );
         // mknod's mode is filtered by the umask: set it exactly.
         fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+}
+
+impl Default for FakeHost {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -23,34 +23,37 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tracing::{debug, error, info, warn};
+// tokio's clock: virtual in tests that pause time, so back-off runs instantly.
+use tokio::time::Instant;
+use tracing::{error, info, warn};
 
-use super::{Engine, EngineEvent, Internal, Reply};
+mod leases;
+
+use super::{Engine, Internal};
+use crate::api::{EngineEvent, Reply, FAILED_AFTER, MAX_BACKOFF};
 use crate::error::EngineError;
-use crate::ids::now_usec;
-use crate::pool::{load_definitions, PoolDefinition, PoolInfo, PoolMode, PoolSpec, PoolState};
+use crate::pool::template::{self, Template};
+use crate::pool::{
+    load_definitions, PoolDefinition, PoolFileError, PoolInfo, PoolMode, PoolSpec, PoolState,
+};
 use crate::qemu::GuestMemory;
-use crate::spec::{validate_name, ResolvedSpec, MAX_NAME_LEN};
+use crate::spec::{ResolvedSpec, MAX_NAME_LEN};
 use crate::state::VmState;
-use crate::store::{write_atomic, Durability};
-use crate::template::{self, Template};
-use crate::vm::{Lease, VmInfo, VmRecord};
+use crate::store::write_atomic;
+use crate::vm::{VmInfo, VmRecord};
 
-/// Consecutive boot failures after which a pool is `failed`.
-pub const FAILED_AFTER: u32 = 5;
-/// Longest wait between boot attempts of a failing pool.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Longest `Acquire` timeout.
-pub const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(600);
-/// `Acquire` timeout when the caller names none.
-pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Most labels one lease may carry.
-pub const MAX_LABELS: usize = 32;
-/// Longest label value.
-pub const MAX_LABEL_VALUE_LEN: usize = 256;
+/// The actor's pool state.
+#[derive(Debug, Default)]
+pub(super) struct Pools {
+    by_name: BTreeMap<String, Pool>,
+    /// Pool files that were refused.
+    pub(super) errors: Vec<PoolFileError>,
+    /// Pool VM changes not yet acted on ([`Engine::settle_pools`]).
+    changes: Vec<PoolChange>,
+}
 
 /// A pool's live state in the actor.
 #[derive(Debug)]
@@ -105,7 +108,7 @@ struct Counts {
 
 /// How a pool VM's process is made.
 #[derive(Debug, Clone)]
-pub(super) enum BootSource {
+pub(crate) enum BootSource {
     /// Boot the kernel.
     Cold,
     /// Restore from a template.
@@ -124,7 +127,7 @@ impl Engine {
         for e in &errors {
             error!(path = %e.path.display(), reason = %e.reason, "pool definition refused");
         }
-        self.pool_errors = errors;
+        self.pools.errors = errors;
         template::remove_unfinished(&self.config.state_dir.join("templates"));
         for (name, definition) in definitions {
             self.insert_pool(name, definition);
@@ -137,7 +140,8 @@ impl Engine {
             if entry.record.lease.is_some() {
                 continue;
             }
-            let hot = entry.record.state == VmState::Ready && self.pools.contains_key(pool);
+            let hot =
+                entry.record.state() == VmState::Ready && self.pools.by_name.contains_key(pool);
             if !hot {
                 leftovers.push(id.clone());
             }
@@ -146,7 +150,7 @@ impl Engine {
             info!(vm = %id, "destroying a pool VM that was not hot when kilnd stopped");
             self.destroy_vm(&id);
         }
-        let names: Vec<String> = self.pools.keys().cloned().collect();
+        let names: Vec<String> = self.pools.by_name.keys().cloned().collect();
         for name in &names {
             self.remove_unused_templates(name);
             self.refill(name);
@@ -188,7 +192,7 @@ impl Engine {
         if let Err(reason) = &pool.resolved {
             pool.last_error = Some(reason.clone());
         }
-        self.pools.insert(name, pool);
+        self.pools.by_name.insert(name, pool);
     }
 
     // ----- commands --------------------------------------------------------
@@ -199,7 +203,7 @@ impl Engine {
         spec: PoolSpec,
     ) -> Result<PoolInfo, EngineError> {
         spec.validate(&name).map_err(EngineError::InvalidPool)?;
-        if self.pools.contains_key(&name) {
+        if self.pools.by_name.contains_key(&name) {
             return Err(EngineError::AlreadyExists(name));
         }
         spec.vm
@@ -232,7 +236,7 @@ impl Engine {
         spec.max = max.unwrap_or(spec.max);
         spec.validate(name).map_err(EngineError::InvalidPool)?;
         let source = self.write_api_definition(name, Some(&spec))?;
-        let Some(pool) = self.pools.get_mut(name) else {
+        let Some(pool) = self.pools.by_name.get_mut(name) else {
             return Err(EngineError::NoSuchPool(name.to_owned()));
         };
         pool.spec = spec;
@@ -250,7 +254,7 @@ impl Engine {
     pub(super) fn delete_pool(&mut self, name: &str) -> Result<(), EngineError> {
         self.pool(name)?;
         self.write_api_definition(name, None)?;
-        let Some(mut pool) = self.pools.remove(name) else {
+        let Some(mut pool) = self.pools.by_name.remove(name) else {
             return Ok(());
         };
         for waiter in pool.waiters.drain(..) {
@@ -277,144 +281,10 @@ impl Engine {
 
     pub(super) fn list_pools(&self) -> Vec<PoolInfo> {
         self.pools
+            .by_name
             .keys()
             .filter_map(|name| self.pool_info(name).ok())
             .collect()
-    }
-
-    /// Hand out the oldest hot VM, or wait for one to boot.
-    pub(super) fn acquire(
-        &mut self,
-        name: String,
-        timeout: Option<Duration>,
-        holder: String,
-        labels: BTreeMap<String, String>,
-        reply: Reply<VmInfo>,
-    ) {
-        let timeout = timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
-        if let Err(e) = validate_acquire(timeout, &labels) {
-            return drop(reply.send(Err(e)));
-        }
-        let pool = match self.pool(&name) {
-            Ok(p) => p,
-            Err(e) => return drop(reply.send(Err(e))),
-        };
-        if let Some(id) = self.oldest_hot(&name) {
-            let started = Instant::now();
-            let result = self.lease(&id, holder, labels);
-            // The engine's share of a hot acquire (the bench reads it from
-            // the log): pick, atomic record write (no fsync: see
-            // `Durability::UntilHostCrash`), events.
-            let engine_us = started.elapsed().as_micros() as u64;
-            debug!(vm = %id, engine_us, "hot acquire");
-            self.publish_pool(&name);
-            return drop(reply.send(result));
-        }
-        let counts = self.counts(&name);
-        if self.pool_state(&name, counts) == PoolState::Failed {
-            let reason = pool.last_error.clone().unwrap_or_default();
-            return drop(reply.send(Err(EngineError::BootFailed(format!(
-                "pool {name:?} is failing: {reason}"
-            )))));
-        }
-        // VMs that may still become hot for this caller: those booting and
-        // those the pool may yet create, minus what earlier callers wait for.
-        let coming = counts.booting + pool.spec.max.saturating_sub(counts.owned);
-        if coming as usize <= pool.waiters.len() {
-            return drop(reply.send(Err(EngineError::PoolExhausted {
-                pool: name,
-                max: pool.spec.max,
-            })));
-        }
-        if timeout.is_zero() {
-            return drop(reply.send(Err(EngineError::Timeout(format!(
-                "no hot VM in pool {name:?}"
-            )))));
-        }
-        let ticket = self.next_generation();
-        if let Some(pool) = self.pools.get_mut(&name) {
-            pool.waiters.push_back(Waiter {
-                ticket,
-                holder,
-                labels,
-                reply,
-            });
-        }
-        let tx = self.internal_tx.clone();
-        let pool_name = name.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let _ = tx.send(Internal::AcquireTimeout {
-                pool: pool_name,
-                ticket,
-                timeout,
-            });
-        });
-        self.refill(&name);
-        self.publish_pool(&name);
-    }
-
-    pub(super) fn acquire_timed_out(&mut self, name: &str, ticket: u64, timeout: Duration) {
-        let Some(pool) = self.pools.get_mut(name) else {
-            return;
-        };
-        let Some(index) = pool.waiters.iter().position(|w| w.ticket == ticket) else {
-            return;
-        };
-        if let Some(waiter) = pool.waiters.remove(index) {
-            let _ = waiter.reply.send(Err(EngineError::Timeout(format!(
-                "no VM of pool {name:?} became ready within {} ms",
-                timeout.as_millis()
-            ))));
-        }
-        self.trim(name);
-        self.publish_pool(name);
-    }
-
-    /// Give a leased VM back: destroy it, or with `recycle` reset it from
-    /// the template (or reboot it, in a cold pool) and put it back hot.
-    pub(super) fn release(&mut self, id: &str, recycle: bool, reply: Reply<()>) {
-        let entry = match self.entry(id) {
-            Ok(e) => e,
-            Err(e) => return drop(reply.send(Err(e))),
-        };
-        if entry.record.lease.is_none() {
-            let state = entry.record.state;
-            return drop(reply.send(Err(EngineError::InvalidState {
-                id: id.into(),
-                state,
-                operation: "release",
-            })));
-        }
-        let pool_exists = entry
-            .record
-            .pool
-            .as_ref()
-            .is_some_and(|p| self.pools.contains_key(p));
-        if !recycle || !pool_exists {
-            info!(vm = %id, "released, destroying");
-            return self.delete_vm(id, reply);
-        }
-        let has_process = entry.runtime.is_some();
-        // The lease goes first, in one write: if kilnd dies now the VM is an
-        // unleased pool VM that is not hot, which start-up destroys.
-        let result = self.update(id, |r| {
-            r.lease = None;
-            if has_process {
-                r.state = VmState::Stopping;
-            }
-        });
-        if let Err(e) = result {
-            return drop(reply.send(Err(e)));
-        }
-        info!(vm = %id, "released for recycling");
-        if let Some(entry) = self.vms.get_mut(id) {
-            entry.recycle = true;
-        }
-        if has_process {
-            self.kill_process(id);
-        }
-        let _ = reply.send(Ok(()));
     }
 
     // ----- reacting to VM changes -------------------------------------------
@@ -422,11 +292,11 @@ impl Engine {
     /// Remember that a pool VM changed; [`Engine::settle_pools`] acts on it.
     pub(super) fn note_pool_change(&mut self, record: &VmRecord, from: VmState, deleted: bool) {
         if let Some(pool) = &record.pool {
-            self.pool_changes.push(PoolChange {
+            self.pools.changes.push(PoolChange {
                 id: record.id.clone(),
                 pool: pool.clone(),
                 from,
-                to: (!deleted).then_some(record.state),
+                to: (!deleted).then_some(record.state()),
             });
         }
     }
@@ -434,8 +304,8 @@ impl Engine {
     /// Act on the pool VM changes queued since the last call. Runs after
     /// every command and internal event.
     pub(super) fn settle_pools(&mut self) {
-        while !self.pool_changes.is_empty() {
-            let changes = std::mem::take(&mut self.pool_changes);
+        while !self.pools.changes.is_empty() {
+            let changes = std::mem::take(&mut self.pools.changes);
             let mut touched = BTreeSet::new();
             for change in changes {
                 touched.insert(change.pool.clone());
@@ -465,10 +335,10 @@ impl Engine {
         if entry.record.lease.is_some() || change.from == to {
             return;
         }
-        let pool_exists = self.pools.contains_key(&change.pool);
+        let pool_exists = self.pools.by_name.contains_key(&change.pool);
         match to {
             VmState::Ready if change.from == VmState::Booting => {
-                if let Some(pool) = self.pools.get_mut(&change.pool) {
+                if let Some(pool) = self.pools.by_name.get_mut(&change.pool) {
                     pool.failures = 0;
                     pool.retry_at = None;
                 }
@@ -510,7 +380,7 @@ impl Engine {
     }
 
     fn pool_boot_failed(&mut self, name: &str, reason: String) {
-        let Some(pool) = self.pools.get_mut(name) else {
+        let Some(pool) = self.pools.by_name.get_mut(name) else {
             return;
         };
         pool.failures += 1;
@@ -536,7 +406,7 @@ impl Engine {
     }
 
     pub(super) fn pool_tick(&mut self, name: &str) {
-        if let Some(pool) = self.pools.get_mut(name) {
+        if let Some(pool) = self.pools.by_name.get_mut(name) {
             if pool.retry_at.is_some_and(|t| t <= Instant::now()) {
                 pool.retry_at = None;
             }
@@ -552,7 +422,7 @@ impl Engine {
         key: String,
         result: Result<Template, EngineError>,
     ) {
-        let Some(pool) = self.pools.get_mut(name) else {
+        let Some(pool) = self.pools.by_name.get_mut(name) else {
             self.remove_unused_templates(name);
             return;
         };
@@ -579,7 +449,7 @@ impl Engine {
 
     /// Start boots until `min(max, warm + waiting)` VMs are hot or booting.
     fn refill(&mut self, name: &str) {
-        let Some(pool) = self.pools.get(name) else {
+        let Some(pool) = self.pools.by_name.get(name) else {
             return;
         };
         let Ok(spec) = pool.resolved.clone() else {
@@ -629,7 +499,7 @@ impl Engine {
     /// Destroy hot VMs beyond what the pool wants (after a resize or when a
     /// waiter gave up), newest first.
     fn trim(&mut self, name: &str) {
-        let Some(pool) = self.pools.get(name) else {
+        let Some(pool) = self.pools.by_name.get(name) else {
             return;
         };
         let (warm, max, waiting) = (pool.spec.warm, pool.spec.max, pool.waiters.len() as u32);
@@ -650,7 +520,7 @@ impl Engine {
     }
 
     fn spawn_pool_vm(&mut self, name: &str) -> Result<(), EngineError> {
-        let Some(pool) = self.pools.get(name) else {
+        let Some(pool) = self.pools.by_name.get(name) else {
             return Ok(());
         };
         let Ok(spec) = pool.resolved.clone() else {
@@ -674,7 +544,7 @@ impl Engine {
     }
 
     fn boot_source(&self, name: &str) -> Option<BootSource> {
-        let pool = self.pools.get(name)?;
+        let pool = self.pools.by_name.get(name)?;
         match (&pool.spec.mode, &pool.template) {
             (PoolMode::Cold, _) => Some(BootSource::Cold),
             (PoolMode::Template, TemplateSlot::Ready { template, .. }) => {
@@ -698,14 +568,15 @@ impl Engine {
             qmp_timeout: self.config.qmp_timeout(),
             boot_timeout: self.config.boot_timeout(),
         };
-        if let Some(pool) = self.pools.get_mut(name) {
+        if let Some(pool) = self.pools.by_name.get_mut(name) {
             pool.template = TemplateSlot::Building { generation };
         }
         info!(pool = %name, key = %key, "building template");
         let tx = self.internal_tx.clone();
         let pool = name.to_owned();
+        let build = self.vmm.build_template(plan);
         tokio::spawn(async move {
-            let result = template::build(plan).await;
+            let result = build.await;
             let _ = tx.send(Internal::TemplateBuilt {
                 pool,
                 generation,
@@ -732,14 +603,18 @@ impl Engine {
     }
 
     fn remove_unused_templates(&self, name: &str) {
-        let current = self.pools.get(name).and_then(|p| match &p.template {
-            TemplateSlot::Ready { template, .. } => Some(template.dir.clone()),
-            _ => None,
-        });
+        let current = self
+            .pools
+            .by_name
+            .get(name)
+            .and_then(|p| match &p.template {
+                TemplateSlot::Ready { template, .. } => Some(template.dir.clone()),
+                _ => None,
+            });
         let in_use: HashSet<PathBuf> = self
             .vms
             .values()
-            .filter(|e| e.record.state.has_process() || e.runtime.is_some())
+            .filter(|e| e.record.state().has_process() || e.runtime.is_some())
             .filter_map(|e| e.record.template.clone())
             .collect();
         template::remove_unused(
@@ -749,76 +624,11 @@ impl Engine {
         );
     }
 
-    // ----- handing out -------------------------------------------------------
-
-    fn serve_waiters(&mut self, name: &str) {
-        loop {
-            let Some(pool) = self.pools.get(name) else {
-                return;
-            };
-            if pool.waiters.is_empty() {
-                return;
-            }
-            let Some(id) = self.oldest_hot(name) else {
-                return;
-            };
-            let Some(waiter) = self.pools.get_mut(name).and_then(|p| p.waiters.pop_front()) else {
-                return;
-            };
-            if waiter.reply.is_closed() {
-                continue;
-            }
-            let result = self.lease(&id, waiter.holder, waiter.labels);
-            let _ = waiter.reply.send(result);
-        }
-    }
-
-    /// Lease a hot VM: state and holder in one atomic write. Not synced to
-    /// disk: the lease only means something while the VM's process runs,
-    /// which a host crash ends; a crash of kilnd keeps the page cache.
-    fn lease(
-        &mut self,
-        id: &str,
-        holder: String,
-        labels: BTreeMap<String, String>,
-    ) -> Result<VmInfo, EngineError> {
-        let info = self.update_with(id, Durability::UntilHostCrash, |r| {
-            r.state = VmState::Leased;
-            r.lease = Some(Lease {
-                holder: holder.clone(),
-                labels,
-                acquired_at: now_usec(),
-            });
-        })?;
-        info!(vm = %id, holder = %holder, "VM acquired");
-        Ok(info)
-    }
-
-    fn hot_vms(&self, name: &str) -> Vec<String> {
-        let mut hot: Vec<(u64, &String)> = self
-            .vms
-            .iter()
-            .filter(|(_, e)| {
-                e.record.pool.as_deref() == Some(name)
-                    && e.record.lease.is_none()
-                    && e.record.state == VmState::Ready
-                    && e.runtime.is_some()
-                    && !e.busy
-            })
-            .map(|(id, e)| (e.record.ready_at.unwrap_or(0), id))
-            .collect();
-        hot.sort();
-        hot.into_iter().map(|(_, id)| id.clone()).collect()
-    }
-
-    fn oldest_hot(&self, name: &str) -> Option<String> {
-        self.hot_vms(name).into_iter().next()
-    }
-
     // ----- status ------------------------------------------------------------
 
     fn pool(&self, name: &str) -> Result<&Pool, EngineError> {
         self.pools
+            .by_name
             .get(name)
             .ok_or_else(|| EngineError::NoSuchPool(name.chars().take(MAX_NAME_LEN + 8).collect()))
     }
@@ -834,7 +644,7 @@ impl Engine {
                 c.leased += 1;
                 continue;
             }
-            match e.record.state {
+            match e.record.state() {
                 VmState::Ready => c.hot += 1,
                 VmState::Created | VmState::Booting => c.booting += 1,
                 _ => {}
@@ -844,7 +654,7 @@ impl Engine {
     }
 
     fn pool_state(&self, name: &str, counts: Counts) -> PoolState {
-        let Some(pool) = self.pools.get(name) else {
+        let Some(pool) = self.pools.by_name.get(name) else {
             return PoolState::Failed;
         };
         if pool.resolved.is_err() || pool.failures >= FAILED_AFTER {
@@ -887,7 +697,7 @@ impl Engine {
         let Ok(info) = self.pool_info(name) else {
             return;
         };
-        let Some(pool) = self.pools.get_mut(name) else {
+        let Some(pool) = self.pools.by_name.get_mut(name) else {
             return;
         };
         if pool.published.as_ref() != Some(&info) {
@@ -935,35 +745,4 @@ impl Engine {
         write_atomic(&path, &bytes)?;
         Ok(path)
     }
-}
-
-fn validate_acquire(
-    timeout: Duration,
-    labels: &BTreeMap<String, String>,
-) -> Result<(), EngineError> {
-    if timeout > MAX_ACQUIRE_TIMEOUT {
-        return Err(EngineError::InvalidArgument(format!(
-            "timeout must be at most {} ms",
-            MAX_ACQUIRE_TIMEOUT.as_millis()
-        )));
-    }
-    if labels.len() > MAX_LABELS {
-        return Err(EngineError::InvalidArgument(format!(
-            "at most {MAX_LABELS} labels"
-        )));
-    }
-    for (key, value) in labels {
-        if validate_name(key).is_err() {
-            return Err(EngineError::InvalidArgument(format!(
-                "label key {:?} must be 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . -",
-                key.chars().take(MAX_NAME_LEN + 8).collect::<String>()
-            )));
-        }
-        if value.len() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
-            return Err(EngineError::InvalidArgument(format!(
-                "label {key:?}: value must be at most {MAX_LABEL_VALUE_LEN} printable characters"
-            )));
-        }
-    }
-    Ok(())
 }

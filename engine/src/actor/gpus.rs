@@ -10,11 +10,11 @@
 
 use std::collections::HashSet;
 
-use kiln_gpu::{GpuDevice, GpuError, Inventory, LeaseTable, NodeUsage, RenderNode, VirglOptions};
-use serde::Serialize;
+use kiln_gpu::{GpuDevice, GpuError, Inventory, LeaseTable, VirglOptions};
 use tracing::{info, warn};
 
-use super::{Engine, EngineEvent};
+use super::Engine;
+use crate::api::{EngineEvent, GpuInfo};
 use crate::error::EngineError;
 use crate::spec::{Display, ResolvedSpec};
 
@@ -23,18 +23,6 @@ use crate::spec::{Display, ResolvedSpec};
 pub(super) struct Gpus {
     inventory: Inventory,
     leases: LeaseTable,
-}
-
-/// A render node as the APIs show it: what it is and who holds it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GpuInfo {
-    /// Inventory facts (name, path, ids, driver, PCI address, NUMA node).
-    #[serde(flatten)]
-    pub node: RenderNode,
-    /// Holders and free slots.
-    #[serde(flatten)]
-    pub usage: NodeUsage,
 }
 
 /// The uid QEMU runs as (kilnd's own: QEMU is its child).

@@ -20,19 +20,15 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::agent::AgentClient;
-use crate::error::EngineError;
 use crate::ids::now_usec;
-use crate::process::VmProcess;
-use crate::qemu::{GuestMemory, QemuLaunch};
-use crate::store::{create_private_dir, remove_tree, write_atomic};
+use crate::qemu::QemuLaunch;
+use crate::store::{create_private_dir, remove_tree, write_atomic, StoreError};
 
 /// File names inside a template directory.
 const MEMORY_FILE: &str = "memory";
@@ -132,106 +128,91 @@ pub struct BuildPlan {
     pub boot_timeout: Duration,
 }
 
-/// Boot the template VM, save it, and move the finished directory in place.
-/// The template VM's process is always gone when this returns.
-pub async fn build(mut plan: BuildPlan) -> Result<Template, EngineError> {
-    let final_dir = plan.pool_dir.join(&plan.key);
-    let tmp_dir = plan.pool_dir.join(format!(".{}.tmp", plan.key));
-    remove_tree(&tmp_dir);
-    create_private_dir(&tmp_dir)?;
-    remove_tree(&plan.runtime_dir);
-    create_private_dir(&plan.runtime_dir)?;
-    plan.launch.memory = GuestMemory::TemplateSource(tmp_dir.join(MEMORY_FILE));
-    plan.launch.incoming = false;
-    let started = std::time::Instant::now();
-    let log = plan.runtime_dir.join("qemu.log");
-    let process = VmProcess::launch(&plan.launch, &log, &[]).map_err(EngineError::LaunchFailed)?;
-    let result = boot_and_save(&plan, &process, &tmp_dir).await;
-    // Whatever happened, the template VM's work is over.
-    if process.is_alive() {
-        let _ = process.kill();
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(10), process.exited()).await;
-    let console = crate::engine::console_tail(&plan.runtime_dir.join("console.log"));
-    remove_tree(&plan.runtime_dir);
-    let boot_ms = match result {
-        Ok(boot_ms) => boot_ms,
-        Err(e) => {
-            remove_tree(&tmp_dir);
-            return Err(match console {
-                Some(tail) => EngineError::BootFailed(format!("{}; console: {tail}", e.message())),
-                None => e,
-            });
-        }
-    };
-    let state_bytes = std::fs::metadata(tmp_dir.join(STATE_FILE))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let meta = TemplateMeta {
-        key: plan.key.clone(),
-        pool: plan.pool.clone(),
-        created_at: now_usec(),
-        boot_ms,
-        state_bytes,
-    };
-    let finish = || -> Result<(), EngineError> {
-        for file in [MEMORY_FILE, STATE_FILE] {
-            sync_file(&tmp_dir.join(file))?;
-        }
-        let json = serde_json::to_vec_pretty(&meta).map_err(|e| {
-            EngineError::StorageFailed(crate::store::StoreError::Serialize {
-                key: plan.key.clone(),
-                source: e,
-            })
-        })?;
-        write_atomic(&tmp_dir.join(META_FILE), &json)?;
-        remove_tree(&final_dir);
-        std::fs::rename(&tmp_dir, &final_dir).map_err(|e| io_error(&final_dir, e))?;
-        Ok(())
-    };
-    if let Err(e) = finish() {
-        remove_tree(&tmp_dir);
-        return Err(e);
-    }
-    info!(
-        pool = %plan.pool,
-        key = %plan.key,
-        boot_ms,
-        total_ms = started.elapsed().as_millis() as u64,
-        state_bytes,
-        "template saved"
-    );
-    Ok(Template { dir: final_dir })
+/// A template being built: the directory the VMM writes the RAM and device
+/// state into, under a `.tmp` name until [`Unfinished::finish`] moves it in
+/// place. The pool side owns this layout; the VMM boots and saves.
+#[derive(Debug)]
+pub struct Unfinished {
+    tmp_dir: PathBuf,
+    final_dir: PathBuf,
+    started: std::time::Instant,
 }
 
-/// Returns how long the guest took to answer (ms).
-async fn boot_and_save(
-    plan: &BuildPlan,
-    process: &VmProcess,
-    tmp_dir: &Path,
-) -> Result<u64, EngineError> {
-    let started = std::time::Instant::now();
-    let log = plan.runtime_dir.join("qemu.log");
-    let (qmp, _version, _events) =
-        crate::engine::connect_when_up(process, &plan.launch.qmp_socket, &log, plan.qmp_timeout)
-            .await?;
-    let agent = Arc::new(AgentClient::new(plan.launch.agent_socket.clone()));
-    agent.wait_ready(plan.boot_timeout).await?;
-    let boot_ms = started.elapsed().as_millis() as u64;
-    // Leave no host connection half-open in the saved state.
-    agent.disconnect().await;
-    qmp.stop().await?;
-    qmp.enable_ignore_shared().await?;
-    qmp.save_to_file(&tmp_dir.join(STATE_FILE), Duration::from_secs(60))
-        .await?;
-    qmp.quit().await?;
-    if tokio::time::timeout(Duration::from_secs(10), process.exited())
-        .await
-        .is_err()
-    {
-        warn!(pool = %plan.pool, "template VM did not quit, killing it");
+impl BuildPlan {
+    /// Start a build: a fresh temporary directory (and runtime directory).
+    pub fn begin(&self) -> Result<Unfinished, StoreError> {
+        let tmp_dir = self.pool_dir.join(format!(".{}.tmp", self.key));
+        remove_tree(&tmp_dir);
+        create_private_dir(&tmp_dir)?;
+        remove_tree(&self.runtime_dir);
+        create_private_dir(&self.runtime_dir)?;
+        Ok(Unfinished {
+            tmp_dir,
+            final_dir: self.pool_dir.join(&self.key),
+            started: std::time::Instant::now(),
+        })
     }
-    Ok(boot_ms)
+}
+
+impl Unfinished {
+    /// Where the template VM's RAM lives (a shared file).
+    pub fn memory(&self) -> PathBuf {
+        self.tmp_dir.join(MEMORY_FILE)
+    }
+
+    /// Where its device state is saved.
+    pub fn state(&self) -> PathBuf {
+        self.tmp_dir.join(STATE_FILE)
+    }
+
+    /// Sync RAM and state, write `template.json` last, and rename the
+    /// directory in place: a template is complete or absent.
+    pub fn finish(self, plan: &BuildPlan, boot_ms: u64) -> Result<Template, StoreError> {
+        let state_bytes = std::fs::metadata(self.state())
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let meta = TemplateMeta {
+            key: plan.key.clone(),
+            pool: plan.pool.clone(),
+            created_at: now_usec(),
+            boot_ms,
+            state_bytes,
+        };
+        let finish = || -> Result<(), StoreError> {
+            for file in [MEMORY_FILE, STATE_FILE] {
+                sync_file(&self.tmp_dir.join(file))?;
+            }
+            let json = serde_json::to_vec_pretty(&meta).map_err(|e| StoreError::Serialize {
+                key: plan.key.clone(),
+                source: e,
+            })?;
+            write_atomic(&self.tmp_dir.join(META_FILE), &json)?;
+            remove_tree(&self.final_dir);
+            std::fs::rename(&self.tmp_dir, &self.final_dir)
+                .map_err(|e| io_error(&self.final_dir, e))?;
+            Ok(())
+        };
+        if let Err(e) = finish() {
+            remove_tree(&self.tmp_dir);
+            return Err(e);
+        }
+        info!(
+            pool = %plan.pool,
+            key = %plan.key,
+            boot_ms,
+            total_ms = self.started.elapsed().as_millis() as u64,
+            state_bytes,
+            "template saved"
+        );
+        Ok(Template {
+            dir: self.final_dir,
+        })
+    }
+
+    /// Give up: nothing of the build is left.
+    pub fn discard(self) {
+        remove_tree(&self.tmp_dir);
+    }
 }
 
 /// Remove template directories of `pool_dir` that are neither `current` nor
@@ -268,15 +249,15 @@ pub fn remove_unfinished(templates_root: &Path) {
     }
 }
 
-fn sync_file(path: &Path) -> Result<(), EngineError> {
+fn sync_file(path: &Path) -> Result<(), StoreError> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| io_error(path, e))
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> EngineError {
-    EngineError::StorageFailed(crate::store::StoreError::Io {
+fn io_error(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
         path: path.to_path_buf(),
         source,
-    })
+    }
 }

@@ -22,11 +22,13 @@ use kiln_agent_proto as proto;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::{Engine, Internal, Reply};
-use crate::agent::{AgentClient, AgentError};
+use super::{Engine, Internal};
+use crate::agent::AgentError;
+use crate::api::Reply;
 use crate::error::EngineError;
-use crate::qemu::{HotplugIds, Qmp, QmpError};
+use crate::qemu::{HotplugIds, QmpError};
 use crate::vm::NicInfo;
+use crate::vmm::{GuestAgent, Monitor};
 
 /// How long the guest may take to see a new NIC or to release one. Native
 /// PCIe hot-plug waits 5 s after the attention button before powering a
@@ -73,7 +75,7 @@ impl Engine {
                 "VM {id} was created without network.hotplugSlots"
             )));
         }
-        let state = entry.record.state;
+        let state = entry.record.state();
         let runtime = entry.runtime.as_ref();
         let (Some(runtime), Some(qmp)) = (runtime, runtime.and_then(|r| r.qmp.clone())) else {
             return Err(invalid_state(id, state, "attach a NIC to"));
@@ -174,7 +176,7 @@ impl Engine {
                         let state = self
                             .vms
                             .get(id)
-                            .map_or(crate::state::VmState::Stopped, |e| e.record.state);
+                            .map_or(crate::state::VmState::Stopped, |e| e.record.state());
                         invalid_state(id, state, "attach a NIC to")
                     }
                 };
@@ -194,7 +196,7 @@ impl Engine {
         let id = id.to_owned();
         tokio::spawn(async move {
             let generation = plan.generation;
-            let result = unplug(&plan.qmp, index).await;
+            let result = unplug(plan.qmp.as_ref(), index).await;
             let _ = tx.send(Internal::NicDetached {
                 id,
                 generation,
@@ -221,7 +223,7 @@ impl Engine {
         if entry.nic_ops.contains(&index) {
             return Err(EngineError::Busy { id: id.to_owned() });
         }
-        let state = entry.record.state;
+        let state = entry.record.state();
         let Some((generation, Some(qmp))) = entry
             .runtime
             .as_ref()
@@ -324,7 +326,7 @@ impl Engine {
     /// After a restart: keep the recorded hot-plugged NICs QEMU still has,
     /// drop the others (kilnd died mid-attach or mid-detach) and remove
     /// what is left of them in QEMU. Runs before the leases are rebuilt.
-    pub(super) async fn reconcile_hotplugged_nics(&mut self, id: &str, qmp: &Qmp) {
+    pub(super) async fn reconcile_hotplugged_nics(&mut self, id: &str, qmp: &dyn Monitor) {
         let recorded = self.hotplugged_nics(id);
         if recorded.is_empty() {
             return;
@@ -365,8 +367,8 @@ struct AttachPlan {
     generation: u64,
     nic: NicInfo,
     net: Arc<kiln_net::Network>,
-    qmp: Qmp,
-    agent: Arc<AgentClient>,
+    qmp: Arc<dyn Monitor>,
+    agent: Arc<dyn GuestAgent>,
     guest: proto::ConfigureNetworkRequest,
 }
 
@@ -395,9 +397,9 @@ impl AttachPlan {
             let _ = self.qmp.netdev_del(&ids.netdev).await;
             return Err(e.into());
         }
-        if let Err(e) = configure_when_present(&self.agent, &self.guest).await {
+        if let Err(e) = configure_when_present(self.agent.as_ref(), &self.guest).await {
             // Never half-attached: take the device out again.
-            if let Err(u) = unplug(&self.qmp, self.nic.index).await {
+            if let Err(u) = unplug(self.qmp.as_ref(), self.nic.index).await {
                 warn!(vm = %id, nic = self.nic.index, error = %u.message(), "cannot unplug the NIC the guest did not configure");
             }
             return Err(e);
@@ -409,14 +411,14 @@ impl AttachPlan {
 /// What a detach sub-task needs.
 struct DetachPlan {
     generation: u64,
-    qmp: Qmp,
+    qmp: Arc<dyn Monitor>,
 }
 
 /// `ConfigureNetwork` for a NIC just plugged in, again while the guest
 /// has not created its interface yet (PCIe enumeration and the driver
 /// probe take a while under TCG).
 async fn configure_when_present(
-    agent: &AgentClient,
+    agent: &dyn GuestAgent,
     request: &proto::ConfigureNetworkRequest,
 ) -> Result<(), EngineError> {
     let deadline = tokio::time::Instant::now() + HOTPLUG_TIMEOUT;
@@ -438,7 +440,7 @@ async fn configure_when_present(
 /// device, then remove its netdev. Polls `qom-list` rather than waiting
 /// for `DEVICE_DELETED`: the answer is the same and a missed event cannot
 /// hang the caller.
-async fn unplug(qmp: &Qmp, index: u8) -> Result<(), EngineError> {
+async fn unplug(qmp: &dyn Monitor, index: u8) -> Result<(), EngineError> {
     let ids = HotplugIds::of(index);
     match qmp.device_del(&ids.device).await {
         // Already gone (an earlier request completed).

@@ -19,10 +19,33 @@ use kiln_agent_proto as proto;
 
 use tracing::{debug, error, info, warn};
 
-use super::{Engine, NetPlan};
+use super::Engine;
 use crate::error::EngineError;
 use crate::spec::{NetMode, SpecError};
 use crate::vm::{NicInfo, VmRecord};
+
+/// Descriptor number of a VM's TAP in QEMU (`-netdev tap,fd=3`).
+pub(super) const TAP_FD: i32 = 3;
+
+/// The MAC of a template VM's NIC. Clones start with it (it is part of the
+/// saved device state) until the agent gives them their own.
+pub(super) fn template_mac() -> kiln_net::MacAddr {
+    kiln_net::MacAddr::for_vm("000000000000", 0, 0)
+}
+
+/// What the boot sub-task needs for a bridge VM's NIC.
+#[derive(Debug)]
+pub(super) struct NetPlan {
+    /// Where its TAP is made.
+    pub(super) home: TapHome,
+    /// The MAC of QEMU's device: the VM's own, or a clone's template's.
+    pub(super) device_mac: kiln_net::MacAddr,
+    /// What the agent is told.
+    pub(super) guest: proto::ConfigureNetworkRequest,
+    pub(super) forwards: Vec<kiln_net::PortForward>,
+    /// The previous process's TAP removal, awaited before the new TAP.
+    pub(super) cleanup: Option<tokio::task::JoinHandle<()>>,
+}
 
 /// One of kilnd's bridges: the network and the leases of its VMs.
 #[derive(Debug)]
@@ -166,7 +189,7 @@ pub(super) fn guest_interface(
 ) -> proto::NetworkInterface {
     proto::NetworkInterface {
         mac: nic.mac.to_string(),
-        previous_mac: carries_template_mac.then(|| super::template_mac().to_string()),
+        previous_mac: carries_template_mac.then(|| template_mac().to_string()),
         address: nic.address.map(|a| a.to_string()),
         prefix_length: nic.address.and(prefix_length),
         mtu,
@@ -297,11 +320,7 @@ impl Engine {
                 })
                 .collect(),
             // A clone's device keeps the template's MAC (migrated state).
-            device_mac: if clone {
-                super::template_mac()
-            } else {
-                nic.mac
-            },
+            device_mac: if clone { template_mac() } else { nic.mac },
             guest,
             cleanup: entry.net_cleanup.take(),
             home,

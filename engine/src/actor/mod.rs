@@ -1,0 +1,635 @@
+//! The engine actor: one task owns every VM record.
+//!
+//! Adapters send a [`Command`] through an [`EngineHandle`] and await its
+//! typed reply. The actor validates, checks the state transition, persists,
+//! and hands slow work (launching QEMU, waiting for the agent, stopping) to
+//! sub-tasks. Those report back as [`Internal`] events tagged with the
+//! *generation* of the process they were started for, so a late report about
+//! an old process can never change a newer one's state. Facts (a process
+//! exited, QEMU sent `SHUTDOWN`) always update the in-memory state even if
+//! the disk write fails: the next reconcile will agree with them anyway.
+
+mod gpus;
+mod network;
+mod nics;
+pub(crate) mod pools;
+mod reconcile;
+pub(crate) mod tasks;
+mod vms;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_agent_proto::PingReply;
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, error, info, warn};
+
+use crate::accel::HostVirt;
+use crate::api::{Command, EngineEvent, EngineHandle, EngineStatus, Reply};
+use crate::config::EngineConfig;
+use crate::error::EngineError;
+use crate::ids::new_vm_id;
+use crate::qemu::QmpEvent;
+use crate::spec::{Limits, SpecDefaults};
+use crate::state::VmState;
+use crate::store::{create_private_dir, BrokenRecord, Durability, RecordDir};
+use crate::vm::{NicInfo, VmInfo, VmRecord};
+use crate::vmm::qemu::QemuVmm;
+use crate::vmm::{GuestAgent, Monitor, Process, Vmm};
+
+use crate::pool::template::Template;
+
+/// How a process is being ended on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopIntent {
+    Stop,
+    Kill,
+}
+
+/// A VM's live process and connections.
+#[derive(Debug)]
+struct Runtime {
+    generation: u64,
+    process: Option<Arc<dyn Process>>,
+    qmp: Option<Arc<dyn Monitor>>,
+    agent: Arc<dyn GuestAgent>,
+    stop_intent: Option<StopIntent>,
+    /// QEMU reported `SHUTDOWN`: the exit that follows is clean.
+    shutdown_seen: bool,
+}
+
+#[derive(Debug)]
+struct VmEntry {
+    record: VmRecord,
+    runtime: Option<Runtime>,
+    /// A pause/resume/reboot is in flight.
+    busy: bool,
+    /// Waiting for `ready` (start, reboot).
+    ready_waiters: Vec<Reply<VmInfo>>,
+    /// Waiting for the process to be gone (stop, kill).
+    exit_waiters: Vec<Reply<VmInfo>>,
+    /// Delete once the process is gone.
+    delete_waiters: Vec<Reply<()>>,
+    /// Removal of the VM's TAP and forwards after its process exited; the
+    /// next boot waits for it, so it cannot delete the new TAP.
+    net_cleanup: Option<tokio::task::JoinHandle<()>>,
+    /// A released pool VM: boot it again once its process is gone.
+    recycle: bool,
+    /// NICs with an attach or detach in flight.
+    nic_ops: BTreeSet<u8>,
+}
+
+impl VmEntry {
+    /// An entry with no process and nobody waiting.
+    fn new(record: VmRecord) -> Self {
+        Self {
+            record,
+            runtime: None,
+            busy: false,
+            ready_waiters: Vec::new(),
+            exit_waiters: Vec::new(),
+            delete_waiters: Vec::new(),
+            net_cleanup: None,
+            recycle: false,
+            nic_ops: BTreeSet::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Pause,
+    Resume,
+}
+
+impl Op {
+    /// The operation's name in errors, and the state it leads to.
+    fn name_and_target(self) -> (&'static str, VmState) {
+        match self {
+            Op::Pause => ("pause", VmState::Paused),
+            Op::Resume => ("resume", VmState::Ready),
+        }
+    }
+}
+
+/// How a record change meets the disk.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Write {
+    /// A caller's request: written first (with this durability) and applied
+    /// only if the write worked, so a full disk fails the call and nothing
+    /// is half-done.
+    Request(Durability),
+    /// A fact about the world (a process exited, the guest answered):
+    /// applied even if the write fails, since it is true either way; the
+    /// next reconcile agrees with it.
+    Fact,
+}
+
+/// Reports from sub-tasks to the actor.
+#[derive(Debug)]
+enum Internal {
+    Launched {
+        id: String,
+        generation: u64,
+        process: Arc<dyn Process>,
+        qmp: Arc<dyn Monitor>,
+        qemu_version: String,
+    },
+    BootDone {
+        id: String,
+        generation: u64,
+        result: Result<PingReply, EngineError>,
+    },
+    Exited {
+        id: String,
+        generation: u64,
+    },
+    /// The boot sub-task made the VM's TAP.
+    NicUp {
+        id: String,
+        generation: u64,
+        ifindex: u32,
+    },
+    Qmp {
+        id: String,
+        generation: u64,
+        event: QmpEvent,
+    },
+    OpDone {
+        id: String,
+        generation: u64,
+        op: Op,
+        result: Result<(), EngineError>,
+        reply: Reply<VmInfo>,
+    },
+    TemplateBuilt {
+        pool: String,
+        generation: u64,
+        key: String,
+        result: Result<Template, EngineError>,
+    },
+    /// A NIC hot-plug finished (or failed, everything undone).
+    NicAttached {
+        id: String,
+        generation: u64,
+        index: u8,
+        result: Result<u32, EngineError>,
+        reply: Reply<NicInfo>,
+    },
+    /// A NIC unplug finished (the guest released it) or failed.
+    NicDetached {
+        id: String,
+        generation: u64,
+        index: u8,
+        result: Result<(), EngineError>,
+        reply: Reply<()>,
+    },
+    /// A pool's back-off ended.
+    PoolTick {
+        pool: String,
+    },
+    /// The GPU watcher saw `/dev/dri` or `/sys/class/drm` change.
+    GpusChanged,
+    AcquireTimeout {
+        pool: String,
+        ticket: u64,
+        timeout: Duration,
+    },
+}
+
+/// The engine actor.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    /// How VMs are run (QEMU, or a fake in tests).
+    vmm: Arc<dyn Vmm>,
+    defaults: SpecDefaults,
+    limits: Limits,
+    store: RecordDir,
+    vms: HashMap<String, VmEntry>,
+    broken: Vec<BrokenRecord>,
+    next_generation: u64,
+    /// Extra kernel arguments for TCG guests (measured once).
+    tcg_cmdline: String,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    events: broadcast::Sender<EngineEvent>,
+    /// Pools, their definition errors and the pool VM changes not yet
+    /// acted on.
+    pools: pools::Pools,
+    gpus: gpus::Gpus,
+    /// kilnd's bridges (`[network]`, `[[networks]]`), each with the
+    /// addresses and MACs of its VMs (rebuilt from the records on start:
+    /// the records are the truth).
+    bridges: network::Bridges,
+}
+
+impl Engine {
+    /// Open the state, reconcile it with the processes that are running,
+    /// and start the actor. Returns once reconciliation is done, so the
+    /// caller may announce readiness.
+    pub async fn start(
+        config: EngineConfig,
+    ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), EngineError> {
+        Self::start_with(config, Arc::new(QemuVmm)).await
+    }
+
+    /// [`Engine::start`] with VMs run by `vmm`.
+    pub async fn start_with(
+        config: EngineConfig,
+        vmm: Arc<dyn Vmm>,
+    ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), EngineError> {
+        let accel = config.accel.resolve(HostVirt::probe());
+        let defaults = SpecDefaults {
+            kernel: config.guest_dir.join("vmlinuz"),
+            initrd: config.guest_dir.join("initramfs"),
+            gpu_kernel: config.guest_dir.join("gpu/vmlinuz"),
+            gpu_initrd: config.guest_dir.join("gpu/initramfs"),
+            accel,
+        };
+        create_private_dir(&config.runtime_dir.join("vms"))?;
+        let bridges =
+            network::Bridges::open(config.network.clone(), config.networks.clone()).await?;
+        let store = RecordDir::open(config.vm_records_dir())?;
+        let (records, broken) = store.load_all::<VmRecord>()?;
+        for b in &broken {
+            error!(key = %b.key, path = %b.path.display(), reason = %b.reason, "VM record is broken, moved aside");
+        }
+        let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(1024);
+        let mut engine = Engine {
+            config,
+            vmm,
+            defaults,
+            limits: Limits::for_host(),
+            store,
+            vms: HashMap::new(),
+            broken,
+            next_generation: 1,
+            tcg_cmdline: crate::accel::tcg_kernel_args(),
+            internal_tx,
+            events: events.clone(),
+            pools: pools::Pools::default(),
+            gpus: gpus::Gpus::default(),
+            bridges,
+        };
+        engine.reconcile(records).await;
+        engine.reconcile_network().await;
+        engine.load_gpus();
+        engine.watch_gpus();
+        engine.load_pools();
+        engine.settle_pools();
+        info!(accel = %accel, vms = engine.vms.len(), "engine ready");
+
+        let (commands_tx, mut commands) = mpsc::channel::<Command>(256);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    command = commands.recv() => match command {
+                        Some(Command::Shutdown { stop_vms, reply }) => {
+                            engine.shutdown(stop_vms, &mut internal_rx).await;
+                            let _ = reply.send(Ok(()));
+                            break;
+                        }
+                        Some(command) => engine.handle(command),
+                        None => break,
+                    },
+                    Some(internal) = internal_rx.recv() => engine.handle_internal(internal),
+                }
+                engine.settle_pools();
+            }
+        });
+        Ok((EngineHandle::new(commands_tx, events), task))
+    }
+
+    // ----- commands -------------------------------------------------------
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::CreateVm { name, spec, reply } => {
+                let _ = reply.send(self.create_vm(name, spec));
+            }
+            Command::StartVm { id, reply } => self.start_vm(&id, reply),
+            Command::StopVm { id, timeout, reply } => self.stop_vm(&id, timeout, reply),
+            Command::KillVm { id, reply } => self.kill_vm(&id, reply),
+            Command::PauseVm { id, reply } => self.pause_or_resume(&id, Op::Pause, reply),
+            Command::ResumeVm { id, reply } => self.pause_or_resume(&id, Op::Resume, reply),
+            Command::RebootVm { id, reply } => self.reboot_vm(&id, reply),
+            Command::DeleteVm { id, reply } => self.delete_vm(&id, reply),
+            Command::ListVms { reply } => {
+                let mut vms: Vec<VmInfo> =
+                    self.vms.values().map(|e| VmInfo::from(&e.record)).collect();
+                vms.sort_by_key(|v| (v.created_at, v.id.clone()));
+                let _ = reply.send(Ok(vms));
+            }
+            Command::DescribeVm { id, reply } => {
+                let _ = reply.send(self.entry(&id).map(|e| VmInfo::from(&e.record)));
+            }
+            Command::ExecVm { id, request, reply } => self.exec_vm(&id, request, reply),
+            Command::PingVm { id, timeout, reply } => self.ping_vm(&id, timeout, reply),
+            Command::CreatePool { name, spec, reply } => {
+                let _ = reply.send(self.create_pool(name, spec));
+            }
+            Command::ResizePool {
+                name,
+                warm,
+                max,
+                reply,
+            } => {
+                let _ = reply.send(self.resize_pool(&name, warm, max));
+            }
+            Command::DeletePool { name, reply } => {
+                let _ = reply.send(self.delete_pool(&name));
+            }
+            Command::ListPools { reply } => {
+                let _ = reply.send(Ok(self.list_pools()));
+            }
+            Command::DescribePool { name, reply } => {
+                let _ = reply.send(self.pool_info(&name));
+            }
+            Command::Acquire {
+                pool,
+                timeout,
+                holder,
+                labels,
+                reply,
+            } => self.acquire(pool, timeout, holder, labels, reply),
+            Command::Release { id, recycle, reply } => self.release(&id, recycle, reply),
+            Command::AttachNic { id, address, reply } => self.attach_nic(&id, address, reply),
+            Command::DetachNic { id, index, reply } => self.detach_nic(&id, index, reply),
+            Command::ListNics { id, reply } => {
+                let nics = self.entry(&id).map(|e| e.record.network.clone());
+                let _ = reply.send(nics);
+            }
+            Command::ListGpus { reply } => {
+                let _ = reply.send(Ok(self.list_gpus()));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(Ok(self.status()));
+            }
+            Command::Shutdown { reply, .. } => {
+                // Handled by the loop; unreachable in practice.
+                let _ = reply.send(Err(EngineError::ShuttingDown));
+            }
+        }
+    }
+
+    fn status(&self) -> EngineStatus {
+        EngineStatus {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            accel: self.defaults.accel,
+            vms: self.vms.len(),
+            running: self
+                .vms
+                .values()
+                .filter(|e| e.record.state().has_process())
+                .count(),
+            broken_records: self.broken.clone(),
+            pool_errors: self.pools.errors.clone(),
+        }
+    }
+
+    fn entry(&self, id: &str) -> Result<&VmEntry, EngineError> {
+        self.vms
+            .get(id)
+            .ok_or_else(|| EngineError::NoSuchVM(truncate(id)))
+    }
+
+    fn entry_mut(&mut self, id: &str) -> Result<&mut VmEntry, EngineError> {
+        self.vms
+            .get_mut(id)
+            .ok_or_else(|| EngineError::NoSuchVM(truncate(id)))
+    }
+
+    /// A fresh id no VM has.
+    fn unused_vm_id(&self) -> String {
+        loop {
+            let id = new_vm_id();
+            if !self.vms.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Persist a new record and start tracking it. A bridge VM gets its
+    /// address and MAC here, in the record before anything is created.
+    fn insert_vm(&mut self, mut record: VmRecord) -> Result<VmInfo, EngineError> {
+        self.allocate_network(&mut record)?;
+        if let Err(e) = self.store.write(&record.id, &record) {
+            if let Some(bridge) = self.bridges.of_spec_mut(&record.spec) {
+                bridge.ipam.release(&record.id);
+            }
+            return Err(e.into());
+        }
+        let info = VmInfo::from(&record);
+        info!(vm = %record.id, name = %record.name, "VM created");
+        let id = record.id.clone();
+        self.note_pool_change(&record, record.state(), false);
+        self.vms.insert(id, VmEntry::new(record));
+        let _ = self.events.send(EngineEvent::VmAdded { vm: info.clone() });
+        Ok(info)
+    }
+
+    // ----- the one writer of VM records ------------------------------------
+
+    /// Change VM `id`'s state to `to` (checked by [`VmRecord::set_state`]:
+    /// the state machine's table, and a leased VM is never `ready`), with
+    /// `change` applied to the other fields in the same record write. This
+    /// is the only path that changes a VM's state.
+    pub(super) fn transition(
+        &mut self,
+        id: &str,
+        to: VmState,
+        write: Write,
+        change: impl FnOnce(&mut VmRecord),
+    ) -> Result<VmInfo, EngineError> {
+        self.write_record(id, Some(to), write, change)
+    }
+
+    /// Apply a caller-requested change that keeps the state: persisted
+    /// first, applied in memory only if the write succeeded.
+    pub(super) fn update(
+        &mut self,
+        id: &str,
+        change: impl FnOnce(&mut VmRecord),
+    ) -> Result<VmInfo, EngineError> {
+        self.write_record(id, None, Write::Request(Durability::Durable), change)
+    }
+
+    /// Record a fact that keeps the state (QEMU's pid, a TAP's index):
+    /// applied even if the write fails.
+    pub(super) fn record_fact(&mut self, id: &str, change: impl FnOnce(&mut VmRecord)) {
+        let _ = self.write_record(id, None, Write::Fact, change);
+    }
+
+    /// Apply `change` (and the state change, if any) to a copy of the
+    /// record, write it as `write` says, then publish `VmChanged` and tell
+    /// the pools.
+    fn write_record(
+        &mut self,
+        id: &str,
+        to: Option<VmState>,
+        write: Write,
+        change: impl FnOnce(&mut VmRecord),
+    ) -> Result<VmInfo, EngineError> {
+        let entry = self
+            .vms
+            .get_mut(id)
+            .ok_or_else(|| EngineError::NoSuchVM(truncate(id)))?;
+        let from = entry.record.state();
+        let mut record = entry.record.clone();
+        change(&mut record);
+        if let Some(to) = to {
+            if let Err(refused) = record.set_state(to) {
+                warn!(vm = %id, from = %refused.from, to = %refused.to, "state change refused");
+                return Err(EngineError::InvalidState {
+                    id: truncate(id),
+                    state: from,
+                    operation: "change the state of",
+                });
+            }
+        }
+        match write {
+            Write::Request(durability) => self.store.write_with(id, &record, durability)?,
+            Write::Fact => {
+                if let Err(e) = self.store.write(id, &record) {
+                    error!(vm = %id, error = %EngineError::from(e).message(), "cannot persist VM record");
+                }
+            }
+        }
+        entry.record = record;
+        let info = VmInfo::from(&entry.record);
+        let record = entry.record.clone();
+        self.note_pool_change(&record, from, false);
+        let _ = self
+            .events
+            .send(EngineEvent::VmChanged { vm: info.clone() });
+        Ok(info)
+    }
+
+    /// Follow `/dev/dri` and `/sys/class/drm` for GPU hot-plug.
+    fn watch_gpus(&self) {
+        let watcher =
+            kiln_gpu::GpuWatcher::new(&self.config.gpu_sysfs_root, &self.config.gpu_dev_root);
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => return debug!(error = %e, "not watching GPU render nodes"),
+        };
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            while watcher.changed().await.is_ok() {
+                if tx.send(Internal::GpusChanged).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        let g = self.next_generation;
+        self.next_generation += 1;
+        g
+    }
+
+    fn runtime_of(&mut self, id: &str, generation: u64) -> Option<&mut Runtime> {
+        self.vms
+            .get_mut(id)?
+            .runtime
+            .as_mut()
+            .filter(|r| r.generation == generation)
+    }
+
+    fn handle_internal(&mut self, event: Internal) {
+        match event {
+            Internal::Launched {
+                id,
+                generation,
+                process,
+                qmp,
+                qemu_version,
+            } => {
+                let Some(runtime) = self.runtime_of(&id, generation) else {
+                    warn!(vm = %id, pid = process.pid(), "QEMU launched for a VM that moved on, killing it");
+                    let _ = process.kill();
+                    return;
+                };
+                let pid = process.pid();
+                let kill_now = runtime.stop_intent.is_some();
+                runtime.process = Some(process);
+                runtime.qmp = Some(qmp);
+                self.record_fact(&id, |r| {
+                    r.pid = Some(pid);
+                    r.qemu_version = Some(qemu_version);
+                });
+                if kill_now {
+                    self.kill_process(&id);
+                }
+            }
+            Internal::BootDone {
+                id,
+                generation,
+                result,
+            } => self.boot_done(&id, generation, result),
+            Internal::Exited { id, generation } => self.exited(&id, generation),
+            Internal::NicUp {
+                id,
+                generation,
+                ifindex,
+            } => {
+                if self.runtime_of(&id, generation).is_some() {
+                    self.record_fact(&id, |r| {
+                        if let Some(nic) = r.network.iter_mut().find(|n| n.index == 0) {
+                            nic.ifindex = ifindex;
+                        }
+                    });
+                }
+            }
+            Internal::Qmp {
+                id,
+                generation,
+                event,
+            } => self.qmp_event(&id, generation, event),
+            Internal::TemplateBuilt {
+                pool,
+                generation,
+                key,
+                result,
+            } => self.template_built(&pool, generation, key, result),
+            Internal::NicAttached {
+                id,
+                generation,
+                index,
+                result,
+                reply,
+            } => self.nic_attached(&id, generation, index, result, reply),
+            Internal::NicDetached {
+                id,
+                generation,
+                index,
+                result,
+                reply,
+            } => self.nic_detached(&id, generation, index, result, reply),
+            Internal::PoolTick { pool } => self.pool_tick(&pool),
+            Internal::GpusChanged => self.rescan_gpus(),
+            Internal::AcquireTimeout {
+                pool,
+                ticket,
+                timeout,
+            } => self.acquire_timed_out(&pool, ticket, timeout),
+            Internal::OpDone {
+                id,
+                generation,
+                op,
+                result,
+                reply,
+            } => self.op_done(id, generation, op, result, reply),
+        }
+    }
+}
+
+fn truncate(id: &str) -> String {
+    id.chars().take(64).collect()
+}

@@ -1,0 +1,254 @@
+//! Sub-task bodies: the slow work the actor hands off (launching QEMU and
+//! waiting for the guest, waiting for a reboot, watching a process, a
+//! graceful stop), shared with the template builder. They never touch the
+//! actor's state; they report back as [`Internal`] events.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_agent_proto::{self as proto, PingReply};
+use tokio::sync::mpsc;
+
+use super::network::{NetPlan, TapHome, TAP_FD};
+use super::Internal;
+use crate::error::EngineError;
+use crate::ids::fill_random;
+use crate::qemu::{QemuLaunch, QmpEvent};
+use crate::store::{create_private_dir, remove_tree};
+use crate::vmm::{GuestAgent, Monitor, Process, Vmm};
+
+/// How a boot sub-task launches a VM.
+#[derive(Debug)]
+pub(super) struct BootPlan {
+    pub(super) launch: QemuLaunch,
+    pub(super) runtime_dir: PathBuf,
+    /// Template state to load (a clone).
+    pub(super) restore: Option<PathBuf>,
+    /// The VM's NIC (bridge mode).
+    pub(super) net: Option<NetPlan>,
+    /// Identity the agent sets before the VM counts as ready (pool VMs).
+    pub(super) identity: Option<proto::SetIdentityRequest>,
+    pub(super) qmp_timeout: Duration,
+    pub(super) boot_timeout: Duration,
+}
+
+/// Launch QEMU, connect QMP, start the monitor, restore a template's state
+/// if cloning, wait for the agent and give the guest its identity.
+pub(super) async fn boot(
+    id: &str,
+    generation: u64,
+    plan: &BootPlan,
+    vmm: &dyn Vmm,
+    agent: Arc<dyn GuestAgent>,
+    tx: &mpsc::UnboundedSender<Internal>,
+) -> Result<PingReply, EngineError> {
+    remove_tree(&plan.runtime_dir);
+    create_private_dir(&plan.runtime_dir)?;
+    let log = plan.runtime_dir.join("qemu.log");
+    // The TAP first (about 3 ms): QEMU inherits it as fd 3.
+    let tap = match &plan.net {
+        Some(n) => {
+            let tap = n.home.create_tap(id).await?;
+            let _ = tx.send(Internal::NicUp {
+                id: id.to_owned(),
+                generation,
+                ifindex: tap.index,
+            });
+            Some(tap)
+        }
+        None => None,
+    };
+    let inherit: Vec<_> = tap.into_iter().map(|t| (t.fd, TAP_FD)).collect();
+    let started = vmm
+        .launch(plan.launch.clone(), inherit, log, plan.qmp_timeout)
+        .await?;
+    let (process, qmp) = (started.process, started.monitor);
+    tokio::spawn(monitor(
+        id.to_owned(),
+        generation,
+        process.clone(),
+        started.events,
+        tx.clone(),
+    ));
+    let qemu = process.clone();
+    let _ = tx.send(Internal::Launched {
+        id: id.to_owned(),
+        generation,
+        process,
+        qmp: qmp.clone(),
+        qemu_version: started.version,
+    });
+    if let Some(state) = &plan.restore {
+        // The template was saved paused, so the clone loads paused.
+        qmp.restore_clone(state, plan.boot_timeout).await?;
+        qmp.cont().await?;
+    }
+    let ping = until_qemu_exits(Some(&qemu), async {
+        Ok(agent.wait_ready(plan.boot_timeout).await?)
+    })
+    .await?;
+    if let Some(identity) = &plan.identity {
+        let _: serde_json::Value = agent
+            .call(proto::method::SET_IDENTITY, identity, plan.qmp_timeout)
+            .await?;
+    }
+    if let Some(n) = &plan.net {
+        agent.configure_network(&n.guest, plan.qmp_timeout).await?;
+        // Forwards only once the guest has its address.
+        if let TapHome::Bridge(net) = &n.home {
+            for forward in &n.forwards {
+                net.add_forward(forward.clone()).await?;
+            }
+        }
+    }
+    Ok(ping)
+}
+
+/// A hostname, a machine id and fresh host entropy: what makes a pool VM
+/// (above all a clone, which starts with its template's RNG state) its own.
+pub(super) fn fresh_identity(name: &str) -> proto::SetIdentityRequest {
+    let mut machine_id = [0u8; 16];
+    fill_random(&mut machine_id);
+    let mut entropy = [0u8; 32];
+    fill_random(&mut entropy);
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    proto::SetIdentityRequest {
+        hostname: Some(name.to_owned()),
+        machine_id: Some(hex(&machine_id)),
+        entropy_hex: Some(hex(&entropy)),
+    }
+}
+
+/// A wait for the guest's next boot: used by reboot, a guest-initiated
+/// reset and a re-adopted VM that was booting.
+pub(super) struct NextBoot {
+    pub(super) id: String,
+    pub(super) generation: u64,
+    pub(super) agent: Arc<dyn GuestAgent>,
+    /// The VM's QEMU: its exit ends the wait at once (rather than polling
+    /// the agent socket until the deadline).
+    pub(super) qemu: Option<Arc<dyn Process>>,
+    /// Wait for a boot other than this one (any boot when None).
+    pub(super) old_boot_id: Option<String>,
+    /// Configure the network again once it answers.
+    pub(super) guest_net: Option<proto::ConfigureNetworkRequest>,
+    pub(super) timeout: Duration,
+}
+
+impl NextBoot {
+    /// Start afresh with the agent, wait until it answers from a new boot,
+    /// configure its network, and report that as `BootDone`.
+    pub(super) async fn report(self, tx: &mpsc::UnboundedSender<Internal>) {
+        let agent = &self.agent;
+        agent.disconnect().await;
+        let waited = wait_for_new_boot(agent.as_ref(), self.old_boot_id.as_deref(), self.timeout);
+        let mut result = until_qemu_exits(self.qemu.as_ref(), waited).await;
+        // A new boot starts with the NIC unconfigured (and a clone's NIC
+        // with the template's MAC again: QEMU resets the device to its own
+        // MAC).
+        if let (Ok(_), Some(request)) = (&result, &self.guest_net) {
+            if let Err(e) = agent
+                .configure_network(request, Duration::from_secs(10))
+                .await
+            {
+                result = Err(e.into());
+            }
+        }
+        let _ = tx.send(Internal::BootDone {
+            id: self.id,
+            generation: self.generation,
+            result,
+        });
+    }
+}
+
+/// `wait` for the guest agent, cut short when `qemu` (if known) exits: a
+/// QEMU killed or crashed mid-boot ends the wait at once, rather than
+/// leaving a task polling the agent socket until the boot deadline.
+pub(super) async fn until_qemu_exits<T>(
+    qemu: Option<&Arc<dyn Process>>,
+    wait: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    let Some(qemu) = qemu else {
+        return wait.await;
+    };
+    tokio::select! {
+        result = wait => result,
+        () = qemu.exited() => Err(EngineError::BootFailed(
+            "QEMU exited before the guest agent answered".into(),
+        )),
+    }
+}
+
+/// Wait until the agent answers from a boot other than `old_boot_id`.
+pub(super) async fn wait_for_new_boot(
+    agent: &dyn GuestAgent,
+    old_boot_id: Option<&str>,
+    timeout: Duration,
+) -> Result<PingReply, EngineError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ping = agent.wait_ready(left).await?;
+        if old_boot_id != Some(ping.boot_id.as_str()) {
+            return Ok(ping);
+        }
+        // Still the old boot (the reboot has not happened yet).
+        agent.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Watch one QEMU: its exit and its QMP events.
+pub(super) async fn monitor(
+    id: String,
+    generation: u64,
+    process: Arc<dyn Process>,
+    mut events: mpsc::Receiver<QmpEvent>,
+    tx: mpsc::UnboundedSender<Internal>,
+) {
+    let mut events_open = true;
+    loop {
+        tokio::select! {
+            () = process.exited() => {
+                let _ = tx.send(Internal::Exited { id, generation });
+                return;
+            }
+            event = events.recv(), if events_open => match event {
+                Some(event) => {
+                    let _ = tx.send(Internal::Qmp { id: id.clone(), generation, event });
+                }
+                None => events_open = false,
+            },
+        }
+    }
+}
+
+/// Agent shutdown, then ACPI power button, then SIGKILL.
+pub(super) async fn stop_gracefully(
+    process: Arc<dyn Process>,
+    qmp: Option<Arc<dyn Monitor>>,
+    agent: Arc<dyn GuestAgent>,
+    guest_answers: bool,
+    timeout: Duration,
+) {
+    let exited_within = |d: Duration| {
+        let p = process.clone();
+        async move { tokio::time::timeout(d, p.exited()).await.is_ok() }
+    };
+    if guest_answers {
+        let asked: Result<serde_json::Value, _> = agent
+            .call(proto::method::SHUTDOWN, &serde_json::json!({}), timeout / 2)
+            .await;
+        if asked.is_ok() && exited_within(timeout / 2).await {
+            return;
+        }
+    }
+    if let Some(qmp) = qmp {
+        if qmp.system_powerdown().await.is_ok() && exited_within(timeout / 4).await {
+            return;
+        }
+    }
+    let _ = process.kill();
+}

@@ -1,0 +1,671 @@
+//! The actor's rules against the fake VMM: no QEMU, tokio's clock paused
+//! (boots, back-off and timeouts take no real time), each test in its own
+//! temp dir. The real-QEMU tests (`engine/tests`, `daemon/tests`) prove
+//! the wiring; these prove the rules.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_agent_proto::ExecRequest;
+use tokio::sync::broadcast;
+
+use crate::accel::AccelChoice;
+use crate::api::{EngineEvent, EngineHandle, FAILED_AFTER};
+use crate::config::EngineConfig;
+use crate::error::EngineError;
+use crate::pool::{PoolInfo, PoolMode, PoolSpec, PoolState};
+use crate::spec::VmSpec;
+use crate::state::VmState;
+use crate::vm::VmInfo;
+use crate::vmm::fake::FakeVmm;
+use crate::Engine;
+
+/// An engine on the fake VMM in a temp dir. The fake "host" survives
+/// [`Harness::restart`], like QEMU processes survive kilnd.
+struct Harness {
+    dir: tempfile::TempDir,
+    fake: FakeVmm,
+    network: Option<kiln_net::NetConfig>,
+    engine: EngineHandle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        Self::start_with_network(None).await
+    }
+
+    async fn start_with_network(network: Option<kiln_net::NetConfig>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let guest = dir.path().join("guest");
+        std::fs::create_dir_all(&guest).expect("guest dir");
+        for file in ["vmlinuz", "initramfs"] {
+            std::fs::write(guest.join(file), b"fake").expect("guest file");
+        }
+        std::fs::create_dir_all(dir.path().join("pools")).expect("pools dir");
+        let fake = FakeVmm::new();
+        let (engine, task) = Self::engine(dir.path(), &fake, network.clone()).await;
+        Self {
+            dir,
+            fake,
+            network,
+            engine,
+            task,
+        }
+    }
+
+    fn config(root: &std::path::Path, network: Option<kiln_net::NetConfig>) -> EngineConfig {
+        EngineConfig {
+            network,
+            state_dir: root.join("state"),
+            runtime_dir: root.join("run"),
+            guest_dir: root.join("guest"),
+            qemu_binary: "fake-qemu".into(),
+            accel: AccelChoice::Tcg,
+            pool_dirs: vec![root.join("pools")],
+            gpu_sysfs_root: root.join("sys"),
+            gpu_dev_root: root.join("dev"),
+            ..EngineConfig::default()
+        }
+    }
+
+    async fn engine(
+        root: &std::path::Path,
+        fake: &FakeVmm,
+        network: Option<kiln_net::NetConfig>,
+    ) -> (EngineHandle, tokio::task::JoinHandle<()>) {
+        Engine::start_with(Self::config(root, network), Arc::new(fake.clone()))
+            .await
+            .expect("engine starts")
+    }
+
+    /// Stop the engine, VMs left running, and start a new one on the same
+    /// state dir and fake host (a kilnd restart).
+    async fn restart(self) -> Self {
+        self.engine.shutdown(false).await.expect("shutdown");
+        self.task.await.expect("actor ends");
+        let (engine, task) = Self::engine(self.dir.path(), &self.fake, self.network.clone()).await;
+        Self {
+            engine,
+            task,
+            ..self
+        }
+    }
+
+    async fn create_and_start(&self, name: &str) -> VmInfo {
+        let vm = self
+            .engine
+            .create_vm(name, VmSpec::default())
+            .await
+            .expect("create");
+        self.engine.start_vm(&vm.id).await.expect("start")
+    }
+
+    async fn state(&self, id: &str) -> VmState {
+        self.engine.describe_vm(id).await.expect("describe").state
+    }
+
+    async fn create_pool(&self, name: &str, mode: PoolMode, warm: u32, max: u32) -> PoolInfo {
+        let spec = PoolSpec {
+            mode,
+            warm,
+            max,
+            refill_concurrency: 2,
+            vm: VmSpec::default(),
+        };
+        self.engine.create_pool(name, spec).await.expect("pool")
+    }
+
+    /// Wait (on tokio's paused clock) until `pool` satisfies `done`.
+    async fn pool_until(&self, pool: &str, done: impl Fn(&PoolInfo) -> bool) -> PoolInfo {
+        for _ in 0..10_000 {
+            let info = self.engine.describe_pool(pool).await.expect("pool");
+            if done(&info) {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let info = self.engine.describe_pool(pool).await.expect("pool");
+        panic!("pool {pool} never got there: {info:?}");
+    }
+
+    /// Wait until VM `id` is in `state`.
+    async fn until_state(&self, id: &str, state: VmState) {
+        for _ in 0..10_000 {
+            if self.state(id).await == state {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("VM {id} never became {state}: {}", self.state(id).await);
+    }
+
+    async fn acquire(
+        &self,
+        pool: &str,
+        timeout: Duration,
+        holder: &str,
+    ) -> Result<VmInfo, EngineError> {
+        self.engine
+            .acquire(pool, Some(timeout), holder, BTreeMap::new())
+            .await
+    }
+}
+
+/// Every state a VM's `VmChanged` events walk through, in order.
+async fn states_seen(events: &mut broadcast::Receiver<EngineEvent>, id: &str) -> Vec<VmState> {
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let EngineEvent::VmChanged { vm } = event {
+            if vm.id == id && seen.last() != Some(&vm.state) {
+                seen.push(vm.state);
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test(start_paused = true)]
+async fn lifecycle_commands_walk_the_state_table() {
+    let h = Harness::start().await;
+    let mut events = h.engine.subscribe();
+    let vm = h.create_and_start("walker").await;
+    assert_eq!(vm.state, VmState::Ready);
+    assert_eq!(
+        h.engine.pause_vm(&vm.id).await.expect("pause").state,
+        VmState::Paused
+    );
+    assert_eq!(
+        h.engine.resume_vm(&vm.id).await.expect("resume").state,
+        VmState::Ready
+    );
+    assert_eq!(
+        h.engine.reboot_vm(&vm.id).await.expect("reboot").state,
+        VmState::Ready
+    );
+    let reply = h
+        .engine
+        .exec_vm(&vm.id, exec(&["echo", "hi"]))
+        .await
+        .expect("exec");
+    assert_eq!(reply.stdout, "echo hi\n");
+    let stopped = h.engine.stop_vm(&vm.id, None).await.expect("stop");
+    assert_eq!(stopped.state, VmState::Stopped);
+    assert_eq!(
+        h.engine.start_vm(&vm.id).await.expect("restart").state,
+        VmState::Ready
+    );
+    assert_eq!(
+        h.engine.kill_vm(&vm.id).await.expect("kill").state,
+        VmState::Stopped
+    );
+    assert_eq!(
+        states_seen(&mut events, &vm.id).await,
+        [
+            VmState::Booting,
+            VmState::Ready,
+            VmState::Paused,
+            VmState::Ready,
+            VmState::Booting,
+            VmState::Ready,
+            VmState::Stopping,
+            VmState::Stopped,
+            VmState::Booting,
+            VmState::Ready,
+            VmState::Stopped,
+        ]
+    );
+    // Every step above was one the table allows.
+    assert!(h.fake.live().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn commands_in_the_wrong_state_are_refused_and_change_nothing() {
+    let h = Harness::start().await;
+    let vm = h
+        .engine
+        .create_vm("idle", VmSpec::default())
+        .await
+        .expect("create");
+    let invalid =
+        |r: Result<VmInfo, EngineError>| matches!(r, Err(EngineError::InvalidState { .. }));
+    assert!(invalid(h.engine.pause_vm(&vm.id).await));
+    assert!(invalid(h.engine.resume_vm(&vm.id).await));
+    assert!(invalid(h.engine.reboot_vm(&vm.id).await));
+    assert!(matches!(
+        h.engine.exec_vm(&vm.id, exec(&["true"])).await,
+        Err(EngineError::InvalidState { .. })
+    ));
+    assert_eq!(h.state(&vm.id).await, VmState::Created);
+    h.engine.start_vm(&vm.id).await.expect("start");
+    assert!(
+        invalid(h.engine.resume_vm(&vm.id).await),
+        "resume while ready"
+    );
+    assert!(
+        invalid(h.engine.start_vm(&vm.id).await),
+        "start while ready"
+    );
+    assert!(matches!(
+        h.engine.release(&vm.id, false).await,
+        Err(EngineError::InvalidState { .. })
+    ));
+    assert_eq!(h.state(&vm.id).await, VmState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_fails_the_vm_and_it_can_start_again() {
+    let h = Harness::start().await;
+    let vm = h.create_and_start("crashy").await;
+    h.fake.crash(&vm.id);
+    h.until_state(&vm.id, VmState::Failed).await;
+    let failed = h.engine.describe_vm(&vm.id).await.expect("describe");
+    assert!(failed.last_error.expect("reason").contains("unexpectedly"));
+    assert_eq!(
+        h.engine.start_vm(&vm.id).await.expect("start").state,
+        VmState::Ready
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_boot_that_never_answers_fails_with_boot_failed() {
+    let h = Harness::start().await;
+    h.fake.set_behaviour(|b| b.agent_silent = true);
+    let vm = h
+        .engine
+        .create_vm("silent", VmSpec::default())
+        .await
+        .expect("create");
+    let started = h.engine.start_vm(&vm.id).await;
+    assert!(
+        matches!(started, Err(EngineError::BootFailed(_))),
+        "{started:?}"
+    );
+    h.until_state(&vm.id, VmState::Failed).await;
+    assert!(
+        h.fake.live().is_empty(),
+        "the silent VM's process is killed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_while_booting_kills_the_process_and_answers_the_start() {
+    let h = Harness::start().await;
+    h.fake
+        .set_behaviour(|b| b.boot_delay = Duration::from_secs(30));
+    let vm = h
+        .engine
+        .create_vm("short-lived", VmSpec::default())
+        .await
+        .expect("create");
+    let engine = h.engine.clone();
+    let id = vm.id.clone();
+    let start = tokio::spawn(async move { engine.start_vm(&id).await });
+    h.until_state(&vm.id, VmState::Booting).await;
+    h.engine.delete_vm(&vm.id).await.expect("delete");
+    let started = start.await.expect("start task");
+    assert!(
+        started.is_err(),
+        "the start must not report success: {started:?}"
+    );
+    assert!(matches!(
+        h.engine.describe_vm(&vm.id).await,
+        Err(EngineError::NoSuchVM(_))
+    ));
+    assert!(h.fake.live().is_empty());
+    assert!(!h
+        .dir
+        .path()
+        .join("state/vms")
+        .join(format!("{}.json", vm.id))
+        .exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leased_vm_stays_leased_through_pause_resume_and_reboot() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 2, 4).await;
+    h.pool_until("p", |p| p.hot == 2).await;
+    let vm = h
+        .acquire("p", Duration::from_secs(5), "alice")
+        .await
+        .expect("acquire");
+    assert_eq!(vm.state, VmState::Leased);
+    let mut events = h.engine.subscribe();
+    assert_eq!(
+        h.engine.pause_vm(&vm.id).await.expect("pause").state,
+        VmState::Paused
+    );
+    assert_eq!(
+        h.engine.resume_vm(&vm.id).await.expect("resume").state,
+        VmState::Leased
+    );
+    assert_eq!(
+        h.engine.reboot_vm(&vm.id).await.expect("reboot").state,
+        VmState::Leased
+    );
+    let seen = states_seen(&mut events, &vm.id).await;
+    assert!(
+        !seen.contains(&VmState::Ready),
+        "a leased VM was shown ready: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&VmState::Leased));
+    let described = h.engine.describe_vm(&vm.id).await.expect("describe");
+    assert_eq!(described.leased_by.as_deref(), Some("alice"));
+    // Every other Acquire gets another VM, never this one.
+    for holder in ["bob", "carol", "dave"] {
+        let other = h
+            .acquire("p", Duration::from_secs(5), holder)
+            .await
+            .expect("acquire");
+        assert_ne!(other.id, vm.id);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leased_vm_reset_by_its_guest_comes_back_leased() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 1, 2).await;
+    h.pool_until("p", |p| p.hot == 1).await;
+    let vm = h
+        .acquire("p", Duration::from_secs(5), "alice")
+        .await
+        .expect("acquire");
+    // A reset the guest did on its own (QMP RESET, no reboot command).
+    let runtime_dir = h.dir.path().join("run/vms").join(&vm.id);
+    let agent = crate::vmm::Vmm::agent(&h.fake, &runtime_dir);
+    let _: serde_json::Value = agent
+        .call(
+            kiln_agent_proto::method::REBOOT,
+            &serde_json::json!({}),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("guest reboots");
+    h.until_state(&vm.id, VmState::Booting).await;
+    h.until_state(&vm.id, VmState::Leased).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pools_refill_to_warm_with_at_most_refill_concurrency_boots() {
+    let h = Harness::start().await;
+    let mut events = h.engine.subscribe();
+    h.create_pool("p", PoolMode::Template, 5, 8).await;
+    let full = h.pool_until("p", |p| p.hot == 5).await;
+    assert_eq!(full.state, PoolState::Ready);
+    assert_eq!(h.fake.template_builds(), 1, "one template for the pool");
+    let mut most_booting = 0;
+    while let Ok(event) = events.try_recv() {
+        if let EngineEvent::PoolChanged { pool } = event {
+            most_booting = most_booting.max(pool.booting);
+        }
+    }
+    assert!(
+        (1..=2).contains(&most_booting),
+        "booting at once: {most_booting}"
+    );
+    assert_eq!(h.fake.live().len(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn resizing_down_trims_hot_vms_and_never_leased_ones() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 3, 6).await;
+    h.pool_until("p", |p| p.hot == 3).await;
+    let leased = h
+        .acquire("p", Duration::from_secs(5), "alice")
+        .await
+        .expect("acquire");
+    h.pool_until("p", |p| p.hot == 3 && p.leased == 1).await;
+    h.engine.resize_pool("p", 1, None).await.expect("resize");
+    let after = h.pool_until("p", |p| p.hot == 1).await;
+    assert_eq!(after.leased, 1);
+    // Trimmed VMs are gone: 1 hot + 1 leased processes.
+    for _ in 0..100 {
+        if h.fake.live().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.fake.live().len(), 2);
+    assert_eq!(h.state(&leased.id).await, VmState::Leased);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_boots_back_off_then_fail_the_pool_and_recover() {
+    let h = Harness::start().await;
+    h.fake.set_behaviour(|b| b.launch_fails = true);
+    h.create_pool("p", PoolMode::Cold, 1, 2).await;
+    let backoff = h.pool_until("p", |p| p.state == PoolState::Backoff).await;
+    assert!(backoff
+        .last_error
+        .expect("reason")
+        .contains("launch refused"));
+    let launches_at_first_failure = h.fake.launches();
+    let failed = h.pool_until("p", |p| p.state == PoolState::Failed).await;
+    assert!(failed.failed >= FAILED_AFTER);
+    // Back-off, not a busy loop: one attempt per back-off period.
+    assert!(
+        h.fake.launches() - launches_at_first_failure < 2 * FAILED_AFTER,
+        "launches: {}",
+        h.fake.launches()
+    );
+    // A failing pool answers Acquire at once.
+    let refused = h.acquire("p", Duration::from_secs(60), "alice").await;
+    assert!(
+        matches!(refused, Err(EngineError::BootFailed(_))),
+        "{refused:?}"
+    );
+    // Fixed, and an operator acts on the pool: it fills again.
+    h.fake.set_behaviour(|b| b.launch_fails = false);
+    h.engine.resize_pool("p", 1, None).await.expect("resize");
+    let ready = h.pool_until("p", |p| p.hot == 1).await;
+    assert_eq!(ready.state, PoolState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_template_build_backs_off() {
+    let h = Harness::start().await;
+    h.fake.set_behaviour(|b| b.template_fails = true);
+    h.create_pool("t", PoolMode::Template, 1, 2).await;
+    let info = h.pool_until("t", |p| p.state == PoolState::Backoff).await;
+    assert!(info.last_error.expect("reason").starts_with("template:"));
+    assert_eq!(h.fake.launches(), 0, "no clone without a template");
+}
+
+#[tokio::test(start_paused = true)]
+async fn acquire_waits_for_a_boot_and_times_out_when_none_comes() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 0, 1).await;
+    // Nothing hot: the waiter makes the pool boot one for it.
+    let vm = h
+        .acquire("p", Duration::from_secs(5), "alice")
+        .await
+        .expect("acquire");
+    assert_eq!(vm.state, VmState::Leased);
+    // max reached by a lease: no VM can come for the next caller.
+    let exhausted = h.acquire("p", Duration::from_secs(5), "bob").await;
+    assert!(
+        matches!(exhausted, Err(EngineError::PoolExhausted { .. })),
+        "{exhausted:?}"
+    );
+    // A pool whose VMs never answer: the waiter times out, and is gone.
+    h.fake.set_behaviour(|b| b.agent_silent = true);
+    h.create_pool("slow", PoolMode::Cold, 0, 1).await;
+    let timed_out = h.acquire("slow", Duration::from_secs(2), "carol").await;
+    assert!(
+        matches!(timed_out, Err(EngineError::Timeout(_))),
+        "{timed_out:?}"
+    );
+    assert_eq!(
+        h.engine.describe_pool("slow").await.expect("pool").waiting,
+        0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acquire_storm_never_gives_a_vm_to_two_holders() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 2, 3).await;
+    h.pool_until("p", |p| p.hot == 2).await;
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let engine = h.engine.clone();
+        calls.push(tokio::spawn(async move {
+            engine
+                .acquire(
+                    "p",
+                    Some(Duration::from_secs(5)),
+                    &format!("c{i}"),
+                    BTreeMap::new(),
+                )
+                .await
+        }));
+    }
+    let mut granted = Vec::new();
+    let mut exhausted = 0;
+    for call in calls {
+        match call.await.expect("task") {
+            Ok(vm) => granted.push(vm.id),
+            Err(EngineError::PoolExhausted { .. }) => exhausted += 1,
+            Err(other) => panic!("unexpected error: {other:?}"),
+        }
+    }
+    assert_eq!(granted.len(), 3, "max VMs handed out");
+    granted.sort();
+    granted.dedup();
+    assert_eq!(granted.len(), 3, "no VM went to two holders");
+    assert_eq!(exhausted, 17);
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_and_hot_vms_survive_a_restart() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Template, 2, 4).await;
+    h.pool_until("p", |p| p.hot == 2).await;
+    let vm = h
+        .acquire("p", Duration::from_secs(5), "alice")
+        .await
+        .expect("acquire");
+    h.pool_until("p", |p| p.hot == 2 && p.leased == 1).await;
+    let before = h.fake.live();
+    let h = h.restart().await;
+    let again = h.engine.describe_vm(&vm.id).await.expect("still there");
+    assert_eq!(again.state, VmState::Leased);
+    assert_eq!(again.leased_by.as_deref(), Some("alice"));
+    assert_eq!(again.pid, vm.pid, "re-adopted, not restarted");
+    let pool = h.pool_until("p", |p| p.hot == 2).await;
+    assert_eq!(pool.leased, 1);
+    assert_eq!(h.fake.live(), before, "no VM was started or lost");
+    assert_eq!(
+        h.fake.template_builds(),
+        1,
+        "the template on disk is re-used"
+    );
+    // The re-adopted lease is released like any other.
+    h.engine.release(&vm.id, false).await.expect("release");
+    h.pool_until("p", |p| p.leased == 0).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_that_died_while_kilnd_was_down_is_failed_at_start() {
+    let h = Harness::start().await;
+    let vm = h.create_and_start("victim").await;
+    h.engine.shutdown(false).await.expect("shutdown");
+    h.fake.crash(&vm.id);
+    let h = Harness { ..h }.restart_after_shutdown().await;
+    let info = h.engine.describe_vm(&vm.id).await.expect("describe");
+    assert_eq!(info.state, VmState::Failed);
+    assert!(info.last_error.expect("reason").contains("not running"));
+}
+
+impl Harness {
+    /// Start a new engine after [`EngineHandle::shutdown`] was already sent.
+    async fn restart_after_shutdown(self) -> Self {
+        let _ = self.task.await;
+        let (engine, task) = Self::engine(self.dir.path(), &self.fake, self.network.clone()).await;
+        Self {
+            engine,
+            task,
+            ..self
+        }
+    }
+}
+
+/// NIC hot-plug fails at each step in turn (descriptor, netdev, device,
+/// the guest's configuration) and nothing of the NIC is left: no record,
+/// no device in the VMM, no TAP, no address. Then it works. TAPs are real
+/// (in a network namespace of the test's own: root), the VMM is the fake.
+#[tokio::test]
+async fn a_failed_nic_attach_is_undone_at_every_step() {
+    if !kiln_testkit::require_root("TAPs in a network namespace") {
+        return;
+    }
+    let ns = kiln_testkit::Netns::new();
+    let network = kiln_net::NetConfig {
+        bridge: "kbundo".into(),
+        netns: Some(ns.path()),
+        ..kiln_net::NetConfig::default()
+    };
+    let h = Harness::start_with_network(Some(network)).await;
+    let spec: VmSpec = serde_json::from_value(serde_json::json!({
+        "network": { "mode": "bridge", "hotplugSlots": 1 }
+    }))
+    .expect("spec");
+    let vm = h.engine.create_vm("hotplug", spec).await.expect("create");
+    h.engine.start_vm(&vm.id).await.expect("start");
+    let tap = kiln_net::names::tap_name(&vm.id, 1).expect("tap name");
+    let tap_exists = || {
+        std::process::Command::new("ip")
+            .args(["-n", ns.name(), "link", "show", &tap])
+            .output()
+            .expect("ip")
+            .status
+            .success()
+    };
+    let steps: [(Option<&'static str>, Option<&'static str>); 4] = [
+        (Some("getfd"), None),
+        (Some("netdev_add"), None),
+        (Some("device_add"), None),
+        (None, Some(kiln_agent_proto::method::CONFIGURE_NETWORK)),
+    ];
+    for (monitor_call, agent_call) in steps {
+        h.fake.set_behaviour(|b| {
+            b.failing_monitor_call = monitor_call;
+            b.failing_agent_call = agent_call;
+        });
+        let step = monitor_call.or(agent_call).unwrap_or_default();
+        let attached = h.engine.attach_nic(&vm.id, None).await;
+        assert!(attached.is_err(), "{step}: {attached:?}");
+        let nics = h.engine.list_nics(&vm.id).await.expect("nics");
+        assert_eq!(nics.len(), 1, "{step}: only the boot NIC is left: {nics:?}");
+        assert!(
+            h.fake.devices(&vm.id).is_empty(),
+            "{step}: device left in the VMM"
+        );
+        kiln_testkit::wait_until(Duration::from_secs(10), "the TAP to go", || !tap_exists());
+    }
+    h.fake.set_behaviour(|b| {
+        b.failing_monitor_call = None;
+        b.failing_agent_call = None;
+    });
+    let nic = h.engine.attach_nic(&vm.id, None).await.expect("attach");
+    assert_eq!(nic.index, 1);
+    assert!(tap_exists());
+    assert_eq!(h.fake.devices(&vm.id).len(), 1);
+    h.engine.detach_nic(&vm.id, 1).await.expect("detach");
+    assert!(h.fake.devices(&vm.id).is_empty());
+    assert_eq!(h.engine.list_nics(&vm.id).await.expect("nics").len(), 1);
+    h.engine.kill_vm(&vm.id).await.expect("kill");
+}
+
+fn exec(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: Vec::new(),
+        stdin: None,
+        timeout_ms: None,
+        max_output_bytes: None,
+    }
+}

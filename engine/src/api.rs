@@ -1,0 +1,488 @@
+//! The engine's contract: every command, its preconditions and errors,
+//! the events watchers see, and the limits callers' input is checked
+//! against (Firecracker's `rpc_interface.rs` in spirit).
+//!
+//! Adapters (D-Bus, varlink, tests) hold an [`EngineHandle`]: each call sends
+//! one [`Command`] and awaits its typed reply. Nothing here knows about the
+//! actor's insides.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use kiln_agent_proto::{self as proto, ExecReply, ExecRequest, PingReply};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use kiln_gpu::{NodeUsage, RenderNode};
+
+use crate::accel::Accel;
+use crate::error::EngineError;
+use crate::pool::{PoolFileError, PoolInfo, PoolSpec};
+use crate::spec::{validate_name, VmSpec, MAX_NAME_LEN};
+use crate::store::BrokenRecord;
+use crate::vm::{NicInfo, VmInfo};
+
+/// Consecutive boot failures after which a pool is `failed`.
+pub const FAILED_AFTER: u32 = 5;
+/// Longest wait between boot attempts of a failing pool.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Longest `Acquire` timeout.
+pub const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(600);
+/// `Acquire` timeout when the caller names none.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most labels one lease may carry.
+pub const MAX_LABELS: usize = 32;
+/// Longest label value.
+pub const MAX_LABEL_VALUE_LEN: usize = 256;
+
+/// Reply channel of a command.
+pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// Most arguments an `ExecVM` may carry.
+pub const MAX_EXEC_ARGS: usize = 1024;
+/// Most bytes of argv + env + stdin of one `ExecVM`.
+pub const MAX_EXEC_INPUT_BYTES: usize = 1024 * 1024;
+/// Longest `ExecVM` timeout.
+pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Timeout of an `ExecVM` that names none.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Every operation the engine does. Each variant says when it is valid;
+/// all reply exactly once.
+#[derive(Debug)]
+pub enum Command {
+    /// Define a VM in state `created`. `AlreadyExists` if the name is taken,
+    /// `InvalidName`/`InvalidSpec` for bad input; nothing is written then.
+    CreateVm {
+        name: String,
+        spec: VmSpec,
+        reply: Reply<VmInfo>,
+    },
+    /// Boot a `created`, `stopped` or `failed` VM. Replies when the guest
+    /// agent answers (`ready`) or the boot failed (`BootFailed`).
+    StartVm { id: String, reply: Reply<VmInfo> },
+    /// Stop gracefully: agent shutdown, then ACPI power button, then SIGKILL
+    /// once `timeout` (default from config) has passed. Replies when the
+    /// process is gone. Stopping a VM without a process is a no-op.
+    StopVm {
+        id: String,
+        timeout: Option<Duration>,
+        reply: Reply<VmInfo>,
+    },
+    /// SIGKILL the QEMU process; replies when it is gone (`stopped`).
+    KillVm { id: String, reply: Reply<VmInfo> },
+    /// Pause vCPUs; valid while `ready` or `leased`.
+    PauseVm { id: String, reply: Reply<VmInfo> },
+    /// Resume vCPUs; valid while `paused`.
+    ResumeVm { id: String, reply: Reply<VmInfo> },
+    /// Reboot the guest through its agent (hard reset if the agent fails);
+    /// valid while `ready` or `leased`. Replies when the agent answers again
+    /// with a new boot id.
+    RebootVm { id: String, reply: Reply<VmInfo> },
+    /// Delete a VM, killing its process first if it has one.
+    DeleteVm { id: String, reply: Reply<()> },
+    /// Every VM.
+    ListVms { reply: Reply<Vec<VmInfo>> },
+    /// One VM.
+    DescribeVm { id: String, reply: Reply<VmInfo> },
+    /// Run a command in the guest; valid while `ready` or `leased`.
+    ExecVm {
+        id: String,
+        request: ExecRequest,
+        reply: Reply<ExecReply>,
+    },
+    /// Ping the guest agent with a deadline, in any state with a process
+    /// (a paused guest does not answer: `Timeout`).
+    PingVm {
+        id: String,
+        timeout: Duration,
+        reply: Reply<PingReply>,
+    },
+    /// Define a pool (persisted in the API layer of pool definitions) and
+    /// start filling it. `AlreadyExists`, `InvalidSpec`.
+    CreatePool {
+        name: String,
+        spec: PoolSpec,
+        reply: Reply<PoolInfo>,
+    },
+    /// Change a pool's `warm` (and `max`); hot VMs beyond it are destroyed,
+    /// leased ones are never touched. Persisted like `CreatePool`.
+    ResizePool {
+        name: String,
+        warm: u32,
+        max: Option<u32>,
+        reply: Reply<PoolInfo>,
+    },
+    /// Remove a pool: its unleased VMs are destroyed, leased ones stay with
+    /// their holders until released. A pool from a vendor or admin file is
+    /// masked in the API layer.
+    DeletePool { name: String, reply: Reply<()> },
+    /// Every pool.
+    ListPools { reply: Reply<Vec<PoolInfo>> },
+    /// One pool.
+    DescribePool {
+        name: String,
+        reply: Reply<PoolInfo>,
+    },
+    /// Lease the oldest hot VM of `pool` to `holder`, or wait up to
+    /// `timeout` (default [`DEFAULT_ACQUIRE_TIMEOUT`]) for one to boot.
+    /// `PoolExhausted` at once when the pool owns `max` VMs and none can
+    /// come free for this caller; `Timeout` when the wait ran out.
+    Acquire {
+        pool: String,
+        timeout: Option<Duration>,
+        holder: String,
+        labels: BTreeMap<String, String>,
+        reply: Reply<VmInfo>,
+    },
+    /// Give a leased VM back: destroyed, or with `recycle` reset from the
+    /// pool's template (rebooted, in a cold pool) and put back hot.
+    Release {
+        id: String,
+        recycle: bool,
+        reply: Reply<()>,
+    },
+    /// Hot-plug a NIC into a running (`ready` or `leased`) bridge VM
+    /// created with `network.hotplugSlots`: a TAP on the bridge, an
+    /// address (`address`, or the next free one) and a configured guest
+    /// interface. Replies once the guest has the address. The NIC goes
+    /// with the process (stop, crash) or with [`Command::DetachNic`].
+    /// `NoHotplugSlot`, `AddressInUse`, `InvalidSpec`, `InvalidState`.
+    AttachNic {
+        id: String,
+        address: Option<Ipv4Addr>,
+        reply: Reply<NicInfo>,
+    },
+    /// Unplug NIC `index` (1 or more) of a running VM: the guest releases
+    /// the device, then its TAP and address go. `NoSuchNIC`; the boot NIC
+    /// (0) cannot be detached.
+    DetachNic {
+        id: String,
+        index: u8,
+        reply: Reply<()>,
+    },
+    /// A VM's NICs.
+    ListNics {
+        id: String,
+        reply: Reply<Vec<NicInfo>>,
+    },
+    /// Every GPU render node and who holds it.
+    ListGpus { reply: Reply<Vec<GpuInfo>> },
+    /// Engine facts: accelerator, counts, broken records.
+    Status { reply: Reply<EngineStatus> },
+    /// Stop serving. With `stop_vms`, stop every VM first; otherwise VMs keep
+    /// running and are re-adopted by the next kilnd.
+    Shutdown { stop_vms: bool, reply: Reply<()> },
+}
+
+/// Engine-wide facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineStatus {
+    /// kilnd/engine version.
+    pub version: String,
+    /// Accelerator VMs get by default.
+    pub accel: Accel,
+    /// Number of VMs by state.
+    pub vms: usize,
+    /// VMs with a QEMU process.
+    pub running: usize,
+    /// Records that could not be read at start-up.
+    pub broken_records: Vec<BrokenRecord>,
+    /// Pool files that were refused.
+    pub pool_errors: Vec<PoolFileError>,
+}
+
+/// A change published to watchers (varlink `Watch`, D-Bus signals).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum EngineEvent {
+    /// A VM was created.
+    VmAdded { vm: VmInfo },
+    /// A VM's state or facts changed.
+    VmChanged { vm: VmInfo },
+    /// A VM was deleted.
+    VmRemoved { id: String },
+    /// A pool appeared or what callers see of it changed.
+    PoolChanged { pool: PoolInfo },
+    /// A pool was deleted.
+    PoolRemoved { name: String },
+    /// GPU nodes or their leases changed.
+    GpusChanged { gpus: Vec<GpuInfo> },
+}
+
+/// Cloneable handle to the engine.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<EngineEvent>,
+}
+
+macro_rules! call {
+    ($self:ident, $variant:ident { $($field:ident $(: $value:expr)?),* }) => {{
+        let (reply, rx) = oneshot::channel();
+        $self
+            .commands
+            .send(Command::$variant { $($field $(: $value)?,)* reply })
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)?
+    }};
+}
+
+impl EngineHandle {
+    /// The handle of an actor fed by `commands` that publishes on `events`.
+    pub(crate) fn new(
+        commands: mpsc::Sender<Command>,
+        events: broadcast::Sender<EngineEvent>,
+    ) -> Self {
+        Self { commands, events }
+    }
+
+    /// Send a prepared command (adapters that build [`Command`]s themselves).
+    pub async fn send(&self, command: Command) -> Result<(), EngineError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| EngineError::ShuttingDown)
+    }
+    /// Subscribe to [`EngineEvent`]s.
+    pub fn subscribe(&self) -> broadcast::Receiver<EngineEvent> {
+        self.events.subscribe()
+    }
+    /// See [`Command::CreateVm`].
+    pub async fn create_vm(&self, name: &str, spec: VmSpec) -> Result<VmInfo, EngineError> {
+        let name = name.to_owned();
+        call!(self, CreateVm { name, spec })
+    }
+    /// See [`Command::StartVm`].
+    pub async fn start_vm(&self, id: &str) -> Result<VmInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, StartVm { id })
+    }
+    /// See [`Command::StopVm`].
+    pub async fn stop_vm(
+        &self,
+        id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<VmInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, StopVm { id, timeout })
+    }
+    /// See [`Command::KillVm`].
+    pub async fn kill_vm(&self, id: &str) -> Result<VmInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, KillVm { id })
+    }
+    /// See [`Command::PauseVm`].
+    pub async fn pause_vm(&self, id: &str) -> Result<VmInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, PauseVm { id })
+    }
+    /// See [`Command::ResumeVm`].
+    pub async fn resume_vm(&self, id: &str) -> Result<VmInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, ResumeVm { id })
+    }
+    /// See [`Command::RebootVm`].
+    pub async fn reboot_vm(&self, id: &str) -> Result<VmInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, RebootVm { id })
+    }
+    /// See [`Command::DeleteVm`].
+    pub async fn delete_vm(&self, id: &str) -> Result<(), EngineError> {
+        let id = id.to_owned();
+        call!(self, DeleteVm { id })
+    }
+    /// See [`Command::ListVms`].
+    pub async fn list_vms(&self) -> Result<Vec<VmInfo>, EngineError> {
+        call!(self, ListVms {})
+    }
+    /// See [`Command::DescribeVm`].
+    pub async fn describe_vm(&self, id: &str) -> Result<VmInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, DescribeVm { id })
+    }
+    /// See [`Command::ExecVm`].
+    pub async fn exec_vm(&self, id: &str, request: ExecRequest) -> Result<ExecReply, EngineError> {
+        let id = id.to_owned();
+        call!(self, ExecVm { id, request })
+    }
+    /// See [`Command::PingVm`].
+    pub async fn ping_vm(&self, id: &str, timeout: Duration) -> Result<PingReply, EngineError> {
+        let id = id.to_owned();
+        call!(self, PingVm { id, timeout })
+    }
+    /// See [`Command::CreatePool`].
+    pub async fn create_pool(&self, name: &str, spec: PoolSpec) -> Result<PoolInfo, EngineError> {
+        let name = name.to_owned();
+        call!(self, CreatePool { name, spec })
+    }
+    /// See [`Command::ResizePool`].
+    pub async fn resize_pool(
+        &self,
+        name: &str,
+        warm: u32,
+        max: Option<u32>,
+    ) -> Result<PoolInfo, EngineError> {
+        let name = name.to_owned();
+        call!(self, ResizePool { name, warm, max })
+    }
+    /// See [`Command::DeletePool`].
+    pub async fn delete_pool(&self, name: &str) -> Result<(), EngineError> {
+        let name = name.to_owned();
+        call!(self, DeletePool { name })
+    }
+    /// See [`Command::ListPools`].
+    pub async fn list_pools(&self) -> Result<Vec<PoolInfo>, EngineError> {
+        call!(self, ListPools {})
+    }
+    /// See [`Command::DescribePool`].
+    pub async fn describe_pool(&self, name: &str) -> Result<PoolInfo, EngineError> {
+        let name = name.to_owned();
+        call!(self, DescribePool { name })
+    }
+    /// See [`Command::Acquire`].
+    pub async fn acquire(
+        &self,
+        pool: &str,
+        timeout: Option<Duration>,
+        holder: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<VmInfo, EngineError> {
+        let (pool, holder) = (pool.to_owned(), holder.to_owned());
+        call!(
+            self,
+            Acquire {
+                pool,
+                timeout,
+                holder,
+                labels
+            }
+        )
+    }
+    /// See [`Command::Release`].
+    pub async fn release(&self, id: &str, recycle: bool) -> Result<(), EngineError> {
+        let id = id.to_owned();
+        call!(self, Release { id, recycle })
+    }
+    /// See [`Command::AttachNic`].
+    pub async fn attach_nic(
+        &self,
+        id: &str,
+        address: Option<Ipv4Addr>,
+    ) -> Result<NicInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, AttachNic { id, address })
+    }
+
+    /// See [`Command::DetachNic`].
+    pub async fn detach_nic(&self, id: &str, index: u8) -> Result<(), EngineError> {
+        let id = id.to_owned();
+        call!(self, DetachNic { id, index })
+    }
+
+    /// See [`Command::ListNics`].
+    pub async fn list_nics(&self, id: &str) -> Result<Vec<NicInfo>, EngineError> {
+        let id = id.to_owned();
+        call!(self, ListNics { id })
+    }
+
+    /// See [`Command::ListGpus`].
+    pub async fn list_gpus(&self) -> Result<Vec<GpuInfo>, EngineError> {
+        call!(self, ListGpus {})
+    }
+    /// See [`Command::Status`].
+    pub async fn status(&self) -> Result<EngineStatus, EngineError> {
+        call!(self, Status {})
+    }
+    /// See [`Command::Shutdown`].
+    pub async fn shutdown(&self, stop_vms: bool) -> Result<(), EngineError> {
+        call!(self, Shutdown { stop_vms })
+    }
+}
+
+/// Check an `ExecVM` request against the limits.
+pub(crate) fn validate_exec(request: &ExecRequest) -> Result<(), EngineError> {
+    if request.argv.is_empty() || request.argv[0].is_empty() {
+        return Err(exec_error("command must not be empty"));
+    }
+    if request.argv.len() + request.env.len() > MAX_EXEC_ARGS {
+        return Err(exec_error("too many arguments"));
+    }
+    let bytes: usize = request
+        .argv
+        .iter()
+        .chain(&request.env)
+        .map(String::len)
+        .sum::<usize>()
+        + request.stdin.as_ref().map_or(0, String::len);
+    if bytes > MAX_EXEC_INPUT_BYTES {
+        return Err(exec_error("command, environment and stdin exceed 1 MiB"));
+    }
+    if request.env.iter().any(|e| !e.contains('=')) {
+        return Err(exec_error("env entries must be KEY=VALUE"));
+    }
+    if request
+        .timeout_ms
+        .is_some_and(|t| t == 0 || Duration::from_millis(t) > MAX_EXEC_TIMEOUT)
+    {
+        return Err(exec_error("timeout must be between 1 ms and 1 hour"));
+    }
+    if request
+        .max_output_bytes
+        .is_some_and(|m| m > proto::LIMIT_MAX_OUTPUT_BYTES)
+    {
+        return Err(exec_error("maxOutputBytes is above the limit"));
+    }
+    Ok(())
+}
+
+fn exec_error(message: &str) -> EngineError {
+    EngineError::InvalidArgument(message.to_owned())
+}
+
+/// Check an `Acquire`'s timeout and labels against the limits.
+pub(crate) fn validate_acquire(
+    timeout: Duration,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), EngineError> {
+    if timeout > MAX_ACQUIRE_TIMEOUT {
+        return Err(EngineError::InvalidArgument(format!(
+            "timeout must be at most {} ms",
+            MAX_ACQUIRE_TIMEOUT.as_millis()
+        )));
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(EngineError::InvalidArgument(format!(
+            "at most {MAX_LABELS} labels"
+        )));
+    }
+    for (key, value) in labels {
+        if validate_name(key).is_err() {
+            return Err(EngineError::InvalidArgument(format!(
+                "label key {:?} must be 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . -",
+                key.chars().take(MAX_NAME_LEN + 8).collect::<String>()
+            )));
+        }
+        if value.len() > MAX_LABEL_VALUE_LEN || value.chars().any(char::is_control) {
+            return Err(EngineError::InvalidArgument(format!(
+                "label {key:?}: value must be at most {MAX_LABEL_VALUE_LEN} printable characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A render node as the APIs show it: what it is and who holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuInfo {
+    /// Inventory facts (name, path, ids, driver, PCI address, NUMA node).
+    #[serde(flatten)]
+    pub node: RenderNode,
+    /// Holders and free slots.
+    #[serde(flatten)]
+    pub usage: NodeUsage,
+}

@@ -1,0 +1,85 @@
+//! Processes the tests start: a sandbox whose QEMUs die with it, liveness
+//! of a pid, commands run as another user.
+
+use std::path::Path;
+use std::process::Command;
+
+/// A temp dir `/tmp/kiln-t*` for an engine or a kilnd; every QEMU whose pid
+/// file lies under its `run/vms/` is SIGKILLed and the dir removed on drop.
+/// `scripts/test.sh` kills what a test killed by a timeout left there.
+#[derive(Debug)]
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        // Short: unix socket paths inside it are limited to 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-t")
+            .tempdir_in("/tmp")
+            .unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        kill_qemus_under(self.path());
+    }
+}
+
+/// SIGKILL every QEMU whose pid file is `<root>/run/vms/<id>/qemu.pid`.
+pub fn kill_qemus_under(root: &Path) {
+    for dir in std::fs::read_dir(root.join("run/vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(pid) = std::fs::read_to_string(dir.path().join("qemu.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: kill(2) with a pid and a signal number.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Is `pid` alive? A zombie is not (it still answers kill(0)).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .split(") ")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// `program` run as `uid` (and its group, no supplementary groups), or as
+/// ourselves when `uid` is None.
+pub fn command_as(uid: Option<u32>, program: &str) -> Command {
+    match uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+            ]);
+            c.arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
