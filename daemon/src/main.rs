@@ -101,9 +101,11 @@ fn try_main() -> anyhow::Result<()> {
 }
 
 /// The long-running parts besides the engine that `supervise` watches.
-/// Dropping them disconnects D-Bus and ends the tasks.
+/// Dropping them disconnects D-Bus and ends the tasks; the varlink thread
+/// serves on until the process exits.
 #[derive(Default)]
 struct Parts {
+    varlink: Option<kiln_varlink::Server>,
     dbus: Option<kiln_dbus::Service>,
     /// `STATUS=` and `WATCHDOG=1` (only under a service manager).
     notifier: Option<AbortOnDrop>,
@@ -174,7 +176,10 @@ async fn start(
 ) -> anyhow::Result<()> {
     let endpoint = kiln_varlink::Endpoint::from_env_or(&config.daemon.varlink_socket);
     let authorizer = kiln_varlink::Authorizer::new(&config.daemon.manage_group);
-    kiln_varlink::spawn(endpoint, engine.clone(), authorizer).context("cannot serve varlink")?;
+    parts.varlink = Some(
+        kiln_varlink::spawn(endpoint, engine.clone(), authorizer)
+            .context("cannot serve varlink")?,
+    );
     parts.dbus = start_dbus(config, engine).await?;
     let status = engine
         .status()
@@ -187,22 +192,15 @@ async fn start(
 }
 
 /// Wait until a signal asks kilnd to stop (`Ok`) or a long-running part
-/// ends or fails (`Err` naming it). Not watched, for want of a handle: the
-/// varlink server (a thread `kiln_varlink::spawn` does not hand back) and
-/// the bus connection itself (`Service::finished` follows the engine only).
+/// ends or fails (`Err` naming it): the engine, the varlink server, the
+/// D-Bus adapter (its connection included), the notifier, machined
+/// registration.
 async fn supervise(
     engine_task: &mut Option<AbortOnDrop>,
     parts: &mut Parts,
     sigterm: &mut Signal,
     sigint: &mut Signal,
 ) -> anyhow::Result<()> {
-    let dbus = &mut parts.dbus;
-    let dbus_stopped = async {
-        match dbus.as_mut() {
-            Some(d) => d.finished().await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         // The engine first: when it ends, the parts that follow it end too,
         // and the error should name the cause.
@@ -210,7 +208,11 @@ async fn supervise(
         r = ended(engine_task) => return Err(part_ended("the engine", r)),
         _ = sigterm.recv() => info!("SIGTERM received"),
         _ = sigint.recv() => info!("SIGINT received"),
-        _ = dbus_stopped => anyhow::bail!("the D-Bus adapter stopped unexpectedly"),
+        e = if_present(parts.varlink.as_mut().map(|v| v.finished())) => {
+            return Err(anyhow::Error::new(e).context("the varlink server stopped"));
+        }
+        // Its message names D-Bus: "the D-Bus connection was lost".
+        e = if_present(parts.dbus.as_mut().map(|d| d.finished())) => return Err(e.into()),
         r = ended(&mut parts.notifier) => return Err(part_ended("the service notifier", r)),
         r = ended(&mut parts.machined) => return Err(part_ended("machined registration", r)),
     }
@@ -221,6 +223,15 @@ fn part_ended(part: &str, result: Result<(), tokio::task::JoinError>) -> anyhow:
     match result {
         Ok(()) => anyhow::anyhow!("{part} stopped unexpectedly"),
         Err(e) => anyhow::Error::new(e).context(format!("{part} failed")),
+    }
+}
+
+/// Resolves with what `finished` resolves with; never when the part is
+/// absent (not configured, or not running here).
+async fn if_present<F: std::future::Future>(finished: Option<F>) -> F::Output {
+    match finished {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 

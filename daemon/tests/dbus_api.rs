@@ -907,4 +907,39 @@ fn leased_vms_stay_leased_through_pause_resume_and_reboot() {
     assert!(error.contains("PoolExhausted"), "{error}");
     let pool = k.varlinkctl("DescribePool", json!({ "name": "held" }))["pool"].clone();
     assert_eq!(pool["leased"], 3, "{pool}");
+
+    // Lease lifetimes on D-Bus: Renew on the VM object sets a deadline
+    // (LeaseExpiresAt), and its expiry is the Manager's LeaseExpired signal.
+    let mut monitor = k.monitor();
+    assert_eq!(k.prop(&b, VM_IF, "LeaseExpiresAt"), 0);
+    k.call(&b, VM_IF, "Renew", &["u", "2"]);
+    assert!(k.prop(&b, VM_IF, "LeaseExpiresAt").as_u64().unwrap() > 0);
+    let signal = monitor.find("LeaseExpired", |m: &Value| {
+        m["member"] == "LeaseExpired" && m["path"] == MANAGER
+    });
+    assert_eq!(signal["payload"]["data"][0], b.as_str(), "{signal}");
+    k.wait_tree("the expired VM gone", |t| !t.contains(&b));
+
+    // releaseOnDisconnect: busctl's unique name leaves the bus when it
+    // exits, and the lease ends with it.
+    let bound = k.call(
+        MANAGER,
+        MANAGER_IF,
+        "Acquire",
+        &[
+            "sa{sv}",
+            "held",
+            "2",
+            "timeoutMs",
+            "t",
+            "240000",
+            "releaseOnDisconnect",
+            "b",
+            "true",
+        ],
+    )[0]
+    .as_str()
+    .unwrap()
+    .to_owned();
+    k.wait_tree("the VM of a caller that left gone", |t| !t.contains(&bound));
 }

@@ -537,3 +537,86 @@ fn pool_doc_examples_run() {
         .unwrap()
         .is_empty());
 }
+
+/// Lease lifetimes with the real kilnd: a 3 s lease is reclaimed, a renewed
+/// one outlives its first deadline, one that expires while kilnd is killed
+/// is reclaimed at start, and a caller over its quota is refused.
+#[test]
+fn leases_expire_are_renewed_survive_kill_9_end_with_their_connection_and_have_a_quota() {
+    let mut d = Daemon::new("max_leases_per_caller = 2\n");
+    pool_file(
+        &d,
+        "ttl",
+        "mode = \"template\"\nwarm = 2\nmax = 4\n[vm]\nmemoryMiB = 128\n",
+    );
+    d.spawn();
+    wait_pool(&d, "ttl", "2 hot VMs", hot(2));
+
+    // A 3 s lease ends by itself; one renewed outlives its first deadline.
+    let short = d.ok("Acquire", json!({ "pool": "ttl", "ttlSec": 3 }))["vm"].clone();
+    let renewed = d.ok("Acquire", json!({ "pool": "ttl", "ttlSec": 3 }))["vm"].clone();
+    let (short_id, renewed_id) = (
+        short["id"].as_str().unwrap(),
+        renewed["id"].as_str().unwrap(),
+    );
+    assert!(short["leaseExpiresAt"].as_u64().unwrap() > short["acquiredAt"].as_u64().unwrap());
+    // Both leases are held: a third is over the quota of 2.
+    assert_eq!(
+        d.err("Acquire", json!({ "pool": "ttl" })),
+        "io.kiln.Manager.QuotaExceeded"
+    );
+    let extended = d.ok("Renew", json!({ "id": renewed_id, "ttlSec": 60 }))["vm"].clone();
+    assert!(extended["leaseExpiresAt"].as_u64() > renewed["leaseExpiresAt"].as_u64());
+    wait_until(
+        Duration::from_secs(30),
+        "the 3 s lease to be reclaimed",
+        || gone(&d, short_id),
+    );
+    let still = d.ok("DescribeVM", json!({ "id": renewed_id }))["vm"].clone();
+    assert_eq!(still["state"], "leased", "the renewed lease holds: {still}");
+    assert_eq!(
+        d.err("Renew", json!({ "id": renewed_id, "ttlSec": 0 })),
+        "io.kiln.Manager.InvalidArgument"
+    );
+    d.ok("Release", json!({ "id": renewed_id }));
+
+    // A lease that expires while kilnd is down is reclaimed at start.
+    wait_pool(&d, "ttl", "2 hot VMs again", hot(2));
+    let doomed = d.ok("Acquire", json!({ "pool": "ttl", "ttlSec": 2 }))["vm"].clone();
+    let doomed_id = doomed["id"].as_str().unwrap().to_owned();
+    d.sigkill();
+    let deadline = Duration::from_micros(doomed["leaseExpiresAt"].as_u64().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    std::thread::sleep(deadline.saturating_sub(now) + Duration::from_millis(500));
+    d.spawn();
+    wait_until(
+        Duration::from_secs(30),
+        "the lease to be reclaimed at start",
+        || gone(&d, &doomed_id),
+    );
+    let info = wait_pool(&d, "ttl", "2 hot after the restart", hot(2));
+    assert_eq!(info["leased"], 0, "{info}");
+
+    // releaseOnDisconnect: varlinkctl's connection closes when it exits,
+    // and the lease ends with it.
+    let bound = d.ok(
+        "Acquire",
+        json!({ "pool": "ttl", "releaseOnDisconnect": true }),
+    )["vm"]
+        .clone();
+    assert_eq!(bound["releaseOnDisconnect"], true, "{bound}");
+    let bound_id = bound["id"].as_str().unwrap().to_owned();
+    wait_until(
+        Duration::from_secs(30),
+        "the lease to end with its connection",
+        || gone(&d, &bound_id),
+    );
+}
+
+/// Whether VM `id` is no longer listed.
+fn gone(d: &Daemon, id: &str) -> bool {
+    let vms = d.ok("ListVMs", json!({}))["vms"].clone();
+    !vms.as_array().unwrap().iter().any(|v| v["id"] == id)
+}

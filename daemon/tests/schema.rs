@@ -119,7 +119,8 @@ fn kilnd_serves_the_committed_idl() {
 fn the_type_checker_refuses_what_the_idl_does_not_declare() {
     let idl = Idl::parse(&read(MANAGER_IDL));
     let good = json!({"pool": {"name": "p", "mode": "cold", "warm": 0, "max": 1,
-        "refillConcurrency": 2, "state": "ready", "hot": 0, "booting": 0, "leased": 0,
+        "refillConcurrency": 2, "recycleOnExpiry": false, "state": "ready", "hot": 0,
+        "booting": 0, "leased": 0,
         "failed": 0, "waiting": 0, "templateReady": false, "source": "/x",
         "vm": {"vcpus": null, "display": "none"}}});
     assert_eq!(idl.check_reply("DescribePool", &good), Vec::<String>::new());

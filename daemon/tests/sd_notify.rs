@@ -5,56 +5,25 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_testkit::Kilnd;
-
-/// Datagrams received until `until` says stop or `timeout` passes.
-fn receive_until(
-    socket: &UnixDatagram,
-    timeout: Duration,
-    mut until: impl FnMut(&str) -> bool,
-) -> Vec<String> {
-    let deadline = Instant::now() + timeout;
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        socket
-            .set_read_timeout(Some(
-                deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1)),
-            ))
-            .unwrap();
-        let Ok(n) = socket.recv(&mut buf) else {
-            break;
-        };
-        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-        let stop = until(&message);
-        seen.push(message);
-        if stop {
-            break;
-        }
-    }
-    seen
-}
+use kiln_testkit::{has_line, Kilnd, NotifySocket};
 
 #[test]
 fn ready_status_watchdog_and_stopping_reach_the_service_manager() {
     let mut kilnd = Kilnd::new("dbus = \"none\"\n");
-    let notify_path = kilnd.dir.path().join("notify");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let notify = NotifySocket::new(kilnd.dir.path());
     let varlink = kilnd.dir.path().join("varlink");
     let mut command = Command::new(env!("CARGO_BIN_EXE_kilnd"));
     command
-        .env("NOTIFY_SOCKET", &notify_path)
+        .env("NOTIFY_SOCKET", notify.path())
         .env("WATCHDOG_USEC", "1000000");
     kilnd.spawn_with(command, |_| true);
 
     // The first message is READY=1, and by then varlink already answers.
-    let first = receive_until(&notify, Duration::from_secs(30), |_| true);
+    let first = notify.collect_until(Duration::from_secs(30), |_| true);
     let first = first
         .first()
         .unwrap_or_else(|| panic!("no READY=1:\n{}", kilnd.log()));
@@ -68,7 +37,7 @@ fn ready_status_watchdog_and_stopping_reach_the_service_manager() {
     // WATCHDOG=1 every 0.5 s (half of 1 s): at least three in 2.2 s.
     let started = Instant::now();
     let mut pings = 0;
-    receive_until(&notify, Duration::from_millis(2200), |m| {
+    notify.collect_until(Duration::from_millis(2200), |m| {
         if m.lines().any(|l| l == "WATCHDOG=1") {
             pings += 1;
         }
@@ -84,13 +53,10 @@ fn ready_status_watchdog_and_stopping_reach_the_service_manager() {
     let mut child = kilnd.take_child().unwrap();
     // SAFETY: kill(2) with our child's pid and a signal number.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let rest = receive_until(&notify, Duration::from_secs(20), |m| {
+    let rest = notify.collect_until(Duration::from_secs(20), |m| {
         m.lines().any(|l| l == "STOPPING=1")
     });
-    assert!(
-        rest.iter().any(|m| m.lines().any(|l| l == "STOPPING=1")),
-        "{rest:?}"
-    );
+    assert!(has_line(&rest, "STOPPING=1"), "{rest:?}");
     assert!(child.wait().unwrap().success(), "{}", kilnd.log());
 }
 

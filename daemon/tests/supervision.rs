@@ -3,34 +3,33 @@
 //! `READY=1`, an orderly shutdown (`STOPPING=1`) and a non-zero exit with one
 //! line naming what failed; with both APIs up (a private, real
 //! `dbus-daemon`), `READY=1` comes once both serve; a signal ends a start
-//! that hangs.
+//! that hangs; losing the bus later is the same orderly failure.
 //!
-//! Self-contained on purpose (no `common`): no VMs are made here, so the
-//! fixture is a temp dir, a config and a child killed on drop.
+//! No `Kilnd` fixture: it waits for kilnd to serve and wants the guest
+//! image, and no VMs are made here. The fixture is a temp dir, a config, a
+//! notify socket and a child killed on drop.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use kiln_testkit::{has_line, NotifySocket, PrivateBus};
+
 /// A temp dir with a kilnd.toml (state, runtime, pools inside it) and a
-/// notify socket, and the processes started in it (SIGKILLed on drop).
+/// notify socket, and the processes started in it (killed on drop).
 struct Sandbox {
-    dir: tempfile::TempDir,
-    notify: UnixDatagram,
+    dir: kiln_testkit::Sandbox,
+    notify: NotifySocket,
     kilnd: Option<Child>,
-    bus: Option<Child>,
+    bus: Option<PrivateBus>,
 }
 
 impl Sandbox {
     fn new(extra_config: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-t")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = kiln_testkit::Sandbox::new();
         let d = dir.path().display();
         std::fs::write(
             dir.path().join("kilnd.toml"),
@@ -40,7 +39,7 @@ impl Sandbox {
             ),
         )
         .unwrap();
-        let notify = UnixDatagram::bind(dir.path().join("notify")).unwrap();
+        let notify = NotifySocket::new(dir.path());
         Self {
             dir,
             notify,
@@ -70,7 +69,7 @@ impl Sandbox {
         let child = Command::new(env!("CARGO_BIN_EXE_kilnd"))
             .arg("--config")
             .arg(self.path().join("kilnd.toml"))
-            .env("NOTIFY_SOCKET", self.path().join("notify"))
+            .env("NOTIFY_SOCKET", self.notify.path())
             .env_remove("WATCHDOG_USEC")
             .env_remove("LISTEN_FDS")
             .env_remove("JOURNAL_STREAM")
@@ -100,48 +99,31 @@ impl Sandbox {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-
-    /// Every notification received within `timeout`, stopping early at
-    /// the first one `until` accepts.
-    fn notifications(&self, timeout: Duration, until: impl Fn(&str) -> bool) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            self.notify
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            let Ok(n) = self.notify.recv(&mut buf) else {
-                break;
-            };
-            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let stop = until(&message);
-            seen.push(message);
-            if stop {
-                break;
-            }
-        }
-        seen
-    }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        for child in [&mut self.kilnd, &mut self.bus].into_iter().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
+        // kilnd first, so it does not see the bus go; the bus and the
+        // temp dir go with the fields.
+        if let Some(mut kilnd) = self.kilnd.take() {
+            let _ = kilnd.kill();
+            let _ = kilnd.wait();
         }
     }
-}
-
-fn has_line(messages: &[String], line: &str) -> bool {
-    messages.iter().any(|m| m.lines().any(|l| l == line))
 }
 
 /// kilnd fails to start: non-zero exit, exactly one `kilnd: ` error line
 /// naming `part` and `detail`, `STOPPING=1` with that reason, no `READY=1`.
 fn assert_failed_start(sandbox: &mut Sandbox, part: &str, detail: &str) {
     sandbox.spawn_kilnd();
+    assert_failed(sandbox, &format!("{part}: "), detail);
+}
+
+/// kilnd stops on a failure: exit 1, exactly one `kilnd: ` error line
+/// starting with `reason` and containing `detail`; after what was read
+/// before, `STOPPING=1` with `STATUS=stopping: <reason>...` and no
+/// `READY=1`; the engine shut down in order, VMs kept.
+fn assert_failed(sandbox: &mut Sandbox, reason: &str, detail: &str) {
     let status = sandbox.wait_exit();
     let stderr = sandbox.stderr();
     assert_eq!(status.code(), Some(1), "{stderr}");
@@ -151,18 +133,20 @@ fn assert_failed_start(sandbox: &mut Sandbox, part: &str, detail: &str) {
         .collect();
     assert_eq!(errors.len(), 1, "one error line:\n{stderr}");
     assert!(
-        errors[0].starts_with(&format!("kilnd: {part}: ")) && errors[0].contains(detail),
+        errors[0].starts_with(&format!("kilnd: {reason}")) && errors[0].contains(detail),
         "{errors:?}"
     );
     // kilnd has exited: whatever it sent is queued on the socket.
-    let messages = sandbox.notifications(Duration::from_millis(200), |_| false);
+    let messages = sandbox
+        .notify
+        .collect_until(Duration::from_millis(200), |_| false);
     assert!(!has_line(&messages, "READY=1"), "{messages:?}");
     assert!(has_line(&messages, "STOPPING=1"), "{messages:?}");
     assert!(
         messages
             .iter()
             .flat_map(|m| m.lines())
-            .any(|l| l.starts_with(&format!("STATUS=stopping: {part}: "))),
+            .any(|l| l.starts_with(&format!("STATUS=stopping: {reason}"))),
         "{messages:?}"
     );
     // The engine was started and shut down in order, VMs kept.
@@ -201,43 +185,29 @@ fn unreachable_bus_fails_start_without_ready() {
     assert_failed_start(&mut sandbox, "cannot serve D-Bus", "unix:path=/nonexistent");
 }
 
-const BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path=@DIR@/bus.sock</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-  </policy>
-</busconfig>
-"#;
-
 impl Sandbox {
     /// A private dbus-daemon (killed on drop); its address.
     fn start_bus(&mut self) -> String {
-        let conf = self.path().join("bus.conf");
-        std::fs::write(
-            &conf,
-            BUS_CONF.replace("@DIR@", &self.path().display().to_string()),
-        )
-        .unwrap();
-        let mut bus = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf.display()))
-            .args(["--nofork", "--print-address"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(bus.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let bus = PrivateBus::start(self.path());
+        let address = bus.address().to_owned();
         self.bus = Some(bus);
-        let address = line.trim().to_owned();
-        assert!(address.starts_with("unix:"), "dbus-daemon said {line:?}");
+        address
+    }
+
+    /// kilnd serving varlink on `<dir>/varlink` and D-Bus on a private bus
+    /// (its address returned); returns once kilnd sent its first
+    /// notification, asserted to be `READY=1`.
+    fn spawn_kilnd_with_both_apis(&mut self) -> String {
+        let varlink = self.path().join("varlink");
+        self.append_config(&format!("varlink_socket = \"{}\"\n", varlink.display()));
+        let address = self.start_bus();
+        self.append_config(&format!("dbus = \"{address}\"\n"));
+        self.spawn_kilnd();
+        let first = self.notify.collect_until(Duration::from_secs(30), |_| true);
+        let first = first
+            .first()
+            .unwrap_or_else(|| panic!("no READY=1:\n{}", self.stderr()));
+        assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
         address
     }
 }
@@ -268,17 +238,8 @@ fn name_owned(address: &str) -> bool {
 #[test]
 fn ready_once_varlink_and_dbus_serve_and_stopping_on_sigterm() {
     let mut sandbox = Sandbox::new("polkit = false\n");
+    let address = sandbox.spawn_kilnd_with_both_apis();
     let varlink: PathBuf = sandbox.path().join("varlink");
-    sandbox.append_config(&format!("varlink_socket = \"{}\"\n", varlink.display()));
-    let address = sandbox.start_bus();
-    sandbox.append_config(&format!("dbus = \"{address}\"\n"));
-    sandbox.spawn_kilnd();
-
-    let first = sandbox.notifications(Duration::from_secs(30), |_| true);
-    let first = first
-        .first()
-        .unwrap_or_else(|| panic!("no READY=1:\n{}", sandbox.stderr()));
-    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
     // By READY=1 both APIs serve.
     UnixStream::connect(&varlink).expect("varlink serves before READY=1");
     assert!(name_owned(&address), "io.kiln.Kiln1 owned before READY=1");
@@ -288,7 +249,9 @@ fn ready_once_varlink_and_dbus_serve_and_stopping_on_sigterm() {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let status = sandbox.wait_exit();
     assert!(status.success(), "{}", sandbox.stderr());
-    let rest = sandbox.notifications(Duration::from_millis(200), |_| false);
+    let rest = sandbox
+        .notify
+        .collect_until(Duration::from_millis(200), |_| false);
     assert!(has_line(&rest, "STOPPING=1"), "{rest:?}");
     assert!(has_line(&rest, "STATUS=stopping"), "{rest:?}");
     assert!(!has_line(&rest, "READY=1"), "READY=1 only once: {rest:?}");
@@ -319,7 +282,18 @@ fn sigterm_ends_a_start_that_hangs_on_the_bus() {
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let status = sandbox.wait_exit();
     assert!(status.success(), "{}", sandbox.stderr());
-    let messages = sandbox.notifications(Duration::from_millis(200), |_| false);
+    let messages = sandbox
+        .notify
+        .collect_until(Duration::from_millis(200), |_| false);
     assert!(!has_line(&messages, "READY=1"), "{messages:?}");
     assert!(has_line(&messages, "STOPPING=1"), "{messages:?}");
+}
+
+#[test]
+fn a_lost_bus_stops_kilnd_with_an_error_naming_d_bus() {
+    let mut sandbox = Sandbox::new("polkit = false\n");
+    sandbox.spawn_kilnd_with_both_apis();
+    // The bus crashes under a running kilnd.
+    sandbox.bus.as_mut().unwrap().kill();
+    assert_failed(&mut sandbox, "the D-Bus connection was lost", "D-Bus");
 }

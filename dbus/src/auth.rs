@@ -2,9 +2,10 @@
 //! the message header, never for kilnd itself.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use zbus::message::Header;
-use zbus::names::BusName;
+use zbus::names::{BusName, UniqueName};
 use zbus::Connection;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
@@ -15,23 +16,15 @@ use crate::error::KilnError;
 /// polkit action for everything that changes state.
 pub const ACTION_MANAGE: &str = "io.kiln.manage";
 
-/// Who is calling, for the record (a lease's holder): the unique bus name
-/// and, when the bus daemon tells, the caller's uid.
-pub async fn caller(conn: &Connection, header: &Header<'_>) -> String {
-    let Some(sender) = header.sender() else {
-        return "dbus:unknown".into();
-    };
-    let uid = match zbus::fdo::DBusProxy::new(conn).await {
-        Ok(proxy) => proxy
-            .get_connection_unix_user(BusName::from(sender.to_owned()))
-            .await
-            .ok(),
-        Err(_) => None,
-    };
-    match uid {
-        Some(uid) => format!("uid:{uid} dbus:{sender}"),
-        None => format!("dbus:{sender}"),
-    }
+/// Who is calling, as a lease records it.
+#[derive(Debug)]
+pub struct Caller {
+    /// The unique bus name with the uid (`uid:1000 dbus::1.42`).
+    pub holder: String,
+    /// The uid, when the bus daemon tells it.
+    pub uid: Option<u32>,
+    /// The unique bus name, when the message has a sender.
+    pub name: Option<String>,
 }
 
 /// A refusal, named `PermissionDenied`.
@@ -39,9 +32,24 @@ fn denied(message: impl Into<String>) -> KilnError {
     KilnError::new(ErrorName::PermissionDenied, message)
 }
 
-/// Authorization policy for D-Bus callers.
+/// Authorization for D-Bus callers, and who they are.
+///
+/// A caller's uid is asked of the bus daemon once per unique name and then
+/// kept: a unique name is never reused while the bus runs, so the answer
+/// cannot go stale (a round trip saved on every mutating call).
+#[derive(Debug, Clone)]
+pub struct Authorizer {
+    policy: Policy,
+    uids: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// Most unique names whose uid is kept; the table starts afresh beyond it
+/// (names of callers that left are never asked for again).
+const MAX_CACHED_UIDS: usize = 4096;
+
+/// Who decides.
 #[derive(Debug, Clone, Copy)]
-pub enum Authorizer {
+enum Policy {
     /// Ask polkit (`io.kiln.manage`) about the calling bus name.
     Polkit,
     /// No polkit (tests, development on a private bus): root and the
@@ -54,14 +62,63 @@ pub enum Authorizer {
 }
 
 impl Authorizer {
-    /// polkit when `polkit`, else [`Authorizer::Local`] for this process.
+    /// polkit when `polkit`, else local rules: root and this process's uid.
     pub fn new(polkit: bool) -> Self {
-        if polkit {
-            Self::Polkit
+        let policy = if polkit {
+            Policy::Polkit
         } else {
             // SAFETY: geteuid has no preconditions.
             let daemon_uid = unsafe { libc::geteuid() };
-            Self::Local { daemon_uid }
+            Policy::Local { daemon_uid }
+        };
+        Self {
+            policy,
+            uids: Arc::default(),
+        }
+    }
+
+    /// The uid of the unique bus name `sender` (asked once, then kept).
+    async fn uid_of(&self, conn: &Connection, sender: &UniqueName<'_>) -> zbus::Result<u32> {
+        let key = sender.as_str();
+        if let Some(uid) = self.lock_uids().get(key) {
+            return Ok(*uid);
+        }
+        let uid = zbus::fdo::DBusProxy::new(conn)
+            .await?
+            .get_connection_unix_user(BusName::from(sender.to_owned()))
+            .await?;
+        let mut uids = self.lock_uids();
+        if uids.len() >= MAX_CACHED_UIDS {
+            uids.clear();
+        }
+        uids.insert(key.to_owned(), uid);
+        Ok(uid)
+    }
+
+    fn lock_uids(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        // A panic while holding it cannot leave the map inconsistent.
+        self.uids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Who is calling, for the record (a lease's holder): the unique bus
+    /// name and, when the bus daemon tells, the caller's uid.
+    pub async fn caller(&self, conn: &Connection, header: &Header<'_>) -> Caller {
+        let Some(sender) = header.sender() else {
+            return Caller {
+                holder: "dbus:unknown".into(),
+                uid: None,
+                name: None,
+            };
+        };
+        let uid = self.uid_of(conn, sender).await.ok();
+        let holder = match uid {
+            Some(uid) => format!("uid:{uid} dbus:{sender}"),
+            None => format!("dbus:{sender}"),
+        };
+        Caller {
+            holder,
+            uid,
+            name: Some(sender.to_string()),
         }
     }
 
@@ -75,8 +132,8 @@ impl Authorizer {
         let sender = header
             .sender()
             .ok_or_else(|| denied("the call has no sender"))?;
-        let allowed = match self {
-            Self::Polkit => {
+        let allowed = match self.policy {
+            Policy::Polkit => {
                 let subject = Subject::new_for_message_header(header)
                     .map_err(|e| denied(format!("no polkit subject: {e}")))?;
                 let authority = AuthorityProxy::builder(conn)
@@ -99,12 +156,9 @@ impl Authorizer {
                     })?;
                 result.is_authorized
             }
-            Self::Local { daemon_uid } => {
-                let uid = zbus::fdo::DBusProxy::new(conn)
-                    .await?
-                    .get_connection_unix_user(BusName::from(sender.to_owned()))
-                    .await?;
-                uid == 0 || uid == *daemon_uid
+            Policy::Local { daemon_uid } => {
+                let uid = self.uid_of(conn, sender).await?;
+                uid == 0 || uid == daemon_uid
             }
         };
         if allowed {

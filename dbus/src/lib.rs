@@ -29,6 +29,7 @@
 mod auth;
 mod error;
 mod gpu;
+mod holders;
 mod manager;
 mod mirror;
 mod names;
@@ -102,13 +103,26 @@ pub enum DbusError {
     /// The well-known name could not be taken.
     #[error("cannot own {BUS_NAME}")]
     Name(#[source] zbus::Error),
+    /// The bus connection closed: the bus went away or its socket failed.
+    #[error("the D-Bus connection was lost")]
+    ConnectionLost,
+    /// The task mirroring engine events onto the bus ended: the engine went
+    /// away.
+    #[error("the D-Bus adapter stopped following the engine")]
+    Stopped,
+    /// The task mirroring engine events onto the bus panicked.
+    #[error("the D-Bus adapter failed")]
+    Failed(#[source] tokio::task::JoinError),
 }
 
 /// The running adapter. Dropping it disconnects from the bus.
 #[derive(Debug)]
 pub struct Service {
     connection: Connection,
-    task: JoinHandle<()>,
+    /// The task following engine events; `None` once it has ended.
+    task: Option<JoinHandle<()>>,
+    /// The task ending leases of callers that left the bus.
+    holders: JoinHandle<()>,
 }
 
 impl Service {
@@ -117,16 +131,36 @@ impl Service {
         &self.connection
     }
 
-    /// Resolves when the adapter stops following the engine (the engine
-    /// went away).
-    pub async fn finished(&mut self) {
-        let _ = (&mut self.task).await;
+    /// Resolves with why the adapter stopped serving: the connection was
+    /// lost ([`DbusError::ConnectionLost`]), or it stopped following the
+    /// engine ([`DbusError::Stopped`], [`DbusError::Failed`]). Cancel-safe
+    /// (it can wait in a `select!`); once the task has ended only a lost
+    /// connection resolves it again.
+    pub async fn finished(&mut self) -> DbusError {
+        let follower = async {
+            let Some(task) = self.task.as_mut() else {
+                return std::future::pending().await;
+            };
+            let ended = task.await;
+            self.task = None;
+            match ended {
+                Ok(()) => DbusError::Stopped,
+                Err(e) => DbusError::Failed(e),
+            }
+        };
+        tokio::select! {
+            why = follower => why,
+            () = self.connection.closed() => DbusError::ConnectionLost,
+        }
     }
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        self.holders.abort();
     }
 }
 
@@ -145,7 +179,12 @@ pub async fn serve(bus: Bus, engine: EngineHandle, auth: Authorizer) -> Result<S
     .map_err(connect)?;
     let connection = builder
         .serve_at(ROOT_PATH, ObjectManager)
-        .and_then(|b| b.serve_at(MANAGER_PATH, manager::Manager::new(engine.clone(), auth)))
+        .and_then(|b| {
+            b.serve_at(
+                MANAGER_PATH,
+                manager::Manager::new(engine.clone(), auth.clone()),
+            )
+        })
         .map_err(DbusError::Export)?
         .build()
         .await
@@ -161,8 +200,13 @@ pub async fn serve(bus: Bus, engine: EngineHandle, auth: Authorizer) -> Result<S
         .await
         .map_err(DbusError::Name)?;
     info!(bus = %bus, name = BUS_NAME, "dbus: serving");
+    let holders = tokio::spawn(holders::follow(connection.clone(), context.engine.clone()));
     let task = tokio::spawn(objects::follow(server, context, events, exported));
-    Ok(Service { connection, task })
+    Ok(Service {
+        connection,
+        task: Some(task),
+        holders,
+    })
 }
 
 #[cfg(test)]
@@ -171,7 +215,10 @@ mod tests {
 
     use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
+    use std::time::Duration;
 
+    use kiln_testkit::{PrivateBus, Sandbox};
+    use tokio::time::timeout;
     use zbus::object_server::Interface;
 
     use super::*;
@@ -260,6 +307,53 @@ mod tests {
             refs.into_iter().collect::<Vec<_>>(),
             ["a", "b", "c", "d", "e"]
         );
+    }
+
+    /// A service on `bus` whose engine-following task is `task`.
+    async fn service_on(bus: &PrivateBus, task: JoinHandle<()>) -> Service {
+        let connection = connection::Builder::address(bus.address())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        Service {
+            connection,
+            task: Some(task),
+            holders: tokio::spawn(std::future::pending()),
+        }
+    }
+
+    #[tokio::test]
+    async fn finished_says_the_connection_was_lost() {
+        let sandbox = Sandbox::new();
+        let mut bus = PrivateBus::start(sandbox.path());
+        let mut service = service_on(&bus, tokio::spawn(std::future::pending())).await;
+        // Pacing, not a wait for a condition: nothing has ended, so
+        // `finished` must still be pending after any time at all.
+        let early = timeout(Duration::from_millis(50), service.finished()).await;
+        assert!(early.is_err(), "finished while serving: {early:?}");
+        bus.kill();
+        let why = timeout(Duration::from_secs(10), service.finished())
+            .await
+            .expect("finished once the bus is gone");
+        assert!(matches!(why, DbusError::ConnectionLost), "{why:?}");
+        assert_eq!(why.to_string(), "the D-Bus connection was lost");
+    }
+
+    #[tokio::test]
+    async fn finished_says_the_engine_follower_ended() {
+        let sandbox = Sandbox::new();
+        let bus = PrivateBus::start(sandbox.path());
+        let mut stopped = service_on(&bus, tokio::spawn(async {})).await;
+        let why = stopped.finished().await;
+        assert!(matches!(why, DbusError::Stopped), "{why:?}");
+
+        let mut failed = service_on(&bus, tokio::spawn(async { panic!("mirror failed") })).await;
+        let why = failed.finished().await;
+        assert!(matches!(why, DbusError::Failed(_)), "{why:?}");
+        // The task is gone but the connection serves: no answer again.
+        let again = timeout(Duration::from_millis(50), failed.finished()).await;
+        assert!(again.is_err(), "{again:?}");
     }
 
     #[test]

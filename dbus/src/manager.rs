@@ -6,10 +6,11 @@ use std::time::Duration;
 use kiln_engine::error::ErrorName;
 use kiln_engine::{EngineHandle, PoolInfo, PoolSpec, VmInfo};
 use zbus::message::Header;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
 use zbus::{fdo, interface, Connection};
 
-use crate::auth::{self, Authorizer};
+use crate::auth::Authorizer;
 use crate::error::KilnError;
 use crate::mirror::{upsert, Context, Missing};
 use crate::names::{gpu_path, pool_path, vm_path};
@@ -33,7 +34,7 @@ impl Manager {
     fn context(&self) -> Context {
         Context {
             engine: self.engine.clone(),
-            auth: self.auth,
+            auth: self.auth.clone(),
         }
     }
 
@@ -66,7 +67,8 @@ fn vm_id(path: &OwnedObjectPath) -> Result<&str, KilnError> {
     })
 }
 
-/// `Acquire` options: `timeoutMs` (any integer type) and `labels` (`a{ss}`).
+/// `Acquire` options: `timeoutMs` and `ttlSec` (any integer type) and
+/// `labels` (`a{ss}`).
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct AcquireOptions {
@@ -74,6 +76,10 @@ struct AcquireOptions {
     timeout_ms: Option<u64>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    ttl_sec: Option<u64>,
+    #[serde(default)]
+    release_on_disconnect: bool,
 }
 
 #[interface(name = "io.kiln.Kiln1.Manager")]
@@ -179,12 +185,19 @@ impl Manager {
                 format!("Acquire options: {}", e.message()),
             )
         })?;
-        let holder = auth::caller(conn, &header).await;
-        let timeout = options.timeout_ms.map(Duration::from_millis);
-        let vm = self
-            .engine
-            .acquire(&pool, timeout, &holder, options.labels)
-            .await?;
+        let caller = self.auth.caller(conn, &header).await;
+        let options = kiln_engine::api::AcquireOptions {
+            timeout: options.timeout_ms.map(Duration::from_millis),
+            holder: caller.holder,
+            uid: caller.uid,
+            labels: options.labels,
+            ttl: options.ttl_sec.map(Duration::from_secs),
+            release_on: match (options.release_on_disconnect, caller.name) {
+                (true, Some(name)) => Some(kiln_engine::api::Disconnect::BusName(name)),
+                _ => None,
+            },
+        };
+        let vm = self.engine.acquire(&pool, options).await?;
         self.export_vm(conn, vm).await
     }
 
@@ -233,4 +246,13 @@ impl Manager {
             .map_err(|e| fdo::Error::Failed(e.message()))?;
         Ok(status.accel.to_string())
     }
+
+    /// A lease reached its deadline (`ttlSec`): the VM is being destroyed,
+    /// or put back hot if its pool has `recycleOnExpiry`.
+    #[zbus(signal)]
+    pub async fn lease_expired(
+        emitter: &SignalEmitter<'_>,
+        vm: ObjectPath<'_>,
+        holder: &str,
+    ) -> zbus::Result<()>;
 }

@@ -12,8 +12,9 @@ use tracing::{debug, warn};
 use zbus::ObjectServer;
 
 use crate::gpu::Gpu;
+use crate::manager::Manager;
 use crate::mirror::{unexport, upsert, Context, Missing};
-use crate::names::gpu_path;
+use crate::names::{gpu_path, vm_path, MANAGER_PATH};
 use crate::pool::{unexport_pool, Pool};
 use crate::vm::{unexport_vm, Vm};
 
@@ -124,6 +125,9 @@ pub async fn follow(
                 sync_gpus(&server, &context, gpus, &mut exported).await;
                 Ok(())
             }
+            Ok(EngineEvent::LeaseExpired { id, holder, .. }) => {
+                lease_expired(&server, &id, &holder).await
+            }
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 debug!(missed = n, "dbus: fell behind engine events; re-listing");
                 resync(&server, &context, &mut exported).await;
@@ -135,6 +139,23 @@ pub async fn follow(
             warn!(object = %what, error = %e, "dbus: cannot update object");
         }
     }
+}
+
+/// The Manager's `LeaseExpired` signal.
+async fn lease_expired(
+    server: &ObjectServer,
+    id: &str,
+    holder: &str,
+) -> Result<(), (String, zbus::Error)> {
+    let failed = |e: zbus::Error| (id.to_owned(), e);
+    let path = vm_path(id).map_err(|e| failed(e.into()))?;
+    let manager = server
+        .interface::<_, Manager>(MANAGER_PATH)
+        .await
+        .map_err(failed)?;
+    Manager::lease_expired(manager.signal_emitter(), path.as_ref(), holder)
+        .await
+        .map_err(failed)
 }
 
 async fn update_vm(

@@ -109,4 +109,72 @@ mod tests {
             );
         }
     }
+
+    /// Any `a{sv}` a caller can send: a spec, or `InvalidSpec`, never a
+    /// panic (the keys specs use are mixed in to get past the first field).
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn variant() -> impl Strategy<Value = Value<'static>> {
+            let leaf = prop_oneof![
+                any::<bool>().prop_map(Value::from),
+                any::<u8>().prop_map(Value::from),
+                any::<u32>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                ".{0,24}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    inner.clone().prop_map(|v| Value::Value(Box::new(v))),
+                    prop::collection::vec(any::<u32>(), 0..4).prop_map(Value::from),
+                    prop::collection::hash_map("[a-zA-Z]{1,10}", ".{0,8}", 0..4)
+                        .prop_map(Value::from),
+                    prop::collection::hash_map(key(), inner, 0..4).prop_map(|m| {
+                        let m: HashMap<String, Value<'static>> = m;
+                        Value::from(m)
+                    }),
+                ]
+            })
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("vcpus".to_owned()),
+                Just("memoryMiB".to_owned()),
+                Just("network".to_owned()),
+                Just("mode".to_owned()),
+                Just("warm".to_owned()),
+                Just("max".to_owned()),
+                Just("vm".to_owned()),
+                Just("gpus".to_owned()),
+                "[a-zA-Z]{1,10}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+            #[test]
+            fn any_dictionary_is_a_spec_or_invalid_spec(
+                entries in prop::collection::vec((key(), variant()), 0..8)
+            ) {
+                let dict: HashMap<String, OwnedValue> = entries
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, OwnedValue::try_from(v).ok()?)))
+                    .collect();
+                for result in [
+                    decode::<VmSpec>(&dict).err(),
+                    decode::<kiln_engine::PoolSpec>(&dict).err(),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    prop_assert_eq!(result.name(), "io.kiln.Kiln1.Error.InvalidSpec");
+                }
+            }
+        }
+    }
 }

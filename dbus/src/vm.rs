@@ -52,7 +52,7 @@ impl Mirror for Vm {
     const INTERFACE: &'static str = VM_INTERFACE;
 
     fn new_object(info: VmInfo, context: &Context) -> Self {
-        Self::new(info, context.engine.clone(), context.auth)
+        Self::new(info, context.engine.clone(), context.auth.clone())
     }
     fn view(&self) -> Arc<watch::Sender<VmInfo>> {
         self.view.clone()
@@ -85,6 +85,10 @@ pub fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
         ("Pool", s(&info.pool)),
         ("LeasedBy", s(&info.leased_by)),
         ("AcquiredAt", Value::from(info.acquired_at.unwrap_or(0))),
+        (
+            "LeaseExpiresAt",
+            Value::from(info.lease_expires_at.unwrap_or(0)),
+        ),
         ("Gpus", Value::from(info.gpus.clone())),
         ("Display", Value::from(display(info))),
         ("Network", Value::from(network(info))),
@@ -166,6 +170,21 @@ impl Vm {
     ) -> Result<(), KilnError> {
         self.auth.check_manage(conn, &header, "Kill").await?;
         self.engine.kill_vm(&self.id).await?;
+        Ok(())
+    }
+
+    /// Extend the VM's lease: it now ends `ttl_sec` (1 to 604800) seconds
+    /// from now.
+    async fn renew(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        ttl_sec: u32,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "Renew").await?;
+        self.engine
+            .renew(&self.id, Duration::from_secs(ttl_sec.into()))
+            .await?;
         Ok(())
     }
 
@@ -427,5 +446,11 @@ impl Vm {
     #[zbus(property)]
     fn acquired_at(&self) -> u64 {
         self.info().acquired_at.unwrap_or(0)
+    }
+
+    /// When the lease ends by itself, µs since the epoch (0 = no lifetime).
+    #[zbus(property)]
+    fn lease_expires_at(&self) -> u64 {
+        self.info().lease_expires_at.unwrap_or(0)
     }
 }

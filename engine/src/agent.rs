@@ -124,19 +124,6 @@ impl AgentClient {
             .await
     }
 
-    /// `ConfigureNetwork`: the guest's NICs as `request` says. The reply
-    /// (what the guest did per interface) is not needed by kilnd.
-    pub async fn configure_network(
-        &self,
-        request: &proto::ConfigureNetworkRequest,
-        timeout: Duration,
-    ) -> Result<(), AgentError> {
-        let _: serde_json::Value = self
-            .call(proto::method::CONFIGURE_NETWORK, request, timeout)
-            .await?;
-        Ok(())
-    }
-
     /// Retry `Ping` (reconnecting as needed) until the agent answers or
     /// `timeout` passes. Used while a guest boots.
     ///

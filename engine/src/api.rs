@@ -36,6 +36,35 @@ pub const MAX_LABELS: usize = 32;
 /// Longest label value.
 pub const MAX_LABEL_VALUE_LEN: usize = 256;
 
+/// Shortest lease lifetime (`ttlSec`).
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+/// Longest lease lifetime (`ttlSec`): a week.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What a caller asks of a lease.
+#[derive(Debug, Clone, Default)]
+pub struct AcquireOptions {
+    /// How long to wait for a VM to boot (default
+    /// [`DEFAULT_ACQUIRE_TIMEOUT`]; zero: only a hot VM, at once).
+    pub timeout: Option<Duration>,
+    /// The caller as the adapter identified it (`uid:1000`, a D-Bus unique
+    /// name with its uid, …).
+    pub holder: String,
+    /// The caller's uid when the transport tells it: leases are counted
+    /// per uid for `max_leases_per_caller` (per holder when unknown).
+    pub uid: Option<u32>,
+    /// Caller-chosen labels (e.g. a job id).
+    pub labels: BTreeMap<String, String>,
+    /// The lease ends by itself this long after it is granted (or last
+    /// renewed): the VM is destroyed, or recycled if its pool says
+    /// `recycleOnExpiry`. Between [`MIN_LEASE_TTL`] and [`MAX_LEASE_TTL`].
+    pub ttl: Option<Duration>,
+    /// End the lease when this holder goes away (`releaseOnDisconnect`).
+    pub release_on: Option<Disconnect>,
+}
+
+pub use crate::vm::Disconnect;
+
 /// Reply channel of a command.
 pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
@@ -129,13 +158,33 @@ pub enum Command {
     /// `timeout` (default [`DEFAULT_ACQUIRE_TIMEOUT`]) for one to boot.
     /// `PoolExhausted` at once when the pool owns `max` VMs and none can
     /// come free for this caller; `Timeout` when the wait ran out.
+    ///
+    /// `QuotaExceeded` when the caller already holds
+    /// `max_leases_per_caller` leases; `InvalidArgument` for a TTL out of
+    /// bounds. With a `ttl` the lease's deadline is written with it and
+    /// honoured across restarts (one that passed while kilnd was down is
+    /// reclaimed at start); expiry sends [`EngineEvent::LeaseExpired`].
     Acquire {
         pool: String,
-        timeout: Option<Duration>,
-        holder: String,
-        labels: BTreeMap<String, String>,
+        options: AcquireOptions,
         reply: Reply<VmInfo>,
     },
+    /// Extend a lease: its deadline becomes now + `ttl` (a lease without
+    /// one gets one). Only the VM's lease holder's call makes sense, but
+    /// authorization is the adapters' job. `InvalidState` when the VM holds
+    /// no lease; `InvalidArgument` for a TTL out of bounds.
+    Renew {
+        id: String,
+        ttl: Duration,
+        reply: Reply<VmInfo>,
+    },
+    /// A holder went away (a varlink connection closed, a D-Bus name
+    /// vanished): every lease acquired with `release_on` equal to it ends,
+    /// as an expired one does. Replies how many ended.
+    Disconnected { who: Disconnect, reply: Reply<u32> },
+    /// The D-Bus names leases are bound to (the D-Bus adapter checks at
+    /// start which of them still exist).
+    BoundBusNames { reply: Reply<Vec<String>> },
     /// Give a leased VM back: destroyed, or with `recycle` reset from the
     /// pool's template (rebooted, in a cold pool) and put back hot.
     Release {
@@ -208,6 +257,13 @@ pub enum EngineEvent {
     PoolChanged { pool: PoolInfo },
     /// A pool was deleted.
     PoolRemoved { name: String },
+    /// A lease reached its deadline; the VM is being destroyed or recycled
+    /// (a `VmChanged`/`VmRemoved` follows).
+    LeaseExpired {
+        id: String,
+        pool: Option<String>,
+        holder: String,
+    },
     /// GPU nodes or their leases changed.
     GpusChanged { gpus: Vec<GpuInfo> },
 }
@@ -347,20 +403,23 @@ impl EngineHandle {
     pub async fn acquire(
         &self,
         pool: &str,
-        timeout: Option<Duration>,
-        holder: &str,
-        labels: BTreeMap<String, String>,
+        options: AcquireOptions,
     ) -> Result<VmInfo, EngineError> {
-        let (pool, holder) = (pool.to_owned(), holder.to_owned());
-        call!(
-            self,
-            Acquire {
-                pool,
-                timeout,
-                holder,
-                labels
-            }
-        )
+        let pool = pool.to_owned();
+        call!(self, Acquire { pool, options })
+    }
+    /// See [`Command::Disconnected`].
+    pub async fn disconnected(&self, who: Disconnect) -> Result<u32, EngineError> {
+        call!(self, Disconnected { who })
+    }
+    /// See [`Command::BoundBusNames`].
+    pub async fn bound_bus_names(&self) -> Result<Vec<String>, EngineError> {
+        call!(self, BoundBusNames {})
+    }
+    /// See [`Command::Renew`].
+    pub async fn renew(&self, id: &str, ttl: Duration) -> Result<VmInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, Renew { id, ttl })
     }
     /// See [`Command::Release`].
     pub async fn release(&self, id: &str, recycle: bool) -> Result<(), EngineError> {
@@ -447,7 +506,11 @@ fn exec_error(message: &str) -> EngineError {
 pub(crate) fn validate_acquire(
     timeout: Duration,
     labels: &BTreeMap<String, String>,
+    ttl: Option<Duration>,
 ) -> Result<(), EngineError> {
+    if let Some(ttl) = ttl {
+        validate_ttl(ttl)?;
+    }
     if timeout > MAX_ACQUIRE_TIMEOUT {
         return Err(EngineError::InvalidArgument(format!(
             "timeout must be at most {} ms",
@@ -485,4 +548,16 @@ pub struct GpuInfo {
     /// Holders and free slots.
     #[serde(flatten)]
     pub usage: NodeUsage,
+}
+
+/// Check a lease lifetime against [`MIN_LEASE_TTL`] and [`MAX_LEASE_TTL`].
+pub(crate) fn validate_ttl(ttl: Duration) -> Result<(), EngineError> {
+    if ttl < MIN_LEASE_TTL || ttl > MAX_LEASE_TTL {
+        return Err(EngineError::InvalidArgument(format!(
+            "ttlSec must be between {} and {}",
+            MIN_LEASE_TTL.as_secs(),
+            MAX_LEASE_TTL.as_secs()
+        )));
+    }
+    Ok(())
 }

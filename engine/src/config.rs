@@ -43,6 +43,9 @@ pub struct EngineConfig {
     pub gpu_dev_root: PathBuf,
     /// How many VMs may share one render node in `shared` mode.
     pub max_vms_per_gpu: u32,
+    /// Most leases one caller (a uid, or a holder when the uid is not
+    /// known) may hold at once; more is `QuotaExceeded`. 0: no limit.
+    pub max_leases_per_caller: u32,
     /// Bridge networking (`[network]` table); without it, VMs with
     /// `network.mode = "bridge"` are refused.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,6 +77,7 @@ impl Default for EngineConfig {
             gpu_sysfs_root: "/sys".into(),
             gpu_dev_root: "/dev".into(),
             max_vms_per_gpu: 4,
+            max_leases_per_caller: 0,
             network: None,
             networks: Vec::new(),
         }

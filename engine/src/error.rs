@@ -90,6 +90,8 @@ error_names! {
     NoSuchNIC,
     /// The VM has no free hot-plug slot.
     NoHotplugSlot,
+    /// The caller holds as many leases as `max_leases_per_caller` allows.
+    QuotaExceeded,
     /// The caller may not do this. Adapter-only: authorization happens in
     /// the D-Bus and varlink adapters (they know the caller), so no
     /// [`EngineError`] has this name.
@@ -179,6 +181,14 @@ pub enum EngineError {
         /// Its cap.
         max: u32,
     },
+    /// The caller already holds `max_leases_per_caller` leases.
+    #[error("{holder} already holds {limit} leases, the most allowed per caller")]
+    QuotaExceeded {
+        /// The caller.
+        holder: String,
+        /// The limit.
+        limit: u32,
+    },
     /// No render node can serve the VM's GPU request.
     #[error("no GPU available: {0}")]
     NoGpuAvailable(String),
@@ -230,6 +240,7 @@ impl EngineError {
             Self::NetworkFailed(_) => ErrorName::NetworkFailed,
             Self::NoSuchNIC(_) => ErrorName::NoSuchNIC,
             Self::NoHotplugSlot(_) => ErrorName::NoHotplugSlot,
+            Self::QuotaExceeded { .. } => ErrorName::QuotaExceeded,
         }
     }
 
@@ -339,6 +350,10 @@ mod tests {
             EngineError::NetworkFailed(kiln_net::NetError::BridgeMissing { name: text() }),
             EngineError::NoSuchNIC(text()),
             EngineError::NoHotplugSlot(text()),
+            EngineError::QuotaExceeded {
+                holder: text(),
+                limit: 1,
+            },
         ]
     }
 

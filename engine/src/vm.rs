@@ -35,6 +35,28 @@ pub struct Lease {
     pub labels: BTreeMap<String, String>,
     /// When it was acquired (µs since epoch).
     pub acquired_at: u64,
+    /// When it ends by itself (µs since epoch; wall clock, so it holds
+    /// across restarts), if it has a lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// The holder's uid when the transport told it (for quotas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The lease ends when this holder goes away (`releaseOnDisconnect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_on: Option<Disconnect>,
+}
+
+/// A holder whose going away ends its leases (`releaseOnDisconnect`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Disconnect {
+    /// A connection to this kilnd (varlink), numbered by the adapter. It
+    /// cannot outlive kilnd: after a restart such leases end at start.
+    Connection(u64),
+    /// A D-Bus unique name. It outlives a kilnd restart: the D-Bus adapter
+    /// reports when it vanishes, and checks at start which still exist.
+    BusName(String),
 }
 
 /// One VM's persisted record (`<state_dir>/vms/<id>.json`).
@@ -225,6 +247,12 @@ pub struct VmInfo {
     /// When it was acquired (µs since epoch).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acquired_at: Option<u64>,
+    /// When the lease ends by itself (µs since epoch), if it has a TTL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<u64>,
+    /// The lease ends when its holder's connection goes away.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub release_on_disconnect: bool,
     /// Labels given to `Acquire`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -260,6 +288,8 @@ impl From<&VmRecord> for VmInfo {
             pool: r.pool.clone(),
             leased_by: r.lease.as_ref().map(|l| l.holder.clone()),
             acquired_at: r.lease.as_ref().map(|l| l.acquired_at),
+            lease_expires_at: r.lease.as_ref().and_then(|l| l.expires_at),
+            release_on_disconnect: r.lease.as_ref().is_some_and(|l| l.release_on.is_some()),
             labels: r
                 .lease
                 .as_ref()

@@ -53,11 +53,17 @@ impl PrivateBus {
     pub fn address(&self) -> &str {
         &self.address
     }
+
+    /// SIGKILL the dbus-daemon now, as a bus that crashes, and reap it:
+    /// every connection to it is gone when this returns.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for PrivateBus {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }

@@ -9,6 +9,7 @@
 //!   [`FakeHost`]: fixtures that tear down what they started (kilnd, QEMU
 //!   processes, dbus-daemon, namespaces, temp dirs) on drop, also when the
 //!   test panics.
+//! - [`NotifySocket`]: systemd's `NOTIFY_SOCKET`, played for kilnd.
 //!
 //! It drives Kiln from outside, like a user: binaries, sockets, files,
 //! `varlinkctl`. It links none of the Kiln crates.
@@ -22,6 +23,7 @@ mod docs;
 mod gpu;
 mod kilnd;
 mod netns;
+mod notify;
 mod process;
 mod varlink;
 mod wait;
@@ -34,6 +36,7 @@ pub use docs::{api_doc_script, run_bash};
 pub use gpu::{FakeGpu, FakeHost};
 pub use kilnd::{kilnd_exe, Kilnd};
 pub use netns::{random_hex, Netns};
+pub use notify::{has_line, NotifySocket};
 pub use process::{command_as, kill_qemus_under, pid_alive, Sandbox};
 pub use varlink::{varlinkctl_call, varlinkctl_ok, Daemon};
 pub use wait::{try_wait_until, wait_until, wait_until_async, Poll, TimedOut};

@@ -123,7 +123,7 @@ pub struct ResizePoolParams {
     pub max: Option<u32>,
 }
 
-/// `Acquire(pool, timeoutMs?, labels?)`.
+/// `Acquire(pool, timeoutMs?, labels?, ttlSec?, releaseOnDisconnect?)`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct AcquireParams {
@@ -132,12 +132,24 @@ pub struct AcquireParams {
     pub timeout_ms: Option<u64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ttl_sec: Option<u64>,
+    #[serde(default)]
+    pub release_on_disconnect: bool,
 }
 
 impl AcquireParams {
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout_ms.map(Duration::from_millis)
     }
+}
+
+/// `Renew(id, ttlSec)`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RenewParams {
+    pub id: String,
+    pub ttl_sec: u64,
 }
 
 /// `Release(id, recycle?)`.

@@ -1,8 +1,12 @@
 //! The `io.kiln.Manager` service: decode, authorize, call the engine, map.
 
+use std::cell::Cell;
 use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
 
 use futures_util::stream::{self, Stream, StreamExt};
+use kiln_engine::api::{AcquireOptions, Disconnect};
 use kiln_engine::error::ErrorName;
 use kiln_engine::{EngineError, EngineEvent, EngineHandle};
 use serde::de::DeserializeOwned;
@@ -86,11 +90,27 @@ enum Outcome {
 pub struct ManagerService {
     engine: EngineHandle,
     auth: Authorizer,
+    /// This connection, for leases that end with it (`releaseOnDisconnect`).
+    connection: Disconnect,
+    /// Set once a lease was bound to this connection: its end must be told.
+    bound: Rc<Cell<bool>>,
 }
 
 impl ManagerService {
-    pub fn new(engine: EngineHandle, auth: Authorizer) -> Self {
-        Self { engine, auth }
+    /// The service of connection number `connection`; `bound` becomes true
+    /// when a lease is bound to it.
+    pub fn new(
+        engine: EngineHandle,
+        auth: Authorizer,
+        connection: u64,
+        bound: Rc<Cell<bool>>,
+    ) -> Self {
+        Self {
+            engine,
+            auth,
+            connection: Disconnect::Connection(connection),
+            bound,
+        }
     }
 }
 
@@ -111,6 +131,7 @@ const MUTATING: &[&str] = &[
     "ResizePool",
     "DeletePool",
     "Acquire",
+    "Renew",
     "Release",
 ];
 
@@ -249,12 +270,24 @@ impl ManagerService {
             }
             "Acquire" => {
                 let p: AcquireParams = params(raw)?;
-                let holder = format!("uid:{}", caller_uid.unwrap_or(u32::MAX));
-                vm_reply(
-                    engine
-                        .acquire(&p.pool, p.timeout(), &holder, p.labels.clone())
-                        .await?,
-                )
+                let options = AcquireOptions {
+                    timeout: p.timeout(),
+                    holder: format!("uid:{}", caller_uid.unwrap_or(u32::MAX)),
+                    uid: caller_uid,
+                    labels: p.labels.clone(),
+                    ttl: p.ttl_sec.map(Duration::from_secs),
+                    release_on: p.release_on_disconnect.then(|| self.connection.clone()),
+                };
+                if options.release_on.is_some() {
+                    // Before the call: a lease granted just as the client
+                    // hangs up must still be ended.
+                    self.bound.set(true);
+                }
+                vm_reply(engine.acquire(&p.pool, options).await?)
+            }
+            "Renew" => {
+                let p: RenewParams = params(raw)?;
+                vm_reply(engine.renew(&p.id, Duration::from_secs(p.ttl_sec)).await?)
             }
             "Release" => {
                 let p: ReleaseParams = params(raw)?;
@@ -343,6 +376,9 @@ fn watch(events: broadcast::Receiver<EngineEvent>) -> EventStream {
             Ok(EngineEvent::PoolRemoved { name }) => json!({ "type": "poolRemoved", "id": name }),
             Ok(EngineEvent::GpusChanged { gpus }) => {
                 json!({ "type": "gpusChanged", "id": "", "gpus": gpus })
+            }
+            Ok(EngineEvent::LeaseExpired { id, pool, holder }) => {
+                json!({ "type": "leaseExpired", "id": id, "poolName": pool, "holder": holder })
             }
             // The watcher fell behind: tell it to re-list.
             Err(broadcast::error::RecvError::Lagged(_)) => json!({ "type": "lagged", "id": "" }),

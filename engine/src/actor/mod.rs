@@ -98,6 +98,20 @@ impl VmEntry {
             nic_ops: BTreeSet::new(),
         }
     }
+
+    /// The live runtime of a VM whose guest answers (`ready` or `leased`),
+    /// or `InvalidState` naming `operation`.
+    fn answering(&self, operation: &'static str) -> Result<&Runtime, EngineError> {
+        let state = self.record.state();
+        self.runtime
+            .as_ref()
+            .filter(|_| state.guest_answers())
+            .ok_or_else(|| EngineError::InvalidState {
+                id: self.record.id.clone(),
+                state,
+                operation,
+            })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -194,6 +208,11 @@ enum Internal {
     },
     /// The GPU watcher saw `/dev/dri` or `/sys/class/drm` change.
     GpusChanged,
+    /// A lease's deadline (µs since the epoch) came.
+    LeaseDue {
+        id: String,
+        deadline: u64,
+    },
     AcquireTimeout {
         pool: String,
         ticket: u64,
@@ -281,6 +300,7 @@ impl Engine {
         engine.load_gpus();
         engine.watch_gpus();
         engine.load_pools();
+        engine.resume_lease_deadlines();
         engine.settle_pools();
         info!(accel = %accel, vms = engine.vms.len(), "engine ready");
 
@@ -352,11 +372,16 @@ impl Engine {
             }
             Command::Acquire {
                 pool,
-                timeout,
-                holder,
-                labels,
+                options,
                 reply,
-            } => self.acquire(pool, timeout, holder, labels, reply),
+            } => self.acquire(pool, options, reply),
+            Command::Renew { id, ttl, reply } => self.renew(&id, ttl, reply),
+            Command::Disconnected { who, reply } => {
+                let _ = reply.send(Ok(self.disconnected(&who)));
+            }
+            Command::BoundBusNames { reply } => {
+                let _ = reply.send(Ok(self.bound_bus_names()));
+            }
             Command::Release { id, recycle, reply } => self.release(&id, recycle, reply),
             Command::AttachNic { id, address, reply } => self.attach_nic(&id, address, reply),
             Command::DetachNic { id, index, reply } => self.detach_nic(&id, index, reply),
@@ -619,6 +644,7 @@ impl Engine {
                 ticket,
                 timeout,
             } => self.acquire_timed_out(&pool, ticket, timeout),
+            Internal::LeaseDue { id, deadline } => self.lease_due(&id, deadline),
             Internal::OpDone {
                 id,
                 generation,

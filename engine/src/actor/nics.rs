@@ -75,14 +75,10 @@ impl Engine {
                 "VM {id} was created without network.hotplugSlots"
             )));
         }
-        let state = entry.record.state();
-        let runtime = entry.runtime.as_ref();
-        let (Some(runtime), Some(qmp)) = (runtime, runtime.and_then(|r| r.qmp.clone())) else {
-            return Err(invalid_state(id, state, "attach a NIC to"));
+        let runtime = entry.answering("attach a NIC to")?;
+        let Some(qmp) = runtime.qmp.clone() else {
+            return Err(invalid_state(id, entry.record.state(), "attach a NIC to"));
         };
-        if !state.guest_answers() {
-            return Err(invalid_state(id, state, "attach a NIC to"));
-        }
         let taken =
             |i: u8| entry.nic_ops.contains(&i) || entry.record.network.iter().any(|n| n.index == i);
         let Some(index) = (1..=slots).find(|i| !taken(*i)) else {

@@ -3,7 +3,6 @@
 //! temp dir. The real-QEMU tests (`engine/tests`, `daemon/tests`) prove
 //! the wiring; these prove the rules.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,32 +10,36 @@ use kiln_agent_proto::ExecRequest;
 use tokio::sync::broadcast;
 
 use crate::accel::AccelChoice;
-use crate::api::{EngineEvent, EngineHandle, FAILED_AFTER};
+use crate::api::{AcquireOptions, EngineEvent, EngineHandle, FAILED_AFTER};
 use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::pool::{PoolInfo, PoolMode, PoolSpec, PoolState};
 use crate::spec::VmSpec;
 use crate::state::VmState;
-use crate::vm::VmInfo;
+use crate::vm::{Disconnect, VmInfo};
 use crate::vmm::fake::FakeVmm;
 use crate::Engine;
+
+/// A change to the test engine's config.
+type Tweak = Arc<dyn Fn(&mut EngineConfig) + Send + Sync>;
 
 /// An engine on the fake VMM in a temp dir. The fake "host" survives
 /// [`Harness::restart`], like QEMU processes survive kilnd.
 struct Harness {
     dir: tempfile::TempDir,
     fake: FakeVmm,
-    network: Option<kiln_net::NetConfig>,
+    /// Changes to the default test config (kept for restarts).
+    tweak: Tweak,
     engine: EngineHandle,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Harness {
     async fn start() -> Self {
-        Self::start_with_network(None).await
+        Self::start_with(Arc::new(|_| {})).await
     }
 
-    async fn start_with_network(network: Option<kiln_net::NetConfig>) -> Self {
+    async fn start_with(tweak: Tweak) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let guest = dir.path().join("guest");
         std::fs::create_dir_all(&guest).expect("guest dir");
@@ -45,19 +48,18 @@ impl Harness {
         }
         std::fs::create_dir_all(dir.path().join("pools")).expect("pools dir");
         let fake = FakeVmm::new();
-        let (engine, task) = Self::engine(dir.path(), &fake, network.clone()).await;
+        let (engine, task) = Self::engine(dir.path(), &fake, &tweak).await;
         Self {
             dir,
             fake,
-            network,
+            tweak,
             engine,
             task,
         }
     }
 
-    fn config(root: &std::path::Path, network: Option<kiln_net::NetConfig>) -> EngineConfig {
-        EngineConfig {
-            network,
+    fn config(root: &std::path::Path, tweak: &Tweak) -> EngineConfig {
+        let mut config = EngineConfig {
             state_dir: root.join("state"),
             runtime_dir: root.join("run"),
             guest_dir: root.join("guest"),
@@ -67,15 +69,17 @@ impl Harness {
             gpu_sysfs_root: root.join("sys"),
             gpu_dev_root: root.join("dev"),
             ..EngineConfig::default()
-        }
+        };
+        tweak(&mut config);
+        config
     }
 
     async fn engine(
         root: &std::path::Path,
         fake: &FakeVmm,
-        network: Option<kiln_net::NetConfig>,
+        tweak: &Tweak,
     ) -> (EngineHandle, tokio::task::JoinHandle<()>) {
-        Engine::start_with(Self::config(root, network), Arc::new(fake.clone()))
+        Engine::start_with(Self::config(root, tweak), Arc::new(fake.clone()))
             .await
             .expect("engine starts")
     }
@@ -85,7 +89,7 @@ impl Harness {
     async fn restart(self) -> Self {
         self.engine.shutdown(false).await.expect("shutdown");
         self.task.await.expect("actor ends");
-        let (engine, task) = Self::engine(self.dir.path(), &self.fake, self.network.clone()).await;
+        let (engine, task) = Self::engine(self.dir.path(), &self.fake, &self.tweak).await;
         Self {
             engine,
             task,
@@ -112,8 +116,13 @@ impl Harness {
             warm,
             max,
             refill_concurrency: 2,
+            recycle_on_expiry: false,
             vm: VmSpec::default(),
         };
+        self.engine.create_pool(name, spec).await.expect("pool")
+    }
+
+    async fn create_pool_with(&self, name: &str, spec: PoolSpec) -> PoolInfo {
         self.engine.create_pool(name, spec).await.expect("pool")
     }
 
@@ -128,6 +137,17 @@ impl Harness {
         }
         let info = self.engine.describe_pool(pool).await.expect("pool");
         panic!("pool {pool} never got there: {info:?}");
+    }
+
+    /// Wait until VM `id` is deleted.
+    async fn until_gone(&self, id: &str) {
+        for _ in 0..10_000 {
+            if self.engine.describe_vm(id).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("VM {id} was never deleted");
     }
 
     /// Wait until VM `id` is in `state`.
@@ -147,9 +167,7 @@ impl Harness {
         timeout: Duration,
         holder: &str,
     ) -> Result<VmInfo, EngineError> {
-        self.engine
-            .acquire(pool, Some(timeout), holder, BTreeMap::new())
-            .await
+        self.engine.acquire(pool, options(timeout, holder)).await
     }
 }
 
@@ -514,12 +532,7 @@ async fn an_acquire_storm_never_gives_a_vm_to_two_holders() {
         let engine = h.engine.clone();
         calls.push(tokio::spawn(async move {
             engine
-                .acquire(
-                    "p",
-                    Some(Duration::from_secs(5)),
-                    &format!("c{i}"),
-                    BTreeMap::new(),
-                )
+                .acquire("p", options(Duration::from_secs(5), &format!("c{i}")))
                 .await
         }));
     }
@@ -584,7 +597,7 @@ impl Harness {
     /// Start a new engine after [`EngineHandle::shutdown`] was already sent.
     async fn restart_after_shutdown(self) -> Self {
         let _ = self.task.await;
-        let (engine, task) = Self::engine(self.dir.path(), &self.fake, self.network.clone()).await;
+        let (engine, task) = Self::engine(self.dir.path(), &self.fake, &self.tweak).await;
         Self {
             engine,
             task,
@@ -608,7 +621,7 @@ async fn a_failed_nic_attach_is_undone_at_every_step() {
         netns: Some(ns.path()),
         ..kiln_net::NetConfig::default()
     };
-    let h = Harness::start_with_network(Some(network)).await;
+    let h = Harness::start_with(Arc::new(move |c| c.network = Some(network.clone()))).await;
     let spec: VmSpec = serde_json::from_value(serde_json::json!({
         "network": { "mode": "bridge", "hotplugSlots": 1 }
     }))
@@ -644,7 +657,13 @@ async fn a_failed_nic_attach_is_undone_at_every_step() {
             h.fake.devices(&vm.id).is_empty(),
             "{step}: device left in the VMM"
         );
-        kiln_testkit::wait_until(Duration::from_secs(10), "the TAP to go", || !tap_exists());
+        for _ in 0..1000 {
+            if !tap_exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!tap_exists(), "{step}: the TAP is left");
     }
     h.fake.set_behaviour(|b| {
         b.failing_monitor_call = None;
@@ -658,6 +677,245 @@ async fn a_failed_nic_attach_is_undone_at_every_step() {
     assert!(h.fake.devices(&vm.id).is_empty());
     assert_eq!(h.engine.list_nics(&vm.id).await.expect("nics").len(), 1);
     h.engine.kill_vm(&vm.id).await.expect("kill");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_with_a_ttl_expires_unless_renewed() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 1, 2).await;
+    h.pool_until("p", |p| p.hot == 1).await;
+    let mut events = h.engine.subscribe();
+    let ttl = AcquireOptions {
+        ttl: Some(Duration::from_secs(3)),
+        ..options(Duration::from_secs(5), "alice")
+    };
+    let vm = h.engine.acquire("p", ttl).await.expect("acquire");
+    let deadline = vm.lease_expires_at.expect("a deadline");
+    assert!(deadline > vm.acquired_at.expect("acquired"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let renewed = h
+        .engine
+        .renew(&vm.id, Duration::from_secs(3))
+        .await
+        .expect("renew");
+    assert!(renewed.lease_expires_at > Some(deadline));
+    // Past the first deadline: the renewal holds.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(h.state(&vm.id).await, VmState::Leased);
+    // Past the renewed one: the lease ends and the VM goes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..100 {
+        if h.engine.describe_vm(&vm.id).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(matches!(
+        h.engine.describe_vm(&vm.id).await,
+        Err(EngineError::NoSuchVM(_))
+    ));
+    let mut expired = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let EngineEvent::LeaseExpired { id, pool, holder } = event {
+            expired.push((id, pool, holder));
+        }
+    }
+    assert_eq!(expired, [(vm.id.clone(), Some("p".into()), "alice".into())]);
+    h.pool_until("p", |p| p.hot == 1 && p.leased == 0).await;
+    // Renewing a VM without a lease, and TTLs out of bounds, are refused.
+    let hot = h
+        .acquire("p", Duration::from_secs(5), "bob")
+        .await
+        .expect("acquire");
+    h.engine.release(&hot.id, true).await.expect("release");
+    assert!(matches!(
+        h.engine.renew(&hot.id, Duration::from_secs(3)).await,
+        Err(EngineError::InvalidState { .. })
+    ));
+    let too_long = AcquireOptions {
+        ttl: Some(crate::api::MAX_LEASE_TTL + Duration::from_secs(1)),
+        ..options(Duration::from_secs(5), "carol")
+    };
+    assert!(matches!(
+        h.engine.acquire("p", too_long).await,
+        Err(EngineError::InvalidArgument(_))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_is_recycled_when_the_pool_says_so() {
+    let h = Harness::start().await;
+    let spec = PoolSpec {
+        mode: PoolMode::Template,
+        warm: 1,
+        max: 2,
+        refill_concurrency: 2,
+        recycle_on_expiry: true,
+        vm: VmSpec::default(),
+    };
+    h.create_pool_with("r", spec).await;
+    h.pool_until("r", |p| p.hot == 1).await;
+    let ttl = AcquireOptions {
+        ttl: Some(Duration::from_secs(2)),
+        ..options(Duration::from_secs(5), "alice")
+    };
+    let vm = h.engine.acquire("r", ttl).await.expect("acquire");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.until_state(&vm.id, VmState::Ready).await;
+    let back = h
+        .engine
+        .describe_vm(&vm.id)
+        .await
+        .expect("recycled, not destroyed");
+    assert_eq!(back.leased_by, None);
+    assert_eq!(back.lease_expires_at, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_deadline_is_honoured_after_a_restart() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 1, 2).await;
+    h.pool_until("p", |p| p.hot == 1).await;
+    let ttl = AcquireOptions {
+        ttl: Some(Duration::from_secs(10)),
+        ..options(Duration::from_secs(5), "alice")
+    };
+    let vm = h.engine.acquire("p", ttl).await.expect("acquire");
+    let h = h.restart().await;
+    let again = h.engine.describe_vm(&vm.id).await.expect("kept");
+    assert_eq!(
+        again.lease_expires_at, vm.lease_expires_at,
+        "the deadline is persisted"
+    );
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    for _ in 0..100 {
+        if h.engine.describe_vm(&vm.id).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        h.engine.describe_vm(&vm.id).await.is_err(),
+        "expired after the restart"
+    );
+}
+
+/// Real time: the deadline passes while no engine runs (wall clock).
+#[tokio::test]
+async fn a_lease_that_expired_while_kilnd_was_down_is_reclaimed_at_start() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 1, 2).await;
+    h.pool_until("p", |p| p.hot == 1).await;
+    let ttl = AcquireOptions {
+        ttl: Some(Duration::from_secs(1)),
+        ..options(Duration::from_secs(5), "alice")
+    };
+    let vm = h.engine.acquire("p", ttl).await.expect("acquire");
+    h.engine.shutdown(false).await.expect("shutdown");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let h = h.restart_after_shutdown().await;
+    h.until_gone(&vm.id).await;
+    assert!(!h.fake.live().contains(&vm.id), "its process is gone too");
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_per_caller_are_limited() {
+    let h = Harness::start_with(Arc::new(|c| c.max_leases_per_caller = 2)).await;
+    h.create_pool("p", PoolMode::Cold, 3, 6).await;
+    h.pool_until("p", |p| p.hot == 3).await;
+    let by_uid = |uid: u32, holder: &str| AcquireOptions {
+        uid: Some(uid),
+        ..options(Duration::from_secs(5), holder)
+    };
+    h.engine
+        .acquire("p", by_uid(1000, "uid:1000 a"))
+        .await
+        .expect("first");
+    h.engine
+        .acquire("p", by_uid(1000, "uid:1000 b"))
+        .await
+        .expect("second");
+    let third = h.engine.acquire("p", by_uid(1000, "uid:1000 c")).await;
+    assert!(
+        matches!(third, Err(EngineError::QuotaExceeded { limit: 2, .. })),
+        "{third:?}"
+    );
+    // Another caller is not affected.
+    h.engine
+        .acquire("p", by_uid(1001, "uid:1001"))
+        .await
+        .expect("other uid");
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_bound_to_a_holder_end_when_it_goes_away() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 3, 6).await;
+    h.pool_until("p", |p| p.hot == 3).await;
+    let bound = |who: Disconnect| AcquireOptions {
+        release_on: Some(who),
+        ..options(Duration::from_secs(5), "bound")
+    };
+    let by_conn = h
+        .engine
+        .acquire("p", bound(Disconnect::Connection(7)))
+        .await
+        .expect("acquire");
+    let by_name = h
+        .engine
+        .acquire("p", bound(Disconnect::BusName(":1.42".into())))
+        .await
+        .expect("acquire");
+    assert!(by_conn.release_on_disconnect);
+    let free = h
+        .acquire("p", Duration::from_secs(5), "unbound")
+        .await
+        .expect("acquire");
+    assert_eq!(h.engine.bound_bus_names().await.expect("names"), [":1.42"]);
+    // Another connection going away ends nothing.
+    assert_eq!(
+        h.engine
+            .disconnected(Disconnect::Connection(8))
+            .await
+            .expect("ok"),
+        0
+    );
+    assert_eq!(
+        h.engine
+            .disconnected(Disconnect::Connection(7))
+            .await
+            .expect("ok"),
+        1
+    );
+    h.until_gone(&by_conn.id).await;
+    // A restart ends leases bound to connections to the old kilnd (none
+    // left here), keeps bus-name ones (the adapter checks those) and
+    // unbound ones.
+    let connected = h
+        .engine
+        .acquire("p", bound(Disconnect::Connection(1)))
+        .await
+        .expect("acquire");
+    let h = h.restart().await;
+    h.until_gone(&connected.id).await;
+    assert_eq!(h.state(&by_name.id).await, VmState::Leased);
+    assert_eq!(h.state(&free.id).await, VmState::Leased);
+    let ended = h
+        .engine
+        .disconnected(Disconnect::BusName(":1.42".into()))
+        .await
+        .expect("ok");
+    assert_eq!(ended, 1);
+    h.until_gone(&by_name.id).await;
+    assert_eq!(h.state(&free.id).await, VmState::Leased);
+}
+
+fn options(timeout: Duration, holder: &str) -> AcquireOptions {
+    AcquireOptions {
+        timeout: Some(timeout),
+        holder: holder.to_owned(),
+        ..AcquireOptions::default()
+    }
 }
 
 fn exec(argv: &[&str]) -> ExecRequest {

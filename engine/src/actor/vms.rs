@@ -343,13 +343,9 @@ impl Engine {
             Ok(e) => e,
             Err(e) => return drop(reply.send(Err(e))),
         };
-        let state = entry.record.state();
-        let Some(runtime) = entry.runtime.as_ref().filter(|_| state.guest_answers()) else {
-            return drop(reply.send(Err(EngineError::InvalidState {
-                id: id.into(),
-                state,
-                operation: "reboot",
-            })));
+        let runtime = match entry.answering("reboot") {
+            Ok(r) => r,
+            Err(e) => return drop(reply.send(Err(e))),
         };
         if entry.busy {
             return drop(reply.send(Err(EngineError::Busy { id: id.into() })));
@@ -435,15 +431,10 @@ impl Engine {
             Ok(e) => e,
             Err(e) => return drop(reply.send(Err(e))),
         };
-        let state = entry.record.state();
-        let Some(runtime) = entry.runtime.as_ref().filter(|_| state.guest_answers()) else {
-            return drop(reply.send(Err(EngineError::InvalidState {
-                id: id.into(),
-                state,
-                operation: "exec",
-            })));
+        let agent = match entry.answering("exec") {
+            Ok(runtime) => runtime.agent.clone(),
+            Err(e) => return drop(reply.send(Err(e))),
         };
-        let agent = runtime.agent.clone();
         let timeout = request
             .timeout_ms
             .map(Duration::from_millis)

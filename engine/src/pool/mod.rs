@@ -52,6 +52,10 @@ pub struct PoolSpec {
     /// Boots run at once while refilling (default 2).
     #[serde(default = "default_refill_concurrency")]
     pub refill_concurrency: u32,
+    /// A lease that expires puts its VM back hot (reset from the
+    /// template) instead of destroying it (default false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recycle_on_expiry: bool,
     /// The VM every pool member is made from.
     #[serde(default)]
     pub vm: VmSpec,
@@ -136,6 +140,8 @@ pub struct PoolInfo {
     pub max: u32,
     /// Boots run at once while refilling.
     pub refill_concurrency: u32,
+    /// Whether an expired lease's VM is put back hot rather than destroyed.
+    pub recycle_on_expiry: bool,
     /// Where it stands.
     pub state: PoolState,
     /// Ready, unleased VMs.

@@ -3,34 +3,37 @@
 //! recycle back to hot) and the lease itself, written with the `leased`
 //! state in one atomic record write.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::Waiter;
 use crate::actor::{Engine, Internal, Write};
-use crate::api::{validate_acquire, Reply, DEFAULT_ACQUIRE_TIMEOUT};
+use crate::api::{
+    validate_acquire, validate_ttl, AcquireOptions, EngineEvent, Reply, DEFAULT_ACQUIRE_TIMEOUT,
+};
 use crate::error::EngineError;
 use crate::ids::now_usec;
 use crate::pool::PoolState;
 use crate::state::VmState;
 use crate::store::Durability;
-use crate::vm::{Lease, VmInfo, VmRecord};
+use crate::vm::{Disconnect, Lease, VmInfo, VmRecord};
 
 impl Engine {
     /// Hand out the oldest hot VM, or wait for one to boot.
     pub(in crate::actor) fn acquire(
         &mut self,
         name: String,
-        timeout: Option<Duration>,
-        holder: String,
-        labels: BTreeMap<String, String>,
+        options: AcquireOptions,
         reply: Reply<VmInfo>,
     ) {
-        let timeout = timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
-        if let Err(e) = validate_acquire(timeout, &labels) {
+        let timeout = options.timeout.unwrap_or(DEFAULT_ACQUIRE_TIMEOUT);
+        if let Err(e) = validate_acquire(timeout, &options.labels, options.ttl) {
+            return drop(reply.send(Err(e)));
+        }
+        if let Err(e) = self.check_quota(&options) {
             return drop(reply.send(Err(e)));
         }
         let pool = match self.pool(&name) {
@@ -39,7 +42,7 @@ impl Engine {
         };
         if let Some(id) = self.oldest_hot(&name) {
             let started = Instant::now();
-            let result = self.lease(&id, holder, labels);
+            let result = self.lease(&id, options);
             // The engine's share of a hot acquire (the bench reads it from
             // the log): pick, atomic record write (no fsync: see
             // `Durability::UntilHostCrash`), events.
@@ -73,8 +76,7 @@ impl Engine {
         if let Some(pool) = self.pools.by_name.get_mut(&name) {
             pool.waiters.push_back(Waiter {
                 ticket,
-                holder,
-                labels,
+                options,
                 reply,
             });
         }
@@ -183,7 +185,7 @@ impl Engine {
             if waiter.reply.is_closed() {
                 continue;
             }
-            let result = self.lease(&id, waiter.holder, waiter.labels);
+            let result = self.lease(&id, waiter.options);
             let _ = waiter.reply.send(result);
         }
     }
@@ -194,19 +196,220 @@ impl Engine {
     pub(super) fn lease(
         &mut self,
         id: &str,
-        holder: String,
-        labels: BTreeMap<String, String>,
+        options: AcquireOptions,
     ) -> Result<VmInfo, EngineError> {
+        let acquired_at = now_usec();
+        let expires_at = options
+            .ttl
+            .map(|ttl| acquired_at.saturating_add(ttl.as_micros() as u64));
+        let holder = options.holder;
         let write = Write::Request(Durability::UntilHostCrash);
         let info = self.transition(id, VmState::Leased, write, |r| {
             r.lease = Some(Lease {
                 holder: holder.clone(),
-                labels,
-                acquired_at: now_usec(),
+                labels: options.labels,
+                acquired_at,
+                expires_at,
+                uid: options.uid,
+                release_on: options.release_on,
             });
         })?;
-        info!(vm = %id, holder = %holder, "VM acquired");
+        if let Some(deadline) = expires_at {
+            self.schedule_expiry(id, deadline);
+        }
+        info!(vm = %id, holder = %holder, ?expires_at, "VM acquired");
         Ok(info)
+    }
+
+    /// `max_leases_per_caller`: leases held and `Acquire` calls waiting,
+    /// counted per uid (per holder when the transport gave no uid).
+    fn check_quota(&self, options: &AcquireOptions) -> Result<(), EngineError> {
+        let limit = self.config.max_leases_per_caller;
+        if limit == 0 {
+            return Ok(());
+        }
+        let same_caller = |holder: &str, uid: Option<u32>| match (options.uid, uid) {
+            (Some(a), Some(b)) => a == b,
+            _ => holder == options.holder,
+        };
+        let held = self
+            .vms
+            .values()
+            .filter_map(|e| e.record.lease.as_ref())
+            .filter(|l| same_caller(&l.holder, l.uid))
+            .count();
+        let waiting = self
+            .pools
+            .by_name
+            .values()
+            .flat_map(|p| &p.waiters)
+            .filter(|w| same_caller(&w.options.holder, w.options.uid))
+            .count();
+        if held + waiting >= limit as usize {
+            return Err(EngineError::QuotaExceeded {
+                holder: options.holder.clone(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Extend a lease to now + `ttl`.
+    pub(in crate::actor) fn renew(&mut self, id: &str, ttl: Duration, reply: Reply<VmInfo>) {
+        if let Err(e) = validate_ttl(ttl) {
+            return drop(reply.send(Err(e)));
+        }
+        let entry = match self.entry(id) {
+            Ok(e) => e,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        if entry.record.lease.is_none() {
+            let state = entry.record.state();
+            return drop(reply.send(Err(EngineError::InvalidState {
+                id: id.into(),
+                state,
+                operation: "renew the lease of",
+            })));
+        }
+        let deadline = now_usec().saturating_add(ttl.as_micros() as u64);
+        let result = self.update(id, |r| {
+            if let Some(lease) = r.lease.as_mut() {
+                lease.expires_at = Some(deadline);
+            }
+        });
+        if result.is_ok() {
+            self.schedule_expiry(id, deadline);
+            info!(vm = %id, expires_at = deadline, "lease renewed");
+        }
+        let _ = reply.send(result);
+    }
+
+    /// Wake the actor when VM `id`'s lease reaches `deadline` (µs since
+    /// the epoch). A timer whose deadline was renewed away finds a
+    /// different deadline in the record and does nothing.
+    fn schedule_expiry(&self, id: &str, deadline: u64) {
+        let left = Duration::from_micros(deadline.saturating_sub(now_usec()));
+        let tx = self.internal_tx.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(left).await;
+            let _ = tx.send(Internal::LeaseDue { id, deadline });
+        });
+    }
+
+    /// A lease timer fired: end the lease if that is still its deadline.
+    pub(in crate::actor) fn lease_due(&mut self, id: &str, deadline: u64) {
+        let due = self
+            .vms
+            .get(id)
+            .and_then(|e| e.record.lease.as_ref())
+            .is_some_and(|l| l.expires_at == Some(deadline));
+        if due {
+            self.expire_lease(id);
+        }
+    }
+
+    /// A holder went away: end every lease bound to it.
+    pub(in crate::actor) fn disconnected(&mut self, who: &Disconnect) -> u32 {
+        let bound: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, e)| {
+                e.record
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| l.release_on.as_ref() == Some(who))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &bound {
+            info!(vm = %id, holder = ?who, "lease holder went away");
+            self.end_lease(id);
+        }
+        bound.len() as u32
+    }
+
+    /// The D-Bus names leases are bound to.
+    pub(in crate::actor) fn bound_bus_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .vms
+            .values()
+            .filter_map(|e| match e.record.lease.as_ref()?.release_on.as_ref()? {
+                Disconnect::BusName(name) => Some(name.clone()),
+                Disconnect::Connection(_) => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// End a lease nobody gave back: destroy the VM, or put it back hot if
+    /// its pool says `recycleOnExpiry`.
+    fn end_lease(&mut self, id: &str) {
+        let recycle = self
+            .vms
+            .get(id)
+            .and_then(|e| e.record.pool.as_ref())
+            .and_then(|p| self.pools.by_name.get(p))
+            .is_some_and(|p| p.spec.recycle_on_expiry);
+        let (reply, _ignored) = oneshot::channel();
+        self.release(id, recycle, reply);
+    }
+
+    /// End an expired lease: tell watchers, then [`Engine::end_lease`].
+    fn expire_lease(&mut self, id: &str) {
+        let Some(entry) = self.vms.get(id) else {
+            return;
+        };
+        let Some(lease) = &entry.record.lease else {
+            return;
+        };
+        let pool = entry.record.pool.clone();
+        let holder = lease.holder.clone();
+        info!(vm = %id, holder = %holder, "lease expired");
+        let _ = self.events.send(EngineEvent::LeaseExpired {
+            id: id.to_owned(),
+            pool,
+            holder,
+        });
+        self.end_lease(id);
+    }
+
+    /// After a restart: leases whose deadline passed while kilnd was down
+    /// end now, and so do leases bound to a connection to the old kilnd;
+    /// the others get their timers back.
+    pub(in crate::actor) fn resume_lease_deadlines(&mut self) {
+        let orphaned: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, e)| {
+                e.record
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| matches!(l.release_on, Some(Disconnect::Connection(_))))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &orphaned {
+            info!(vm = %id, "lease was bound to a connection to the previous kilnd");
+            self.end_lease(id);
+        }
+        let now = now_usec();
+        let deadlines: Vec<(String, u64)> = self
+            .vms
+            .iter()
+            .filter(|(id, _)| !orphaned.contains(id))
+            .filter_map(|(id, e)| Some((id.clone(), e.record.lease.as_ref()?.expires_at?)))
+            .collect();
+        for (id, deadline) in deadlines {
+            if deadline <= now {
+                info!(vm = %id, "lease expired while kilnd was not running");
+                self.expire_lease(&id);
+            } else {
+                self.schedule_expiry(&id, deadline);
+            }
+        }
     }
 
     pub(super) fn hot_vms(&self, name: &str) -> Vec<String> {

@@ -33,7 +33,7 @@ use tracing::{error, info, warn};
 mod leases;
 
 use super::{Engine, Internal};
-use crate::api::{EngineEvent, Reply, FAILED_AFTER, MAX_BACKOFF};
+use crate::api::{AcquireOptions, EngineEvent, Reply, FAILED_AFTER, MAX_BACKOFF};
 use crate::error::EngineError;
 use crate::pool::template::{self, Template};
 use crate::pool::{
@@ -84,8 +84,7 @@ enum TemplateSlot {
 #[derive(Debug)]
 struct Waiter {
     ticket: u64,
-    holder: String,
-    labels: BTreeMap<String, String>,
+    options: AcquireOptions,
     reply: Reply<VmInfo>,
 }
 
@@ -679,6 +678,7 @@ impl Engine {
             warm: pool.spec.warm,
             max: pool.spec.max,
             refill_concurrency: pool.spec.refill_concurrency,
+            recycle_on_expiry: pool.spec.recycle_on_expiry,
             state: self.pool_state(name, counts),
             hot: counts.hot,
             booting: counts.booting,
