@@ -10,13 +10,22 @@ set -euo pipefail
 
 # Packages taken from trixie when the host is bookworm.
 # qemu-system-modules-opengl: virtio-gpu-gl and egl-headless for GPU pools (docs/gpu.md).
-TRIXIE_PACKAGES=(qemu-system-x86 qemu-system-modules-opengl qemu-utils systemd systemd-container mmdebstrap erofs-utils)
+# libssl-dev: kiln-image's registry client links the system OpenSSL
+# (native-tls, docs/decisions.md "Images"); from trixie, because trixie's
+# QEMU and systemd bring trixie's libssl3t64, which bookworm's headers
+# package cannot go with.
+TRIXIE_PACKAGES=(qemu-system-x86 qemu-system-modules-opengl qemu-utils systemd systemd-container mmdebstrap erofs-utils
+                 libssl-dev)
 # Packages the host's own release provides well enough.
 BASE_PACKAGES=(dbus iproute2 nftables xz-utils zstd python3 make gcc pkg-config ca-certificates
                procps psmisc util-linux kmod jq
                # make packages and the system test (docs/packaging.md): strip,
                # dpkg-shlibdeps for cargo-deb, lintian, rpm.
-               binutils dpkg-dev lintian rpm)
+               binutils dpkg-dev lintian rpm
+               # kiln-image's tests (docs/images.md): a real registry on
+               # 127.0.0.1, skopeo to push and to write archives, htpasswd
+               # for its basic auth, busybox-static for the test images.
+               docker-registry skopeo apache2-utils busybox-static)
 # Cargo subcommands for `make packages`, built once with their own lock files.
 CARGO_TOOLS=("cargo-deb@3.8.0" "cargo-generate-rpm@0.21.1")
 

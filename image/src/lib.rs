@@ -1,0 +1,39 @@
+//! Kiln's image store: OCI images pulled from registries or imported from
+//! OCI layouts and archives, verified by digest while they stream, checked
+//! for unsafe layer tars, converted to one erofs image per layer, and kept
+//! content-addressed under `<state_dir>/images` (docs/images.md).
+//!
+//! The crate imports no IPC and no engine: the engine calls [`ImageStore`]
+//! and maps [`ImageError::name`] to the wire. Every write is crash-only
+//! (temp file, fsync, rename, directory fsync); cooperating processes and
+//! concurrent pulls coordinate through `flock` files.
+//!
+//! - [`ImageStore::pull`], [`ImageStore::import`]: bring an image in, with
+//!   [`Progress`] reports.
+//! - [`ImageStore::list`], [`ImageStore::describe`]: stored images.
+//! - [`ImageStore::acquire`], [`ImageStore::release`]: who uses an image;
+//!   [`ImageStore::remove`] refuses while anyone does.
+//! - [`ImageStore::gc`]: free blobs and layers no image needs.
+
+mod auth;
+mod convert;
+mod digest;
+mod error;
+mod fsio;
+mod ingest;
+mod manifest;
+mod meta;
+mod paths;
+mod progress;
+mod record;
+mod reference;
+mod scan;
+mod source;
+mod store;
+
+pub use digest::Digest;
+pub use error::{ImageError, InvalidReason};
+pub use meta::{Acquired, GcReport, Released, Removed};
+pub use progress::{no_progress, LayerStep, Progress, ProgressFn};
+pub use record::{Image, ImageRecord, LayerRecord, Platform, ProcessConfig, RECORD_VERSION};
+pub use store::{ImageStore, StoreConfig};
