@@ -18,6 +18,10 @@
 # Settings (environment):
 #   KILN_GUEST_SUITE            Debian suite of kernel and busybox (trixie)
 #   KILN_INITRAMFS_COMPRESSION  none (default, boots faster under TCG) | gzip
+#   KILN_CONTAINER_MODULES      how the container modules (loaded on the first
+#                               StartContainer) are stored: compressed (default,
+#                               as Debian ships them, the kernel decompresses
+#                               them) | plain
 #   KILN_GUEST_VARIANTS         images to build: "default gpu" (default);
 #                               "default" skips the GPU guest (its kernel
 #                               package is a 108 MB download)
@@ -34,6 +38,7 @@ OUTROOT=$(cd "$1" && pwd)
 CACHE="$OUTROOT/cache"
 SUITE=${KILN_GUEST_SUITE:-trixie}
 COMPRESSION=${KILN_INITRAMFS_COMPRESSION:-none}
+CONTAINER_MODULES_FORM=${KILN_CONTAINER_MODULES:-compressed}
 VARIANTS=${KILN_GUEST_VARIANTS:-default gpu}
 CARGO=${CARGO:-cargo}
 PYTHON=${PYTHON:-python3}
@@ -46,11 +51,16 @@ MODULES_DEFAULT=(virtio_mmio virtio_pci virtio_console virtio_net virtio_blk vir
 # The GPU guest adds the virtio-gpu DRM driver; image-tool.py pulls in its
 # dependencies (drm, drm_kms_helper, drm_shmem_helper, virtio_dma_buf).
 MODULES_GPU=("${MODULES_DEFAULT[@]}" virtio_gpu)
+# What containers need (StartContainer): the SCSI controller disks are
+# hot-plugged into, SCSI disks, erofs layers and the overlay. A second list,
+# loaded by the agent on first use (docs/guest-image.md has the numbers).
+MODULES_CONTAINERS=(virtio_scsi sd_mod erofs overlay)
 
 log() { echo "build-image: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 case "$COMPRESSION" in none|gzip) ;; *) die "KILN_INITRAMFS_COMPRESSION must be none or gzip" ;; esac
+case "$CONTAINER_MODULES_FORM" in compressed|plain) ;; *) die "KILN_CONTAINER_MODULES must be compressed or plain" ;; esac
 for variant in $VARIANTS; do
     case "$variant" in default|gpu) ;; *) die "KILN_GUEST_VARIANTS: unknown image '$variant' (default, gpu)" ;; esac
 done
@@ -126,6 +136,7 @@ inputs_hash() {
     {
         echo "kernel=$kernel_pkg=$kernel_version busybox=$BUSYBOX_VERSION"
         echo "compression=$COMPRESSION modules=$*"
+        echo "container-modules=${MODULES_CONTAINERS[*]} form=$CONTAINER_MODULES_FORM"
         if [ "$variant" != default ]; then echo "variant=$variant"; fi
         "${RUSTC:-rustc}" -V 2>/dev/null || true
         cd "$REPO"
@@ -268,8 +279,12 @@ build_image() {
     echo 'root:x:0:0:root:/root:/bin/sh' > "$ROOT/etc/passwd"
     echo 'root:x:0:' > "$ROOT/etc/group"
 
-    local LOADED
+    local LOADED CONTAINER_LOADED
     LOADED=$("$PYTHON" "$GUEST/image-tool.py" modules --moddir "$MODDIR" --dest "$ROOT" "${MODULES[@]}")
+    local -a FORM_ARGS=()
+    [ "$CONTAINER_MODULES_FORM" = compressed ] && FORM_ARGS=(--compressed)
+    CONTAINER_LOADED=$("$PYTHON" "$GUEST/image-tool.py" modules --moddir "$MODDIR" --dest "$ROOT" \
+        --list modules.containers --have "$ROOT/etc/kiln/modules" "${FORM_ARGS[@]}" "${MODULES_CONTAINERS[@]}")
 
     {
         if [ "$variant" != default ]; then echo "KILN_IMAGE_VARIANT=$variant"; fi
@@ -280,6 +295,7 @@ KERNEL_VERSION=$KERNEL_VERSION
 KERNEL_RELEASE=$KERNEL_RELEASE
 BUSYBOX_VERSION=$BUSYBOX_VERSION
 MODULES="$LOADED"
+CONTAINER_MODULES="$CONTAINER_LOADED"
 INPUTS_SHA256=$HASH
 EOF
     } > "$ROOT/etc/kiln/image-info"
@@ -302,6 +318,8 @@ json.dump({$variant_json
     "kernelRelease": "$KERNEL_RELEASE",
     "busyboxVersion": "$BUSYBOX_VERSION",
     "modules": "$LOADED".split(),
+    "containerModules": "$CONTAINER_LOADED".split(),
+    "containerModulesForm": "$CONTAINER_MODULES_FORM",
     "initramfsCompression": "$COMPRESSION",
     "initramfsBytes": $(stat -c %s "$OUT/initramfs"),
     "inputsSha256": "$HASH",

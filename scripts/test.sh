@@ -37,6 +37,9 @@ python3 guest/tests/net-smoke.py "$KILN_GUEST_DIR"
 echo "== GPU guest image: virtio-gpu seen by the guest (virgl where a render node exists)"
 python3 guest/tests/gpu-smoke.py "$KILN_GUEST_DIR/gpu"
 
+echo "== containers in the guest: erofs layers hot-plugged over virtio-scsi, overlay, namespaces, logs, exec"
+python3 guest/tests/container-smoke.py "$KILN_GUEST_DIR"
+
 # Slowest, so last: a release build, the packages, and the packages under a
 # real systemd in containers (docs/packaging.md). KILN_SKIP_SYSTEM_TEST=1
 # skips it for a quick local run; CI never sets it.

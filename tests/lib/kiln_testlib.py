@@ -8,7 +8,8 @@ guest smoke tests' QEMU command line and clean-up.
                      socket (a varlink service, with the nonce resync kilnd
                      uses); agent_ping for one timed Ping;
   Qmp                QEMU's monitor: greeting, capabilities, commands,
-                     events skipped.
+                     events skipped; read-only disks hot-plugged into a
+                     virtio-scsi controller and unplugged again.
 
 Used by guest/tests/*.py, tests/bench/*.py and tests/system/run.py, which
 put this directory on sys.path relative to their own file:
@@ -216,13 +217,42 @@ class Qmp:
             if "event" not in msg:
                 return msg
 
-    def cmd(self, name, **args):
-        """Execute `name` with `args`; its return value, or Failure."""
+    def execute(self, name, **args):
+        """Execute `name` with `args`; the reply as sent (errors included)."""
         self.file.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
         self.file.flush()
-        reply = self._read()
+        return self._read()
+
+    def cmd(self, name, **args):
+        """Execute `name` with `args`; its return value, or Failure."""
+        reply = self.execute(name, **args)
         check("error" not in reply, f"QMP {name}: {reply}")
         return reply.get("return")
+
+    def add_disk(self, path, serial, lun, bus="scsi0.0"):
+        """Hot-plug the file `path` read-only as a scsi-hd with `serial` at
+        `lun` (target 0) of the virtio-scsi controller `bus` (see
+        SCSI_DEVICE); the device and node are both named after `serial`."""
+        self.cmd("blockdev-add", **{"driver": "raw", "node-name": f"node-{serial}", "read-only": True,
+                                    "file": {"driver": "file", "filename": path, "read-only": True}})
+        self.cmd("device_add", **{"driver": "scsi-hd", "bus": bus, "scsi-id": 0, "lun": lun,
+                                  "serial": serial, "drive": f"node-{serial}", "id": f"disk-{serial}"})
+
+    def add_writable_disk(self, path, serial, lun, bus="scsi0.0"):
+        """Like add_disk, but the guest may write to it."""
+        self.cmd("blockdev-add", **{"driver": "raw", "node-name": f"node-{serial}",
+                                    "file": {"driver": "file", "filename": path}})
+        self.cmd("device_add", **{"driver": "scsi-hd", "bus": bus, "scsi-id": 0, "lun": lun,
+                                  "serial": serial, "drive": f"node-{serial}", "id": f"disk-{serial}"})
+
+    def remove_disk(self, serial, timeout=30.0):
+        """Unplug a disk add_disk plugged: device_del, then blockdev-del
+        once QEMU has let go of the node (device_del completes
+        asynchronously)."""
+        self.cmd("device_del", id=f"disk-{serial}")
+        done = wait_until(lambda: "error" not in self.execute("blockdev-del", **{"node-name": f"node-{serial}"}),
+                          timeout)
+        check(done, f"QEMU kept the block node of disk {serial}")
 
     def close(self):
         self.sock.close()
@@ -281,9 +311,15 @@ def default_append():
 APPEND = os.environ.get("KILN_SMOKE_APPEND") or default_append()
 
 
-def microvm_argv(guest, work, name, no_reboot=True, incoming=None):
+# The controller disks are hot-plugged into on microvm (virtio-mmio); on
+# q35 it is virtio-scsi-pci. Its bus is "scsi0.0".
+SCSI_DEVICE = ["-device", "virtio-scsi-device,id=scsi0"]
+
+
+def microvm_argv(guest, work, name, no_reboot=True, incoming=None, scsi=False):
     """The command line kilnd uses for a plain microvm pool VM, with its
-    console, agent and QMP sockets as WORK/NAME-*."""
+    console, agent and QMP sockets as WORK/NAME-*; `scsi` adds the
+    virtio-scsi controller (SCSI_DEVICE) for image disks."""
     argv = [
         QEMU,
         "-M", "microvm,acpi=on",
@@ -301,6 +337,8 @@ def microvm_argv(guest, work, name, no_reboot=True, incoming=None):
         "-device", "virtserialport,chardev=agent,name=io.kiln.agent.0",
         "-qmp", f"unix:{work}/{name}-qmp.sock,server=on,wait=off",
     ]
+    if scsi:
+        argv += SCSI_DEVICE
     if no_reboot:
         argv.append("-no-reboot")
     if incoming:

@@ -16,6 +16,7 @@ use kiln_agent_proto::{
     ExecReply, ExecRequest, DEFAULT_MAX_OUTPUT_BYTES, LIMIT_MAX_OUTPUT_BYTES, MAX_MESSAGE_BYTES,
 };
 
+use crate::container::Enter;
 use crate::params::InvalidParameter;
 use crate::{log, sys};
 
@@ -30,9 +31,15 @@ const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// Poll interval when the kernel has no pidfd (before Linux 5.3).
 const FALLBACK_TICK: Duration = Duration::from_millis(10);
 
-/// The command could not be started (`io.kiln.Agent.ExecFailed`).
+/// The command could not be started (`io.kiln.Agent.ExecFailed`, or
+/// `ExecFormatError` in a container).
 #[derive(Debug)]
-pub struct SpawnFailed(pub String);
+pub struct SpawnFailed {
+    /// `argv0: reason`.
+    pub message: String,
+    /// The error number, when the system gave one.
+    pub errno: Option<i32>,
+}
 
 /// A validated `Exec` request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +81,16 @@ impl Plan {
             timeout: req.timeout_ms.map(Duration::from_millis),
             max_output: usize::try_from(max_output).unwrap_or(usize::MAX),
         })
+    }
+
+    /// Program and arguments.
+    pub fn argv(&self) -> &[String] {
+        &self.argv
+    }
+
+    /// Extra environment entries.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
     }
 }
 
@@ -148,8 +165,10 @@ pub fn fit_reply(reply: &mut ExecReply) {
     }
 }
 
-/// Runs the command described by `plan` and waits for it.
-pub fn run(plan: Plan) -> Result<ExecReply, SpawnFailed> {
+/// Runs the command described by `plan` and waits for it; with `enter`,
+/// inside that container (which then decides root, working directory,
+/// user, environment and program lookup).
+pub fn run(plan: Plan, enter: Option<Enter>) -> Result<ExecReply, SpawnFailed> {
     let mut cmd = Command::new(&plan.argv[0]);
     cmd.args(&plan.argv[1..])
         .env_clear()
@@ -166,9 +185,14 @@ pub fn run(plan: Plan) -> Result<ExecReply, SpawnFailed> {
         .stderr(Stdio::piped())
         // Own process group, so a timeout kills the whole pipeline.
         .process_group(0);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| SpawnFailed(format!("{}: {e}", plan.argv[0])))?;
+    let spawned = match enter {
+        Some(enter) => enter.spawn(&mut cmd),
+        None => cmd.spawn(),
+    };
+    let mut child = spawned.map_err(|e| SpawnFailed {
+        message: format!("{}: {e}", plan.argv[0]),
+        errno: e.raw_os_error(),
+    })?;
     let mut running = Running::new(&mut child, plan.stdin, plan.max_output);
     let outcome = running.wait(&mut child, plan.timeout);
     let Running {
@@ -188,9 +212,10 @@ pub fn run(plan: Plan) -> Result<ExecReply, SpawnFailed> {
             // Could not wait: make sure the child is gone, then collect it.
             let _ = sys::kill(-pid_of(&child), libc::SIGKILL);
             (
-                child
-                    .wait()
-                    .map_err(|e2| SpawnFailed(format!("wait: {e}; {e2}")))?,
+                child.wait().map_err(|e2| SpawnFailed {
+                    message: format!("wait: {e}; {e2}"),
+                    errno: e2.raw_os_error(),
+                })?,
                 false,
             )
         }
@@ -437,6 +462,10 @@ fn drain_in_background<R: Read + AsRawFd + Send + 'static>(pipe: Option<R>) {
 mod tests {
     use super::*;
 
+    fn run_plain(plan: Plan) -> Result<ExecReply, SpawnFailed> {
+        run(plan, None)
+    }
+
     fn plan(argv: &[&str]) -> Plan {
         Plan::new(ExecRequest {
             argv: argv.iter().map(|s| (*s).to_owned()).collect(),
@@ -535,7 +564,7 @@ mod tests {
 
     #[test]
     fn runs_a_command_and_captures_both_streams() {
-        let reply = run(plan(&["sh", "-c", "echo out; echo err >&2; exit 3"])).expect("ran");
+        let reply = run_plain(plan(&["sh", "-c", "echo out; echo err >&2; exit 3"])).expect("ran");
         assert_eq!(reply.exit_code, 3);
         assert_eq!(reply.stdout, "out\n");
         assert_eq!(reply.stderr, "err\n");
@@ -548,7 +577,7 @@ mod tests {
         let mut p = plan(&["sh", "-c", "cat; echo \"$FOO\""]);
         p.stdin = Some(b"hello\n".to_vec());
         p.env = vec![("FOO".into(), "bar".into())];
-        let reply = run(p).expect("ran");
+        let reply = run_plain(p).expect("ran");
         assert_eq!(reply.stdout, "hello\nbar\n");
         assert_eq!(reply.exit_code, 0);
     }
@@ -557,7 +586,7 @@ mod tests {
     fn caps_output_but_keeps_draining() {
         let mut p = plan(&["sh", "-c", "head -c 300000 /dev/zero; echo done >&2"]);
         p.max_output = 1000;
-        let reply = run(p).expect("ran");
+        let reply = run_plain(p).expect("ran");
         assert_eq!(reply.stdout.len(), 1000);
         assert!(reply.stdout_truncated);
         assert_eq!(reply.stderr, "done\n");
@@ -569,7 +598,7 @@ mod tests {
         let mut p = plan(&["sh", "-c", "sleep 30; echo never"]);
         p.timeout = Some(Duration::from_millis(200));
         let start = Instant::now();
-        let reply = run(p).expect("ran");
+        let reply = run_plain(p).expect("ran");
         assert!(start.elapsed() < Duration::from_secs(5));
         assert!(reply.timed_out);
         assert_eq!(reply.signal, Some(libc::SIGKILL));
@@ -579,7 +608,7 @@ mod tests {
     #[test]
     fn background_processes_holding_stdout_do_not_block() {
         let start = Instant::now();
-        let reply = run(plan(&["sh", "-c", "sleep 3 & echo started"])).expect("ran");
+        let reply = run_plain(plan(&["sh", "-c", "sleep 3 & echo started"])).expect("ran");
         assert!(start.elapsed() < Duration::from_secs(2));
         assert_eq!(reply.stdout, "started\n");
     }
@@ -587,8 +616,11 @@ mod tests {
     #[test]
     fn missing_program_is_a_spawn_failure() {
         assert!(matches!(
-            run(plan(&["/nonexistent/kiln-test"])),
-            Err(SpawnFailed(_))
+            run_plain(plan(&["/nonexistent/kiln-test"])),
+            Err(SpawnFailed {
+                errno: Some(libc::ENOENT),
+                ..
+            })
         ));
     }
 }

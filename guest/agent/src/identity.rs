@@ -74,7 +74,7 @@ impl Identity {
 }
 
 /// 1–64 characters of `[A-Za-z0-9._-]`, not starting with `-` or `.`.
-fn valid_hostname(name: &str) -> bool {
+pub fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['-', '.'])

@@ -12,8 +12,12 @@ use std::time::Instant;
 use crate::exec::{BASE_HOME, BASE_PATH};
 use crate::{log, sys};
 
-/// Modules to load, one path per line relative to `/`, in dependency order.
+/// Modules to load at boot, one path per line relative to `/`, in
+/// dependency order.
 pub const MODULES_LIST: &str = "/etc/kiln/modules";
+/// Modules containers need (SCSI disks, erofs, overlay), same format;
+/// loaded by the first `StartContainer` (or at boot, see `cmdline.rs`).
+pub const CONTAINER_MODULES_LIST: &str = "/etc/kiln/modules.containers";
 /// Hostname until the host sets one with `SetIdentity`.
 pub const DEFAULT_HOSTNAME: &str = "kiln";
 
@@ -129,43 +133,64 @@ fn ensure_std_fds() {
 
 /// Loads the modules listed in [`MODULES_LIST`], in order.
 pub fn load_modules() {
-    let list = match fs::read_to_string(MODULES_LIST) {
+    if let Err(e) = load_module_list(MODULES_LIST) {
+        log::error!("{MODULES_LIST}: {e}");
+    }
+}
+
+/// Loads the modules listed in `list`, in order, and logs one line with
+/// the time each took. A missing list is an empty one; a module that is
+/// already loaded counts as loaded. Fails if the list cannot be read or a
+/// module cannot be loaded (after trying the rest).
+pub fn load_module_list(list_path: &str) -> io::Result<()> {
+    let list = match fs::read_to_string(list_path) {
         Ok(list) => list,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-        Err(e) => {
-            log::error!("{MODULES_LIST}: {e}");
-            return;
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
     };
     let start = Instant::now();
     let mut loaded = Vec::new();
+    let mut failed = None;
     for path in module_paths(&list) {
         let one = Instant::now();
         match load_module(&Path::new("/").join(path)) {
-            Ok(()) => {
-                let name = path
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or(path)
-                    .trim_end_matches(".ko");
-                loaded.push(format!("{name} {}", one.elapsed().as_millis()));
-            }
+            Ok(()) => loaded.push(format!(
+                "{} {}",
+                module_name(path),
+                one.elapsed().as_millis()
+            )),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => log::error!("module {path}: {e}"),
+            Err(e) => {
+                log::error!("module {path}: {e}");
+                failed
+                    .get_or_insert_with(|| io::Error::new(e.kind(), format!("module {path}: {e}")));
+            }
         }
     }
     // One line: /dev/kmsg allows a burst of only 10 records per 5 s.
     log::info!(
-        "loaded {} modules in {} ms ({} ms)",
+        "loaded {} modules of {list_path} in {} ms ({} ms)",
         loaded.len(),
         start.elapsed().as_millis(),
         loaded.join(", ")
     );
+    failed.map_or(Ok(()), Err)
 }
 
+/// `virtio_net` of `lib/modules/R/kernel/drivers/net/virtio_net.ko[.xz]`.
+fn module_name(path: &str) -> &str {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split_once(".ko").map_or(file, |(name, _)| name)
+}
+
+/// `finit_module`; a compressed module (`.ko.xz`, `.ko.zst`, `.ko.gz`) is
+/// handed to the kernel to decompress (`MODULE_INIT_COMPRESSED_FILE`).
 fn load_module(path: &Path) -> io::Result<()> {
     let file = File::open(path)?;
-    sys::finit_module(file.as_raw_fd())
+    let compressed = path
+        .extension()
+        .is_some_and(|ext| ext == "xz" || ext == "zst" || ext == "gz");
+    sys::finit_module(file.as_raw_fd(), compressed)
 }
 
 /// Non-empty, non-comment lines of the modules list.
@@ -178,6 +203,16 @@ pub fn module_paths(list: &str) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_modules() {
+        assert_eq!(
+            module_name("lib/modules/x/kernel/fs/erofs/erofs.ko.xz"),
+            "erofs"
+        );
+        assert_eq!(module_name("lib/modules/x/virtio_net.ko"), "virtio_net");
+        assert_eq!(module_name("odd"), "odd");
+    }
 
     #[test]
     fn parses_the_modules_list() {

@@ -11,6 +11,8 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+mod cmdline;
+mod container;
 mod exec;
 mod frame;
 mod identity;
@@ -27,9 +29,10 @@ use std::time::Duration;
 
 use kiln_agent_proto::{MAX_MESSAGE_BYTES, PORT_NAME};
 
+use crate::cmdline::BootOptions;
 use crate::frame::{Frame, FrameSplitter};
 use crate::port::{Incoming, Port};
-use crate::service::After;
+use crate::service::{After, Agent};
 
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -40,7 +43,7 @@ fn main() {
     }
     match std::env::args().nth(1).as_deref() {
         Some("--version") => println!("kiln-agent {}", service::AGENT_VERSION),
-        Some("--stdio") => serve_stdio(),
+        Some("--stdio") => serve_stdio(&mut Agent::new(&BootOptions::default())),
         _ => {
             let _ = writeln!(
                 std::io::stderr(),
@@ -60,13 +63,14 @@ fn run_as_init() -> ! {
         log::error!("blocking SIGIO: {e}");
     }
     init::load_modules();
+    let mut agent = Agent::new(&BootOptions::from_proc());
     let mut port = Port::open_waiting(PORT_NAME);
     log::info!(
         "serving {} {}",
         kiln_agent_proto::INTERFACE,
         service::AGENT_VERSION
     );
-    serve_port(&mut port)
+    serve_port(&mut agent, &mut port)
 }
 
 /// A panic in PID 1 would abort and panic the kernel. Instead, log it and
@@ -82,7 +86,7 @@ fn install_panic_hook() {
     }));
 }
 
-fn serve_port(port: &mut Port) -> ! {
+fn serve_port(agent: &mut Agent, port: &mut Port) -> ! {
     let mut splitter = FrameSplitter::new(MAX_MESSAGE_BYTES);
     let mut buf = vec![0u8; READ_CHUNK];
     let mut frames = Vec::new();
@@ -93,7 +97,7 @@ fn serve_port(port: &mut Port) -> ! {
                 errors = 0;
                 splitter.push(buf.get(..n).unwrap_or_default(), &mut frames);
                 for frame in frames.drain(..) {
-                    handle_one(port, &frame);
+                    handle_one(agent, port, &frame);
                 }
             }
             Ok(Incoming::HostGone) => {
@@ -121,12 +125,12 @@ fn serve_port(port: &mut Port) -> ! {
                 }
             }
         }
-        sys::reap_zombies();
+        agent.reap();
     }
 }
 
-fn handle_one(port: &mut Port, frame: &Frame) {
-    let response = service::handle_frame(frame);
+fn handle_one(agent: &mut Agent, port: &mut Port, frame: &Frame) {
+    let response = agent.handle_frame(frame);
     if let Some(bytes) = &response.bytes {
         match port.write_reply(bytes) {
             Ok(true) => {}
@@ -136,7 +140,7 @@ fn handle_one(port: &mut Port, frame: &Frame) {
     }
     // Reap what the call may have orphaned (e.g. `sh -c 'x & y'`), now that
     // no command is being waited for.
-    sys::reap_zombies();
+    agent.reap();
     let cmd = match response.after {
         After::Continue => return,
         After::PowerOff => libc::RB_POWER_OFF,
@@ -149,7 +153,7 @@ fn handle_one(port: &mut Port, frame: &Frame) {
     log::error!("reboot({cmd:#x}): {err}");
 }
 
-fn serve_stdio() {
+fn serve_stdio(agent: &mut Agent) {
     let mut splitter = FrameSplitter::new(MAX_MESSAGE_BYTES);
     let mut buf = vec![0u8; READ_CHUNK];
     let mut frames = Vec::new();
@@ -162,7 +166,7 @@ fn serve_stdio() {
         };
         splitter.push(buf.get(..n).unwrap_or_default(), &mut frames);
         for frame in frames.drain(..) {
-            let response = service::handle_frame(&frame);
+            let response = agent.handle_frame(&frame);
             if let Some(bytes) = response.bytes {
                 if stdout
                     .write_all(&bytes)

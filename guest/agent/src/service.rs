@@ -2,18 +2,22 @@
 //! `io.kiln.Agent` and `org.varlink.service` (introspection).
 
 use kiln_agent_proto::{
-    error, method, Call, ConfigureNetworkRequest, ExecRequest, FailureParameters,
-    NoSuchInterfaceParameters, PingReply, PingRequest, Reply, SetIdentityRequest, INTERFACE,
+    error, method, Call, ConfigureNetworkRequest, ContainerIdRequest, ContainerLogsRequest,
+    ContainerReply, ExecFormatParameters, ExecInRequest, FailureParameters, ListContainersReply,
+    NoSuchInterfaceParameters, PingReply, PingRequest, RemoveContainerReply, Reply,
+    SetIdentityRequest, StartContainerRequest, StopContainerRequest, INTERFACE,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::cmdline::BootOptions;
+use crate::container::{ContainerError, Containers};
 use crate::exec::{self, Plan, SpawnFailed};
 use crate::frame::Frame;
 use crate::identity::Identity;
 use crate::network::{NetworkFailure, NetworkPlan};
 use crate::params::{self, InvalidParameter};
-use crate::sys;
+use crate::{log, sys};
 
 /// The IDL of `io.kiln.Agent`, served by `GetInterfaceDescription`.
 pub const AGENT_IDL: &str = include_str!("../../io.kiln.Agent.varlink");
@@ -47,45 +51,158 @@ pub struct Response {
     pub after: After,
 }
 
-/// Handles one frame from the port.
-pub fn handle_frame(frame: &Frame) -> Response {
-    let message = match frame {
-        Frame::TooLarge => {
-            return respond(
-                invalid_parameter(&InvalidParameter::new("parameters")),
-                After::Continue,
-            )
+/// The agent's state: what outlives one call.
+#[derive(Debug)]
+pub struct Agent {
+    containers: Containers,
+}
+
+impl Agent {
+    /// A fresh agent configured by `options`.
+    pub fn new(options: &BootOptions) -> Self {
+        let mut containers = Containers::new(options.max_containers);
+        if options.container_modules_at_boot {
+            if let Err(e) = containers.load_modules() {
+                log::error!("container modules: {e}");
+            }
         }
-        Frame::Message(message) => message,
-    };
-    let value: Value = match serde_json::from_slice(message) {
-        Ok(value) => value,
-        Err(_) => {
-            return respond(
-                invalid_parameter(&InvalidParameter::new("method")),
-                After::Continue,
-            )
-        }
-    };
-    let oneway = value
-        .get("oneway")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let call: Call = match serde_json::from_value(value) {
-        Ok(call) => call,
-        Err(_) => {
-            return respond(
-                invalid_parameter(&InvalidParameter::new("method")),
-                After::Continue,
-            )
-        }
-    };
-    let (reply, after) = dispatch(&call);
-    let mut response = respond(reply, after);
-    if oneway {
-        response.bytes = None;
+        Self { containers }
     }
-    response
+
+    /// Reaps every exited child; a container's process updates its
+    /// container. Call only while no `Exec` child is being waited for.
+    pub fn reap(&mut self) {
+        let containers = &mut self.containers;
+        sys::reap_children(|pid, status| containers.child_exited(pid, status));
+    }
+
+    /// Handles one frame from the port.
+    pub fn handle_frame(&mut self, frame: &Frame) -> Response {
+        let message = match frame {
+            Frame::TooLarge => {
+                return respond(
+                    invalid_parameter(&InvalidParameter::new("parameters")),
+                    After::Continue,
+                )
+            }
+            Frame::Message(message) => message,
+        };
+        let value: Value = match serde_json::from_slice(message) {
+            Ok(value) => value,
+            Err(_) => {
+                return respond(
+                    invalid_parameter(&InvalidParameter::new("method")),
+                    After::Continue,
+                )
+            }
+        };
+        let oneway = value
+            .get("oneway")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let call: Call = match serde_json::from_value(value) {
+            Ok(call) => call,
+            Err(_) => {
+                return respond(
+                    invalid_parameter(&InvalidParameter::new("method")),
+                    After::Continue,
+                )
+            }
+        };
+        // Container methods see exits that happened while the host was idle.
+        self.reap();
+        let (reply, after) = self.dispatch(&call);
+        let mut response = respond(reply, after);
+        if oneway {
+            response.bytes = None;
+        }
+        response
+    }
+
+    /// Dispatches a decoded call.
+    pub fn dispatch(&mut self, call: &Call) -> (Reply, After) {
+        let params = call.parameters.as_ref();
+        let containers = &mut self.containers;
+        let reply = match call.method.as_str() {
+            method::EXEC => params::decode::<ExecInRequest>(params)
+                .and_then(|req| Ok((Plan::new(req.exec)?, req.container)))
+                .map(|(plan, container)| run_exec(containers, plan, container)),
+            method::START_CONTAINER => params::decode::<StartContainerRequest>(params).map(|req| {
+                container_reply(
+                    containers
+                        .start(req)
+                        .map(|container| ContainerReply { container }),
+                )
+            }),
+            method::CONTAINER_STATUS => params::decode::<ContainerIdRequest>(params).map(|req| {
+                container_reply(
+                    containers
+                        .status(&req.id)
+                        .map(|container| ContainerReply { container }),
+                )
+            }),
+            method::LIST_CONTAINERS => Ok(ok(&ListContainersReply {
+                containers: containers.list(),
+            })),
+            method::STOP_CONTAINER => params::decode::<StopContainerRequest>(params)
+                .map(|req| container_reply(containers.stop(&req))),
+            method::REMOVE_CONTAINER => params::decode::<ContainerIdRequest>(params).map(|req| {
+                container_reply(
+                    containers
+                        .remove(&req.id)
+                        .map(|result| RemoveContainerReply { result }),
+                )
+            }),
+            method::CONTAINER_LOGS => params::decode::<ContainerLogsRequest>(params)
+                .map(|req| container_reply(containers.logs(&req))),
+            _ => return dispatch(call),
+        };
+        (
+            reply.unwrap_or_else(|p| invalid_parameter(&p)),
+            After::Continue,
+        )
+    }
+}
+
+/// `Exec`, in the guest or in a container.
+fn run_exec(containers: &mut Containers, plan: Plan, container: Option<String>) -> Reply {
+    let Some(id) = container else {
+        return match exec::run(plan, None) {
+            Ok(reply) => ok(&reply),
+            Err(SpawnFailed { message, .. }) => failure(error::EXEC_FAILED, message),
+        };
+    };
+    let program = plan.argv().first().cloned().unwrap_or_default();
+    let enter = match containers.enter(&id, plan.argv(), plan.env()) {
+        Ok(enter) => enter,
+        Err(ContainerError::InvalidParameter(_)) => {
+            return invalid_parameter(&InvalidParameter::new("container"))
+        }
+        Err(e) => return container_error(&e),
+    };
+    match exec::run(plan, Some(enter)) {
+        Ok(reply) => ok(&reply),
+        Err(SpawnFailed {
+            errno: Some(libc::ENOEXEC),
+            ..
+        }) => error_reply(
+            error::EXEC_FORMAT_ERROR,
+            json!(ExecFormatParameters { program }),
+        ),
+        Err(SpawnFailed { message, .. }) => failure(error::EXEC_FAILED, message),
+    }
+}
+
+fn container_reply<T: Serialize>(result: Result<T, ContainerError>) -> Reply {
+    match result {
+        Ok(value) => ok(&value),
+        Err(e) => container_error(&e),
+    }
+}
+
+fn container_error(e: &ContainerError) -> Reply {
+    let (name, parameters) = e.reply();
+    error_reply(name, parameters)
 }
 
 fn respond(reply: Reply, after: After) -> Response {
@@ -101,17 +218,11 @@ fn respond(reply: Reply, after: After) -> Response {
     }
 }
 
-/// Dispatches a decoded call.
-pub fn dispatch(call: &Call) -> (Reply, After) {
+/// Dispatches a call that needs no agent state.
+fn dispatch(call: &Call) -> (Reply, After) {
     let params = call.parameters.as_ref();
     let reply = match call.method.as_str() {
         method::PING => params::decode::<PingRequest>(params).map(|req| ok(&ping(req))),
-        method::EXEC => params::decode::<ExecRequest>(params)
-            .and_then(Plan::new)
-            .map(|plan| match exec::run(plan) {
-                Ok(reply) => ok(&reply),
-                Err(SpawnFailed(message)) => failure(error::EXEC_FAILED, message),
-            }),
         method::SET_IDENTITY => params::decode::<SetIdentityRequest>(params)
             .and_then(Identity::new)
             .map(|identity| match identity.apply() {
@@ -207,8 +318,12 @@ fn invalid_parameter(p: &InvalidParameter) -> Reply {
 mod tests {
     use super::*;
 
+    fn agent() -> Agent {
+        Agent::new(&BootOptions::default())
+    }
+
     fn call(frame: &str) -> (Value, After) {
-        let response = handle_frame(&Frame::Message(frame.as_bytes().to_vec()));
+        let response = agent().handle_frame(&Frame::Message(frame.as_bytes().to_vec()));
         let bytes = response.bytes.expect("a reply");
         assert_eq!(bytes.last(), Some(&0));
         let value =
@@ -261,6 +376,40 @@ mod tests {
     }
 
     #[test]
+    fn container_methods_answer_with_named_errors() {
+        let (reply, _) =
+            call(r#"{"method":"io.kiln.Agent.ContainerStatus","parameters":{"id":"nope"}}"#);
+        assert_eq!(reply["error"], error::NO_SUCH_CONTAINER);
+        assert_eq!(reply["parameters"]["id"], "nope");
+        let (reply, _) = call(
+            r#"{"method":"io.kiln.Agent.StartContainer","parameters":{"id":"a","layers":["l0"],"process":{"args":["sh"],"cwd":"tmp"}}}"#,
+        );
+        assert_eq!(reply["error"], error::INVALID_PROCESS_SPEC);
+        assert_eq!(reply["parameters"]["field"], "cwd");
+        let (reply, _) = call(
+            r#"{"method":"io.kiln.Agent.StartContainer","parameters":{"id":"a","layers":[],"process":{"args":["sh"]}}}"#,
+        );
+        assert_eq!(reply["parameters"]["parameter"], "layers");
+        let (reply, _) =
+            call(r#"{"method":"io.kiln.Agent.RemoveContainer","parameters":{"id":"nope"}}"#);
+        assert_eq!(reply["parameters"]["result"], "alreadyGone");
+        let (reply, _) = call(r#"{"method":"io.kiln.Agent.ListContainers"}"#);
+        assert_eq!(reply["parameters"]["containers"], json!([]));
+        let (reply, _) = call(
+            r#"{"method":"io.kiln.Agent.Exec","parameters":{"argv":["true"],"container":"nope"}}"#,
+        );
+        assert_eq!(reply["error"], error::NO_SUCH_CONTAINER);
+        let (reply, _) = call(
+            r#"{"method":"io.kiln.Agent.Exec","parameters":{"argv":["true"],"container":"../x"}}"#,
+        );
+        assert_eq!(reply["parameters"]["parameter"], "container");
+        let (reply, _) = call(
+            r#"{"method":"io.kiln.Agent.ContainerLogs","parameters":{"id":"a","maxBytes":0}}"#,
+        );
+        assert_eq!(reply["parameters"]["parameter"], "maxBytes");
+    }
+
+    #[test]
     fn shutdown_and_reboot_reply_then_act() {
         assert_eq!(
             call(r#"{"method":"io.kiln.Agent.Shutdown"}"#).1,
@@ -299,6 +448,12 @@ mod tests {
             method::SHUTDOWN,
             method::REBOOT,
             method::CONFIGURE_NETWORK,
+            method::START_CONTAINER,
+            method::CONTAINER_STATUS,
+            method::LIST_CONTAINERS,
+            method::STOP_CONTAINER,
+            method::REMOVE_CONTAINER,
+            method::CONTAINER_LOGS,
         ] {
             let short = m.rsplit('.').next().unwrap_or_default();
             assert!(AGENT_IDL.contains(&format!("method {short}(")), "{m}");
@@ -307,7 +462,7 @@ mod tests {
 
     #[test]
     fn oneway_calls_get_no_reply() {
-        let r = handle_frame(&Frame::Message(
+        let r = agent().handle_frame(&Frame::Message(
             br#"{"method":"io.kiln.Agent.Ping","oneway":true}"#.to_vec(),
         ));
         assert!(r.bytes.is_none());
@@ -317,7 +472,7 @@ mod tests {
     fn malformed_and_oversized_frames_still_get_a_reply() {
         let (reply, _) = call("not json");
         assert_eq!(reply["error"], error::INVALID_PARAMETER);
-        let r = handle_frame(&Frame::TooLarge);
+        let r = agent().handle_frame(&Frame::TooLarge);
         assert!(r.bytes.is_some());
     }
 }

@@ -5,6 +5,9 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitStatus;
 use std::time::Duration;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -85,11 +88,20 @@ pub fn boottime_ms() -> u64 {
     secs.saturating_mul(1000).saturating_add(nanos / 1_000_000)
 }
 
-/// `finit_module(2)` with no parameters and no flags.
-pub fn finit_module(fd: RawFd) -> io::Result<()> {
+/// `MODULE_INIT_COMPRESSED_FILE` (linux/module.h): the kernel decompresses.
+const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+
+/// `finit_module(2)` with no parameters; `compressed` lets the kernel
+/// decompress the file (`CONFIG_MODULE_DECOMPRESS`).
+pub fn finit_module(fd: RawFd, compressed: bool) -> io::Result<()> {
+    let flags = if compressed {
+        MODULE_INIT_COMPRESSED_FILE
+    } else {
+        0
+    };
     // SAFETY: `fd` is an open file descriptor; the params string is a valid
     // empty C string with static lifetime.
-    let ret = unsafe { libc::syscall(libc::SYS_finit_module, fd, c"".as_ptr(), 0) };
+    let ret = unsafe { libc::syscall(libc::SYS_finit_module, fd, c"".as_ptr(), flags) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -118,11 +130,12 @@ pub fn kill(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
     cvt(unsafe { libc::kill(pid, signal) }).map(drop)
 }
 
-/// Reaps every exited child without blocking; returns how many were reaped.
+/// Reaps every exited child without blocking, telling `on_exit` about
+/// each; returns how many were reaped.
 ///
 /// Only called while no `Exec` child is being waited for, so it never steals
 /// the status of a command the agent is running.
-pub fn reap_zombies() -> usize {
+pub fn reap_children(mut on_exit: impl FnMut(libc::pid_t, ExitStatus)) -> usize {
     let mut reaped = 0;
     loop {
         let mut status = 0;
@@ -131,8 +144,144 @@ pub fn reap_zombies() -> usize {
         if pid <= 0 {
             return reaped;
         }
+        on_exit(pid, ExitStatus::from_raw(status));
         reaped += 1;
     }
+}
+
+/// `waitpid(pid, WNOHANG)`: the status of child `pid` if it has exited.
+pub fn try_wait(pid: libc::pid_t) -> io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid, writable int.
+    let ret = cvt(unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) })?;
+    Ok((ret == pid).then(|| ExitStatus::from_raw(status)))
+}
+
+/// `pidfd_send_signal(2)`: signals the process behind `pidfd` (never a
+/// recycled pid).
+pub fn pidfd_send_signal(pidfd: &impl AsRawFd, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain system call; no siginfo is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Waits up to `timeout` for the process behind `pidfd` to exit; true if
+/// it has.
+pub fn pidfd_wait(pidfd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut fds = [libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        poll(
+            &mut fds,
+            Some(deadline.saturating_duration_since(std::time::Instant::now())),
+        )?;
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+    }
+}
+
+/// `umount2(2)`.
+pub fn umount(target: &Path, flags: libc::c_int) -> io::Result<()> {
+    let target = path_cstring(target)?;
+    // SAFETY: `target` is a valid NUL-terminated string.
+    cvt(unsafe { libc::umount2(target.as_ptr(), flags) }).map(drop)
+}
+
+/// `mknod(2)` of a block device node, mode 0600.
+pub fn mknod_block(path: &Path, major: u32, minor: u32) -> io::Result<()> {
+    let path = path_cstring(path)?;
+    // SAFETY: `path` is a valid NUL-terminated string; makedev is pure.
+    cvt(unsafe {
+        libc::mknod(
+            path.as_ptr(),
+            libc::S_IFBLK | 0o600,
+            libc::makedev(major, minor),
+        )
+    })
+    .map(drop)
+}
+
+/// `unshare(2)`.
+pub fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain system call with an integer argument.
+    cvt(unsafe { libc::unshare(flags) }).map(drop)
+}
+
+/// `setns(2)` into the namespace behind `fd`.
+pub fn setns(fd: &impl AsRawFd, nstype: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain system call with integer arguments.
+    cvt(unsafe { libc::setns(fd.as_raw_fd(), nstype) }).map(drop)
+}
+
+/// Reads at most `max` bytes of the regular file `rel` inside the tree at
+/// `root`, resolving `rel` and every symlink on the way as if `root` were
+/// `/` (`openat2` with `RESOLVE_IN_ROOT`): an image's absolute symlinks
+/// cannot lead outside it. `None` if the file does not exist or is not a
+/// regular file; FIFOs and devices are never read.
+pub fn read_in_root(root: &Path, rel: &str, max: usize) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+
+    let root = std::fs::File::open(root)?;
+    let rel = cstring(rel)?;
+    // SAFETY: open_how is plain data; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `rel` is a valid C string and `how` a valid open_how whose
+    // size is passed along.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            rel.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    let fd = RawFd::try_from(ret)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "fd out of range"))?;
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    if !file.metadata()?.is_file() {
+        return Ok(None);
+    }
+    let mut data = Vec::new();
+    file.take(u64::try_from(max).unwrap_or(u64::MAX))
+        .read_to_end(&mut data)?;
+    Ok(Some(data))
+}
+
+fn path_cstring(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
 }
 
 /// Sets or clears `O_NONBLOCK` on `fd`.
@@ -264,6 +413,34 @@ mod tests {
     fn random_ioctl_numbers_match_linux_uapi() {
         assert_eq!(RNDADDENTROPY, ioc(1, b'R', 0x03, 8));
         assert_eq!(RNDRESEEDCRNG, ioc(0, b'R', 0x07, 0));
+    }
+
+    #[test]
+    fn reads_files_inside_a_root_only() {
+        let dir = std::env::temp_dir().join(format!("kiln-agent-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("etc")).expect("mkdir");
+        std::fs::write(dir.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").expect("write");
+        // An absolute symlink resolves inside the root, not on the host.
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("etc/link")).expect("symlink");
+        std::os::unix::fs::symlink("/../../../../etc/hostname", dir.join("etc/escape"))
+            .expect("symlink");
+        let read = |rel: &str| read_in_root(&dir, rel, 1024).expect("read");
+        assert_eq!(
+            read("etc/passwd").as_deref(),
+            Some(&b"root:x:0:0::/root:/bin/sh\n"[..])
+        );
+        assert_eq!(read("/etc/link"), read("etc/passwd"));
+        assert_eq!(read("etc/escape"), None);
+        assert_eq!(read("etc"), None, "a directory is not read");
+        assert_eq!(read("missing"), None);
+        assert_eq!(
+            read_in_root(&dir, "etc/passwd", 4)
+                .expect("read")
+                .as_deref(),
+            Some(&b"root"[..])
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -14,6 +14,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod container;
+
+pub use container::*;
+
 /// Name of the virtio-serial port the agent listens on.
 pub const PORT_NAME: &str = "io.kiln.agent.0";
 /// Varlink interface name.
@@ -81,6 +85,18 @@ pub mod method {
     /// `ConfigureNetwork(ConfigureNetworkRequest) -> ConfigureNetworkReply`:
     /// MACs, addresses, MTU, default route and DNS of the guest's NICs.
     pub const CONFIGURE_NETWORK: &str = "io.kiln.Agent.ConfigureNetwork";
+    /// `StartContainer(StartContainerRequest) -> ContainerReply`.
+    pub const START_CONTAINER: &str = "io.kiln.Agent.StartContainer";
+    /// `ContainerStatus(ContainerIdRequest) -> ContainerReply`.
+    pub const CONTAINER_STATUS: &str = "io.kiln.Agent.ContainerStatus";
+    /// `ListContainers() -> ListContainersReply`.
+    pub const LIST_CONTAINERS: &str = "io.kiln.Agent.ListContainers";
+    /// `StopContainer(StopContainerRequest) -> StopContainerReply`.
+    pub const STOP_CONTAINER: &str = "io.kiln.Agent.StopContainer";
+    /// `RemoveContainer(ContainerIdRequest) -> RemoveContainerReply`.
+    pub const REMOVE_CONTAINER: &str = "io.kiln.Agent.RemoveContainer";
+    /// `ContainerLogs(ContainerLogsRequest) -> ContainerLogsReply`.
+    pub const CONTAINER_LOGS: &str = "io.kiln.Agent.ContainerLogs";
 }
 
 /// Fully qualified error names.
@@ -97,6 +113,26 @@ pub mod error {
     pub const NO_SUCH_INTERFACE: &str = "io.kiln.Agent.NoSuchInterface";
     /// Configuring the network failed in a system call.
     pub const NETWORK_FAILED: &str = "io.kiln.Agent.NetworkFailed";
+    /// No disk with the serial appeared in time (`DiskParameters`).
+    pub const DISK_NOT_FOUND: &str = "io.kiln.Agent.DiskNotFound";
+    /// The disk holds no erofs file system (`DiskParameters`).
+    pub const NOT_EROFS: &str = "io.kiln.Agent.NotErofs";
+    /// Mounting a layer, the upper layer or the overlay failed.
+    pub const MOUNT_FAILED: &str = "io.kiln.Agent.MountFailed";
+    /// No container has the id (`ContainerIdParameters`).
+    pub const NO_SUCH_CONTAINER: &str = "io.kiln.Agent.NoSuchContainer";
+    /// A container with the id exists (`ContainerIdParameters`).
+    pub const CONTAINER_EXISTS: &str = "io.kiln.Agent.ContainerExists";
+    /// The container has exited (`ContainerIdParameters`).
+    pub const CONTAINER_NOT_RUNNING: &str = "io.kiln.Agent.ContainerNotRunning";
+    /// The guest's container limit is reached (`TooManyContainersParameters`).
+    pub const TOO_MANY_CONTAINERS: &str = "io.kiln.Agent.TooManyContainers";
+    /// The container's process spec is unusable (`InvalidProcessSpecParameters`).
+    pub const INVALID_PROCESS_SPEC: &str = "io.kiln.Agent.InvalidProcessSpec";
+    /// The program cannot be executed here (`ExecFormatParameters`).
+    pub const EXEC_FORMAT_ERROR: &str = "io.kiln.Agent.ExecFormatError";
+    /// Setting up or starting the container's process failed.
+    pub const CONTAINER_START_FAILED: &str = "io.kiln.Agent.ContainerStartFailed";
 }
 
 /// A varlink call.
@@ -285,7 +321,8 @@ pub struct NoSuchInterfaceParameters {
     pub mac: String,
 }
 
-/// Error parameters of `ExecFailed`, `IdentityFailed` and `NetworkFailed`.
+/// Error parameters of `ExecFailed`, `IdentityFailed`, `NetworkFailed`,
+/// `MountFailed` and `ContainerStartFailed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FailureParameters {
