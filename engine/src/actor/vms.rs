@@ -492,7 +492,14 @@ impl Engine {
         };
         entry.busy = false;
         let state = entry.record.state();
+        // A process being stopped or killed is not coming up, whatever its
+        // agent answered in the meantime: its exit settles the waiters.
+        let ending = entry
+            .runtime
+            .as_ref()
+            .is_some_and(|r| r.stop_intent.is_some());
         match result {
+            Ok(_) if ending => {}
             Ok(ping) if state == VmState::Booting => {
                 let guest = GuestInfo {
                     agent_version: ping.agent_version,

@@ -412,6 +412,9 @@ impl Engine {
         }
     }
 
+    /// The pool's VMs that may be handed out, oldest first: ready, not
+    /// leased, not busy, and not on their way out (a stop, kill or delete
+    /// in flight: a lease on such a VM would vanish with it).
     pub(super) fn hot_vms(&self, name: &str) -> Vec<String> {
         let mut hot: Vec<(u64, &String)> = self
             .vms
@@ -420,7 +423,8 @@ impl Engine {
                 e.record.pool.as_deref() == Some(name)
                     && e.record.lease.is_none()
                     && e.record.state() == VmState::Ready
-                    && e.runtime.is_some()
+                    && e.runtime.as_ref().is_some_and(|r| r.stop_intent.is_none())
+                    && e.delete_waiters.is_empty()
                     && !e.busy
             })
             .map(|(id, e)| (e.record.ready_at.unwrap_or(0), id))
