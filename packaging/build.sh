@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make packages`: the deb (cargo-deb), the rpm (cargo-generate-rpm) and the
 # sysext image (sysext/build.sh) into $CARGO_TARGET_DIR/packages/.
-# Expects a release kilnd and the guest image (`make build guest`).
+# Expects a release kilnd and the guest image (`make build guest`); builds
+# the release kilnctl itself.
 #
 # What each package holds comes from packaging/manifest.toml alone
 # (packaging/manifest.py): the deb takes the tree staged here, the rpm a
@@ -17,7 +18,9 @@ out="$target/packages"
 # (daemon/Cargo.toml): stage what is built elsewhere there.
 stage="$repo/target/packaging-stage"
 
-for f in "$target/release/kilnd" "$guest/vmlinuz" "$guest/initramfs" "$guest/image-info.json"; do
+# kilnctl, the operator CLI: `make build` builds kilnd only.
+cargo build --release --quiet -p kiln-ctl --bin kilnctl
+for f in "$target/release/kilnd" "$target/release/kilnctl" "$guest/vmlinuz" "$guest/initramfs" "$guest/image-info.json"; do
     [ -e "$f" ] || { echo "packages: $f is missing (run make build guest)" >&2; exit 1; }
 done
 version=$(cargo metadata --no-deps --format-version 1 --offline \
@@ -29,7 +32,16 @@ mkdir -p "$stage/guest" "$out"
 cp "$guest/vmlinuz" "$guest/initramfs" "$guest/image-info.json" "$stage/guest/"
 cp "$target/release/kilnd" "$stage/kilnd"
 strip --strip-unneeded "$stage/kilnd"
+cp "$target/release/kilnctl" "$stage/kilnctl"
+strip --strip-unneeded "$stage/kilnctl"
+# Man pages: kilnd(8) and kilnd.toml(5) are written by hand; kilnctl(1) and
+# the completions are generated from kilnctl's clap definition.
 gzip -9n < packaging/kilnd.8 > "$stage/kilnd.8.gz"
+gzip -9n < packaging/kilnd.toml.5 > "$stage/kilnd.toml.5.gz"
+"$stage/kilnctl" __generate-man | gzip -9n > "$stage/kilnctl.1.gz"
+"$stage/kilnctl" completions bash > "$stage/kilnctl.bash"
+"$stage/kilnctl" completions zsh > "$stage/_kilnctl"
+"$stage/kilnctl" completions fish > "$stage/kilnctl.fish"
 
 echo "packages: deb" >&2
 python3 packaging/manifest.py tree deb "$stage" "$stage/deb"

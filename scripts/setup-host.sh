@@ -25,7 +25,9 @@ BASE_PACKAGES=(dbus iproute2 nftables xz-utils zstd python3 make gcc pkg-config 
                # kiln-image's tests (docs/images.md): a real registry on
                # 127.0.0.1, skopeo to push and to write archives, htpasswd
                # for its basic auth, busybox-static for the test images.
-               docker-registry skopeo apache2-utils busybox-static)
+               docker-registry skopeo apache2-utils busybox-static
+               # kilnctl's tests render the man pages with `man -l`.
+               man-db)
 # Cargo subcommands for `make packages`, built once with their own lock files.
 CARGO_TOOLS=("cargo-deb@3.8.0" "cargo-generate-rpm@0.21.1")
 

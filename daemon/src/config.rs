@@ -121,6 +121,24 @@ mod tests {
     }
 
     #[test]
+    fn image_keys_are_read_and_become_the_store_config() {
+        let c = DaemonConfig::parse(
+            "image_auth_file = \"/etc/kiln/auth.json\"\n\
+             image_insecure_registries = [\"127.0.0.1:5000\"]\n\
+             image_max_size_mib = 2\nmkfs_erofs = \"/usr/sbin/mkfs.erofs\"\n",
+        )
+        .expect("parse");
+        let store = c.engine.image_store_config();
+        assert_eq!(store.auth_file, Some(PathBuf::from("/etc/kiln/auth.json")));
+        assert_eq!(store.insecure_registries, ["127.0.0.1:5000"]);
+        assert_eq!(store.max_image_bytes, 2 << 20);
+        assert_eq!(store.mkfs_erofs, PathBuf::from("/usr/sbin/mkfs.erofs"));
+        // An empty list is a key like any other, not an unknown one.
+        assert!(DaemonConfig::parse("image_insecure_registries = []\n").is_ok());
+        assert_eq!(c.engine.images_dir(), PathBuf::from("/var/lib/kiln/images"));
+    }
+
+    #[test]
     fn unknown_and_mistyped_keys_are_errors() {
         let err = DaemonConfig::parse("stat_dir = \"/tmp\"\n").expect_err("typo");
         assert!(err.to_string().contains("stat_dir"), "{err}");

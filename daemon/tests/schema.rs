@@ -15,7 +15,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use kiln_engine::error::ErrorName;
-use kiln_testkit::command_as;
+use kiln_testkit::oci::{oci_archive, two_layers};
+use kiln_testkit::{command_as, Registry};
 use serde_json::{json, Value};
 
 const MANAGER_IDL: &str = "varlink/io.kiln.Manager.varlink";
@@ -339,6 +340,87 @@ fn every_reply_matches_the_idl() {
     }
 }
 
+/// Every reply of the image methods (a pull's `more` stream, an import
+/// with and without `more`, list, describe, remove, their errors) and the
+/// image events match the IDL. A real registry on 127.0.0.1 holds the
+/// image.
+#[test]
+fn image_replies_match_the_idl() {
+    let registry = Registry::start();
+    let (layout, _) = two_layers();
+    registry.push(layout.path(), "v1", "app:v1", false);
+    let kilnd = Kilnd::start_with(&format!(
+        "image_insecure_registries = [\"{}\"]\n",
+        registry.host()
+    ));
+    let mut run = Run::new(&kilnd);
+    let watch = Watch::start(&kilnd);
+    let app = registry.reference("app:v1");
+
+    let pulled = run.more("io.kiln.Manager.PullImage", json!({ "reference": app }));
+    assert!(pulled.len() > 2, "progress, then the image: {pulled:#?}");
+    let digest = pulled.last().unwrap()["parameters"]["image"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    run.ok("io.kiln.Manager.PullImage", json!({ "reference": app }));
+    run.ok("io.kiln.Manager.ListImages", json!({}));
+    run.ok("io.kiln.Manager.DescribeImage", json!({ "image": digest }));
+    let archive = kilnd.fixture.dir.path().join("app.tar");
+    oci_archive(layout.path(), "v1", &archive);
+    let import = json!({"path": archive, "reference": "localhost/app:schema"});
+    run.more("io.kiln.Manager.ImportImage", import.clone());
+    run.ok("io.kiln.Manager.ImportImage", import);
+    run.ok(
+        "io.kiln.Manager.RemoveImage",
+        json!({"image": "localhost/app:schema"}),
+    );
+    run.ok("io.kiln.Manager.RemoveImage", json!({ "image": digest }));
+    for (method, params) in [
+        ("DescribeImage", json!({ "image": app })),
+        ("PullImage", json!({"reference": "no spaces"})),
+        (
+            "PullImage",
+            json!({"reference": registry.reference("nope:v1")}),
+        ),
+        ("ImportImage", json!({"path": "/nonexistent.tar"})),
+    ] {
+        run.err(&format!("io.kiln.Manager.{method}"), params);
+    }
+    // An error at the end of a `more` stream too.
+    run.more(
+        "io.kiln.Manager.PullImage",
+        json!({"reference": "no spaces"}),
+    );
+
+    let events = watch.until(|e| e["event"]["type"] == "imageRemoved");
+    for event in &events {
+        run.check("io.kiln.Manager.Watch", event);
+    }
+    assert_eq!(run.problems, Vec::<String>::new(), "{}", kilnd.log());
+    for method in [
+        "PullImage",
+        "ImportImage",
+        "ListImages",
+        "DescribeImage",
+        "RemoveImage",
+    ] {
+        assert!(run.replied.contains(method), "no {method} reply checked");
+    }
+    for error in ["ImageNotFound", "InvalidArgument", "ImagePullFailed"] {
+        let name = format!("io.kiln.Manager.{error}");
+        assert!(run.errors.contains(&name), "no {name}: {:?}", run.errors);
+    }
+    let types: BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e["parameters"]["event"]["type"].as_str())
+        .collect();
+    assert!(
+        types.contains("imageAdded") && types.contains("imageRemoved"),
+        "{types:?}"
+    );
+}
+
 // --- A kilnd to talk to ------------------------------------------------------
 
 /// kilnd without D-Bus, with two render nodes in a fake sysfs (so the GPU
@@ -349,7 +431,11 @@ struct Kilnd {
 
 impl Kilnd {
     fn start() -> Self {
-        let mut fixture = kiln_testkit::Kilnd::new("dbus = \"none\"\n");
+        Self::start_with("")
+    }
+
+    fn start_with(extra_config: &str) -> Self {
+        let mut fixture = kiln_testkit::Kilnd::new(&format!("dbus = \"none\"\n{extra_config}"));
         fixture.add_fake_gpus();
         let socket = fixture.dir.path().join("varlink");
         fixture.spawn(|_| UnixStream::connect(&socket).is_ok());
@@ -495,6 +581,22 @@ impl Run {
         );
         self.check(method, &reply);
         reply["parameters"].clone()
+    }
+
+    /// A call with `more`: every reply up to the last (the one without
+    /// `continues`, or an error), each checked.
+    fn more(&mut self, method: &str, parameters: Value) -> Vec<Value> {
+        self.conn.send(method, parameters, true);
+        let mut replies = Vec::new();
+        loop {
+            let reply = self.conn.receive();
+            self.check(method, &reply);
+            let last = reply["continues"] != true;
+            replies.push(reply);
+            if last {
+                return replies;
+            }
+        }
     }
 
     /// A call that must fail; the error's name.

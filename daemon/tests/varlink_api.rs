@@ -2,13 +2,13 @@
 //! QEMU VMs (TCG here).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use kiln_testkit::{api_doc_script, run_bash, varlinkctl_ok, Daemon, Kilnd};
-use serde_json::{json, Value};
+use kiln_testkit::{api_doc_script, run_bash, varlinkctl_ok, Daemon, Kilnd, VarlinkStream};
+use serde_json::json;
 
 #[test]
 fn lifecycle_over_varlinkctl() {
@@ -81,33 +81,12 @@ fn kilnd_sigkill_then_restart_readopts_the_vm() {
 #[test]
 fn watch_streams_events_while_another_client_acts() {
     let d = Daemon::start();
-    let mut watcher = Command::new("varlinkctl")
-        .args([
-            "call",
-            "--more",
-            "--json=short",
-            &d.address(),
-            "io.kiln.Manager.Watch",
-            "{}",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Value>();
-    let stdout = watcher.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            // With --more on a pipe varlinkctl writes JSON-SEQ (RFC 7464):
-            // each record starts with an RS byte.
-            if let Ok(v) = serde_json::from_str::<Value>(line.trim_start_matches('\u{1e}')) {
-                let _ = tx.send(v["event"].clone());
-            }
-        }
-    });
+    let mut watcher = VarlinkStream::start(&d.address(), "io.kiln.Manager.Watch", "{}");
     let next = |want: &str| loop {
-        let event = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no {want} event"));
+        let event = watcher
+            .next(Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("no {want} event"))["event"]
+            .clone();
         eprintln!("watch: {event}");
         if event["type"] == want {
             return event;
@@ -129,8 +108,7 @@ fn watch_streams_events_while_another_client_acts() {
         d.err("Watch", json!({})),
         "org.varlink.service.ExpectedMore"
     );
-    let _ = watcher.kill();
-    let _ = watcher.wait();
+    watcher.kill();
 }
 
 #[test]

@@ -9,6 +9,7 @@ use zbus::names::{BusName, UniqueName};
 use zbus::Connection;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
+use kiln_engine::access;
 use kiln_engine::error::ErrorName;
 
 use crate::error::KilnError;
@@ -120,6 +121,40 @@ impl Authorizer {
             uid,
             name: Some(sender.to_string()),
         }
+    }
+
+    /// Ok if the caller could read `path` itself (kilnd reads what
+    /// `ImportImage` names with its own rights). Its uid and groups come
+    /// from the bus daemon (`GetConnectionCredentials`); a caller the bus
+    /// cannot tell about is refused.
+    pub async fn check_read(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        path: &std::path::Path,
+    ) -> Result<(), KilnError> {
+        let sender = header
+            .sender()
+            .ok_or_else(|| denied("the call has no sender"))?;
+        let credentials = zbus::fdo::DBusProxy::new(conn)
+            .await?
+            .get_connection_credentials(BusName::from(sender.to_owned()))
+            .await?;
+        let uid = credentials
+            .unix_user_id()
+            .ok_or_else(|| denied("the bus does not tell the caller's uid"))?;
+        let caller = access::Caller {
+            uid,
+            gids: credentials.unix_group_ids().cloned().unwrap_or_default(),
+        };
+        if caller.may_read(path).await {
+            return Ok(());
+        }
+        tracing::info!(uid, path = %path.display(), "dbus: refused an import the caller may not read");
+        Err(denied(format!(
+            "the caller may not read {}",
+            path.display()
+        )))
     }
 
     /// Ok if the sender of `header` may call the mutating `method`.

@@ -15,13 +15,17 @@
 //! - `/io/kiln/Kiln1/gpu/<name>`: `io.kiln.Kiln1.Gpu`, one per host render
 //!   node, with its holders.
 //!
+//! Stored images are not objects: the Manager's `ListImages` and
+//! `DescribeImage` return them as structs (`image`, which says why).
+//!
 //! One task mirrors engine events onto the object server; handlers hold no
 //! locks across engine calls.
 //!
 //! Modules, each importing only those above it (no cycles; a unit test
 //! checks): `names` (bus name, paths, interfaces), `error`, `auth`, `spec`,
-//! `mirror` (what the mirrored objects share), the objects `vm`, `pool`,
-//! `gpu`, then `objects` (the event task) and `manager`.
+//! `image` (images' wire structs), `mirror` (what the mirrored objects
+//! share), the objects `vm`, `pool`, `gpu`, then `objects` (the event task)
+//! and `manager`.
 //!
 //! The interfaces are committed as `dbus/io.kiln.Kiln1.*.xml`; a daemon test
 //! compares them with what the live service introspects.
@@ -30,6 +34,7 @@ mod auth;
 mod error;
 mod gpu;
 mod holders;
+mod image;
 mod manager;
 mod mirror;
 mod names;

@@ -12,6 +12,7 @@ use zbus::{fdo, interface, Connection};
 
 use crate::auth::Authorizer;
 use crate::error::KilnError;
+use crate::image::{details, ImageSummary, LayerSummary, ProcessSummary};
 use crate::mirror::{upsert, Context, Missing};
 use crate::names::{gpu_path, pool_path, vm_path};
 use crate::pool::{unexport_pool, Pool};
@@ -216,6 +217,110 @@ impl Manager {
         Ok(())
     }
 
+    /// Pull an image from its registry into the store:
+    /// `[registry/]repository[:tag|@sha256:digest]`. An image already
+    /// stored is a cache hit. Returns its manifest digest once it is
+    /// stored; `ImagePullProgress` signals report on the way.
+    #[zbus(name = "PullImage", out_args("digest"))]
+    async fn pull_image(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        reference: String,
+    ) -> Result<String, KilnError> {
+        self.auth.check_manage(conn, &header, "PullImage").await?;
+        let mut job = self.engine.pull_image(&reference).await?;
+        while let Some(p) = job.progress().await {
+            let sent = Self::image_pull_progress(
+                &emitter,
+                &reference,
+                p.done_bytes,
+                p.total_bytes,
+                p.layer,
+                p.layers,
+            )
+            .await;
+            if let Err(e) = sent {
+                // A report, not the result: the pull goes on.
+                tracing::debug!(error = %e, "dbus: cannot send ImagePullProgress");
+            }
+        }
+        Ok(job.result().await?.digest)
+    }
+
+    /// Import an OCI layout directory, an OCI archive or a docker archive
+    /// at the absolute `path` (which the caller must be able to read);
+    /// `reference` (`""` = none) is recorded as its tag and picks the image
+    /// when the source holds several. Returns its manifest digest.
+    #[zbus(name = "ImportImage", out_args("digest"))]
+    async fn import_image(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        path: String,
+        reference: String,
+    ) -> Result<String, KilnError> {
+        self.auth.check_manage(conn, &header, "ImportImage").await?;
+        let path = std::path::PathBuf::from(path);
+        // A relative path is the engine's to refuse.
+        if path.is_absolute() {
+            self.auth.check_read(conn, &header, &path).await?;
+        }
+        let reference = (!reference.is_empty()).then_some(reference.as_str());
+        let job = self.engine.import_image(&path, reference).await?;
+        Ok(job.result().await?.digest)
+    }
+
+    /// Every stored image: `(digest, references, platform, size in bytes,
+    /// layers, stored_at in µs, users)`.
+    #[zbus(name = "ListImages", out_args("images"))]
+    async fn list_images(&self) -> Result<Vec<ImageSummary>, KilnError> {
+        let images = self.engine.list_images().await?;
+        Ok(images.iter().map(ImageSummary::from).collect())
+    }
+
+    /// One stored image, by reference or digest: its summary (as in
+    /// `ListImages`), its layers `(digest, media_type, diff_id, size,
+    /// erofs_size)`, its config's process `(entrypoint, cmd, env,
+    /// working_dir, user)`, where it came from, and its creation time
+    /// (RFC 3339; `""` = unknown).
+    #[zbus(
+        name = "DescribeImage",
+        out_args("image", "layers", "process", "source", "created")
+    )]
+    async fn describe_image(
+        &self,
+        image: String,
+    ) -> Result<
+        (
+            ImageSummary,
+            Vec<LayerSummary>,
+            ProcessSummary,
+            String,
+            String,
+        ),
+        KilnError,
+    > {
+        // Spelled out: zbus makes separate out args of a literal tuple only.
+        Ok(details(&self.engine.describe_image(&image).await?))
+    }
+
+    /// Remove a tag, or by digest an image with all its tags (a tag that
+    /// was the image's last takes the image with it). `ImageInUse` while
+    /// VMs or pools use the image.
+    #[zbus(name = "RemoveImage")]
+    async fn remove_image(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        image: String,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "RemoveImage").await?;
+        self.engine.remove_image(&image).await?;
+        Ok(())
+    }
+
     /// Object paths of all VMs.
     #[zbus(name = "ListVMs", out_args("vms"))]
     async fn list_vms(&self) -> Result<Vec<OwnedObjectPath>, KilnError> {
@@ -255,4 +360,31 @@ impl Manager {
         vm: ObjectPath<'_>,
         holder: &str,
     ) -> zbus::Result<()>;
+
+    /// A `PullImage` of `reference` moved on: `done_bytes` of the layer
+    /// blobs' `total_bytes` (a cached layer counts whole), at `layer`
+    /// (from 1; 0 = the image as a whole) of `layers`. Best effort: some
+    /// reports may be skipped, never the method's reply.
+    #[zbus(signal)]
+    pub async fn image_pull_progress(
+        emitter: &SignalEmitter<'_>,
+        reference: &str,
+        done_bytes: u64,
+        total_bytes: u64,
+        layer: u32,
+        layers: u32,
+    ) -> zbus::Result<()>;
+
+    /// An image was stored, pulled or imported again, or lost one of
+    /// several tags: its digest and the references naming it now.
+    #[zbus(signal)]
+    pub async fn image_added(
+        emitter: &SignalEmitter<'_>,
+        digest: &str,
+        references: Vec<String>,
+    ) -> zbus::Result<()>;
+
+    /// An image was removed.
+    #[zbus(signal)]
+    pub async fn image_removed(emitter: &SignalEmitter<'_>, digest: &str) -> zbus::Result<()>;
 }

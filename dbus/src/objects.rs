@@ -128,6 +128,10 @@ pub async fn follow(
             Ok(EngineEvent::LeaseExpired { id, holder, .. }) => {
                 lease_expired(&server, &id, &holder).await
             }
+            Ok(EngineEvent::ImageAdded { image }) => {
+                image_signal(&server, &image.digest, Some(image.references.clone())).await
+            }
+            Ok(EngineEvent::ImageRemoved { digest }) => image_signal(&server, &digest, None).await,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 debug!(missed = n, "dbus: fell behind engine events; re-listing");
                 resync(&server, &context, &mut exported).await;
@@ -156,6 +160,26 @@ async fn lease_expired(
     Manager::lease_expired(manager.signal_emitter(), path.as_ref(), holder)
         .await
         .map_err(failed)
+}
+
+/// The Manager's `ImageAdded` (with the references naming it) or
+/// `ImageRemoved` signal.
+async fn image_signal(
+    server: &ObjectServer,
+    digest: &str,
+    added: Option<Vec<String>>,
+) -> Result<(), (String, zbus::Error)> {
+    let failed = |e: zbus::Error| (digest.to_owned(), e);
+    let manager = server
+        .interface::<_, Manager>(MANAGER_PATH)
+        .await
+        .map_err(failed)?;
+    let emitter = manager.signal_emitter();
+    match added {
+        Some(references) => Manager::image_added(emitter, digest, references).await,
+        None => Manager::image_removed(emitter, digest).await,
+    }
+    .map_err(failed)
 }
 
 async fn update_vm(

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_agent_proto::{self as proto, ExecReply, ExecRequest, PingReply};
@@ -18,8 +19,9 @@ use kiln_gpu::{NodeUsage, RenderNode};
 
 use crate::accel::Accel;
 use crate::error::EngineError;
+use crate::images::{ImageInfo, ImageProgress};
 use crate::pool::{PoolFileError, PoolInfo, PoolSpec};
-use crate::spec::{validate_name, VmSpec, MAX_NAME_LEN};
+use crate::spec::{validate_name, VmSpec, MAX_NAME_LEN, MAX_PATH_LEN};
 use crate::store::BrokenRecord;
 use crate::vm::{NicInfo, VmInfo};
 
@@ -76,6 +78,14 @@ pub const MAX_EXEC_INPUT_BYTES: usize = 1024 * 1024;
 pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Timeout of an `ExecVM` that names none.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest image reference or digest a caller may name.
+pub const MAX_IMAGE_REFERENCE_LEN: usize = 512;
+/// Longest path `ImportImage` takes (the same bound as a kernel's).
+pub const MAX_IMPORT_PATH_LEN: usize = MAX_PATH_LEN;
+/// Progress reports of one pull or import kept for a slow reader; more are
+/// dropped (the job's result never is).
+pub const IMAGE_PROGRESS_BUFFER: usize = 64;
 
 /// Every operation the engine does. Each variant says when it is valid;
 /// all reply exactly once.
@@ -218,6 +228,60 @@ pub enum Command {
     },
     /// Every GPU render node and who holds it.
     ListGpus { reply: Reply<Vec<GpuInfo>> },
+    /// Pull `reference` (`[registry/]repository[:tag|@digest]`, normalised
+    /// as Docker does) from its registry into the image store, reporting
+    /// on `progress` as it goes (best effort: reports that do not fit are
+    /// dropped). An image already stored under the digest the registry
+    /// names is not fetched again: its tag is recorded and it is returned
+    /// at once. Runs beside the actor, which keeps serving; replies with
+    /// the stored image and publishes [`EngineEvent::ImageAdded`].
+    /// `InvalidArgument` for a reference that is too long, has characters
+    /// no reference has or does not parse; `ImagePullFailed` (unreachable
+    /// registry, unknown repository or tag, refused credentials: the
+    /// registry's reason in the message); `InvalidImage` (a digest or size
+    /// mismatch, a bad manifest or config, a media type or platform the
+    /// store does not take, an unsafe layer, over `image_max_size_mib`);
+    /// `StorageFailed`. Nothing of a refused image is stored.
+    PullImage {
+        reference: String,
+        progress: mpsc::Sender<ImageProgress>,
+        reply: Reply<ImageInfo>,
+    },
+    /// Import an OCI image layout directory, an OCI archive or a docker
+    /// archive at `path` (absolute), as [`Command::PullImage`] does a
+    /// registry's: verified, converted, reported on `progress`. `reference`
+    /// is recorded as the image's tag and picks the image when the source
+    /// holds several. kilnd reads `path` with its own rights: the adapters
+    /// check first that the caller could read it ([`crate::access`]).
+    /// `InvalidArgument` for a path that is relative or too long;
+    /// `ImageNotFound` when nothing is there (or no image in it by that
+    /// reference); `InvalidImage`; `StorageFailed`.
+    ImportImage {
+        path: PathBuf,
+        reference: Option<String>,
+        progress: mpsc::Sender<ImageProgress>,
+        reply: Reply<ImageInfo>,
+    },
+    /// Every stored image, by digest.
+    ListImages { reply: Reply<Vec<ImageInfo>> },
+    /// The stored image a reference (its tag) or a digest names.
+    /// `ImageNotFound`; `InvalidArgument` for a malformed name.
+    DescribeImage {
+        image: String,
+        reply: Reply<ImageInfo>,
+    },
+    /// Remove a tag, or an image with all its tags. By tag: when other tags
+    /// still name the image only this one goes ([`ImageRemoved::Untagged`],
+    /// published as [`EngineEvent::ImageAdded`] with the image's
+    /// references now); otherwise the image goes. By digest: the image
+    /// goes. An image goes only when nothing uses it (`ImageInUse`, naming
+    /// the users, otherwise); its files are freed by a garbage collection
+    /// that runs beside the actor afterwards (and waits for running
+    /// pulls). `ImageNotFound`, `InvalidArgument`, `StorageFailed`.
+    RemoveImage {
+        image: String,
+        reply: Reply<ImageRemoved>,
+    },
     /// Engine facts: accelerator, counts, broken records.
     Status { reply: Reply<EngineStatus> },
     /// Stop serving. With `stop_vms`, stop every VM first; otherwise VMs keep
@@ -266,6 +330,44 @@ pub enum EngineEvent {
     },
     /// GPU nodes or their leases changed.
     GpusChanged { gpus: Vec<GpuInfo> },
+    /// An image is stored, or what callers see of it changed: a pull or
+    /// an import stored it or named it again (possibly with a new tag), or
+    /// `RemoveImage` removed one of its several tags. Watchers treat it as
+    /// an insert-or-update keyed by digest.
+    ImageAdded { image: ImageInfo },
+    /// An image was removed (by digest).
+    ImageRemoved { digest: String },
+}
+
+/// What [`Command::RemoveImage`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "camelCase")]
+pub enum ImageRemoved {
+    /// A tag was removed; other tags still name the image, which stays.
+    Untagged { digest: String },
+    /// The image and its tags are gone; its files are being freed.
+    Deleted { digest: String },
+}
+
+/// A pull or import the engine is running: its progress reports, then
+/// how it ended. Dropping it abandons the reports, not the job.
+#[derive(Debug)]
+pub struct ImageJob {
+    progress: mpsc::Receiver<ImageProgress>,
+    result: oneshot::Receiver<Result<ImageInfo, EngineError>>,
+}
+
+impl ImageJob {
+    /// The next progress report; `None` once the job has ended, after
+    /// which [`ImageJob::result`] answers at once.
+    pub async fn progress(&mut self) -> Option<ImageProgress> {
+        self.progress.recv().await
+    }
+
+    /// How the job ended: the stored image, or why not.
+    pub async fn result(self) -> Result<ImageInfo, EngineError> {
+        self.result.await.map_err(|_| EngineError::ShuttingDown)?
+    }
 }
 
 /// Cloneable handle to the engine.
@@ -452,6 +554,55 @@ impl EngineHandle {
     pub async fn list_gpus(&self) -> Result<Vec<GpuInfo>, EngineError> {
         call!(self, ListGpus {})
     }
+    /// Start a [`Command::PullImage`]; its reports and result come through
+    /// the returned job.
+    pub async fn pull_image(&self, reference: &str) -> Result<ImageJob, EngineError> {
+        let reference = reference.to_owned();
+        self.image_job(|progress, reply| Command::PullImage {
+            reference,
+            progress,
+            reply,
+        })
+        .await
+    }
+    /// Start a [`Command::ImportImage`].
+    pub async fn import_image(
+        &self,
+        path: &Path,
+        reference: Option<&str>,
+    ) -> Result<ImageJob, EngineError> {
+        let (path, reference) = (path.to_owned(), reference.map(str::to_owned));
+        self.image_job(|progress, reply| Command::ImportImage {
+            path,
+            reference,
+            progress,
+            reply,
+        })
+        .await
+    }
+    async fn image_job(
+        &self,
+        command: impl FnOnce(mpsc::Sender<ImageProgress>, Reply<ImageInfo>) -> Command,
+    ) -> Result<ImageJob, EngineError> {
+        let (progress_tx, progress) = mpsc::channel(IMAGE_PROGRESS_BUFFER);
+        let (reply, result) = oneshot::channel();
+        self.send(command(progress_tx, reply)).await?;
+        Ok(ImageJob { progress, result })
+    }
+    /// See [`Command::ListImages`].
+    pub async fn list_images(&self) -> Result<Vec<ImageInfo>, EngineError> {
+        call!(self, ListImages {})
+    }
+    /// See [`Command::DescribeImage`].
+    pub async fn describe_image(&self, image: &str) -> Result<ImageInfo, EngineError> {
+        let image = image.to_owned();
+        call!(self, DescribeImage { image })
+    }
+    /// See [`Command::RemoveImage`].
+    pub async fn remove_image(&self, image: &str) -> Result<ImageRemoved, EngineError> {
+        let image = image.to_owned();
+        call!(self, RemoveImage { image })
+    }
     /// See [`Command::Status`].
     pub async fn status(&self) -> Result<EngineStatus, EngineError> {
         call!(self, Status {})
@@ -534,6 +685,52 @@ pub(crate) fn validate_acquire(
                 "label {key:?}: value must be at most {MAX_LABEL_VALUE_LEN} printable characters"
             )));
         }
+    }
+    Ok(())
+}
+
+/// Check an image reference or digest a caller names: 1 to
+/// [`MAX_IMAGE_REFERENCE_LEN`] characters of those references and digests
+/// are made of, and a digest (alone or after `@`) is `sha256:` and 64
+/// lowercase hex digits, the only kind the store keeps. The reference
+/// grammar itself is the image store's to check (a reference it cannot
+/// parse is `InvalidArgument` too).
+pub(crate) fn validate_image_name(what: &str) -> Result<(), EngineError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._-:/@+".contains(c);
+    let shown = || what.chars().take(64).collect::<String>();
+    if what.is_empty() || what.len() > MAX_IMAGE_REFERENCE_LEN || !what.chars().all(allowed) {
+        return Err(EngineError::InvalidArgument(format!(
+            "an image reference or digest is 1 to {MAX_IMAGE_REFERENCE_LEN} characters of \
+             A-Z a-z 0-9 . _ - : / @ +, not {:?}",
+            shown()
+        )));
+    }
+    let digest = match what.rsplit_once('@') {
+        Some((_, digest)) => Some(digest),
+        None => what.starts_with("sha256:").then_some(what),
+    };
+    let hex = |h: &str| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if let Some(digest) = digest {
+        if !digest.strip_prefix("sha256:").is_some_and(hex) {
+            return Err(EngineError::InvalidArgument(format!(
+                "an image digest is sha256: and 64 lowercase hex digits, not {:?}",
+                shown()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Check a path `ImportImage` is given: absolute, at most
+/// [`MAX_IMPORT_PATH_LEN`] bytes, no control characters.
+pub(crate) fn validate_import_path(path: &Path) -> Result<(), EngineError> {
+    let text = path.to_string_lossy();
+    if !path.is_absolute() || text.len() > MAX_IMPORT_PATH_LEN || text.chars().any(char::is_control)
+    {
+        return Err(EngineError::InvalidArgument(format!(
+            "the path to import must be absolute, at most {MAX_IMPORT_PATH_LEN} bytes, \
+             without control characters"
+        )));
     }
     Ok(())
 }

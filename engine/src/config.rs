@@ -46,6 +46,21 @@ pub struct EngineConfig {
     /// Most leases one caller (a uid, or a holder when the uid is not
     /// known) may hold at once; more is `QuotaExceeded`. 0: no limit.
     pub max_leases_per_caller: u32,
+    /// A `containers-auth.json`-style file with registry credentials
+    /// (`{"auths": {"host:port": {"auth": base64(user:password)}}}`), read
+    /// at every pull; unset or missing: anonymous pulls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_auth_file: Option<PathBuf>,
+    /// Registries (`host[:port]`) pulled from over plain HTTP; every other
+    /// one over HTTPS.
+    pub image_insecure_registries: Vec<String>,
+    /// The largest image accepted, in MiB: the compressed layers as the
+    /// manifest declares them, and the uncompressed tars as they are
+    /// scanned (a tar bomb stops there).
+    pub image_max_size_mib: u64,
+    /// The mkfs.erofs binary (erofs-utils >= 1.7) that converts layers,
+    /// looked up in `PATH` unless absolute.
+    pub mkfs_erofs: PathBuf,
     /// Bridge networking (`[network]` table); without it, VMs with
     /// `network.mode = "bridge"` are refused.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,6 +93,10 @@ impl Default for EngineConfig {
             gpu_dev_root: "/dev".into(),
             max_vms_per_gpu: 4,
             max_leases_per_caller: 0,
+            image_auth_file: None,
+            image_insecure_registries: Vec::new(),
+            image_max_size_mib: 8192,
+            mkfs_erofs: "mkfs.erofs".into(),
             network: None,
             networks: Vec::new(),
         }
@@ -114,6 +133,20 @@ impl EngineConfig {
     /// Where templates of pool `pool` live.
     pub fn templates_dir(&self, pool: &str) -> PathBuf {
         self.state_dir.join("templates").join(pool)
+    }
+    /// The image store's root (docs/images.md).
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+    /// The image store's settings.
+    pub fn image_store_config(&self) -> kiln_image::StoreConfig {
+        kiln_image::StoreConfig {
+            platform: kiln_image::Platform::host(),
+            max_image_bytes: self.image_max_size_mib.saturating_mul(1 << 20),
+            auth_file: self.image_auth_file.clone(),
+            insecure_registries: self.image_insecure_registries.clone(),
+            mkfs_erofs: self.mkfs_erofs.clone(),
+        }
     }
     /// Runtime directory of one VM.
     pub fn vm_runtime_dir(&self, id: &str) -> PathBuf {

@@ -7,6 +7,7 @@
 //! [`EngineError`] has its name ([`EngineError::error_name`], an exhaustive
 //! match). Clients match on the name; the message is for humans.
 
+use kiln_image::{ImageError, InvalidReason};
 use thiserror::Error;
 
 use crate::agent::AgentError;
@@ -92,6 +93,17 @@ error_names! {
     NoHotplugSlot,
     /// The caller holds as many leases as `max_leases_per_caller` allows.
     QuotaExceeded,
+    /// No stored image by that reference or digest (or, for an import,
+    /// no such file or no such image in it).
+    ImageNotFound,
+    /// The registry could not be reached or refused the pull.
+    ImagePullFailed,
+    /// The image is refused: a bad manifest or config, a digest or size
+    /// mismatch, an unsupported media type or platform, an unsafe layer,
+    /// over the size limit.
+    InvalidImage,
+    /// The image has users (VMs, pools, templates) and cannot be removed.
+    ImageInUse,
     /// The caller may not do this. Adapter-only: authorization happens in
     /// the D-Bus and varlink adapters (they know the caller), so no
     /// [`EngineError`] has this name.
@@ -211,6 +223,15 @@ pub enum EngineError {
     /// link in the way).
     #[error("host network")]
     NetworkFailed(#[source] kiln_net::NetError),
+    /// The image store failed or refused. One variant for the store's one
+    /// typed error, so what it says (the registry's reason, why an image
+    /// is invalid, who uses it) reaches the wire whole; its names are
+    /// `ImageNotFound`, `ImagePullFailed`, `InvalidImage`, `ImageInUse` and
+    /// `StorageFailed` ([`ImageError::name`]). A reference that does not
+    /// parse is the caller's input: it becomes `InvalidArgument` on the way
+    /// in (`From<ImageError>`).
+    #[error(transparent)]
+    Image(ImageError),
 }
 
 impl EngineError {
@@ -241,6 +262,13 @@ impl EngineError {
             Self::NoSuchNIC(_) => ErrorName::NoSuchNIC,
             Self::NoHotplugSlot(_) => ErrorName::NoHotplugSlot,
             Self::QuotaExceeded { .. } => ErrorName::QuotaExceeded,
+            Self::Image(e) => match e {
+                ImageError::ImageNotFound { .. } => ErrorName::ImageNotFound,
+                ImageError::ImagePullFailed { .. } => ErrorName::ImagePullFailed,
+                ImageError::InvalidImage { .. } => ErrorName::InvalidImage,
+                ImageError::ImageInUse { .. } => ErrorName::ImageInUse,
+                ImageError::StorageFailed { .. } => ErrorName::StorageFailed,
+            },
         }
     }
 
@@ -276,6 +304,20 @@ impl From<kiln_net::NetError> for EngineError {
                 Self::InvalidSpec(SpecError::Network(e.to_string()))
             }
             _ => Self::NetworkFailed(e),
+        }
+    }
+}
+
+impl From<ImageError> for EngineError {
+    /// A reference or digest that does not parse is bad input
+    /// (`InvalidArgument`); everything else keeps the store's own name.
+    fn from(e: ImageError) -> Self {
+        match e {
+            ImageError::InvalidImage {
+                reason: InvalidReason::BadReference(what),
+                ..
+            } => Self::InvalidArgument(format!("{what:?} is not an image reference or digest")),
+            other => Self::Image(other),
         }
     }
 }
@@ -354,6 +396,19 @@ mod tests {
                 holder: text(),
                 limit: 1,
             },
+            EngineError::Image(ImageError::ImageNotFound { what: text() }),
+            EngineError::Image(ImageError::ImagePullFailed {
+                reference: text(),
+                reason: text(),
+            }),
+            EngineError::Image(ImageError::InvalidImage {
+                image: text(),
+                reason: InvalidReason::TooLarge { limit: 1 },
+            }),
+            EngineError::Image(ImageError::ImageInUse {
+                digest: text(),
+                users: vec![text()],
+            }),
         ]
     }
 
@@ -389,6 +444,32 @@ mod tests {
             EngineError::InvalidPool(PoolSpecError::Concurrency(0)).name(),
             "InvalidSpec"
         );
+    }
+
+    #[test]
+    fn image_errors_keep_the_store_names_and_a_bad_reference_is_bad_input() {
+        let io = ImageError::StorageFailed {
+            action: "write",
+            path: "/x".into(),
+            source: std::io::Error::other("disk full"),
+        };
+        let e = EngineError::from(io);
+        assert_eq!(e.name(), "StorageFailed");
+        assert_eq!(e.message(), "image store: cannot write /x: disk full");
+        let invalid = EngineError::from(ImageError::InvalidImage {
+            image: "r".into(),
+            reason: InvalidReason::TooLarge { limit: 5 },
+        });
+        assert_eq!(invalid.name(), "InvalidImage");
+        assert_eq!(
+            invalid.message(),
+            "invalid image r: larger than the limit of 5 bytes"
+        );
+        let bad = EngineError::from(ImageError::InvalidImage {
+            image: "a b".into(),
+            reason: InvalidReason::BadReference("a b".into()),
+        });
+        assert_eq!(bad.name(), "InvalidArgument");
     }
 
     #[test]

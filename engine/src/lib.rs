@@ -16,15 +16,20 @@
 //! - `actor`: the one task that owns all state, one file per concern
 //!   (VMs, pools with their templates, GPUs, network, NICs, reconcile) and
 //!   the sub-task bodies it hands slow work to;
-//! - [`vmm`]: the narrow port to the VMM (QEMU, or a fake in tests).
+//! - [`vmm`]: the narrow port to the VMM (QEMU, or a fake in tests);
+//! - [`images`]: stored OCI images and pull progress as callers see them
+//!   (the store is `kiln-image`); [`access`]: whether a caller could read
+//!   a path itself (for `ImportImage`).
 
 pub mod accel;
+pub mod access;
 mod actor;
 pub mod agent;
 pub mod api;
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod images;
 pub mod pool;
 pub mod process;
 pub mod qemu;
@@ -36,9 +41,10 @@ pub mod vmm;
 
 pub use accel::Accel;
 pub use actor::Engine;
-pub use api::{Command, EngineEvent, EngineHandle, GpuInfo};
+pub use api::{Command, EngineEvent, EngineHandle, GpuInfo, ImageJob, ImageRemoved};
 pub use config::EngineConfig;
 pub use error::EngineError;
+pub use images::{ImageInfo, ImageProgress, ImageStep};
 pub use pool::{PoolInfo, PoolMode, PoolSpec, PoolState};
 pub use spec::VmSpec;
 pub use state::VmState;

@@ -96,6 +96,7 @@ pub async fn ingest(
                 index,
                 layers: layers.len(),
                 digest: layer.digest.to_string(),
+                size: layer.size,
                 step,
             })
         };

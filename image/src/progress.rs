@@ -34,6 +34,9 @@ pub enum Progress {
         layers: usize,
         /// The layer blob's digest.
         digest: String,
+        /// The layer blob's size (what a download of it fetches), so a
+        /// consumer can count a cached layer as done.
+        size: u64,
         /// What happened.
         step: LayerStep,
     },

@@ -9,6 +9,7 @@ mod support;
 use std::process::Command;
 
 use kiln_image::{no_progress, ImageError, InvalidReason, LayerStep, Progress};
+use kiln_testkit::run;
 use support::*;
 
 #[tokio::test]

@@ -140,15 +140,10 @@ async fn pull_killed_mid_way_leaves_a_consistent_store() {
     let registry = Registry::start();
     // Random data, uncompressed: a 24 MiB download and conversion, long
     // enough to be caught in the middle.
-    let mut noise = vec![0u8; 24 << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for chunk in noise.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    let layers = [busybox_layer(), Layer::plain(&[file("noise", &noise)])];
+    let layers = [
+        busybox_layer(),
+        Layer::plain(&[file("noise", &noise(24 << 20))]),
+    ];
     let dir = one_image(&layers, "big");
     registry.push(dir.path(), "big", "big:1", false);
     let reference = registry.reference("big:1");

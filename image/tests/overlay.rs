@@ -11,6 +11,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kiln_testkit::run;
 use support::*;
 
 /// Mount points, unmounted (top first) on drop, also when the test fails.

@@ -10,6 +10,11 @@
 //!   processes, dbus-daemon, namespaces, temp dirs) on drop, also when the
 //!   test panics.
 //! - [`NotifySocket`]: systemd's `NOTIFY_SOCKET`, played for kilnd.
+//! - [`busctl`]: kilnd on a private bus ([`busctl::DbusKilnd`]) driven by
+//!   `busctl`, and `busctl monitor` for error names and signals.
+//! - [`oci`], [`registry`]: OCI test images built byte by byte from
+//!   busybox-static, and a real `docker-registry` on 127.0.0.1 ([`Registry`],
+//!   killed on drop) fed by `skopeo`.
 //!
 //! It drives Kiln from outside, like a user: binaries, sockets, files,
 //! `varlinkctl`. It links none of the Kiln crates.
@@ -17,6 +22,7 @@
 // Test support: failing loudly with a message is its whole job.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod busctl;
 mod ci;
 mod dbus;
 mod docs;
@@ -24,7 +30,9 @@ mod gpu;
 mod kilnd;
 mod netns;
 mod notify;
+pub mod oci;
 mod process;
+pub mod registry;
 mod varlink;
 mod wait;
 
@@ -37,8 +45,11 @@ pub use gpu::{FakeGpu, FakeHost};
 pub use kilnd::{kilnd_exe, Kilnd};
 pub use netns::{random_hex, Netns};
 pub use notify::{has_line, NotifySocket};
-pub use process::{command_as, kill_qemus_under, pid_alive, Sandbox};
-pub use varlink::{varlinkctl_call, varlinkctl_ok, Daemon};
+pub use process::{command_as, kill_qemus_under, pid_alive, run, Sandbox};
+pub use registry::Registry;
+pub use varlink::{
+    json_seq, varlinkctl_call, varlinkctl_more, varlinkctl_ok, Daemon, VarlinkStream,
+};
 pub use wait::{try_wait_until, wait_until, wait_until_async, Poll, TimedOut};
 
 /// The workspace's root directory.

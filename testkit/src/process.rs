@@ -1,8 +1,13 @@
 //! Processes the tests start: a sandbox whose QEMUs die with it, liveness
-//! of a pid, commands run as another user.
+//! of a pid, commands run as another user, commands that must succeed, a
+//! child's JSON output as it comes.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command};
+use std::sync::mpsc;
+
+use serde_json::Value;
 
 /// A temp dir `/tmp/kiln-t*` for an engine or a kilnd; every QEMU whose pid
 /// file lies under its `run/vms/` is SIGKILLed and the dir removed on drop.
@@ -82,4 +87,35 @@ pub fn command_as(uid: Option<u32>, program: &str) -> Command {
         }
         None => Command::new(program),
     }
+}
+
+/// Run a command that must succeed; its stdout. Panics with its status and
+/// stderr otherwise.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The JSON values `child` prints on its (piped) stdout, one per line or
+/// JSON-SEQ, as they come: a thread reads them until the child closes it
+/// or nobody listens any more.
+pub(crate) fn json_output(child: &mut Child) -> mpsc::Receiver<Value> {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            for value in crate::json_seq(&line) {
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }

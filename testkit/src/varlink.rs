@@ -1,9 +1,12 @@
 //! kilnd over varlink with the real `varlinkctl`.
 
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::process::json_output;
 use crate::{command_as, Kilnd};
 
 /// `varlinkctl call` of `method` with `params` (JSON) at `address`, as
@@ -23,15 +26,87 @@ pub fn varlinkctl_call(
     if out.status.success() {
         return Ok(value);
     }
-    // varlinkctl prints "Method call <method>() failed: <error name>".
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let name = stderr
+    Err((failed_name(&out.stderr), value))
+}
+
+/// `varlinkctl call --more` of `method` with `params` (JSON) at `address`,
+/// as `uid`: every reply in order (the last without `continues`), or
+/// Err((error name, the replies before the error)).
+pub fn varlinkctl_more(
+    uid: Option<u32>,
+    address: &str,
+    method: &str,
+    params: &str,
+) -> Result<Vec<Value>, (String, Vec<Value>)> {
+    let out = command_as(uid, "varlinkctl")
+        .args(["call", "--more", "--json=short", address, method, params])
+        .output()
+        .unwrap();
+    let replies = json_seq(&String::from_utf8_lossy(&out.stdout));
+    if out.status.success() {
+        return Ok(replies);
+    }
+    Err((failed_name(&out.stderr), replies))
+}
+
+/// The JSON values of varlinkctl's output: one per line, each prefixed
+/// with `\x1e` (JSON-SEQ) when stdout is a pipe and `--more` is given.
+pub fn json_seq(text: &str) -> Vec<Value> {
+    text.split(['\x1e', '\n'])
+        .map(str::trim)
+        .filter(|record| !record.is_empty())
+        .filter_map(|record| serde_json::from_str(record).ok())
+        .collect()
+}
+
+/// The error name of a failed `varlinkctl call`: it prints "Method call
+/// <method>() failed: <error name>".
+fn failed_name(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
         .rsplit("failed: ")
         .next()
         .unwrap_or("")
         .trim()
-        .to_owned();
-    Err((name, value))
+        .to_owned()
+}
+
+/// A `varlinkctl call --more` running in the background (`Watch`, a
+/// `PullImage` with progress): its replies as they come. Killed on drop.
+#[derive(Debug)]
+pub struct VarlinkStream {
+    child: Child,
+    replies: mpsc::Receiver<Value>,
+}
+
+impl VarlinkStream {
+    /// Call `method` with `params` (JSON) at `address`, with `more`.
+    pub fn start(address: &str, method: &str, params: &str) -> Self {
+        let mut child = Command::new("varlinkctl")
+            .args(["call", "--more", "--json=short", address, method, params])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let replies = json_output(&mut child);
+        Self { child, replies }
+    }
+
+    /// The next reply within `timeout`; None when none came in time or the
+    /// call has ended.
+    pub fn next(&self, timeout: Duration) -> Option<Value> {
+        self.replies.recv_timeout(timeout).ok()
+    }
+
+    /// Stop varlinkctl now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for VarlinkStream {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// Whether `method` (no parameters) succeeds at `address`.
@@ -105,6 +180,13 @@ impl Daemon {
         let method = format!("io.kiln.Manager.{method}");
         self.call(&method, params.clone())
             .unwrap_or_else(|e| panic!("{method} {params}: {e:?}\n{}", self.log()))
+    }
+
+    /// `varlinkctl call --more` of `io.kiln.Manager.<method>`; every reply,
+    /// or Err((error name, the replies before it)).
+    pub fn more(&self, method: &str, params: Value) -> Result<Vec<Value>, (String, Vec<Value>)> {
+        let method = format!("io.kiln.Manager.{method}");
+        varlinkctl_more(None, &self.address(), &method, &params.to_string())
     }
 
     /// `io.kiln.Manager.<method>` that must fail; the error's name.

@@ -160,3 +160,26 @@ pub struct ReleaseParams {
     #[serde(default)]
     pub recycle: bool,
 }
+
+/// `PullImage(reference)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullImageParams {
+    pub reference: String,
+}
+
+/// `ImportImage(path, reference?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImageParams {
+    pub path: std::path::PathBuf,
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
+/// `{image}`: a reference or digest (`DescribeImage`, `RemoveImage`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageParams {
+    pub image: String,
+}

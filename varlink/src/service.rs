@@ -6,9 +6,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use futures_util::stream::{self, Stream, StreamExt};
+use kiln_engine::access::Caller;
 use kiln_engine::api::{AcquireOptions, Disconnect};
 use kiln_engine::error::ErrorName;
-use kiln_engine::{EngineError, EngineEvent, EngineHandle};
+use kiln_engine::{EngineError, EngineEvent, EngineHandle, ImageJob};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -63,6 +64,13 @@ impl ErrorReply {
         Self::kiln(
             ErrorName::PermissionDenied,
             json!({ "message": format!("{method} needs root or membership in the kiln group") }),
+        )
+    }
+
+    fn unreadable(path: &std::path::Path) -> Self {
+        Self::kiln(
+            ErrorName::PermissionDenied,
+            json!({ "message": format!("the caller may not read {}", path.display()) }),
         )
     }
 }
@@ -133,6 +141,9 @@ const MUTATING: &[&str] = &[
     "Acquire",
     "Renew",
     "Release",
+    "PullImage",
+    "ImportImage",
+    "RemoveImage",
 ];
 
 fn params<T: DeserializeOwned>(raw: &Option<Value>) -> Result<T, ErrorReply> {
@@ -170,26 +181,30 @@ impl ManagerService {
             return self.service_method(method_name, raw);
         };
         // The caller, from the socket's peer credentials (never from the
-        // message): who is authorized, and who holds what it acquires.
-        let mut caller_uid = None;
+        // message): who is authorized, who holds what it acquires, and
+        // whose rights an import's path is checked with.
+        let mut caller = None;
         if MUTATING.contains(&method) {
             let creds = conn
                 .peer_credentials()
                 .await
                 .map_err(|_| ErrorReply::permission_denied(method))?;
             let uid = creds.unix_user_id().as_raw();
-            caller_uid = Some(uid);
-            let gids = std::iter::once(creds.unix_primary_group_id().as_raw()).chain(
-                creds
-                    .unix_supplementary_group_ids()
-                    .iter()
-                    .map(|g| g.as_raw()),
-            );
-            if !self.auth.may_manage(uid, gids) {
+            let gids: Vec<u32> = std::iter::once(creds.unix_primary_group_id().as_raw())
+                .chain(
+                    creds
+                        .unix_supplementary_group_ids()
+                        .iter()
+                        .map(|g| g.as_raw()),
+                )
+                .collect();
+            if !self.auth.may_manage(uid, gids.iter().copied()) {
                 tracing::info!(method, uid, "varlink: refused unprivileged caller");
                 return Err(ErrorReply::permission_denied(method));
             }
+            caller = Some(Caller { uid, gids });
         }
+        let caller_uid = caller.as_ref().map(|c| c.uid);
         let engine = &self.engine;
         match method {
             "CreateVM" => {
@@ -300,6 +315,42 @@ impl ManagerService {
                     json!({ "gpus": engine.list_gpus().await? }),
                 ))
             }
+            "PullImage" => {
+                let p: PullImageParams = params(raw)?;
+                image_job(engine.pull_image(&p.reference).await?, call.more()).await
+            }
+            "ImportImage" => {
+                let p: ImportImageParams = params(raw)?;
+                // kilnd reads the path with its own rights: only what the
+                // caller could read itself (a relative path is the
+                // engine's to refuse).
+                if let Some(caller) = &caller {
+                    if p.path.is_absolute() && !caller.may_read(&p.path).await {
+                        tracing::info!(uid = caller.uid, path = %p.path.display(), "varlink: refused an import the caller may not read");
+                        return Err(ErrorReply::unreadable(&p.path));
+                    }
+                }
+                let job = engine.import_image(&p.path, p.reference.as_deref()).await?;
+                image_job(job, call.more()).await
+            }
+            "ListImages" => {
+                params::<NoParams>(raw)?;
+                Ok(Outcome::Single(
+                    json!({ "images": engine.list_images().await? }),
+                ))
+            }
+            "DescribeImage" => {
+                let image = engine
+                    .describe_image(&params::<ImageParams>(raw)?.image)
+                    .await?;
+                Ok(Outcome::Single(json!({ "image": image })))
+            }
+            "RemoveImage" => {
+                engine
+                    .remove_image(&params::<ImageParams>(raw)?.image)
+                    .await?;
+                Ok(Outcome::Single(json!({})))
+            }
             "GetStatus" => {
                 params::<NoParams>(raw)?;
                 let status = engine.status().await?;
@@ -357,6 +408,26 @@ impl ManagerService {
     }
 }
 
+/// A pull or import: with `more`, one `{progress}` reply per report as it
+/// comes, then `{image}` (or the error) last; without, `{image}` alone.
+async fn image_job(job: ImageJob, more: bool) -> Result<Outcome, ErrorReply> {
+    if !more {
+        return Ok(Outcome::Single(json!({ "image": job.result().await? })));
+    }
+    let replies = stream::unfold(Some(job), |job| async move {
+        let mut job = job?;
+        if let Some(progress) = job.progress().await {
+            return Some((continues(json!({ "progress": progress })), Some(job)));
+        }
+        let last = match job.result().await {
+            Ok(image) => Ok(Reply::new(Some(json!({ "image": image }))).set_continues(Some(false))),
+            Err(e) => Err(ErrorReply::from(e)),
+        };
+        Some(((last, Vec::new()), None))
+    });
+    Ok(Outcome::Stream(Box::pin(replies)))
+}
+
 /// Engine events as a `more` stream: a `ready` marker first (the watcher is
 /// subscribed from here on), then one reply per event.
 fn watch(events: broadcast::Receiver<EngineEvent>) -> EventStream {
@@ -380,6 +451,12 @@ fn watch(events: broadcast::Receiver<EngineEvent>) -> EventStream {
             Ok(EngineEvent::LeaseExpired { id, pool, holder }) => {
                 json!({ "type": "leaseExpired", "id": id, "poolName": pool, "holder": holder })
             }
+            Ok(EngineEvent::ImageAdded { image }) => {
+                json!({ "type": "imageAdded", "id": image.digest.clone(), "image": image })
+            }
+            Ok(EngineEvent::ImageRemoved { digest }) => {
+                json!({ "type": "imageRemoved", "id": digest })
+            }
             // The watcher fell behind: tell it to re-list.
             Err(broadcast::error::RecvError::Lagged(_)) => json!({ "type": "lagged", "id": "" }),
             Err(broadcast::error::RecvError::Closed) => return None,
@@ -390,8 +467,13 @@ fn watch(events: broadcast::Receiver<EngineEvent>) -> EventStream {
 }
 
 fn event_item(event: Value) -> ReplyStreamItem<Value, ErrorReply> {
+    continues(json!({ "event": event }))
+}
+
+/// One reply of a stream with more to come.
+fn continues(parameters: Value) -> ReplyStreamItem<Value, ErrorReply> {
     (
-        Ok(Reply::new(Some(json!({ "event": event }))).set_continues(Some(true))),
+        Ok(Reply::new(Some(parameters)).set_continues(Some(true))),
         Vec::new(),
     )
 }

@@ -10,6 +10,7 @@
 //! the disk write fails: the next reconcile will agree with them anyway.
 
 mod gpus;
+mod images;
 mod network;
 mod nics;
 pub(crate) mod pools;
@@ -202,6 +203,20 @@ enum Internal {
         result: Result<(), EngineError>,
         reply: Reply<()>,
     },
+    /// A pull or import ended.
+    ImageStored {
+        result: Result<crate::images::ImageInfo, EngineError>,
+        reply: Reply<crate::images::ImageInfo>,
+    },
+    /// A `RemoveImage` ended.
+    ImageRemoved {
+        result: Result<images::RemoveOutcome, EngineError>,
+        reply: Reply<crate::api::ImageRemoved>,
+    },
+    /// A garbage collection of the image store ended.
+    ImagesCollected {
+        result: Result<kiln_image::GcReport, EngineError>,
+    },
     /// A pool's back-off ended.
     PoolTick {
         pool: String,
@@ -244,6 +259,8 @@ pub struct Engine {
     /// addresses and MACs of its VMs (rebuilt from the records on start:
     /// the records are the truth).
     bridges: network::Bridges,
+    /// The image store, shared with the sub-tasks that use it.
+    images: images::Images,
 }
 
 impl Engine {
@@ -273,6 +290,7 @@ impl Engine {
         let bridges =
             network::Bridges::open(config.network.clone(), config.networks.clone()).await?;
         let store = RecordDir::open(config.vm_records_dir())?;
+        let images = images::Images::open(&config)?;
         let (records, broken) = store.load_all::<VmRecord>()?;
         for b in &broken {
             error!(key = %b.key, path = %b.path.display(), reason = %b.reason, "VM record is broken, moved aside");
@@ -294,6 +312,7 @@ impl Engine {
             pools: pools::Pools::default(),
             gpus: gpus::Gpus::default(),
             bridges,
+            images,
         };
         engine.reconcile(records).await;
         engine.reconcile_network().await;
@@ -392,6 +411,20 @@ impl Engine {
             Command::ListGpus { reply } => {
                 let _ = reply.send(Ok(self.list_gpus()));
             }
+            Command::PullImage {
+                reference,
+                progress,
+                reply,
+            } => self.pull_image(reference, progress, reply),
+            Command::ImportImage {
+                path,
+                reference,
+                progress,
+                reply,
+            } => self.import_image(path, reference, progress, reply),
+            Command::ListImages { reply } => self.list_images(reply),
+            Command::DescribeImage { image, reply } => self.describe_image(image, reply),
+            Command::RemoveImage { image, reply } => self.remove_image(image, reply),
             Command::Status { reply } => {
                 let _ = reply.send(Ok(self.status()));
             }
@@ -637,6 +670,9 @@ impl Engine {
                 result,
                 reply,
             } => self.nic_detached(&id, generation, index, result, reply),
+            Internal::ImageStored { result, reply } => self.image_stored(result, reply),
+            Internal::ImageRemoved { result, reply } => self.image_removed(result, reply),
+            Internal::ImagesCollected { result } => self.images_collected(result),
             Internal::PoolTick { pool } => self.pool_tick(&pool),
             Internal::GpusChanged => self.rescan_gpus(),
             Internal::AcquireTimeout {

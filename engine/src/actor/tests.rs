@@ -927,3 +927,137 @@ fn exec(argv: &[&str]) -> ExecRequest {
         max_output_bytes: None,
     }
 }
+
+/// Image commands refuse bad input before the store sees it, and name
+/// what is not there.
+#[tokio::test(start_paused = true)]
+async fn image_commands_check_their_input() {
+    let h = Harness::start().await;
+    let name = |e: EngineError| e.name();
+    for bad in ["", "a b", "x;rm", &"a".repeat(513), "Upper/Case:1"] {
+        let job = h.engine.pull_image(bad).await.expect("sent");
+        assert_eq!(
+            job.result().await.map_err(name),
+            Err("InvalidArgument"),
+            "{bad:?}"
+        );
+    }
+    for path in ["relative/app.tar", "/tmp/a\nb"] {
+        let job = h
+            .engine
+            .import_image(std::path::Path::new(path), None)
+            .await
+            .expect("sent");
+        assert_eq!(
+            job.result().await.map_err(name),
+            Err("InvalidArgument"),
+            "{path:?}"
+        );
+    }
+    let missing = h.dir.path().join("no-such.tar");
+    let job = h.engine.import_image(&missing, None).await.expect("sent");
+    assert_eq!(job.result().await.map_err(name), Err("ImageNotFound"));
+    let digest = format!("sha256:{}", "0".repeat(64));
+    for what in ["localhost/nope:1", digest.as_str()] {
+        let described = h.engine.describe_image(what).await;
+        assert_eq!(described.map_err(name), Err("ImageNotFound"), "{what}");
+        let removed = h.engine.remove_image(what).await;
+        assert_eq!(removed.map_err(name), Err("ImageNotFound"), "{what}");
+    }
+    assert_eq!(
+        h.engine.describe_image("sha256:xyz").await.map_err(name),
+        Err("InvalidArgument")
+    );
+    assert!(h.engine.list_images().await.expect("list").is_empty());
+}
+
+/// An import through the engine: progress from resolved to stored,
+/// `ImageAdded`, the image by tag and by digest, a second import that is a
+/// cache hit, then removal, `ImageRemoved` and the files collected. Real
+/// mkfs.erofs, a one-file layer (no QEMU).
+#[tokio::test]
+async fn images_are_imported_listed_and_removed() {
+    use kiln_testkit::oci::{file, Entry, Layer, LayoutBuilder};
+    let h = Harness::start().await;
+    let mut events = h.engine.subscribe();
+    let layout = h.dir.path().join("layout");
+    let mut builder = LayoutBuilder::new(&layout);
+    let arch = kiln_image::Platform::host().architecture;
+    let layer = Layer::gzip(&[Entry::Dir("etc/"), file("etc/hello", b"hello\n")]);
+    let desc = builder.image(&arch, &[layer]);
+    builder.tag(desc, "1");
+
+    let mut job = h
+        .engine
+        .import_image(&layout, Some("localhost/demo:1"))
+        .await
+        .expect("sent");
+    let mut steps = Vec::new();
+    while let Some(report) = job.progress().await {
+        steps.push(report.step);
+    }
+    let image = job.result().await.expect("imported");
+    assert_eq!(steps.first(), Some(&crate::images::ImageStep::Resolved));
+    assert_eq!(steps.last(), Some(&crate::images::ImageStep::Stored));
+    assert_eq!(image.references, ["localhost/demo:1"]);
+    assert_eq!(image.layers.len(), 1);
+    assert!(matches!(
+        events.recv().await,
+        Ok(EngineEvent::ImageAdded { image: ref added }) if added.digest == image.digest
+    ));
+    let by_tag = h
+        .engine
+        .describe_image("localhost/demo:1")
+        .await
+        .expect("by tag");
+    let by_digest = h
+        .engine
+        .describe_image(&image.digest)
+        .await
+        .expect("by digest");
+    assert_eq!((&by_tag, &by_digest), (&image, &image));
+    assert_eq!(
+        h.engine.list_images().await.expect("list"),
+        std::slice::from_ref(&image)
+    );
+
+    let again = h
+        .engine
+        .import_image(&layout, Some("localhost/demo:1"))
+        .await;
+    let again = again.expect("sent").result().await.expect("cache hit");
+    assert_eq!(again.digest, image.digest);
+
+    let removed = h
+        .engine
+        .remove_image("localhost/demo:1")
+        .await
+        .expect("removed");
+    assert_eq!(
+        removed,
+        crate::api::ImageRemoved::Deleted {
+            digest: image.digest.clone()
+        }
+    );
+    loop {
+        match events.recv().await.expect("event") {
+            EngineEvent::ImageRemoved { digest } => break assert_eq!(digest, image.digest),
+            EngineEvent::ImageAdded { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(h.engine.list_images().await.expect("list").is_empty());
+    // The collection after the removal frees the converted layer.
+    let erofs = h.dir.path().join("state/images/erofs/sha256");
+    for _ in 0..500 {
+        if std::fs::read_dir(&erofs)
+            .expect("erofs dir")
+            .next()
+            .is_none()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the removed image's layer was never collected");
+}

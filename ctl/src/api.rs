@@ -1,0 +1,167 @@
+//! `io.kiln.Manager` as kilnctl uses it, written once: one method per
+//! varlink method (the IDL is varlink/io.kiln.Manager.varlink) with typed
+//! arguments, each returning the reply's parameters as kilnd sent them.
+//! `--json` prints them unchanged; the tables and `show` read them through
+//! the field lists of `view`, which a test checks against the IDL.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::client::{ClientError, Connection};
+
+const INTERFACE: &str = "io.kiln.Manager";
+
+/// The client of `io.kiln.Manager`.
+#[derive(Debug)]
+pub struct Manager {
+    conn: Connection,
+}
+
+/// `fn rust_name(args) => Method { "parameter": value, ... }`: a method of
+/// [`Manager`] that calls `io.kiln.Manager.Method` with those parameters
+/// (`None` ones left out) and returns the reply's parameters.
+macro_rules! calls {
+    ($( $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) => $method:ident
+        { $($key:literal: $value:expr),* $(,)? } )*) => {
+        impl Manager {
+            $(
+                $(#[$doc])*
+                pub fn $name(&mut self, $($arg: $ty),*) -> Result<Value, ClientError> {
+                    self.call(stringify!($method), json!({ $($key: $value),* }))
+                }
+            )*
+        }
+    };
+}
+
+calls! {
+    fn get_status() => GetStatus {}
+    /// `{"vms": [VM]}`.
+    fn list_vms() => ListVMs {}
+    /// `{"vm": VM}`, as for every VM method that returns one.
+    fn describe_vm(id: &str) => DescribeVM { "id": id }
+    fn create_vm(name: &str, spec: Value) => CreateVM { "name": name, "spec": spec }
+    fn stop_vm(id: &str, timeout_sec: Option<u64>) => StopVM { "id": id, "timeoutSec": timeout_sec }
+    fn delete_vm(id: &str) => DeleteVM { "id": id }
+    /// `{"exitCode": N, "stdout": ..., ...}`.
+    fn exec_vm(id: &str, exec: &ExecRequest) => ExecVM {
+        "id": id,
+        "command": exec.command,
+        "env": (!exec.env.is_empty()).then_some(&exec.env),
+        "stdin": exec.stdin,
+        "timeoutSec": exec.timeout_sec,
+    }
+    /// `{"nics": [NIC]}`.
+    fn list_nics(id: &str) => ListNICs { "id": id }
+    /// `{"nic": NIC}`.
+    fn attach_nic(id: &str, address: Option<&str>) => AttachNIC { "id": id, "address": address }
+    fn detach_nic(id: &str, index: u32) => DetachNIC { "id": id, "index": index }
+    /// `{"pools": [Pool]}`.
+    fn list_pools() => ListPools {}
+    /// `{"pool": Pool}`, as for CreatePool and ResizePool.
+    fn describe_pool(name: &str) => DescribePool { "name": name }
+    fn create_pool(name: &str, spec: Value) => CreatePool { "name": name, "spec": spec }
+    fn resize_pool(name: &str, warm: u32, max: Option<u32>) => ResizePool {
+        "name": name, "warm": warm, "max": max
+    }
+    fn delete_pool(name: &str) => DeletePool { "name": name }
+    fn acquire(
+        pool: &str,
+        timeout_ms: Option<u64>,
+        labels: &BTreeMap<String, String>,
+        ttl_sec: Option<u64>
+    ) => Acquire {
+        "pool": pool,
+        "timeoutMs": timeout_ms,
+        "labels": (!labels.is_empty()).then_some(labels),
+        "ttlSec": ttl_sec,
+    }
+    fn renew(id: &str, ttl_sec: u64) => Renew { "id": id, "ttlSec": ttl_sec }
+    fn release(id: &str, recycle: bool) => Release { "id": id, "recycle": recycle.then_some(true) }
+    /// `{"gpus": [Gpu]}`.
+    fn list_gpus() => ListGPUs {}
+}
+
+impl Manager {
+    pub fn new(conn: Connection) -> Self {
+        Self { conn }
+    }
+
+    fn call(&mut self, method: &str, parameters: Value) -> Result<Value, ClientError> {
+        self.conn.call(&format!("{INTERFACE}.{method}"), parameters)
+    }
+
+    /// `StartVM`, `KillVM`, `PauseVM`, `ResumeVM`, `RebootVM`: an id in, the
+    /// VM after the change out.
+    pub fn vm_action(&mut self, action: VmAction, id: &str) -> Result<Value, ClientError> {
+        self.call(action.method(), json!({ "id": id }))
+    }
+
+    /// `Watch`: `each` gets every reply (`{"event": Event}`) until it
+    /// returns false or the stream ends.
+    pub fn watch(&mut self, each: impl FnMut(Value) -> bool) -> Result<(), ClientError> {
+        self.conn
+            .call_more(&format!("{INTERFACE}.Watch"), json!({}), each)
+    }
+}
+
+/// The methods that take an id and return the changed VM.
+#[derive(Debug, Clone, Copy)]
+pub enum VmAction {
+    Start,
+    Kill,
+    Pause,
+    Resume,
+    Reboot,
+}
+
+impl VmAction {
+    fn method(self) -> &'static str {
+        match self {
+            Self::Start => "StartVM",
+            Self::Kill => "KillVM",
+            Self::Pause => "PauseVM",
+            Self::Resume => "ResumeVM",
+            Self::Reboot => "RebootVM",
+        }
+    }
+}
+
+/// `ExecVM`'s arguments.
+#[derive(Debug)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub stdin: Option<String>,
+    pub timeout_sec: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every method kilnctl calls is declared by the committed IDL.
+    #[test]
+    fn calls_are_idl_methods() {
+        let idl = include_str!("../../varlink/io.kiln.Manager.varlink");
+        let source = include_str!("api.rs");
+        let table = source
+            .split_once("\ncalls! {")
+            .and_then(|(_, rest)| rest.split_once("\n}\n"))
+            .map_or("", |(table, _)| table);
+        let calls = table
+            .split(") => ")
+            .skip(1)
+            .filter_map(|rest| rest.split_whitespace().next());
+        let mut methods: Vec<&str> = calls.collect();
+        methods.extend([
+            "StartVM", "KillVM", "PauseVM", "ResumeVM", "RebootVM", "Watch",
+        ]);
+        assert!(methods.len() > 20, "{methods:?}");
+        for method in methods {
+            assert!(
+                idl.contains(&format!("\nmethod {method}(")),
+                "kilnctl calls {method}, which the IDL does not declare"
+            );
+        }
+    }
+}

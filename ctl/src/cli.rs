@@ -1,0 +1,523 @@
+//! The command line: one clap definition, from which the help, the shell
+//! completions and the man page are all generated.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap_complete::Shell;
+
+use crate::client::DEFAULT_ADDRESS;
+
+const ABOUT: &str = "Control kilnd: microVMs, warm pools and their leases";
+
+const LONG_ABOUT: &str = "\
+Control kilnd: microVMs, warm pools and their leases.
+
+kilnctl is a client of kilnd's varlink API (io.kiln.Manager) and nothing \
+else: every command is one or two calls to it, so what kilnctl can do is \
+what the API can do. A VM is named by its id, its name, or a prefix of its \
+id that fits no other VM. Reading is open to anyone who can open the \
+socket; changing things needs root or membership in the kiln group.";
+
+const AFTER_HELP: &str = "\
+Not yet: image, shell, cp, logs, snapshot, restore, fork, deploy and \
+metrics commands come when kilnd has an API for them.
+
+Exit status: 0 success; 1 failure; 2 usage (or an ambiguous VM); 3 no such \
+VM, pool or NIC; 4 permission denied; 5 timeout; 6 invalid input or state; \
+7 pool, quota or GPU exhausted; 8 kilnd unreachable. exec exits with the \
+command's status (128+N for signal N), 125 when kilnctl failed and 126 when \
+the command could not be started.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kilnctl",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    disable_help_subcommand = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// kilnd's varlink socket: unix:PATH or PATH
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_ADDRESS",
+        default_value = DEFAULT_ADDRESS,
+        value_name = "ADDRESS"
+    )]
+    pub address: String,
+
+    /// Output format: tables for people, or kilnd's replies as JSON
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value_t = Format::Table,
+        value_name = "FORMAT"
+    )]
+    pub output: Format,
+
+    /// Same as --output json
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn json(&self) -> bool {
+        self.json || self.output == Format::Json
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns that fit the terminal
+    Table,
+    /// The varlink reply objects, unchanged
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show kilnd's version, accelerator and VM counts
+    Status,
+
+    /// List VMs
+    #[command(visible_alias = "ls")]
+    List {
+        /// Print VM ids only
+        #[arg(short, long)]
+        quiet: bool,
+    },
+
+    /// Show one VM in detail
+    Show {
+        /// VM id, name or unique id prefix
+        vm: String,
+    },
+
+    /// Define a VM (state created); prints its id
+    Create(Box<CreateArgs>),
+
+    /// Boot VMs; returns once each guest agent answers
+    Start(VmRefs),
+
+    /// Stop VMs gracefully (agent, then ACPI), SIGKILL after a timeout
+    Stop {
+        #[command(flatten)]
+        vms: VmRefs,
+        /// Grace period before SIGKILL (default: kilnd's stop_timeout_sec)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+
+    /// SIGKILL VMs' QEMU processes
+    Kill(VmRefs),
+
+    /// Pause VMs' vCPUs
+    Pause(VmRefs),
+
+    /// Resume paused VMs
+    Resume(VmRefs),
+
+    /// Reboot VMs' guests; returns once each agent answers again
+    Reboot(VmRefs),
+
+    /// Delete VMs, killing them first if they run
+    Rm(VmRefs),
+
+    /// Run a command in a VM and exit with its status
+    #[command(long_about = "Run a command in a VM and exit with its status.\n\n\
+        The output is buffered: kilnd returns it when the command ends (up to \
+        1 MiB of each stream). kilnctl exits with the command's status \
+        (128+N when signal N ended it), 125 when kilnctl or kilnd failed, and \
+        126 when the command could not be started in the guest.")]
+    Exec(ExecArgs),
+
+    /// Warm pools
+    #[command(subcommand)]
+    Pool(PoolCommand),
+
+    /// Lease a hot VM from a pool; prints its id
+    Acquire(AcquireArgs),
+
+    /// Give acquired VMs back: destroyed, or put back hot with --recycle
+    Release {
+        #[command(flatten)]
+        vms: VmRefs,
+        /// Reset the VM from the pool's template and put it back hot
+        #[arg(long)]
+        recycle: bool,
+    },
+
+    /// Extend a lease: it now ends TTL from now
+    Renew {
+        /// VM id, name or unique id prefix
+        vm: String,
+        /// The lease's new lifetime (1 s to 7 days)
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+
+    /// A VM's network interfaces (bridge and netns modes)
+    #[command(subcommand)]
+    Nic(NicCommand),
+
+    /// Host GPU render nodes
+    #[command(subcommand)]
+    Gpu(GpuCommand),
+
+    /// Stream VM, pool and GPU changes, one line (or JSON object) each
+    Watch,
+
+    /// Print a shell completion script
+    Completions {
+        /// bash, zsh or fish (also elvish, powershell)
+        shell: Shell,
+    },
+}
+
+/// One or more VMs, each an id, a name or a unique id prefix.
+#[derive(Debug, Args)]
+pub struct VmRefs {
+    /// VM ids, names or unique id prefixes
+    #[arg(required = true, value_name = "VM")]
+    pub vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Unique name ([A-Za-z0-9_.-])
+    pub name: String,
+    /// A VMSpec as JSON, or @FILE; the options below override its keys
+    #[arg(long, value_name = "JSON|@FILE")]
+    pub spec: Option<String>,
+    #[command(flatten)]
+    pub vm: VmSpecArgs,
+    /// Start the VM once it is created
+    #[arg(long)]
+    pub start: bool,
+}
+
+/// The VMSpec keys as options (kilnd validates them and fills defaults).
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "VM spec")]
+pub struct VmSpecArgs {
+    /// Virtual CPUs
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// Guest RAM in MiB, or with a unit: 512M, 2G
+    #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
+    pub memory: Option<u64>,
+    /// Kernel image (default: the built-in guest image)
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (default: the built-in guest image)
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Accelerator (default: kilnd's)
+    #[arg(long, value_parser = ["kvm", "tcg"])]
+    pub accel: Option<String>,
+    /// Host GPU render nodes to lease
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<u32>,
+    /// Display device without a host GPU: none or virtio-gpu
+    #[arg(long, value_name = "DEVICE")]
+    pub display: Option<String>,
+    /// Networking: none, bridge (needs [network] in kilnd.toml) or netns
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
+    /// Bridge mode: which configured bridge
+    #[arg(long, value_name = "NAME")]
+    pub bridge: Option<String>,
+    /// netns mode: the namespace in /run/netns that gets the TAP
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
+    /// The guest's IPv4 address (bridge or netns mode)
+    #[arg(long, value_name = "ADDRESS")]
+    pub ip: Option<String>,
+    /// Forward a host port to the VM (bridge mode): HOST:VM[/tcp|udp]
+    #[arg(long = "forward", value_name = "HOST:VM[/PROTO]", value_parser = parse_forward)]
+    pub forwards: Vec<Forward>,
+    /// Empty PCIe slots for `nic attach` (0-8)
+    #[arg(long, value_name = "N")]
+    pub hotplug_slots: Option<u32>,
+}
+
+/// A port forward, as the VMSpec's `network.forwards` entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub host_port: u16,
+    pub vm_port: u16,
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// VM id, name or unique id prefix
+    pub vm: String,
+    /// The command and its arguments (after --)
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+    /// Set an environment variable for the command
+    #[arg(short, long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Pass kilnctl's standard input (read to its end) to the command
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Kill the command after this long
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct AcquireArgs {
+    /// Pool name
+    pub pool: String,
+    /// The lease ends by itself this long after it is granted (or renewed)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// A label for the lease (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// How long to wait for a VM when none is hot (0: do not wait;
+    /// default: kilnd's 60 s)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// List pools
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Show one pool in detail
+    Show {
+        /// Pool name
+        name: String,
+    },
+    /// Define a pool (kept in kilnd's own pools.d layer) and start filling it
+    Create(Box<PoolCreateArgs>),
+    /// Change how many VMs a pool keeps hot, and its cap
+    Resize {
+        /// Pool name
+        name: String,
+        /// Hot VMs to keep ready
+        warm: u32,
+        /// The new cap of VMs the pool owns
+        #[arg(long, value_name = "N")]
+        max: Option<u32>,
+    },
+    /// Delete pools: unleased VMs are destroyed, leased ones stay
+    Rm {
+        /// Pool names
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PoolCreateArgs {
+    /// Pool name
+    pub name: String,
+    /// A PoolSpec as JSON, or @FILE; the options below override its keys
+    #[arg(long, value_name = "JSON|@FILE")]
+    pub spec: Option<String>,
+    /// template (clones of a saved, booted VM) or cold (each VM boots)
+    #[arg(long, value_parser = ["template", "cold"])]
+    pub mode: Option<String>,
+    /// Hot VMs kept ready
+    #[arg(long, value_name = "N", required_unless_present = "spec")]
+    pub warm: Option<u32>,
+    /// Hard cap: hot + booting + leased
+    #[arg(long, value_name = "N", required_unless_present = "spec")]
+    pub max: Option<u32>,
+    /// Boots at once while refilling
+    #[arg(long, value_name = "N")]
+    pub refill_concurrency: Option<u32>,
+    /// An expired lease puts its VM back hot instead of destroying it
+    #[arg(long)]
+    pub recycle_on_expiry: bool,
+    #[command(flatten)]
+    pub vm: VmSpecArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NicCommand {
+    /// List a VM's NICs
+    #[command(visible_alias = "list")]
+    Ls {
+        /// VM id, name or unique id prefix
+        vm: String,
+    },
+    /// Hot-plug a NIC into a running VM created with --hotplug-slots
+    Attach {
+        /// VM id, name or unique id prefix
+        vm: String,
+        /// The NIC's IPv4 address (default: the next free one)
+        #[arg(long, value_name = "ADDRESS")]
+        ip: Option<String>,
+    },
+    /// Unplug a hot-plugged NIC
+    Detach {
+        /// VM id, name or unique id prefix
+        vm: String,
+        /// The NIC's index (1 or more; see `nic ls`)
+        index: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GpuCommand {
+    /// List the host's render nodes and who holds them
+    #[command(visible_alias = "list")]
+    Ls,
+}
+
+/// `30`, `30s`, `500ms`, `5m`, `2h`, `1d`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (30, 30s, 500ms, 5m, 2h, 1d)"))?;
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        other => return Err(format!("unknown time unit {other:?} (ms, s, m, h, d)")),
+    };
+    // Millisecond resolution: what the finest API field (Acquire's
+    // timeoutMs) takes, and exact for 1.5s or 0.1.
+    let ms = (value * scale * 1000.0).round();
+    if !(0.0..=1e15).contains(&ms) {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(Duration::from_millis(ms as u64))
+}
+
+/// Whole seconds of `d`, for the API's second-granular fields.
+pub fn whole_seconds(d: Duration, option: &str) -> Result<u64, String> {
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{option} takes whole seconds, not {d:?}"));
+    }
+    Ok(d.as_secs())
+}
+
+/// MiB: `512`, `512M`, `512MiB`, `2G`, `2GiB`.
+fn parse_mib(text: &str) -> Result<u64, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (512, 512M, 2G)"))?;
+    let scale = match unit {
+        "" | "M" | "MiB" => 1,
+        "G" | "GiB" => 1024,
+        other => return Err(format!("unknown size unit {other:?} (M, G)")),
+    };
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+fn parse_forward(text: &str) -> Result<Forward, String> {
+    let bad = || format!("{text:?} is not HOST:VM[/tcp|udp] (e.g. 8080:80)");
+    let (ports, protocol) = match text.split_once('/') {
+        Some((ports, protocol)) => (ports, Some(protocol.to_owned())),
+        None => (text, None),
+    };
+    let (host, vm) = ports.split_once(':').ok_or_else(bad)?;
+    Ok(Forward {
+        host_port: host.parse().map_err(|_| bad())?,
+        vm_port: vm.parse().map_err(|_| bad())?,
+        protocol,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert_eq!(whole_seconds(Duration::from_secs(3), "--ttl"), Ok(3));
+        assert!(whole_seconds(Duration::from_millis(1500), "--ttl").is_err());
+    }
+
+    #[test]
+    fn sizes_labels_forwards() {
+        assert_eq!(parse_mib("512"), Ok(512));
+        assert_eq!(parse_mib("2G"), Ok(2048));
+        assert_eq!(parse_mib("256MiB"), Ok(256));
+        assert!(parse_mib("1T").is_err());
+        assert_eq!(parse_label("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse_label("ab").is_err());
+        assert_eq!(
+            parse_forward("8080:80/udp"),
+            Ok(Forward {
+                host_port: 8080,
+                vm_port: 80,
+                protocol: Some("udp".into())
+            })
+        );
+        assert!(parse_forward("8080").is_err());
+        assert!(parse_forward("x:80").is_err());
+    }
+
+    #[test]
+    fn exec_takes_the_command_after_the_vm() {
+        let cli = Cli::try_parse_from(["kilnctl", "exec", "web", "--", "sh", "-c", "exit 7"])
+            .expect("parse");
+        let Command::Exec(exec) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(exec.vm, "web");
+        assert_eq!(exec.command, ["sh", "-c", "exit 7"]);
+        let cli = Cli::try_parse_from(["kilnctl", "exec", "-e", "A=1", "web", "ls", "-l"])
+            .expect("parse");
+        let Command::Exec(exec) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            (exec.env, exec.command),
+            (vec!["A=1".into()], vec!["ls".into(), "-l".into()])
+        );
+    }
+}

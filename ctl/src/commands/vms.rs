@@ -1,0 +1,272 @@
+//! VMs: status, list, show, create, the lifecycle verbs, rm, exec.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use super::{seconds, spec_object, CtlError, Ctx};
+use crate::api::{ExecRequest, VmAction};
+use crate::cli::{CreateArgs, ExecArgs, VmSpecArgs};
+use crate::output::Fields;
+use crate::view::{self, text, NIC_COLUMNS, VM_COLUMNS, VM_FIELDS};
+
+pub fn status(ctx: &mut Ctx) -> Result<i32, CtlError> {
+    let s = ctx.api.get_status()?;
+    if ctx.json(&s) {
+        return Ok(0);
+    }
+    let mut f = Fields::default();
+    f.add("Version", text(&s, "version"));
+    f.add("Accel", text(&s, "accel"));
+    f.add(
+        "VMs",
+        format!("{} ({} running)", text(&s, "vms"), text(&s, "running")),
+    );
+    for e in view::items(&s, "poolErrors") {
+        f.add(
+            "Pool error",
+            format!("{}: {}", text(e, "path"), text(e, "reason")),
+        );
+    }
+    for b in view::items(&s, "brokenRecords") {
+        let (key, path, reason) = (text(b, "key"), text(b, "path"), text(b, "reason"));
+        f.add(
+            "Broken record",
+            format!("{key} (moved to {path}): {reason}"),
+        );
+    }
+    print!("{}", f.render());
+    Ok(0)
+}
+
+pub fn list(ctx: &mut Ctx, quiet: bool) -> Result<i32, CtlError> {
+    let reply = ctx.api.list_vms()?;
+    if ctx.json(&reply) {
+        return Ok(0);
+    }
+    let vms = view::items(&reply, "vms");
+    if quiet {
+        for vm in vms {
+            println!("{}", text(vm, "id"));
+        }
+    } else {
+        ctx.table(VM_COLUMNS, vms);
+    }
+    Ok(0)
+}
+
+pub fn show(ctx: &mut Ctx, reference: &str) -> Result<i32, CtlError> {
+    let id = ctx.resolve(reference)?;
+    let reply = ctx.api.describe_vm(&id)?;
+    if ctx.json(&reply) {
+        return Ok(0);
+    }
+    let vm = &reply["vm"];
+    ctx.block(VM_FIELDS, vm);
+    let nics = view::items(vm, "network");
+    if !nics.is_empty() {
+        println!();
+        ctx.table(NIC_COLUMNS, nics);
+    }
+    Ok(0)
+}
+
+pub fn create(ctx: &mut Ctx, args: CreateArgs) -> Result<i32, CtlError> {
+    let mut spec = spec_object(args.spec.as_deref())?;
+    apply_vm_options(&mut spec, &args.vm)?;
+    let created = ctx.api.create_vm(&args.name, Value::Object(spec))?;
+    let printed = ctx.json(&created);
+    let id = text(&created["vm"], "id");
+    if args.start {
+        let started = ctx.api.vm_action(VmAction::Start, &id)?;
+        ctx.json(&started);
+    }
+    if !printed {
+        println!("{id}");
+    }
+    Ok(0)
+}
+
+/// Put the VM options given on the command line into a VMSpec object,
+/// over what `--spec` set. Values go to kilnd as given; kilnd checks them.
+pub fn apply_vm_options(spec: &mut Map<String, Value>, o: &VmSpecArgs) -> Result<(), CtlError> {
+    let mut set = |key: &str, value: Option<Value>| {
+        if let Some(v) = value {
+            spec.insert(key.to_owned(), v);
+        }
+    };
+    set("vcpus", o.vcpus.map(Value::from));
+    set("memoryMiB", o.memory.map(Value::from));
+    set("kernel", absolute(o.kernel.as_deref())?);
+    set("initrd", absolute(o.initrd.as_deref())?);
+    set("cmdline", o.cmdline.clone().map(Value::from));
+    set("accel", o.accel.clone().map(Value::from));
+    set("gpus", o.gpus.map(|n| json!({ "count": n })));
+    set("display", o.display.clone().map(Value::from));
+
+    let mut network = Map::new();
+    let mut net = |key: &str, value: Option<Value>| {
+        if let Some(v) = value {
+            network.insert(key.to_owned(), v);
+        }
+    };
+    net("mode", o.network.clone().map(Value::from));
+    net("bridge", o.bridge.clone().map(Value::from));
+    net("netns", o.netns.clone().map(Value::from));
+    net("address", o.ip.clone().map(Value::from));
+    net("hotplugSlots", o.hotplug_slots.map(Value::from));
+    if !o.forwards.is_empty() {
+        let forwards: Vec<Value> = o
+            .forwards
+            .iter()
+            .map(|f| {
+                let mut v = json!({ "hostPort": f.host_port, "vmPort": f.vm_port });
+                if let Some(p) = &f.protocol {
+                    v["protocol"] = Value::from(p.as_str());
+                }
+                v
+            })
+            .collect();
+        network.insert("forwards".into(), Value::Array(forwards));
+    }
+    if !network.is_empty() {
+        let entry = spec
+            .entry("network")
+            .or_insert_with(|| Value::Object(Map::new()));
+        match entry {
+            Value::Object(existing) => existing.extend(network),
+            _ => return Err(CtlError::Usage("--spec: network is not an object".into())),
+        }
+    }
+    Ok(())
+}
+
+/// kilnd wants absolute paths; the operator may type relative ones.
+fn absolute(path: Option<&std::path::Path>) -> Result<Option<Value>, CtlError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let path = std::path::absolute(path)
+        .map_err(|e| CtlError::Usage(format!("{}: {e}", path.display())))?;
+    Ok(Some(Value::from(path.to_string_lossy().into_owned())))
+}
+
+/// start, kill, pause, resume, reboot: each VM in turn, stopping at the
+/// first error.
+pub fn act(ctx: &mut Ctx, action: VmAction, references: &[String]) -> Result<i32, CtlError> {
+    for reference in references {
+        let id = ctx.resolve(reference)?;
+        let reply = ctx.api.vm_action(action, &id)?;
+        ctx.json(&reply);
+    }
+    Ok(0)
+}
+
+pub fn stop(
+    ctx: &mut Ctx,
+    references: &[String],
+    timeout: Option<Duration>,
+) -> Result<i32, CtlError> {
+    let timeout = seconds(timeout, "--timeout")?;
+    for reference in references {
+        let id = ctx.resolve(reference)?;
+        let reply = ctx.api.stop_vm(&id, timeout)?;
+        ctx.json(&reply);
+    }
+    Ok(0)
+}
+
+pub fn remove(ctx: &mut Ctx, references: &[String]) -> Result<i32, CtlError> {
+    for reference in references {
+        let id = ctx.resolve(reference)?;
+        let reply = ctx.api.delete_vm(&id)?;
+        ctx.json(&reply);
+    }
+    Ok(0)
+}
+
+/// `exec`: the command's output on kilnctl's stdout and stderr, its status
+/// as kilnctl's (main maps a failure to 125 or 126, see `exit`).
+pub fn exec(ctx: &mut Ctx, args: ExecArgs) -> Result<i32, CtlError> {
+    let timeout_sec = seconds(args.timeout, "--timeout")?;
+    let stdin = if args.interactive {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| CtlError::Usage(format!("standard input: {e}")))?;
+        Some(text)
+    } else {
+        None
+    };
+    let id = ctx.resolve(&args.vm)?;
+    let request = ExecRequest {
+        command: args.command,
+        env: args.env,
+        stdin,
+        timeout_sec,
+    };
+    let reply = ctx.api.exec_vm(&id, &request)?;
+    let flag = |key: &str| reply.get(key).and_then(Value::as_bool) == Some(true);
+    if !ctx.json(&reply) {
+        // Best effort: a closed pipe on our side is the reader's choice.
+        let _ = std::io::stdout().write_all(text(&reply, "stdout").as_bytes());
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().write_all(text(&reply, "stderr").as_bytes());
+        if flag("stdoutTruncated") || flag("stderrTruncated") {
+            eprintln!("kilnctl: the output was cut at kilnd's limit (1 MiB a stream)");
+        }
+        if flag("timedOut") {
+            eprintln!("kilnctl: the command ran longer than --timeout and was killed");
+        }
+    }
+    let code = reply.get("exitCode").and_then(Value::as_i64).unwrap_or(0);
+    Ok(code.clamp(0, 255) as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Forward;
+
+    #[test]
+    fn options_override_the_spec_and_fill_network() {
+        let mut spec = spec_object(Some(
+            r#"{"vcpus": 1, "cmdline": "quiet", "network": {"mode": "bridge", "hotplugSlots": 1}}"#,
+        ))
+        .unwrap();
+        let options = VmSpecArgs {
+            vcpus: Some(2),
+            memory: Some(256),
+            kernel: Some("vmlinuz".into()),
+            ip: Some("10.77.0.9".into()),
+            forwards: vec![Forward {
+                host_port: 8080,
+                vm_port: 80,
+                protocol: None,
+            }],
+            gpus: Some(1),
+            ..VmSpecArgs::default()
+        };
+        apply_vm_options(&mut spec, &options).unwrap();
+        let spec = Value::Object(spec);
+        assert_eq!(spec["vcpus"], 2);
+        assert_eq!(spec["memoryMiB"], 256);
+        assert_eq!(spec["cmdline"], "quiet");
+        assert_eq!(spec["gpus"], json!({"count": 1}));
+        assert!(spec["kernel"].as_str().unwrap().starts_with('/'), "{spec}");
+        assert!(spec["kernel"].as_str().unwrap().ends_with("/vmlinuz"));
+        assert_eq!(
+            spec["network"],
+            json!({"mode": "bridge", "hotplugSlots": 1, "address": "10.77.0.9",
+                   "forwards": [{"hostPort": 8080, "vmPort": 80}]})
+        );
+    }
+
+    #[test]
+    fn no_options_no_keys() {
+        let mut spec = Map::new();
+        apply_vm_options(&mut spec, &VmSpecArgs::default()).unwrap();
+        assert!(spec.is_empty());
+    }
+}

@@ -1,0 +1,257 @@
+//! kilnctl(1), generated from the clap definition: clap_mangen renders the
+//! head (name, synopsis, description, global options), a COMMANDS section
+//! lists every command with its own usage and options, and the exit
+//! codes, environment and examples follow. One page, as machinectl(1) and
+//! varlinkctl(1) are, rather than a page per subcommand.
+
+use clap::{Arg, ArgAction, Command};
+use clap_mangen::roff::{bold, italic, roman, Inline, Roff};
+use clap_mangen::Man;
+
+use crate::exit::{Class, EXEC_FAILED, EXEC_NOT_STARTED};
+
+/// The page as roff.
+pub fn render(cmd: Command) -> String {
+    let mut cmd = cmd.disable_help_subcommand(true);
+    cmd.build();
+    let man = Man::new(cmd.clone())
+        .title("KILNCTL")
+        .section("1")
+        .manual("kiln")
+        .source(format!("kiln {}", env!("CARGO_PKG_VERSION")));
+
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut head = |f: &dyn Fn(&mut Vec<u8>) -> std::io::Result<()>| {
+        let mut buf = Vec::new();
+        // Writing to a Vec cannot fail.
+        let _ = f(&mut buf);
+        chunks.push(buf);
+    };
+    head(&|w| man.render_title(w));
+    head(&|w| man.render_name_section(w));
+    head(&|w| man.render_synopsis_section(w));
+    head(&|w| man.render_description_section(w));
+    head(&|w| man.render_options_section(w));
+
+    let mut roff = Roff::new();
+    roff.control("SH", ["COMMANDS"]);
+    for sub in visible(&cmd) {
+        command_entry(&mut roff, sub);
+    }
+    tail(&mut roff);
+    chunks.push(roff.render().into_bytes());
+
+    // Each chunk starts with roff's apostrophe preamble; keep the first.
+    let texts: Vec<String> = chunks
+        .into_iter()
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .collect();
+    let preamble = texts[0].split(".TH ").next().unwrap_or("").to_owned();
+    let mut page = String::new();
+    for (i, text) in texts.iter().enumerate() {
+        match text.strip_prefix(preamble.as_str()) {
+            Some(rest) if i > 0 && !preamble.is_empty() => page.push_str(rest),
+            _ => page.push_str(text),
+        }
+    }
+    page
+}
+
+fn visible(cmd: &Command) -> impl Iterator<Item = &Command> {
+    cmd.get_subcommands().filter(|s| !s.is_hide_set())
+}
+
+/// One command: a subsection with its usage, description and options; a
+/// group (pool, nic, gpu) lists its members instead.
+fn command_entry(roff: &mut Roff, cmd: &Command) {
+    let path = cmd.get_bin_name().unwrap_or(cmd.get_name()).to_owned();
+    if cmd.has_subcommands() {
+        for sub in visible(cmd) {
+            command_entry(roff, sub);
+        }
+        return;
+    }
+    roff.control("SS", [path.as_str()]);
+    let usage = cmd.clone().render_usage().to_string();
+    let usage = usage.trim_start_matches("Usage:").trim();
+    let rest = usage.strip_prefix(path.as_str()).unwrap_or(usage);
+    roff.text([bold(path.as_str()), roman(rest)]);
+    let aliases: Vec<&str> = cmd.get_visible_aliases().collect();
+    if !aliases.is_empty() {
+        roff.control("br", []);
+        roff.text([roman(format!("Alias: {}", aliases.join(", ")))]);
+    }
+    let about = cmd
+        .get_long_about()
+        .or(cmd.get_about())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    for paragraph in about.split("\n\n") {
+        roff.control("PP", []);
+        roff.text([roman(paragraph.replace('\n', " "))]);
+    }
+    for arg in cmd
+        .get_arguments()
+        .filter(|a| !a.is_hide_set() && !a.is_global_set() && a.get_id() != "help")
+    {
+        roff.control("TP", []);
+        roff.text(arg_label(arg));
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        roff.text([roman(help.replace('\n', " "))]);
+    }
+}
+
+/// `-e, --env NAME=VALUE` or `VM...`.
+fn arg_label(arg: &Arg) -> Vec<Inline> {
+    let value = arg
+        .get_value_names()
+        .map(|names| names.join(" "))
+        .unwrap_or_else(|| arg.get_id().as_str().to_uppercase());
+    if arg.is_positional() {
+        let many = matches!(arg.get_action(), ArgAction::Append)
+            || arg.get_num_args().is_some_and(|n| n.max_values() > 1);
+        let dots = if many { "..." } else { "" };
+        return vec![italic(value), roman(dots)];
+    }
+    let mut label = Vec::new();
+    if let Some(short) = arg.get_short() {
+        label.push(bold(format!("-{short}")));
+        label.push(roman(", "));
+    }
+    if let Some(long) = arg.get_long() {
+        label.push(bold(format!("--{long}")));
+    }
+    if arg.get_action().takes_values() {
+        label.push(roman(" "));
+        label.push(italic(value));
+    }
+    label
+}
+
+/// EXIT STATUS, ENVIRONMENT, NOTES, EXAMPLES, SEE ALSO.
+fn tail(roff: &mut Roff) {
+    roff.control("SH", ["EXIT STATUS"]);
+    let classes = [
+        (0, "Success."),
+        (Class::Failure.code(), "Failure: kilnd or the guest failed (e.g. io.kiln.Manager.BootFailed, ImagePullFailed), or kilnd sent something kilnctl cannot read."),
+        (Class::Usage.code(), "Usage: bad options or arguments, or a VM prefix that matches several VMs."),
+        (Class::NotFound.code(), "Not found: NoSuchVM, NoSuchPool, NoSuchNIC, ImageNotFound."),
+        (Class::PermissionDenied.code(), "Permission denied: PermissionDenied (a mutating call without root or the kiln group), or the socket cannot be opened for lack of permission."),
+        (Class::Timeout.code(), "Timeout: a deadline passed (e.g. acquire --timeout)."),
+        (Class::Invalid.code(), "Invalid input or state: InvalidName, InvalidSpec, InvalidArgument, InvalidState, AlreadyExists, Busy, AddressInUse, PortInUse, NoHotplugSlot, InvalidImage, ImageInUse, org.varlink.service.InvalidParameter."),
+        (Class::Exhausted.code(), "Exhausted: PoolExhausted, QuotaExceeded, NoGpuAvailable."),
+        (Class::Unreachable.code(), "Unreachable: kilnd's socket cannot be reached, or the connection broke."),
+    ];
+    for (code, text) in classes {
+        roff.control("TP", []);
+        roff.text([bold(code.to_string())]);
+        roff.text([roman(text)]);
+    }
+    roff.control("PP", []);
+    roff.text([
+        bold("exec"),
+        roman(format!(
+            " exits with the command's status (128+N when signal N ended it), \
+             {EXEC_FAILED} when kilnctl or kilnd failed before the command ran, and \
+             {EXEC_NOT_STARTED} when the command could not be started in the guest \
+             (ExecFailed), as podman exec does."
+        )),
+    ]);
+    roff.control("PP", []);
+    roff.text([roman(
+        "Every error is one line on standard error: kilnctl: then the varlink error name and its message, e.g.",
+    )]);
+    roff.control("RS", []);
+    roff.text([roman(
+        "kilnctl: io.kiln.Manager.NoSuchVM: no VM with id 3fa2c1d0e4b5",
+    )]);
+    roff.control("RE", []);
+
+    roff.control("SH", ["ENVIRONMENT"]);
+    roff.control("TP", []);
+    roff.text([bold("KILN_ADDRESS")]);
+    roff.text([roman(
+        "kilnd's socket when --address is not given: unix:PATH or PATH (default /run/kiln/io.kiln.Manager).",
+    )]);
+    roff.control("TP", []);
+    roff.text([bold("COLUMNS")]);
+    roff.text([roman(
+        "The width tables are fitted to. Without it, tables fit the terminal; \
+         written to a pipe or a file they are never cut.",
+    )]);
+
+    roff.control("SH", ["NOTES"]);
+    roff.text([roman(
+        "Not yet: image, shell, cp, logs, snapshot, restore, fork, deploy and metrics \
+         commands come when kilnd has an API for them. Output of exec is buffered \
+         (kilnd returns it when the command ends).",
+    )]);
+
+    roff.control("SH", ["EXAMPLES"]);
+    for (what, example) in [
+        ("A VM, started, a command in it, and gone:", "kilnctl create web --memory 256 --start\nkilnctl exec web -- uname -r\nkilnctl rm web"),
+        ("A pool and a lease that ends by itself in ten minutes:", "kilnctl pool create ci --warm 2 --max 8\nID=$(kilnctl acquire ci --ttl 10m --label job=42)\nkilnctl exec $ID -- sh -c 'make test'\nkilnctl release $ID"),
+        ("Every change, as JSON lines:", "kilnctl watch --json | jq -c .event"),
+    ] {
+        roff.control("PP", []);
+        roff.text([roman(what)]);
+        roff.control("PP", []);
+        roff.control("RS", ["4"]);
+        roff.control("nf", []);
+        for line in example.lines() {
+            roff.text([roman(line)]);
+        }
+        roff.control("fi", []);
+        roff.control("RE", []);
+    }
+
+    roff.control("SH", ["SEE ALSO"]);
+    roff.text([
+        bold("kilnd"),
+        roman("(8), "),
+        bold("kilnd.toml"),
+        roman("(5), "),
+        bold("varlinkctl"),
+        roman("(1), "),
+        bold("busctl"),
+        roman("(1), "),
+        bold("machinectl"),
+        roman("(1)"),
+    ]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_page_covers_every_command_once() {
+        let page = render(crate::cli::Cli::command());
+        assert!(page.starts_with(".ie") || page.starts_with(".TH"), "{page}");
+        assert_eq!(page.matches(".TH ").count(), 1);
+        assert_eq!(
+            page.matches(".ds Aq").count(),
+            2,
+            "one preamble (.ie and .el)"
+        );
+        for cmd in [
+            "kilnctl status",
+            "kilnctl list",
+            "kilnctl exec",
+            "kilnctl pool create",
+            "kilnctl pool resize",
+            "kilnctl nic detach",
+            "kilnctl gpu ls",
+            "kilnctl watch",
+            "kilnctl completions",
+        ] {
+            assert!(page.contains(&format!(".SS \"{cmd}\"")), "{cmd} missing");
+        }
+        assert!(page.contains(".SH \"EXIT STATUS\""));
+    }
+}

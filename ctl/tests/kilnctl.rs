@@ -1,0 +1,885 @@
+//! The real `kilnctl` binary against a real kilnd (and real QEMU, TCG
+//! here): every subcommand, its tables and its `--json`, the exit code of
+//! each error class, name and prefix resolution, `exec` passing the guest's
+//! status on, the completions in bash and the man pages through `man`.
+//!
+//! kilnd is the binary beside this test's (`target/<profile>/kilnd`), as
+//! for kilnd's own tests: `cargo nextest run --workspace` (or
+//! `-p kilnd -p kiln-ctl`) builds it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use kiln_testkit::{
+    command_as, require_root, skip, try_wait_until, wait_until, workspace_root, Daemon,
+};
+use serde_json::Value;
+
+const KILNCTL: &str = env!("CARGO_BIN_EXE_kilnctl");
+
+/// kilnctl as `uid` (None: ourselves) against `d`, found through
+/// `KILN_ADDRESS`; never cut to a terminal's width.
+fn kilnctl_as(d: &Daemon, uid: Option<u32>, args: &[&str]) -> Output {
+    command_as(uid, KILNCTL)
+        .args(args)
+        .env("KILN_ADDRESS", d.address())
+        .env_remove("COLUMNS")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn kilnctl(d: &Daemon, args: &[&str]) -> Output {
+    kilnctl_as(d, None, args)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A command that must succeed; its stdout.
+fn ok(d: &Daemon, args: &[&str]) -> String {
+    let out = kilnctl(d, args);
+    assert!(
+        out.status.success(),
+        "kilnctl {args:?}: {}\n{}\n{}",
+        out.status,
+        text(&out.stderr),
+        d.log()
+    );
+    text(&out.stdout)
+}
+
+/// A command that must succeed with `--json`; its output parsed.
+fn json(d: &Daemon, args: &[&str]) -> Value {
+    // First, where a global option always goes (after `exec VM` it would
+    // be the command's).
+    let args = [&["--json"], args].concat();
+    let out = ok(d, &args);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("kilnctl {args:?}: {e}: {out}"))
+}
+
+/// A command that must fail with exit `code` and one line on stderr
+/// naming `error` (e.g. `io.kiln.Manager.NoSuchVM`); that line.
+fn fails(d: &Daemon, uid: Option<u32>, args: &[&str], code: i32, error: &str) -> String {
+    let out = kilnctl_as(d, uid, args);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "kilnctl {args:?}: {stderr}{}",
+        text(&out.stdout)
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr.starts_with(&format!("kilnctl: {error}")),
+        "kilnctl {args:?}: {stderr:?}, expected {error}"
+    );
+    stderr
+}
+
+/// The rows of a table (after its header) whose first column is `key`.
+fn row<'a>(table: &'a str, key: &str) -> Option<Vec<&'a str>> {
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cells| cells.first() == Some(&key))
+}
+
+/// Everything that needs no running VM: status, create/list/show/rm,
+/// references, pools that never fill, watch, and the exit code of each
+/// error class.
+#[test]
+fn commands_tables_json_and_exit_codes_without_booting() {
+    let mut d = Daemon::start();
+
+    let status = ok(&d, &["status"]);
+    assert!(status.contains("Version: "), "{status}");
+    assert!(status.contains("    VMs: 0 (0 running)"), "{status}");
+    let status = json(&d, &["status"]);
+    assert_eq!(status["vms"], 0);
+    assert!(status["version"].is_string() && status["accel"].is_string());
+    // -o json is --json; --address takes unix:PATH and a plain path.
+    let out = ok(&d, &["-o", "json", "--address", &d.address(), "status"]);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["vms"], 0);
+    let path = d.address().trim_start_matches("unix:").to_owned();
+    assert!(ok(&d, &["--address", &path, "status"]).contains("Version"));
+
+    // create prints the id; list shows both; ls is list.
+    let web = ok(&d, &["create", "web", "--memory", "256M", "--vcpus", "2"])
+        .trim()
+        .to_owned();
+    assert_eq!(web.len(), 12, "{web}");
+    let db = ok(&d, &["create", "db", "--spec", r#"{"memoryMiB": 128}"#])
+        .trim()
+        .to_owned();
+    let table = ok(&d, &["ls"]);
+    assert!(table.starts_with("ID "), "{table}");
+    assert_eq!(
+        row(&table, &web).unwrap()[..6],
+        [web.as_str(), "web", "created", "-", "2", "256M"],
+        "{table}"
+    );
+    assert_eq!(row(&table, &db).unwrap()[1..3], ["db", "created"]);
+    assert_eq!(ok(&d, &["list"]), table);
+    let listed = json(&d, &["ls"]);
+    let vms = listed["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 2, "{listed}");
+    assert!(vms
+        .iter()
+        .any(|v| v["id"] == web.as_str() && v["memoryMiB"] == 256));
+    let quiet = ok(&d, &["ls", "-q"]);
+    let mut ids: Vec<&str> = quiet.lines().collect();
+    ids.sort();
+    let mut want = vec![web.as_str(), db.as_str()];
+    want.sort();
+    assert_eq!(ids, want);
+
+    // show: by id, by name, by a unique id prefix.
+    let shown = ok(&d, &["show", "web"]);
+    assert!(shown.contains(&format!("Id: {web}")), "{shown}");
+    assert!(
+        shown.contains("Memory: 256M") && shown.contains("State: created"),
+        "{shown}"
+    );
+    assert_eq!(ok(&d, &["show", &web]), shown);
+    let unique = (1..=12)
+        .map(|n| &web[..n])
+        .find(|p| !db.starts_with(p))
+        .unwrap();
+    assert_eq!(json(&d, &["show", unique])["vm"]["id"], web.as_str());
+    assert_eq!(json(&d, &["show", "db"])["vm"]["name"], "db");
+
+    // A prefix several ids share is refused, naming them: make VMs until
+    // two ids share their first character (17 at most).
+    let mut made = vec![web.clone(), db.clone()];
+    let shared = loop {
+        let first: Vec<char> = made.iter().map(|id| id.chars().next().unwrap()).collect();
+        if let Some(c) = first
+            .iter()
+            .find(|c| first.iter().filter(|x| x == c).count() > 1)
+        {
+            break c.to_string();
+        }
+        let name = format!("filler{}", made.len());
+        made.push(ok(&d, &["create", &name]).trim().to_owned());
+    };
+    let line = fails(
+        &d,
+        None,
+        &["show", &shared],
+        2,
+        &format!("\"{shared}\" matches several VMs: "),
+    );
+    for id in made.iter().filter(|id| id.starts_with(&shared)) {
+        assert!(line.contains(id.as_str()), "{line}");
+    }
+    let fillers: Vec<&str> = made[2..].iter().map(String::as_str).collect();
+    if !fillers.is_empty() {
+        let mut args = vec!["rm"];
+        args.extend(&fillers);
+        assert_eq!(ok(&d, &args), "", "rm prints nothing");
+    }
+
+    // Errors: one line, the error's name, the class's exit code.
+    let line = fails(&d, None, &["show", "nope"], 3, "io.kiln.Manager.NoSuchVM");
+    assert_eq!(
+        line,
+        "kilnctl: io.kiln.Manager.NoSuchVM: no VM with id nope\n"
+    );
+    fails(&d, None, &["start", "nope"], 3, "io.kiln.Manager.NoSuchVM");
+    fails(
+        &d,
+        None,
+        &["pool", "show", "nope"],
+        3,
+        "io.kiln.Manager.NoSuchPool",
+    );
+    fails(
+        &d,
+        None,
+        &["acquire", "nope"],
+        3,
+        "io.kiln.Manager.NoSuchPool",
+    );
+    fails(
+        &d,
+        None,
+        &["create", "web"],
+        6,
+        "io.kiln.Manager.AlreadyExists",
+    );
+    fails(
+        &d,
+        None,
+        &["create", "no good"],
+        6,
+        "io.kiln.Manager.InvalidName",
+    );
+    fails(
+        &d,
+        None,
+        &["create", "big", "--vcpus", "0"],
+        6,
+        "io.kiln.Manager.InvalidSpec",
+    );
+    fails(
+        &d,
+        None,
+        &["pause", "web"],
+        6,
+        "io.kiln.Manager.InvalidState",
+    );
+    fails(
+        &d,
+        None,
+        &["release", "web"],
+        6,
+        "io.kiln.Manager.InvalidState",
+    );
+    fails(
+        &d,
+        None,
+        &["renew", "web", "--ttl", "0"],
+        6,
+        "io.kiln.Manager.",
+    );
+    fails(
+        &d,
+        None,
+        &["create", "x", "--spec", "{"],
+        2,
+        "--spec: not JSON",
+    );
+    fails(
+        &d,
+        None,
+        &["stop", "web", "--timeout", "1.5"],
+        2,
+        "--timeout takes whole seconds",
+    );
+    let bad = kilnctl(&d, &["frobnicate"]);
+    assert_eq!(bad.status.code(), Some(2), "clap's usage error");
+    let gone = kilnctl(&d, &["--address", "unix:/nonexistent/kiln", "ls"]);
+    assert_eq!(gone.status.code(), Some(8));
+    assert!(text(&gone.stderr).starts_with("kilnctl: cannot connect to /nonexistent/kiln"));
+    // exec: the command never ran, so 125 (not a class code a guest
+    // command could also exit with).
+    fails(
+        &d,
+        None,
+        &["exec", "nope", "--", "true"],
+        125,
+        "io.kiln.Manager.NoSuchVM",
+    );
+    fails(
+        &d,
+        None,
+        &["exec", "web", "--", "true"],
+        125,
+        "io.kiln.Manager.InvalidState",
+    );
+
+    // A pool that keeps nothing hot answers a non-waiting acquire with
+    // Timeout at once: no boot involved, so no race.
+    ok(
+        &d,
+        &[
+            "pool", "create", "idle", "--warm", "0", "--max", "1", "--mode", "cold",
+        ],
+    );
+    let pools = ok(&d, &["pool", "ls"]);
+    assert!(pools.starts_with("NAME "), "{pools}");
+    assert_eq!(
+        row(&pools, "idle").unwrap()[1..5],
+        ["cold", "ready", "0", "1"],
+        "{pools}"
+    );
+    let pools = json(&d, &["pool", "ls"]);
+    assert_eq!(pools["pools"][0]["name"], "idle");
+    fails(
+        &d,
+        None,
+        &["acquire", "idle", "--timeout", "0"],
+        5,
+        "io.kiln.Manager.Timeout",
+    );
+    let shown = ok(&d, &["pool", "show", "idle"]);
+    assert!(
+        shown.contains("Mode: cold") && shown.contains("Max: 1"),
+        "{shown}"
+    );
+    let resized = json(&d, &["pool", "resize", "idle", "0", "--max", "2"]);
+    assert_eq!(resized["pool"]["max"], 2);
+    assert_eq!(json(&d, &["pool", "rm", "idle"]), serde_json::json!({}));
+    fails(
+        &d,
+        None,
+        &["pool", "show", "idle"],
+        3,
+        "io.kiln.Manager.NoSuchPool",
+    );
+
+    // watch: one line per event, or one JSON object per line.
+    let mut lines = Watcher::start(&d, &[]);
+    let mut objects = Watcher::start(&d, &["--json"]);
+    let id = ok(&d, &["create", "watched"]).trim().to_owned();
+    ok(&d, &["rm", "watched"]);
+    assert_eq!(
+        lines.until("vmAdded"),
+        format!("vmAdded {id} watched created")
+    );
+    assert_eq!(lines.until("vmRemoved"), format!("vmRemoved {id}"));
+    let added: Value = serde_json::from_str(&objects.until("\"vmAdded\"")).unwrap();
+    assert_eq!(added["event"]["vm"]["name"], "watched");
+    let removed: Value = serde_json::from_str(&objects.until("\"vmRemoved\"")).unwrap();
+    assert_eq!(removed["event"]["id"], id.as_str());
+    // The stream ends with kilnd: exit 8, one line.
+    d.sigkill();
+    let (code, stderr) = lines.finish();
+    assert_eq!(code, Some(8), "{stderr}");
+    assert!(
+        stderr.starts_with("kilnctl: connection to kilnd lost"),
+        "{stderr}"
+    );
+    objects.finish();
+}
+
+/// `kilnctl watch` running in the background, its stdout a socket read
+/// with a timeout.
+struct Watcher {
+    child: std::process::Child,
+    out: BufReader<UnixStream>,
+}
+
+impl Watcher {
+    /// Started, and past the stream's `ready` event.
+    fn start(d: &Daemon, args: &[&str]) -> Self {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let child = Command::new(KILNCTL)
+            .arg("watch")
+            .args(args)
+            .env("KILN_ADDRESS", d.address())
+            .stdout(OwnedFd::from(theirs))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut watcher = Self {
+            child,
+            out: BufReader::new(ours),
+        };
+        watcher.until("ready");
+        watcher
+    }
+
+    /// The next line that contains `want`.
+    fn until(&mut self, want: &str) -> String {
+        loop {
+            let mut line = String::new();
+            match self.out.read_line(&mut line) {
+                Ok(n) if n > 0 && line.contains(want) => return line.trim_end().to_owned(),
+                Ok(n) if n > 0 => continue,
+                other => panic!("watch: no line with {want}: {other:?}"),
+            }
+        }
+    }
+
+    /// Its exit code and stderr once it ended (killed after 30 s).
+    fn finish(mut self) -> (Option<i32>, String) {
+        let status = try_wait_until(Duration::from_secs(30), || self.child.try_wait().unwrap());
+        if status.is_err() {
+            let _ = self.child.kill();
+        }
+        let out = self.child.wait_with_output().unwrap();
+        (out.status.code(), text(&out.stderr))
+    }
+}
+
+/// Reading is open to anyone; changing needs root or the kiln group
+/// (exit 4). GPUs from a fake sysfs (mknod needs root too).
+#[test]
+fn permissions_and_gpus() {
+    if !require_root("setpriv to another uid, mknod for the fake GPUs") {
+        return;
+    }
+    let mut d = Daemon::new("");
+    d.kilnd.add_fake_gpus();
+    d.spawn();
+    let id = ok(&d, &["create", "owned"]).trim().to_owned();
+    let nobody = Some(65534);
+    let listed = kilnctl_as(&d, nobody, &["ls", "--json"]);
+    assert!(listed.status.success(), "{}", text(&listed.stderr));
+    let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["vms"][0]["id"], id.as_str());
+    for args in [
+        &["rm", "owned"][..],
+        &["start", "owned"],
+        &["create", "intruder"],
+        &["pool", "create", "p", "--warm", "0", "--max", "1"],
+    ] {
+        fails(&d, nobody, args, 4, "io.kiln.Manager.PermissionDenied");
+    }
+    fails(
+        &d,
+        nobody,
+        &["exec", "owned", "--", "true"],
+        125,
+        "io.kiln.Manager.PermissionDenied",
+    );
+    assert_eq!(json(&d, &["ls"])["vms"].as_array().unwrap().len(), 1);
+
+    let gpus = ok(&d, &["gpu", "ls"]);
+    let nvidia = row(&gpus, "renderD128").unwrap_or_else(|| panic!("{gpus}"));
+    assert_eq!(nvidia[1], "0x10de", "{gpus}");
+    assert!(row(&gpus, "renderD129").is_some(), "{gpus}");
+    let gpus = json(&d, &["gpu", "list"]);
+    assert_eq!(gpus["gpus"].as_array().unwrap().len(), 2, "{gpus}");
+}
+
+/// The commands that need running VMs: one VM booted (and rebooted), one
+/// template pool (one more boot; its members are clones).
+#[test]
+fn lifecycle_exec_pools_leases_and_nics() {
+    let d = Daemon::start();
+
+    // create --start, then the lifecycle verbs by name.
+    let id = ok(&d, &["create", "vm1", "--start", "--memory", "128"])
+        .trim()
+        .to_owned();
+    let shown = ok(&d, &["show", "vm1"]);
+    assert!(
+        shown.contains("State: ready") && shown.contains("Boot ID: "),
+        "{shown}"
+    );
+    let boot_id = json(&d, &["show", &id])["vm"]["bootId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // exec: output through, the guest's status out.
+    let out = kilnctl(
+        &d,
+        &[
+            "exec",
+            "vm1",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(
+        (text(&out.stdout), text(&out.stderr)),
+        ("out\n".into(), "err\n".into())
+    );
+    let out = kilnctl(&d, &["exec", &id[..6], "--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(128 + 9), "a signal is 128+N");
+    let reply = json(
+        &d,
+        &[
+            "exec",
+            "vm1",
+            "-e",
+            "GREETING=hi",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING",
+        ],
+    );
+    assert_eq!(
+        (reply["exitCode"].as_i64(), reply["stdout"].as_str()),
+        (Some(0), Some("hi\n"))
+    );
+    let mut child = Command::new(KILNCTL)
+        .args(["exec", "-i", "vm1", "--", "tr", "a-z", "A-Z"])
+        .env("KILN_ADDRESS", d.address())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"piped\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "PIPED\n".into())
+    );
+    fails(
+        &d,
+        None,
+        &["exec", "vm1", "--", "/no/such/program"],
+        126,
+        "io.kiln.Manager.ExecFailed",
+    );
+
+    assert_eq!(json(&d, &["pause", "vm1"])["vm"]["state"], "paused");
+    assert!(ok(&d, &["show", "vm1"]).contains("State: paused"));
+    ok(&d, &["resume", "vm1"]);
+    ok(&d, &["reboot", "vm1"]);
+    let rebooted = json(&d, &["show", "vm1"])["vm"].clone();
+    assert_eq!(rebooted["state"], "ready");
+    assert_ne!(rebooted["bootId"], boot_id.as_str(), "a new guest boot");
+
+    // NICs: this VM has none; the API's refusals come through by class.
+    let nics = ok(&d, &["nic", "ls", "vm1"]);
+    assert_eq!(nics.lines().count(), 1, "header only: {nics}");
+    assert!(nics.starts_with("INDEX"), "{nics}");
+    assert_eq!(
+        json(&d, &["nic", "list", "vm1"])["nics"],
+        serde_json::json!([])
+    );
+    fails(&d, None, &["nic", "attach", "vm1"], 6, "io.kiln.Manager.");
+    fails(
+        &d,
+        None,
+        &["nic", "detach", "vm1", "1"],
+        3,
+        "io.kiln.Manager.NoSuchNIC",
+    );
+
+    assert_eq!(
+        json(&d, &["stop", "vm1", "--timeout", "20"])["vm"]["state"],
+        "stopped"
+    );
+    ok(&d, &["rm", "vm1"]);
+    fails(&d, None, &["show", &id], 3, "io.kiln.Manager.NoSuchVM");
+
+    // A template pool made with the CLI; leases with a lifetime and labels.
+    ok(
+        &d,
+        &[
+            "pool", "create", "ci", "--warm", "1", "--max", "3", "--memory", "128",
+        ],
+    );
+    let pool = wait_pool(&d, "ci", |p| p["hot"] == 1 && p["booting"] == 0);
+    assert_eq!(
+        (pool["mode"].as_str(), pool["templateReady"].as_bool()),
+        (Some("template"), Some(true))
+    );
+    let leased = ok(
+        &d,
+        &[
+            "acquire",
+            "ci",
+            "--ttl",
+            "60",
+            "--label",
+            "job=42",
+            "--timeout",
+            "2m",
+        ],
+    )
+    .trim()
+    .to_owned();
+    let vm = json(&d, &["show", &leased])["vm"].clone();
+    assert_eq!(
+        (vm["state"].as_str(), vm["pool"].as_str()),
+        (Some("leased"), Some("ci"))
+    );
+    assert_eq!(vm["labels"]["job"], "42");
+    let shown = ok(&d, &["show", &leased]);
+    assert!(
+        shown.contains("Labels: job=42") && shown.contains("Lease ends: "),
+        "{shown}"
+    );
+    let renewed = json(&d, &["renew", &leased, "--ttl", "10m"])["vm"].clone();
+    assert!(renewed["leaseExpiresAt"].as_u64() > vm["leaseExpiresAt"].as_u64());
+    let listed = ok(&d, &["ls"]);
+    assert_eq!(
+        row(&listed, &leased).unwrap()[2..4],
+        ["leased", "ci"],
+        "{listed}"
+    );
+    let out = kilnctl(&d, &["exec", &leased, "--", "hostname"]);
+    assert_eq!(text(&out.stdout).trim(), vm["name"].as_str().unwrap());
+    ok(&d, &["release", &leased]);
+    fails(&d, None, &["show", &leased], 3, "io.kiln.Manager.NoSuchVM");
+
+    // kill a leased VM, then give it back with --recycle: hot again.
+    wait_pool(&d, "ci", |p| p["hot"] == 1 && p["booting"] == 0);
+    let second = ok(&d, &["acquire", "ci"]).trim().to_owned();
+    let killed = json(&d, &["kill", &second])["vm"].clone();
+    assert_ne!(killed["state"], "ready", "{killed}");
+    ok(&d, &["release", "--recycle", &second]);
+    wait_pool(&d, "ci", |p| {
+        p["leased"] == 0 && p["booting"] == 0 && p["hot"] == 1
+    });
+    ok(&d, &["pool", "resize", "ci", "0"]);
+    ok(&d, &["pool", "rm", "ci"]);
+    wait_until(Duration::from_secs(60), "the pool's VMs to go", || {
+        json(&d, &["ls"])["vms"].as_array().unwrap().is_empty()
+    });
+}
+
+/// `pool show` until `done` holds (boots take seconds under TCG).
+fn wait_pool(d: &Daemon, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+    try_wait_until(Duration::from_secs(240), || {
+        let pool = json(d, &["pool", "show", name])["pool"].clone();
+        if done(&pool) {
+            Ok(pool)
+        } else {
+            Err(pool)
+        }
+    })
+    .unwrap_or_else(|t| panic!("pool {name}: {t}\n{}", d.log()))
+}
+
+/// Tables fit `COLUMNS`, cutting names rather than ids; a pipe gets them
+/// whole.
+#[test]
+fn tables_fit_the_width() {
+    let d = Daemon::start();
+    let long = "a-vm-with-a-name-far-too-long-for-a-narrow-terminal";
+    let id = ok(&d, &["create", long]).trim().to_owned();
+    let whole = ok(&d, &["ls"]);
+    assert!(whole.contains(long), "{whole}");
+    let narrow = Command::new(KILNCTL)
+        .args(["ls"])
+        .env("KILN_ADDRESS", d.address())
+        .env("COLUMNS", "70")
+        .output()
+        .unwrap();
+    let narrow = text(&narrow.stdout);
+    for line in narrow.lines() {
+        assert!(line.chars().count() <= 70, "{line:?}\n{narrow}");
+    }
+    assert!(narrow.contains(&id) && narrow.contains('…'), "{narrow}");
+    // The name still resolves.
+    assert_eq!(json(&d, &["show", long])["vm"]["id"], id.as_str());
+}
+
+/// Completions come from the same definition; bash loads them.
+#[test]
+fn completions_load() {
+    let script = format!("source <({KILNCTL} completions bash) && complete -p kilnctl");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("-F _kilnctl"),
+        "{}",
+        text(&out.stdout)
+    );
+    // bash offers the subcommands and the pool verbs.
+    let script = format!(
+        "source <({KILNCTL} completions bash)\n\
+         COMP_WORDS=(kilnctl pool c); COMP_CWORD=2; COMP_LINE='kilnctl pool c'; COMP_POINT=14\n\
+         _kilnctl kilnctl c pool; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).lines().any(|l| l == "create"),
+        "{}",
+        text(&out.stdout)
+    );
+    for (shell, marker, check) in [
+        ("zsh", "#compdef kilnctl", ["zsh", "-n"]),
+        ("fish", "complete -c kilnctl", ["fish", "--no-execute"]),
+    ] {
+        let out = Command::new(KILNCTL)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let script = text(&out.stdout);
+        assert!(
+            out.status.success() && script.contains(marker),
+            "{shell}: {script}"
+        );
+        // Checked by the shell itself where it is installed (not a
+        // dependency: bash is the one every test host has).
+        let file = tempfile_with(&script);
+        if let Ok(out) = Command::new(check[0])
+            .arg(check[1])
+            .arg(file.path())
+            .output()
+        {
+            assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        }
+    }
+    let out = Command::new(KILNCTL)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn tempfile_with(content: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(content.as_bytes()).unwrap();
+    file
+}
+
+/// kilnctl(1) (generated), kilnd(8) and kilnd.toml(5) (written by hand)
+/// render with `man` without a warning, as lintian checks them.
+#[test]
+fn man_pages_render_without_warnings() {
+    if Command::new("man").arg("--version").output().is_err() {
+        skip("man (man-db) is not installed; scripts/setup-host.sh installs it");
+        return;
+    }
+    let out = Command::new(KILNCTL)
+        .arg("__generate-man")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let generated = tempfile_with(&text(&out.stdout));
+    let root = workspace_root();
+    for (page, must) in [
+        (
+            generated.path().to_owned(),
+            ["kilnctl pool create", "EXIT STATUS"],
+        ),
+        (root.join("packaging/kilnd.8"), ["--config", "kilnctl"]),
+        (
+            root.join("packaging/kilnd.toml.5"),
+            ["max_leases_per_caller", "[network]"],
+        ),
+    ] {
+        let rendered = render_man(&page);
+        for text in must {
+            assert!(
+                rendered.contains(text),
+                "{}: no {text:?}\n{rendered}",
+                page.display()
+            );
+        }
+    }
+}
+
+/// `man -l` of a page as lintian runs it; panics on any warning.
+fn render_man(page: &Path) -> String {
+    let out = Command::new("man")
+        .args(["--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z"])
+        .arg(page)
+        .env("LC_ALL", "C.UTF-8")
+        .env("MANWIDTH", "80")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}: {}",
+        page.display(),
+        text(&out.stderr)
+    );
+    let plain = Command::new("man")
+        .arg("-l")
+        .arg(page)
+        .env("MANWIDTH", "80")
+        .env("LC_ALL", "C.UTF-8")
+        .output()
+        .unwrap();
+    assert!(
+        plain.stderr.is_empty(),
+        "{}: {}",
+        page.display(),
+        text(&plain.stderr)
+    );
+    text(&plain.stdout)
+}
+
+/// kilnd.toml(5) describes every key kilnd reads: the fields of the
+/// config structs (engine, daemon, `[network]`) and the commented defaults
+/// the packages install.
+#[test]
+fn kilnd_toml_page_names_every_key() {
+    let root = workspace_root();
+    let page = std::fs::read_to_string(root.join("packaging/kilnd.toml.5")).unwrap();
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let mut keys = Vec::new();
+    for (file, structs) in [
+        ("engine/src/config.rs", &["EngineConfig"][..]),
+        ("daemon/src/config.rs", &["DaemonKeys"]),
+        ("net/src/config.rs", &["NetConfig"]),
+    ] {
+        let source = read(file);
+        for name in structs {
+            let (_, rest) = source
+                .split_once(&format!("pub struct {name} {{"))
+                .unwrap_or_else(|| panic!("{file}: no struct {name}"));
+            let body = rest.split_once("\n}").map_or(rest, |(body, _)| body);
+            keys.extend(body.lines().filter_map(|l| {
+                let field = l.trim().strip_prefix("pub ")?.split(':').next()?;
+                Some(field.trim().to_owned())
+            }));
+        }
+    }
+    assert!(keys.len() > 25, "{keys:?}");
+    let defaults = read("packaging/kilnd.toml");
+    keys.extend(defaults.lines().filter_map(|l| {
+        let key = l.strip_prefix('#')?.split(" = ").next()?;
+        key.chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_')
+            .then(|| key.to_owned())
+    }));
+    for key in keys {
+        // Described: a `.B`/`.BR` line (a tagged paragraph's tag) names it.
+        let wanted = match key.as_str() {
+            "network" => "[network]",
+            "networks" => "[[networks]]",
+            key => key,
+        };
+        let named = page
+            .lines()
+            .any(|l| l.starts_with(".B") && l.split([' ', ',', '"']).any(|w| w == wanted));
+        assert!(named, "packaging/kilnd.toml.5 does not describe {key}");
+    }
+}
+
+/// The `## Examples` of docs/kilnctl.md run verbatim (a pool's template
+/// is booted for them).
+#[test]
+fn doc_examples_run() {
+    let d = Daemon::start();
+    let doc = std::fs::read_to_string(workspace_root().join("docs/kilnctl.md")).unwrap();
+    // The section's one sh block.
+    let script = doc
+        .split_once("\n## Examples\n")
+        .and_then(|(_, section)| section.split_once("```sh\n"))
+        .and_then(|(_, block)| block.split_once("```"))
+        .expect("docs/kilnctl.md: a ```sh block under ## Examples")
+        .0;
+    let script = format!("set -euo pipefail\n{script}");
+    let bin = Path::new(KILNCTL).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env("PATH", path)
+        .env("KILN_ADDRESS", d.address())
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script}\n{stdout}\n{}\n{}",
+        text(&out.stderr),
+        d.log()
+    );
+    assert!(stdout.contains("\ncreated\n"), "{stdout}");
+    assert!(stdout.contains("hello from ci-"), "{stdout}");
+    assert!(stdout.contains("Lease ends: "), "{stdout}");
+    assert!(json(&d, &["pool", "ls"])["pools"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
