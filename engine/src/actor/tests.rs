@@ -910,6 +910,40 @@ async fn leases_bound_to_a_holder_end_when_it_goes_away() {
     assert_eq!(h.state(&free.id).await, VmState::Leased);
 }
 
+/// The crash-storm bug: a pool VM that was booting when kilnd died is
+/// destroyed at start, but its agent answers before the SIGKILL takes
+/// effect. It must not turn ready, and no Acquire may get it.
+#[tokio::test(start_paused = true)]
+async fn a_vm_being_killed_is_never_handed_out() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 1, 3).await;
+    h.pool_until("p", |p| p.hot == 1).await;
+    // The replacement boots slowly, and kilnd "dies" while it does.
+    h.fake
+        .set_behaviour(|b| b.boot_delay = Duration::from_millis(300));
+    let held = h
+        .acquire("p", Duration::from_secs(5), "alice")
+        .await
+        .expect("acquire");
+    h.pool_until("p", |p| p.booting == 1).await;
+    h.fake
+        .set_behaviour(|b| b.kill_delay = Duration::from_secs(2));
+    let h = h.restart().await;
+    // While the doomed VM's agent answers and its kill is pending, no
+    // Acquire may take it.
+    let mut granted = Vec::new();
+    for _ in 0..30 {
+        if let Ok(vm) = h.acquire("p", Duration::ZERO, "bob").await {
+            granted.push(vm.id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in granted.iter().chain([&held.id]) {
+        assert_eq!(h.state(id).await, VmState::Leased, "lease on {id} lost");
+    }
+}
+
 fn options(timeout: Duration, holder: &str) -> AcquireOptions {
     AcquireOptions {
         timeout: Some(timeout),

@@ -41,6 +41,9 @@ pub struct Behaviour {
     pub failing_monitor_call: Option<&'static str>,
     /// The agent method that fails (full name), for undo tests.
     pub failing_agent_call: Option<&'static str>,
+    /// How long a killed process takes to die (a QEMU whose SIGKILL has
+    /// not taken effect yet: its agent may still answer meanwhile).
+    pub kill_delay: Duration,
 }
 
 impl Default for Behaviour {
@@ -52,6 +55,7 @@ impl Default for Behaviour {
             template_fails: false,
             failing_monitor_call: None,
             failing_agent_call: None,
+            kill_delay: Duration::ZERO,
         }
     }
 }
@@ -307,10 +311,22 @@ impl Process for FakeProcess {
         self.pid
     }
     fn kill(&self) -> Result<(), ProcessError> {
-        if let Some(vm) = self.fake.host().vms.get_mut(&self.id) {
-            if vm.pid == self.pid {
-                vm.die();
+        let delay = self.fake.host().behaviour.kill_delay;
+        let (fake, id, pid) = (self.fake.clone(), self.id.clone(), self.pid);
+        let die = move || {
+            if let Some(vm) = fake.host().vms.get_mut(&id) {
+                if vm.pid == pid {
+                    vm.die();
+                }
             }
+        };
+        if delay.is_zero() {
+            die();
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                die();
+            });
         }
         Ok(())
     }
