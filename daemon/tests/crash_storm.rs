@@ -96,27 +96,6 @@ fn client(address: &str, ledger: &Mutex<Ledger>, stop: &AtomicBool, client: usiz
     }
 }
 
-/// QEMU processes whose pid files are under the daemon's runtime dir.
-fn live_qemus(d: &Daemon) -> HashSet<u64> {
-    let mut pids = HashSet::new();
-    for entry in std::fs::read_dir(d.kilnd.dir.path().join("run/vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let Ok(text) = std::fs::read_to_string(entry.path().join("qemu.pid")) else {
-            continue;
-        };
-        let Ok(pid) = text.trim().parse::<u64>() else {
-            continue;
-        };
-        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            pids.insert(pid);
-        }
-    }
-    pids
-}
-
 #[test]
 fn sigkill_storm_loses_no_lease_and_leaks_nothing() {
     let kills: usize = std::env::var("KILN_STORM_KILLS")
@@ -229,8 +208,12 @@ fn sigkill_storm_loses_no_lease_and_leaks_nothing() {
             .as_array()
             .unwrap()
             .clone();
-        let recorded: HashSet<u64> = vms.iter().filter_map(|v| v["pid"].as_u64()).collect();
-        let live = live_qemus(&d);
+        let recorded: HashSet<u32> = vms
+            .iter()
+            .filter_map(|v| v["pid"].as_u64())
+            .map(|p| p as u32)
+            .collect();
+        let live = d.kilnd.live_qemus();
         if live == recorded {
             Ok(live.len())
         } else {

@@ -51,25 +51,6 @@ fn acquire(d: &Daemon, pool: &str) -> Value {
     d.ok("Acquire", json!({ "pool": pool, "timeoutMs": 120000 }))["vm"].clone()
 }
 
-/// QEMU processes whose pid files are under this daemon's runtime dir.
-fn live_qemus(d: &Daemon) -> HashSet<u32> {
-    let mut pids = HashSet::new();
-    for entry in std::fs::read_dir(d.kilnd.dir.path().join("run/vms"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let Ok(text) = std::fs::read_to_string(entry.path().join("qemu.pid")) else {
-            continue;
-        };
-        let pid: u32 = text.trim().parse().unwrap();
-        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            pids.insert(pid);
-        }
-    }
-    pids
-}
-
 const TEMPLATE_POOL: &str = "mode = \"template\"\nwarm = 2\nmax = 4\n[vm]\nmemoryMiB = 128\n";
 
 #[test]
@@ -249,7 +230,7 @@ fn leases_survive_kill_9_and_the_pool_comes_back() {
         .clone();
     let id = leased["id"].as_str().unwrap().to_owned();
     wait_pool(&d, "keep", "refilled", hot(2));
-    let before = live_qemus(&d);
+    let before = d.kilnd.live_qemus();
     assert_eq!(before.len(), 3, "2 hot + 1 leased");
 
     d.sigkill();
@@ -280,7 +261,7 @@ fn leases_survive_kill_9_and_the_pool_comes_back() {
         .iter()
         .map(|v| v["pid"].as_u64().unwrap() as u32)
         .collect();
-    assert_eq!(live_qemus(&d), pids);
+    assert_eq!(d.kilnd.live_qemus(), pids);
     assert_eq!(pids.len(), 3);
 }
 
@@ -293,7 +274,7 @@ fn a_half_booted_pool_vm_is_cleaned_after_kill_9() {
     wait_pool(&d, "slow", "a boot under way", |p| p["booting"] == 1);
     let booting = d.ok("ListVMs", json!({}))["vms"][0].clone();
     wait_until(Duration::from_secs(30), "QEMU started", || {
-        !live_qemus(&d).is_empty()
+        !d.kilnd.live_qemus().is_empty()
     });
     d.sigkill();
     d.spawn();
@@ -308,7 +289,7 @@ fn a_half_booted_pool_vm_is_cleaned_after_kill_9() {
         "io.kiln.Manager.NoSuchVM"
     );
     wait_pool(&d, "slow", "1 hot VM", hot(1));
-    assert_eq!(live_qemus(&d).len(), 1);
+    assert_eq!(d.kilnd.live_qemus().len(), 1);
 }
 
 #[test]

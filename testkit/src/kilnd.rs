@@ -134,6 +134,28 @@ impl Kilnd {
         format!("unix:{}/varlink", self.dir.path().display())
     }
 
+    /// Live QEMU processes whose pid files are under this kilnd's runtime
+    /// dir.
+    pub fn live_qemus(&self) -> std::collections::HashSet<u32> {
+        let mut pids = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(self.dir.path().join("run/vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(text) = std::fs::read_to_string(entry.path().join("qemu.pid")) else {
+                continue;
+            };
+            let Ok(pid) = text.trim().parse::<u32>() else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                pids.insert(pid);
+            }
+        }
+        pids
+    }
+
     /// kilnd's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("kilnd.log")).unwrap_or_default()

@@ -100,6 +100,18 @@ impl VmEntry {
         }
     }
 
+    /// The VM's lease, or `InvalidState` naming `operation`.
+    fn held_lease(&self, operation: &'static str) -> Result<&crate::vm::Lease, EngineError> {
+        self.record
+            .lease
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidState {
+                id: self.record.id.clone(),
+                state: self.record.state(),
+                operation,
+            })
+    }
+
     /// The live runtime of a VM whose guest answers (`ready` or `leased`),
     /// or `InvalidState` naming `operation`.
     fn answering(&self, operation: &'static str) -> Result<&Runtime, EngineError> {

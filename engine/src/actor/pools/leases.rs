@@ -119,18 +119,13 @@ impl Engine {
     /// Give a leased VM back: destroy it, or with `recycle` reset it from
     /// the template (or reboot it, in a cold pool) and put it back hot.
     pub(in crate::actor) fn release(&mut self, id: &str, recycle: bool, reply: Reply<()>) {
-        let entry = match self.entry(id) {
+        let entry = match self
+            .entry(id)
+            .and_then(|e| e.held_lease("release").map(|_| e))
+        {
             Ok(e) => e,
             Err(e) => return drop(reply.send(Err(e))),
         };
-        if entry.record.lease.is_none() {
-            let state = entry.record.state();
-            return drop(reply.send(Err(EngineError::InvalidState {
-                id: id.into(),
-                state,
-                operation: "release",
-            })));
-        }
         let pool_exists = entry
             .record
             .pool
@@ -259,17 +254,11 @@ impl Engine {
         if let Err(e) = validate_ttl(ttl) {
             return drop(reply.send(Err(e)));
         }
-        let entry = match self.entry(id) {
-            Ok(e) => e,
-            Err(e) => return drop(reply.send(Err(e))),
-        };
-        if entry.record.lease.is_none() {
-            let state = entry.record.state();
-            return drop(reply.send(Err(EngineError::InvalidState {
-                id: id.into(),
-                state,
-                operation: "renew the lease of",
-            })));
+        if let Err(e) = self
+            .entry(id)
+            .and_then(|e| e.held_lease("renew the lease of").map(drop))
+        {
+            return drop(reply.send(Err(e)));
         }
         let deadline = now_usec().saturating_add(ttl.as_micros() as u64);
         let result = self.update(id, |r| {
