@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_agent_proto::{self as proto, Call, Reply};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::Value;
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -82,15 +80,15 @@ impl AgentClient {
         &self.socket
     }
 
-    /// Call `method` and decode its reply.
-    pub async fn call<P: Serialize, R: DeserializeOwned>(
+    /// Call `method` with JSON parameters; its JSON reply. The typed calls
+    /// the engine makes are on `dyn GuestAgent` (`vmm`), which this client
+    /// implements with this: one encode and one decode per call.
+    pub async fn call_json(
         &self,
         method: &str,
-        parameters: &P,
+        parameters: Value,
         timeout: Duration,
-    ) -> Result<R, AgentError> {
-        let parameters =
-            serde_json::to_value(parameters).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    ) -> Result<Value, AgentError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut guard = self.conn.lock().await;
         let result = tokio::time::timeout_at(deadline, async {
@@ -114,14 +112,17 @@ impl AgentClient {
             // The stream may now hold a late reply: start afresh next time.
             *guard = None;
         }
-        let value = result?;
-        serde_json::from_value(value).map_err(|e| AgentError::Protocol(e.to_string()))
+        result
     }
 
-    /// `Ping`: liveness and guest facts.
-    pub async fn ping(&self, timeout: Duration) -> Result<proto::PingReply, AgentError> {
-        self.call(proto::method::PING, &proto::PingRequest::default(), timeout)
-            .await
+    /// `Ping`, for [`AgentClient::wait_ready`].
+    async fn ping(&self, timeout: Duration) -> Result<proto::PingReply, AgentError> {
+        let protocol = |e: serde_json::Error| AgentError::Protocol(e.to_string());
+        let request = serde_json::to_value(proto::PingRequest::default()).map_err(protocol)?;
+        let reply = self
+            .call_json(proto::method::PING, request, timeout)
+            .await?;
+        serde_json::from_value(reply).map_err(protocol)
     }
 
     /// Retry `Ping` (reconnecting as needed) until the agent answers or
@@ -315,17 +316,15 @@ mod tests {
                 .expect("write");
         });
         let client = AgentClient::new(&path);
-        let reply: proto::ExecReply = client
-            .call(
-                proto::method::EXEC,
-                &proto::ExecRequest {
-                    argv: vec!["true".into()],
-                    ..Default::default()
-                },
-                Duration::from_secs(5),
-            )
+        let request = serde_json::json!(proto::ExecRequest {
+            argv: vec!["true".into()],
+            ..Default::default()
+        });
+        let reply = client
+            .call_json(proto::method::EXEC, request, Duration::from_secs(5))
             .await
             .expect("exec");
+        let reply: proto::ExecReply = serde_json::from_value(reply).expect("an ExecReply");
         assert_eq!((reply.exit_code, reply.stdout.as_str()), (0, "ok"));
     }
 

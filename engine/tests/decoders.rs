@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use kiln_engine::agent::AgentClient;
 use kiln_engine::spec::{Limits, SpecDefaults};
+use kiln_engine::vmm::GuestAgent;
 use kiln_engine::{Accel, PoolSpec, VmSpec};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -121,7 +122,8 @@ proptest! {
             });
             let client = AgentClient::new(&socket);
             let started = std::time::Instant::now();
-            let _ = client.ping(Duration::from_millis(100)).await;
+            let agent: &dyn GuestAgent = &client;
+            let _ = agent.ping(Duration::from_millis(100)).await;
             assert!(started.elapsed() < Duration::from_secs(2), "the call outlived its deadline");
             guest.abort();
         });

@@ -277,7 +277,7 @@ impl GuestAgent for AgentClient {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Value, AgentError>> {
         let method = method.to_owned();
-        Box::pin(async move { AgentClient::call(self, &method, &parameters, timeout).await })
+        Box::pin(async move { AgentClient::call_json(self, &method, parameters, timeout).await })
     }
     fn wait_ready(&self, timeout: Duration) -> BoxFuture<'_, Result<PingReply, AgentError>> {
         Box::pin(AgentClient::wait_ready(self, timeout))
