@@ -300,22 +300,21 @@ impl Engine {
 
     /// A holder went away: end every lease bound to it.
     pub(in crate::actor) fn disconnected(&mut self, who: &Disconnect) -> u32 {
-        let bound: Vec<String> = self
-            .vms
-            .iter()
-            .filter(|(_, e)| {
-                e.record
-                    .lease
-                    .as_ref()
-                    .is_some_and(|l| l.release_on.as_ref() == Some(who))
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
+        let bound = self.leased_where(|l| l.release_on.as_ref() == Some(who));
         for id in &bound {
             info!(vm = %id, holder = ?who, "lease holder went away");
             self.end_lease(id);
         }
         bound.len() as u32
+    }
+
+    /// The VMs whose lease satisfies `matches`.
+    fn leased_where(&self, matches: impl Fn(&Lease) -> bool) -> Vec<String> {
+        self.vms
+            .iter()
+            .filter(|(_, e)| e.record.lease.as_ref().is_some_and(&matches))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The D-Bus names leases are bound to.
@@ -369,17 +368,8 @@ impl Engine {
     /// end now, and so do leases bound to a connection to the old kilnd;
     /// the others get their timers back.
     pub(in crate::actor) fn resume_lease_deadlines(&mut self) {
-        let orphaned: Vec<String> = self
-            .vms
-            .iter()
-            .filter(|(_, e)| {
-                e.record
-                    .lease
-                    .as_ref()
-                    .is_some_and(|l| matches!(l.release_on, Some(Disconnect::Connection(_))))
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
+        let orphaned =
+            self.leased_where(|l| matches!(l.release_on, Some(Disconnect::Connection(_))));
         for id in &orphaned {
             info!(vm = %id, "lease was bound to a connection to the previous kilnd");
             self.end_lease(id);
