@@ -790,12 +790,25 @@ def flow_sysext(keep):
             remove_root(root)
 
 
-def free_loop_device():
-    """Index of a free loop device, created by the kernel if need be."""
+LOOP_CTL_ADD = 0x4C80
+LOOP_CTL_GET_FREE = 0x4C82
+SPARE_LOOP_DEVICES = 8
+
+
+def ensure_free_loop_devices(count):
+    """Make sure `count` loop devices above the highest existing one exist
+    (LOOP_CTL_ADD; EEXIST when a node is already there is fine) and return
+    the index of the lowest free device."""
     import fcntl
     fd = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
-        return fcntl.ioctl(fd, 0x4C82)  # LOOP_CTL_GET_FREE
+        free = fcntl.ioctl(fd, LOOP_CTL_GET_FREE)
+        for index in range(free + 1, free + count):
+            try:
+                fcntl.ioctl(fd, LOOP_CTL_ADD, index)
+            except OSError:
+                pass
+        return free
     finally:
         os.close(fd)
 
@@ -803,12 +816,15 @@ def free_loop_device():
 def loop_device_binds():
     """nspawn gives a container no loop devices, and systemd-sysext needs
     one for kiln.raw. The container's /dev is its own tmpfs, so a device
-    the kernel creates later never shows there: make sure a free one exists
-    (LOOP_CTL_GET_FREE creates it) and bind every loop node with
-    /dev/loop-control. The container's systemd asks for the lowest free
-    device too, and removes it again when done, as systemd does anywhere."""
-    free = free_loop_device()
-    wait_until(lambda: os.path.exists(f"/dev/loop{free}"), timeout=5)
+    the kernel creates later never shows there: create a few free devices
+    and bind every loop node with /dev/loop-control. The container's systemd
+    asks the (shared) kernel for the lowest free device; with only one spare
+    bound, anything on the host that takes it first leaves the container a
+    number it has no node for, and after 64 attempts systemd gives up with
+    EBUSY (seen once in CI), so several spares are bound."""
+    free = ensure_free_loop_devices(SPARE_LOOP_DEVICES)
+    wait_until(lambda: all(os.path.exists(f"/dev/loop{i}") for i in range(free, free + SPARE_LOOP_DEVICES)),
+               timeout=5)
     return ["--bind=/dev/loop-control"] + [f"--bind={d}" for d in sorted(glob.glob("/dev/loop[0-9]*"))]
 
 
