@@ -54,17 +54,27 @@ impl Class {
     /// not (a newer kilnd), which is a plain failure.
     fn of_kiln_error(short: &str) -> Option<Self> {
         Some(match short {
-            "NoSuchVM" | "NoSuchPool" | "NoSuchNIC" | "ImageNotFound" => Self::NotFound,
+            "NoSuchVM" | "NoSuchPool" | "NoSuchNIC" | "ImageNotFound" | "NoSuchContainer" => {
+                Self::NotFound
+            }
             "PermissionDenied" => Self::PermissionDenied,
             "Timeout" => Self::Timeout,
             "AlreadyExists" | "InvalidName" | "InvalidSpec" | "InvalidArgument"
             | "InvalidState" | "Busy" | "AddressInUse" | "PortInUse" | "NoHotplugSlot"
-            | "InvalidImage" | "ImageInUse" => Self::Invalid,
-            "PoolExhausted" | "QuotaExceeded" | "NoGpuAvailable" => Self::Exhausted,
-            "LaunchFailed" | "BootFailed" | "VmmFailed" | "AgentFailed" | "ExecFailed"
-            | "StorageFailed" | "NetworkFailed" | "ShuttingDown" | "ImagePullFailed" => {
-                Self::Failure
+            | "InvalidImage" | "ImageInUse" | "ContainerExists" => Self::Invalid,
+            "PoolExhausted" | "QuotaExceeded" | "NoGpuAvailable" | "TooManyContainers" => {
+                Self::Exhausted
             }
+            "LaunchFailed"
+            | "BootFailed"
+            | "VmmFailed"
+            | "AgentFailed"
+            | "ExecFailed"
+            | "StorageFailed"
+            | "NetworkFailed"
+            | "ShuttingDown"
+            | "ImagePullFailed"
+            | "ContainerStartFailed" => Self::Failure,
             _ => return None,
         })
     }

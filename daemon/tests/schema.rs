@@ -423,6 +423,87 @@ fn image_replies_match_the_idl() {
 
 // --- A kilnd to talk to ------------------------------------------------------
 
+#[test]
+fn container_replies_match_the_idl() {
+    let kilnd = Kilnd::start_with("");
+    let mut run = Run::new(&kilnd);
+    let layout = kiln_testkit::oci::one_image(&[kiln_testkit::oci::busybox_layer()], "v1");
+    let digest = run.ok(
+        "io.kiln.Manager.ImportImage",
+        json!({"path": layout.path(), "reference": "kiln.test/schema:v1"}),
+    )["image"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let vm = run.ok(
+        "io.kiln.Manager.CreateVM",
+        json!({"name": "c", "spec": {"image": digest, "entrypoint": ["/bin/sh", "-c"],
+               "command": ["echo up; exec /bin/busybox sleep 100000"], "storageMiB": 16}}),
+    );
+    let id = vm["vm"]["id"].as_str().unwrap().to_owned();
+    run.ok("io.kiln.Manager.StartVM", json!({ "id": id }));
+    run.ok(
+        "io.kiln.Manager.ExecVM",
+        json!({"id": id, "container": "main", "command": ["/bin/sh", "-c", "echo in"]}),
+    );
+    run.ok(
+        "io.kiln.Manager.AddContainer",
+        json!({"id": id, "spec": {"name": "two", "image": digest, "command": ["-c", "echo two"]}}),
+    );
+    run.ok("io.kiln.Manager.ListContainers", json!({ "id": id }));
+    run.ok(
+        "io.kiln.Manager.ContainerLogs",
+        json!({"id": id, "name": "main", "maxBytes": 3}),
+    );
+    run.more(
+        "io.kiln.Manager.ContainerLogs",
+        json!({"id": id, "name": "two"}),
+    );
+    run.ok("io.kiln.Manager.DescribeVM", json!({ "id": id }));
+    for (method, params) in [
+        (
+            "AddContainer",
+            json!({"id": id, "spec": {"name": "two", "image": digest}}),
+        ),
+        (
+            "AddContainer",
+            json!({"id": id, "spec": {"name": "x", "image": digest,
+                                 "entrypoint": ["/missing"]}}),
+        ),
+        ("RemoveContainer", json!({"id": id, "name": "nope"})),
+        ("ContainerLogs", json!({"id": id, "name": "nope"})),
+        (
+            "AddContainer",
+            json!({"id": id, "spec": {"name": "x", "image": "kiln.test/none:1"}}),
+        ),
+    ] {
+        run.err(&format!("io.kiln.Manager.{method}"), params);
+    }
+    run.ok(
+        "io.kiln.Manager.RemoveContainer",
+        json!({"id": id, "name": "two"}),
+    );
+    run.ok("io.kiln.Manager.DeleteVM", json!({ "id": id }));
+    assert_eq!(run.problems, Vec::<String>::new(), "{}", kilnd.log());
+    for method in [
+        "AddContainer",
+        "ListContainers",
+        "ContainerLogs",
+        "RemoveContainer",
+    ] {
+        assert!(run.replied.contains(method), "no {method} reply checked");
+    }
+    for error in [
+        "ContainerExists",
+        "ContainerStartFailed",
+        "NoSuchContainer",
+        "ImageNotFound",
+    ] {
+        let name = format!("io.kiln.Manager.{error}");
+        assert!(run.errors.contains(&name), "no {name}: {:?}", run.errors);
+    }
+}
+
 /// kilnd without D-Bus, with two render nodes in a fake sysfs (so the GPU
 /// type has values to check).
 struct Kilnd {

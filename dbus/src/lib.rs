@@ -31,6 +31,7 @@
 //! compares them with what the live service introspects.
 
 mod auth;
+mod container;
 mod error;
 mod gpu;
 mod holders;

@@ -18,6 +18,7 @@ use zbus::zvariant::{OwnedObjectPath, Value};
 use zbus::{interface, Connection, ObjectServer};
 
 use crate::auth::Authorizer;
+use crate::container::{logs_tuple, without_nul, ContainerSummary, LogsTuple};
 use crate::error::KilnError;
 use crate::mirror::{unexport, wire_name, Context, Mirror};
 use crate::names::{vm_path, VM_INTERFACE};
@@ -120,12 +121,37 @@ fn display(info: &VmInfo) -> String {
 /// A guest's output as a D-Bus string: NUL, which D-Bus strings cannot
 /// hold (the bus daemon disconnects a sender whose message has one),
 /// becomes U+FFFD, as the agent already does with invalid UTF-8.
-fn without_nul(text: String) -> String {
-    if text.contains('\0') {
-        text.replace('\0', "\u{fffd}")
-    } else {
-        text
+/// An `ExecRequest` from `Exec`'s arguments (0 and "" mean the default).
+fn exec_request(
+    command: Vec<String>,
+    env: Vec<String>,
+    stdin: String,
+    timeout_sec: u32,
+    max_output_bytes: u32,
+) -> ExecRequest {
+    ExecRequest {
+        argv: command,
+        env,
+        stdin: (!stdin.is_empty()).then_some(stdin),
+        timeout_ms: (timeout_sec > 0).then(|| u64::from(timeout_sec) * 1000),
+        max_output_bytes: (max_output_bytes > 0).then_some(max_output_bytes),
     }
+}
+
+/// `Exec`'s reply: exit code, stdout, stderr, signal, truncations, timeout.
+type ExecTuple = (i32, String, String, i32, bool, bool, bool);
+
+/// `Exec`'s reply tuple.
+fn exec_tuple(reply: kiln_agent_proto::ExecReply) -> Result<ExecTuple, KilnError> {
+    Ok((
+        reply.exit_code,
+        without_nul(reply.stdout),
+        without_nul(reply.stderr),
+        reply.signal.unwrap_or(0),
+        reply.stdout_truncated,
+        reply.stderr_truncated,
+        reply.timed_out,
+    ))
 }
 
 /// Remove a VM's object if it is exported.
@@ -265,22 +291,95 @@ impl Vm {
         max_output_bytes: u32,
     ) -> Result<(i32, String, String, i32, bool, bool, bool), KilnError> {
         self.auth.check_manage(conn, &header, "Exec").await?;
-        let request = ExecRequest {
-            argv: command,
-            env,
-            stdin: (!stdin.is_empty()).then_some(stdin),
-            timeout_ms: (timeout_sec > 0).then(|| u64::from(timeout_sec) * 1000),
-            max_output_bytes: (max_output_bytes > 0).then_some(max_output_bytes),
+        let request = exec_request(command, env, stdin, timeout_sec, max_output_bytes);
+        exec_tuple(self.engine.exec_vm(&self.id, request).await?)
+    }
+
+    /// `Exec` in container `container`'s root and namespaces (varlink's
+    /// `ExecVM` with `container`).
+    #[zbus(out_args(
+        "exit_code",
+        "stdout",
+        "stderr",
+        "signal",
+        "stdout_truncated",
+        "stderr_truncated",
+        "timed_out"
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    async fn exec_in(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        container: String,
+        command: Vec<String>,
+        env: Vec<String>,
+        stdin: String,
+        timeout_sec: u32,
+        max_output_bytes: u32,
+    ) -> Result<(i32, String, String, i32, bool, bool, bool), KilnError> {
+        self.auth.check_manage(conn, &header, "ExecIn").await?;
+        let request = exec_request(command, env, stdin, timeout_sec, max_output_bytes);
+        exec_tuple(
+            self.engine
+                .exec_in(&self.id, Some(container), request)
+                .await?,
+        )
+    }
+
+    /// Run another container (spec as varlink's `ContainerSpec`, an
+    /// `a{sv}`); replies once it runs. See `docs/api.md`, "Containers".
+    async fn add_container(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        spec: std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+    ) -> Result<ContainerSummary, KilnError> {
+        self.auth
+            .check_manage(conn, &header, "AddContainer")
+            .await?;
+        let spec = crate::spec::decode(&spec)?;
+        let container = self.engine.add_container(&self.id, spec).await?;
+        Ok(ContainerSummary::from(&container))
+    }
+
+    /// Stop and remove container `name`, unplug its layers.
+    async fn remove_container(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), KilnError> {
+        self.auth
+            .check_manage(conn, &header, "RemoveContainer")
+            .await?;
+        self.engine.remove_container(&self.id, &name).await?;
+        Ok(())
+    }
+
+    /// The VM's containers, refreshed from the guest when it answers.
+    async fn list_containers(&self) -> Result<Vec<ContainerSummary>, KilnError> {
+        let containers = self.engine.list_containers(&self.id).await?;
+        Ok(containers.iter().map(ContainerSummary::from).collect())
+    }
+
+    /// One read of container `name`'s output from cursor `since` (0 = the
+    /// oldest kept), at most `max_bytes` (0 = 64 KiB). Follow by calling
+    /// again with the returned cursor until `ended`.
+    #[zbus(out_args("entries", "cursor", "dropped", "ended"))]
+    async fn container_logs(
+        &self,
+        name: String,
+        since: u64,
+        max_bytes: u32,
+    ) -> Result<LogsTuple, KilnError> {
+        let request = kiln_agent_proto::ContainerLogsRequest {
+            id: name,
+            since: (since > 0).then_some(since),
+            max_bytes: (max_bytes > 0).then_some(max_bytes),
         };
-        let reply = self.engine.exec_vm(&self.id, request).await?;
-        Ok((
-            reply.exit_code,
-            without_nul(reply.stdout),
-            without_nul(reply.stderr),
-            reply.signal.unwrap_or(0),
-            reply.stdout_truncated,
-            reply.stderr_truncated,
-            reply.timed_out,
+        Ok(logs_tuple(
+            self.engine.container_logs(&self.id, request).await?,
         ))
     }
 

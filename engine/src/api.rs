@@ -11,7 +11,12 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kiln_agent_proto::{self as proto, ExecReply, ExecRequest, PingReply};
+use kiln_agent_proto::{
+    self as proto, ContainerLogsReply, ContainerLogsRequest, ExecInRequest, ExecReply, ExecRequest,
+    PingReply,
+};
+
+use crate::container::{ContainerInfo, ContainerSpec};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -125,11 +130,43 @@ pub enum Command {
     ListVms { reply: Reply<Vec<VmInfo>> },
     /// One VM.
     DescribeVm { id: String, reply: Reply<VmInfo> },
-    /// Run a command in the guest; valid while `ready` or `leased`.
+    /// Run a command in the guest (or, with `request.container`, in that
+    /// container's root and namespaces); valid while `ready` or `leased`.
+    /// `NoSuchContainer`; `ExecFailed` for a container that is not running.
     ExecVm {
         id: String,
-        request: ExecRequest,
+        request: ExecInRequest,
         reply: Reply<ExecReply>,
+    },
+    /// Run another container in a `ready` or `leased` VM: resolve its image
+    /// (`ImageNotFound`), plug its layers, start its process, then record
+    /// it. Nothing stays on failure. `ContainerExists`,
+    /// `TooManyContainers` (more than 8), `ContainerStartFailed`,
+    /// `InvalidSpec`, `InvalidState`.
+    AddContainer {
+        id: String,
+        spec: ContainerSpec,
+        reply: Reply<ContainerInfo>,
+    },
+    /// Stop (SIGTERM, then SIGKILL after 10 s) and remove a container,
+    /// unplug its layers, release its image. `NoSuchContainer`.
+    RemoveContainer {
+        id: String,
+        name: String,
+        reply: Reply<()>,
+    },
+    /// A VM's containers (refreshed from the guest when it answers).
+    ListContainers {
+        id: String,
+        reply: Reply<Vec<ContainerInfo>>,
+    },
+    /// One read of a container's output (stdout and stderr in the order
+    /// written) from cursor `since`; `ended` once it exited and all was
+    /// read. `NoSuchContainer`.
+    ContainerLogs {
+        id: String,
+        request: ContainerLogsRequest,
+        reply: Reply<ContainerLogsReply>,
     },
     /// Ping the guest agent with a deadline, in any state with a process
     /// (a paused guest does not answer: `Timeout`).
@@ -464,8 +501,49 @@ impl EngineHandle {
     }
     /// See [`Command::ExecVm`].
     pub async fn exec_vm(&self, id: &str, request: ExecRequest) -> Result<ExecReply, EngineError> {
+        self.exec_in(id, None, request).await
+    }
+    /// [`Command::ExecVm`] in container `container` (`None`: the guest).
+    pub async fn exec_in(
+        &self,
+        id: &str,
+        container: Option<String>,
+        request: ExecRequest,
+    ) -> Result<ExecReply, EngineError> {
         let id = id.to_owned();
+        let request = ExecInRequest {
+            exec: request,
+            container,
+        };
         call!(self, ExecVm { id, request })
+    }
+    /// See [`Command::AddContainer`].
+    pub async fn add_container(
+        &self,
+        id: &str,
+        spec: ContainerSpec,
+    ) -> Result<ContainerInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, AddContainer { id, spec })
+    }
+    /// See [`Command::RemoveContainer`].
+    pub async fn remove_container(&self, id: &str, name: &str) -> Result<(), EngineError> {
+        let (id, name) = (id.to_owned(), name.to_owned());
+        call!(self, RemoveContainer { id, name })
+    }
+    /// See [`Command::ListContainers`].
+    pub async fn list_containers(&self, id: &str) -> Result<Vec<ContainerInfo>, EngineError> {
+        let id = id.to_owned();
+        call!(self, ListContainers { id })
+    }
+    /// See [`Command::ContainerLogs`].
+    pub async fn container_logs(
+        &self,
+        id: &str,
+        request: ContainerLogsRequest,
+    ) -> Result<ContainerLogsReply, EngineError> {
+        let id = id.to_owned();
+        call!(self, ContainerLogs { id, request })
     }
     /// See [`Command::PingVm`].
     pub async fn ping_vm(&self, id: &str, timeout: Duration) -> Result<PingReply, EngineError> {

@@ -104,6 +104,16 @@ error_names! {
     InvalidImage,
     /// The image has users (VMs, pools, templates) and cannot be removed.
     ImageInUse,
+    /// The VM has no container by that name.
+    NoSuchContainer,
+    /// The VM already has a container by that name.
+    ContainerExists,
+    /// The VM runs as many containers as it may.
+    TooManyContainers,
+    /// The guest could not start the container (a layer disk that never
+    /// showed up, a program that is missing or not for this machine, a
+    /// user the image does not have).
+    ContainerStartFailed,
     /// The caller may not do this. Adapter-only: authorization happens in
     /// the D-Bus and varlink adapters (they know the caller), so no
     /// [`EngineError`] has this name.
@@ -223,6 +233,18 @@ pub enum EngineError {
     /// link in the way).
     #[error("host network")]
     NetworkFailed(#[source] kiln_net::NetError),
+    /// The VM has no container by that name.
+    #[error("no container named {0:?}")]
+    NoSuchContainer(String),
+    /// The VM already has a container by that name.
+    #[error("a container named {0:?} exists")]
+    ContainerExists(String),
+    /// The VM runs as many containers as it may.
+    #[error("too many containers: {0}")]
+    TooManyContainers(String),
+    /// The guest could not start the container.
+    #[error("container failed to start: {0}")]
+    ContainerStartFailed(String),
     /// The image store failed or refused. One variant for the store's one
     /// typed error, so what it says (the registry's reason, why an image
     /// is invalid, who uses it) reaches the wire whole; its names are
@@ -262,6 +284,10 @@ impl EngineError {
             Self::NoSuchNIC(_) => ErrorName::NoSuchNIC,
             Self::NoHotplugSlot(_) => ErrorName::NoHotplugSlot,
             Self::QuotaExceeded { .. } => ErrorName::QuotaExceeded,
+            Self::NoSuchContainer(_) => ErrorName::NoSuchContainer,
+            Self::ContainerExists(_) => ErrorName::ContainerExists,
+            Self::TooManyContainers(_) => ErrorName::TooManyContainers,
+            Self::ContainerStartFailed(_) => ErrorName::ContainerStartFailed,
             Self::Image(e) => match e {
                 ImageError::ImageNotFound { .. } => ErrorName::ImageNotFound,
                 ImageError::ImagePullFailed { .. } => ErrorName::ImagePullFailed,
@@ -335,6 +361,16 @@ impl From<AgentError> for EngineError {
             AgentError::Call { name, message } if name == kiln_agent_proto::error::EXEC_FAILED => {
                 Self::ExecFailed(message)
             }
+            AgentError::Call { name, message }
+                if name == kiln_agent_proto::error::NO_SUCH_CONTAINER =>
+            {
+                Self::NoSuchContainer(message)
+            }
+            AgentError::Call { name, message }
+                if name == kiln_agent_proto::error::CONTAINER_NOT_RUNNING =>
+            {
+                Self::ExecFailed(format!("the container is not running: {message}"))
+            }
             other => Self::AgentFailed(other),
         }
     }
@@ -361,6 +397,10 @@ mod tests {
         vec![
             EngineError::NoSuchVM(text()),
             EngineError::AlreadyExists(text()),
+            EngineError::NoSuchContainer(text()),
+            EngineError::ContainerExists(text()),
+            EngineError::TooManyContainers(text()),
+            EngineError::ContainerStartFailed(text()),
             EngineError::InvalidName(SpecError::InvalidName(text())),
             EngineError::InvalidSpec(SpecError::Cmdline),
             EngineError::InvalidArgument(text()),

@@ -8,6 +8,7 @@
 //!
 //! Module map (see `docs/architecture.md`):
 //! - [`spec`]: what a caller may ask for, and its limits;
+//! - [`container`]: containers in VMs: spec, record, layer disks;
 //! - [`state`]: the VM state machine and its one transition check;
 //! - [`qemu`]: typed QEMU argv, the QMP client, process handling;
 //! - [`agent`]: the `io.kiln.Agent` client;
@@ -27,9 +28,11 @@ mod actor;
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod container;
 pub mod error;
 pub mod ids;
 pub mod images;
+pub mod name;
 pub mod pool;
 pub mod process;
 pub mod qemu;

@@ -15,6 +15,7 @@ use kiln_gpu::GpuRequest;
 use kiln_net::Protocol;
 
 use crate::accel::Accel;
+use crate::container::{ContainerSpec, ContainerSpecError, MAIN_CONTAINER};
 
 /// A VM as requested: everything optional has a default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +51,32 @@ pub struct VmSpec {
     /// (default none: no NIC at all).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkSpec>,
+    /// An OCI image (a stored reference or digest) the VM runs as its
+    /// container `main` (docs/images.md). The fields below need it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Replaces the image's `Cmd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's `Entrypoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// `KEY=VALUE` entries merged over the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<String>>,
+    /// The container's working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The container's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// MiB of writable root (a guest tmpfs).
+    #[serde(
+        default,
+        rename = "storageMiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub storage_mib: Option<u64>,
 }
 
 /// Most port forwards one VM may have.
@@ -265,6 +292,9 @@ pub struct ResolvedSpec {
     /// Bridge networking (`None`: no NIC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkSpec>,
+    /// The container the VM runs (from `image` and the process fields).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
 }
 
 impl ResolvedSpec {
@@ -297,8 +327,7 @@ pub struct Limits {
     pub max_memory_mib: u32,
 }
 
-/// Longest VM or pool name.
-pub const MAX_NAME_LEN: usize = 64;
+pub use crate::name::MAX_NAME_LEN;
 /// Longest extra kernel command line (the kernel's own limit is 2048 with
 /// Kiln's part included).
 pub const MAX_CMDLINE_LEN: usize = 1024;
@@ -333,17 +362,20 @@ pub enum SpecError {
     /// The network request is not acceptable.
     #[error("network: {0}")]
     Network(String),
+    /// The container (image and process fields) is not acceptable.
+    #[error("container: {0}")]
+    Container(String),
+}
+
+impl From<ContainerSpecError> for SpecError {
+    fn from(e: ContainerSpecError) -> Self {
+        Self::Container(e.0)
+    }
 }
 
 /// Check a VM or pool name.
 pub fn validate_name(name: &str) -> Result<(), SpecError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if crate::name::is_valid_name(name) {
         Ok(())
     } else {
         Err(SpecError::InvalidName(
@@ -413,6 +445,7 @@ impl VmSpec {
         if cmdline.len() > MAX_CMDLINE_LEN || cmdline.chars().any(char::is_control) {
             return Err(SpecError::Cmdline);
         }
+        let container = self.container()?;
         Ok(ResolvedSpec {
             vcpus,
             memory_mib,
@@ -426,7 +459,38 @@ impl VmSpec {
                 Some(n) => n.resolve()?,
                 None => None,
             },
+            container,
         })
+    }
+
+    /// The container `image` and the process fields ask for.
+    fn container(&self) -> Result<Option<ContainerSpec>, SpecError> {
+        let Some(image) = &self.image else {
+            let process_fields = self.command.is_some()
+                || self.entrypoint.is_some()
+                || self.env.is_some()
+                || self.workdir.is_some()
+                || self.user.is_some()
+                || self.storage_mib.is_some();
+            return match process_fields {
+                true => Err(SpecError::Container(
+                    "command, entrypoint, env, workdir, user and storageMiB need image".into(),
+                )),
+                false => Ok(None),
+            };
+        };
+        let spec = ContainerSpec {
+            name: MAIN_CONTAINER.to_owned(),
+            image: image.clone(),
+            command: self.command.clone(),
+            entrypoint: self.entrypoint.clone(),
+            env: self.env.clone().unwrap_or_default(),
+            workdir: self.workdir.clone(),
+            user: self.user.clone(),
+            storage_mib: self.storage_mib,
+        };
+        spec.validate()?;
+        Ok(Some(spec))
     }
 }
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
+use crate::container::{ContainerInfo, ContainerRecord};
 use crate::spec::ResolvedSpec;
 use crate::state::{InvalidTransition, VmState};
 
@@ -112,6 +113,9 @@ pub struct VmRecord {
     /// until it is deleted), the TAP's index while a process runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<NicInfo>,
+    /// Its containers (docs/images.md), in the order they start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<ContainerRecord>,
 }
 
 /// One NIC of a VM, as persisted and as shown.
@@ -191,6 +195,7 @@ impl VmRecord {
             template: None,
             gpus: Vec::new(),
             network: Vec::new(),
+            containers: Vec::new(),
         }
     }
 }
@@ -265,6 +270,9 @@ pub struct VmInfo {
     /// NICs (bridge mode).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<NicInfo>,
+    /// Containers it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<ContainerInfo>,
 }
 
 impl From<&VmRecord> for VmInfo {
@@ -298,6 +306,7 @@ impl From<&VmRecord> for VmInfo {
             gpus: r.gpus.clone(),
             display: r.spec.display,
             network: r.network.clone(),
+            containers: r.containers.iter().map(ContainerInfo::from).collect(),
         }
     }
 }

@@ -71,10 +71,13 @@ pub struct ExecParams {
     pub timeout_sec: Option<u32>,
     #[serde(default)]
     pub max_output_bytes: Option<u32>,
+    #[serde(default)]
+    pub container: Option<String>,
 }
 
 impl ExecParams {
-    pub fn into_request(self) -> (String, ExecRequest) {
+    /// The VM id, the container (if any) and the request.
+    pub fn into_request(self) -> (String, Option<String>, ExecRequest) {
         let request = ExecRequest {
             argv: self.command,
             env: self.env,
@@ -82,7 +85,7 @@ impl ExecParams {
             timeout_ms: self.timeout_sec.map(|s| u64::from(s) * 1000),
             max_output_bytes: self.max_output_bytes,
         };
-        (self.id, request)
+        (self.id, self.container, request)
     }
 }
 
@@ -182,4 +185,32 @@ pub struct ImportImageParams {
 #[serde(deny_unknown_fields)]
 pub struct ImageParams {
     pub image: String,
+}
+
+/// `AddContainer(id, spec)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddContainerParams {
+    pub id: String,
+    pub spec: kiln_engine::container::ContainerSpec,
+}
+
+/// `{id, name}`: a VM's container (`RemoveContainer`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerParams {
+    pub id: String,
+    pub name: String,
+}
+
+/// `ContainerLogs(id, name, since?, maxBytes?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ContainerLogsParams {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub since: Option<u64>,
+    #[serde(default)]
+    pub max_bytes: Option<u32>,
 }

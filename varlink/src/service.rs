@@ -133,6 +133,8 @@ const MUTATING: &[&str] = &[
     "RebootVM",
     "DeleteVM",
     "ExecVM",
+    "AddContainer",
+    "RemoveContainer",
     "AttachNIC",
     "DetachNIC",
     "CreatePool",
@@ -234,8 +236,8 @@ impl ManagerService {
                 Ok(Outcome::Single(json!({ "vms": engine.list_vms().await? })))
             }
             "ExecVM" => {
-                let (id, request) = params::<ExecParams>(raw)?.into_request();
-                let reply = engine.exec_vm(&id, request).await?;
+                let (id, container, request) = params::<ExecParams>(raw)?.into_request();
+                let reply = engine.exec_in(&id, container, request).await?;
                 Ok(Outcome::Single(json!({
                     "exitCode": reply.exit_code,
                     "signal": reply.signal,
@@ -245,6 +247,24 @@ impl ManagerService {
                     "stderrTruncated": reply.stderr_truncated,
                     "timedOut": reply.timed_out,
                 })))
+            }
+            "AddContainer" => {
+                let p: AddContainerParams = params(raw)?;
+                let container = engine.add_container(&p.id, p.spec).await?;
+                Ok(Outcome::Single(json!({ "container": container })))
+            }
+            "RemoveContainer" => {
+                let p: ContainerParams = params(raw)?;
+                engine.remove_container(&p.id, &p.name).await?;
+                Ok(Outcome::Single(json!({})))
+            }
+            "ListContainers" => {
+                let containers = engine.list_containers(&params::<IdParams>(raw)?.id).await?;
+                Ok(Outcome::Single(json!({ "containers": containers })))
+            }
+            "ContainerLogs" => {
+                let p: ContainerLogsParams = params(raw)?;
+                container_logs(engine.clone(), p, call.more()).await
             }
             "AttachNIC" => {
                 let p: AttachNicParams = params(raw)?;
@@ -426,6 +446,65 @@ async fn image_job(job: ImageJob, more: bool) -> Result<Outcome, ErrorReply> {
         Some(((last, Vec::new()), None))
     });
     Ok(Outcome::Stream(Box::pin(replies)))
+}
+
+/// How often a followed `ContainerLogs` asks the guest for more output.
+const LOG_FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+
+/// `ContainerLogs`: one read; with `more`, every read as output comes (the
+/// first at once, then whenever there is new output, polled every
+/// [`LOG_FOLLOW_INTERVAL`]) until the container exited and all was read.
+async fn container_logs(
+    engine: EngineHandle,
+    p: ContainerLogsParams,
+    more: bool,
+) -> Result<Outcome, ErrorReply> {
+    let (name, max_bytes) = (p.name.clone(), p.max_bytes);
+    let request = move |since| kiln_agent_proto::ContainerLogsRequest {
+        id: name.clone(),
+        since,
+        max_bytes,
+    };
+    let first = engine.container_logs(&p.id, request(p.since)).await?;
+    if !more {
+        return Ok(Outcome::Single(logs_json(&first)));
+    }
+    let id = p.id.clone();
+    let replies = stream::unfold(Some((engine, first, true)), move |state| {
+        let (id, request) = (id.clone(), request.clone());
+        async move {
+            let (engine, mut logs, first) = state?;
+            if !first {
+                loop {
+                    tokio::time::sleep(LOG_FOLLOW_INTERVAL).await;
+                    match engine.container_logs(&id, request(Some(logs.cursor))).await {
+                        Ok(next) if next.entries.is_empty() && !next.ended => logs = next,
+                        Ok(next) => {
+                            logs = next;
+                            break;
+                        }
+                        Err(e) => return Some(((Err(ErrorReply::from(e)), Vec::new()), None)),
+                    }
+                }
+            }
+            if logs.ended {
+                let last = Reply::new(Some(logs_json(&logs))).set_continues(Some(false));
+                return Some(((Ok(last), Vec::new()), None));
+            }
+            let item = continues(logs_json(&logs));
+            Some((item, Some((engine, logs, false))))
+        }
+    });
+    Ok(Outcome::Stream(Box::pin(replies)))
+}
+
+fn logs_json(logs: &kiln_agent_proto::ContainerLogsReply) -> Value {
+    json!({
+        "entries": logs.entries,
+        "cursor": logs.cursor,
+        "dropped": logs.dropped,
+        "ended": logs.ended,
+    })
 }
 
 /// Engine events as a `more` stream: a `ready` marker first (the watcher is

@@ -36,6 +36,11 @@ impl Images {
     /// Open (creating) the store under `<state_dir>/images`; whatever a
     /// crash left in its `tmp/` is swept. Blocking, like the rest of the
     /// engine's start: a few directory operations.
+    /// The store (sub-tasks use a clone).
+    pub(super) fn store(&self) -> &ImageStore {
+        &self.store
+    }
+
     pub(super) fn open(config: &EngineConfig) -> Result<Self, EngineError> {
         let store = ImageStore::open(config.images_dir(), config.image_store_config())?;
         Ok(Self {

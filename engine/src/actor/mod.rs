@@ -9,6 +9,7 @@
 //! exited, QEMU sent `SHUTDOWN`) always update the in-memory state even if
 //! the disk write fails: the next reconcile will agree with them anyway.
 
+mod containers;
 mod gpus;
 mod images;
 mod network;
@@ -61,6 +62,9 @@ struct Runtime {
     stop_intent: Option<StopIntent>,
     /// QEMU reported `SHUTDOWN`: the exit that follows is clean.
     shutdown_seen: bool,
+    /// The guest boot whose containers were started (a reboot starts
+    /// them again).
+    containers_boot: Option<String>,
 }
 
 #[derive(Debug)]
@@ -82,6 +86,8 @@ struct VmEntry {
     recycle: bool,
     /// NICs with an attach or detach in flight.
     nic_ops: BTreeSet<u8>,
+    /// Containers (name, slot) being added or removed.
+    container_ops: BTreeSet<(String, u8)>,
 }
 
 impl VmEntry {
@@ -97,6 +103,7 @@ impl VmEntry {
             net_cleanup: None,
             recycle: false,
             nic_ops: BTreeSet::new(),
+            container_ops: BTreeSet::new(),
         }
     }
 
@@ -229,6 +236,48 @@ enum Internal {
     ImagesCollected {
         result: Result<kiln_image::GcReport, EngineError>,
     },
+    /// A `CreateVm` with an image: the image is resolved (or not).
+    VmImageResolved {
+        id: String,
+        name: String,
+        spec: Box<crate::spec::ResolvedSpec>,
+        result: Result<crate::container::ContainerRecord, EngineError>,
+        reply: Reply<VmInfo>,
+    },
+    /// The containers of a new boot started (or the first failure).
+    ContainersStarted {
+        id: String,
+        generation: u64,
+        ping: PingReply,
+        results: Vec<(String, Result<kiln_agent_proto::ContainerInfo, EngineError>)>,
+    },
+    /// An `AddContainer` ended (undone on failure).
+    ContainerAdded {
+        id: String,
+        generation: u64,
+        name: String,
+        slot: u8,
+        result: Result<crate::container::ContainerRecord, EngineError>,
+        reply: Reply<crate::container::ContainerInfo>,
+    },
+    /// The guest side of a `RemoveContainer` ended.
+    ContainerRemoved {
+        id: String,
+        container: Box<crate::container::ContainerRecord>,
+        result: Result<(), EngineError>,
+        reply: Reply<()>,
+    },
+    /// The agent listed a VM's containers.
+    ContainersObserved {
+        id: String,
+        generation: u64,
+        result: Result<Vec<kiln_agent_proto::ContainerInfo>, EngineError>,
+        reply: Reply<Vec<crate::container::ContainerInfo>>,
+    },
+    /// The image store's container users, for the start-up sweep.
+    ImageUsersListed {
+        users: Vec<(String, String)>,
+    },
     /// A pool's back-off ended.
     PoolTick {
         pool: String,
@@ -273,6 +322,8 @@ pub struct Engine {
     bridges: network::Bridges,
     /// The image store, shared with the sub-tasks that use it.
     images: images::Images,
+    /// VM creates waiting for their image (by id).
+    creating: HashMap<String, containers::PendingCreate>,
 }
 
 impl Engine {
@@ -325,6 +376,7 @@ impl Engine {
             gpus: gpus::Gpus::default(),
             bridges,
             images,
+            creating: HashMap::new(),
         };
         engine.reconcile(records).await;
         engine.reconcile_network().await;
@@ -333,6 +385,7 @@ impl Engine {
         engine.load_pools();
         engine.resume_lease_deadlines();
         engine.settle_pools();
+        engine.sweep_image_users();
         info!(accel = %accel, vms = engine.vms.len(), "engine ready");
 
         let (commands_tx, mut commands) = mpsc::channel::<Command>(256);
@@ -360,9 +413,7 @@ impl Engine {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::CreateVm { name, spec, reply } => {
-                let _ = reply.send(self.create_vm(name, spec));
-            }
+            Command::CreateVm { name, spec, reply } => self.create_vm(name, spec, reply),
             Command::StartVm { id, reply } => self.start_vm(&id, reply),
             Command::StopVm { id, timeout, reply } => self.stop_vm(&id, timeout, reply),
             Command::KillVm { id, reply } => self.kill_vm(&id, reply),
@@ -380,6 +431,12 @@ impl Engine {
                 let _ = reply.send(self.entry(&id).map(|e| VmInfo::from(&e.record)));
             }
             Command::ExecVm { id, request, reply } => self.exec_vm(&id, request, reply),
+            Command::AddContainer { id, spec, reply } => self.add_container(&id, spec, reply),
+            Command::RemoveContainer { id, name, reply } => self.remove_container(&id, name, reply),
+            Command::ListContainers { id, reply } => self.list_containers(&id, reply),
+            Command::ContainerLogs { id, request, reply } => {
+                self.container_logs(&id, request, reply)
+            }
             Command::PingVm { id, timeout, reply } => self.ping_vm(&id, timeout, reply),
             Command::CreatePool { name, spec, reply } => {
                 let _ = reply.send(self.create_pool(name, spec));
@@ -478,7 +535,7 @@ impl Engine {
     fn unused_vm_id(&self) -> String {
         loop {
             let id = new_vm_id();
-            if !self.vms.contains_key(&id) {
+            if !self.id_taken(&id) {
                 return id;
             }
         }
@@ -685,6 +742,40 @@ impl Engine {
             Internal::ImageStored { result, reply } => self.image_stored(result, reply),
             Internal::ImageRemoved { result, reply } => self.image_removed(result, reply),
             Internal::ImagesCollected { result } => self.images_collected(result),
+            Internal::VmImageResolved {
+                id,
+                name,
+                spec,
+                result,
+                reply,
+            } => self.vm_image_resolved(id, name, *spec, result, reply),
+            Internal::ContainersStarted {
+                id,
+                generation,
+                ping,
+                results,
+            } => self.containers_started(&id, generation, ping, results),
+            Internal::ContainerAdded {
+                id,
+                generation,
+                name,
+                slot,
+                result,
+                reply,
+            } => self.container_added(&id, generation, name, slot, result, reply),
+            Internal::ContainerRemoved {
+                id,
+                container,
+                result,
+                reply,
+            } => self.container_removed(&id, *container, result, reply),
+            Internal::ContainersObserved {
+                id,
+                generation,
+                result,
+                reply,
+            } => self.containers_observed(&id, generation, result, reply),
+            Internal::ImageUsersListed { users } => self.image_users_listed(users),
             Internal::PoolTick { pool } => self.pool_tick(&pool),
             Internal::GpusChanged => self.rescan_gpus(),
             Internal::AcquireTimeout {

@@ -97,6 +97,7 @@ impl Engine {
                 agent: agent.clone(),
                 stop_intent: None,
                 shutdown_seen: false,
+                containers_boot: None,
             });
         }
         info!(vm = %id, pid, state = %state, "re-adopted running VM");

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kiln_agent_proto::{self as proto, ExecReply, ExecRequest, PingReply};
+use kiln_agent_proto::{self as proto, ExecInRequest, ExecReply, PingReply};
 use tracing::{debug, error, info, warn};
 
 use super::network::{template_mac, TAP_FD};
@@ -22,19 +22,22 @@ use crate::spec::{validate_name, ResolvedSpec, VmSpec};
 use crate::state::VmState;
 use crate::store::remove_tree;
 use crate::store::Durability;
-use crate::vm::{GuestInfo, VmInfo, VmRecord};
+use crate::vm::{GuestInfo, VmInfo};
 
 impl Engine {
-    pub(super) fn create_vm(&mut self, name: String, spec: VmSpec) -> Result<VmInfo, EngineError> {
-        validate_name(&name).map_err(EngineError::InvalidName)?;
-        if self.vms.values().any(|e| e.record.name == name) {
-            return Err(EngineError::AlreadyExists(name));
+    /// Check a new VM's name and spec: `InvalidName`, `AlreadyExists`,
+    /// `InvalidSpec`.
+    pub(super) fn check_new_vm(
+        &self,
+        name: &str,
+        spec: &VmSpec,
+    ) -> Result<ResolvedSpec, EngineError> {
+        validate_name(name).map_err(EngineError::InvalidName)?;
+        if self.name_taken(name) {
+            return Err(EngineError::AlreadyExists(name.to_owned()));
         }
-        let spec = spec
-            .resolve(&self.defaults, &self.limits)
-            .map_err(EngineError::InvalidSpec)?;
-        let record = VmRecord::new(self.unused_vm_id(), name, spec, None);
-        self.insert_vm(record)
+        spec.resolve(&self.defaults, &self.limits)
+            .map_err(EngineError::InvalidSpec)
     }
 
     pub(super) fn start_vm(&mut self, id: &str, reply: Reply<VmInfo>) {
@@ -145,6 +148,7 @@ impl Engine {
             agent: agent.clone(),
             stop_intent: None,
             shutdown_seen: false,
+            containers_boot: None,
         });
         entry.ready_waiters.extend(reply);
         let tx = self.internal_tx.clone();
@@ -401,11 +405,19 @@ impl Engine {
             self.kill_process(id);
             return;
         }
-        let _ = reply.send(self.remove_vm(id));
+        let removed = self.remove_vm(id);
+        answer_deletes(removed, vec![reply], self.config.vm_records_dir());
     }
 
-    pub(super) fn remove_vm(&mut self, id: &str) -> Result<(), EngineError> {
+    /// Forget VM `id` (record, runtime files, GPUs, network) and release
+    /// its containers' images; the release runs beside the actor and is
+    /// returned, so a `DeleteVm` can reply once the image is free again.
+    pub(super) fn remove_vm(&mut self, id: &str) -> Result<ImagesReleased, EngineError> {
         self.store.remove(id)?;
+        let released = self
+            .vms
+            .get(id)
+            .and_then(|entry| self.release_container_images(&entry.record));
         remove_tree(&self.config.vm_runtime_dir(id));
         self.release_gpus(id);
         self.release_network(id);
@@ -419,28 +431,34 @@ impl Engine {
         let _ = self
             .events
             .send(EngineEvent::VmRemoved { id: id.to_owned() });
-        Ok(())
+        Ok(released)
     }
 
-    pub(super) fn exec_vm(&mut self, id: &str, request: ExecRequest, reply: Reply<ExecReply>) {
+    pub(super) fn exec_vm(&mut self, id: &str, request: ExecInRequest, reply: Reply<ExecReply>) {
         // Input first: a malformed request is refused whatever the id.
-        if let Err(e) = validate_exec(&request) {
+        if let Err(e) = validate_exec(&request.exec) {
             return drop(reply.send(Err(e)));
         }
         let entry = match self.entry(id) {
             Ok(e) => e,
             Err(e) => return drop(reply.send(Err(e))),
         };
+        if let Some(name) = &request.container {
+            if !entry.record.containers.iter().any(|c| &c.name == name) {
+                return drop(reply.send(Err(EngineError::NoSuchContainer(name.clone()))));
+            }
+        }
         let agent = match entry.answering("exec") {
             Ok(runtime) => runtime.agent.clone(),
             Err(e) => return drop(reply.send(Err(e))),
         };
         let timeout = request
+            .exec
             .timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(DEFAULT_EXEC_TIMEOUT);
         let mut request = request;
-        request.timeout_ms = Some(timeout.as_millis() as u64);
+        request.exec.timeout_ms = Some(timeout.as_millis() as u64);
         tokio::spawn(async move {
             // The agent enforces the timeout; ours covers a guest that hangs.
             let result = agent
@@ -500,6 +518,12 @@ impl Engine {
             .is_some_and(|r| r.stop_intent.is_some());
         match result {
             Ok(_) if ending => {}
+            Ok(ping)
+                if state == VmState::Booting
+                    && self.start_boot_containers(id, generation, &ping) =>
+            {
+                // `ContainersStarted` comes back here once they run.
+            }
             Ok(ping) if state == VmState::Booting => {
                 let guest = GuestInfo {
                     agent_version: ping.agent_version,
@@ -614,19 +638,8 @@ impl Engine {
         }
         let deletes: Vec<_> = entry.delete_waiters.drain(..).collect();
         if !deletes.is_empty() {
-            let result = self.remove_vm(id);
-            let failure = result.err().map(|e| e.message());
-            for waiter in deletes {
-                let _ = waiter.send(match &failure {
-                    None => Ok(()),
-                    Some(message) => {
-                        Err(EngineError::StorageFailed(crate::store::StoreError::Io {
-                            path: self.config.vm_records_dir(),
-                            source: std::io::Error::other(message.clone()),
-                        }))
-                    }
-                });
-            }
+            let removed = self.remove_vm(id);
+            answer_deletes(removed, deletes, self.config.vm_records_dir());
         }
     }
 
@@ -722,5 +735,40 @@ impl Engine {
         }
         let info = self.vms.get(&id).map(|e| VmInfo::from(&e.record));
         let _ = reply.send(info.ok_or(EngineError::NoSuchVM(id)));
+    }
+}
+
+/// The release of a removed VM's image users, if it had containers.
+pub(super) type ImagesReleased = Option<tokio::task::JoinHandle<()>>;
+
+/// Answer the `DeleteVm` callers of a removal: with its error, or once its
+/// images are released (so a `RemoveImage` right after is not refused).
+fn answer_deletes(
+    removed: Result<ImagesReleased, EngineError>,
+    replies: Vec<Reply<()>>,
+    records_dir: std::path::PathBuf,
+) {
+    match removed {
+        Err(e) => {
+            let message = e.message();
+            for reply in replies {
+                let _ = reply.send(Err(EngineError::StorageFailed(
+                    crate::store::StoreError::Io {
+                        path: records_dir.clone(),
+                        source: std::io::Error::other(message.clone()),
+                    },
+                )));
+            }
+        }
+        Ok(released) => {
+            tokio::spawn(async move {
+                if let Some(release) = released {
+                    let _ = release.await;
+                }
+                for reply in replies {
+                    let _ = reply.send(Ok(()));
+                }
+            });
+        }
     }
 }

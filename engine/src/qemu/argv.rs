@@ -125,6 +125,10 @@ impl HotplugIds {
     }
 }
 
+/// The bus of the virtio-scsi controller every VM has (`scsi0`): image
+/// layers are hot-plugged into it as `scsi-hd` devices.
+pub const SCSI_BUS: &str = "scsi0.0";
+
 /// Name of the process (and `-name`) of a VM: lets `ps` and re-adoption
 /// recognise it.
 pub fn process_name(vm_id: &str) -> String {
@@ -188,9 +192,13 @@ impl QemuLaunch {
         args.pair("-kernel", self.kernel.clone());
         args.pair("-initrd", self.initrd.clone());
         args.pair("-append", self.cmdline.clone());
-        let (serial_bus, rng) = match self.machine {
-            Machine::Microvm => ("virtio-serial-device", "virtio-rng-device"),
-            Machine::Q35 => ("virtio-serial-pci", "virtio-rng-pci"),
+        let (serial_bus, rng, scsi) = match self.machine {
+            Machine::Microvm => (
+                "virtio-serial-device",
+                "virtio-rng-device",
+                "virtio-scsi-device",
+            ),
+            Machine::Q35 => ("virtio-serial-pci", "virtio-rng-pci", "virtio-scsi-pci"),
         };
         args.pair("-device", serial_bus);
         args.pair(
@@ -208,6 +216,11 @@ impl QemuLaunch {
             ),
         );
         args.pair("-device", rng);
+        // Every VM (and so every template) has the controller, so that a
+        // clone can be given an image's disks after it is restored: a
+        // device cannot be added to a saved state, a disk to a bus can.
+        // The guest loads virtio_scsi only when a container needs it.
+        args.pair("-device", format!("{scsi},id=scsi0"));
         let nic_device = match self.machine {
             Machine::Microvm => "virtio-net-device",
             Machine::Q35 => "virtio-net-pci",

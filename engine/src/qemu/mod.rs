@@ -3,5 +3,5 @@
 pub mod argv;
 pub mod qmp;
 
-pub use argv::{GuestMemory, HotplugIds, Machine, NicArgs, NicBackend, QemuLaunch};
+pub use argv::{GuestMemory, HotplugIds, Machine, NicArgs, NicBackend, QemuLaunch, SCSI_BUS};
 pub use qmp::{Qmp, QmpError, QmpEvent};

@@ -317,6 +317,20 @@ impl Qmp {
             .map(drop)
     }
 
+    /// `blockdev-add` with `arguments` (`driver`, `node-name`, ...).
+    pub async fn blockdev_add(&self, arguments: Value) -> Result<(), QmpError> {
+        self.execute("blockdev-add", Some(arguments))
+            .await
+            .map(drop)
+    }
+
+    /// `blockdev-del`: remove block node `node` (no device may use it).
+    pub async fn blockdev_del(&self, node: &str) -> Result<(), QmpError> {
+        self.execute("blockdev-del", Some(json!({ "node-name": node })))
+            .await
+            .map(drop)
+    }
+
     /// `closefd`: drop a descriptor given with [`Qmp::getfd`] and not used.
     pub async fn closefd(&self, name: &str) -> Result<(), QmpError> {
         self.execute("closefd", Some(json!({ "fdname": name })))

@@ -88,6 +88,9 @@ struct FakeVm {
     agent_silent: bool,
     boot: u32,
     devices: BTreeSet<String>,
+    block_nodes: BTreeSet<String>,
+    /// Containers the fake agent runs, in start order.
+    containers: Vec<proto::ContainerInfo>,
 }
 
 impl FakeVmm {
@@ -164,6 +167,8 @@ impl FakeVm {
 
     fn reboot(&mut self, delay: Duration) {
         self.boot += 1;
+        // A new boot runs no containers; the plugged disks stay.
+        self.containers.clear();
         self.answers_at = Instant::now() + delay;
     }
 }
@@ -206,6 +211,8 @@ impl Vmm for FakeVmm {
                 agent_silent: host.behaviour.agent_silent,
                 boot: 1,
                 devices: BTreeSet::new(),
+                block_nodes: BTreeSet::new(),
+                containers: Vec::new(),
             };
             let process = FakeProcess {
                 id: launch.vm_id.clone(),
@@ -445,6 +452,30 @@ impl Monitor for FakeMonitor {
     fn peripheral_ids(&self) -> BoxFuture<'_, Result<Vec<String>, QmpError>> {
         Self::done(self.with_vm("qom-list", |vm, _| Ok(vm.devices.iter().cloned().collect())))
     }
+    fn blockdev_add(&self, arguments: Value) -> BoxFuture<'_, Result<(), QmpError>> {
+        let node = arguments["node-name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        Self::done(self.with_vm("blockdev-add", |vm, _| {
+            vm.block_nodes.insert(node);
+            Ok(())
+        }))
+    }
+    fn blockdev_del(&self, node: &str) -> BoxFuture<'_, Result<(), QmpError>> {
+        let node = node.to_owned();
+        Self::done(self.with_vm("blockdev-del", |vm, _| {
+            if vm.block_nodes.remove(&node) {
+                Ok(())
+            } else {
+                Err(QmpError::Command {
+                    command: "blockdev-del".into(),
+                    class: "GenericError".into(),
+                    desc: format!("Failed to find node with node-name='{node}'"),
+                })
+            }
+        }))
+    }
 }
 
 /// A fake guest agent.
@@ -553,7 +584,70 @@ impl FakeAgent {
                 }
                 Ok(json!({}))
             }
+            proto::method::START_CONTAINER
+            | proto::method::LIST_CONTAINERS
+            | proto::method::REMOVE_CONTAINER => self.container_call(method, parameters),
             _ => Ok(json!({})),
+        }
+    }
+
+    /// The container methods: a container starts only when every layer's
+    /// disk is plugged (serial `kiln-S-L` is device `kiln-disk-S-L`) and
+    /// runs until removed.
+    fn container_call(&self, method: &str, parameters: Value) -> Result<Value, AgentError> {
+        let protocol = |e: serde_json::Error| AgentError::Protocol(e.to_string());
+        let mut host = self.fake.host();
+        let Some(vm) = host.vms.get_mut(&self.id) else {
+            return Err(AgentError::Disconnected);
+        };
+        let call_error = |name: &str, message: String| AgentError::Call {
+            name: name.into(),
+            message,
+        };
+        match method {
+            proto::method::START_CONTAINER => {
+                let request: proto::StartContainerRequest =
+                    serde_json::from_value(parameters).map_err(protocol)?;
+                if vm.containers.iter().any(|c| c.id == request.id) {
+                    return Err(call_error(proto::error::CONTAINER_EXISTS, request.id));
+                }
+                for serial in &request.layers {
+                    let device = serial.replacen("kiln-", "kiln-disk-", 1);
+                    if !vm.devices.contains(&device) {
+                        return Err(call_error(proto::error::DISK_NOT_FOUND, serial.clone()));
+                    }
+                }
+                let info = proto::ContainerInfo {
+                    id: request.id,
+                    state: proto::ContainerState::Running,
+                    pid: 100 + vm.containers.len() as u32,
+                    exit_code: None,
+                    signal: None,
+                    started_at_ms: 1,
+                    exited_at_ms: None,
+                    layers: request.layers,
+                    upper_disk: None,
+                    hostname: "fake".into(),
+                };
+                vm.containers.push(info.clone());
+                serde_json::to_value(proto::ContainerReply { container: info }).map_err(protocol)
+            }
+            proto::method::LIST_CONTAINERS => serde_json::to_value(proto::ListContainersReply {
+                containers: vm.containers.clone(),
+            })
+            .map_err(protocol),
+            _ => {
+                let request: proto::ContainerIdRequest =
+                    serde_json::from_value(parameters).map_err(protocol)?;
+                let before = vm.containers.len();
+                vm.containers.retain(|c| c.id != request.id);
+                let result = if vm.containers.len() < before {
+                    proto::RemoveResult::Removed
+                } else {
+                    proto::RemoveResult::AlreadyGone
+                };
+                serde_json::to_value(proto::RemoveContainerReply { result }).map_err(protocol)
+            }
         }
     }
 }

@@ -36,10 +36,11 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::agent::AgentError;
+use crate::container::DiskAttachment;
 use crate::error::EngineError;
 use crate::pool::template::{BuildPlan, Template};
 use crate::process::ProcessError;
-use crate::qemu::{QemuLaunch, QmpError, QmpEvent};
+use crate::qemu::{QemuLaunch, QmpError, QmpEvent, SCSI_BUS};
 
 /// A boxed future, so the traits stay object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -148,6 +149,82 @@ pub trait Monitor: Send + Sync + Debug {
     fn device_del(&self, id: &str) -> BoxFuture<'_, Result<(), QmpError>>;
     /// Ids of the devices plugged by name (`/machine/peripheral`).
     fn peripheral_ids(&self) -> BoxFuture<'_, Result<Vec<String>, QmpError>>;
+    /// Add a block node.
+    fn blockdev_add(&self, arguments: Value) -> BoxFuture<'_, Result<(), QmpError>>;
+    /// Remove a block node no device uses.
+    fn blockdev_del(&self, node: &str) -> BoxFuture<'_, Result<(), QmpError>>;
+}
+
+/// How often a detach asks whether QEMU has let go of a disk's node.
+const DETACH_POLL: Duration = Duration::from_millis(20);
+
+impl dyn Monitor + '_ {
+    /// Plug `disk` read-only into the VM's SCSI controller: a `raw` node
+    /// over the file (read-only at both levels, so neither QEMU nor the
+    /// guest can write the shared layer), then a `scsi-hd` with Kiln's
+    /// serial. A failed `device_add` removes the node again.
+    pub async fn attach_disk(&self, disk: &DiskAttachment) -> Result<(), QmpError> {
+        self.blockdev_add(serde_json::json!({
+            "driver": "raw",
+            "node-name": disk.node,
+            "read-only": true,
+            "file": {
+                "driver": "file",
+                "filename": disk.path,
+                "read-only": true,
+            },
+        }))
+        .await?;
+        let plugged = self
+            .device_add(serde_json::json!({
+                "driver": "scsi-hd",
+                "id": disk.device,
+                "bus": SCSI_BUS,
+                "scsi-id": disk.target,
+                "lun": disk.lun,
+                "serial": disk.serial,
+                "drive": disk.node,
+            }))
+            .await;
+        if let Err(e) = plugged {
+            let _ = self.blockdev_del(&disk.node).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Unplug `disk`: `device_del` (a SCSI unplug completes at once in
+    /// QEMU, the guest is told afterwards), then `blockdev-del` as soon as
+    /// QEMU has let go of the node, within `timeout`. A disk that is not
+    /// there is fine (undo after a partial attach, or a retry).
+    pub async fn detach_disk(
+        &self,
+        disk: &DiskAttachment,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        let _ = self.device_del(&disk.device).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.blockdev_del(&disk.node).await {
+                Ok(()) => return Ok(()),
+                // QEMU's words for a node that is not there (never added,
+                // or removed by an earlier try): nothing left to do.
+                Err(QmpError::Command { desc, .. }) if desc.starts_with("Failed to find node") => {
+                    return Ok(())
+                }
+                // Still in use by the device being deleted.
+                Err(QmpError::Command { class, .. }) if class == "GenericError" => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(QmpError::Timeout {
+                            command: format!("blockdev-del {}", disk.node),
+                        });
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(DETACH_POLL).await;
+        }
+    }
 }
 
 /// The guest agent (`io.kiln.Agent`), one call at a time.

@@ -267,6 +267,13 @@ impl Monitor for Qmp {
     fn peripheral_ids(&self) -> BoxFuture<'_, Result<Vec<String>, QmpError>> {
         Box::pin(Qmp::peripheral_ids(self))
     }
+    fn blockdev_add(&self, arguments: Value) -> BoxFuture<'_, Result<(), QmpError>> {
+        Box::pin(Qmp::blockdev_add(self, arguments))
+    }
+    fn blockdev_del(&self, node: &str) -> BoxFuture<'_, Result<(), QmpError>> {
+        let node = node.to_owned();
+        Box::pin(async move { Qmp::blockdev_del(self, &node).await })
+    }
 }
 
 impl GuestAgent for AgentClient {

@@ -1,0 +1,419 @@
+//! Containers in VMs through the real kilnd: an OCI image built here from
+//! busybox-static (a base layer, and an upper layer with a whiteout and an
+//! opaque directory), imported with `ImportImage`, run as a VM's `main`
+//! container on real QEMU with its layers hot-plugged as real erofs disks;
+//! `ExecVM` in the container, `AddContainer` of a second one (its own
+//! upper: it does not see the first one's writes), `ListContainers`,
+//! `ContainerLogs` (one read and followed with `more`), `RemoveContainer`,
+//! every refusal with its name and nothing left behind, the image's users
+//! as containers come and go, a kill -9 of kilnd (the VM and its containers
+//! re-adopted), and the same calls over D-Bus with real `busctl`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use kiln_testkit::busctl::{DbusKilnd, MANAGER, MANAGER_IF};
+use kiln_testkit::oci::{busybox_layer, file, one_image, Entry, Layer};
+use kiln_testkit::{api_doc_script, run_bash, wait_until, Daemon};
+use serde_json::{json, Value};
+
+const VM_IF: &str = "io.kiln.Kiln1.VM";
+
+/// The test image's upper layer: `/srv/app.txt`, a whiteout of the base's
+/// `/etc/hello` replaced by `/etc/motd`, an opaque `/opt`.
+fn upper_layer() -> Layer {
+    Layer::gzip(&[
+        Entry::Dir("srv/"),
+        file("srv/app.txt", b"app layer\n"),
+        Entry::Dir("etc/"),
+        file("etc/.wh.hello", b""),
+        file("etc/motd", b"upper\n"),
+        Entry::Dir("opt/"),
+        file("opt/.wh..wh..opq", b""),
+        file("opt/new", b"new\n"),
+    ])
+}
+
+/// An OCI layout with `app:v1` (three layers), imported into `d`; the
+/// image's digest.
+fn import_app(d: &Daemon) -> (tempfile::TempDir, String) {
+    let opt = Layer::gzip(&[Entry::Dir("opt/"), file("opt/old", b"old\n")]);
+    let layout = one_image(&[busybox_layer(), opt, upper_layer()], "v1");
+    let image = d.ok(
+        "ImportImage",
+        json!({ "path": layout.path(), "reference": "kiln.test/app:v1" }),
+    )["image"]
+        .clone();
+    (layout, image["digest"].as_str().unwrap().to_owned())
+}
+
+fn exec_in(d: &Daemon, id: &str, container: &str, script: &str) -> Value {
+    d.ok(
+        "ExecVM",
+        json!({ "id": id, "container": container, "command": ["/bin/sh", "-c", script] }),
+    )
+}
+
+fn users(d: &Daemon, digest: &str) -> Vec<String> {
+    let image = d.ok("DescribeImage", json!({ "image": digest }))["image"].clone();
+    serde_json::from_value(image["users"].clone()).unwrap()
+}
+
+fn container_states(d: &Daemon, id: &str) -> Vec<(String, String)> {
+    let listed = d.ok("ListContainers", json!({ "id": id }))["containers"].clone();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+const SLEEPER: &str = "exec /bin/busybox sleep 100000";
+
+#[test]
+fn a_vm_runs_an_image_and_more_containers() {
+    let mut d = Daemon::start();
+    let (_layout, digest) = import_app(&d);
+
+    // Refusals before anything runs.
+    assert_eq!(
+        d.err(
+            "CreateVM",
+            json!({ "name": "x", "spec": { "command": ["true"] } })
+        ),
+        "io.kiln.Manager.InvalidSpec"
+    );
+    assert_eq!(
+        d.err(
+            "CreateVM",
+            json!({ "name": "x", "spec": { "image": "kiln.test/none:v1" } })
+        ),
+        "io.kiln.Manager.ImageNotFound"
+    );
+    let listed = d.ok("ListVMs", json!({}))["vms"].clone();
+    assert_eq!(listed, json!([]), "a refused create leaves no VM");
+
+    // A VM whose main container is the image, with its own command and env.
+    let vm = d.ok(
+        "CreateVM",
+        json!({ "name": "app", "spec": {
+            "image": "kiln.test/app:v1",
+            "command": ["-c", format!("echo started $GREETING; {SLEEPER}")],
+            "env": ["GREETING=overridden", "EXTRA=1"],
+        }}),
+    )["vm"]
+        .clone();
+    let id = vm["id"].as_str().unwrap().to_owned();
+    assert_eq!(vm["containers"][0]["name"], "main");
+    assert_eq!(vm["containers"][0]["digest"], digest);
+    assert_eq!(vm["containers"][0]["state"], "created");
+    assert_eq!(users(&d, &digest), [format!("vm:{id}:main")]);
+
+    let vm = d.ok("StartVM", json!({ "id": id }))["vm"].clone();
+    assert_eq!(vm["state"], "ready");
+    assert_eq!(vm["containers"][0]["state"], "running", "{vm}");
+
+    // In the container: the merged layers, the image's config with the
+    // overrides, its own root.
+    let r = exec_in(
+        &d,
+        &id,
+        "main",
+        "cat /srv/app.txt /etc/motd; test -e /etc/hello || echo hello-whited-out; \
+         ls /opt; echo $GREETING $EXTRA; pwd; echo written > /mine",
+    );
+    assert_eq!(
+        (&r["stdout"], &r["stderr"]),
+        (
+            &json!("app layer\nupper\nhello-whited-out\nnew\noverridden 1\n/etc\n"),
+            &json!("")
+        ),
+        "{r}"
+    );
+    // The guest itself has no such files: the container has its own root.
+    let guest = d.ok(
+        "ExecVM",
+        json!({ "id": id, "command": ["sh", "-c", "test -e /srv/app.txt || echo not-in-guest"] }),
+    );
+    assert_eq!(guest["stdout"], "not-in-guest\n");
+
+    // A second container of the same image: its own writable layer.
+    let side = d.ok(
+        "AddContainer",
+        json!({ "id": id, "spec": {
+            "name": "side", "image": digest,
+            "command": ["-c", format!("echo side-out; echo side-err >&2; {SLEEPER}")],
+        }}),
+    )["container"]
+        .clone();
+    assert_eq!(side["state"], "running", "{side}");
+    let r = exec_in(&d, &id, "side", "test -e /mine || echo isolated");
+    assert_eq!(r["stdout"], "isolated\n");
+    assert_eq!(
+        container_states(&d, &id),
+        [
+            ("main".into(), "running".into()),
+            ("side".into(), "running".into())
+        ]
+    );
+    let mut users_now = users(&d, &digest);
+    users_now.sort();
+    assert_eq!(
+        users_now,
+        [format!("vm:{id}:main"), format!("vm:{id}:side")]
+    );
+
+    // Logs: one read, then followed until the container ends.
+    wait_until(Duration::from_secs(20), "side's output", || {
+        let logs = d.ok("ContainerLogs", json!({ "id": id, "name": "side" }));
+        let text: String = logs["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}:{}",
+                    e["stream"].as_str().unwrap(),
+                    e["text"].as_str().unwrap()
+                )
+            })
+            .collect();
+        (text.contains("stdout:side-out") && text.contains("stderr:side-err"))
+            .then_some(())
+            .ok_or(text)
+    });
+    d.ok(
+        "AddContainer",
+        json!({ "id": id, "spec": {
+            "name": "counter", "image": digest,
+            "command": ["-c", "for i in 1 2 3; do echo tick $i; /bin/busybox sleep 0.3; done"],
+        }}),
+    );
+    let followed = d
+        .more("ContainerLogs", json!({ "id": id, "name": "counter" }))
+        .unwrap();
+    let text: String = followed
+        .iter()
+        .flat_map(|r| r["entries"].as_array().unwrap().clone())
+        .map(|e| e["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(text, "tick 1\ntick 2\ntick 3\n", "{followed:?}");
+    assert_eq!(followed.last().unwrap()["ended"], true);
+    let states = container_states(&d, &id);
+    assert_eq!(states[2], ("counter".into(), "exited".into()));
+
+    // Refusals, each leaving nothing behind.
+    let again = json!({ "id": id, "spec": { "name": "side", "image": digest } });
+    assert_eq!(
+        d.err("AddContainer", again),
+        "io.kiln.Manager.ContainerExists"
+    );
+    let unknown = json!({ "id": id, "spec": { "name": "u", "image": "kiln.test/none:v2" } });
+    assert_eq!(
+        d.err("AddContainer", unknown),
+        "io.kiln.Manager.ImageNotFound"
+    );
+    let missing_program = json!({ "id": id, "spec": {
+        "name": "broken", "image": digest, "entrypoint": ["/no/such/program"] } });
+    assert_eq!(
+        d.err("AddContainer", missing_program),
+        "io.kiln.Manager.ContainerStartFailed"
+    );
+    let bad = json!({ "id": id, "spec": { "name": "a/b", "image": digest } });
+    assert_eq!(d.err("AddContainer", bad), "io.kiln.Manager.InvalidSpec");
+    assert_eq!(
+        d.err(
+            "ExecVM",
+            json!({ "id": id, "container": "nope", "command": ["true"] })
+        ),
+        "io.kiln.Manager.NoSuchContainer"
+    );
+    assert_eq!(
+        d.err("RemoveContainer", json!({ "id": id, "name": "nope" })),
+        "io.kiln.Manager.NoSuchContainer"
+    );
+    assert_eq!(container_states(&d, &id).len(), 3);
+    assert_eq!(
+        users(&d, &digest).len(),
+        3,
+        "the failed adds released the image"
+    );
+    assert_eq!(
+        d.err("RemoveImage", json!({ "image": digest })),
+        "io.kiln.Manager.ImageInUse"
+    );
+
+    // kill -9 of kilnd: the VM and its containers are re-adopted.
+    d.sigkill();
+    d.spawn();
+    let r = exec_in(&d, &id, "main", "cat /mine");
+    assert_eq!(r["stdout"], "written\n", "{r}\n{}", d.log());
+    assert_eq!(
+        container_states(&d, &id)[0],
+        ("main".into(), "running".into())
+    );
+
+    // Removed: the process, its disks and its image user go.
+    d.ok("RemoveContainer", json!({ "id": id, "name": "side" }));
+    d.ok("RemoveContainer", json!({ "id": id, "name": "counter" }));
+    assert_eq!(
+        container_states(&d, &id),
+        [("main".into(), "running".into())]
+    );
+    wait_until(Duration::from_secs(10), "users released", || {
+        let u = users(&d, &digest);
+        (u == [format!("vm:{id}:main")])
+            .then_some(())
+            .ok_or(format!("{u:?}"))
+    });
+    let disks = d.ok(
+        "ExecVM",
+        json!({ "id": id, "command": ["sh", "-c", "ls /sys/block | grep -c sd || true"] }),
+    );
+    assert_eq!(
+        disks["stdout"], "3\n",
+        "only main's three layers stay plugged"
+    );
+
+    // A reboot starts the main container again.
+    let vm = d.ok("RebootVM", json!({ "id": id }))["vm"].clone();
+    assert_eq!(vm["containers"][0]["state"], "running", "{vm}");
+    let r = exec_in(&d, &id, "main", "test -e /mine || echo fresh-upper");
+    assert_eq!(r["stdout"], "fresh-upper\n");
+
+    // Deleting the VM releases the image, which can then go.
+    d.ok("DeleteVM", json!({ "id": id }));
+    wait_until(Duration::from_secs(10), "the VM's users released", || {
+        let u = users(&d, &digest);
+        u.is_empty().then_some(()).ok_or(format!("{u:?}"))
+    });
+    d.ok("RemoveImage", json!({ "image": digest }));
+}
+
+#[test]
+fn dbus_runs_containers() {
+    let k = DbusKilnd::start(false);
+    let layout = one_image(&[busybox_layer()], "v1");
+    let image = k.varlinkctl(
+        "ImportImage",
+        json!({ "path": layout.path(), "reference": "kiln.test/bus:v1" }),
+    );
+    let digest = image["image"]["digest"].as_str().unwrap().to_owned();
+    let created = k.call(
+        MANAGER,
+        MANAGER_IF,
+        "CreateVM",
+        &[
+            "sa{sv}",
+            "bus",
+            "2",
+            "image",
+            "s",
+            "kiln.test/bus:v1",
+            "command",
+            "as",
+            "2",
+            "-c",
+            "exec /bin/busybox sleep 100000",
+        ],
+    );
+    let path = created[0].as_str().unwrap().to_owned();
+    k.call(&path, VM_IF, "Start", &[]);
+    let added = k.call(
+        &path,
+        VM_IF,
+        "AddContainer",
+        &[
+            "a{sv}",
+            "3",
+            "name",
+            "s",
+            "two",
+            "image",
+            "s",
+            &digest,
+            "command",
+            "as",
+            "2",
+            "-c",
+            "echo from-two; exec /bin/busybox sleep 100000",
+        ],
+    );
+    assert_eq!(added[0], "two", "{added:?}");
+    assert_eq!(added[3], "running", "{added:?}");
+    let listed = k.call(&path, VM_IF, "ListContainers", &[]);
+    let names: Vec<&str> = listed[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[0].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["main", "two"]);
+    let out = k.call(
+        &path,
+        VM_IF,
+        "ExecIn",
+        &[
+            "sasassuu",
+            "two",
+            "2",
+            "cat",
+            "/etc/hello",
+            "0",
+            "",
+            "0",
+            "0",
+        ],
+    );
+    assert_eq!(out[1], "hello from the base layer\n", "{out:?}");
+    wait_until(Duration::from_secs(20), "two's output over D-Bus", || {
+        let logs = k.call(&path, VM_IF, "ContainerLogs", &["stu", "two", "0", "0"]);
+        let text = logs[0].to_string();
+        text.contains("from-two").then_some(()).ok_or(text)
+    });
+    let mut monitor = k.monitor();
+    k.call_err(None, &path, VM_IF, "RemoveContainer", &["s", "nope"]);
+    assert_eq!(monitor.error_name(), "io.kiln.Kiln1.Error.NoSuchContainer");
+    k.call(&path, VM_IF, "RemoveContainer", &["s", "two"]);
+    let listed = k.call(&path, VM_IF, "ListContainers", &[]);
+    assert_eq!(listed[0].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn container_doc_examples_run() {
+    let d = Daemon::start();
+    let layout = one_image(&[busybox_layer()], "kiln.test/app:v1");
+    let script = api_doc_script("## Containers");
+    for default in [
+        "SOCK=unix:/run/kiln/io.kiln.Manager",
+        "LAYOUT=/srv/images/app",
+    ] {
+        assert!(script.contains(default), "the examples name {default}");
+    }
+    let script = script
+        .replace(
+            "SOCK=unix:/run/kiln/io.kiln.Manager",
+            &format!("SOCK={}", d.address()),
+        )
+        .replace(
+            "LAYOUT=/srv/images/app",
+            &format!("LAYOUT={}", layout.path().display()),
+        );
+    let stdout = run_bash(&script, &d.log());
+    for line in [
+        "[\"main\",\"running\"]",
+        "demo\nhello from the base layer",
+        "[\"once\",\"exited\"]",
+        "one-shot",
+    ] {
+        assert!(stdout.contains(line), "{line}: {stdout}");
+    }
+    assert_eq!(d.ok("ListImages", json!({}))["images"], json!([]));
+    assert_eq!(d.ok("ListVMs", json!({}))["vms"], json!([]));
+}

@@ -1,0 +1,803 @@
+//! The actor's container half: a VM created with an image, `AddContainer`,
+//! `RemoveContainer`, `ListContainers`, `ContainerLogs`, the containers a
+//! VM starts at every boot, and the image users they hold
+//! (docs/images.md, "Containers in VMs").
+//!
+//! Every container is an image-store user `vm:<id>:<name>`, acquired before
+//! its record is written and released after the record is gone, so a crash
+//! in between leaves at worst a user no record names; the start-up sweep
+//! ([`Engine::sweep_image_users`]) releases those. The store is only ever
+//! called from sub-tasks (it locks itself and does disk work), like the
+//! QMP and agent calls that plug disks and start processes.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kiln_agent_proto::{self as proto, ContainerLogsReply, ContainerLogsRequest};
+use kiln_image::{Acquired, ImageStore};
+use tracing::{info, warn};
+
+use super::{Engine, Internal};
+use crate::api::Reply;
+use crate::container::{
+    image_user, slot_of_device, vm_of_image_user, ContainerInfo, ContainerPhase, ContainerRecord,
+    ContainerSpec, DiskAttachment, MAX_IMAGE_LAYERS,
+};
+use crate::error::EngineError;
+use crate::spec::{ResolvedSpec, SpecError};
+use crate::vm::{VmInfo, VmRecord};
+use crate::vmm::{GuestAgent, Monitor};
+
+/// How long a disk may take to leave QEMU on detach.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of a container agent call beyond the agent's own disk wait.
+const START_TIMEOUT: Duration = Duration::from_secs(proto::DEFAULT_DISK_TIMEOUT_MS / 1000 + 20);
+/// Deadline of the quick container agent calls.
+const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most containers one VM runs (the agent's own default limit).
+pub(super) const MAX_CONTAINERS: usize = proto::DEFAULT_MAX_CONTAINERS;
+
+/// A VM create that waits for its image to be resolved: its id and name
+/// are taken meanwhile.
+#[derive(Debug)]
+pub(super) struct PendingCreate {
+    pub(super) name: String,
+}
+
+/// Resolve `spec`'s image for container slot `slot` of VM `vm_id`: become
+/// its user, read its record, build the process. Undone (the user
+/// released) on any failure.
+async fn resolve(
+    store: ImageStore,
+    vm_id: String,
+    spec: ContainerSpec,
+    slot: u8,
+) -> Result<ContainerRecord, EngineError> {
+    let user = image_user(&vm_id, &spec.name);
+    let digest = match store.acquire(&spec.image, &user).await? {
+        Acquired::Acquired { digest } | Acquired::AlreadyHeld { digest } => digest,
+    };
+    let record = async {
+        let image = store.describe(digest.as_str()).await?;
+        if image.record.layers.len() > MAX_IMAGE_LAYERS {
+            return Err(EngineError::InvalidSpec(SpecError::Container(format!(
+                "image {} has {} layers, at most {MAX_IMAGE_LAYERS} can be attached",
+                spec.image,
+                image.record.layers.len()
+            ))));
+        }
+        let process = spec
+            .process(&image.record.process)
+            .map_err(|e| EngineError::InvalidSpec(e.into()))?;
+        Ok(ContainerRecord {
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            digest: digest.to_string(),
+            slot,
+            layers: image
+                .record
+                .layers
+                .iter()
+                .map(|l| store.erofs_path(l))
+                .collect(),
+            process,
+            storage_mib: spec.storage_mib,
+            phase: ContainerPhase::Created,
+            pid: None,
+            exit_code: None,
+            error: None,
+        })
+    }
+    .await;
+    if record.is_err() {
+        let _ = store.release(digest.as_str(), &user).await;
+    }
+    record
+}
+
+/// Release the image users of containers that are gone (logged, never
+/// failing: the start-up sweep catches what is missed).
+fn release_users(
+    store: &ImageStore,
+    users: Vec<(String, String)>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if users.is_empty() {
+        return None;
+    }
+    let store = store.clone();
+    Some(tokio::spawn(async move {
+        for (digest, user) in users {
+            if let Err(e) = store.release(&digest, &user).await {
+                warn!(image = %digest, user = %user, error = %EngineError::from(e).message(), "cannot release image user");
+            }
+        }
+    }))
+}
+
+/// Plug a container's disks (those not plugged yet) and start its process;
+/// on failure, unplug what this call plugged.
+async fn start_container(
+    qmp: &dyn Monitor,
+    agent: &dyn GuestAgent,
+    container: &ContainerRecord,
+) -> Result<proto::ContainerInfo, EngineError> {
+    let present: BTreeSet<String> = qmp.peripheral_ids().await?.into_iter().collect();
+    let mut plugged = Vec::new();
+    let mut result = Ok(());
+    for disk in container.disks() {
+        if present.contains(&disk.device) {
+            continue;
+        }
+        match qmp.attach_disk(&disk).await {
+            Ok(()) => plugged.push(disk),
+            Err(e) => {
+                result = Err(EngineError::from(e));
+                break;
+            }
+        }
+    }
+    let started = match result {
+        Ok(()) => {
+            let started: Result<proto::ContainerReply, _> = agent
+                .call(
+                    proto::method::START_CONTAINER,
+                    &container.start_request(),
+                    START_TIMEOUT,
+                )
+                .await;
+            match started {
+                Ok(reply) => Ok(reply.container),
+                // Started before kilnd restarted: it is the one.
+                Err(crate::agent::AgentError::Call { name, .. })
+                    if name == proto::error::CONTAINER_EXISTS =>
+                {
+                    let id = proto::ContainerIdRequest {
+                        id: container.name.clone(),
+                    };
+                    agent
+                        .call::<_, proto::ContainerReply>(
+                            proto::method::CONTAINER_STATUS,
+                            &id,
+                            AGENT_CALL_TIMEOUT,
+                        )
+                        .await
+                        .map(|r| r.container)
+                        .map_err(EngineError::from)
+                }
+                Err(e) => Err(container_error(e)),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    if started.is_err() {
+        detach_all(qmp, &plugged).await;
+    }
+    started
+}
+
+/// Unplug `disks`, logging what stays.
+async fn detach_all(qmp: &dyn Monitor, disks: &[DiskAttachment]) {
+    for disk in disks {
+        if let Err(e) = qmp.detach_disk(disk, DETACH_TIMEOUT).await {
+            warn!(disk = %disk.device, error = %e, "cannot unplug a layer disk");
+        }
+    }
+}
+
+/// Unplug every disk of container slot `slot` QEMU has, known or not (what
+/// a crash mid-attach may have left).
+async fn clear_slot(qmp: &dyn Monitor, slot: u8) -> Result<(), EngineError> {
+    let stale: Vec<DiskAttachment> = qmp
+        .peripheral_ids()
+        .await?
+        .iter()
+        .filter(|id| slot_of_device(id) == Some(slot))
+        .filter_map(|id| {
+            let lun = id.rsplit('-').next()?.parse().ok()?;
+            Some(DiskAttachment::layer(slot, lun, Default::default()))
+        })
+        .collect();
+    detach_all(qmp, &stale).await;
+    Ok(())
+}
+
+/// Stop and remove a container in the guest (gone already is fine).
+async fn remove_in_guest(agent: &dyn GuestAgent, name: &str) -> Result<(), EngineError> {
+    let id = proto::ContainerIdRequest {
+        id: name.to_owned(),
+    };
+    let stop = proto::StopContainerRequest {
+        id: name.to_owned(),
+        signal: None,
+        timeout_ms: None,
+    };
+    let stopped: Result<proto::StopContainerReply, _> = agent
+        .call(
+            proto::method::STOP_CONTAINER,
+            &stop,
+            Duration::from_millis(proto::DEFAULT_STOP_TIMEOUT_MS) + AGENT_CALL_TIMEOUT,
+        )
+        .await;
+    match stopped {
+        Ok(_) => {}
+        Err(crate::agent::AgentError::Call { name, .. })
+            if name == proto::error::NO_SUCH_CONTAINER => {}
+        Err(e) => return Err(e.into()),
+    }
+    let _: proto::RemoveContainerReply = agent
+        .call(proto::method::REMOVE_CONTAINER, &id, AGENT_CALL_TIMEOUT)
+        .await?;
+    Ok(())
+}
+
+/// An agent error from starting a container: the guest's reason, named
+/// `ContainerStartFailed` (a missing disk, a program that is not there or
+/// not for this machine, a bad user) or `TooManyContainers`.
+fn container_error(e: crate::agent::AgentError) -> EngineError {
+    match &e {
+        crate::agent::AgentError::Call { name, message } => {
+            let short = name.rsplit('.').next().unwrap_or(name);
+            if name == proto::error::TOO_MANY_CONTAINERS {
+                EngineError::TooManyContainers(format!("the guest says: {message}"))
+            } else if name.starts_with(proto::INTERFACE) {
+                EngineError::ContainerStartFailed(format!("{short}: {message}"))
+            } else {
+                e.into()
+            }
+        }
+        _ => e.into(),
+    }
+}
+
+impl Engine {
+    /// `CreateVm`: a VM without an image is created at once; one with an
+    /// image waits for the image to be resolved (a sub-task), its name and
+    /// id taken meanwhile.
+    pub(super) fn create_vm(
+        &mut self,
+        name: String,
+        spec: crate::spec::VmSpec,
+        reply: Reply<VmInfo>,
+    ) {
+        let resolved = match self.check_new_vm(&name, &spec) {
+            Ok(r) => r,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let id = self.unused_vm_id();
+        let Some(container) = resolved.container.clone() else {
+            let record = VmRecord::new(id, name, resolved, None);
+            return drop(reply.send(self.insert_vm(record)));
+        };
+        self.creating
+            .insert(id.clone(), PendingCreate { name: name.clone() });
+        let (store, tx) = (self.images.store().clone(), self.internal_tx.clone());
+        tokio::spawn(async move {
+            let result = resolve(store, id.clone(), container, 0).await;
+            let _ = tx.send(Internal::VmImageResolved {
+                id,
+                name,
+                spec: Box::new(resolved),
+                result,
+                reply,
+            });
+        });
+    }
+
+    /// A VM's image is resolved: create it, or undo.
+    pub(super) fn vm_image_resolved(
+        &mut self,
+        id: String,
+        name: String,
+        spec: ResolvedSpec,
+        result: Result<ContainerRecord, EngineError>,
+        reply: Reply<VmInfo>,
+    ) {
+        self.creating.remove(&id);
+        let container = match result {
+            Ok(c) => c,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let user = (container.digest.clone(), container.image_user(&id));
+        let mut record = VmRecord::new(id, name, spec, None);
+        record.containers.push(container);
+        let result = self.insert_vm(record);
+        if result.is_err() {
+            release_users(self.images.store(), vec![user]);
+        }
+        let _ = reply.send(result);
+    }
+
+    /// Whether VM `id` (or a pending create) exists.
+    pub(super) fn id_taken(&self, id: &str) -> bool {
+        self.vms.contains_key(id) || self.creating.contains_key(id)
+    }
+
+    /// Whether a VM (or a pending create) is named `name`.
+    pub(super) fn name_taken(&self, name: &str) -> bool {
+        self.vms.values().any(|e| e.record.name == name)
+            || self.creating.values().any(|p| p.name == name)
+    }
+
+    /// The image users of a deleted VM's containers go (sub-task).
+    pub(super) fn release_container_images(
+        &self,
+        record: &VmRecord,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let users = record
+            .containers
+            .iter()
+            .map(|c| (c.digest.clone(), c.image_user(&record.id)))
+            .collect();
+        release_users(self.images.store(), users)
+    }
+
+    /// After the agent of a VM with containers answers from a new boot:
+    /// plug their disks and start them, then report `ContainersStarted`.
+    /// Returns false when there is nothing to start.
+    pub(super) fn start_boot_containers(
+        &mut self,
+        id: &str,
+        generation: u64,
+        ping: &proto::PingReply,
+    ) -> bool {
+        let Some(entry) = self.vms.get_mut(id) else {
+            return false;
+        };
+        let Some(runtime) = entry.runtime.as_mut() else {
+            return false;
+        };
+        if entry.record.containers.is_empty()
+            || runtime.containers_boot.as_deref() == Some(ping.boot_id.as_str())
+        {
+            return false;
+        }
+        let Some(qmp) = runtime.qmp.clone() else {
+            return false;
+        };
+        runtime.containers_boot = Some(ping.boot_id.clone());
+        let agent = runtime.agent.clone();
+        let containers = entry.record.containers.clone();
+        for c in &mut entry.record.containers {
+            c.phase = ContainerPhase::Starting;
+        }
+        let (tx, id, ping) = (self.internal_tx.clone(), id.to_owned(), ping.clone());
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            for container in &containers {
+                let result = start_container(qmp.as_ref(), agent.as_ref(), container).await;
+                let failed = result.is_err();
+                results.push((container.name.clone(), result));
+                if failed {
+                    break;
+                }
+            }
+            let _ = tx.send(Internal::ContainersStarted {
+                id,
+                generation,
+                ping,
+                results,
+            });
+        });
+        true
+    }
+
+    /// The boot's containers started (or one failed: the boot fails).
+    pub(super) fn containers_started(
+        &mut self,
+        id: &str,
+        generation: u64,
+        ping: proto::PingReply,
+        results: Vec<(String, Result<proto::ContainerInfo, EngineError>)>,
+    ) {
+        if self.runtime_of(id, generation).is_none() {
+            return;
+        }
+        let mut failure = None;
+        self.record_fact(id, |r| {
+            for (name, result) in &results {
+                let Some(c) = r.containers.iter_mut().find(|c| &c.name == name) else {
+                    continue;
+                };
+                match result {
+                    Ok(info) => c.observe(info),
+                    Err(e) => {
+                        c.phase = ContainerPhase::Failed;
+                        c.error = Some(e.message());
+                    }
+                }
+            }
+        });
+        for (name, result) in results {
+            if let Err(e) = result {
+                failure = Some(EngineError::ContainerStartFailed(format!(
+                    "container {name}: {}",
+                    e.message()
+                )));
+            }
+        }
+        match failure {
+            Some(e) => self.boot_done(id, generation, Err(e)),
+            None => self.boot_done(id, generation, Ok(ping)),
+        }
+    }
+
+    /// `AddContainer`: resolve, plug, start, then record.
+    pub(super) fn add_container(
+        &mut self,
+        id: &str,
+        spec: ContainerSpec,
+        reply: Reply<ContainerInfo>,
+    ) {
+        if let Err(e) = spec.validate() {
+            return drop(reply.send(Err(EngineError::InvalidSpec(e.into()))));
+        }
+        let entry = match self.entry_mut(id) {
+            Ok(e) => e,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let runtime = match entry.answering("add a container to") {
+            Ok(r) => r,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let (Some(qmp), agent, generation) = (
+            runtime.qmp.clone(),
+            runtime.agent.clone(),
+            runtime.generation,
+        ) else {
+            return drop(reply.send(Err(EngineError::Busy { id: id.into() })));
+        };
+        let names: BTreeSet<&str> = entry
+            .record
+            .containers
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(entry.container_ops.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        if names.contains(spec.name.as_str()) {
+            return drop(reply.send(Err(EngineError::ContainerExists(spec.name))));
+        }
+        if names.len() >= MAX_CONTAINERS {
+            return drop(reply.send(Err(EngineError::TooManyContainers(format!(
+                "VM {id} runs {} containers, the most allowed",
+                names.len()
+            )))));
+        }
+        let used: BTreeSet<u8> = entry
+            .record
+            .containers
+            .iter()
+            .map(|c| c.slot)
+            .chain(entry.container_ops.iter().map(|(_, s)| *s))
+            .collect();
+        let Some(slot) = (0..=u8::MAX).find(|s| !used.contains(s)) else {
+            return drop(reply.send(Err(EngineError::TooManyContainers(id.into()))));
+        };
+        entry.container_ops.insert((spec.name.clone(), slot));
+        let (store, tx, id) = (
+            self.images.store().clone(),
+            self.internal_tx.clone(),
+            id.to_owned(),
+        );
+        info!(vm = %id, container = %spec.name, image = %spec.image, "adding container");
+        tokio::spawn(async move {
+            let name = spec.name.clone();
+            let result = async {
+                let mut record = resolve(store.clone(), id.clone(), spec, slot).await?;
+                let started = async {
+                    clear_slot(qmp.as_ref(), slot).await?;
+                    start_container(qmp.as_ref(), agent.as_ref(), &record).await
+                }
+                .await;
+                match started {
+                    Ok(info) => {
+                        record.observe(&info);
+                        Ok(record)
+                    }
+                    Err(e) => {
+                        let _ = store.release(&record.digest, &record.image_user(&id)).await;
+                        Err(e)
+                    }
+                }
+            }
+            .await;
+            let _ = tx.send(Internal::ContainerAdded {
+                id,
+                generation,
+                name,
+                slot,
+                result,
+                reply,
+            });
+        });
+    }
+
+    /// An `AddContainer` sub-task ended: record the container, or (the VM
+    /// moved on, the write failed) undo it.
+    pub(super) fn container_added(
+        &mut self,
+        id: &str,
+        generation: u64,
+        name: String,
+        slot: u8,
+        result: Result<ContainerRecord, EngineError>,
+        reply: Reply<ContainerInfo>,
+    ) {
+        if let Some(entry) = self.vms.get_mut(id) {
+            entry.container_ops.remove(&(name, slot));
+        }
+        let container = match result {
+            Ok(c) => c,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let live = self
+            .runtime_of(id, generation)
+            .map(|r| (r.qmp.clone(), r.agent.clone()));
+        let written = match live {
+            Some(_) => {
+                let c = container.clone();
+                self.update(id, |r| r.containers.push(c))
+            }
+            None => Err(EngineError::InvalidState {
+                id: id.to_owned(),
+                state: self
+                    .vms
+                    .get(id)
+                    .map_or(crate::state::VmState::Stopped, |e| e.record.state()),
+                operation: "add a container to",
+            }),
+        };
+        match written {
+            Ok(_) => {
+                info!(vm = %id, container = %container.name, "container running");
+                let _ = reply.send(Ok(ContainerInfo::from(&container)));
+            }
+            Err(e) => {
+                if let Some((Some(qmp), agent)) = live {
+                    let c = container.clone();
+                    tokio::spawn(async move {
+                        let _ = remove_in_guest(agent.as_ref(), &c.name).await;
+                        detach_all(qmp.as_ref(), &c.disks()).await;
+                    });
+                }
+                release_users(
+                    self.images.store(),
+                    vec![(container.digest.clone(), container.image_user(id))],
+                );
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// `RemoveContainer`: stop and remove it in the guest, unplug its
+    /// disks, forget it, release its image.
+    pub(super) fn remove_container(&mut self, id: &str, name: String, reply: Reply<()>) {
+        let entry = match self.entry_mut(id) {
+            Ok(e) => e,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let Some(container) = entry
+            .record
+            .containers
+            .iter()
+            .find(|c| c.name == name)
+            .cloned()
+        else {
+            return drop(reply.send(Err(EngineError::NoSuchContainer(name))));
+        };
+        if entry.container_ops.iter().any(|(n, _)| *n == name) {
+            return drop(reply.send(Err(EngineError::Busy { id: id.into() })));
+        }
+        let live = entry.runtime.as_ref().and_then(|r| {
+            let qmp = r.qmp.clone()?;
+            Some((qmp, r.agent.clone()))
+        });
+        let Some((qmp, agent)) = live else {
+            // No process: nothing in the guest to undo.
+            return self.forget_container(id, &container, reply);
+        };
+        entry.container_ops.insert((name.clone(), container.slot));
+        let (tx, id) = (self.internal_tx.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let guest_answers = remove_in_guest(agent.as_ref(), &name).await;
+            detach_all(qmp.as_ref(), &container.disks()).await;
+            let _ = tx.send(Internal::ContainerRemoved {
+                id,
+                container: Box::new(container),
+                result: guest_answers,
+                reply,
+            });
+        });
+    }
+
+    /// A `RemoveContainer` sub-task ended.
+    pub(super) fn container_removed(
+        &mut self,
+        id: &str,
+        container: ContainerRecord,
+        result: Result<(), EngineError>,
+        reply: Reply<()>,
+    ) {
+        if let Some(entry) = self.vms.get_mut(id) {
+            entry
+                .container_ops
+                .remove(&(container.name.clone(), container.slot));
+        }
+        if let Err(e) = result {
+            return drop(reply.send(Err(e)));
+        }
+        self.forget_container(id, &container, reply);
+    }
+
+    /// Drop a container's record, release its image, then reply (so a
+    /// `RemoveImage` right after is not refused).
+    fn forget_container(&mut self, id: &str, container: &ContainerRecord, reply: Reply<()>) {
+        let name = container.name.clone();
+        if let Err(e) = self.update(id, |r| r.containers.retain(|c| c.name != name)) {
+            return drop(reply.send(Err(e)));
+        }
+        info!(vm = %id, container = %container.name, "container removed");
+        let release = release_users(
+            self.images.store(),
+            vec![(container.digest.clone(), container.image_user(id))],
+        );
+        tokio::spawn(async move {
+            if let Some(release) = release {
+                let _ = release.await;
+            }
+            let _ = reply.send(Ok(()));
+        });
+    }
+
+    /// `ListContainers`: the records, refreshed from the agent when the
+    /// guest answers.
+    pub(super) fn list_containers(&mut self, id: &str, reply: Reply<Vec<ContainerInfo>>) {
+        let entry = match self.entry(id) {
+            Ok(e) => e,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let live = entry
+            .answering("list containers of")
+            .ok()
+            .map(|r| (r.agent.clone(), r.generation));
+        let Some((agent, generation)) = live.filter(|_| !entry.record.containers.is_empty()) else {
+            let infos = entry
+                .record
+                .containers
+                .iter()
+                .map(ContainerInfo::from)
+                .collect();
+            return drop(reply.send(Ok(infos)));
+        };
+        let (tx, id) = (self.internal_tx.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let listed: Result<proto::ListContainersReply, _> = agent
+                .call(
+                    proto::method::LIST_CONTAINERS,
+                    &serde_json::json!({}),
+                    AGENT_CALL_TIMEOUT,
+                )
+                .await;
+            let _ = tx.send(Internal::ContainersObserved {
+                id,
+                generation,
+                result: listed.map(|l| l.containers).map_err(EngineError::from),
+                reply,
+            });
+        });
+    }
+
+    /// What the agent said about a VM's containers.
+    pub(super) fn containers_observed(
+        &mut self,
+        id: &str,
+        generation: u64,
+        result: Result<Vec<proto::ContainerInfo>, EngineError>,
+        reply: Reply<Vec<ContainerInfo>>,
+    ) {
+        let observed = match result {
+            Ok(o) => o,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        if self.runtime_of(id, generation).is_some() {
+            let changed = self.vms.get(id).is_some_and(|e| {
+                e.record.containers.iter().any(|c| {
+                    let mut seen = c.clone();
+                    if let Some(info) = observed.iter().find(|i| i.id == c.name) {
+                        seen.observe(info);
+                    }
+                    seen != *c
+                })
+            });
+            if changed {
+                self.record_fact(id, |r| {
+                    for c in &mut r.containers {
+                        if let Some(info) = observed.iter().find(|i| i.id == c.name) {
+                            c.observe(info);
+                        }
+                    }
+                });
+            }
+        }
+        let infos = self.entry(id).map(|e| {
+            e.record
+                .containers
+                .iter()
+                .map(ContainerInfo::from)
+                .collect()
+        });
+        let _ = reply.send(infos);
+    }
+
+    /// `ContainerLogs`: one read of a container's output from the agent's
+    /// buffer, from cursor `since`.
+    pub(super) fn container_logs(
+        &mut self,
+        id: &str,
+        request: ContainerLogsRequest,
+        reply: Reply<ContainerLogsReply>,
+    ) {
+        let entry = match self.entry(id) {
+            Ok(e) => e,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        if !entry.record.containers.iter().any(|c| c.name == request.id) {
+            return drop(reply.send(Err(EngineError::NoSuchContainer(request.id))));
+        }
+        let agent = match entry.answering("read the logs of") {
+            Ok(r) => r.agent.clone(),
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        tokio::spawn(async move {
+            let result = agent
+                .call(proto::method::CONTAINER_LOGS, &request, AGENT_CALL_TIMEOUT)
+                .await
+                .map_err(EngineError::from);
+            let _ = reply.send(result);
+        });
+    }
+
+    /// At start: list the image store's users and release those that are
+    /// containers no VM record has (a crash between acquire and record, or
+    /// between record removal and release).
+    pub(super) fn sweep_image_users(&self) {
+        let (store, tx) = (self.images.store().clone(), self.internal_tx.clone());
+        tokio::spawn(async move {
+            let Ok(images) = store.list().await else {
+                return;
+            };
+            let users = images
+                .into_iter()
+                .flat_map(|i| {
+                    let digest = i.record.digest.to_string();
+                    i.users.into_iter().map(move |u| (digest.clone(), u))
+                })
+                .filter(|(_, u)| vm_of_image_user(u).is_some())
+                .collect();
+            let _ = tx.send(Internal::ImageUsersListed { users });
+        });
+    }
+
+    /// Release the listed users no VM container (or pending create/add)
+    /// accounts for.
+    pub(super) fn image_users_listed(&self, users: Vec<(String, String)>) {
+        let held = |user: &str| {
+            let Some(vm) = vm_of_image_user(user) else {
+                return true;
+            };
+            if self.creating.contains_key(vm) {
+                return true;
+            }
+            self.vms.get(vm).is_some_and(|e| {
+                e.record.containers.iter().any(|c| c.image_user(vm) == user)
+                    || e.container_ops
+                        .iter()
+                        .any(|(n, _)| image_user(vm, n) == user)
+            })
+        };
+        let stale: Vec<_> = users.into_iter().filter(|(_, u)| !held(u)).collect();
+        for (digest, user) in &stale {
+            info!(image = %digest, user = %user, "releasing an image user no VM accounts for");
+        }
+        release_users(self.images.store(), stale);
+    }
+}

@@ -1,0 +1,492 @@
+//! Containers in VMs: what a caller asks for ([`ContainerSpec`]), what is
+//! persisted once its image is resolved ([`ContainerRecord`]), what callers
+//! see ([`ContainerInfo`]), and how its image's layers are named on the
+//! VM's SCSI bus ([`DiskAttachment`]).
+//!
+//! A container runs one image's process in its own namespaces in the guest
+//! (the agent does that, `guest/agent/src/container/`), on an overlay of the
+//! image's layers: each layer is an erofs file from the image store,
+//! hot-plugged read-only as a `scsi-hd` the agent finds by serial. Kiln
+//! picks every serial and address itself, so nothing depends on the order
+//! in which the guest names disks.
+
+use std::path::PathBuf;
+
+use kiln_agent_proto::{
+    self as proto, ContainerProcess, ContainerState as AgentState, MAX_LAYERS, MAX_PROCESS_STRINGS,
+    MAX_PROCESS_STRING_BYTES, MAX_PROCESS_TOTAL_BYTES, MAX_USER_BYTES,
+};
+use kiln_image::ProcessConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::name::{is_valid_name, MAX_NAME_LEN};
+
+/// Containers one VM may run unless `max_containers_per_vm` says otherwise.
+pub const DEFAULT_MAX_CONTAINERS: u32 = proto::DEFAULT_MAX_CONTAINERS as u32;
+
+/// The name of the container a VM created with `image` runs.
+pub const MAIN_CONTAINER: &str = "main";
+
+/// A container as asked for (`AddContainer`, or a VM spec's `image` and
+/// process fields).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerSpec {
+    /// Unique in the VM (a name like a VM's).
+    pub name: String,
+    /// A stored image: a reference (its tag) or a digest.
+    pub image: String,
+    /// Replaces the image's `Cmd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's `Entrypoint` (and, as Docker does, drops the
+    /// image's `Cmd` unless `command` is given too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// `KEY=VALUE` entries, merged over the image's by key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Working directory (absolute); default: the image's, else `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// `uid[:gid]` or `name[:group]`; default: the image's, else root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Size of the writable layer (a guest tmpfs), MiB; default: the
+    /// agent's (half the guest's RAM).
+    #[serde(
+        default,
+        rename = "storageMiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub storage_mib: Option<u64>,
+}
+
+/// Why a container spec was refused (wire: `InvalidSpec`, as
+/// `SpecError::Container`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ContainerSpecError(pub String);
+
+fn invalid(message: impl Into<String>) -> ContainerSpecError {
+    ContainerSpecError(message.into())
+}
+
+impl ContainerSpec {
+    /// Check what can be checked before the image is looked up: the name,
+    /// the image name's shape (the store checks the rest), sizes.
+    pub fn validate(&self) -> Result<(), ContainerSpecError> {
+        if !is_valid_name(&self.name) {
+            return Err(invalid(format!(
+                "container name {:?}: 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . -",
+                self.name.chars().take(80).collect::<String>(),
+            )));
+        }
+        if self.image.is_empty() || self.image.len() > 512 {
+            return Err(invalid("image must be 1 to 512 characters"));
+        }
+        let strings = self
+            .command
+            .iter()
+            .chain(&self.entrypoint)
+            .flatten()
+            .chain(&self.env);
+        let (mut count, mut total) = (0usize, 0usize);
+        for s in strings {
+            count += 1;
+            total += s.len();
+            if s.len() > MAX_PROCESS_STRING_BYTES || s.contains('\0') {
+                return Err(invalid(format!(
+                    "an argument or environment entry is over {MAX_PROCESS_STRING_BYTES} bytes or has a NUL"
+                )));
+            }
+        }
+        if count > MAX_PROCESS_STRINGS || total > MAX_PROCESS_TOTAL_BYTES {
+            return Err(invalid(format!(
+                "at most {MAX_PROCESS_STRINGS} arguments and environment entries, {MAX_PROCESS_TOTAL_BYTES} bytes in all"
+            )));
+        }
+        if let Some(bad) = self
+            .env
+            .iter()
+            .find(|e| !e.contains('=') || e.starts_with('='))
+        {
+            return Err(invalid(format!("env entry {bad:?} is not KEY=VALUE")));
+        }
+        if let Some(dir) = &self.workdir {
+            if !dir.starts_with('/') || dir.len() > proto::MAX_PATH_BYTES || dir.contains('\0') {
+                return Err(invalid("workdir must be an absolute path"));
+            }
+        }
+        if let Some(user) = &self.user {
+            if user.is_empty() || user.len() > MAX_USER_BYTES || user.chars().any(char::is_control)
+            {
+                return Err(invalid(format!(
+                    "user must be 1 to {MAX_USER_BYTES} printable bytes"
+                )));
+            }
+        }
+        if let Some(mib) = self.storage_mib {
+            if mib == 0 || mib > proto::MAX_STORAGE_MIB {
+                return Err(invalid(format!(
+                    "storageMiB must be 1 to {}",
+                    proto::MAX_STORAGE_MIB
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The process to run: the image's config with this spec's overrides,
+    /// as `docker run` applies them.
+    pub fn process(&self, image: &ProcessConfig) -> Result<ContainerProcess, ContainerSpecError> {
+        let entrypoint = self.entrypoint.as_ref().unwrap_or(&image.entrypoint);
+        let command = match (&self.command, &self.entrypoint) {
+            (Some(command), _) => command.clone(),
+            // A new entrypoint does not inherit the image's arguments.
+            (None, Some(_)) => Vec::new(),
+            (None, None) => image.cmd.clone(),
+        };
+        let args: Vec<String> = entrypoint.iter().cloned().chain(command).collect();
+        if args.is_empty() {
+            return Err(invalid(
+                "the image names no command (Entrypoint and Cmd are empty): give command",
+            ));
+        }
+        Ok(ContainerProcess {
+            args,
+            env: merge_env(&image.env, &self.env),
+            cwd: self.workdir.clone().or_else(|| image.working_dir.clone()),
+            user: self
+                .user
+                .clone()
+                .or_else(|| image.user.clone().filter(|u| !u.is_empty())),
+        })
+    }
+}
+
+/// `base` with `overrides` applied by key (a key keeps its first place).
+fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
+    let key = |e: &str| e.split_once('=').map_or(e, |(k, _)| k).to_owned();
+    let mut merged: Vec<String> = Vec::with_capacity(base.len() + overrides.len());
+    for entry in base.iter().chain(overrides) {
+        let k = key(entry);
+        match merged.iter_mut().find(|e| key(e) == k) {
+            Some(slot) => *slot = entry.clone(),
+            None => merged.push(entry.clone()),
+        }
+    }
+    merged
+}
+
+/// Where a container is in its life, as Kiln last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ContainerPhase {
+    /// Recorded; its disks and process come with the VM's next boot.
+    Created,
+    /// Disks being attached, process being started.
+    Starting,
+    /// Its process runs.
+    Running,
+    /// Its process ended (see `exitCode`).
+    Exited,
+    /// It could not be started (see `error`).
+    Failed,
+}
+
+/// A container as persisted in its VM's record: the image resolved to a
+/// digest and files, the process resolved from the image's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerRecord {
+    /// Unique in the VM.
+    pub name: String,
+    /// The image as asked for.
+    pub image: String,
+    /// The image's manifest digest (what the VM holds; a tag may move).
+    pub digest: String,
+    /// Its SCSI target on the VM's controller (see [`DiskAttachment`]).
+    pub slot: u8,
+    /// erofs files of its layers, lowest first.
+    pub layers: Vec<PathBuf>,
+    /// The process.
+    pub process: ContainerProcess,
+    /// tmpfs size of its writable layer, MiB.
+    #[serde(
+        default,
+        rename = "storageMiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub storage_mib: Option<u64>,
+    /// Last known phase.
+    pub phase: ContainerPhase,
+    /// PID in the guest while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Exit code (or 128 + signal) once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Why it failed to start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ContainerRecord {
+    /// The image-store user this container is (`vm:<id>:<name>`).
+    pub fn image_user(&self, vm_id: &str) -> String {
+        image_user(vm_id, &self.name)
+    }
+
+    /// Its disks, lowest layer first.
+    pub fn disks(&self) -> Vec<DiskAttachment> {
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(lun, path)| DiskAttachment::layer(self.slot, lun as u16, path.clone()))
+            .collect()
+    }
+
+    /// The agent request that starts it.
+    pub fn start_request(&self) -> proto::StartContainerRequest {
+        proto::StartContainerRequest {
+            id: self.name.clone(),
+            layers: self.disks().into_iter().map(|d| d.serial).collect(),
+            process: self.process.clone(),
+            hostname: None,
+            storage_mib: self.storage_mib,
+            upper_disk: None,
+            disk_timeout_ms: None,
+        }
+    }
+
+    /// Take what the agent reports.
+    pub fn observe(&mut self, info: &proto::ContainerInfo) {
+        match info.state {
+            AgentState::Running => {
+                self.phase = ContainerPhase::Running;
+                self.pid = Some(info.pid);
+                self.exit_code = None;
+            }
+            AgentState::Exited => {
+                self.phase = ContainerPhase::Exited;
+                self.pid = None;
+                self.exit_code = info.exit_code;
+            }
+        }
+        self.error = None;
+    }
+}
+
+/// The image-store user of container `name` of VM `vm_id`.
+pub fn image_user(vm_id: &str, name: &str) -> String {
+    format!("{VM_USER_PREFIX}{vm_id}:{name}")
+}
+
+/// Image-store users that are containers of VMs start with this.
+pub const VM_USER_PREFIX: &str = "vm:";
+
+/// The VM id in an image-store user made by [`image_user`].
+pub fn vm_of_image_user(user: &str) -> Option<&str> {
+    user.strip_prefix(VM_USER_PREFIX)?.split(':').next()
+}
+
+/// A container as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerInfo {
+    /// Unique in the VM.
+    pub name: String,
+    /// The image as asked for.
+    pub image: String,
+    /// The image's digest.
+    pub digest: String,
+    /// Its phase.
+    pub state: ContainerPhase,
+    /// PID in the guest while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Exit code once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The command it runs.
+    pub command: Vec<String>,
+}
+
+impl From<&ContainerRecord> for ContainerInfo {
+    fn from(r: &ContainerRecord) -> Self {
+        Self {
+            name: r.name.clone(),
+            image: r.image.clone(),
+            digest: r.digest.clone(),
+            state: r.phase,
+            pid: r.pid,
+            exit_code: r.exit_code,
+            error: r.error.clone(),
+            command: r.process.args.clone(),
+        }
+    }
+}
+
+/// One read-only layer disk on a VM's virtio-scsi controller (`scsi0`):
+/// container slot `s` is SCSI target `s`, its layer `l` LUN `l`. The ids
+/// and the serial follow from the two numbers, so a restarted kilnd (or an
+/// undo) finds every disk again without a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskAttachment {
+    /// The file (an erofs image).
+    pub path: PathBuf,
+    /// SCSI target.
+    pub target: u8,
+    /// LUN.
+    pub lun: u16,
+    /// `serial=` (what the agent finds it by; at most 36 bytes).
+    pub serial: String,
+    /// `blockdev-add` node name.
+    pub node: String,
+    /// `device_add` id.
+    pub device: String,
+}
+
+impl DiskAttachment {
+    /// Layer `lun` of the container in `slot`.
+    pub fn layer(slot: u8, lun: u16, path: PathBuf) -> Self {
+        Self {
+            path,
+            target: slot,
+            lun,
+            serial: format!("kiln-{slot}-{lun}"),
+            node: format!("kiln-node-{slot}-{lun}"),
+            device: disk_device_id(slot, lun),
+        }
+    }
+}
+
+/// The `device_add` id of layer `lun` of slot `slot`.
+pub fn disk_device_id(slot: u8, lun: u16) -> String {
+    format!("kiln-disk-{slot}-{lun}")
+}
+
+/// The slot of a device id made by [`disk_device_id`].
+pub fn slot_of_device(id: &str) -> Option<u8> {
+    id.strip_prefix("kiln-disk-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Most layers an image may have to run in Kiln (one disk each).
+pub const MAX_IMAGE_LAYERS: usize = MAX_LAYERS;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> ProcessConfig {
+        ProcessConfig {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["serve".into(), "--port=80".into()],
+            env: vec!["PATH=/bin".into(), "MODE=prod".into()],
+            working_dir: Some("/srv".into()),
+            user: Some("app".into()),
+        }
+    }
+
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            name: "web".into(),
+            image: "registry.local/web:1".into(),
+            ..ContainerSpec::default()
+        }
+    }
+
+    #[test]
+    fn the_image_config_applies_with_overrides_as_docker_does() {
+        let plain = spec().process(&image()).expect("process");
+        assert_eq!(plain.args, ["/entry", "serve", "--port=80"]);
+        assert_eq!(plain.cwd.as_deref(), Some("/srv"));
+        assert_eq!(plain.user.as_deref(), Some("app"));
+
+        let command = ContainerSpec {
+            command: Some(vec!["check".into()]),
+            env: vec!["MODE=dev".into(), "NEW=1".into()],
+            workdir: Some("/tmp".into()),
+            user: Some("0:0".into()),
+            ..spec()
+        };
+        let p = command.process(&image()).expect("process");
+        assert_eq!(p.args, ["/entry", "check"]);
+        assert_eq!(p.env, ["PATH=/bin", "MODE=dev", "NEW=1"]);
+        assert_eq!(
+            (p.cwd.as_deref(), p.user.as_deref()),
+            (Some("/tmp"), Some("0:0"))
+        );
+
+        let entrypoint = ContainerSpec {
+            entrypoint: Some(vec!["/bin/sh".into()]),
+            ..spec()
+        };
+        assert_eq!(
+            entrypoint.process(&image()).expect("process").args,
+            ["/bin/sh"]
+        );
+
+        let empty = ProcessConfig::default();
+        assert!(spec().process(&empty).is_err());
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        for bad in [
+            ContainerSpec {
+                name: "a/b".into(),
+                ..spec()
+            },
+            ContainerSpec {
+                image: String::new(),
+                ..spec()
+            },
+            ContainerSpec {
+                env: vec!["NOVALUE".into()],
+                ..spec()
+            },
+            ContainerSpec {
+                workdir: Some("rel".into()),
+                ..spec()
+            },
+            ContainerSpec {
+                user: Some(String::new()),
+                ..spec()
+            },
+            ContainerSpec {
+                storage_mib: Some(0),
+                ..spec()
+            },
+            ContainerSpec {
+                command: Some(vec!["a\0b".into()]),
+                ..spec()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        spec().validate().expect("valid");
+        assert!(
+            serde_json::from_str::<ContainerSpec>(r#"{"name":"a","image":"b","cmd":[]}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn disks_are_named_by_slot_and_layer() {
+        let disk = DiskAttachment::layer(3, 12, "/x.erofs".into());
+        assert_eq!(disk.serial, "kiln-3-12");
+        assert!(disk.serial.len() <= proto::MAX_SERIAL_BYTES);
+        assert_eq!(slot_of_device(&disk.device), Some(3));
+        assert_eq!(slot_of_device("nic1"), None);
+        assert_eq!(vm_of_image_user(&image_user("ab12", "main")), Some("ab12"));
+        assert_eq!(vm_of_image_user("pool:x"), None);
+    }
+}
