@@ -417,3 +417,62 @@ fn container_doc_examples_run() {
     assert_eq!(d.ok("ListImages", json!({}))["images"], json!([]));
     assert_eq!(d.ok("ListVMs", json!({}))["vms"], json!([]));
 }
+
+#[test]
+fn acquire_with_an_image_hands_out_a_clone_running_it() {
+    let d = Daemon::start();
+    let layout = one_image(&[busybox_layer()], "v1");
+    let digest = d.ok(
+        "ImportImage",
+        json!({ "path": layout.path(), "reference": "kiln.test/acq:v1" }),
+    )["image"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    d.ok(
+        "CreatePool",
+        json!({ "name": "generic", "spec": { "mode": "template", "warm": 1, "max": 2 } }),
+    );
+    let spec = json!({ "name": "job", "image": "kiln.test/acq:v1",
+                       "command": ["-c", "echo job-ready; exec /bin/busybox sleep 100000"] });
+    let vm = d.ok(
+        "Acquire",
+        json!({ "pool": "generic", "timeoutMs": 300000, "container": spec }),
+    )["vm"]
+        .clone();
+    let id = vm["id"].as_str().unwrap().to_owned();
+    assert_eq!(vm["state"], "leased");
+    assert_eq!(vm["containers"][0]["name"], "job");
+    assert_eq!(vm["containers"][0]["state"], "running", "{vm}");
+    assert_eq!(vm["containers"][0]["digest"], digest);
+    let r = exec_in(&d, &id, "job", "cat /etc/hello");
+    assert_eq!(r["stdout"], "hello from the base layer\n");
+    assert_eq!(users(&d, &digest), [format!("vm:{id}:job")]);
+
+    // A container that cannot start: no VM is handed out, none stays
+    // leased, the image is not held for it.
+    let broken = json!({ "name": "job", "image": digest, "entrypoint": ["/missing"] });
+    let (name, _) = d
+        .call(
+            "io.kiln.Manager.Acquire",
+            json!({ "pool": "generic", "timeoutMs": 300000, "container": broken }),
+        )
+        .unwrap_err();
+    assert_eq!(name, "io.kiln.Manager.ContainerStartFailed");
+    let vms = d.ok("ListVMs", json!({}))["vms"].clone();
+    let leased: Vec<&str> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["state"] == "leased")
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(leased, [id.as_str()], "only the first lease is held");
+    assert_eq!(users(&d, &digest), [format!("vm:{id}:job")]);
+    let bad = json!({ "pool": "generic", "container": { "name": "a b", "image": digest } });
+    assert_eq!(d.err("Acquire", bad), "io.kiln.Manager.InvalidSpec");
+
+    d.ok("Release", json!({ "id": id }));
+    assert!(users(&d, &digest).is_empty());
+    d.ok("DeletePool", json!({ "name": "generic" }));
+}

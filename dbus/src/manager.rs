@@ -81,6 +81,8 @@ struct AcquireOptions {
     ttl_sec: Option<u64>,
     #[serde(default)]
     release_on_disconnect: bool,
+    #[serde(default)]
+    container: Option<kiln_engine::container::ContainerSpec>,
 }
 
 #[interface(name = "io.kiln.Kiln1.Manager")]
@@ -169,7 +171,9 @@ impl Manager {
     }
 
     /// Lease the oldest hot VM of `pool` (waiting up to `timeoutMs` for one
-    /// to boot). `options`: `timeoutMs` (integer), `labels` (`a{ss}`).
+    /// to boot). `options`: `timeoutMs` (integer), `labels` (`a{ss}`),
+    /// `ttlSec`, `releaseOnDisconnect`, `container` (an `a{sv}` as
+    /// `AddContainer`'s: started before the reply).
     /// Returns the VM's object path.
     #[zbus(name = "Acquire", out_args("vm"))]
     async fn acquire(
@@ -197,6 +201,7 @@ impl Manager {
                 (true, Some(name)) => Some(kiln_engine::api::Disconnect::BusName(name)),
                 _ => None,
             },
+            container: options.container,
         };
         let vm = self.engine.acquire(&pool, options).await?;
         self.export_vm(conn, vm).await

@@ -68,6 +68,11 @@ pub struct AcquireOptions {
     pub ttl: Option<Duration>,
     /// End the lease when this holder goes away (`releaseOnDisconnect`).
     pub release_on: Option<Disconnect>,
+    /// Start this container in the VM before handing it out (a generic
+    /// pool's clone given the caller's image): the reply comes once it
+    /// runs; if it cannot start, the VM is destroyed and the error
+    /// returned.
+    pub container: Option<ContainerSpec>,
 }
 
 pub use crate::vm::Disconnect;

@@ -139,6 +139,8 @@ pub struct AcquireParams {
     pub ttl_sec: Option<u64>,
     #[serde(default)]
     pub release_on_disconnect: bool,
+    #[serde(default)]
+    pub container: Option<kiln_engine::container::ContainerSpec>,
 }
 
 impl AcquireParams {

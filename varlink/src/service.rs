@@ -312,6 +312,7 @@ impl ManagerService {
                     labels: p.labels.clone(),
                     ttl: p.ttl_sec.map(Duration::from_secs),
                     release_on: p.release_on_disconnect.then(|| self.connection.clone()),
+                    container: p.container.clone(),
                 };
                 if options.release_on.is_some() {
                     // Before the call: a lease granted just as the client

@@ -568,6 +568,51 @@ impl Engine {
         }
     }
 
+    /// An `Acquire` with a container: start it in the freshly leased VM
+    /// (as `AddContainer` does), then reply with the VM, or destroy the VM
+    /// and reply the error: a caller never holds a VM without the
+    /// workload it asked for.
+    pub(super) fn start_leased_container(
+        &mut self,
+        id: &str,
+        spec: ContainerSpec,
+        reply: Reply<VmInfo>,
+    ) {
+        let (added_tx, added) = tokio::sync::oneshot::channel();
+        self.add_container(id, spec, added_tx);
+        let (tx, id) = (self.internal_tx.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let result = added.await.unwrap_or(Err(EngineError::ShuttingDown));
+            let _ = tx.send(Internal::LeasedContainerStarted {
+                id,
+                result: result.map(drop),
+                reply,
+            });
+        });
+    }
+
+    /// The container of an `Acquire` runs (or not).
+    pub(super) fn leased_container_started(
+        &mut self,
+        id: &str,
+        result: Result<(), EngineError>,
+        reply: Reply<VmInfo>,
+    ) {
+        match result {
+            Ok(()) => {
+                let _ = reply.send(self.entry(id).map(|e| VmInfo::from(&e.record)));
+            }
+            Err(e) => {
+                warn!(vm = %id, error = %e.message(), "the acquired VM's container did not start, destroying the VM");
+                let (done, _) = tokio::sync::oneshot::channel();
+                if self.vms.contains_key(id) {
+                    self.delete_vm(id, done);
+                }
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
     /// `RemoveContainer`: stop and remove it in the guest, unplug its
     /// disks, forget it, release its image.
     pub(super) fn remove_container(&mut self, id: &str, name: String, reply: Reply<()>) {

@@ -274,6 +274,12 @@ enum Internal {
         result: Result<Vec<kiln_agent_proto::ContainerInfo>, EngineError>,
         reply: Reply<Vec<crate::container::ContainerInfo>>,
     },
+    /// The container of an `Acquire` started (or did not).
+    LeasedContainerStarted {
+        id: String,
+        result: Result<(), EngineError>,
+        reply: Reply<VmInfo>,
+    },
     /// The image store's container users, for the start-up sweep.
     ImageUsersListed {
         users: Vec<(String, String)>,
@@ -776,6 +782,9 @@ impl Engine {
                 reply,
             } => self.containers_observed(&id, generation, result, reply),
             Internal::ImageUsersListed { users } => self.image_users_listed(users),
+            Internal::LeasedContainerStarted { id, result, reply } => {
+                self.leased_container_started(&id, result, reply)
+            }
             Internal::PoolTick { pool } => self.pool_tick(&pool),
             Internal::GpusChanged => self.rescan_gpus(),
             Internal::AcquireTimeout {

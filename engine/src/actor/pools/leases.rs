@@ -36,20 +36,23 @@ impl Engine {
         if let Err(e) = self.check_quota(&options) {
             return drop(reply.send(Err(e)));
         }
+        if let Some(Err(e)) = options.container.as_ref().map(|c| c.validate()) {
+            return drop(reply.send(Err(EngineError::InvalidSpec(e.into()))));
+        }
         let pool = match self.pool(&name) {
             Ok(p) => p,
             Err(e) => return drop(reply.send(Err(e))),
         };
         if let Some(id) = self.oldest_hot(&name) {
             let started = Instant::now();
-            let result = self.lease(&id, options);
+            self.hand_out(&id, options, reply);
             // The engine's share of a hot acquire (the bench reads it from
             // the log): pick, atomic record write (no fsync: see
             // `Durability::UntilHostCrash`), events.
             let engine_us = started.elapsed().as_micros() as u64;
             debug!(vm = %id, engine_us, "hot acquire");
             self.publish_pool(&name);
-            return drop(reply.send(result));
+            return;
         }
         let counts = self.counts(&name);
         if self.pool_state(&name, counts) == PoolState::Failed {
@@ -180,8 +183,17 @@ impl Engine {
             if waiter.reply.is_closed() {
                 continue;
             }
-            let result = self.lease(&id, waiter.options);
-            let _ = waiter.reply.send(result);
+            self.hand_out(&id, waiter.options, waiter.reply);
+        }
+    }
+
+    /// Lease hot VM `id` and reply; with a container asked for, reply once
+    /// it runs (`start_leased_container`).
+    fn hand_out(&mut self, id: &str, mut options: AcquireOptions, reply: Reply<VmInfo>) {
+        let container = options.container.take();
+        match (self.lease(id, options), container) {
+            (Ok(_), Some(spec)) => self.start_leased_container(id, spec, reply),
+            (result, _) => drop(reply.send(result)),
         }
     }
 
