@@ -476,3 +476,104 @@ fn acquire_with_an_image_hands_out_a_clone_running_it() {
     assert!(users(&d, &digest).is_empty());
     d.ok("DeletePool", json!({ "name": "generic" }));
 }
+
+#[test]
+fn a_per_image_pool_hands_out_clones_whose_container_already_runs() {
+    let d = Daemon::start();
+    let layout = one_image(&[busybox_layer()], "v1");
+    let digest = d.ok(
+        "ImportImage",
+        json!({ "path": layout.path(), "reference": "kiln.test/warm:v1" }),
+    )["image"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The container prints a random token once, when it starts: clones of
+    // one template all show the template's token.
+    d.ok(
+        "CreatePool",
+        json!({ "name": "warm", "spec": { "mode": "template", "warm": 2, "max": 3, "warmupSec": 1,
+                 "vm": { "image": "kiln.test/warm:v1",
+                         "command": ["-c", "echo token $RANDOM$RANDOM; exec /bin/busybox sleep 100000"] } } }),
+    );
+    wait_until(Duration::from_secs(30), "the pool holds its image", || {
+        let u = users(&d, &digest);
+        (u == ["pool:warm"]).then_some(()).ok_or(format!("{u:?}"))
+    });
+    let acquire = || d.ok("Acquire", json!({ "pool": "warm", "timeoutMs": 300000 }))["vm"].clone();
+    let (a, b) = (acquire(), acquire());
+    let mut tokens = Vec::new();
+    for vm in [&a, &b] {
+        let id = vm["id"].as_str().unwrap();
+        assert_eq!(vm["containers"][0]["name"], "main");
+        assert_eq!(vm["containers"][0]["state"], "running", "{vm}");
+        // Printed in the template, during its warm-up: there at once.
+        let logs = d.ok("ContainerLogs", json!({ "id": id, "name": "main" }));
+        let text = logs["entries"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(text.starts_with("token "), "{logs}");
+        tokens.push(text);
+        let r = exec_in(&d, id, "main", "cat /etc/hello");
+        assert_eq!(r["stdout"], "hello from the base layer\n");
+    }
+    assert_eq!(
+        tokens[0], tokens[1],
+        "both clones resumed the template's running container"
+    );
+    // Each clone writes its own upper layer.
+    let (ida, idb) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+    exec_in(&d, ida, "main", "echo a > /mine");
+    let r = exec_in(&d, idb, "main", "test -e /mine || echo own-upper");
+    assert_eq!(r["stdout"], "own-upper\n");
+    assert_eq!(
+        d.err("RemoveImage", json!({ "image": digest })),
+        "io.kiln.Manager.ImageInUse"
+    );
+
+    // A newer image under the same tag: the pool follows it with a new
+    // template, and lets go of the old image.
+    let v2 = one_image(
+        &[
+            busybox_layer(),
+            Layer::gzip(&[Entry::Dir("etc/"), file("etc/version", b"2\n")]),
+        ],
+        "v1",
+    );
+    let digest2 = d.ok(
+        "ImportImage",
+        json!({ "path": v2.path(), "reference": "kiln.test/warm:v1" }),
+    )["image"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(digest, digest2);
+    wait_until(
+        Duration::from_secs(30),
+        "the pool moved to the new image",
+        || {
+            let (old, new) = (users(&d, &digest), users(&d, &digest2));
+            (old.is_empty() && new == ["pool:warm"])
+                .then_some(())
+                .ok_or(format!("{old:?} {new:?}"))
+        },
+    );
+    let c = acquire();
+    assert_eq!(c["containers"][0]["digest"], digest2, "{c}");
+    let r = exec_in(&d, c["id"].as_str().unwrap(), "main", "cat /etc/version");
+    assert_eq!(r["stdout"], "2\n");
+
+    d.ok("Release", json!({ "id": ida }));
+    d.ok("Release", json!({ "id": idb }));
+    d.ok("Release", json!({ "id": c["id"] }));
+    d.ok("DeletePool", json!({ "name": "warm" }));
+    wait_until(
+        Duration::from_secs(30),
+        "the pool's image user released",
+        || {
+            let u = users(&d, &digest2);
+            u.is_empty().then_some(()).ok_or(format!("{u:?}"))
+        },
+    );
+}

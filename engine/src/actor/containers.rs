@@ -54,6 +54,16 @@ async fn resolve(
     slot: u8,
 ) -> Result<ContainerRecord, EngineError> {
     let user = image_user(&vm_id, &spec.name);
+    resolve_as(store, user, spec, slot).await
+}
+
+/// [`resolve`] as image-store user `user`.
+async fn resolve_as(
+    store: ImageStore,
+    user: String,
+    spec: ContainerSpec,
+    slot: u8,
+) -> Result<ContainerRecord, EngineError> {
     let digest = match store.acquire(&spec.image, &user).await? {
         Acquired::Acquired { digest } | Acquired::AlreadyHeld { digest } => digest,
     };
@@ -247,6 +257,11 @@ fn container_error(e: crate::agent::AgentError) -> EngineError {
         }
         _ => e.into(),
     }
+}
+
+/// The image-store user of a per-image pool.
+fn pool_image_user(pool: &str) -> String {
+    format!("pool:{pool}")
 }
 
 impl Engine {
@@ -613,6 +628,28 @@ impl Engine {
         }
     }
 
+    /// Resolve a per-image pool's image as user `pool:<name>` (sub-task);
+    /// reports `PoolImageResolved`.
+    pub(super) fn resolve_pool_image(&self, name: &str, spec: ContainerSpec) {
+        let (store, tx, pool) = (
+            self.images.store().clone(),
+            self.internal_tx.clone(),
+            name.to_owned(),
+        );
+        tokio::spawn(async move {
+            let result = resolve_as(store, pool_image_user(&pool), spec, 0).await;
+            let _ = tx.send(Internal::PoolImageResolved { pool, result });
+        });
+    }
+
+    /// A deleted pool lets go of its image (sub-task).
+    pub(super) fn release_pool_image(&self, name: &str, digest: &str) {
+        release_users(
+            self.images.store(),
+            vec![(digest.to_owned(), pool_image_user(name))],
+        );
+    }
+
     /// `RemoveContainer`: stop and remove it in the guest, unplug its
     /// disks, forget it, release its image.
     pub(super) fn remove_container(&mut self, id: &str, name: String, reply: Reply<()>) {
@@ -816,16 +853,19 @@ impl Engine {
                     let digest = i.record.digest.to_string();
                     i.users.into_iter().map(move |u| (digest.clone(), u))
                 })
-                .filter(|(_, u)| vm_of_image_user(u).is_some())
+                .filter(|(_, u)| vm_of_image_user(u).is_some() || u.starts_with("pool:"))
                 .collect();
             let _ = tx.send(Internal::ImageUsersListed { users });
         });
     }
 
     /// Release the listed users no VM container (or pending create/add)
-    /// accounts for.
+    /// or pool accounts for.
     pub(super) fn image_users_listed(&self, users: Vec<(String, String)>) {
         let held = |user: &str| {
+            if let Some(pool) = user.strip_prefix("pool:") {
+                return self.pool_exists(pool);
+            }
             let Some(vm) = vm_of_image_user(user) else {
                 return true;
             };

@@ -176,6 +176,9 @@ impl Engine {
             let _ = self.events.send(EngineEvent::ImageAdded {
                 image: image.clone(),
             });
+            // A tag may have moved to this image: per-image pools look
+            // their image up again.
+            self.follow_pool_tags();
         }
         let _ = reply.send(result);
     }

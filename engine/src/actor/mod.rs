@@ -274,6 +274,11 @@ enum Internal {
         result: Result<Vec<kiln_agent_proto::ContainerInfo>, EngineError>,
         reply: Reply<Vec<crate::container::ContainerInfo>>,
     },
+    /// A per-image pool's image was resolved (or not).
+    PoolImageResolved {
+        pool: String,
+        result: Result<crate::container::ContainerRecord, EngineError>,
+    },
     /// The container of an `Acquire` started (or did not).
     LeasedContainerStarted {
         id: String,
@@ -782,6 +787,7 @@ impl Engine {
                 reply,
             } => self.containers_observed(&id, generation, result, reply),
             Internal::ImageUsersListed { users } => self.image_users_listed(users),
+            Internal::PoolImageResolved { pool, result } => self.pool_image_resolved(&pool, result),
             Internal::LeasedContainerStarted { id, result, reply } => {
                 self.leased_container_started(&id, result, reply)
             }

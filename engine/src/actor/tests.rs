@@ -118,6 +118,7 @@ impl Harness {
             refill_concurrency: 2,
             recycle_on_expiry: false,
             vm: VmSpec::default(),
+            warmup_sec: 0,
         };
         self.engine.create_pool(name, spec).await.expect("pool")
     }
@@ -752,6 +753,7 @@ async fn an_expired_lease_is_recycled_when_the_pool_says_so() {
         refill_concurrency: 2,
         recycle_on_expiry: true,
         vm: VmSpec::default(),
+        warmup_sec: 0,
     };
     h.create_pool_with("r", spec).await;
     h.pool_until("r", |p| p.hot == 1).await;

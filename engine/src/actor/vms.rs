@@ -14,6 +14,7 @@ use super::tasks::{boot, fresh_identity, stop_gracefully, BootPlan, NextBoot};
 use super::{Engine, Internal, Op, Runtime, StopIntent, Write};
 use crate::accel::Accel;
 use crate::api::{validate_exec, EngineEvent, Reply, DEFAULT_EXEC_TIMEOUT};
+use crate::container::ContainerRecord;
 use crate::error::EngineError;
 use crate::ids::now_usec;
 use crate::process::console_tail;
@@ -124,7 +125,8 @@ impl Engine {
             BootSource::Cold => (GuestMemory::Anonymous, None),
             BootSource::Clone(t) => (GuestMemory::TemplateClone(t.memory()), Some(t.state())),
         };
-        let mut launch = self.launch_for_spec(id, &record.spec, &runtime_dir, memory);
+        let mut launch =
+            self.launch_for_spec(id, &record.spec, &runtime_dir, memory, &record.containers);
         launch.incoming = restore.is_some();
         launch.gpu = gpu_args;
         let net = self.net_plan(id, restore.is_some());
@@ -185,6 +187,7 @@ impl Engine {
         spec: &ResolvedSpec,
         runtime_dir: &Path,
         memory: GuestMemory,
+        containers: &[ContainerRecord],
     ) -> QemuLaunch {
         let mut cmdline = QemuLaunch::BASE_CMDLINE.to_owned();
         for extra in [
@@ -232,6 +235,7 @@ impl Engine {
                 })
                 .collect(),
             hotplug_slots: spec.hotplug_slots(),
+            disks: containers.iter().flat_map(ContainerRecord::disks).collect(),
         }
     }
 

@@ -56,9 +56,22 @@ pub struct PoolSpec {
     /// template) instead of destroying it (default false).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recycle_on_expiry: bool,
-    /// The VM every pool member is made from.
+    /// The VM every pool member is made from. With `image`, the pool is a
+    /// per-image pool: its template runs the container (docs/images.md).
     #[serde(default)]
     pub vm: VmSpec,
+    /// Seconds the container of a per-image template runs before the
+    /// template is saved (0 to [`MAX_WARMUP_SEC`], default 0): a workload
+    /// that warms caches at start is saved warm.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub warmup_sec: u32,
+}
+
+/// Longest `warmupSec`.
+pub const MAX_WARMUP_SEC: u32 = 600;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn default_refill_concurrency() -> u32 {
@@ -79,6 +92,9 @@ pub enum PoolSpecError {
         /// Requested cap.
         max: u32,
     },
+    /// `warmupSec` above [`MAX_WARMUP_SEC`], or without `vm.image`.
+    #[error("warmupSec must be 0 to {MAX_WARMUP_SEC} and needs vm.image, got {0}")]
+    Warmup(u32),
     /// `refillConcurrency` out of range.
     #[error("refillConcurrency must be between 1 and {MAX_REFILL_CONCURRENCY}, got {0}")]
     Concurrency(u32),
@@ -105,6 +121,9 @@ impl PoolSpec {
             n.address.is_some() || !n.forwards.is_empty() || n.mode == NetMode::Netns
         }) {
             return Err(PoolSpecError::NetworkFixed);
+        }
+        if self.warmup_sec > MAX_WARMUP_SEC || (self.warmup_sec > 0 && self.vm.image.is_none()) {
+            return Err(PoolSpecError::Warmup(self.warmup_sec));
         }
         Ok(())
     }

@@ -126,6 +126,12 @@ pub struct BuildPlan {
     pub qmp_timeout: Duration,
     /// Boot deadline.
     pub boot_timeout: Duration,
+    /// A per-image pool's container, started in the template VM before it
+    /// is saved (its layers are in `launch.disks`), so every clone resumes
+    /// with the workload running.
+    pub container: Option<kiln_agent_proto::StartContainerRequest>,
+    /// How long the container runs before the template is saved.
+    pub warmup: Duration,
 }
 
 /// A template being built: the directory the VMM writes the RAM and device

@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use crate::accel::Accel;
+use crate::container::DiskAttachment;
 
 /// Machine type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +98,10 @@ pub struct QemuLaunch {
     pub nics: Vec<NicArgs>,
     /// Empty PCIe root ports `hp1`… for NICs attached later (q35 only).
     pub hotplug_slots: u8,
+    /// Read-only layer disks on the SCSI controller from the start: a VM's
+    /// containers' layers (so a template's clone has its template's disks,
+    /// and a cold boot needs no hot-plug).
+    pub disks: Vec<DiskAttachment>,
 }
 
 /// QEMU ids of hot-plugged NIC `index` (1-based): the root port it goes
@@ -221,6 +226,21 @@ impl QemuLaunch {
         // device cannot be added to a saved state, a disk to a bus can.
         // The guest loads virtio_scsi only when a container needs it.
         args.pair("-device", format!("{scsi},id=scsi0"));
+        for disk in &self.disks {
+            let mut node = OsString::from(format!(
+                "driver=raw,node-name={},read-only=on,file.driver=file,file.read-only=on,",
+                disk.node
+            ));
+            node.push(path_arg("file.filename=", &disk.path));
+            args.pair("-blockdev", node);
+            args.pair(
+                "-device",
+                format!(
+                    "scsi-hd,bus={SCSI_BUS},scsi-id={},lun={},serial={},drive={},id={}",
+                    disk.target, disk.lun, disk.serial, disk.node, disk.device
+                ),
+            );
+        }
         let nic_device = match self.machine {
             Machine::Microvm => "virtio-net-device",
             Machine::Q35 => "virtio-net-pci",
@@ -321,6 +341,7 @@ mod tests {
             gpu: Vec::new(),
             nics: Vec::new(),
             hotplug_slots: 0,
+            disks: Vec::new(),
         }
     }
 
@@ -379,6 +400,17 @@ mod tests {
         clone.memory = GuestMemory::TemplateClone(ram);
         clone.incoming = true;
         check_golden("microvm-tcg-clone.args", &clone);
+        // A per-image template's clone: its layers on the command line.
+        clone.disks = (0..2)
+            .map(|lun| {
+                DiskAttachment::layer(
+                    0,
+                    lun,
+                    format!("/var/lib/kiln/images/erofs/l{lun}.erofs").into(),
+                )
+            })
+            .collect();
+        check_golden("microvm-tcg-clone-image.args", &clone);
     }
 
     #[test]

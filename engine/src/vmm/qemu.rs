@@ -145,6 +145,19 @@ async fn boot_and_save(
         connect_when_up(process, &plan.launch.qmp_socket, &log, plan.qmp_timeout).await?;
     let agent = AgentClient::new(plan.launch.agent_socket.clone());
     agent.wait_ready(plan.boot_timeout).await?;
+    if let Some(container) = &plan.container {
+        // The workload starts here, once: clones resume it running.
+        let agent: &dyn GuestAgent = &agent;
+        let _: kiln_agent_proto::ContainerReply = agent
+            .call(
+                kiln_agent_proto::method::START_CONTAINER,
+                container,
+                plan.boot_timeout,
+            )
+            .await
+            .map_err(|e| EngineError::ContainerStartFailed(format!("in the template: {e}")))?;
+        tokio::time::sleep(plan.warmup).await;
+    }
     let boot_ms = started.elapsed().as_millis() as u64;
     // Leave no host connection half-open in the saved state.
     agent.disconnect().await;

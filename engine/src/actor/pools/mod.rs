@@ -34,6 +34,7 @@ mod leases;
 
 use super::{Engine, Internal};
 use crate::api::{AcquireOptions, EngineEvent, Reply, FAILED_AFTER, MAX_BACKOFF};
+use crate::container::ContainerRecord;
 use crate::error::EngineError;
 use crate::pool::template::{self, Template};
 use crate::pool::{
@@ -44,6 +45,15 @@ use crate::spec::{ResolvedSpec, MAX_NAME_LEN};
 use crate::state::VmState;
 use crate::store::write_atomic;
 use crate::vm::{VmInfo, VmRecord};
+
+/// The containers a pool's members run, if known (see [`ImageSlot`]).
+fn pool_containers(pool: &Pool) -> Option<Vec<ContainerRecord>> {
+    match &pool.image {
+        ImageSlot::NotNeeded => Some(Vec::new()),
+        ImageSlot::Ready(container) => Some(vec![(**container).clone()]),
+        ImageSlot::Unresolved | ImageSlot::Resolving => None,
+    }
+}
 
 /// The actor's pool state.
 #[derive(Debug, Default)]
@@ -71,6 +81,21 @@ pub(super) struct Pool {
     waiters: VecDeque<Waiter>,
     /// Last state published, to send events only on change.
     published: Option<PoolInfo>,
+    /// A per-image pool's container, once its image is resolved.
+    image: ImageSlot,
+}
+
+/// Where a per-image pool's image stands.
+#[derive(Debug)]
+pub(super) enum ImageSlot {
+    /// The pool runs no image.
+    NotNeeded,
+    /// Not resolved (yet, or the last try failed: retried after back-off).
+    Unresolved,
+    /// A sub-task resolves it.
+    Resolving,
+    /// The container every member runs (slot 0, `main`).
+    Ready(Box<ContainerRecord>),
 }
 
 #[derive(Debug)]
@@ -167,6 +192,10 @@ impl Engine {
         if let Err(reason) = &resolved {
             error!(pool = %name, %reason, "pool cannot make VMs");
         }
+        let image = match &resolved {
+            Ok(spec) if spec.container.is_some() => ImageSlot::Unresolved,
+            _ => ImageSlot::NotNeeded,
+        };
         let mut pool = Pool {
             spec: definition.spec,
             source: definition.source,
@@ -177,21 +206,99 @@ impl Engine {
             retry_at: None,
             waiters: VecDeque::new(),
             published: None,
+            image,
         };
-        if let (PoolMode::Template, Ok(spec)) = (pool.spec.mode, &pool.resolved) {
-            let key = self.template_key(spec);
-            if let Some(found) = template::find(&self.config.templates_dir(&name), &key) {
-                info!(pool = %name, key = %key, "re-using the template on disk");
+        if let Err(reason) = &pool.resolved {
+            pool.last_error = Some(reason.clone());
+        }
+        self.pools.by_name.insert(name.clone(), pool);
+        self.adopt_template_on_disk(&name);
+    }
+
+    /// Take the pool's current template from disk if it is there (at
+    /// start, or once a per-image pool's image is resolved).
+    fn adopt_template_on_disk(&mut self, name: &str) {
+        let Some(pool) = self.pools.by_name.get(name) else {
+            return;
+        };
+        let (PoolMode::Template, Ok(spec), TemplateSlot::Missing) =
+            (pool.spec.mode, &pool.resolved, &pool.template)
+        else {
+            return;
+        };
+        let Some(containers) = pool_containers(pool) else {
+            return;
+        };
+        let key = self.template_key(spec, &containers);
+        if let Some(found) = template::find(&self.config.templates_dir(name), &key) {
+            info!(pool = %name, key = %key, "re-using the template on disk");
+            if let Some(pool) = self.pools.by_name.get_mut(name) {
                 pool.template = TemplateSlot::Ready {
                     key,
                     template: found,
                 };
             }
         }
-        if let Err(reason) = &pool.resolved {
-            pool.last_error = Some(reason.clone());
+    }
+
+    /// A per-image pool's image was resolved (or not): build or adopt its
+    /// template, refill; a failure backs off like a failed boot and is
+    /// retried.
+    pub(super) fn pool_image_resolved(
+        &mut self,
+        name: &str,
+        result: Result<ContainerRecord, EngineError>,
+    ) {
+        let Some(pool) = self.pools.by_name.get_mut(name) else {
+            // Deleted meanwhile: let go of the image again.
+            if let Ok(container) = result {
+                self.release_pool_image(name, &container.digest);
+            }
+            return;
+        };
+        if let ImageSlot::Ready(current) = &pool.image {
+            // A re-resolve after a pull: only a new digest changes anything
+            // (a new template key, so a new template; the old one goes once
+            // no clone maps it).
+            match result {
+                Ok(container) if container.digest != current.digest => {
+                    let old = current.digest.clone();
+                    info!(pool = %name, from = %old, to = %container.digest, "pool image tag moved");
+                    pool.image = ImageSlot::Ready(Box::new(container));
+                    self.release_pool_image(name, &old);
+                    // Hot VMs of the old image are not what the tag names
+                    // any more; leased ones stay with their holders.
+                    for id in self.hot_vms(name) {
+                        let stale = self.vms.get(&id).is_some_and(|e| {
+                            e.record.containers.first().is_some_and(|c| c.digest == old)
+                        });
+                        if stale {
+                            self.destroy_vm(&id);
+                        }
+                    }
+                    self.refill(name);
+                    self.publish_pool(name);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(pool = %name, error = %e.message(), "cannot look up the pool image again")
+                }
+            }
+            return;
         }
-        self.pools.by_name.insert(name, pool);
+        match result {
+            Ok(container) => {
+                info!(pool = %name, image = %container.digest, "pool image resolved");
+                pool.image = ImageSlot::Ready(Box::new(container));
+                self.adopt_template_on_disk(name);
+                self.refill(name);
+            }
+            Err(e) => {
+                pool.image = ImageSlot::Unresolved;
+                self.pool_boot_failed(name, format!("image: {}", e.message()));
+            }
+        }
+        self.publish_pool(name);
     }
 
     // ----- commands --------------------------------------------------------
@@ -271,6 +378,9 @@ impl Engine {
             self.destroy_vm(&id);
         }
         self.remove_unused_templates(name);
+        if let ImageSlot::Ready(container) = &pool.image {
+            self.release_pool_image(name, &container.digest);
+        }
         info!(pool = %name, "pool deleted; leased VMs stay with their holders");
         let _ = self.events.send(EngineEvent::PoolRemoved {
             name: name.to_owned(),
@@ -470,14 +580,18 @@ impl Engine {
         if wanted == 0 {
             return;
         }
+        let Some(containers) = self.pool_containers_or_resolve(name) else {
+            // Its image is being resolved: `pool_image_resolved` refills.
+            return;
+        };
         if mode == PoolMode::Template {
-            // A changed spec, kernel, initramfs or QEMU makes a new key: the
-            // old template stays for the clones that map it, new clones wait
-            // for the new one.
-            let key = self.template_key(&spec);
+            // A changed spec, kernel, initramfs, QEMU or image makes a new
+            // key: the old template stays for the clones that map it, new
+            // clones wait for the new one.
+            let key = self.template_key(&spec, &containers);
             let current = ready_key.as_deref() == Some(key.as_str());
             if !current && !building {
-                self.build_template(name, spec, key);
+                self.build_template(name, spec, key, containers);
             }
             if !current {
                 return;
@@ -528,15 +642,17 @@ impl Engine {
         let Some(source) = self.boot_source(name) else {
             return Ok(());
         };
+        let containers = pool_containers(pool).unwrap_or_default();
         let id = self.unused_vm_id();
         // `<pool>-<id>`, short enough for a VM name and a hostname.
         let prefix: String = name.chars().take(MAX_NAME_LEN - id.len() - 1).collect();
-        let record = VmRecord::new(
+        let mut record = VmRecord::new(
             id.clone(),
             format!("{prefix}-{id}"),
             spec,
             Some(name.to_owned()),
         );
+        record.containers = containers;
         self.insert_vm(record)?;
         self.begin_boot(&id, source, None);
         Ok(())
@@ -553,11 +669,28 @@ impl Engine {
         }
     }
 
-    fn build_template(&mut self, name: &str, spec: ResolvedSpec, key: String) {
+    fn build_template(
+        &mut self,
+        name: &str,
+        spec: ResolvedSpec,
+        key: String,
+        containers: Vec<ContainerRecord>,
+    ) {
         let generation = self.next_generation();
         let builder_id = self.unused_vm_id();
         let runtime_dir = self.config.vm_runtime_dir(&builder_id);
-        let launch = self.launch_for_spec(&builder_id, &spec, &runtime_dir, GuestMemory::Anonymous);
+        let launch = self.launch_for_spec(
+            &builder_id,
+            &spec,
+            &runtime_dir,
+            GuestMemory::Anonymous,
+            &containers,
+        );
+        let warmup = self
+            .pools
+            .by_name
+            .get(name)
+            .map_or(0, |p| p.spec.warmup_sec);
         let plan = template::BuildPlan {
             pool: name.to_owned(),
             key: key.clone(),
@@ -566,6 +699,8 @@ impl Engine {
             runtime_dir,
             qmp_timeout: self.config.qmp_timeout(),
             boot_timeout: self.config.boot_timeout(),
+            container: containers.first().map(ContainerRecord::start_request),
+            warmup: Duration::from_secs(u64::from(warmup)),
         };
         if let Some(pool) = self.pools.by_name.get_mut(name) {
             pool.template = TemplateSlot::Building { generation };
@@ -585,14 +720,54 @@ impl Engine {
         });
     }
 
-    /// The key the template of a pool with `spec` must have now.
-    fn template_key(&self, spec: &ResolvedSpec) -> String {
+    /// Look the image of every per-image pool named by a tag up again (a
+    /// pull may have moved the tag).
+    pub(super) fn follow_pool_tags(&self) {
+        for (name, pool) in &self.pools.by_name {
+            let ImageSlot::Ready(current) = &pool.image else {
+                continue;
+            };
+            if current.image.starts_with("sha256:") {
+                continue;
+            }
+            if let Ok(Some(spec)) = pool.resolved.as_ref().map(|r| r.container.clone()) {
+                self.resolve_pool_image(name, spec);
+            }
+        }
+    }
+
+    /// Whether a pool by that name exists.
+    pub(super) fn pool_exists(&self, name: &str) -> bool {
+        self.pools.by_name.contains_key(name)
+    }
+
+    /// The containers a pool's members run: none for a plain pool, the
+    /// resolved one for a per-image pool; `None` while that is being
+    /// resolved (a resolution is started if none runs).
+    fn pool_containers_or_resolve(&mut self, name: &str) -> Option<Vec<ContainerRecord>> {
+        let pool = self.pools.by_name.get_mut(name)?;
+        if let Some(containers) = pool_containers(pool) {
+            return Some(containers);
+        }
+        if matches!(pool.image, ImageSlot::Unresolved) {
+            pool.image = ImageSlot::Resolving;
+            let spec = pool.resolved.as_ref().ok()?.container.clone()?;
+            self.resolve_pool_image(name, spec);
+        }
+        None
+    }
+
+    /// The key the template of a pool with `spec` (and, for a per-image
+    /// pool, its container: the layers are on the command line) must have
+    /// now.
+    fn template_key(&self, spec: &ResolvedSpec, containers: &[ContainerRecord]) -> String {
         let placeholder = std::path::Path::new("/kiln");
         let mut launch = self.launch_for_spec(
             "000000000000",
             spec,
             placeholder,
             GuestMemory::TemplateClone(placeholder.join("memory")),
+            containers,
         );
         // Only the caller's part of the command line: Kiln's TCG hint is
         // measured at every start and varies a little, and a guest that
