@@ -577,3 +577,75 @@ fn a_per_image_pool_hands_out_clones_whose_container_already_runs() {
         },
     );
 }
+
+#[test]
+fn kill_9_mid_add_leaves_no_stray_user_and_the_add_can_be_retried() {
+    let mut d = Daemon::start();
+    let (_layout, digest) = import_app(&d);
+    let vm = d.ok(
+        "CreateVM",
+        json!({ "name": "crash", "spec": { "image": digest,
+                 "command": ["-c", format!("echo up; {SLEEPER}")] } }),
+    )["vm"]
+        .clone();
+    let id = vm["id"].as_str().unwrap().to_owned();
+    d.ok("StartVM", json!({ "id": id }));
+    // AddContainer in flight (resolving, plugging or starting) when kilnd
+    // dies: nothing records it.
+    let address = d.address();
+    let params = json!({ "id": id, "spec": { "name": "late", "image": digest,
+                          "command": ["-c", SLEEPER] } })
+    .to_string();
+    let mut add = std::process::Command::new("varlinkctl")
+        .args(["call", &address, "io.kiln.Manager.AddContainer", &params])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    d.sigkill();
+    let _ = add.wait();
+    d.spawn();
+    // The VM is re-adopted with its main container; whatever the add left
+    // (an image user, plugged disks, a process in the guest) is gone or
+    // harmless, and the add works when retried.
+    assert_eq!(
+        container_states(&d, &id)[0],
+        ("main".into(), "running".into())
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the stray image user swept",
+        || {
+            let u = users(&d, &digest);
+            (u == [format!("vm:{id}:main")])
+                .then_some(())
+                .ok_or(format!("{u:?}"))
+        },
+    );
+    let late = json!({ "id": id, "spec": { "name": "late", "image": digest,
+                        "command": ["-c", format!("echo late-up; {SLEEPER}")] } });
+    // If the first try got as far as the guest, its process is replaced.
+    let added = d.ok("AddContainer", late)["container"].clone();
+    assert_eq!(added["state"], "running", "{added}");
+    assert_eq!(
+        container_states(&d, &id),
+        [
+            ("main".into(), "running".into()),
+            ("late".into(), "running".into())
+        ]
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "the retried container's output",
+        || {
+            let logs = d.ok("ContainerLogs", json!({ "id": id, "name": "late" }));
+            let text = logs["entries"].to_string();
+            text.contains("late-up").then_some(()).ok_or(text)
+        },
+    );
+    let r = exec_in(&d, &id, "main", "echo still-here");
+    assert_eq!(r["stdout"], "still-here\n");
+    d.ok("DeleteVM", json!({ "id": id }));
+    assert!(users(&d, &digest).is_empty());
+}

@@ -126,10 +126,22 @@ fn release_users(
 
 /// Plug a container's disks (those not plugged yet) and start its process;
 /// on failure, unplug what this call plugged.
+/// What to do when the guest already runs a container by that name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    /// It is this one (a boot after kilnd restarted, a clone of a
+    /// per-image template): take it as it is.
+    Adopt,
+    /// It is left from an add kilnd did not record (it died mid-way):
+    /// remove it and start afresh.
+    Replace,
+}
+
 async fn start_container(
     qmp: &dyn Monitor,
     agent: &dyn GuestAgent,
     container: &ContainerRecord,
+    existing: Existing,
 ) -> Result<proto::ContainerInfo, EngineError> {
     let present: BTreeSet<String> = qmp.peripheral_ids().await?.into_iter().collect();
     let mut plugged = Vec::new();
@@ -146,15 +158,26 @@ async fn start_container(
             }
         }
     }
+    let request = container.start_request();
+    let start = || {
+        agent.call::<_, proto::ContainerReply>(
+            proto::method::START_CONTAINER,
+            &request,
+            START_TIMEOUT,
+        )
+    };
     let started = match result {
         Ok(()) => {
-            let started: Result<proto::ContainerReply, _> = agent
-                .call(
-                    proto::method::START_CONTAINER,
-                    &container.start_request(),
-                    START_TIMEOUT,
-                )
-                .await;
+            let mut started = start().await;
+            let exists = |r: &Result<proto::ContainerReply, crate::agent::AgentError>| {
+                matches!(r, Err(crate::agent::AgentError::Call { name, .. })
+                    if name == proto::error::CONTAINER_EXISTS)
+            };
+            if existing == Existing::Replace && exists(&started) {
+                warn!(container = %container.name, "the guest runs an unrecorded container by that name, replacing it");
+                remove_in_guest(agent, &container.name, Stop::Kill).await?;
+                started = start().await;
+            }
             match started {
                 Ok(reply) => Ok(reply.container),
                 // Started before kilnd restarted: it is the one.
@@ -211,14 +234,23 @@ async fn clear_slot(qmp: &dyn Monitor, slot: u8) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// How a container is stopped before it is removed.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// SIGTERM, SIGKILL after the agent's default wait (`RemoveContainer`).
+    Graceful,
+    /// SIGKILL at once: nobody wants it (an orphan, an undo).
+    Kill,
+}
+
 /// Stop and remove a container in the guest (gone already is fine).
-async fn remove_in_guest(agent: &dyn GuestAgent, name: &str) -> Result<(), EngineError> {
+async fn remove_in_guest(agent: &dyn GuestAgent, name: &str, how: Stop) -> Result<(), EngineError> {
     let id = proto::ContainerIdRequest {
         id: name.to_owned(),
     };
     let stop = proto::StopContainerRequest {
         id: name.to_owned(),
-        signal: None,
+        signal: matches!(how, Stop::Kill).then_some(9),
         timeout_ms: None,
     };
     let stopped: Result<proto::StopContainerReply, _> = agent
@@ -379,7 +411,8 @@ impl Engine {
         tokio::spawn(async move {
             let mut results = Vec::new();
             for container in &containers {
-                let result = start_container(qmp.as_ref(), agent.as_ref(), container).await;
+                let result =
+                    start_container(qmp.as_ref(), agent.as_ref(), container, Existing::Adopt).await;
                 let failed = result.is_err();
                 results.push((container.name.clone(), result));
                 if failed {
@@ -500,7 +533,7 @@ impl Engine {
                 let mut record = resolve(store.clone(), id.clone(), spec, slot).await?;
                 let started = async {
                     clear_slot(qmp.as_ref(), slot).await?;
-                    start_container(qmp.as_ref(), agent.as_ref(), &record).await
+                    start_container(qmp.as_ref(), agent.as_ref(), &record, Existing::Replace).await
                 }
                 .await;
                 match started {
@@ -570,7 +603,7 @@ impl Engine {
                 if let Some((Some(qmp), agent)) = live {
                     let c = container.clone();
                     tokio::spawn(async move {
-                        let _ = remove_in_guest(agent.as_ref(), &c.name).await;
+                        let _ = remove_in_guest(agent.as_ref(), &c.name, Stop::Kill).await;
                         detach_all(qmp.as_ref(), &c.disks()).await;
                     });
                 }
@@ -619,11 +652,16 @@ impl Engine {
             }
             Err(e) => {
                 warn!(vm = %id, error = %e.message(), "the acquired VM's container did not start, destroying the VM");
-                let (done, _) = tokio::sync::oneshot::channel();
+                let (done, destroyed) = tokio::sync::oneshot::channel();
                 if self.vms.contains_key(id) {
                     self.delete_vm(id, done);
                 }
-                let _ = reply.send(Err(e));
+                // Reply once the VM is gone, so the caller never sees it
+                // still leased to itself.
+                tokio::spawn(async move {
+                    let _ = destroyed.await;
+                    let _ = reply.send(Err(e));
+                });
             }
         }
     }
@@ -680,7 +718,7 @@ impl Engine {
         entry.container_ops.insert((name.clone(), container.slot));
         let (tx, id) = (self.internal_tx.clone(), id.to_owned());
         tokio::spawn(async move {
-            let guest_answers = remove_in_guest(agent.as_ref(), &name).await;
+            let guest_answers = remove_in_guest(agent.as_ref(), &name, Stop::Graceful).await;
             detach_all(qmp.as_ref(), &container.disks()).await;
             let _ = tx.send(Internal::ContainerRemoved {
                 id,
