@@ -649,3 +649,83 @@ fn kill_9_mid_add_leaves_no_stray_user_and_the_add_can_be_retried() {
     d.ok("DeleteVM", json!({ "id": id }));
     assert!(users(&d, &digest).is_empty());
 }
+
+#[test]
+fn restart_policies_restart_or_stop_the_vm() {
+    let d = Daemon::start();
+    let layout = one_image(&[busybox_layer()], "v1");
+    d.ok(
+        "ImportImage",
+        json!({ "path": layout.path(), "reference": "kiln.test/rs:v1" }),
+    );
+    // A VM made to run one job: its main container exits, the VM stops.
+    let job = d.ok(
+        "CreateVM",
+        json!({ "name": "job", "spec": { "image": "kiln.test/rs:v1",
+                 "command": ["-c", "/bin/busybox sleep 1; echo done"] } }),
+    )["vm"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    d.ok("StartVM", json!({ "id": job }));
+    wait_until(Duration::from_secs(30), "the job's VM stops", || {
+        let vm = d.ok("DescribeVM", json!({ "id": job }))["vm"].clone();
+        (vm["state"] == "stopped")
+            .then_some(())
+            .ok_or(vm.to_string())
+    });
+    let vm = d.ok("DescribeVM", json!({ "id": job }))["vm"].clone();
+    assert_eq!(vm["containers"][0]["state"], "exited", "{vm}");
+    assert_eq!(vm["containers"][0]["exitCode"], 0, "{vm}");
+
+    // A long-lived VM: a failing container is restarted, one that succeeds
+    // under on-failure is not, always restarts even a clean exit.
+    let host = d.ok(
+        "CreateVM",
+        json!({ "name": "host", "spec": { "image": "kiln.test/rs:v1", "restartPolicy": "always",
+                 "command": ["-c", "exec /bin/busybox sleep 100000"] } }),
+    )["vm"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    d.ok("StartVM", json!({ "id": host }));
+    for (name, policy, script) in [
+        ("flaky", "on-failure", "echo try; exit 3"),
+        ("fine", "on-failure", "exit 0"),
+        ("loop", "always", "exit 0"),
+    ] {
+        d.ok(
+            "AddContainer",
+            json!({ "id": host, "spec": { "name": name, "image": "kiln.test/rs:v1",
+                     "restartPolicy": policy, "command": ["-c", script] } }),
+        );
+    }
+    let restarts = |name: &str| -> (u64, String) {
+        let listed = d.ok("ListContainers", json!({ "id": host }))["containers"].clone();
+        let c = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+            .clone();
+        (
+            c["restarts"].as_u64().unwrap(),
+            c["state"].as_str().unwrap().to_owned(),
+        )
+    };
+    wait_until(Duration::from_secs(60), "restarts", || {
+        let (flaky, lp) = (restarts("flaky"), restarts("loop"));
+        (flaky.0 >= 2 && lp.0 >= 2)
+            .then_some(())
+            .ok_or(format!("flaky {flaky:?}, loop {lp:?}"))
+    });
+    let fine = restarts("fine");
+    assert_eq!(fine, (0, "exited".into()));
+    let r = exec_in(&d, &host, "main", "echo alive");
+    assert_eq!(r["stdout"], "alive\n");
+    assert_eq!(
+        d.ok("DescribeVM", json!({ "id": host }))["vm"]["state"],
+        "ready"
+    );
+}

@@ -9,8 +9,9 @@ use serde::Serialize;
 use zbus::zvariant::Type;
 
 /// One container: `(s name, s image, s digest, s state, u pid, i
-/// exit_code, s error, as command)`; `pid` 0 when not running, `exit_code`
-/// -1 until it exited, `error` "" unless it failed to start.
+/// exit_code, s error, as command, s restart_policy, u restarts)`; `pid` 0
+/// when not running, `exit_code` -1 until it exited, `error` "" unless it
+/// failed to start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Type)]
 pub struct ContainerSummary {
     name: String,
@@ -21,14 +22,18 @@ pub struct ContainerSummary {
     exit_code: i32,
     error: String,
     command: Vec<String>,
+    restart_policy: String,
+    restarts: u32,
 }
 
 impl From<&ContainerInfo> for ContainerSummary {
     fn from(c: &ContainerInfo) -> Self {
-        let state = serde_json::to_value(c.state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let spelled = |v: serde_json::Result<serde_json::Value>| {
+            v.ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        };
+        let state = spelled(serde_json::to_value(c.state));
         Self {
             name: c.name.clone(),
             image: c.image.clone(),
@@ -38,6 +43,8 @@ impl From<&ContainerInfo> for ContainerSummary {
             exit_code: c.exit_code.unwrap_or(-1),
             error: c.error.clone().unwrap_or_default(),
             command: c.command.clone(),
+            restart_policy: spelled(serde_json::to_value(c.restart_policy)),
+            restarts: c.restarts,
         }
     }
 }

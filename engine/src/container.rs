@@ -60,6 +60,45 @@ pub struct ContainerSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub storage_mib: Option<u64>,
+    /// What happens when its process exits (default `no`).
+    #[serde(default, skip_serializing_if = "RestartPolicy::is_no")]
+    pub restart_policy: RestartPolicy,
+}
+
+/// What happens when a container's process exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// It stays exited; a VM's `main` container that exits stops the VM
+    /// (the VM was made to run it).
+    #[default]
+    No,
+    /// Started again when it exits with a non-zero code.
+    OnFailure,
+    /// Started again whenever it exits.
+    Always,
+}
+
+impl RestartPolicy {
+    fn is_no(&self) -> bool {
+        *self == Self::No
+    }
+
+    /// Whether an exit with `code` restarts the container.
+    pub fn restarts_after(self, code: Option<i32>) -> bool {
+        match self {
+            Self::No => false,
+            Self::OnFailure => code != Some(0),
+            Self::Always => true,
+        }
+    }
+}
+
+/// Delay before restart number `n` (1-based): 100 ms doubling, at most 10 s,
+/// so a container that dies at once costs a few restarts a minute.
+pub fn restart_delay(n: u32) -> std::time::Duration {
+    let ms = 100u64.saturating_mul(1u64 << n.saturating_sub(1).min(10));
+    std::time::Duration::from_millis(ms.min(10_000))
 }
 
 /// Why a container spec was refused (wire: `InvalidSpec`, as
@@ -219,6 +258,12 @@ pub struct ContainerRecord {
         skip_serializing_if = "Option::is_none"
     )]
     pub storage_mib: Option<u64>,
+    /// What happens when it exits.
+    #[serde(default, skip_serializing_if = "RestartPolicy::is_no")]
+    pub restart_policy: RestartPolicy,
+    /// Times it was started again after an exit (this boot and before).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
     /// Last known phase.
     pub phase: ContainerPhase,
     /// PID in the guest while running.
@@ -278,6 +323,10 @@ impl ContainerRecord {
     }
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// The image-store user of container `name` of VM `vm_id`.
 pub fn image_user(vm_id: &str, name: &str) -> String {
     format!("{VM_USER_PREFIX}{vm_id}:{name}")
@@ -314,6 +363,10 @@ pub struct ContainerInfo {
     pub error: Option<String>,
     /// The command it runs.
     pub command: Vec<String>,
+    /// What happens when it exits.
+    pub restart_policy: RestartPolicy,
+    /// Times it was started again after an exit.
+    pub restarts: u32,
 }
 
 impl From<&ContainerRecord> for ContainerInfo {
@@ -327,6 +380,8 @@ impl From<&ContainerRecord> for ContainerInfo {
             exit_code: r.exit_code,
             error: r.error.clone(),
             command: r.process.args.clone(),
+            restart_policy: r.restart_policy,
+            restarts: r.restarts,
         }
     }
 }
@@ -477,6 +532,22 @@ mod tests {
         assert!(
             serde_json::from_str::<ContainerSpec>(r#"{"name":"a","image":"b","cmd":[]}"#).is_err()
         );
+    }
+
+    #[test]
+    fn restart_policies_and_their_delays() {
+        assert!(!RestartPolicy::No.restarts_after(Some(1)));
+        assert!(RestartPolicy::OnFailure.restarts_after(Some(1)));
+        assert!(RestartPolicy::OnFailure.restarts_after(None));
+        assert!(!RestartPolicy::OnFailure.restarts_after(Some(0)));
+        assert!(RestartPolicy::Always.restarts_after(Some(0)));
+        assert_eq!(restart_delay(1).as_millis(), 100);
+        assert_eq!(restart_delay(4).as_millis(), 800);
+        assert_eq!(restart_delay(40).as_millis(), 10_000);
+        let parsed: ContainerSpec =
+            serde_json::from_str(r#"{"name":"a","image":"b","restartPolicy":"on-failure"}"#)
+                .expect("spec");
+        assert_eq!(parsed.restart_policy, RestartPolicy::OnFailure);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use kiln_gpu::GpuRequest;
 use kiln_net::Protocol;
 
 use crate::accel::Accel;
-use crate::container::{ContainerSpec, ContainerSpecError, MAIN_CONTAINER};
+use crate::container::{ContainerSpec, ContainerSpecError, RestartPolicy, MAIN_CONTAINER};
 
 /// A VM as requested: everything optional has a default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +77,10 @@ pub struct VmSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub storage_mib: Option<u64>,
+    /// What happens when the container exits: `no` (default: the VM
+    /// stops), `on-failure`, `always` (it is started again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_policy: Option<RestartPolicy>,
 }
 
 /// Most port forwards one VM may have.
@@ -471,10 +475,12 @@ impl VmSpec {
                 || self.env.is_some()
                 || self.workdir.is_some()
                 || self.user.is_some()
-                || self.storage_mib.is_some();
+                || self.storage_mib.is_some()
+                || self.restart_policy.is_some();
             return match process_fields {
                 true => Err(SpecError::Container(
-                    "command, entrypoint, env, workdir, user and storageMiB need image".into(),
+                    "command, entrypoint, env, workdir, user, storageMiB and restartPolicy need image"
+                        .into(),
                 )),
                 false => Ok(None),
             };
@@ -488,6 +494,7 @@ impl VmSpec {
             workdir: self.workdir.clone(),
             user: self.user.clone(),
             storage_mib: self.storage_mib,
+            restart_policy: self.restart_policy.unwrap_or_default(),
         };
         spec.validate()?;
         Ok(Some(spec))

@@ -20,8 +20,9 @@ use tracing::{info, warn};
 use super::{Engine, Internal};
 use crate::api::Reply;
 use crate::container::{
-    image_user, slot_of_device, vm_of_image_user, ContainerInfo, ContainerPhase, ContainerRecord,
-    ContainerSpec, DiskAttachment, MAX_IMAGE_LAYERS,
+    image_user, restart_delay, slot_of_device, vm_of_image_user, ContainerInfo, ContainerPhase,
+    ContainerRecord, ContainerSpec, DiskAttachment, RestartPolicy, MAIN_CONTAINER,
+    MAX_IMAGE_LAYERS,
 };
 use crate::error::EngineError;
 use crate::spec::{ResolvedSpec, SpecError};
@@ -34,6 +35,8 @@ const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
 const START_TIMEOUT: Duration = Duration::from_secs(proto::DEFAULT_DISK_TIMEOUT_MS / 1000 + 20);
 /// Deadline of the quick container agent calls.
 const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a VM's containers are checked for exits.
+const CONTAINER_POLL: Duration = Duration::from_secs(1);
 /// Most containers one VM runs (the agent's own default limit).
 pub(super) const MAX_CONTAINERS: usize = proto::DEFAULT_MAX_CONTAINERS;
 
@@ -92,6 +95,8 @@ async fn resolve_as(
                 .collect(),
             process,
             storage_mib: spec.storage_mib,
+            restart_policy: spec.restart_policy,
+            restarts: 0,
             phase: ContainerPhase::Created,
             pid: None,
             exit_code: None,
@@ -465,7 +470,10 @@ impl Engine {
         }
         match failure {
             Some(e) => self.boot_done(id, generation, Err(e)),
-            None => self.boot_done(id, generation, Ok(ping)),
+            None => {
+                self.boot_done(id, generation, Ok(ping));
+                self.watch_containers(id);
+            }
         }
     }
 
@@ -597,6 +605,7 @@ impl Engine {
         match written {
             Ok(_) => {
                 info!(vm = %id, container = %container.name, "container running");
+                self.watch_containers(id);
                 let _ = reply.send(Ok(ContainerInfo::from(&container)));
             }
             Err(e) => {
@@ -818,26 +827,7 @@ impl Engine {
             Ok(o) => o,
             Err(e) => return drop(reply.send(Err(e))),
         };
-        if self.runtime_of(id, generation).is_some() {
-            let changed = self.vms.get(id).is_some_and(|e| {
-                e.record.containers.iter().any(|c| {
-                    let mut seen = c.clone();
-                    if let Some(info) = observed.iter().find(|i| i.id == c.name) {
-                        seen.observe(info);
-                    }
-                    seen != *c
-                })
-            });
-            if changed {
-                self.record_fact(id, |r| {
-                    for c in &mut r.containers {
-                        if let Some(info) = observed.iter().find(|i| i.id == c.name) {
-                            c.observe(info);
-                        }
-                    }
-                });
-            }
-        }
+        self.observe_containers(id, generation, &observed);
         let infos = self.entry(id).map(|e| {
             e.record
                 .containers
@@ -846,6 +836,177 @@ impl Engine {
                 .collect()
         });
         let _ = reply.send(infos);
+    }
+
+    /// Take what the agent says about a VM's containers into their records,
+    /// and act on exits: a restart by the container's policy, or, for a
+    /// VM's `main` container with policy `no`, a stop of the VM. Every
+    /// observation goes through here (the watcher's polls and
+    /// `ListContainers`), so no exit is seen without its policy applied.
+    fn observe_containers(&mut self, id: &str, generation: u64, observed: &[proto::ContainerInfo]) {
+        let Some(entry) = self.vms.get(id) else {
+            return;
+        };
+        let current = entry.runtime.as_ref().map(|r| r.generation) == Some(generation);
+        if !current || !entry.record.state().guest_answers() {
+            return;
+        }
+        let busy: BTreeSet<&str> = entry
+            .container_ops
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let mut exits = Vec::new();
+        let mut updated = entry.record.containers.clone();
+        for c in &mut updated {
+            // A restart in flight, or an add/remove: theirs to report.
+            if c.phase == ContainerPhase::Starting || busy.contains(c.name.as_str()) {
+                continue;
+            }
+            let Some(info) = observed.iter().find(|i| i.id == c.name) else {
+                continue;
+            };
+            let was_running = c.phase == ContainerPhase::Running;
+            c.observe(info);
+            if was_running && c.phase == ContainerPhase::Exited {
+                exits.push((c.name.clone(), c.exit_code, c.restart_policy, c.restarts));
+            }
+        }
+        let main_of_vm = entry.record.spec.container.is_some();
+        if updated != entry.record.containers {
+            self.record_fact(id, |r| r.containers = updated);
+        }
+        for (name, code, policy, restarts) in exits {
+            info!(vm = %id, container = %name, exit_code = ?code, "container exited");
+            if policy.restarts_after(code) {
+                self.restart_container(id, generation, &name, restarts + 1);
+            } else if main_of_vm && name == MAIN_CONTAINER && policy == RestartPolicy::No {
+                info!(vm = %id, "the VM's main container exited, stopping the VM");
+                let (done, _) = tokio::sync::oneshot::channel();
+                self.stop_vm(id, None, done);
+            }
+        }
+    }
+
+    /// Start container `name` again (restart number `n`, after its back-off
+    /// delay) in place: the exited process is removed, the layers stay.
+    fn restart_container(&mut self, id: &str, generation: u64, name: &str, n: u32) {
+        let Some(runtime) = self.vms.get(id).and_then(|e| e.runtime.as_ref()) else {
+            return;
+        };
+        let (Some(qmp), agent) = (runtime.qmp.clone(), runtime.agent.clone()) else {
+            return;
+        };
+        let mut container = None;
+        self.record_fact(id, |r| {
+            if let Some(c) = r.containers.iter_mut().find(|c| c.name == name) {
+                c.phase = ContainerPhase::Starting;
+                c.restarts = n;
+                container = Some(c.clone());
+            }
+        });
+        let Some(container) = container else {
+            return;
+        };
+        let (tx, id) = (self.internal_tx.clone(), id.to_owned());
+        let delay = restart_delay(n);
+        info!(vm = %id, container = %container.name, restart = n, ?delay, "restarting container");
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let result = async {
+                remove_in_guest(agent.as_ref(), &container.name, Stop::Kill).await?;
+                start_container(qmp.as_ref(), agent.as_ref(), &container, Existing::Replace).await
+            }
+            .await;
+            let _ = tx.send(Internal::ContainerRestarted {
+                id,
+                generation,
+                name: container.name,
+                result,
+            });
+        });
+    }
+
+    /// A restart ended.
+    pub(super) fn container_restarted(
+        &mut self,
+        id: &str,
+        generation: u64,
+        name: &str,
+        result: Result<proto::ContainerInfo, EngineError>,
+    ) {
+        if self.runtime_of(id, generation).is_none() {
+            return;
+        }
+        self.record_fact(id, |r| {
+            if let Some(c) = r.containers.iter_mut().find(|c| c.name == name) {
+                match &result {
+                    Ok(info) => c.observe(info),
+                    Err(e) => {
+                        c.phase = ContainerPhase::Failed;
+                        c.error = Some(e.message());
+                    }
+                }
+            }
+        });
+    }
+
+    /// Watch the containers of VM `id`'s process for exits (once per
+    /// process): the agent has no push channel, so a sub-task asks it every
+    /// [`CONTAINER_POLL`] while the VM has containers. The task ends with
+    /// the process (its stop handle lives in the runtime).
+    pub(super) fn watch_containers(&mut self, id: &str) {
+        let Some(entry) = self.vms.get_mut(id) else {
+            return;
+        };
+        if entry.record.containers.is_empty() {
+            return;
+        }
+        let Some(runtime) = entry.runtime.as_mut() else {
+            return;
+        };
+        if runtime.container_watch.is_some() {
+            return;
+        }
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        runtime.container_watch = Some(stop);
+        let (agent, generation) = (runtime.agent.clone(), runtime.generation);
+        let (tx, id) = (self.internal_tx.clone(), id.to_owned());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    () = tokio::time::sleep(CONTAINER_POLL) => {}
+                }
+                let listed: Result<proto::ListContainersReply, _> = agent
+                    .call(
+                        proto::method::LIST_CONTAINERS,
+                        &serde_json::json!({}),
+                        AGENT_CALL_TIMEOUT,
+                    )
+                    .await;
+                if let Ok(listed) = listed {
+                    let polled = Internal::ContainersPolled {
+                        id: id.clone(),
+                        generation,
+                        containers: listed.containers,
+                    };
+                    if tx.send(polled).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// A watcher's poll.
+    pub(super) fn containers_polled(
+        &mut self,
+        id: &str,
+        generation: u64,
+        containers: Vec<proto::ContainerInfo>,
+    ) {
+        self.observe_containers(id, generation, &containers);
     }
 
     /// `ContainerLogs`: one read of a container's output from the agent's

@@ -65,6 +65,9 @@ struct Runtime {
     /// The guest boot whose containers were started (a reboot starts
     /// them again).
     containers_boot: Option<String>,
+    /// Stops the task that watches the containers for exits (dropped with
+    /// the runtime).
+    container_watch: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 #[derive(Debug)]
@@ -278,6 +281,19 @@ enum Internal {
     PoolImageResolved {
         pool: String,
         result: Result<crate::container::ContainerRecord, EngineError>,
+    },
+    /// A watcher asked the agent about a VM's containers.
+    ContainersPolled {
+        id: String,
+        generation: u64,
+        containers: Vec<kiln_agent_proto::ContainerInfo>,
+    },
+    /// A container's restart ended.
+    ContainerRestarted {
+        id: String,
+        generation: u64,
+        name: String,
+        result: Result<kiln_agent_proto::ContainerInfo, EngineError>,
     },
     /// The container of an `Acquire` started (or did not).
     LeasedContainerStarted {
@@ -787,6 +803,17 @@ impl Engine {
                 reply,
             } => self.containers_observed(&id, generation, result, reply),
             Internal::ImageUsersListed { users } => self.image_users_listed(users),
+            Internal::ContainersPolled {
+                id,
+                generation,
+                containers,
+            } => self.containers_polled(&id, generation, containers),
+            Internal::ContainerRestarted {
+                id,
+                generation,
+                name,
+                result,
+            } => self.container_restarted(&id, generation, &name, result),
             Internal::PoolImageResolved { pool, result } => self.pool_image_resolved(&pool, result),
             Internal::LeasedContainerStarted { id, result, reply } => {
                 self.leased_container_started(&id, result, reply)

@@ -98,6 +98,7 @@ impl Engine {
                 stop_intent: None,
                 shutdown_seen: false,
                 containers_boot: None,
+                container_watch: None,
             });
         }
         info!(vm = %id, pid, state = %state, "re-adopted running VM");
@@ -125,7 +126,8 @@ impl Engine {
                 };
                 tokio::spawn(async move { next.report(&tx).await });
             }
-            _ => {}
+            // Its containers' exits are watched again.
+            _ => self.watch_containers(id),
         }
     }
 

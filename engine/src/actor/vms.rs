@@ -151,6 +151,7 @@ impl Engine {
             stop_intent: None,
             shutdown_seen: false,
             containers_boot: None,
+            container_watch: None,
         });
         entry.ready_waiters.extend(reply);
         let tx = self.internal_tx.clone();
