@@ -729,3 +729,54 @@ fn restart_policies_restart_or_stop_the_vm() {
         "ready"
     );
 }
+
+#[test]
+fn a_storage_disk_keeps_the_writable_layer_across_restarts() {
+    let d = Daemon::start();
+    let layout = one_image(&[busybox_layer()], "v1");
+    d.ok(
+        "ImportImage",
+        json!({ "path": layout.path(), "reference": "kiln.test/disk:v1" }),
+    );
+    let spec = json!({ "image": "kiln.test/disk:v1", "storageMiB": 64, "storageDisk": true,
+                       "command": ["-c", "exec /bin/busybox sleep 100000"] });
+    let id = d.ok("CreateVM", json!({ "name": "disk", "spec": spec }))["vm"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    d.ok("StartVM", json!({ "id": id }));
+    let disks = d.kilnd.dir.path().join("state/disks").join(&id);
+    let file = disks.join("main.ext4");
+    assert!(file.is_file(), "{}", file.display());
+    let r = exec_in(&d, &id, "main", "echo kept > /data; df -k / | tail -1");
+    assert!(r["stdout"].as_str().unwrap().contains("overlay"), "{r}");
+    // A reboot, then a stop and a start: the disk, and what was written
+    // on it, stay.
+    d.ok("RebootVM", json!({ "id": id }));
+    assert_eq!(exec_in(&d, &id, "main", "cat /data")["stdout"], "kept\n");
+    d.ok("StopVM", json!({ "id": id }));
+    d.ok("StartVM", json!({ "id": id }));
+    assert_eq!(exec_in(&d, &id, "main", "cat /data")["stdout"], "kept\n");
+    // Its own disk for an added container; removed with it.
+    d.ok(
+        "AddContainer",
+        json!({ "id": id, "spec": { "name": "side", "image": "kiln.test/disk:v1", "storageMiB": 32,
+                 "storageDisk": true, "command": ["-c", "exec /bin/busybox sleep 100000"] } }),
+    );
+    assert!(disks.join("side.ext4").is_file());
+    assert_eq!(
+        exec_in(&d, &id, "side", "test -e /data || echo own-disk")["stdout"],
+        "own-disk\n"
+    );
+    d.ok("RemoveContainer", json!({ "id": id, "name": "side" }));
+    assert!(!disks.join("side.ext4").exists());
+    // Refused: too small, or in a template pool.
+    let small = json!({ "id": id, "spec": { "name": "s", "image": "kiln.test/disk:v1",
+                        "storageMiB": 4, "storageDisk": true } });
+    assert_eq!(d.err("AddContainer", small), "io.kiln.Manager.InvalidSpec");
+    let pool = json!({ "name": "p", "spec": { "mode": "template", "warm": 0, "max": 1,
+                       "vm": { "image": "kiln.test/disk:v1", "storageMiB": 64, "storageDisk": true } } });
+    assert_eq!(d.err("CreatePool", pool), "io.kiln.Manager.InvalidSpec");
+    d.ok("DeleteVM", json!({ "id": id }));
+    assert!(!disks.exists(), "the VM's disks go with it");
+}

@@ -134,6 +134,10 @@ impl EngineConfig {
     pub fn templates_dir(&self, pool: &str) -> PathBuf {
         self.state_dir.join("templates").join(pool)
     }
+    /// Writable container disks of VM `id` (`storageDisk`).
+    pub fn vm_disks_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("disks").join(id)
+    }
     /// The image store's root (docs/images.md).
     pub fn images_dir(&self) -> PathBuf {
         self.state_dir.join("images")

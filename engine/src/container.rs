@@ -21,6 +21,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::name::{is_valid_name, MAX_NAME_LEN};
 
+/// Smallest writable disk (`storageDisk`): ext4's own overhead leaves
+/// little room below this.
+pub const MIN_STORAGE_DISK_MIB: u64 = 16;
+
+/// The LUN of a container's writable disk (above every layer's).
+pub const UPPER_DISK_LUN: u16 = MAX_LAYERS as u16;
+
 /// Containers one VM may run unless `max_containers_per_vm` says otherwise.
 pub const DEFAULT_MAX_CONTAINERS: u32 = proto::DEFAULT_MAX_CONTAINERS as u32;
 
@@ -60,6 +67,12 @@ pub struct ContainerSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub storage_mib: Option<u64>,
+    /// The writable layer is an ext4 disk of `storageMiB` (a sparse file
+    /// on the host, kept across the VM's restarts, removed with the
+    /// container) instead of a tmpfs: for writes larger than the guest's
+    /// RAM, or that should outlive a reboot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub storage_disk: bool,
     /// What happens when its process exits (default `no`).
     #[serde(default, skip_serializing_if = "RestartPolicy::is_no")]
     pub restart_policy: RestartPolicy,
@@ -173,6 +186,11 @@ impl ContainerSpec {
                 )));
             }
         }
+        if self.storage_disk && self.storage_mib.is_none_or(|m| m < MIN_STORAGE_DISK_MIB) {
+            return Err(invalid(format!(
+                "storageDisk needs storageMiB of at least {MIN_STORAGE_DISK_MIB}"
+            )));
+        }
         Ok(())
     }
 
@@ -258,6 +276,10 @@ pub struct ContainerRecord {
         skip_serializing_if = "Option::is_none"
     )]
     pub storage_mib: Option<u64>,
+    /// Its writable ext4 disk (`storageDisk`): a sparse file of
+    /// `storageMiB`, made before its first start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper_disk: Option<PathBuf>,
     /// What happens when it exits.
     #[serde(default, skip_serializing_if = "RestartPolicy::is_no")]
     pub restart_policy: RestartPolicy,
@@ -283,24 +305,32 @@ impl ContainerRecord {
         image_user(vm_id, &self.name)
     }
 
-    /// Its disks, lowest layer first.
+    /// Its disks, lowest layer first, then its writable disk if it has
+    /// one.
     pub fn disks(&self) -> Vec<DiskAttachment> {
-        self.layers
+        let layers = self
+            .layers
             .iter()
             .enumerate()
-            .map(|(lun, path)| DiskAttachment::layer(self.slot, lun as u16, path.clone()))
-            .collect()
+            .map(|(lun, path)| DiskAttachment::layer(self.slot, lun as u16, path.clone()));
+        let upper = self
+            .upper_disk
+            .iter()
+            .map(|path| DiskAttachment::upper(self.slot, path.clone()));
+        layers.chain(upper).collect()
     }
 
     /// The agent request that starts it.
     pub fn start_request(&self) -> proto::StartContainerRequest {
+        let (layers, upper): (Vec<_>, Vec<_>) = self.disks().into_iter().partition(|d| !d.writable);
         proto::StartContainerRequest {
             id: self.name.clone(),
-            layers: self.disks().into_iter().map(|d| d.serial).collect(),
+            layers: layers.into_iter().map(|d| d.serial).collect(),
             process: self.process.clone(),
             hostname: None,
-            storage_mib: self.storage_mib,
-            upper_disk: None,
+            // The size of a tmpfs upper; a disk has its own size.
+            storage_mib: self.storage_mib.filter(|_| self.upper_disk.is_none()),
+            upper_disk: upper.into_iter().next().map(|d| d.serial),
             disk_timeout_ms: None,
         }
     }
@@ -404,9 +434,20 @@ pub struct DiskAttachment {
     pub node: String,
     /// `device_add` id.
     pub device: String,
+    /// The guest may write to it (a container's writable layer); layers
+    /// are read-only at every level.
+    pub writable: bool,
 }
 
 impl DiskAttachment {
+    /// The writable disk of the container in `slot`.
+    pub fn upper(slot: u8, path: PathBuf) -> Self {
+        Self {
+            writable: true,
+            ..Self::layer(slot, UPPER_DISK_LUN, path)
+        }
+    }
+
     /// Layer `lun` of the container in `slot`.
     pub fn layer(slot: u8, lun: u16, path: PathBuf) -> Self {
         Self {
@@ -416,6 +457,7 @@ impl DiskAttachment {
             serial: format!("kiln-{slot}-{lun}"),
             node: format!("kiln-node-{slot}-{lun}"),
             device: disk_device_id(slot, lun),
+            writable: false,
         }
     }
 }

@@ -77,6 +77,9 @@ pub struct VmSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub storage_mib: Option<u64>,
+    /// The writable root is an ext4 disk of `storageMiB` kept with the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_disk: Option<bool>,
     /// What happens when the container exits: `no` (default: the VM
     /// stops), `on-failure`, `always` (it is started again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -476,10 +479,11 @@ impl VmSpec {
                 || self.workdir.is_some()
                 || self.user.is_some()
                 || self.storage_mib.is_some()
+                || self.storage_disk.is_some()
                 || self.restart_policy.is_some();
             return match process_fields {
                 true => Err(SpecError::Container(
-                    "command, entrypoint, env, workdir, user, storageMiB and restartPolicy need image"
+                    "command, entrypoint, env, workdir, user, storageMiB, storageDisk and restartPolicy need image"
                         .into(),
                 )),
                 false => Ok(None),
@@ -494,6 +498,7 @@ impl VmSpec {
             workdir: self.workdir.clone(),
             user: self.user.clone(),
             storage_mib: self.storage_mib,
+            storage_disk: self.storage_disk.unwrap_or(false),
             restart_policy: self.restart_policy.unwrap_or_default(),
         };
         spec.validate()?;

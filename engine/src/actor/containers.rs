@@ -11,6 +11,7 @@
 //! QMP and agent calls that plug disks and start processes.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_agent_proto::{self as proto, ContainerLogsReply, ContainerLogsRequest};
@@ -55,9 +56,15 @@ async fn resolve(
     vm_id: String,
     spec: ContainerSpec,
     slot: u8,
+    disks_dir: PathBuf,
 ) -> Result<ContainerRecord, EngineError> {
     let user = image_user(&vm_id, &spec.name);
-    resolve_as(store, user, spec, slot).await
+    let upper = spec
+        .storage_disk
+        .then(|| disks_dir.join(format!("{}.ext4", spec.name)));
+    let mut record = resolve_as(store, user, spec, slot).await?;
+    record.upper_disk = upper;
+    Ok(record)
 }
 
 /// [`resolve`] as image-store user `user`.
@@ -95,6 +102,7 @@ async fn resolve_as(
                 .collect(),
             process,
             storage_mib: spec.storage_mib,
+            upper_disk: None,
             restart_policy: spec.restart_policy,
             restarts: 0,
             phase: ContainerPhase::Created,
@@ -148,6 +156,9 @@ async fn start_container(
     container: &ContainerRecord,
     existing: Existing,
 ) -> Result<proto::ContainerInfo, EngineError> {
+    if let (Some(path), Some(mib)) = (&container.upper_disk, container.storage_mib) {
+        make_upper_disk(path.clone(), mib).await?;
+    }
     let present: BTreeSet<String> = qmp.peripheral_ids().await?.into_iter().collect();
     let mut plugged = Vec::new();
     let mut result = Ok(());
@@ -211,6 +222,58 @@ async fn start_container(
         detach_all(qmp, &plugged).await;
     }
     started
+}
+
+/// Make a container's writable disk if it is not there yet: a sparse file
+/// of `mib` MiB with an ext4 file system, built under a temporary name and
+/// renamed, so a crash never leaves half a disk under the real name.
+pub(super) async fn make_upper_disk(path: PathBuf, mib: u64) -> Result<(), EngineError> {
+    tokio::task::spawn_blocking(move || -> Result<(), EngineError> {
+        if path.exists() {
+            return Ok(());
+        }
+        let failed = |what: &str, e: std::io::Error| {
+            EngineError::StorageFailed(crate::store::StoreError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(e.kind(), format!("{what}: {e}")),
+            })
+        };
+        if let Some(dir) = path.parent() {
+            crate::store::create_private_dir(dir)?;
+        }
+        let tmp = path.with_extension("ext4.tmp");
+        let file = std::fs::File::create(&tmp).map_err(|e| failed("create", e))?;
+        file.set_len(mib * 1024 * 1024)
+            .map_err(|e| failed("size", e))?;
+        drop(file);
+        let out = std::process::Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+            ])
+            .arg(&tmp)
+            .output()
+            .map_err(|e| failed("run mkfs.ext4", e))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(failed(
+                "mkfs.ext4",
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ));
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| failed("rename", e))
+    })
+    .await
+    .map_err(|e| {
+        EngineError::StorageFailed(crate::store::StoreError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })?
 }
 
 /// Unplug `disks`, logging what stays.
@@ -323,8 +386,9 @@ impl Engine {
         self.creating
             .insert(id.clone(), PendingCreate { name: name.clone() });
         let (store, tx) = (self.images.store().clone(), self.internal_tx.clone());
+        let disks_dir = self.config.vm_disks_dir(&id);
         tokio::spawn(async move {
-            let result = resolve(store, id.clone(), container, 0).await;
+            let result = resolve(store, id.clone(), container, 0, disks_dir).await;
             let _ = tx.send(Internal::VmImageResolved {
                 id,
                 name,
@@ -534,11 +598,12 @@ impl Engine {
             self.internal_tx.clone(),
             id.to_owned(),
         );
+        let disks_dir = self.config.vm_disks_dir(&id);
         info!(vm = %id, container = %spec.name, image = %spec.image, "adding container");
         tokio::spawn(async move {
             let name = spec.name.clone();
             let result = async {
-                let mut record = resolve(store.clone(), id.clone(), spec, slot).await?;
+                let mut record = resolve(store.clone(), id.clone(), spec, slot, disks_dir).await?;
                 let started = async {
                     clear_slot(qmp.as_ref(), slot).await?;
                     start_container(qmp.as_ref(), agent.as_ref(), &record, Existing::Replace).await
@@ -765,6 +830,9 @@ impl Engine {
             return drop(reply.send(Err(e)));
         }
         info!(vm = %id, container = %container.name, "container removed");
+        if let Some(disk) = &container.upper_disk {
+            let _ = std::fs::remove_file(disk);
+        }
         let release = release_users(
             self.images.store(),
             vec![(container.digest.clone(), container.image_user(id))],

@@ -31,6 +31,9 @@ pub(super) struct BootPlan {
     pub(super) identity: Option<proto::SetIdentityRequest>,
     pub(super) qmp_timeout: Duration,
     pub(super) boot_timeout: Duration,
+    /// Writable container disks (path, MiB) to make before QEMU opens
+    /// them (a container's first start).
+    pub(super) upper_disks: Vec<(PathBuf, u64)>,
 }
 
 /// Launch QEMU, connect QMP, start the monitor, restore a template's state
@@ -45,6 +48,9 @@ pub(super) async fn boot(
 ) -> Result<PingReply, EngineError> {
     remove_tree(&plan.runtime_dir);
     create_private_dir(&plan.runtime_dir)?;
+    for (path, mib) in &plan.upper_disks {
+        super::containers::make_upper_disk(path.clone(), *mib).await?;
+    }
     let log = plan.runtime_dir.join("qemu.log");
     // The TAP first (about 3 ms): QEMU inherits it as fd 3.
     let tap = match &plan.net {

@@ -140,6 +140,11 @@ impl Engine {
             return;
         };
         let identity = record.pool.is_some().then(|| fresh_identity(&record.name));
+        let upper_disks = record
+            .containers
+            .iter()
+            .filter_map(|c| Some((c.upper_disk.clone()?, c.storage_mib?)))
+            .collect();
         let Some(entry) = self.vms.get_mut(id) else {
             return;
         };
@@ -163,6 +168,7 @@ impl Engine {
             identity,
             qmp_timeout: self.config.qmp_timeout(),
             boot_timeout: self.config.boot_timeout(),
+            upper_disks,
         };
         let id = id.to_owned();
         info!(vm = %id, generation, clone = plan.restore.is_some(), "starting VM");
@@ -424,6 +430,7 @@ impl Engine {
             .get(id)
             .and_then(|entry| self.release_container_images(&entry.record));
         remove_tree(&self.config.vm_runtime_dir(id));
+        remove_tree(&self.config.vm_disks_dir(id));
         self.release_gpus(id);
         self.release_network(id);
         if let Some(entry) = self.vms.remove(id) {

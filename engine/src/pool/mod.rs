@@ -95,6 +95,12 @@ pub enum PoolSpecError {
     /// `warmupSec` above [`MAX_WARMUP_SEC`], or without `vm.image`.
     #[error("warmupSec must be 0 to {MAX_WARMUP_SEC} and needs vm.image, got {0}")]
     Warmup(u32),
+    /// `vm.storageDisk` in a template pool: every clone would resume with
+    /// the template's disk mounted as its writable layer.
+    #[error(
+        "storageDisk is for cold pools only: a template's clones would share its writable disk"
+    )]
+    StorageDisk,
     /// `refillConcurrency` out of range.
     #[error("refillConcurrency must be between 1 and {MAX_REFILL_CONCURRENCY}, got {0}")]
     Concurrency(u32),
@@ -121,6 +127,9 @@ impl PoolSpec {
             n.address.is_some() || !n.forwards.is_empty() || n.mode == NetMode::Netns
         }) {
             return Err(PoolSpecError::NetworkFixed);
+        }
+        if self.mode == PoolMode::Template && self.vm.storage_disk == Some(true) {
+            return Err(PoolSpecError::StorageDisk);
         }
         if self.warmup_sec > MAX_WARMUP_SEC || (self.warmup_sec > 0 && self.vm.image.is_none()) {
             return Err(PoolSpecError::Warmup(self.warmup_sec));

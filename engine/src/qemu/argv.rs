@@ -227,8 +227,9 @@ impl QemuLaunch {
         // The guest loads virtio_scsi only when a container needs it.
         args.pair("-device", format!("{scsi},id=scsi0"));
         for disk in &self.disks {
+            let read_only = if disk.writable { "off" } else { "on" };
             let mut node = OsString::from(format!(
-                "driver=raw,node-name={},read-only=on,file.driver=file,file.read-only=on,",
+                "driver=raw,node-name={},read-only={read_only},file.driver=file,file.read-only={read_only},",
                 disk.node
             ));
             node.push(path_arg("file.filename=", &disk.path));

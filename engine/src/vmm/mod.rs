@@ -159,19 +159,19 @@ pub trait Monitor: Send + Sync + Debug {
 const DETACH_POLL: Duration = Duration::from_millis(20);
 
 impl dyn Monitor + '_ {
-    /// Plug `disk` read-only into the VM's SCSI controller: a `raw` node
-    /// over the file (read-only at both levels, so neither QEMU nor the
-    /// guest can write the shared layer), then a `scsi-hd` with Kiln's
+    /// Plug `disk` into the VM's SCSI controller: a `raw` node over the
+    /// file (a layer read-only at both levels, so neither QEMU nor the
+    /// guest can write the shared file), then a `scsi-hd` with Kiln's
     /// serial. A failed `device_add` removes the node again.
     pub async fn attach_disk(&self, disk: &DiskAttachment) -> Result<(), QmpError> {
         self.blockdev_add(serde_json::json!({
             "driver": "raw",
             "node-name": disk.node,
-            "read-only": true,
+            "read-only": !disk.writable,
             "file": {
                 "driver": "file",
                 "filename": disk.path,
-                "read-only": true,
+                "read-only": !disk.writable,
             },
         }))
         .await?;
