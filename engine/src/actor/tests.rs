@@ -1097,3 +1097,112 @@ async fn images_are_imported_listed_and_removed() {
     }
     panic!("the removed image's layer was never collected");
 }
+
+/// `kiln.test/u:v1` (busybox) in the engine's image store, imported from
+/// a layout; its digest.
+async fn import_test_image(h: &Harness) -> String {
+    let layout = kiln_testkit::oci::one_image(&[kiln_testkit::oci::busybox_layer()], "v1");
+    let job = h
+        .engine
+        .import_image(layout.path(), Some("kiln.test/u:v1"))
+        .await
+        .expect("import starts");
+    job.result().await.expect("imported").digest
+}
+
+async fn image_users(h: &Harness, digest: &str) -> Vec<String> {
+    h.engine.describe_image(digest).await.expect("image").users
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_add_container_is_undone_at_every_step() {
+    let h = Harness::start().await;
+    let digest = import_test_image(&h).await;
+    let vm = h.create_and_start("c").await;
+    let spec = |name: &str| crate::container::ContainerSpec {
+        name: name.into(),
+        image: "kiln.test/u:v1".into(),
+        command: Some(vec!["-c".into(), "true".into()]),
+        ..Default::default()
+    };
+    // QEMU refuses the device (the node goes again), the guest never sees
+    // the disk (the disk goes again), the guest cannot start the process:
+    // each time nothing stays plugged, recorded or held.
+    for (monitor_call, agent_call) in [
+        (Some("device_add"), None),
+        (Some("blockdev-add"), None),
+        (None, Some(kiln_agent_proto::method::START_CONTAINER)),
+    ] {
+        h.fake.set_behaviour(|b| {
+            b.failing_monitor_call = monitor_call;
+            b.failing_agent_call = agent_call;
+        });
+        let err = h.engine.add_container(&vm.id, spec("x")).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EngineError::VmmFailed(_)
+                    | EngineError::AgentFailed(_)
+                    | EngineError::ContainerStartFailed(_)
+            ),
+            "{monitor_call:?} {agent_call:?}: {err:?}"
+        );
+        assert_eq!(
+            h.fake.plugged(&vm.id),
+            (vec![], vec![]),
+            "{monitor_call:?} {agent_call:?}"
+        );
+        assert!(image_users(&h, &digest).await.is_empty());
+        assert!(h
+            .engine
+            .list_containers(&vm.id)
+            .await
+            .expect("list")
+            .is_empty());
+    }
+    h.fake.set_behaviour(|b| {
+        b.failing_monitor_call = None;
+        b.failing_agent_call = None;
+    });
+    let added = h
+        .engine
+        .add_container(&vm.id, spec("x"))
+        .await
+        .expect("add");
+    assert_eq!(added.state, crate::container::ContainerPhase::Running);
+    let (devices, nodes) = h.fake.plugged(&vm.id);
+    assert_eq!((devices.len(), nodes.len()), (1, 1));
+    assert_eq!(image_users(&h, &digest).await, [format!("vm:{}:x", vm.id)]);
+    // Removed: unplugged and released.
+    h.engine
+        .remove_container(&vm.id, "x")
+        .await
+        .expect("remove");
+    assert_eq!(h.fake.plugged(&vm.id), (vec![], vec![]));
+    assert!(image_users(&h, &digest).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_user_no_vm_accounts_for_is_released_at_start() {
+    let h = Harness::start().await;
+    let digest = import_test_image(&h).await;
+    // As a kilnd that died between acquiring and recording would leave it.
+    let store = kiln_image::ImageStore::open(h.dir.path().join("state/images"), Default::default())
+        .expect("store");
+    store
+        .acquire(&digest, "vm:0123456789ab:main")
+        .await
+        .expect("acquire");
+    store.acquire(&digest, "pool:gone").await.expect("acquire");
+    store.acquire(&digest, "test:other").await.expect("acquire");
+    let h = h.restart().await;
+    let mut users = Vec::new();
+    for _ in 0..200 {
+        users = image_users(&h, &digest).await;
+        if users.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(users, ["test:other"], "only users Kiln does not own stay");
+}

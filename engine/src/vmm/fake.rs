@@ -114,6 +114,16 @@ impl FakeVmm {
         self.host().launches
     }
 
+    /// What VM `id`'s process has plugged: device ids and block nodes.
+    pub fn plugged(&self, id: &str) -> (Vec<String>, Vec<String>) {
+        self.host().vms.get(id).map_or_else(Default::default, |vm| {
+            (
+                vm.devices.iter().cloned().collect(),
+                vm.block_nodes.iter().cloned().collect(),
+            )
+        })
+    }
+
     /// Template builds started so far.
     pub fn template_builds(&self) -> u32 {
         self.host().template_builds
@@ -586,6 +596,7 @@ impl FakeAgent {
             }
             proto::method::START_CONTAINER
             | proto::method::LIST_CONTAINERS
+            | proto::method::STOP_CONTAINER
             | proto::method::REMOVE_CONTAINER => self.container_call(method, parameters),
             _ => Ok(json!({})),
         }
@@ -636,6 +647,20 @@ impl FakeAgent {
                 containers: vm.containers.clone(),
             })
             .map_err(protocol),
+            proto::method::STOP_CONTAINER => {
+                let request: proto::StopContainerRequest =
+                    serde_json::from_value(parameters).map_err(protocol)?;
+                let Some(c) = vm.containers.iter_mut().find(|c| c.id == request.id) else {
+                    return Err(call_error(proto::error::NO_SUCH_CONTAINER, request.id));
+                };
+                c.state = proto::ContainerState::Exited;
+                c.exit_code = Some(128 + request.signal.unwrap_or(15));
+                let reply = proto::StopContainerReply {
+                    container: c.clone(),
+                    killed: false,
+                };
+                serde_json::to_value(reply).map_err(protocol)
+            }
             _ => {
                 let request: proto::ContainerIdRequest =
                     serde_json::from_value(parameters).map_err(protocol)?;
