@@ -217,11 +217,48 @@ pub fn is_qemu_of(pid: u32, vm_id: &str) -> bool {
         .any(|arg| arg.starts_with(wanted.as_bytes()))
 }
 
+/// The last `max` bytes of a file.
+fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut bytes = Vec::with_capacity(max.min(len) as usize);
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Most bytes a VM's console log may hold before it is cut back: the
+/// guest writes it (a hostile or looping guest without end) and it lives
+/// in the runtime directory, which is RAM.
+pub const CONSOLE_LOG_MAX: u64 = 1024 * 1024;
+/// What stays of a console log that is cut back: its last bytes.
+const CONSOLE_LOG_KEEP: u64 = 64 * 1024;
+
+/// Cut a console log over [`CONSOLE_LOG_MAX`] back to its last
+/// [`CONSOLE_LOG_KEEP`] bytes, after a marker line. QEMU appends to it
+/// (`append=on`), so after the truncation its next write lands at the new
+/// end; what it writes between the read and the truncation is lost, which
+/// only a guest that floods its console sees. Returns whether it cut.
+pub fn bound_console_log(path: &Path) -> std::io::Result<bool> {
+    if std::fs::metadata(path)?.len() <= CONSOLE_LOG_MAX {
+        return Ok(false);
+    }
+    let tail = read_tail(path, CONSOLE_LOG_KEEP)?;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.set_len(0)?;
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    file.write_all(b"\n[kiln: console log over 1 MiB, cut to its last 64 KiB]\n")?;
+    file.write_all(&tail)?;
+    Ok(true)
+}
+
 /// Last lines of a console log, for error messages.
 pub fn console_tail(path: &Path) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
-    let start = bytes.len().saturating_sub(1024);
-    let text = String::from_utf8_lossy(&bytes[start..]);
+    // Only the end is read: a guest decides how large the log is.
+    let bytes = read_tail(path, 1024).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
     (!tail.is_empty()).then_some(tail)
@@ -230,6 +267,25 @@ pub fn console_tail(path: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_log_is_cut_back_to_its_tail() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("console.log");
+        let mut text = vec![b'a'; CONSOLE_LOG_MAX as usize];
+        text.extend_from_slice(b"\nlast line\n");
+        std::fs::write(&path, &text).expect("write");
+        assert!(bound_console_log(&path).expect("bound"));
+        let len = std::fs::metadata(&path).expect("meta").len();
+        assert!(len <= CONSOLE_LOG_KEEP + 100, "{len}");
+        assert_eq!(
+            console_tail(&path)
+                .as_deref()
+                .map(|t| t.ends_with("last line")),
+            Some(true)
+        );
+        assert!(!bound_console_log(&path).expect("bound"), "small logs stay");
+    }
 
     #[tokio::test]
     async fn pidfd_sees_exit_of_a_non_child() {

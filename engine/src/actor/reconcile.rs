@@ -86,6 +86,7 @@ impl Engine {
             process.clone(),
             events,
             self.internal_tx.clone(),
+            self.config.vm_runtime_dir(id).join("console.log"),
         ));
         let pid = process.pid();
         let qemu = process.clone();

@@ -14,6 +14,7 @@ use super::network::{NetPlan, TapHome, TAP_FD};
 use super::Internal;
 use crate::error::EngineError;
 use crate::ids::fill_random;
+use crate::process::bound_console_log;
 use crate::qemu::{QemuLaunch, QmpEvent};
 use crate::store::{create_private_dir, remove_tree};
 use crate::vmm::{GuestAgent, Monitor, Process, Vmm};
@@ -76,6 +77,7 @@ pub(super) async fn boot(
         process.clone(),
         started.events,
         tx.clone(),
+        plan.launch.console_log.clone(),
     ));
     let qemu = process.clone();
     let _ = tx.send(Internal::Launched {
@@ -206,17 +208,30 @@ pub(super) async fn wait_for_new_boot(
     }
 }
 
-/// Watch one QEMU: its exit and its QMP events.
+/// How often a VM's console log is checked against its bound.
+const CONSOLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Watch one QEMU: its exit, its QMP events, and the size of the console
+/// log its guest writes.
 pub(super) async fn monitor(
     id: String,
     generation: u64,
     process: Arc<dyn Process>,
     mut events: mpsc::Receiver<QmpEvent>,
     tx: mpsc::UnboundedSender<Internal>,
+    console_log: PathBuf,
 ) {
     let mut events_open = true;
+    let mut console_check = tokio::time::interval(CONSOLE_CHECK);
     loop {
         tokio::select! {
+            _ = console_check.tick() => {
+                let log = console_log.clone();
+                let cut = tokio::task::spawn_blocking(move || bound_console_log(&log)).await;
+                if let Ok(Ok(true)) = cut {
+                    tracing::warn!(vm = %id, "the guest floods its console, log cut back");
+                }
+            }
             () = process.exited() => {
                 let _ = tx.send(Internal::Exited { id, generation });
                 return;

@@ -193,7 +193,13 @@ impl QemuLaunch {
         for (option, value) in &self.gpu {
             args.pair(option, value.clone());
         }
-        args.pair("-serial", path_arg("file:", &self.console_log));
+        // Appended to, so kilnd can cut it back while QEMU writes
+        // (`process::bound_console_log`).
+        args.pair(
+            "-chardev",
+            path_arg("file,id=console,append=on,path=", &self.console_log),
+        );
+        args.pair("-serial", "chardev:console");
         args.pair("-kernel", self.kernel.clone());
         args.pair("-initrd", self.initrd.clone());
         args.pair("-append", self.cmdline.clone());
@@ -440,8 +446,10 @@ mod tests {
     #[test]
     fn commas_in_paths_are_escaped() {
         let argv = launch(Machine::Microvm, Accel::Tcg).argv();
-        assert!(argv
-            .iter()
-            .any(|a| a == "file:/run/kiln/vms/0123456789ab/console,,log"));
+        assert!(
+            argv.iter()
+                .any(|a| a
+                    == "file,id=console,append=on,path=/run/kiln/vms/0123456789ab/console,,log")
+        );
     }
 }
