@@ -51,7 +51,22 @@ calls! {
         "env": (!exec.env.is_empty()).then_some(&exec.env),
         "stdin": exec.stdin,
         "timeoutSec": exec.timeout_sec,
+        "container": exec.container,
     }
+    /// `{"containers": [Container]}`.
+    fn list_containers(id: &str) => ListContainers { "id": id }
+    /// `{"container": Container}`; `spec` is a ContainerSpec.
+    fn add_container(id: &str, spec: Value) => AddContainer { "id": id, "spec": spec }
+    fn remove_container(id: &str, name: &str) => RemoveContainer { "id": id, "name": name }
+    /// One read: `{"entries": [LogEntry], "cursor": N, "dropped": N, "ended": B}`.
+    fn container_logs(id: &str, name: &str, since: Option<u64>) => ContainerLogs {
+        "id": id, "name": name, "since": since
+    }
+    /// `{"images": [Image]}`.
+    fn list_images() => ListImages {}
+    /// `{"image": Image}`.
+    fn describe_image(image: &str) => DescribeImage { "image": image }
+    fn remove_image(image: &str) => RemoveImage { "image": image }
     /// `{"nics": [NIC]}`.
     fn list_nics(id: &str) => ListNICs { "id": id }
     /// `{"nic": NIC}`.
@@ -70,12 +85,14 @@ calls! {
         pool: &str,
         timeout_ms: Option<u64>,
         labels: &BTreeMap<String, String>,
-        ttl_sec: Option<u64>
+        ttl_sec: Option<u64>,
+        container: Option<Value>
     ) => Acquire {
         "pool": pool,
         "timeoutMs": timeout_ms,
         "labels": (!labels.is_empty()).then_some(labels),
         "ttlSec": ttl_sec,
+        "container": container,
     }
     fn renew(id: &str, ttl_sec: u64) => Renew { "id": id, "ttlSec": ttl_sec }
     fn release(id: &str, recycle: bool) => Release { "id": id, "recycle": recycle.then_some(true) }
@@ -101,8 +118,49 @@ impl Manager {
     /// `Watch`: `each` gets every reply (`{"event": Event}`) until it
     /// returns false or the stream ends.
     pub fn watch(&mut self, each: impl FnMut(Value) -> bool) -> Result<(), ClientError> {
+        self.stream("Watch", json!({}), each)
+    }
+
+    /// `PullImage` with `more`: `each` gets `{"progress": ImageProgress}`
+    /// replies, then `{"image": Image}` last.
+    pub fn pull_image(
+        &mut self,
+        reference: &str,
+        each: impl FnMut(Value) -> bool,
+    ) -> Result<(), ClientError> {
+        self.stream("PullImage", json!({ "reference": reference }), each)
+    }
+
+    /// `ImportImage` with `more`, replying as [`Manager::pull_image`].
+    pub fn import_image(
+        &mut self,
+        path: &str,
+        reference: Option<&str>,
+        each: impl FnMut(Value) -> bool,
+    ) -> Result<(), ClientError> {
+        let parameters = json!({ "path": path, "reference": reference });
+        self.stream("ImportImage", parameters, each)
+    }
+
+    /// `ContainerLogs` with `more`: a reply whenever there is new output,
+    /// the last with `ended` once the container exited.
+    pub fn follow_container_logs(
+        &mut self,
+        id: &str,
+        name: &str,
+        each: impl FnMut(Value) -> bool,
+    ) -> Result<(), ClientError> {
+        self.stream("ContainerLogs", json!({ "id": id, "name": name }), each)
+    }
+
+    fn stream(
+        &mut self,
+        method: &str,
+        parameters: Value,
+        each: impl FnMut(Value) -> bool,
+    ) -> Result<(), ClientError> {
         self.conn
-            .call_more(&format!("{INTERFACE}.Watch"), json!({}), each)
+            .call_more(&format!("{INTERFACE}.{method}"), parameters, each)
     }
 }
 
@@ -135,6 +193,8 @@ pub struct ExecRequest {
     pub env: Vec<String>,
     pub stdin: Option<String>,
     pub timeout_sec: Option<u64>,
+    /// Run in this container rather than the guest.
+    pub container: Option<String>,
 }
 
 #[cfg(test)]
@@ -154,7 +214,14 @@ mod tests {
             .filter_map(|rest| rest.split_whitespace().next());
         let mut methods: Vec<&str> = calls.collect();
         methods.extend([
-            "StartVM", "KillVM", "PauseVM", "ResumeVM", "RebootVM", "Watch",
+            "StartVM",
+            "KillVM",
+            "PauseVM",
+            "ResumeVM",
+            "RebootVM",
+            "Watch",
+            "PullImage",
+            "ImportImage",
         ]);
         assert!(methods.len() > 20, "{methods:?}");
         for method in methods {

@@ -9,24 +9,27 @@ use clap_complete::Shell;
 
 use crate::client::DEFAULT_ADDRESS;
 
-const ABOUT: &str = "Control kilnd: microVMs, warm pools and their leases";
+const ABOUT: &str = "Control kilnd: microVMs, their containers, images, warm pools and leases";
 
 const LONG_ABOUT: &str = "\
-Control kilnd: microVMs, warm pools and their leases.
+Control kilnd: microVMs, the containers they run, OCI images, warm pools \
+and their leases.
 
 kilnctl is a client of kilnd's varlink API (io.kiln.Manager) and nothing \
 else: every command is one or two calls to it, so what kilnctl can do is \
 what the API can do. A VM is named by its id, its name, or a prefix of its \
-id that fits no other VM. Reading is open to anyone who can open the \
+id that fits no other VM; an image by a reference, its digest, or a prefix \
+of its digest that fits no other image. Reading is open to anyone who can open the \
 socket; changing things needs root or membership in the kiln group.";
 
 const AFTER_HELP: &str = "\
-Not yet: image, shell, cp, logs, snapshot, restore, fork, deploy and \
-metrics commands come when kilnd has an API for them.
+Not yet: shell, cp, snapshot, restore, fork, deploy and metrics commands \
+come when kilnd has an API for them.
 
-Exit status: 0 success; 1 failure; 2 usage (or an ambiguous VM); 3 no such \
-VM, pool or NIC; 4 permission denied; 5 timeout; 6 invalid input or state; \
-7 pool, quota or GPU exhausted; 8 kilnd unreachable. exec exits with the \
+Exit status: 0 success; 1 failure; 2 usage (or an ambiguous VM or image); \
+3 no such VM, pool, NIC, image or container; 4 permission denied; 5 timeout; \
+6 invalid input or state (an image in use, ...); 7 pool, quota, GPU or \
+container slots exhausted; 8 kilnd unreachable. exec exits with the \
 command's status (128+N for signal N), 125 when kilnctl failed and 126 when \
 the command could not be started.";
 
@@ -141,6 +144,24 @@ pub enum Command {
         126 when the command could not be started in the guest.")]
     Exec(ExecArgs),
 
+    /// Print a container's output; with -f follow it until the container ends
+    #[command(
+        long_about = "Print a container's output; with -f follow it until the container ends.\n\n\
+        The guest keeps the last 1 MiB of each container's output, stdout and \
+        stderr interleaved as written; kilnctl writes each part to its own \
+        stdout or stderr. With -f it waits for more until the container \
+        exited and everything was printed."
+    )]
+    Logs(LogsArgs),
+
+    /// A VM's containers
+    #[command(subcommand)]
+    Container(ContainerCommand),
+
+    /// Stored OCI images
+    #[command(subcommand)]
+    Image(ImageCommand),
+
     /// Warm pools
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -174,7 +195,7 @@ pub enum Command {
     #[command(subcommand)]
     Gpu(GpuCommand),
 
-    /// Stream VM, pool and GPU changes, one line (or JSON object) each
+    /// Stream VM, pool, GPU and image changes, one line (or JSON object) each
     Watch,
 
     /// Print a shell completion script
@@ -199,11 +220,11 @@ pub struct CreateArgs {
     /// A VMSpec as JSON, or @FILE; the options below override its keys
     #[arg(long, value_name = "JSON|@FILE")]
     pub spec: Option<String>,
-    #[command(flatten)]
-    pub vm: VmSpecArgs,
     /// Start the VM once it is created
     #[arg(long)]
     pub start: bool,
+    #[command(flatten)]
+    pub vm: VmSpecArgs,
 }
 
 /// The VMSpec keys as options (kilnd validates them and fills defaults).
@@ -252,6 +273,46 @@ pub struct VmSpecArgs {
     /// Empty PCIe slots for `nic attach` (0-8)
     #[arg(long, value_name = "N")]
     pub hotplug_slots: Option<u32>,
+    /// An image (reference or digest) the VM runs as its container main,
+    /// started at every boot
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub container: ContainerArgs,
+}
+
+/// How a container runs its image: the process keys VMSpec,
+/// ContainerSpec and Acquire's container share (all need an image).
+#[derive(Debug, Args, Default, PartialEq, Eq)]
+#[command(next_help_heading = "Container")]
+pub struct ContainerArgs {
+    /// Replace the image's Entrypoint (and Cmd) with PROGRAM ("" for none);
+    /// its arguments go after --
+    #[arg(long, value_name = "PROGRAM")]
+    pub entrypoint: Option<String>,
+    /// Set an environment variable in the container, over the image's
+    #[arg(short, long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory in the container (absolute)
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Run as uid[:gid] or name[:group]
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Size of the writable layer, 512M or 2G (default: half the guest's RAM)
+    #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
+    pub storage: Option<u64>,
+    /// Keep the writable layer on an ext4 disk of --storage (16M or more),
+    /// kept until the container or VM is removed, instead of a tmpfs
+    #[arg(long, requires = "storage")]
+    pub storage_disk: bool,
+    /// When the process exits: no (default; a VM's main container stops
+    /// the VM), on-failure or always
+    #[arg(long, value_name = "POLICY", value_parser = ["no", "on-failure", "always"])]
+    pub restart: Option<String>,
+    /// The command and its arguments, replacing the image's Cmd (after --)
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 /// A port forward, as the VMSpec's `network.forwards` entries.
@@ -278,6 +339,106 @@ pub struct ExecArgs {
     /// Kill the command after this long
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+    /// Run it in this container (its root and namespaces), not the guest
+    #[arg(short, long, value_name = "NAME")]
+    pub container: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// VM id, name or unique id prefix
+    pub vm: String,
+    /// The container's name (default: main, the one a VM made with
+    /// --image runs)
+    #[arg(default_value = "main", hide_default_value = true)]
+    pub container: String,
+    /// Follow the output until the container ended
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContainerCommand {
+    /// List a VM's containers, as the guest reports them
+    #[command(visible_alias = "list")]
+    Ls {
+        /// VM id, name or unique id prefix
+        vm: String,
+    },
+    /// Run another container in a ready or leased VM (up to 8)
+    Add(Box<ContainerAddArgs>),
+    /// Stop containers (SIGTERM, SIGKILL after 10 s) and remove them
+    Rm {
+        /// VM id, name or unique id prefix
+        vm: String,
+        /// Container names
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ContainerAddArgs {
+    /// VM id, name or unique id prefix
+    pub vm: String,
+    /// The container's name, unique in the VM ([A-Za-z0-9_.-])
+    pub name: String,
+    /// A stored image: reference, digest or unique digest prefix
+    pub image: String,
+    #[command(flatten)]
+    pub container: ContainerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List stored images
+    #[command(visible_alias = "list")]
+    Ls {
+        /// Print digests only
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show one image: its references, process and layers
+    Show {
+        /// Reference, digest or unique digest prefix
+        image: String,
+    },
+    /// Pull an image from its registry, showing progress; prints its digest
+    #[command(
+        long_about = "Pull an image from its registry, showing progress; prints its digest.\n\n\
+        Progress goes to stderr: one line rewritten in place when stderr is a \
+        terminal, a line per step otherwise. The digest is printed on stdout \
+        once the image is stored; with --json every reply of kilnd is printed \
+        as one JSON line instead, the image last. An image already stored is \
+        a cache hit: only its manifest is fetched."
+    )]
+    Pull {
+        /// [REGISTRY/]REPOSITORY[:TAG|@DIGEST]; busybox is
+        /// docker.io/library/busybox:latest
+        reference: String,
+    },
+    /// Import an OCI layout directory, OCI archive or docker archive; prints
+    /// its digest
+    #[command(
+        long_about = "Import an OCI layout directory, OCI archive or docker archive; prints its digest.\n\n\
+        kilnd reads the path, which the caller must be able to read too. \
+        Progress and output are as for image pull."
+    )]
+    Import {
+        /// The layout directory or archive
+        path: PathBuf,
+        /// Record the image under this reference (and pick it, when the
+        /// source holds several)
+        #[arg(long, value_name = "REF")]
+        tag: Option<String>,
+    },
+    /// Remove images: a reference removes that tag (and the image with its
+    /// last one), a digest the image with all its tags
+    Rm {
+        /// References, digests or unique digest prefixes
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -294,6 +455,11 @@ pub struct AcquireArgs {
     /// default: kilnd's 60 s)
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+    /// Run this image in the VM, as its container main, before the reply
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub container: ContainerArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -348,6 +514,10 @@ pub struct PoolCreateArgs {
     /// An expired lease puts its VM back hot instead of destroying it
     #[arg(long)]
     pub recycle_on_expiry: bool,
+    /// How long a per-image template's container runs before the template
+    /// is saved (whole seconds, needs --image)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub warmup: Option<Duration>,
     #[command(flatten)]
     pub vm: VmSpecArgs,
 }
@@ -519,5 +689,85 @@ mod tests {
             (exec.env, exec.command),
             (vec!["A=1".into()], vec!["ls".into(), "-l".into()])
         );
+        let cli = Cli::try_parse_from(["kilnctl", "exec", "-c", "main", "web", "--", "ls"])
+            .expect("parse");
+        let Command::Exec(exec) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            (exec.container.as_deref(), exec.vm.as_str()),
+            (Some("main"), "web")
+        );
+    }
+
+    /// The image's command comes after `--` only, so `create NAME` alone
+    /// parses as it always did.
+    #[test]
+    fn containers_take_their_command_after_the_double_dash() {
+        let cli = Cli::try_parse_from([
+            "kilnctl",
+            "create",
+            "app",
+            "--image",
+            "app:v1",
+            "-e",
+            "A=1",
+            "--storage",
+            "1G",
+            "--storage-disk",
+            "--",
+            "-c",
+            "echo hi",
+        ])
+        .expect("parse");
+        let Command::Create(create) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(create.vm.image.as_deref(), Some("app:v1"));
+        assert_eq!(create.vm.container.command, ["-c", "echo hi"]);
+        assert_eq!(create.vm.container.env, ["A=1"]);
+        assert_eq!(create.vm.container.storage, Some(1024));
+        assert!(Cli::try_parse_from(["kilnctl", "create", "app", "extra"]).is_err());
+        assert!(
+            Cli::try_parse_from(["kilnctl", "create", "app", "--storage-disk"]).is_err(),
+            "a disk needs its size"
+        );
+
+        let cli = Cli::try_parse_from([
+            "kilnctl",
+            "container",
+            "add",
+            "web",
+            "side",
+            "app:v1",
+            "--restart",
+            "always",
+            "--",
+            "sleep",
+            "1",
+        ])
+        .expect("parse");
+        let Command::Container(ContainerCommand::Add(add)) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!((add.vm.as_str(), add.name.as_str()), ("web", "side"));
+        assert_eq!(add.container.command, ["sleep", "1"]);
+        assert!(Cli::try_parse_from([
+            "kilnctl",
+            "container",
+            "add",
+            "web",
+            "side",
+            "app:v1",
+            "--restart",
+            "never"
+        ])
+        .is_err());
+
+        let cli = Cli::try_parse_from(["kilnctl", "logs", "web", "-f"]).expect("parse");
+        let Command::Logs(logs) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!((logs.container.as_str(), logs.follow), ("main", true));
     }
 }

@@ -62,7 +62,7 @@ fn visible(cmd: &Command) -> impl Iterator<Item = &Command> {
 }
 
 /// One command: a subsection with its usage, description and options; a
-/// group (pool, nic, gpu) lists its members instead.
+/// group (container, image, pool, nic, gpu) lists its members instead.
 fn command_entry(roff: &mut Roff, cmd: &Command) {
     let path = cmd.get_bin_name().unwrap_or(cmd.get_name()).to_owned();
     if cmd.has_subcommands() {
@@ -137,13 +137,13 @@ fn tail(roff: &mut Roff) {
     roff.control("SH", ["EXIT STATUS"]);
     let classes = [
         (0, "Success."),
-        (Class::Failure.code(), "Failure: kilnd or the guest failed (e.g. io.kiln.Manager.BootFailed, ImagePullFailed), or kilnd sent something kilnctl cannot read."),
-        (Class::Usage.code(), "Usage: bad options or arguments, or a VM prefix that matches several VMs."),
-        (Class::NotFound.code(), "Not found: NoSuchVM, NoSuchPool, NoSuchNIC, ImageNotFound."),
+        (Class::Failure.code(), "Failure: kilnd or the guest failed (e.g. io.kiln.Manager.BootFailed, ImagePullFailed, ContainerStartFailed), or kilnd sent something kilnctl cannot read."),
+        (Class::Usage.code(), "Usage: bad options or arguments, or a VM or digest prefix that matches several VMs or images."),
+        (Class::NotFound.code(), "Not found: NoSuchVM, NoSuchPool, NoSuchNIC, ImageNotFound, NoSuchContainer."),
         (Class::PermissionDenied.code(), "Permission denied: PermissionDenied (a mutating call without root or the kiln group), or the socket cannot be opened for lack of permission."),
         (Class::Timeout.code(), "Timeout: a deadline passed (e.g. acquire --timeout)."),
-        (Class::Invalid.code(), "Invalid input or state: InvalidName, InvalidSpec, InvalidArgument, InvalidState, AlreadyExists, Busy, AddressInUse, PortInUse, NoHotplugSlot, InvalidImage, ImageInUse, org.varlink.service.InvalidParameter."),
-        (Class::Exhausted.code(), "Exhausted: PoolExhausted, QuotaExceeded, NoGpuAvailable."),
+        (Class::Invalid.code(), "Invalid input or state: InvalidName, InvalidSpec, InvalidArgument, InvalidState, AlreadyExists, Busy, AddressInUse, PortInUse, NoHotplugSlot, InvalidImage, ImageInUse (image rm of an image a VM or pool uses), ContainerExists, org.varlink.service.InvalidParameter."),
+        (Class::Exhausted.code(), "Exhausted: PoolExhausted, QuotaExceeded, NoGpuAvailable, TooManyContainers."),
         (Class::Unreachable.code(), "Unreachable: kilnd's socket cannot be reached, or the connection broke."),
     ];
     for (code, text) in classes {
@@ -158,7 +158,7 @@ fn tail(roff: &mut Roff) {
             " exits with the command's status (128+N when signal N ended it), \
              {EXEC_FAILED} when kilnctl or kilnd failed before the command ran, and \
              {EXEC_NOT_STARTED} when the command could not be started in the guest \
-             (ExecFailed), as podman exec does."
+             or the container (ExecFailed), as podman exec does."
         )),
     ]);
     roff.control("PP", []);
@@ -186,15 +186,18 @@ fn tail(roff: &mut Roff) {
 
     roff.control("SH", ["NOTES"]);
     roff.text([roman(
-        "Not yet: image, shell, cp, logs, snapshot, restore, fork, deploy and metrics \
+        "Not yet: shell, cp, snapshot, restore, fork, deploy and metrics \
          commands come when kilnd has an API for them. Output of exec is buffered \
-         (kilnd returns it when the command ends).",
+         (kilnd returns it when the command ends); logs -f streams.",
     )]);
 
     roff.control("SH", ["EXAMPLES"]);
     for (what, example) in [
         ("A VM, started, a command in it, and gone:", "kilnctl create web --memory 256 --start\nkilnctl exec web -- uname -r\nkilnctl rm web"),
         ("A pool and a lease that ends by itself in ten minutes:", "kilnctl pool create ci --warm 2 --max 8\nID=$(kilnctl acquire ci --ttl 10m --label job=42)\nkilnctl exec $ID -- sh -c 'make test'\nkilnctl release $ID"),
+        ("An image imported, a VM that runs it, a command in its container, its output:", "kilnctl image import ./app-layout --tag kiln.test/app:v1\nkilnctl create app --image kiln.test/app:v1 --start -- -c 'echo up; exec sleep 1d'\nkilnctl exec --container main app -- cat /etc/hello\nkilnctl logs app"),
+        ("Another container beside it, followed until it ends, and removed:", "kilnctl container add app once kiln.test/app:v1 -- -c 'echo one-shot'\nkilnctl logs -f app once\nkilnctl container rm app once"),
+        ("A hot VM leased from a pool, running an image:", "kilnctl acquire ci --image busybox -- sleep 600"),
         ("Every change, as JSON lines:", "kilnctl watch --json | jq -c .event"),
     ] {
         roff.control("PP", []);
@@ -243,6 +246,12 @@ mod tests {
             "kilnctl status",
             "kilnctl list",
             "kilnctl exec",
+            "kilnctl logs",
+            "kilnctl container add",
+            "kilnctl container rm",
+            "kilnctl image pull",
+            "kilnctl image import",
+            "kilnctl image rm",
             "kilnctl pool create",
             "kilnctl pool resize",
             "kilnctl nic detach",

@@ -20,15 +20,29 @@ pub fn terminal_width() -> Option<usize> {
     if !std::io::stdout().is_terminal() {
         return None;
     }
+    window_columns(libc::STDOUT_FILENO)
+}
+
+/// The width of the terminal on stderr, where progress is drawn; None
+/// when stderr is not a terminal.
+pub fn stderr_width() -> Option<usize> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    window_columns(libc::STDERR_FILENO).or(Some(80))
+}
+
+/// The columns of the terminal on `fd`, if the kernel knows them.
+fn window_columns(fd: libc::c_int) -> Option<usize> {
     let mut size = libc::winsize {
         ws_row: 0,
         ws_col: 0,
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    // SAFETY: TIOCGWINSZ on stdout writes one `winsize` into `size`, which
-    // outlives the call.
-    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
+    // SAFETY: TIOCGWINSZ on `fd` writes one `winsize` into `size`, which
+    // outlives the call; a bad fd is an error return, not UB.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) };
     (rc == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
 }
 
@@ -162,6 +176,47 @@ pub fn print_json(value: &Value) {
     );
 }
 
+/// A size in bytes for people, in at most four digits: `512 B`,
+/// `1.5 KiB`, `4.0 MiB` (1000 KiB is `1.0 MiB`), `1.2 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    // 999.95 and up would print as 1000.0.
+    while value >= 999.95 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// The 12 hex digits that stand for a digest in tables (as docker's image
+/// ids): `sha256:3fa2c1d0e4b5…` is `3fa2c1d0e4b5`.
+pub fn short_digest(digest: &str) -> String {
+    let hex = digest.split_once(':').map_or(digest, |(_, hex)| hex);
+    hex.chars().take(12).collect()
+}
+
+/// A command line as a shell would take it back: words that need it in
+/// single quotes (`sh -c 'echo hi'`).
+pub fn shell_words(words: &[&str]) -> String {
+    let quote = |word: &&str| {
+        let plain = !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c));
+        if plain {
+            (*word).to_owned()
+        } else {
+            format!("'{}'", word.replace('\'', "'\\''"))
+        }
+    };
+    words.iter().map(quote).collect::<Vec<_>>().join(" ")
+}
+
 /// Microseconds since the epoch, now.
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -286,6 +341,23 @@ mod tests {
         assert_eq!(relative(now - 3_000_000, now), "3s ago");
         assert_eq!(relative(now - 300_000_000, now), "5min ago");
         assert_eq!(relative(now + 7_200_000_000, now), "in 2h");
+    }
+
+    #[test]
+    fn sizes_digests_and_words() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(999), "999 B");
+        assert_eq!(bytes(1000), "1.0 KiB");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(1_027_789), "1.0 MiB");
+        assert_eq!(bytes(4 << 20), "4.0 MiB");
+        assert_eq!(bytes(5 << 30), "5.0 GiB");
+        assert_eq!(short_digest("sha256:3fa2c1d0e4b5aabbcc"), "3fa2c1d0e4b5");
+        assert_eq!(short_digest("abc"), "abc");
+        assert_eq!(
+            shell_words(&["/bin/sh", "-c", "echo it's $HOME", ""]),
+            r#"/bin/sh -c 'echo it'\''s $HOME' ''"#
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use crate::output::{relative, utc, Column, Fields, Table};
+use crate::output::{bytes, relative, shell_words, short_digest, utc, Column, Fields, Table};
 
 /// How one value is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +17,14 @@ pub enum Show {
     Cut,
     /// MiB: `128M` (as `--memory` takes it).
     MiB,
+    /// Bytes: `4.0 MiB`.
+    Bytes,
+    /// A digest's first 12 hex digits, as `image ls` shows it.
+    Digest,
+    /// How many entries a list has.
+    Count,
+    /// A command line (a list of strings), quoted as a shell would take it.
+    Argv,
     /// A timestamp (µs) as its age: `3min ago`.
     Age,
     /// A timestamp (µs): `2026-05-01 12:00:03 UTC (3min ago)`.
@@ -37,7 +45,7 @@ impl Show {
     /// As a column, whether it may be cut to fit the terminal: names and
     /// anything that is a list; never ids, states, numbers or times.
     fn may_cut(self) -> bool {
-        matches!(self, Cut | List | Map | Addresses | Json)
+        matches!(self, Cut | List | Map | Addresses | Json | Argv)
     }
 }
 
@@ -105,6 +113,40 @@ pub const GPU_COLUMNS: &[Field] = fields![
     "VMS" vmIds List,
 ];
 
+#[rustfmt::skip]
+pub const CONTAINER_COLUMNS: &[Field] = fields![
+    "NAME" name Text, "IMAGE" image Cut, "STATE" state Text, "PID" pid Text, "EXIT" exitCode Text,
+    "RESTART" restartPolicy Text, "RESTARTS" restarts Text, "COMMAND" command Argv,
+    "ERROR" error Cut,
+];
+
+#[rustfmt::skip]
+pub const IMAGE_COLUMNS: &[Field] = fields![
+    "DIGEST" digest Digest, "REFERENCES" references List, "PLATFORM" platform Text,
+    "SIZE" size Bytes, "LAYERS" layers Count, "STORED" storedAt Age, "USERS" users List,
+];
+
+#[rustfmt::skip]
+pub const IMAGE_FIELDS: &[Field] = fields![
+    "Digest" digest Text, "References" references List, "Platform" platform Text,
+    "Size" size Bytes, "Layers" layers Count, "Created" created Text, "Stored" storedAt Time,
+    "Source" source Text, "Users" users List, "Media type" mediaType Text,
+    "Index" indexDigest Text, "Config" configDigest Text,
+];
+
+/// An image's `process`, shown under its other fields.
+#[rustfmt::skip]
+pub const PROCESS_FIELDS: &[Field] = fields![
+    "Entrypoint" entrypoint Argv, "Cmd" cmd Argv, "Env" env List, "Workdir" workingDir Text,
+    "User" user Text,
+];
+
+#[rustfmt::skip]
+pub const LAYER_COLUMNS: &[Field] = fields![
+    "DIGEST" digest Digest, "DIFF ID" diffId Digest, "SIZE" size Bytes,
+    "EROFS" erofsSize Bytes, "TYPE" mediaType Cut,
+];
+
 /// Every view with the IDL type it shows (for the test against the IDL).
 #[cfg(test)]
 const VIEWS: &[(&str, &[Field])] = &[
@@ -114,6 +156,11 @@ const VIEWS: &[(&str, &[Field])] = &[
     ("Pool", POOL_COLUMNS),
     ("Pool", POOL_FIELDS),
     ("Gpu", GPU_COLUMNS),
+    ("Container", CONTAINER_COLUMNS),
+    ("Image", IMAGE_COLUMNS),
+    ("Image", IMAGE_FIELDS),
+    ("ImageProcess", PROCESS_FIELDS),
+    ("ImageLayer", LAYER_COLUMNS),
 ];
 
 /// The text of a string or number field; "" when absent or null.
@@ -139,6 +186,13 @@ pub fn cell(object: &Value, field: &Field, now: u64) -> String {
         (_, Value::Null) => String::new(),
         (Text | Cut, _) => text(object, field.key),
         (MiB, v) => format!("{v}M"),
+        (Bytes, v) => v.as_u64().map(bytes).unwrap_or_else(|| v.to_string()),
+        (Digest, v) => short_digest(v.as_str().unwrap_or_default()),
+        (Count, v) => v.as_array().map_or(0, Vec::len).to_string(),
+        (Argv, v) => {
+            let words = strings(v);
+            shell_words(&words.iter().map(String::as_str).collect::<Vec<_>>())
+        }
         (Age, v) => v.as_u64().map(|us| relative(us, now)).unwrap_or_default(),
         (Time, v) => match v.as_u64() {
             Some(us) if us > 0 => format!("{} ({})", utc(us), relative(us, now)),
@@ -195,10 +249,15 @@ pub fn table(fields: &[Field], objects: &[Value], now: u64) -> Table {
 /// `object` as `Key: value` lines; empty fields are left out.
 pub fn block(fields: &[Field], object: &Value, now: u64) -> Fields {
     let mut block = Fields::default();
+    add_to_block(&mut block, fields, object, now);
+    block
+}
+
+/// More lines for `block`, from another object (an image's `process`).
+pub fn add_to_block(block: &mut Fields, fields: &[Field], object: &Value, now: u64) {
     for field in fields {
         block.add(field.label, cell(object, field, now));
     }
-    block
 }
 
 /// The array at `key` of a reply (`{"vms": [...]}`).
@@ -272,6 +331,24 @@ mod tests {
         assert_eq!(get("network", Addresses), "10.77.0.2,10.77.0.3");
         assert_eq!(get("pid", Text), "");
         assert_eq!(get("absent", Time), "");
+
+        let image = json!({
+            "digest": "sha256:3fa2c1d0e4b5aaaa", "size": 3_145_728, "layers": [{}, {}],
+            "cmd": ["-c", "cat /etc/hello"], "users": []
+        });
+        let get = |key: &'static str, show| {
+            let field = Field {
+                label: "",
+                key,
+                show,
+            };
+            cell(&image, &field, now)
+        };
+        assert_eq!(get("digest", Digest), "3fa2c1d0e4b5");
+        assert_eq!(get("size", Bytes), "3.0 MiB");
+        assert_eq!(get("layers", Count), "2");
+        assert_eq!(get("cmd", Argv), "-c 'cat /etc/hello'");
+        assert_eq!(get("users", List), "");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The real `kilnctl` binary against a real kilnd (and real QEMU, TCG
 //! here): every subcommand, its tables and its `--json`, the exit code of
 //! each error class, name and prefix resolution, `exec` passing the guest's
-//! status on, the completions in bash and the man pages through `man`.
+//! status on, images imported (from layouts built here from
+//! busybox-static) and pulled (from a real `docker-registry`) with their
+//! progress, containers run, exec'd into, followed and removed, the
+//! completions in bash and the man pages through `man`.
 //!
 //! kilnd is the binary beside this test's (`target/<profile>/kilnd`), as
 //! for kilnd's own tests: `cargo nextest run --workspace` (or
@@ -15,8 +18,9 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use kiln_testkit::oci::{busybox_layer, one_image};
 use kiln_testkit::{
-    command_as, require_root, skip, try_wait_until, wait_until, workspace_root, Daemon,
+    command_as, require_root, skip, try_wait_until, wait_until, workspace_root, Daemon, Registry,
 };
 use serde_json::Value;
 
@@ -841,19 +845,20 @@ fn kilnd_toml_page_names_every_key() {
     }
 }
 
-/// The `## Examples` of docs/kilnctl.md run verbatim (a pool's template
-/// is booted for them).
-#[test]
-fn doc_examples_run() {
-    let d = Daemon::start();
+/// The first ```sh block after `heading` in docs/kilnctl.md.
+fn doc_script(heading: &str) -> String {
     let doc = std::fs::read_to_string(workspace_root().join("docs/kilnctl.md")).unwrap();
-    // The section's one sh block.
-    let script = doc
-        .split_once("\n## Examples\n")
+    doc.split_once(&format!("\n{heading}\n"))
         .and_then(|(_, section)| section.split_once("```sh\n"))
         .and_then(|(_, block)| block.split_once("```"))
-        .expect("docs/kilnctl.md: a ```sh block under ## Examples")
-        .0;
+        .unwrap_or_else(|| panic!("docs/kilnctl.md: a ```sh block under {heading}"))
+        .0
+        .to_owned()
+}
+
+/// `script` run by bash with this build's kilnctl first on PATH, against
+/// `d`; its stdout.
+fn run_doc_script(d: &Daemon, script: &str) -> String {
     let script = format!("set -euo pipefail\n{script}");
     let bin = Path::new(KILNCTL).parent().unwrap();
     let path = format!(
@@ -875,6 +880,15 @@ fn doc_examples_run() {
         text(&out.stderr),
         d.log()
     );
+    stdout
+}
+
+/// The `## Examples` of docs/kilnctl.md run verbatim (a pool's template
+/// is booted for them).
+#[test]
+fn doc_examples_run() {
+    let d = Daemon::start();
+    let stdout = run_doc_script(&d, &doc_script("## Examples"));
     assert!(stdout.contains("\ncreated\n"), "{stdout}");
     assert!(stdout.contains("hello from ci-"), "{stdout}");
     assert!(stdout.contains("Lease ends: "), "{stdout}");
@@ -882,4 +896,404 @@ fn doc_examples_run() {
         .as_array()
         .unwrap()
         .is_empty());
+}
+
+/// The test image: busybox and `/etc/hello`, entrypoint `/bin/sh`, cmd
+/// `-c 'cat /etc/hello'`, in an OCI layout.
+fn app_layout() -> tempfile::TempDir {
+    one_image(&[busybox_layer()], "v1")
+}
+
+const APP: &str = "kiln.test/app:v1";
+const SLEEPER: &str = "exec /bin/busybox sleep 100000";
+/// A sleeper that ends on SIGTERM (as PID 1 of its container, a plain
+/// `sleep` would ignore it, and `container rm` would wait 10 s to kill it).
+const STOPPABLE: &str = "trap 'exit 0' TERM; /bin/busybox sleep 100000 & wait";
+
+/// Images imported and removed, a VM running one as `main`, exec in it,
+/// more containers added, listed, followed and removed, and the image
+/// refused removal while it is in use: one VM boot.
+#[test]
+fn images_and_containers() {
+    let d = Daemon::start();
+    let layout = app_layout();
+    let path = layout.path().to_str().unwrap();
+
+    // import: progress on stderr (a line each: no terminal here), the
+    // digest on stdout.
+    let out = kilnctl(&d, &["image", "import", path, "--tag", APP]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}\n{}", d.log());
+    let digest = stdout.trim().to_owned();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{stdout}"
+    );
+    assert!(stderr.contains(" layer 1/1  "), "{stderr}");
+    assert!(
+        stderr.lines().last().unwrap().starts_with("stored "),
+        "{stderr}"
+    );
+    let short = &digest[7..19];
+
+    let table = ok(&d, &["image", "ls"]);
+    assert!(table.starts_with("DIGEST "), "{table}");
+    let image_row = row(&table, short).unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(image_row[1], APP, "{table}");
+    assert_eq!(image_row.last(), Some(&"-"), "no users yet: {table}");
+    assert_eq!(ok(&d, &["image", "ls", "-q"]), format!("{digest}\n"));
+    assert_eq!(json(&d, &["image", "list"])["images"][0]["digest"], digest);
+    // show: by reference, digest, or digest prefix (with or without
+    // sha256:); the image's process and its layers.
+    let shown = ok(&d, &["image", "show", &digest[..13]]);
+    assert!(shown.contains(&format!("Digest: {digest}")), "{shown}");
+    assert!(
+        shown.contains("Entrypoint: /bin/sh") && shown.contains("Cmd: -c 'cat /etc/hello'"),
+        "{shown}"
+    );
+    assert!(shown.contains("\nDIGEST "), "layers table: {shown}");
+    assert_eq!(ok(&d, &["image", "show", short]), shown);
+    assert_eq!(
+        json(&d, &["image", "show", APP])["image"]["layers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    fails(
+        &d,
+        None,
+        &["image", "show", "kiln.test/none:v1"],
+        3,
+        "io.kiln.Manager.ImageNotFound",
+    );
+
+    // A VM running the image as main: its command and env replaced.
+    let id = ok(
+        &d,
+        &[
+            "create",
+            "app",
+            "--image",
+            APP,
+            "-e",
+            "MODE=demo",
+            "--start",
+            "--",
+            "-c",
+            &format!("echo started $MODE; echo oops >&2; {SLEEPER}"),
+        ],
+    )
+    .trim()
+    .to_owned();
+    let shown = ok(&d, &["show", "app"]);
+    let main = row(&shown[shown.find("\nNAME ").unwrap() + 1..], "main")
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert_eq!(main[1..3], [APP, "running"], "{shown}");
+    let vm = json(&d, &["show", &id])["vm"].clone();
+    assert_eq!(vm["containers"][0]["digest"], digest);
+
+    // exec in the container: its root and env, not the guest's.
+    let out = kilnctl(
+        &d,
+        &[
+            "exec",
+            "--container",
+            "main",
+            "app",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $MODE; cat /etc/hello",
+        ],
+    );
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "demo\nhello from the base layer\n".into()),
+        "{}",
+        text(&out.stderr)
+    );
+    let reply = json(
+        &d,
+        &["exec", "-c", "main", "app", "--", "cat", "/etc/hello"],
+    );
+    assert_eq!(reply["stdout"], "hello from the base layer\n");
+    fails(
+        &d,
+        None,
+        &["exec", "-c", "nope", "app", "--", "true"],
+        125,
+        "io.kiln.Manager.NoSuchContainer",
+    );
+
+    // logs: each stream on its own, the container defaulting to main.
+    wait_until(Duration::from_secs(20), "main's output", || {
+        let out = kilnctl(&d, &["logs", "app"]);
+        let both = (text(&out.stdout), text(&out.stderr));
+        (both == ("started demo\n".into(), "oops\n".into()))
+            .then_some(())
+            .ok_or(format!("{both:?}"))
+    });
+    let logs = json(&d, &["logs", &id, "main"]);
+    assert_eq!(
+        logs["entries"][0],
+        serde_json::json!({"stream": "stdout", "text": "started demo\n"})
+    );
+    assert_eq!(logs["ended"], false);
+
+    // container add: a table row, or the reply; logs -f until it ended.
+    let added = ok(
+        &d,
+        &[
+            "container",
+            "add",
+            "app",
+            "once",
+            APP,
+            "--",
+            "-c",
+            "for i in 1 2 3; do echo tick $i; /bin/busybox sleep 0.3; done",
+        ],
+    );
+    assert!(added.starts_with("NAME "), "{added}");
+    let out = kilnctl(&d, &["logs", "-f", "app", "once"]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "tick 1\ntick 2\ntick 3\n".into()),
+        "{}",
+        text(&out.stderr)
+    );
+    let followed = ok(&d, &["--json", "logs", "-f", "app", "once"]);
+    let replies: Vec<Value> = followed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replies.last().unwrap()["ended"], true, "{followed}");
+    // By a digest prefix; --json prints the reply.
+    let side = json(
+        &d,
+        &[
+            "container",
+            "add",
+            "app",
+            "side",
+            short,
+            "--restart",
+            "always",
+            "--",
+            "-c",
+            STOPPABLE,
+        ],
+    );
+    assert_eq!(
+        (
+            side["container"]["state"].as_str(),
+            side["container"]["restartPolicy"].as_str()
+        ),
+        (Some("running"), Some("always")),
+        "{side}"
+    );
+    let listed = ok(&d, &["container", "ls", "app"]);
+    assert_eq!(row(&listed, "once").unwrap()[2], "exited", "{listed}");
+    assert_eq!(row(&listed, "side").unwrap()[2], "running", "{listed}");
+    let listed = json(&d, &["container", "list", "app"]);
+    assert_eq!(listed["containers"].as_array().unwrap().len(), 3);
+    fails(
+        &d,
+        None,
+        &["container", "add", "app", "once", APP],
+        6,
+        "io.kiln.Manager.ContainerExists",
+    );
+    fails(
+        &d,
+        None,
+        &["container", "add", "app", "x", "kiln.test/none:v1"],
+        3,
+        "io.kiln.Manager.ImageNotFound",
+    );
+
+    // In use: refused, exit 6, and its users shown.
+    fails(
+        &d,
+        None,
+        &["image", "rm", APP],
+        6,
+        "io.kiln.Manager.ImageInUse",
+    );
+    let table = ok(&d, &["image", "ls"]);
+    assert!(table.contains(&format!("vm:{id}:main")), "{table}");
+
+    assert_eq!(ok(&d, &["container", "rm", "app", "once", "side"]), "");
+    fails(
+        &d,
+        None,
+        &["container", "rm", "app", "nope"],
+        3,
+        "io.kiln.Manager.NoSuchContainer",
+    );
+    let listed = json(&d, &["container", "ls", "app"]);
+    assert_eq!(listed["containers"].as_array().unwrap().len(), 1);
+
+    // Once the VM is gone the image may go, by a digest prefix.
+    ok(&d, &["rm", "app"]);
+    assert_eq!(json(&d, &["image", "rm", short]), serde_json::json!({}));
+    assert_eq!(json(&d, &["image", "ls"])["images"], serde_json::json!([]));
+}
+
+/// `image pull` from a real registry: progress lines on a pipe, one line
+/// rewritten in place on a terminal, JSON lines with --json, a failure as
+/// one line. No VM.
+#[test]
+fn image_pull_shows_progress() {
+    let registry = Registry::start();
+    let layout = app_layout();
+    registry.push(layout.path(), "v1", "app:v1", false);
+    let d = Daemon::start_with(&format!(
+        "image_insecure_registries = [\"{}\"]\n",
+        registry.host()
+    ));
+    let reference = registry.reference("app:v1");
+
+    let out = kilnctl(&d, &["image", "pull", &reference]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}\n{}", d.log());
+    let digest = stdout.trim().to_owned();
+    assert!(digest.starts_with("sha256:"), "{stdout}");
+    let steps: Vec<&str> = stderr
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(steps.first(), Some(&"resolved"), "{stderr}");
+    assert_eq!(steps.last(), Some(&"stored"), "{stderr}");
+    assert!(
+        stderr.contains("downloading layer 1/1  ") || stderr.contains("converted layer 1/1  "),
+        "{stderr}"
+    );
+
+    // On a terminal (script(1) gives it one): a line rewritten in place,
+    // ended once; the digest after it.
+    let shell = format!("{KILNCTL} image pull {reference}");
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &shell, "/dev/null"])
+        .env("KILN_ADDRESS", d.address())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let screen = text(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(screen.starts_with("\rresolved "), "{screen:?}");
+    assert!(screen.contains("\x1b[K\rstored "), "{screen:?}");
+    assert!(
+        screen.ends_with(&format!("\x1b[K\r\n{digest}\r\n")),
+        "{screen:?}"
+    );
+
+    // --json: every reply a line, the image last.
+    let lines = ok(&d, &["--json", "image", "pull", &reference]);
+    let replies: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(replies.len() > 1, "{lines}");
+    assert!(replies[..replies.len() - 1]
+        .iter()
+        .all(|r| r["progress"]["step"].is_string()));
+    assert_eq!(replies.last().unwrap()["image"]["digest"], digest);
+
+    let nowhere = format!("{}/none:v1", registry.host());
+    fails(
+        &d,
+        None,
+        &["image", "pull", &nowhere],
+        1,
+        "io.kiln.Manager.ImagePullFailed",
+    );
+}
+
+/// `acquire --image`: a hot clone of a generic template pool, leased with
+/// the image running as main.
+#[test]
+fn acquire_runs_an_image() {
+    let d = Daemon::start();
+    let layout = app_layout();
+    let path = layout.path().to_str().unwrap();
+    ok(&d, &["image", "import", path, "--tag", APP]);
+    ok(
+        &d,
+        &[
+            "pool", "create", "ci", "--warm", "1", "--max", "2", "--memory", "128",
+        ],
+    );
+    fails(
+        &d,
+        None,
+        &["acquire", "ci", "-e", "A=1"],
+        2,
+        "the container options of acquire need --image",
+    );
+    wait_pool(&d, "ci", |p| p["hot"] == 1 && p["booting"] == 0);
+    let leased = ok(
+        &d,
+        &[
+            "acquire",
+            "ci",
+            "--timeout",
+            "2m",
+            "--image",
+            APP,
+            "-e",
+            "JOB=42",
+            "--",
+            "-c",
+            SLEEPER,
+        ],
+    )
+    .trim()
+    .to_owned();
+    let out = kilnctl(
+        &d,
+        &[
+            "exec",
+            "-c",
+            "main",
+            &leased,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo $JOB",
+        ],
+    );
+    assert_eq!(text(&out.stdout), "42\n", "{}", text(&out.stderr));
+    let containers = json(&d, &["container", "ls", &leased])["containers"].clone();
+    assert_eq!(containers[0]["name"], "main", "{containers}");
+    assert_eq!(containers[0]["state"], "running", "{containers}");
+    ok(&d, &["release", &leased]);
+    ok(&d, &["pool", "rm", "ci"]);
+}
+
+/// The image examples of docs/kilnctl.md run verbatim, with `LAYOUT` a
+/// layout built here.
+#[test]
+fn image_doc_examples_run() {
+    let d = Daemon::start();
+    let layout = app_layout();
+    let default = "LAYOUT=/srv/images/app";
+    let script = doc_script("### An image in a VM");
+    assert!(script.contains(default), "the examples set {default}");
+    let script = script.replace(default, &format!("LAYOUT={}", layout.path().display()));
+    let stdout = run_doc_script(&d, &script);
+    for line in [
+        "hello from the base layer\n",
+        "one-shot\nserving demo\n",
+        "exit 6\n",
+    ] {
+        assert!(stdout.contains(line), "{line:?} in\n{stdout}");
+    }
+    // The last table is `container ls`'s.
+    let listed = stdout.rsplit_once("\nNAME ").unwrap().1;
+    assert_eq!(row(listed, "main").unwrap()[2], "running", "{stdout}");
+    assert_eq!(row(listed, "once").unwrap()[2], "exited", "{stdout}");
+    assert_eq!(json(&d, &["image", "ls"])["images"], serde_json::json!([]));
+    assert_eq!(json(&d, &["ls"])["vms"], serde_json::json!([]));
 }

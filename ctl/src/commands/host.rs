@@ -90,6 +90,16 @@ pub fn event_line(event: &Value) -> String {
             text(event, "poolName"),
             text(event, "holder")
         ),
+        "imageAdded" => {
+            let references = view::items(&event["image"], "references")
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",");
+            format!("{kind} {} {references}", text(event, "id"))
+                .trim_end()
+                .to_owned()
+        }
         "ready" | "lagged" => kind,
         _ => format!("{kind} {}", text(event, "id")),
     }
@@ -125,6 +135,15 @@ mod tests {
             (
                 json!({"type": "gpusChanged", "id": "", "gpus": [{}, {}]}),
                 "gpusChanged 2 render nodes",
+            ),
+            (
+                json!({"type": "imageAdded", "id": "sha256:ab",
+                       "image": {"digest": "sha256:ab", "references": ["a:1", "b:2"]}}),
+                "imageAdded sha256:ab a:1,b:2",
+            ),
+            (
+                json!({"type": "imageRemoved", "id": "sha256:ab"}),
+                "imageRemoved sha256:ab",
             ),
             (json!({"type": "somethingNew", "id": "x"}), "somethingNew x"),
         ];

@@ -1,16 +1,18 @@
 //! The subcommands: each turns its arguments into one or two API calls and
 //! prints the reply, as a table or as the JSON kilnd sent.
 
+mod containers;
 mod host;
+mod images;
 mod pools;
 mod vms;
 
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 
 use crate::api::{Manager, VmAction};
-use crate::cli::{whole_seconds, Command};
+use crate::cli::{whole_seconds, Command, ContainerArgs};
 use crate::client::ClientError;
 use crate::exit::Class;
 use crate::output;
@@ -21,10 +23,13 @@ use crate::view::{self, Field};
 pub enum CtlError {
     #[error(transparent)]
     Client(#[from] ClientError),
-    /// A VM reference that is the id prefix of several VMs.
-    #[error("{reference:?} matches several VMs: {}", candidates.join(", "))]
+    /// A VM reference that is the id prefix of several VMs, or an image
+    /// reference that is the digest prefix of several images.
+    #[error("{reference:?} matches several {what}: {}", candidates.join(", "))]
     Ambiguous {
         reference: String,
+        /// `VMs` or `images`.
+        what: &'static str,
         candidates: Vec<String>,
     },
     /// Arguments clap cannot check (a `--spec` that is not JSON, ...).
@@ -81,6 +86,29 @@ impl Ctx {
         pick(vms, reference)
     }
 
+    /// The image `reference` names. A digest prefix (hex, with or without
+    /// `sha256:`, as `image ls` shows digests) that fits one stored image
+    /// names it; anything else goes to kilnd as given, which normalises
+    /// references (`busybox` is `docker.io/library/busybox:latest`) and
+    /// answers `ImageNotFound` itself.
+    fn resolve_image(&mut self, reference: &str) -> Result<String, CtlError> {
+        let bare = !reference.starts_with("sha256:");
+        let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
+        let digest_like = (1..=64).contains(&hex.len())
+            && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !digest_like || (!bare && hex.len() == 64) {
+            return Ok(reference.to_owned());
+        }
+        // Bare hex can be a repository too (`cafe` is
+        // docker.io/library/cafe:latest): a stored image of that name
+        // wins, as in docker.
+        if bare && self.api.describe_image(reference).is_ok() {
+            return Ok(reference.to_owned());
+        }
+        let images = self.api.list_images()?;
+        pick_image(view::items(&images, "images"), reference)
+    }
+
     /// `--json`: the reply as kilnd sent it.
     fn json(&self, raw: &Value) -> bool {
         if self.json {
@@ -116,6 +144,9 @@ pub fn run(ctx: &mut Ctx, command: Command) -> Result<i32, CtlError> {
         Command::Reboot(r) => vms::act(ctx, VmAction::Reboot, &r.vms),
         Command::Rm(r) => vms::remove(ctx, &r.vms),
         Command::Exec(args) => vms::exec(ctx, args),
+        Command::Logs(args) => containers::logs(ctx, args),
+        Command::Container(command) => containers::container(ctx, command),
+        Command::Image(command) => images::image(ctx, command),
         Command::Pool(command) => pools::pool(ctx, command),
         Command::Acquire(args) => pools::acquire(ctx, args),
         Command::Release { vms: r, recycle } => pools::release(ctx, &r.vms, recycle),
@@ -152,12 +183,81 @@ pub fn pick(vms: &[Value], reference: &str) -> Result<String, CtlError> {
         [(id, _)] => Ok(id.clone()),
         many => Err(CtlError::Ambiguous {
             reference: reference.to_owned(),
+            what: "VMs",
             candidates: many
                 .iter()
                 .map(|(id, name)| format!("{id} ({name})"))
                 .collect(),
         }),
     }
+}
+
+/// The image whose digest starts with the hex of `reference` (`sha256:`
+/// optional): its digest; none is `reference` as given, several an error
+/// naming them.
+fn pick_image(images: &[Value], reference: &str) -> Result<String, CtlError> {
+    let hex = reference.strip_prefix("sha256:").unwrap_or(reference);
+    let matches: Vec<&Value> = images
+        .iter()
+        .filter(|i| {
+            view::text(i, "digest")
+                .strip_prefix("sha256:")
+                .is_some_and(|d| d.starts_with(hex))
+        })
+        .collect();
+    match matches.as_slice() {
+        [] => Ok(reference.to_owned()),
+        [image] => Ok(view::text(image, "digest")),
+        many => Err(CtlError::Ambiguous {
+            reference: reference.to_owned(),
+            what: "images",
+            candidates: many
+                .iter()
+                .map(|i| {
+                    let digest = output::short_digest(&view::text(i, "digest"));
+                    match view::items(i, "references").first().and_then(Value::as_str) {
+                        Some(name) => format!("{digest} ({name})"),
+                        None => digest,
+                    }
+                })
+                .collect(),
+        }),
+    }
+}
+
+/// The process keys VMSpec and ContainerSpec share, for the options given
+/// (kilnd checks them, and refuses them without an image).
+fn process_keys(o: &ContainerArgs) -> Map<String, Value> {
+    let mut keys = Map::new();
+    let mut set = |key: &str, value: Option<Value>| {
+        if let Some(v) = value {
+            keys.insert(key.to_owned(), v);
+        }
+    };
+    set("command", (!o.command.is_empty()).then(|| json!(o.command)));
+    // `--entrypoint ""` clears the image's, as in docker run.
+    let entrypoint = o.entrypoint.as_deref().map(|program| match program {
+        "" => json!([]),
+        program => json!([program]),
+    });
+    set("entrypoint", entrypoint);
+    set("env", (!o.env.is_empty()).then(|| json!(o.env)));
+    set("workdir", o.workdir.clone().map(Value::from));
+    set("user", o.user.clone().map(Value::from));
+    set("storageMiB", o.storage.map(Value::from));
+    set("storageDisk", o.storage_disk.then_some(Value::Bool(true)));
+    set("restartPolicy", o.restart.clone().map(Value::from));
+    keys
+}
+
+/// A ContainerSpec: `name` running `image` (already resolved) as the
+/// options say.
+fn container_spec(name: &str, image: &str, o: &ContainerArgs) -> Value {
+    let mut spec = Map::new();
+    spec.insert("name".into(), Value::from(name));
+    spec.insert("image".into(), Value::from(image));
+    spec.extend(process_keys(o));
+    Value::Object(spec)
 }
 
 /// A duration option in the API's whole seconds.
@@ -213,6 +313,50 @@ mod tests {
             "\"3f\" matches several VMs: 3fa2c1d0e4b5 (web), 3f00aa11bb22 (db)"
         );
         assert_eq!(err.class(), Class::Usage);
+    }
+
+    #[test]
+    fn images_resolve_by_unique_digest_prefix() {
+        let image = |digest: &str, name: &str| {
+            let digest = format!("sha256:{digest}");
+            json!({ "digest": digest, "references": [name] })
+        };
+        let images = [
+            image("3fa2c1d0e4b5ff", "app:v1"),
+            image("3f00aa11bb22ff", "db:v2"),
+        ];
+        assert_eq!(pick_image(&images, "3fa").unwrap(), "sha256:3fa2c1d0e4b5ff");
+        assert_eq!(
+            pick_image(&images, "sha256:3f00").unwrap(),
+            "sha256:3f00aa11bb22ff"
+        );
+        assert_eq!(pick_image(&images, "ab").unwrap(), "ab");
+        let err = pick_image(&images, "3f").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "\"3f\" matches several images: 3fa2c1d0e4b5 (app:v1), 3f00aa11bb22 (db:v2)"
+        );
+        assert_eq!(err.class(), Class::Usage);
+    }
+
+    #[test]
+    fn container_options_become_spec_keys() {
+        let options = ContainerArgs {
+            entrypoint: Some(String::new()),
+            env: vec!["A=1".into()],
+            storage: Some(64),
+            storage_disk: true,
+            restart: Some("always".into()),
+            command: vec!["sleep".into(), "1".into()],
+            ..ContainerArgs::default()
+        };
+        assert_eq!(
+            container_spec("side", "app:v1", &options),
+            json!({"name": "side", "image": "app:v1", "entrypoint": [], "env": ["A=1"],
+                   "storageMiB": 64, "storageDisk": true, "restartPolicy": "always",
+                   "command": ["sleep", "1"]})
+        );
+        assert!(process_keys(&ContainerArgs::default()).is_empty());
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::vms::apply_vm_options;
-use super::{seconds, spec_object, CtlError, Ctx};
-use crate::cli::{whole_seconds, AcquireArgs, PoolCommand, PoolCreateArgs};
+use super::{container_spec, seconds, spec_object, CtlError, Ctx};
+use crate::cli::{whole_seconds, AcquireArgs, ContainerArgs, PoolCommand, PoolCreateArgs};
 use crate::view::{self, text, POOL_COLUMNS, POOL_FIELDS};
 
 pub fn pool(ctx: &mut Ctx, command: PoolCommand) -> Result<i32, CtlError> {
@@ -25,7 +25,10 @@ pub fn pool(ctx: &mut Ctx, command: PoolCommand) -> Result<i32, CtlError> {
                 ctx.block(POOL_FIELDS, &reply["pool"]);
             }
         }
-        PoolCommand::Create(args) => {
+        PoolCommand::Create(mut args) => {
+            if let Some(image) = args.vm.image.take() {
+                args.vm.image = Some(ctx.resolve_image(&image)?);
+            }
             let name = args.name.clone();
             let spec = pool_spec(*args)?;
             let reply = ctx.api.create_pool(&name, spec)?;
@@ -64,6 +67,10 @@ fn pool_spec(args: PoolCreateArgs) -> Result<Value, CtlError> {
         "recycleOnExpiry",
         args.recycle_on_expiry.then_some(Value::Bool(true)),
     );
+    set(
+        "warmupSec",
+        seconds(args.warmup, "--warmup")?.map(Value::from),
+    );
     let mut vm = match spec.remove("vm") {
         Some(Value::Object(vm)) => vm,
         None | Some(Value::Null) => Map::new(),
@@ -80,7 +87,23 @@ pub fn acquire(ctx: &mut Ctx, args: AcquireArgs) -> Result<i32, CtlError> {
     let ttl = seconds(args.ttl, "--ttl")?;
     let timeout_ms = args.timeout.map(|t| t.as_millis() as u64);
     let labels: BTreeMap<String, String> = args.labels.into_iter().collect();
-    let reply = ctx.api.acquire(&args.pool, timeout_ms, &labels, ttl)?;
+    // The VM runs the image as `main`, as a VM created with one does.
+    let container = match args.image {
+        Some(image) => Some(container_spec(
+            "main",
+            &ctx.resolve_image(&image)?,
+            &args.container,
+        )),
+        None if args.container != ContainerArgs::default() => {
+            return Err(CtlError::Usage(
+                "the container options of acquire need --image".into(),
+            ))
+        }
+        None => None,
+    };
+    let reply = ctx
+        .api
+        .acquire(&args.pool, timeout_ms, &labels, ttl, container)?;
     if !ctx.json(&reply) {
         println!("{}", text(&reply["vm"], "id"));
     }

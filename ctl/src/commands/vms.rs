@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::{seconds, spec_object, CtlError, Ctx};
+use super::{process_keys, seconds, spec_object, CtlError, Ctx};
 use crate::api::{ExecRequest, VmAction};
 use crate::cli::{CreateArgs, ExecArgs, VmSpecArgs};
 use crate::output::Fields;
-use crate::view::{self, text, NIC_COLUMNS, VM_COLUMNS, VM_FIELDS};
+use crate::view::{self, text, CONTAINER_COLUMNS, NIC_COLUMNS, VM_COLUMNS, VM_FIELDS};
 
 pub fn status(ctx: &mut Ctx) -> Result<i32, CtlError> {
     let s = ctx.api.get_status()?;
@@ -64,15 +64,22 @@ pub fn show(ctx: &mut Ctx, reference: &str) -> Result<i32, CtlError> {
     }
     let vm = &reply["vm"];
     ctx.block(VM_FIELDS, vm);
-    let nics = view::items(vm, "network");
-    if !nics.is_empty() {
-        println!();
-        ctx.table(NIC_COLUMNS, nics);
+    for (fields, items) in [
+        (NIC_COLUMNS, view::items(vm, "network")),
+        (CONTAINER_COLUMNS, view::items(vm, "containers")),
+    ] {
+        if !items.is_empty() {
+            println!();
+            ctx.table(fields, items);
+        }
     }
     Ok(0)
 }
 
-pub fn create(ctx: &mut Ctx, args: CreateArgs) -> Result<i32, CtlError> {
+pub fn create(ctx: &mut Ctx, mut args: CreateArgs) -> Result<i32, CtlError> {
+    if let Some(image) = args.vm.image.take() {
+        args.vm.image = Some(ctx.resolve_image(&image)?);
+    }
     let mut spec = spec_object(args.spec.as_deref())?;
     apply_vm_options(&mut spec, &args.vm)?;
     let created = ctx.api.create_vm(&args.name, Value::Object(spec))?;
@@ -104,6 +111,8 @@ pub fn apply_vm_options(spec: &mut Map<String, Value>, o: &VmSpecArgs) -> Result
     set("accel", o.accel.clone().map(Value::from));
     set("gpus", o.gpus.map(|n| json!({ "count": n })));
     set("display", o.display.clone().map(Value::from));
+    set("image", o.image.clone().map(Value::from));
+    spec.extend(process_keys(&o.container));
 
     let mut network = Map::new();
     let mut net = |key: &str, value: Option<Value>| {
@@ -205,6 +214,7 @@ pub fn exec(ctx: &mut Ctx, args: ExecArgs) -> Result<i32, CtlError> {
         env: args.env,
         stdin,
         timeout_sec,
+        container: args.container,
     };
     let reply = ctx.api.exec_vm(&id, &request)?;
     let flag = |key: &str| reply.get(key).and_then(Value::as_bool) == Some(true);
@@ -260,6 +270,26 @@ mod tests {
             spec["network"],
             json!({"mode": "bridge", "hotplugSlots": 1, "address": "10.77.0.9",
                    "forwards": [{"hostPort": 8080, "vmPort": 80}]})
+        );
+    }
+
+    #[test]
+    fn image_options_fill_the_vm_spec() {
+        let mut spec = spec_object(Some(r#"{"env": ["A=1"], "memoryMiB": 256}"#)).unwrap();
+        let options = VmSpecArgs {
+            image: Some("kiln.test/app:v1".into()),
+            container: crate::cli::ContainerArgs {
+                env: vec!["B=2".into()],
+                command: vec!["-c".into(), "echo hi".into()],
+                ..Default::default()
+            },
+            ..VmSpecArgs::default()
+        };
+        apply_vm_options(&mut spec, &options).unwrap();
+        assert_eq!(
+            Value::Object(spec),
+            json!({"memoryMiB": 256, "image": "kiln.test/app:v1", "env": ["B=2"],
+                   "command": ["-c", "echo hi"]})
         );
     }
 
