@@ -26,6 +26,9 @@ BASE_PACKAGES=(dbus iproute2 nftables xz-utils zstd python3 make gcc pkg-config 
                # 127.0.0.1, skopeo to push and to write archives, htpasswd
                # for its basic auth, busybox-static for the test images.
                docker-registry skopeo apache2-utils busybox-static
+               # make bench's image rows (docs/benchmarks.md): runc runs the
+               # same image on the host, the floor for a container's first output.
+               runc
                # kilnctl's tests render the man pages with `man -l`.
                man-db)
 # Cargo subcommands for `make packages`, built once with their own lock files.

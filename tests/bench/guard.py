@@ -5,11 +5,11 @@ Every metric is lower-is-better. Latency scenarios that have a floor in the
 same run (raw QEMU, the transport's no-op call) are compared by their ratio to
 it, which survives a busy machine far better than milliseconds; the floors
 themselves measure the machine, not Kiln, and are not compared. Also: per-VM
-PSS at each density step (MiB), the fill time (s), kilnd's idle RSS (MiB). A
-metric more than 2x worse than the baseline (1.5x for memory;
-BENCH_WARN_RATIO overrides both) and worse by more than a small absolute slack
-prints a WARNING. The guard never fails: the machine is shared and noisy, so
-numbers are a warning, not a verdict.
+PSS at each density step and of a per-image pool's VMs (MiB), the fill time
+(s), kilnd's idle RSS (MiB). A metric more than 2x worse than the baseline
+(1.5x for memory; BENCH_WARN_RATIO overrides both) and worse by more than a
+small absolute slack prints a WARNING. The guard never fails: the machine is
+shared and noisy, so numbers are a warning, not a verdict.
 
     guard.py [REPORT]                  compare (default target/bench/report.json)
     guard.py --update-baseline REPORT  write baseline.json from REPORT
@@ -43,6 +43,9 @@ def metrics(report):
     idle = report.get("daemon", {}).get("idle_no_vms")
     if idle:
         out["kilnd RSS, no VMs"] = (idle["rss_mib"], "MiB")
+    pss = report.get("images", {}).get("pss")
+    if pss:
+        out[f"image: per-image pool N={pss['n']}: PSS per VM"] = (pss["per_image_mib"], "MiB")
     return out
 
 

@@ -2,7 +2,7 @@
 
 A release kilnd in a temp dir with a private dbus-daemon (`Kilnd`) and pool
 polling helpers. The protocol clients (varlink on one persistent
-connection, the guest agent's Ping, QMP) and `find_child` are
+connection, the guest agent and its Ping, QMP) and `find_child` are
 tests/lib/kiln_testlib.py's, re-exported here: this module is the
 benchmark's one import of that library. Nothing here measures; the
 scenario modules do.
@@ -18,7 +18,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../lib"))
-from kiln_testlib import Qmp, VarlinkConnection, agent_ping, find_child  # noqa: E402,F401
+from kiln_testlib import Agent, Qmp, VarlinkConnection, agent_ping, find_child  # noqa: E402,F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
@@ -135,7 +135,9 @@ class Kilnd:
         deadline = time.monotonic() + 30
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"kilnd did not start:\n{self.log_tail()}")
+                tail = self.log_tail()
+                self.__exit__()  # the bus and the temp dir go too
+                raise RuntimeError(f"kilnd did not start:\n{tail}")
             time.sleep(0.01)
         return self
 

@@ -2,7 +2,8 @@
 
 Every latency scenario is summarised as n, median, p99, min and max, and set
 against its floor measured in the same run (raw QEMU for boots and clones,
-the transport's no-op call for API round trips and hot acquires).
+the transport's no-op call for API round trips and hot acquires, skopeo +
+mkfs.erofs for image pulls, runc for an image's first output).
 """
 import json
 import os
@@ -23,6 +24,16 @@ FLOORS = {
     "libvirt virsh create": "raw-qemu-cold (in container)",
     "net: kilnd-clone with a bridge NIC (Acquire, nothing hot)": "net: kilnd-clone without a NIC (Acquire, nothing hot)",
     "net: kilnd-hot Acquire with a bridge NIC (varlink)": "net: kilnd-hot Acquire without a NIC (varlink)",
+    "image: kilnd PullImage, empty store": "image: skopeo copy + mkfs.erofs per layer (pull floor)",
+    "image: kilnd PullImage again (cache hit)": "image: registry manifest GET (cache-hit floor)",
+    "image: hot VM + AddContainer to first output (modules loaded at boot)":
+        "image: runc run on the host to first output",
+    "image: hot VM + AddContainer to first output (modules on demand)":
+        "image: runc run on the host to first output",
+    "image: per-image pool, Acquire to first output (started in the template)":
+        "image: runc run on the host to first output",
+    "image: kilnd CreateVM+StartVM with the image to first output":
+        "image: raw QEMU with the layers + StartContainer to first output",
 }
 
 ANCHORS = [
@@ -117,6 +128,7 @@ def summary(report):
          "target p50 ≤ 1 ms, p99 ≤ 5 ms")
     line("hot Acquire with a bridge NIC, varlink", "net: kilnd-hot Acquire with a bridge NIC (varlink)", "")
     line("hot Acquire, D-Bus", "kilnd-hot Acquire (D-Bus)", "")
+    rows += images_summary(report, line)
     dens = report.get("density", {})
     t, c = dens.get("template", {}).get("steps", []), dens.get("cold", {}).get("steps", [])
     if t and c:
@@ -150,6 +162,33 @@ def summary(report):
     return rows
 
 
+def images_summary(report, line):
+    """The image rows of the summary; `line` adds a scenario's row."""
+    img = report.get("images", {})
+    if not img:
+        return []
+    if img.get("error"):
+        return [f"| images | failed: {img['error']} | | | |"]
+    size = img.get("image", {})
+    line(f"image pull, {size.get('layers')} gzip layers ({size.get('uncompressed_mib')} MiB), empty store",
+         "image: kilnd PullImage, empty store", "target ≤ 1.3x the floor")
+    line("image pull again (cache hit)", "image: kilnd PullImage again (cache hit)", "should be milliseconds")
+    line("image to first output: per-image pool, Acquire",
+         "image: per-image pool, Acquire to first output (started in the template)", "")
+    line("image to first output: hot VM + AddContainer (modules at boot)",
+         "image: hot VM + AddContainer to first output (modules loaded at boot)", "target ≤ 0.5 s under TCG")
+    line("image to first output: hot VM + AddContainer (modules on demand)",
+         "image: hot VM + AddContainer to first output (modules on demand)", "")
+    line("image to first output: cold CreateVM + StartVM",
+         "image: kilnd CreateVM+StartVM with the image to first output", "")
+    pss = img.get("pss")
+    if not pss:
+        return []
+    return [f"| PSS per idle hot VM at N={pss['n']}: per-image pool vs generic | {fmt(pss['per_image_mib'])} MiB | "
+            f"generic template clone: {fmt(pss['generic_mib'])} MiB | "
+            f"{pss['per_image_mib'] / pss['generic_mib']:.2f}x | |"]
+
+
 def markdown(report):
     """report.md: summary, latency table, density, fill, daemon, libvirt, guard."""
     m = report["meta"]
@@ -160,7 +199,8 @@ def markdown(report):
            "## Summary", ""] + summary(report)
     out += ["", "## Latencies", "",
             "Boots and clones: time until the guest agent answers Ping. API: one round trip on a "
-            "persistent connection. `vs floor` is the ratio of medians against the floor named.", "",
+            "persistent connection. `image:` rows: see Images and containers below. `vs floor` is the ratio "
+            "of medians against the floor named.", "",
             "| scenario | n | median ms | p99 ms | min ms | max ms | floor | vs floor |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, s in report["scenarios"].items():
@@ -170,6 +210,7 @@ def markdown(report):
     out += fill_md(report)
     out += daemon_md(report)
     out += network_md(report)
+    out += images_md(report)
     out += libvirt_md(report)
     out += ["", "## Plots", "", "- `latency.svg`: distribution of every latency scenario (log scale)",
             "- `pss.svg`: total PSS of N idle hot VMs, cold and template",
@@ -254,6 +295,36 @@ def network_md(report):
         out.append(f"| {t['what']} | {t['mib']} | {fmt(t['s'], 2)} | {fmt(t['mbit_s'], 0)} |")
     if n.get("note"):
         out += ["", n["note"]]
+    return out
+
+
+def images_md(report):
+    img = report.get("images", {})
+    if not img:
+        return []
+    out = ["", "## Images and containers", ""]
+    if img.get("error"):
+        return out + [f"Failed: {img['error']}"]
+    i = img["image"]
+    out += [f"The `image:` rows above. The image, built by the bench: {i['layers']} gzip layers of "
+            f"{' + '.join(fmt(m) for m in i['layer_mib'])} = {i['uncompressed_mib']} MiB uncompressed "
+            f"({i['compressed_mib']} MiB as pushed, {i['erofs_mib']} MiB of erofs once converted), pushed to "
+            f"docker-registry on 127.0.0.1 in {i['built_and_pushed_s']} s. Its container runs "
+            f"`echo ready; exec sleep`; \"first output\" is when `ready` can be read. Host floor: {img['runc']}.", "",
+            "Where a hot VM's first output comes from (medians, ms from the Acquire call; for AddContainer, "
+            "the agent's StartContainer as the guest logs it: module loading, waiting for the layer disks, "
+            "mounts, total):", "",
+            "| pool | Acquire replied | AddContainer replied | agent: modules | disks | mounts | StartContainer |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, b in img.get("hot_breakdown_median_ms", {}).items():
+        pool = name.split(": ", 1)[-1]
+        out.append(f"| {pool} | {ms(b.get('acquire'))} | {ms(b.get('add_container'))} | "
+                   f"{ms(b.get('agent_modules'))} | {ms(b.get('agent_disks'))} | {ms(b.get('agent_mounts'))} | "
+                   f"{ms(b.get('agent_total'))} |")
+    pss = img.get("pss")
+    if pss:
+        out += ["", f"PSS per VM of {pss['n']} idle hot VMs (member QEMUs' smaps_rollup): per-image pool "
+                    f"{fmt(pss['per_image_mib'])} MiB, generic template pool {fmt(pss['generic_mib'])} MiB."]
     return out
 
 

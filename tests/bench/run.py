@@ -15,12 +15,17 @@ the same guest kernel and initramfs, with peers measured in the same run
   network.py  a bridge NIC's cost on clone and hot Acquire (pools with and
               without one, in a kilnd inside a fresh network namespace);
               host <-> guest TCP throughput;
+  images.py   an image pulled from a local registry vs skopeo + mkfs.erofs,
+              and a cache hit; an image's first output from a per-image
+              pool, a generic hot VM + AddContainer (runc on the host as
+              their floor) and a cold boot (vs raw QEMU with the same
+              disks); PSS of idle VMs running the image;
   virt.py     libvirt `virsh create` of an equivalent domain vs raw QEMU, in
               a systemd container (full runs only).
 
 Writes target/bench/report.json, report.md and SVG plots, then compares with
 tests/bench/baseline.json (warnings only). QUICK=1 runs a short version
-(under 3 minutes here); BENCH_SKIP_LIBVIRT=1 skips the libvirt peer.
+(about 3 minutes here); BENCH_SKIP_LIBVIRT=1 skips the libvirt peer.
 See docs/benchmarks.md.
 """
 import datetime
@@ -33,6 +38,7 @@ import time
 import boots
 import density
 import guard
+import images
 import network
 import pools
 import procfs
@@ -60,6 +66,8 @@ PLAN = {
         "libvirt_rounds": 5, "libvirt_min_rounds": 3, "libvirt_budget_s": 120,
         "daemon_interval_s": 10,
         "network": {"clones": 8, "hot": 100, "mib": 64},
+        "images": {"pulls": 5, "cached_pulls": 50, "first_output": 10, "cold": 5, "cold_min": 3,
+                   "cold_budget_s": 150, "pss_n": 10},
     },
     True: {
         "boot_rounds": 3, "boot_min_rounds": 2, "boot_budget_s": 45,
@@ -74,6 +82,8 @@ PLAN = {
         "libvirt_rounds": 0,
         "daemon_interval_s": 3,
         "network": {"clones": 2, "hot": 20, "mib": 16},
+        "images": {"pulls": 2, "cached_pulls": 10, "first_output": 3, "cold": 2, "cold_min": 2,
+                   "cold_budget_s": 45, "pss_n": 5},
     },
 }[QUICK]
 
@@ -150,6 +160,16 @@ def network_phase(ph, samples, rep):
         log(f"network phase failed: {e}")
 
 
+def images_phase(ph, samples, rep):
+    """Image pulls and containers' first output (a kilnd and a registry of their own)."""
+    try:
+        img_samples, rep["images"] = ph.run("images", images.run, PLAN["images"])
+        samples.update(img_samples)
+    except Exception as e:  # noqa: BLE001 - reported, the rest of the report stands
+        rep["images"] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"images phase failed: {e}")
+
+
 def libvirt_phase(ph, samples, rep, kiln_vm):
     """The libvirt peer, or the reason it did not run."""
     if QUICK:
@@ -188,6 +208,7 @@ def main():
     kiln_vm = kilnd_phases(ph, samples, rep)
     rep["meta"]["accel"] = "tcg" if "tcg" in " ".join(kiln_vm[0]) else "kvm"
     network_phase(ph, samples, rep)
+    images_phase(ph, samples, rep)
     libvirt_phase(ph, samples, rep, kiln_vm)
     rep["meta"]["phases_s"] = ph.times
     rep["meta"]["load_end"] = os.getloadavg()[0]
