@@ -553,21 +553,30 @@ fn a_per_image_pool_hands_out_clones_whose_container_already_runs() {
         Duration::from_secs(30),
         "the pool moved to the new image",
         || {
-            let (old, new) = (users(&d, &digest), users(&d, &digest2));
-            (old.is_empty() && new == ["pool:warm"])
+            let new = users(&d, &digest2);
+            (new == ["pool:warm"])
                 .then_some(())
-                .ok_or(format!("{old:?} {new:?}"))
+                .ok_or(format!("{new:?}"))
         },
     );
     let c = acquire();
     assert_eq!(c["containers"][0]["digest"], digest2, "{c}");
     let r = exec_in(&d, c["id"].as_str().unwrap(), "main", "cat /etc/version");
     assert_eq!(r["stdout"], "2\n");
-
+    // The old image stays held while clones leased before the move run it,
+    // and is let go with the last of them.
+    assert_eq!(users(&d, &digest), ["pool:warm"]);
     d.ok("Release", json!({ "id": ida }));
+    assert_eq!(users(&d, &digest), ["pool:warm"]);
     d.ok("Release", json!({ "id": idb }));
-    d.ok("Release", json!({ "id": c["id"] }));
+    wait_until(Duration::from_secs(10), "the old image let go", || {
+        let old = users(&d, &digest);
+        old.is_empty().then_some(()).ok_or(format!("{old:?}"))
+    });
+    // Likewise after DeletePool: its leased VM keeps the image held.
     d.ok("DeletePool", json!({ "name": "warm" }));
+    assert_eq!(users(&d, &digest2), ["pool:warm"]);
+    d.ok("Release", json!({ "id": c["id"] }));
     wait_until(
         Duration::from_secs(30),
         "the pool's image user released",

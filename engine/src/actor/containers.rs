@@ -754,12 +754,28 @@ impl Engine {
         });
     }
 
-    /// A deleted pool lets go of its image (sub-task).
+    /// Let go of pool `name`'s hold on image `digest` (sub-task) once
+    /// nothing needs it any more: the pool's current image is another (or
+    /// the pool is gone) and no VM of the pool (a leased clone that
+    /// outlives a tag move or `DeletePool`) runs it. Pool VMs hold no image
+    /// user of their own; the pool's user covers them.
     pub(super) fn release_pool_image(&self, name: &str, digest: &str) {
+        if self.pool_holds(name, digest) {
+            return;
+        }
         release_users(
             self.images.store(),
             vec![(digest.to_owned(), pool_image_user(name))],
         );
+    }
+
+    /// Whether pool `name` still needs image `digest`.
+    fn pool_holds(&self, name: &str, digest: &str) -> bool {
+        self.pool_image_digest(name).as_deref() == Some(digest)
+            || self.vms.values().any(|e| {
+                e.record.pool.as_deref() == Some(name)
+                    && e.record.containers.iter().any(|c| c.digest == digest)
+            })
     }
 
     /// `RemoveContainer`: stop and remove it in the guest, unplug its
@@ -1129,9 +1145,9 @@ impl Engine {
     /// Release the listed users no VM container (or pending create/add)
     /// or pool accounts for.
     pub(super) fn image_users_listed(&self, users: Vec<(String, String)>) {
-        let held = |user: &str| {
+        let held = |digest: &str, user: &str| {
             if let Some(pool) = user.strip_prefix("pool:") {
-                return self.pool_exists(pool);
+                return self.pool_holds(pool, digest);
             }
             let Some(vm) = vm_of_image_user(user) else {
                 return true;
@@ -1146,7 +1162,7 @@ impl Engine {
                         .any(|(n, _)| image_user(vm, n) == user)
             })
         };
-        let stale: Vec<_> = users.into_iter().filter(|(_, u)| !held(u)).collect();
+        let stale: Vec<_> = users.into_iter().filter(|(d, u)| !held(d, u)).collect();
         for (digest, user) in &stale {
             info!(image = %digest, user = %user, "releasing an image user no VM accounts for");
         }

@@ -434,6 +434,13 @@ impl Engine {
         self.release_gpus(id);
         self.release_network(id);
         if let Some(entry) = self.vms.remove(id) {
+            // The last VM of a pool's old image, or of a deleted pool, lets
+            // the pool's hold on that image go.
+            if let Some(pool) = &entry.record.pool {
+                for container in &entry.record.containers {
+                    self.release_pool_image(pool, &container.digest);
+                }
+            }
             self.note_pool_change(&entry.record, entry.record.state(), true);
             for waiter in entry.ready_waiters {
                 let _ = waiter.send(Err(EngineError::NoSuchVM(id.to_owned())));

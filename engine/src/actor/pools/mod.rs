@@ -736,9 +736,12 @@ impl Engine {
         }
     }
 
-    /// Whether a pool by that name exists.
-    pub(super) fn pool_exists(&self, name: &str) -> bool {
-        self.pools.by_name.contains_key(name)
+    /// The digest of a per-image pool's current image (resolved).
+    pub(super) fn pool_image_digest(&self, name: &str) -> Option<String> {
+        match &self.pools.by_name.get(name)?.image {
+            ImageSlot::Ready(container) => Some(container.digest.clone()),
+            _ => None,
+        }
     }
 
     /// The containers a pool's members run: none for a plain pool, the
