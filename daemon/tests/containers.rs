@@ -34,17 +34,27 @@ fn upper_layer() -> Layer {
     ])
 }
 
-/// An OCI layout with `app:v1` (three layers), imported into `d`; the
-/// image's digest.
-fn import_app(d: &Daemon) -> (tempfile::TempDir, String) {
-    let opt = Layer::gzip(&[Entry::Dir("opt/"), file("opt/old", b"old\n")]);
-    let layout = one_image(&[busybox_layer(), opt, upper_layer()], "v1");
+/// An image of `layers` imported into `d` as `reference`: its layout (kept
+/// by the caller while it is needed) and its digest.
+fn import(d: &Daemon, layers: &[Layer], reference: &str) -> (tempfile::TempDir, String) {
+    let layout = one_image(layers, "v1");
     let image = d.ok(
         "ImportImage",
-        json!({ "path": layout.path(), "reference": "kiln.test/app:v1" }),
+        json!({ "path": layout.path(), "reference": reference }),
     )["image"]
         .clone();
     (layout, image["digest"].as_str().unwrap().to_owned())
+}
+
+/// `kiln.test/app:v1` (three layers: busybox, an `/opt/old` and the upper
+/// layer) imported into `d`.
+fn import_app(d: &Daemon) -> (tempfile::TempDir, String) {
+    let opt = Layer::gzip(&[Entry::Dir("opt/"), file("opt/old", b"old\n")]);
+    import(
+        d,
+        &[busybox_layer(), opt, upper_layer()],
+        "kiln.test/app:v1",
+    )
 }
 
 fn exec_in(d: &Daemon, id: &str, container: &str, script: &str) -> Value {
@@ -421,14 +431,7 @@ fn container_doc_examples_run() {
 #[test]
 fn acquire_with_an_image_hands_out_a_clone_running_it() {
     let d = Daemon::start();
-    let layout = one_image(&[busybox_layer()], "v1");
-    let digest = d.ok(
-        "ImportImage",
-        json!({ "path": layout.path(), "reference": "kiln.test/acq:v1" }),
-    )["image"]["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_layout, digest) = import(&d, &[busybox_layer()], "kiln.test/acq:v1");
     d.ok(
         "CreatePool",
         json!({ "name": "generic", "spec": { "mode": "template", "warm": 1, "max": 2 } }),
@@ -480,14 +483,7 @@ fn acquire_with_an_image_hands_out_a_clone_running_it() {
 #[test]
 fn a_per_image_pool_hands_out_clones_whose_container_already_runs() {
     let d = Daemon::start();
-    let layout = one_image(&[busybox_layer()], "v1");
-    let digest = d.ok(
-        "ImportImage",
-        json!({ "path": layout.path(), "reference": "kiln.test/warm:v1" }),
-    )["image"]["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_layout, digest) = import(&d, &[busybox_layer()], "kiln.test/warm:v1");
     // The container prints a random token once, when it starts: clones of
     // one template all show the template's token.
     d.ok(
@@ -534,20 +530,11 @@ fn a_per_image_pool_hands_out_clones_whose_container_already_runs() {
 
     // A newer image under the same tag: the pool follows it with a new
     // template, and lets go of the old image.
-    let v2 = one_image(
-        &[
-            busybox_layer(),
-            Layer::gzip(&[Entry::Dir("etc/"), file("etc/version", b"2\n")]),
-        ],
-        "v1",
-    );
-    let digest2 = d.ok(
-        "ImportImage",
-        json!({ "path": v2.path(), "reference": "kiln.test/warm:v1" }),
-    )["image"]["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let v2_layers = [
+        busybox_layer(),
+        Layer::gzip(&[Entry::Dir("etc/"), file("etc/version", b"2\n")]),
+    ];
+    let (_v2, digest2) = import(&d, &v2_layers, "kiln.test/warm:v1");
     assert_ne!(digest, digest2);
     wait_until(
         Duration::from_secs(30),
@@ -662,11 +649,7 @@ fn kill_9_mid_add_leaves_no_stray_user_and_the_add_can_be_retried() {
 #[test]
 fn restart_policies_restart_or_stop_the_vm() {
     let d = Daemon::start();
-    let layout = one_image(&[busybox_layer()], "v1");
-    d.ok(
-        "ImportImage",
-        json!({ "path": layout.path(), "reference": "kiln.test/rs:v1" }),
-    );
+    let _layout = import(&d, &[busybox_layer()], "kiln.test/rs:v1");
     // A VM made to run one job: its main container exits, the VM stops.
     let job = d.ok(
         "CreateVM",
@@ -742,11 +725,7 @@ fn restart_policies_restart_or_stop_the_vm() {
 #[test]
 fn a_storage_disk_keeps_the_writable_layer_across_restarts() {
     let d = Daemon::start();
-    let layout = one_image(&[busybox_layer()], "v1");
-    d.ok(
-        "ImportImage",
-        json!({ "path": layout.path(), "reference": "kiln.test/disk:v1" }),
-    );
+    let _layout = import(&d, &[busybox_layer()], "kiln.test/disk:v1");
     let spec = json!({ "image": "kiln.test/disk:v1", "storageMiB": 64, "storageDisk": true,
                        "command": ["-c", "exec /bin/busybox sleep 100000"] });
     let id = d.ok("CreateVM", json!({ "name": "disk", "spec": spec }))["vm"]["id"]

@@ -8,6 +8,8 @@ use kiln_engine::container::ContainerInfo;
 use serde::Serialize;
 use zbus::zvariant::Type;
 
+use crate::mirror::wire_name;
+
 /// One container: `(s name, s image, s digest, s state, u pid, i
 /// exit_code, s error, as command, s restart_policy, u restarts)`; `pid` 0
 /// when not running, `exit_code` -1 until it exited, `error` "" unless it
@@ -28,22 +30,16 @@ pub struct ContainerSummary {
 
 impl From<&ContainerInfo> for ContainerSummary {
     fn from(c: &ContainerInfo) -> Self {
-        let spelled = |v: serde_json::Result<serde_json::Value>| {
-            v.ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default()
-        };
-        let state = spelled(serde_json::to_value(c.state));
         Self {
             name: c.name.clone(),
             image: c.image.clone(),
             digest: c.digest.clone(),
-            state,
+            state: wire_name(&c.state),
             pid: c.pid.unwrap_or(0),
             exit_code: c.exit_code.unwrap_or(-1),
             error: c.error.clone().unwrap_or_default(),
             command: c.command.clone(),
-            restart_policy: spelled(serde_json::to_value(c.restart_policy)),
+            restart_policy: wire_name(&c.restart_policy),
             restarts: c.restarts,
         }
     }
@@ -58,13 +54,7 @@ pub fn logs_tuple(logs: ContainerLogsReply) -> LogsTuple {
     let entries = logs
         .entries
         .into_iter()
-        .map(|e| {
-            let stream = match e.stream {
-                kiln_agent_proto::LogStream::Stdout => "stdout",
-                kiln_agent_proto::LogStream::Stderr => "stderr",
-            };
-            (stream.to_owned(), without_nul(e.text))
-        })
+        .map(|e| (wire_name(&e.stream), without_nul(e.text)))
         .collect();
     (entries, logs.cursor, logs.dropped, logs.ended)
 }

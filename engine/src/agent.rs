@@ -45,6 +45,13 @@ pub enum AgentError {
     Protocol(String),
 }
 
+impl AgentError {
+    /// Whether the agent answered with the varlink error `name`.
+    pub fn is_call(&self, name: &str) -> bool {
+        matches!(self, Self::Call { name: n, .. } if n == name)
+    }
+}
+
 /// Deadline of one `Ping` attempt in [`AgentClient::wait_ready`].
 const PING_ATTEMPT: Duration = Duration::from_secs(2);
 

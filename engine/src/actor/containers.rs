@@ -19,6 +19,7 @@ use kiln_image::{Acquired, ImageStore};
 use tracing::{info, warn};
 
 use super::{Engine, Internal};
+use crate::agent::AgentError;
 use crate::api::Reply;
 use crate::container::{
     image_user, restart_delay, slot_of_device, vm_of_image_user, ContainerInfo, ContainerPhase,
@@ -120,10 +121,7 @@ async fn resolve_as(
 
 /// Release the image users of containers that are gone (logged, never
 /// failing: the start-up sweep catches what is missed).
-fn release_users(
-    store: &ImageStore,
-    users: Vec<(String, String)>,
-) -> Option<tokio::task::JoinHandle<()>> {
+fn release_users(store: &ImageStore, users: Vec<(String, String)>) -> ImagesReleased {
     if users.is_empty() {
         return None;
     }
@@ -137,8 +135,23 @@ fn release_users(
     }))
 }
 
-/// Plug a container's disks (those not plugged yet) and start its process;
-/// on failure, unplug what this call plugged.
+/// A release of image users under way (none when there was nothing to
+/// release).
+pub(super) type ImagesReleased = Option<tokio::task::JoinHandle<()>>;
+
+/// Answer `replies` with success once `released` (an image-user release)
+/// is done, so a `RemoveImage` right after is not refused.
+pub(super) fn reply_once_released(released: ImagesReleased, replies: Vec<Reply<()>>) {
+    tokio::spawn(async move {
+        if let Some(release) = released {
+            let _ = release.await;
+        }
+        for reply in replies {
+            let _ = reply.send(Ok(()));
+        }
+    });
+}
+
 /// What to do when the guest already runs a container by that name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Existing {
@@ -150,6 +163,8 @@ enum Existing {
     Replace,
 }
 
+/// Plug a container's disks (those not plugged yet) and start its process;
+/// on failure, unplug what this call plugged.
 async fn start_container(
     qmp: &dyn Monitor,
     agent: &dyn GuestAgent,
@@ -161,19 +176,28 @@ async fn start_container(
     }
     let present: BTreeSet<String> = qmp.peripheral_ids().await?.into_iter().collect();
     let mut plugged = Vec::new();
-    let mut result = Ok(());
-    for disk in container.disks() {
-        if present.contains(&disk.device) {
-            continue;
-        }
-        match qmp.attach_disk(&disk).await {
-            Ok(()) => plugged.push(disk),
-            Err(e) => {
-                result = Err(EngineError::from(e));
-                break;
+    let started = async {
+        for disk in container.disks() {
+            if !present.contains(&disk.device) {
+                qmp.attach_disk(&disk).await?;
+                plugged.push(disk);
             }
         }
+        start_process(agent, container, existing).await
     }
+    .await;
+    if started.is_err() {
+        detach_all(qmp, &plugged).await;
+    }
+    started
+}
+
+/// `StartContainer` for a container whose disks are plugged.
+async fn start_process(
+    agent: &dyn GuestAgent,
+    container: &ContainerRecord,
+    existing: Existing,
+) -> Result<proto::ContainerInfo, EngineError> {
     let request = container.start_request();
     let start = || {
         agent.call::<_, proto::ContainerReply>(
@@ -182,46 +206,39 @@ async fn start_container(
             START_TIMEOUT,
         )
     };
-    let started = match result {
-        Ok(()) => {
-            let mut started = start().await;
-            let exists = |r: &Result<proto::ContainerReply, crate::agent::AgentError>| {
-                matches!(r, Err(crate::agent::AgentError::Call { name, .. })
-                    if name == proto::error::CONTAINER_EXISTS)
-            };
-            if existing == Existing::Replace && exists(&started) {
-                warn!(container = %container.name, "the guest runs an unrecorded container by that name, replacing it");
-                remove_in_guest(agent, &container.name, Stop::Kill).await?;
-                started = start().await;
-            }
-            match started {
-                Ok(reply) => Ok(reply.container),
-                // Started before kilnd restarted: it is the one.
-                Err(crate::agent::AgentError::Call { name, .. })
-                    if name == proto::error::CONTAINER_EXISTS =>
-                {
-                    let id = proto::ContainerIdRequest {
-                        id: container.name.clone(),
-                    };
-                    agent
-                        .call::<_, proto::ContainerReply>(
-                            proto::method::CONTAINER_STATUS,
-                            &id,
-                            AGENT_CALL_TIMEOUT,
-                        )
-                        .await
-                        .map(|r| r.container)
-                        .map_err(EngineError::from)
-                }
-                Err(e) => Err(container_error(e)),
-            }
-        }
-        Err(e) => Err(e),
+    let mut started = start().await;
+    let exists = |r: &Result<_, AgentError>| {
+        r.as_ref()
+            .is_err_and(|e| e.is_call(proto::error::CONTAINER_EXISTS))
     };
-    if started.is_err() {
-        detach_all(qmp, &plugged).await;
+    if existing == Existing::Replace && exists(&started) {
+        warn!(container = %container.name, "the guest runs an unrecorded container by that name, replacing it");
+        remove_in_guest(agent, &container.name, Stop::Kill).await?;
+        started = start().await;
     }
-    started
+    if exists(&started) {
+        // Started before kilnd restarted (or in the template): it is the one.
+        let id = proto::ContainerIdRequest {
+            id: container.name.clone(),
+        };
+        started = agent
+            .call(proto::method::CONTAINER_STATUS, &id, AGENT_CALL_TIMEOUT)
+            .await;
+        return started.map(|r| r.container).map_err(EngineError::from);
+    }
+    started.map(|r| r.container).map_err(container_error)
+}
+
+/// The containers the guest runs (`ListContainers`).
+async fn list_in_guest(agent: &dyn GuestAgent) -> Result<Vec<proto::ContainerInfo>, AgentError> {
+    let listed: proto::ListContainersReply = agent
+        .call(
+            proto::method::LIST_CONTAINERS,
+            &serde_json::json!({}),
+            AGENT_CALL_TIMEOUT,
+        )
+        .await?;
+    Ok(listed.containers)
 }
 
 /// Make a container's writable disk if it is not there yet: a sparse file
@@ -330,8 +347,7 @@ async fn remove_in_guest(agent: &dyn GuestAgent, name: &str, how: Stop) -> Resul
         .await;
     match stopped {
         Ok(_) => {}
-        Err(crate::agent::AgentError::Call { name, .. })
-            if name == proto::error::NO_SUCH_CONTAINER => {}
+        Err(e) if e.is_call(proto::error::NO_SUCH_CONTAINER) => {}
         Err(e) => return Err(e.into()),
     }
     let _: proto::RemoveContainerReply = agent
@@ -343,9 +359,9 @@ async fn remove_in_guest(agent: &dyn GuestAgent, name: &str, how: Stop) -> Resul
 /// An agent error from starting a container: the guest's reason, named
 /// `ContainerStartFailed` (a missing disk, a program that is not there or
 /// not for this machine, a bad user) or `TooManyContainers`.
-fn container_error(e: crate::agent::AgentError) -> EngineError {
+fn container_error(e: AgentError) -> EngineError {
     match &e {
-        crate::agent::AgentError::Call { name, message } => {
+        AgentError::Call { name, message } => {
             let short = name.rsplit('.').next().unwrap_or(name);
             if name == proto::error::TOO_MANY_CONTAINERS {
                 EngineError::TooManyContainers(format!("the guest says: {message}"))
@@ -435,10 +451,7 @@ impl Engine {
     }
 
     /// The image users of a deleted VM's containers go (sub-task).
-    pub(super) fn release_container_images(
-        &self,
-        record: &VmRecord,
-    ) -> Option<tokio::task::JoinHandle<()>> {
+    pub(super) fn release_container_images(&self, record: &VmRecord) -> ImagesReleased {
         let users = record
             .containers
             .iter()
@@ -473,9 +486,12 @@ impl Engine {
         runtime.containers_boot = Some(ping.boot_id.clone());
         let agent = runtime.agent.clone();
         let containers = entry.record.containers.clone();
-        for c in &mut entry.record.containers {
-            c.phase = ContainerPhase::Starting;
-        }
+        // Through the one writer, like every other record change.
+        self.record_fact(id, |r| {
+            for c in &mut r.containers {
+                c.phase = ContainerPhase::Starting;
+            }
+        });
         let (tx, id, ping) = (self.internal_tx.clone(), id.to_owned(), ping.clone());
         tokio::spawn(async move {
             let mut results = Vec::new();
@@ -853,12 +869,7 @@ impl Engine {
             self.images.store(),
             vec![(container.digest.clone(), container.image_user(id))],
         );
-        tokio::spawn(async move {
-            if let Some(release) = release {
-                let _ = release.await;
-            }
-            let _ = reply.send(Ok(()));
-        });
+        reply_once_released(release, vec![reply]);
     }
 
     /// `ListContainers`: the records, refreshed from the agent when the
@@ -883,17 +894,13 @@ impl Engine {
         };
         let (tx, id) = (self.internal_tx.clone(), id.to_owned());
         tokio::spawn(async move {
-            let listed: Result<proto::ListContainersReply, _> = agent
-                .call(
-                    proto::method::LIST_CONTAINERS,
-                    &serde_json::json!({}),
-                    AGENT_CALL_TIMEOUT,
-                )
-                .await;
+            let result = list_in_guest(agent.as_ref())
+                .await
+                .map_err(EngineError::from);
             let _ = tx.send(Internal::ContainersObserved {
                 id,
                 generation,
-                result: listed.map(|l| l.containers).map_err(EngineError::from),
+                result,
                 reply,
             });
         });
@@ -927,7 +934,12 @@ impl Engine {
     /// VM's `main` container with policy `no`, a stop of the VM. Every
     /// observation goes through here (the watcher's polls and
     /// `ListContainers`), so no exit is seen without its policy applied.
-    fn observe_containers(&mut self, id: &str, generation: u64, observed: &[proto::ContainerInfo]) {
+    pub(super) fn observe_containers(
+        &mut self,
+        id: &str,
+        generation: u64,
+        observed: &[proto::ContainerInfo],
+    ) {
         let Some(entry) = self.vms.get(id) else {
             return;
         };
@@ -1062,18 +1074,11 @@ impl Engine {
                     _ = &mut stopped => return,
                     () = tokio::time::sleep(CONTAINER_POLL) => {}
                 }
-                let listed: Result<proto::ListContainersReply, _> = agent
-                    .call(
-                        proto::method::LIST_CONTAINERS,
-                        &serde_json::json!({}),
-                        AGENT_CALL_TIMEOUT,
-                    )
-                    .await;
-                if let Ok(listed) = listed {
+                if let Ok(containers) = list_in_guest(agent.as_ref()).await {
                     let polled = Internal::ContainersPolled {
                         id: id.clone(),
                         generation,
-                        containers: listed.containers,
+                        containers,
                     };
                     if tx.send(polled).is_err() {
                         return;
@@ -1081,16 +1086,6 @@ impl Engine {
                 }
             }
         });
-    }
-
-    /// A watcher's poll.
-    pub(super) fn containers_polled(
-        &mut self,
-        id: &str,
-        generation: u64,
-        containers: Vec<proto::ContainerInfo>,
-    ) {
-        self.observe_containers(id, generation, &containers);
     }
 
     /// `ContainerLogs`: one read of a container's output from the agent's

@@ -807,7 +807,7 @@ impl Engine {
                 id,
                 generation,
                 containers,
-            } => self.containers_polled(&id, generation, containers),
+            } => self.observe_containers(&id, generation, &containers),
             Internal::ContainerRestarted {
                 id,
                 generation,

@@ -23,7 +23,6 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::{Engine, Internal};
-use crate::agent::AgentError;
 use crate::api::Reply;
 use crate::error::EngineError;
 use crate::qemu::{HotplugIds, QmpError};
@@ -424,8 +423,8 @@ async fn configure_when_present(
             .await
         {
             Ok(_) => return Ok(()),
-            Err(AgentError::Call { name, .. })
-                if name == proto::error::NO_SUCH_INTERFACE
+            Err(e)
+                if e.is_call(proto::error::NO_SUCH_INTERFACE)
                     && tokio::time::Instant::now() < deadline => {}
             Err(e) => return Err(e.into()),
         }

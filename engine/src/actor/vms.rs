@@ -8,6 +8,7 @@ use std::time::Duration;
 use kiln_agent_proto::{self as proto, ExecInRequest, ExecReply, PingReply};
 use tracing::{debug, error, info, warn};
 
+use super::containers::{reply_once_released, ImagesReleased};
 use super::network::{template_mac, TAP_FD};
 use super::pools::BootSource;
 use super::tasks::{boot, fresh_identity, stop_gracefully, BootPlan, NextBoot};
@@ -537,13 +538,11 @@ impl Engine {
             .is_some_and(|r| r.stop_intent.is_some());
         match result {
             Ok(_) if ending => {}
-            Ok(ping)
-                if state == VmState::Booting
-                    && self.start_boot_containers(id, generation, &ping) =>
-            {
-                // `ContainersStarted` comes back here once they run.
-            }
             Ok(ping) if state == VmState::Booting => {
+                if self.start_boot_containers(id, generation, &ping) {
+                    // `ContainersStarted` comes back here once they run.
+                    return;
+                }
                 let guest = GuestInfo {
                     agent_version: ping.agent_version,
                     kernel_release: ping.kernel_release,
@@ -757,9 +756,6 @@ impl Engine {
     }
 }
 
-/// The release of a removed VM's image users, if it had containers.
-pub(super) type ImagesReleased = Option<tokio::task::JoinHandle<()>>;
-
 /// Answer the `DeleteVm` callers of a removal: with its error, or once its
 /// images are released (so a `RemoveImage` right after is not refused).
 fn answer_deletes(
@@ -779,15 +775,6 @@ fn answer_deletes(
                 )));
             }
         }
-        Ok(released) => {
-            tokio::spawn(async move {
-                if let Some(release) = released {
-                    let _ = release.await;
-                }
-                for reply in replies {
-                    let _ = reply.send(Ok(()));
-                }
-            });
-        }
+        Ok(released) => reply_once_released(released, replies),
     }
 }
