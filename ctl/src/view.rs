@@ -312,14 +312,15 @@ mod tests {
             "network": [{"address": "10.77.0.2"}, {"tap": "x"}, {"address": "10.77.0.3"}]
         });
         let now = 4_000_000;
-        let get = |key: &'static str, show| {
+        let cell_of = |value: &Value, key: &'static str, show| {
             let field = Field {
                 label: "",
                 key,
                 show,
             };
-            cell(&vm, &field, now)
+            cell(value, &field, now)
         };
+        let get = |key, show| cell_of(&vm, key, show);
         assert_eq!(get("id", Text), "3fa2c1d0e4b5");
         assert_eq!(get("vcpus", Text), "2");
         assert_eq!(get("memoryMiB", MiB), "256M");
@@ -336,14 +337,7 @@ mod tests {
             "digest": "sha256:3fa2c1d0e4b5aaaa", "size": 3_145_728, "layers": [{}, {}],
             "cmd": ["-c", "cat /etc/hello"], "users": []
         });
-        let get = |key: &'static str, show| {
-            let field = Field {
-                label: "",
-                key,
-                show,
-            };
-            cell(&image, &field, now)
-        };
+        let get = |key, show| cell_of(&image, key, show);
         assert_eq!(get("digest", Digest), "3fa2c1d0e4b5");
         assert_eq!(get("size", Bytes), "3.0 MiB");
         assert_eq!(get("layers", Count), "2");
