@@ -54,17 +54,15 @@ impl Class {
     /// not (a newer kilnd), which is a plain failure.
     fn of_kiln_error(short: &str) -> Option<Self> {
         Some(match short {
-            "NoSuchVM" | "NoSuchPool" | "NoSuchNIC" | "ImageNotFound" | "NoSuchContainer" => {
-                Self::NotFound
-            }
+            "NoSuchVM" | "NoSuchPool" | "NoSuchNIC" | "ImageNotFound" | "NoSuchContainer"
+            | "NoSuchProcess" | "NoSuchFile" => Self::NotFound,
             "PermissionDenied" => Self::PermissionDenied,
             "Timeout" => Self::Timeout,
             "AlreadyExists" | "InvalidName" | "InvalidSpec" | "InvalidArgument"
             | "InvalidState" | "Busy" | "AddressInUse" | "PortInUse" | "NoHotplugSlot"
             | "InvalidImage" | "ImageInUse" | "ContainerExists" => Self::Invalid,
-            "PoolExhausted" | "QuotaExceeded" | "NoGpuAvailable" | "TooManyContainers" => {
-                Self::Exhausted
-            }
+            "PoolExhausted" | "QuotaExceeded" | "NoGpuAvailable" | "TooManyContainers"
+            | "TooManyProcesses" | "FileTooLarge" => Self::Exhausted,
             "LaunchFailed"
             | "BootFailed"
             | "VmmFailed"
@@ -74,7 +72,8 @@ impl Class {
             | "NetworkFailed"
             | "ShuttingDown"
             | "ImagePullFailed"
-            | "ContainerStartFailed" => Self::Failure,
+            | "ContainerStartFailed"
+            | "FileFailed" => Self::Failure,
             _ => return None,
         })
     }

@@ -41,6 +41,7 @@ mod mirror;
 mod names;
 mod objects;
 mod pool;
+mod process;
 mod spec;
 mod vm;
 

@@ -10,8 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_agent_proto::ExecRequest;
+use kiln_agent_proto::WindowSize;
+use kiln_engine::copy::{self, CopyTarget, DEFAULT_MAX_COPY_BYTES};
 use kiln_engine::error::ErrorName;
-use kiln_engine::{EngineHandle, VmInfo};
+use kiln_engine::guest_io::ProcessSpec;
+use kiln_engine::{EngineError, EngineHandle, VmInfo};
 use tokio::sync::watch;
 use zbus::message::Header;
 use zbus::zvariant::{OwnedObjectPath, Value};
@@ -22,6 +25,21 @@ use crate::container::{logs_tuple, without_nul, ContainerSummary, LogsTuple};
 use crate::error::KilnError;
 use crate::mirror::{unexport, wire_name, Context, Mirror};
 use crate::names::{vm_path, VM_INTERFACE};
+use crate::process::relay;
+
+/// A copy's target from the D-Bus arguments ("" and 0 mean the defaults).
+fn copy_target(id: &str, path: String, container: String, max_bytes: u64) -> CopyTarget {
+    CopyTarget {
+        id: id.to_owned(),
+        path,
+        container: (!container.is_empty()).then_some(container),
+        max_bytes: if max_bytes == 0 {
+            DEFAULT_MAX_COPY_BYTES
+        } else {
+            max_bytes
+        },
+    }
+}
 
 /// One exported VM.
 #[derive(Debug)]
@@ -293,6 +311,206 @@ impl Vm {
         self.auth.check_manage(conn, &header, "Exec").await?;
         let request = exec_request(command, env, stdin, timeout_sec, max_output_bytes);
         exec_tuple(self.engine.exec_vm(&self.id, request).await?)
+    }
+
+    /// Start a process, like varlink's `StartProcess`: `container` "" =
+    /// the guest; `tty` puts it on a terminal of `rows` × `cols`; `stdin`
+    /// keeps its stdin open. Returns its handle, its PID in the guest and
+    /// the caller's ends of its stdio: `[terminal]`, or `[stdout, stderr]`
+    /// plus stdin's write end when `stdin`. kilnd relays them until the
+    /// process ends; a caller that closes them first kills the process
+    /// unless `detach`. The exit status: `WaitProcess`.
+    #[zbus(out_args("handle", "pid", "stdio"))]
+    #[allow(clippy::too_many_arguments)]
+    async fn start_process(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        argv: Vec<String>,
+        env: Vec<String>,
+        container: String,
+        tty: bool,
+        rows: u16,
+        cols: u16,
+        stdin: bool,
+        detach: bool,
+    ) -> Result<(u64, u32, Vec<zbus::zvariant::OwnedFd>), KilnError> {
+        self.auth
+            .check_manage(conn, &header, "StartProcess")
+            .await?;
+        let spec = ProcessSpec {
+            argv,
+            env,
+            container: (!container.is_empty()).then_some(container),
+            tty: tty.then_some(WindowSize { rows, cols }),
+            stdin,
+        };
+        let started = self.engine.spawn_process(&self.id, &spec).await?;
+        let fds = relay(
+            &self.engine,
+            &self.id,
+            started.handle,
+            None,
+            tty,
+            stdin,
+            detach,
+        );
+        let fds = match fds {
+            Ok(fds) => fds,
+            Err(e) => {
+                let _ = self.engine.release_process(&self.id, started.handle).await;
+                return Err(e);
+            }
+        };
+        Ok((
+            started.handle,
+            started.pid,
+            fds.into_iter().map(Into::into).collect(),
+        ))
+    }
+
+    /// Follow a started process's output again from cursor `since` (0 =
+    /// the oldest byte the guest keeps): `[stdout, stderr]` read ends.
+    /// Closing them never kills the process.
+    async fn attach_process(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        handle: u64,
+        since: u64,
+    ) -> Result<Vec<zbus::zvariant::OwnedFd>, KilnError> {
+        self.auth
+            .check_manage(conn, &header, "AttachProcess")
+            .await?;
+        // Checks the handle before handing out descriptors.
+        self.engine.read_process(&self.id, handle, None).await?;
+        let since = (since > 0).then_some(since);
+        let fds = relay(&self.engine, &self.id, handle, since, false, false, true)?;
+        Ok(fds.into_iter().map(Into::into).collect())
+    }
+
+    /// Write `data` to the process's stdin (or terminal); `close` then
+    /// closes it (a terminal gets ^D).
+    async fn write_process(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        handle: u64,
+        data: Vec<u8>,
+        close: bool,
+    ) -> Result<(), KilnError> {
+        self.auth
+            .check_manage(conn, &header, "WriteProcess")
+            .await?;
+        Ok(self
+            .engine
+            .write_process(&self.id, handle, &data, close)
+            .await?)
+    }
+
+    /// Send `signal` to the process's process group.
+    async fn signal_process(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        handle: u64,
+        signal: i32,
+    ) -> Result<(), KilnError> {
+        self.auth
+            .check_manage(conn, &header, "SignalProcess")
+            .await?;
+        Ok(self.engine.signal_process(&self.id, handle, signal).await?)
+    }
+
+    /// Change the size of the process's terminal.
+    async fn resize_process(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        handle: u64,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(), KilnError> {
+        self.auth
+            .check_manage(conn, &header, "ResizeProcess")
+            .await?;
+        let size = WindowSize { rows, cols };
+        Ok(self.engine.resize_process(&self.id, handle, size).await?)
+    }
+
+    /// Wait up to `timeout_sec` (0 = 60) for the process to exit: its exit
+    /// code (128 + signal when killed) and the signal (0 = none).
+    #[zbus(out_args("exit_code", "signal"))]
+    async fn wait_process(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        handle: u64,
+        timeout_sec: u32,
+    ) -> Result<(i32, i32), KilnError> {
+        self.auth.check_manage(conn, &header, "WaitProcess").await?;
+        let timeout =
+            Duration::from_secs(u64::from(if timeout_sec == 0 { 60 } else { timeout_sec }));
+        let exit = self.engine.wait_process(&self.id, handle, timeout).await?;
+        Ok((exit.exit_code, exit.signal.unwrap_or(0)))
+    }
+
+    /// Kill the process if it runs, and forget it.
+    async fn release_process(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        handle: u64,
+    ) -> Result<(), KilnError> {
+        self.auth
+            .check_manage(conn, &header, "ReleaseProcess")
+            .await?;
+        Ok(self.engine.release_process(&self.id, handle).await?)
+    }
+
+    /// Unpack the tar archive read from `archive` below the directory
+    /// `path` (in `container`'s root unless ""), like varlink's `CopyIn`;
+    /// `max_bytes` 0 = 1 GiB. Returns the entries and bytes copied.
+    #[zbus(out_args("entries", "bytes"))]
+    async fn copy_in(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        path: String,
+        container: String,
+        max_bytes: u64,
+        archive: zbus::zvariant::OwnedFd,
+    ) -> Result<(u64, u64), KilnError> {
+        self.auth.check_manage(conn, &header, "CopyIn").await?;
+        let target = copy_target(&self.id, path, container, max_bytes);
+        let stats = copy::copy_in(&self.engine, &target, archive.into()).await?;
+        Ok((stats.entries, stats.bytes))
+    }
+
+    /// Pack `path` (a file, or a directory with all it holds) into a tar
+    /// archive, like varlink's `CopyOut`: the read end of the pipe it is
+    /// written to. A copy that fails half-way ends the archive early.
+    async fn copy_out(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        path: String,
+        container: String,
+        max_bytes: u64,
+    ) -> Result<zbus::zvariant::OwnedFd, KilnError> {
+        self.auth.check_manage(conn, &header, "CopyOut").await?;
+        let target = copy_target(&self.id, path, container, max_bytes);
+        // The path must exist before the caller gets an archive to read.
+        target.describe(&self.engine).await?;
+        let (reader, writer) = kiln_engine::stream::pipe()
+            .map_err(|e| KilnError::from(EngineError::FileFailed(format!("pipe: {e}"))))?;
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = copy::copy_out(&engine, &target, writer).await {
+                tracing::info!(vm = %target.id, error = %e, "CopyOut ended early");
+            }
+        });
+        Ok(reader.into())
     }
 
     /// `Exec` in container `container`'s root and namespaces (varlink's

@@ -223,13 +223,18 @@ async fn roundtrip(
             .parameters
             .unwrap_or(Value::Object(Default::default()))),
         Some(name) => {
-            let message = reply
-                .parameters
-                .as_ref()
-                .and_then(|p| p.get("message"))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
+            // The human message, or else the one thing the error names
+            // (`path` of NoSuchFile, `handle` of NoSuchProcess, ...).
+            let parameters = reply.parameters.as_ref();
+            let field = |key: &str| parameters.and_then(|p| p.get(key));
+            let message = match ["message", "path", "handle", "id", "serial"]
+                .into_iter()
+                .find_map(field)
+            {
+                Some(Value::String(text)) => text.clone(),
+                Some(other) => other.to_string(),
+                None => String::new(),
+            };
             Err(AgentError::Call { name, message })
         }
     }

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_agent_proto::{
@@ -29,6 +30,7 @@ use crate::pool::{PoolFileError, PoolInfo, PoolSpec};
 use crate::spec::{validate_name, VmSpec, MAX_NAME_LEN, MAX_PATH_LEN};
 use crate::store::BrokenRecord;
 use crate::vm::{NicInfo, VmInfo};
+use crate::vmm::GuestAgent;
 
 /// Consecutive boot failures after which a pool is `failed`.
 pub const FAILED_AFTER: u32 = 5;
@@ -172,6 +174,15 @@ pub enum Command {
         id: String,
         request: ContainerLogsRequest,
         reply: Reply<ContainerLogsReply>,
+    },
+    /// The agent of a VM whose guest answers (`ready` or `leased`), for
+    /// the process and file calls (module `guest_io`); with `container`,
+    /// that container must be one of the VM's (`NoSuchContainer`).
+    GuestAgent {
+        id: String,
+        container: Option<String>,
+        operation: &'static str,
+        reply: Reply<Arc<dyn GuestAgent>>,
     },
     /// Ping the guest agent with a deadline, in any state with a process
     /// (a paused guest does not answer: `Timeout`).
@@ -549,6 +560,24 @@ impl EngineHandle {
     ) -> Result<ContainerLogsReply, EngineError> {
         let id = id.to_owned();
         call!(self, ContainerLogs { id, request })
+    }
+    /// See [`Command::GuestAgent`].
+    pub(crate) async fn guest_agent(
+        &self,
+        id: &str,
+        container: Option<&str>,
+        operation: &'static str,
+    ) -> Result<Arc<dyn GuestAgent>, EngineError> {
+        let id = id.to_owned();
+        let container = container.map(str::to_owned);
+        call!(
+            self,
+            GuestAgent {
+                id,
+                container,
+                operation
+            }
+        )
     }
     /// See [`Command::PingVm`].
     pub async fn ping_vm(&self, id: &str, timeout: Duration) -> Result<PingReply, EngineError> {

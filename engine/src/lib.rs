@@ -29,7 +29,9 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod container;
+pub mod copy;
 pub mod error;
+pub mod guest_io;
 pub mod ids;
 pub mod images;
 pub mod name;
@@ -39,6 +41,7 @@ pub mod qemu;
 pub mod spec;
 pub mod state;
 pub mod store;
+pub mod stream;
 pub mod vm;
 pub mod vmm;
 

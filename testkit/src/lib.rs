@@ -26,6 +26,7 @@ pub mod busctl;
 mod ci;
 mod dbus;
 mod docs;
+pub mod fdclient;
 mod gpu;
 mod kilnd;
 mod netns;

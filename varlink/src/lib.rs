@@ -22,6 +22,7 @@
 
 mod auth;
 mod methods;
+mod processes;
 mod service;
 
 use std::cell::Cell;

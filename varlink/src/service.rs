@@ -1,6 +1,7 @@
 //! The `io.kiln.Manager` service: decode, authorize, call the engine, map.
 
 use std::cell::Cell;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use zlink::{Call, Connection, Reply};
 
 use crate::auth::Authorizer;
 use crate::methods::*;
+use crate::processes;
 use crate::{INTERFACE, INTERFACE_DESCRIPTION};
 
 type Sock = zlink::tokio::unix::Stream;
@@ -86,10 +88,12 @@ impl From<EngineError> for ErrorReply {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = ReplyStreamItem<Value, ErrorReply>>>>;
+pub type EventStream = Pin<Box<dyn Stream<Item = ReplyStreamItem<Value, ErrorReply>>>>;
 
-enum Outcome {
+pub(crate) enum Outcome {
     Single(Value),
+    /// A reply that passes file descriptors (a terminal, an archive).
+    SingleWithFds(Value, Vec<OwnedFd>),
     Stream(EventStream),
 }
 
@@ -133,6 +137,15 @@ const MUTATING: &[&str] = &[
     "RebootVM",
     "DeleteVM",
     "ExecVM",
+    "StartProcess",
+    "AttachProcess",
+    "WriteProcess",
+    "SignalProcess",
+    "ResizeProcess",
+    "WaitProcess",
+    "ReleaseProcess",
+    "CopyIn",
+    "CopyOut",
     "AddContainer",
     "RemoveContainer",
     "AttachNIC",
@@ -176,6 +189,7 @@ impl ManagerService {
         &self,
         call: &Call<RawCall>,
         conn: &mut Connection<Sock>,
+        fds: Vec<OwnedFd>,
     ) -> Result<Outcome, ErrorReply> {
         let method_name = call.method().method.as_str();
         let raw = &call.method().parameters;
@@ -248,6 +262,15 @@ impl ManagerService {
                     "timedOut": reply.timed_out,
                 })))
             }
+            "StartProcess" => processes::start(engine, params(raw)?, call.more()).await,
+            "AttachProcess" => processes::attach(engine, params(raw)?, call.more()).await,
+            "WriteProcess" => processes::write(engine, params(raw)?).await,
+            "SignalProcess" => processes::signal(engine, params(raw)?).await,
+            "ResizeProcess" => processes::resize(engine, params(raw)?).await,
+            "WaitProcess" => processes::wait(engine, params(raw)?).await,
+            "ReleaseProcess" => processes::release(engine, params(raw)?).await,
+            "CopyIn" => processes::copy_in(engine, params(raw)?, fds).await,
+            "CopyOut" => processes::copy_out(engine, params(raw)?, call.more()).await,
             "AddContainer" => {
                 let p: AddContainerParams = params(raw)?;
                 let container = engine.add_container(&p.id, p.spec).await?;
@@ -551,7 +574,7 @@ fn event_item(event: Value) -> ReplyStreamItem<Value, ErrorReply> {
 }
 
 /// One reply of a stream with more to come.
-fn continues(parameters: Value) -> ReplyStreamItem<Value, ErrorReply> {
+pub(crate) fn continues(parameters: Value) -> ReplyStreamItem<Value, ErrorReply> {
     (
         Ok(Reply::new(Some(parameters)).set_continues(Some(true))),
         Vec::new(),
@@ -571,18 +594,18 @@ impl zlink::Service<Sock> for ManagerService {
         &'ser mut self,
         call: &'ser Call<Self::MethodCall<'_>>,
         conn: &mut Connection<Sock>,
-        _fds: Vec<std::os::fd::OwnedFd>,
+        fds: Vec<std::os::fd::OwnedFd>,
     ) -> HandleResult<
         Self::ReplyParams<'ser>,
         Self::ReplyStream,
         Self::ReplyError<'ser>,
         Self::Upgrade,
     > {
-        let reply = match self.dispatch(call, conn).await {
-            Ok(Outcome::Single(value)) => MethodReply::Single(Some(value)),
-            Ok(Outcome::Stream(stream)) => MethodReply::Multi(stream),
-            Err(error) => MethodReply::Error(error),
-        };
-        (reply, Vec::new())
+        match self.dispatch(call, conn, fds).await {
+            Ok(Outcome::Single(value)) => (MethodReply::Single(Some(value)), Vec::new()),
+            Ok(Outcome::SingleWithFds(value, fds)) => (MethodReply::Single(Some(value)), fds),
+            Ok(Outcome::Stream(stream)) => (MethodReply::Multi(stream), Vec::new()),
+            Err(error) => (MethodReply::Error(error), Vec::new()),
+        }
     }
 }

@@ -464,6 +464,14 @@ impl Engine {
             Command::ContainerLogs { id, request, reply } => {
                 self.container_logs(&id, request, reply)
             }
+            Command::GuestAgent {
+                id,
+                container,
+                operation,
+                reply,
+            } => {
+                let _ = reply.send(self.guest_agent(&id, container.as_deref(), operation));
+            }
             Command::PingVm { id, timeout, reply } => self.ping_vm(&id, timeout, reply),
             Command::CreatePool { name, spec, reply } => {
                 let _ = reply.send(self.create_pool(name, spec));

@@ -3,6 +3,7 @@
 //! report about a VM's process (launched, booted, exited, QMP events).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_agent_proto::{self as proto, ExecInRequest, ExecReply, PingReply};
@@ -25,6 +26,7 @@ use crate::state::VmState;
 use crate::store::remove_tree;
 use crate::store::Durability;
 use crate::vm::{GuestInfo, VmInfo};
+use crate::vmm::GuestAgent;
 
 impl Engine {
     /// Check a new VM's name and spec: `InvalidName`, `AlreadyExists`,
@@ -491,6 +493,21 @@ impl Engine {
                 .map_err(EngineError::from);
             let _ = reply.send(result);
         });
+    }
+
+    pub(super) fn guest_agent(
+        &self,
+        id: &str,
+        container: Option<&str>,
+        operation: &'static str,
+    ) -> Result<Arc<dyn GuestAgent>, EngineError> {
+        let entry = self.entry(id)?;
+        if let Some(name) = container {
+            if !entry.record.containers.iter().any(|c| c.name == name) {
+                return Err(EngineError::NoSuchContainer(name.to_owned()));
+            }
+        }
+        Ok(entry.answering(operation)?.agent.clone())
     }
 
     pub(super) fn ping_vm(&mut self, id: &str, timeout: Duration, reply: Reply<PingReply>) {

@@ -175,16 +175,9 @@ pub fn run(plan: Plan, enter: Option<Enter>) -> Result<ExecReply, SpawnFailed> {
         .env("PATH", BASE_PATH)
         .env("HOME", BASE_HOME)
         .envs(plan.env.iter().map(|(k, v)| (k, v)))
-        .current_dir("/")
-        .stdin(if plan.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Own process group, so a timeout kills the whole pipeline.
-        .process_group(0);
+        .current_dir("/");
+    // Own process group, so a timeout kills the whole pipeline.
+    piped(&mut cmd, plan.stdin.is_some());
     let spawned = match enter {
         Some(enter) => enter.spawn(&mut cmd),
         None => cmd.spawn(),
@@ -233,6 +226,15 @@ pub fn run(plan: Plan, enter: Option<Enter>) -> Result<ExecReply, SpawnFailed> {
     };
     fit_reply(&mut reply);
     Ok(reply)
+}
+
+/// Pipes for stdout and stderr, for stdin when `stdin` (else
+/// `/dev/null`), and a process group of its own.
+pub fn piped(cmd: &mut Command, stdin: bool) {
+    cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
 }
 
 /// `code`, or `128 + signal` for a command killed by a signal.

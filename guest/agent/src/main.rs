@@ -14,6 +14,7 @@
 mod cmdline;
 mod container;
 mod exec;
+mod files;
 mod frame;
 mod identity;
 mod init;
@@ -22,6 +23,7 @@ mod network;
 mod params;
 mod port;
 mod service;
+mod session;
 mod sys;
 
 use std::io::{Read, Write};

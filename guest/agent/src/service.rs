@@ -1,11 +1,18 @@
 //! The varlink service: turns one frame into one reply. Interfaces served:
 //! `io.kiln.Agent` and `org.varlink.service` (introspection).
 
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
 use kiln_agent_proto::{
     error, method, Call, ConfigureNetworkRequest, ContainerIdRequest, ContainerLogsRequest,
-    ContainerReply, ExecFormatParameters, ExecInRequest, FailureParameters, ListContainersReply,
-    NoSuchInterfaceParameters, PingReply, PingRequest, RemoveContainerReply, Reply,
-    SetIdentityRequest, StartContainerRequest, StopContainerRequest, INTERFACE,
+    ContainerReply, ExecFormatParameters, ExecInRequest, FailureParameters, FileLocation,
+    ListContainersReply, MakeDirectoryRequest, MakeSymlinkRequest, NoSuchInterfaceParameters,
+    NoSuchProcessParameters, PingReply, PingRequest, ProcessHandleRequest, ReadFileRequest,
+    ReadProcessReply, ReadProcessRequest, RemoveContainerReply, Reply, ResizeProcessRequest,
+    SetIdentityRequest, SignalProcessRequest, SpawnProcessRequest, StartContainerRequest,
+    StopContainerRequest, TooManyProcessesParameters, WriteFileRequest, WriteProcessRequest,
+    INTERFACE, MAX_PROCESSES,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -13,11 +20,16 @@ use serde_json::{json, Value};
 use crate::cmdline::BootOptions;
 use crate::container::{ContainerError, Containers};
 use crate::exec::{self, Plan, SpawnFailed};
+use crate::files::{self, FileError, Target};
 use crate::frame::Frame;
 use crate::identity::Identity;
 use crate::network::{NetworkFailure, NetworkPlan};
 use crate::params::{self, InvalidParameter};
+use crate::session::{self, SessionError, Sessions};
 use crate::{log, sys};
+
+/// How often a waiting `ReadProcess` reaps children, to see exits.
+const READ_WAIT_SLICE: Duration = Duration::from_millis(10);
 
 /// The IDL of `io.kiln.Agent`, served by `GetInterfaceDescription`.
 pub const AGENT_IDL: &str = include_str!("../../io.kiln.Agent.varlink");
@@ -55,6 +67,7 @@ pub struct Response {
 #[derive(Debug)]
 pub struct Agent {
     containers: Containers,
+    sessions: Sessions,
 }
 
 impl Agent {
@@ -66,14 +79,21 @@ impl Agent {
                 log::error!("container modules: {e}");
             }
         }
-        Self { containers }
+        Self {
+            containers,
+            sessions: Sessions::default(),
+        }
     }
 
     /// Reaps every exited child; a container's process updates its
-    /// container. Call only while no `Exec` child is being waited for.
+    /// container, a streamed process its session. Call only while no
+    /// `Exec` child is being waited for.
     pub fn reap(&mut self) {
-        let containers = &mut self.containers;
-        sys::reap_children(|pid, status| containers.child_exited(pid, status));
+        let (containers, sessions) = (&mut self.containers, &mut self.sessions);
+        sys::reap_children(|pid, status| {
+            containers.child_exited(pid, status);
+            sessions.child_exited(pid, status);
+        });
     }
 
     /// Handles one frame from the port.
@@ -155,12 +175,144 @@ impl Agent {
             }),
             method::CONTAINER_LOGS => params::decode::<ContainerLogsRequest>(params)
                 .map(|req| container_reply(containers.logs(&req))),
+            method::SPAWN_PROCESS => {
+                params::decode::<SpawnProcessRequest>(params).map(|req| self.spawn_process(&req))
+            }
+            method::READ_PROCESS => params::decode::<ReadProcessRequest>(params)
+                .map(|req| session_reply(self.read_process(&req))),
+            method::WRITE_PROCESS => params::decode::<WriteProcessRequest>(params)
+                .map(|req| session_reply(self.sessions.write(req.handle, &req.data, req.close))),
+            method::SIGNAL_PROCESS => params::decode::<SignalProcessRequest>(params)
+                .map(|req| session_reply(self.sessions.signal(req.handle, req.signal).map(empty))),
+            method::RESIZE_PROCESS => params::decode::<ResizeProcessRequest>(params)
+                .map(|req| session_reply(self.sessions.resize(req.handle, req.size).map(empty))),
+            method::RELEASE_PROCESS => params::decode::<ProcessHandleRequest>(params)
+                .map(|req| session_reply(self.sessions.release(req.handle).map(empty))),
+            method::WRITE_FILE => params::decode::<WriteFileRequest>(params)
+                .map(|req| self.file_call(&req.at, |t| files::write_file(t, &req).map(empty))),
+            method::READ_FILE => params::decode::<ReadFileRequest>(params)
+                .map(|req| self.file_call(&req.at, |t| files::read_file(t, &req))),
+            method::MAKE_DIRECTORY => params::decode::<MakeDirectoryRequest>(params)
+                .map(|req| self.file_call(&req.at, |t| files::make_directory(t, &req).map(empty))),
+            method::MAKE_SYMLINK => params::decode::<MakeSymlinkRequest>(params)
+                .map(|req| self.file_call(&req.at, |t| files::make_symlink(t, &req).map(empty))),
+            method::STAT_PATH => params::decode::<FileLocation>(params)
+                .map(|at| self.file_call(&at, files::stat_path)),
+            method::LIST_DIRECTORY => params::decode::<FileLocation>(params)
+                .map(|at| self.file_call(&at, files::list_directory)),
             _ => return dispatch(call),
         };
         (
             reply.unwrap_or_else(|p| invalid_parameter(&p)),
             After::Continue,
         )
+    }
+}
+
+impl Agent {
+    /// `SpawnProcess`, in the guest or in a container.
+    fn spawn_process(&mut self, req: &SpawnProcessRequest) -> Reply {
+        let plan = match Sessions::plan(req) {
+            Ok(plan) => plan,
+            Err(e) => return session_error(&e),
+        };
+        let enter = match &req.container {
+            None => None,
+            Some(id) => match self.containers.enter(id, plan.argv(), plan.env()) {
+                Ok(enter) => Some(enter),
+                Err(ContainerError::InvalidParameter(_)) => {
+                    return invalid_parameter(&InvalidParameter::new("container"))
+                }
+                Err(e) => return container_error(&e),
+            },
+        };
+        let in_container = enter.is_some();
+        match self.sessions.spawn(req, &plan, enter) {
+            Err(SessionError::Spawn(SpawnFailed {
+                errno: Some(libc::ENOEXEC),
+                ..
+            })) if in_container => error_reply(
+                error::EXEC_FORMAT_ERROR,
+                json!(ExecFormatParameters {
+                    program: plan.argv().first().cloned().unwrap_or_default(),
+                }),
+            ),
+            result => session_reply(result),
+        }
+    }
+
+    /// `ReadProcess`: waits (up to `waitMs`) while there is nothing new,
+    /// reaping children meanwhile so an exit is seen at once.
+    fn read_process(&mut self, req: &ReadProcessRequest) -> Result<ReadProcessReply, SessionError> {
+        let deadline = Instant::now() + session::wait_limit(req)?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(reply) = self.sessions.try_read(req, !left.is_zero())? {
+                return Ok(reply);
+            }
+            self.sessions
+                .wait_for_output(req.handle, left.min(READ_WAIT_SLICE));
+            self.reap();
+        }
+    }
+
+    /// A file call at `at`: in the guest's root or a running container's.
+    fn file_call<T: Serialize>(
+        &mut self,
+        at: &FileLocation,
+        call: impl FnOnce(&Target) -> Result<T, FileError>,
+    ) -> Reply {
+        let root = match &at.container {
+            None => PathBuf::from("/"),
+            Some(id) => match self.containers.root(id) {
+                Ok(root) => root,
+                Err(ContainerError::InvalidParameter(_)) => {
+                    return invalid_parameter(&InvalidParameter::new("container"))
+                }
+                Err(e) => return container_error(&e),
+            },
+        };
+        let result = Target::new(root, at)
+            .map_err(FileError::from)
+            .and_then(|target| call(&target));
+        match result {
+            Ok(value) => ok(&value),
+            Err(e) => {
+                let (name, parameters) = e.reply();
+                error_reply(name, parameters)
+            }
+        }
+    }
+}
+
+fn empty(_: ()) -> Value {
+    json!({})
+}
+
+fn session_reply<T: Serialize>(result: Result<T, SessionError>) -> Reply {
+    match result {
+        Ok(value) => ok(&value),
+        Err(e) => session_error(&e),
+    }
+}
+
+fn session_error(e: &SessionError) -> Reply {
+    match e {
+        SessionError::InvalidParameter(p) => invalid_parameter(p),
+        SessionError::NoSuchProcess(handle) => error_reply(
+            error::NO_SUCH_PROCESS,
+            json!(NoSuchProcessParameters { handle: *handle }),
+        ),
+        SessionError::TooManyProcesses => error_reply(
+            error::TOO_MANY_PROCESSES,
+            json!(TooManyProcessesParameters {
+                max: MAX_PROCESSES as u64
+            }),
+        ),
+        SessionError::NotInteractive => error_reply(error::PROCESS_NOT_INTERACTIVE, json!({})),
+        SessionError::Spawn(SpawnFailed { message, .. }) => {
+            failure(error::EXEC_FAILED, message.clone())
+        }
     }
 }
 

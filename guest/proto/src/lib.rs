@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 mod container;
+mod file;
+mod process;
 
 pub use container::*;
+pub use file::*;
+pub use process::*;
 
 /// Name of the virtio-serial port the agent listens on.
 pub const PORT_NAME: &str = "io.kiln.agent.0";
@@ -97,6 +101,30 @@ pub mod method {
     pub const REMOVE_CONTAINER: &str = "io.kiln.Agent.RemoveContainer";
     /// `ContainerLogs(ContainerLogsRequest) -> ContainerLogsReply`.
     pub const CONTAINER_LOGS: &str = "io.kiln.Agent.ContainerLogs";
+    /// `SpawnProcess(SpawnProcessRequest) -> SpawnProcessReply`.
+    pub const SPAWN_PROCESS: &str = "io.kiln.Agent.SpawnProcess";
+    /// `ReadProcess(ReadProcessRequest) -> ReadProcessReply`.
+    pub const READ_PROCESS: &str = "io.kiln.Agent.ReadProcess";
+    /// `WriteProcess(WriteProcessRequest) -> WriteProcessReply`.
+    pub const WRITE_PROCESS: &str = "io.kiln.Agent.WriteProcess";
+    /// `SignalProcess(SignalProcessRequest) -> ()`.
+    pub const SIGNAL_PROCESS: &str = "io.kiln.Agent.SignalProcess";
+    /// `ResizeProcess(ResizeProcessRequest) -> ()`.
+    pub const RESIZE_PROCESS: &str = "io.kiln.Agent.ResizeProcess";
+    /// `ReleaseProcess(ProcessHandleRequest) -> ()`.
+    pub const RELEASE_PROCESS: &str = "io.kiln.Agent.ReleaseProcess";
+    /// `WriteFile(WriteFileRequest) -> ()`.
+    pub const WRITE_FILE: &str = "io.kiln.Agent.WriteFile";
+    /// `ReadFile(ReadFileRequest) -> ReadFileReply`.
+    pub const READ_FILE: &str = "io.kiln.Agent.ReadFile";
+    /// `MakeDirectory(MakeDirectoryRequest) -> ()`.
+    pub const MAKE_DIRECTORY: &str = "io.kiln.Agent.MakeDirectory";
+    /// `MakeSymlink(MakeSymlinkRequest) -> ()`.
+    pub const MAKE_SYMLINK: &str = "io.kiln.Agent.MakeSymlink";
+    /// `StatPath(FileLocation) -> StatPathReply`.
+    pub const STAT_PATH: &str = "io.kiln.Agent.StatPath";
+    /// `ListDirectory(FileLocation) -> ListDirectoryReply`.
+    pub const LIST_DIRECTORY: &str = "io.kiln.Agent.ListDirectory";
 }
 
 /// Fully qualified error names.
@@ -133,6 +161,24 @@ pub mod error {
     pub const EXEC_FORMAT_ERROR: &str = "io.kiln.Agent.ExecFormatError";
     /// Setting up or starting the container's process failed.
     pub const CONTAINER_START_FAILED: &str = "io.kiln.Agent.ContainerStartFailed";
+    /// No process has this handle (`NoSuchProcessParameters`).
+    pub const NO_SUCH_PROCESS: &str = "io.kiln.Agent.NoSuchProcess";
+    /// The guest keeps [`crate::MAX_PROCESSES`] already.
+    pub const TOO_MANY_PROCESSES: &str = "io.kiln.Agent.TooManyProcesses";
+    /// The process has no terminal (`ResizeProcess`) or its stdin is
+    /// closed or was never open (`WriteProcess`).
+    pub const PROCESS_NOT_INTERACTIVE: &str = "io.kiln.Agent.ProcessNotInteractive";
+    /// No such file or directory (`PathParameters`).
+    pub const NO_SUCH_FILE: &str = "io.kiln.Agent.NoSuchFile";
+    /// The guest refused access (`PathParameters`).
+    pub const PERMISSION_DENIED: &str = "io.kiln.Agent.PermissionDenied";
+    /// A component of the path is not a directory (`PathParameters`).
+    pub const NOT_A_DIRECTORY: &str = "io.kiln.Agent.NotADirectory";
+    /// The path is a directory where a file was expected (`PathParameters`).
+    pub const IS_A_DIRECTORY: &str = "io.kiln.Agent.IsADirectory";
+    /// Another file-system failure (`FileFailedParameters`): no space, a
+    /// write at the wrong offset, ...
+    pub const FILE_FAILED: &str = "io.kiln.Agent.FileFailed";
 }
 
 /// A varlink call.

@@ -589,6 +589,17 @@ impl Containers {
         })
     }
 
+    /// Where a running container's root is seen from the agent
+    /// (`/proc/<pid>/root`), for the file calls.
+    pub fn root(&mut self, id: &str) -> Result<std::path::PathBuf, ContainerError> {
+        let c = self.find(id)?;
+        c.poll_exit();
+        if !c.running() {
+            return Err(ContainerError::ContainerNotRunning(id.to_owned()));
+        }
+        Ok(std::path::PathBuf::from(format!("/proc/{}/root", c.pid)))
+    }
+
     /// What `Exec` needs to run `argv` with extra `env` in container `id`.
     pub fn enter(
         &mut self,
