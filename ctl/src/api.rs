@@ -5,10 +5,11 @@
 //! the field lists of `view`, which a test checks against the IDL.
 
 use std::collections::BTreeMap;
+use std::os::fd::BorrowedFd;
 
 use serde_json::{json, Value};
 
-use crate::client::{ClientError, Connection};
+use crate::client::{ClientError, Connection, Reply};
 
 const INTERFACE: &str = "io.kiln.Manager";
 
@@ -44,15 +45,22 @@ calls! {
     fn create_vm(name: &str, spec: Value) => CreateVM { "name": name, "spec": spec }
     fn stop_vm(id: &str, timeout_sec: Option<u64>) => StopVM { "id": id, "timeoutSec": timeout_sec }
     fn delete_vm(id: &str) => DeleteVM { "id": id }
-    /// `{"exitCode": N, "stdout": ..., ...}`.
-    fn exec_vm(id: &str, exec: &ExecRequest) => ExecVM {
-        "id": id,
-        "command": exec.command,
-        "env": (!exec.env.is_empty()).then_some(&exec.env),
-        "stdin": exec.stdin,
-        "timeoutSec": exec.timeout_sec,
-        "container": exec.container,
+    /// Without `more`: `{"handle": N, "pid": N}`, the process running on
+    /// by itself; `process` is a ProcessSpec.
+    fn start_process(id: &str, process: &Value, detach: bool) => StartProcess {
+        "id": id, "process": process, "detach": detach.then_some(true)
     }
+    /// `data` is base64 (at most 1 MiB of bytes).
+    fn write_process(id: &str, handle: u64, data: Option<&str>, close: bool) => WriteProcess {
+        "id": id, "handle": handle, "data": data, "close": close.then_some(true)
+    }
+    fn signal_process(id: &str, handle: u64, signal: i32) => SignalProcess {
+        "id": id, "handle": handle, "signal": signal
+    }
+    fn resize_process(id: &str, handle: u64, rows: u16, cols: u16) => ResizeProcess {
+        "id": id, "handle": handle, "rows": rows, "cols": cols
+    }
+    fn release_process(id: &str, handle: u64) => ReleaseProcess { "id": id, "handle": handle }
     /// `{"containers": [Container]}`.
     fn list_containers(id: &str) => ListContainers { "id": id }
     /// `{"container": Container}`; `spec` is a ContainerSpec.
@@ -105,6 +113,12 @@ impl Manager {
         Self { conn }
     }
 
+    /// A second client on a connection of its own, for calls made while
+    /// this one follows a stream.
+    pub fn reconnect(&self) -> Result<Self, ClientError> {
+        Ok(Self::new(self.conn.reopen()?))
+    }
+
     fn call(&mut self, method: &str, parameters: Value) -> Result<Value, ClientError> {
         self.conn.call(&format!("{INTERFACE}.{method}"), parameters)
     }
@@ -153,6 +167,44 @@ impl Manager {
         self.stream("ContainerLogs", json!({ "id": id, "name": name }), each)
     }
 
+    /// `StartProcess` with `more` (`process` a ProcessSpec): the replies,
+    /// from [`Manager::next_reply`], are `{handle, pid}` (and `terminal`,
+    /// the index of the terminal's descriptor, with a tty), then
+    /// `{output, cursor}` per read, the last with `exit`.
+    pub fn follow_process(&mut self, id: &str, process: &Value) -> Result<(), ClientError> {
+        let parameters = json!({ "id": id, "process": process });
+        self.conn
+            .send(&format!("{INTERFACE}.StartProcess"), parameters, true, &[])
+    }
+
+    /// `CopyIn`: the tar archive read from `archive` unpacked below the
+    /// directory `target.path`; `{entries, bytes}`.
+    pub fn copy_in(
+        &mut self,
+        id: &str,
+        target: &CopyTarget<'_>,
+        archive: BorrowedFd<'_>,
+    ) -> Result<Value, ClientError> {
+        let method = format!("{INTERFACE}.CopyIn");
+        self.conn
+            .send(&method, target.parameters(id), false, &[archive])?;
+        Ok(self.conn.receive()?.parameters)
+    }
+
+    /// `CopyOut` with `more`: the first reply from [`Manager::next_reply`]
+    /// passes the archive's pipe (`archive` is its index), the last says
+    /// `{entries, bytes}` or why the copy failed.
+    pub fn copy_out(&mut self, id: &str, target: &CopyTarget<'_>) -> Result<(), ClientError> {
+        let method = format!("{INTERFACE}.CopyOut");
+        self.conn.send(&method, target.parameters(id), true, &[])
+    }
+
+    /// The next reply of the stream [`Manager::follow_process`] or
+    /// [`Manager::copy_out`] started.
+    pub fn next_reply(&mut self) -> Result<Reply, ClientError> {
+        self.conn.receive()
+    }
+
     fn stream(
         &mut self,
         method: &str,
@@ -186,15 +238,25 @@ impl VmAction {
     }
 }
 
-/// `ExecVM`'s arguments.
-#[derive(Debug)]
-pub struct ExecRequest {
-    pub command: Vec<String>,
-    pub env: Vec<String>,
-    pub stdin: Option<String>,
-    pub timeout_sec: Option<u64>,
-    /// Run in this container rather than the guest.
-    pub container: Option<String>,
+/// Where a copy goes or comes from: `CopyIn`'s and `CopyOut`'s arguments
+/// besides the VM.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyTarget<'a> {
+    /// Absolute, in the guest or the container.
+    pub path: &'a str,
+    pub container: Option<&'a str>,
+    pub max_bytes: Option<u64>,
+}
+
+impl CopyTarget<'_> {
+    fn parameters(&self, id: &str) -> Value {
+        json!({
+            "id": id,
+            "path": self.path,
+            "container": self.container,
+            "maxBytes": self.max_bytes,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +284,8 @@ mod tests {
             "Watch",
             "PullImage",
             "ImportImage",
+            "CopyIn",
+            "CopyOut",
         ]);
         assert!(methods.len() > 20, "{methods:?}");
         for method in methods {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use clap_complete::Shell;
+use serde_json::{json, Value};
 
 use crate::client::DEFAULT_ADDRESS;
 
@@ -23,15 +24,15 @@ of its digest that fits no other image. Reading is open to anyone who can open t
 socket; changing things needs root or membership in the kiln group.";
 
 const AFTER_HELP: &str = "\
-Not yet: shell, cp, snapshot, restore, fork, deploy and metrics commands \
-come when kilnd has an API for them.
+Not yet: snapshot, restore, fork and metrics commands come when kilnd has \
+an API for them.
 
 Exit status: 0 success; 1 failure; 2 usage (or an ambiguous VM or image); \
 3 no such VM, pool, NIC, image or container; 4 permission denied; 5 timeout; \
 6 invalid input or state (an image in use, ...); 7 pool, quota, GPU or \
 container slots exhausted; 8 kilnd unreachable. exec exits with the \
 command's status (128+N for signal N), 125 when kilnctl failed and 126 when \
-the command could not be started.";
+the command could not be started; so does shell.";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -138,11 +139,43 @@ pub enum Command {
 
     /// Run a command in a VM and exit with its status
     #[command(long_about = "Run a command in a VM and exit with its status.\n\n\
-        The output is buffered: kilnd returns it when the command ends (up to \
-        1 MiB of each stream). kilnctl exits with the command's status \
-        (128+N when signal N ended it), 125 when kilnctl or kilnd failed, and \
-        126 when the command could not be started in the guest.")]
+        Its output is printed as it is written: its stdout on kilnctl's \
+        stdout, its stderr on stderr. With -i kilnctl's standard input is \
+        passed on as it comes and closed at its end; with -t the command \
+        runs on a terminal in the guest (and with -i as well, kilnctl's \
+        terminal is put in raw mode, as for shell). Ctrl-C, SIGTERM, SIGHUP \
+        and SIGQUIT are passed on to the command's process group instead of \
+        ending kilnctl. kilnctl exits with the command's status (128+N when \
+        signal N ended it), 125 when kilnctl or kilnd failed, and 126 when \
+        the command could not be started in the guest. With --detach it \
+        prints the process's handle and leaves the command running.")]
     Exec(ExecArgs),
+
+    /// Open a shell (or run a command) on a terminal in a VM
+    #[command(
+        long_about = "Open a shell (or run a command) on a terminal in a VM.\n\n\
+        The command (default /bin/sh) runs on a pseudo-terminal in the guest \
+        or the container, the size of kilnctl's terminal (24x80 when there \
+        is none) and resized with it. kilnctl's terminal is put in raw mode, \
+        so every key, Ctrl-C and Ctrl-D too, goes to the guest; it is \
+        restored when the command ends. kilnctl exits with the command's \
+        status, as exec does."
+    )]
+    Shell(ShellArgs),
+
+    /// Copy files and directories between the host and a VM
+    #[command(
+        long_about = "Copy files and directories between the host and a VM.\n\n\
+        One of SRC and DEST is VM:PATH (PATH absolute, in the guest or, with \
+        -c, in the container's root), the other a local path. As with docker \
+        cp: a DEST that is an existing directory gets SRC inside it under \
+        its own name; any other DEST is the copy's new name (its parent must \
+        exist); a DEST ending in / must be an existing directory. Files, \
+        directories and symlinks are copied with their modes; files copied \
+        into a VM belong to root, files copied out to the caller. A line on \
+        stderr tells how many entries and bytes were copied."
+    )]
+    Cp(CpArgs),
 
     /// Print a container's output; with -f follow it until the container ends
     #[command(
@@ -198,11 +231,42 @@ pub enum Command {
     /// Stream VM, pool, GPU and image changes, one line (or JSON object) each
     Watch,
 
+    /// Run an Oakestra SLA's microservices as VMs; again, nothing changes
+    #[command(
+        long_about = "Run an Oakestra SLA's microservices as VMs; again, nothing changes.\n\n\
+        Each microservice of the SLA (sla_version v2.0) becomes a VM named \
+        APP.APP_NAMESPACE.SERVICE.SERVICE_NAMESPACE that runs its image as \
+        its container main: memory, vcpus, vgpus, storage, env, cmd, port, \
+        addresses.rr_ip and one_shot are honoured, fields Kiln has nothing \
+        for are refused naming the field. A missing image is pulled. A VM \
+        that exists and runs as the SLA asks is left alone, a stopped one is \
+        started, one that runs otherwise is an error (undeploy it first). \
+        If a VM cannot be created or started, the VMs this run created are \
+        removed again."
+    )]
+    Deploy(DeployArgs),
+
+    /// Remove the VMs an Oakestra SLA's microservices run in
+    Undeploy {
+        /// The SLA file (JSON)
+        sla: PathBuf,
+    },
+
     /// Print a shell completion script
     Completions {
         /// bash, zsh or fish (also elvish, powershell)
         shell: Shell,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The SLA file (JSON, Oakestra's sla_version v2.0)
+    pub sla: PathBuf,
+    /// The VMs' network: bridge (kilnd's [network]; needed for port and
+    /// addresses) or none
+    #[arg(long, value_name = "MODE", value_parser = ["bridge", "none"], default_value = "bridge")]
+    pub network: String,
 }
 
 /// One or more VMs, each an id, a name or a unique id prefix.
@@ -323,6 +387,17 @@ pub struct Forward {
     pub protocol: Option<String>,
 }
 
+impl Forward {
+    /// The `network.forwards` entry (no protocol: kilnd's default).
+    pub fn to_spec(&self) -> Value {
+        let mut v = json!({ "hostPort": self.host_port, "vmPort": self.vm_port });
+        if let Some(p) = &self.protocol {
+            v["protocol"] = Value::from(p.as_str());
+        }
+        v
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ExecArgs {
     /// VM id, name or unique id prefix
@@ -333,15 +408,50 @@ pub struct ExecArgs {
     /// Set an environment variable for the command
     #[arg(short, long = "env", value_name = "NAME=VALUE")]
     pub env: Vec<String>,
-    /// Pass kilnctl's standard input (read to its end) to the command
-    #[arg(short, long)]
+    /// Pass kilnctl's standard input on to the command as it comes
+    #[arg(short, long, conflicts_with = "detach")]
     pub interactive: bool,
-    /// Kill the command after this long
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    /// Run the command on a terminal in the guest
+    #[arg(short, long, conflicts_with = "detach")]
+    pub tty: bool,
+    /// Kill the command (SIGKILL) after this long
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "detach")]
     pub timeout: Option<Duration>,
     /// Run it in this container (its root and namespaces), not the guest
     #[arg(short, long, value_name = "NAME")]
     pub container: Option<String>,
+    /// Start the command, print its handle and leave it running
+    #[arg(short, long)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// VM id, name or unique id prefix
+    pub vm: String,
+    /// The command and its arguments, after -- (default /bin/sh)
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+    /// Run it in this container (its root and namespaces), not the guest
+    #[arg(short, long, value_name = "NAME")]
+    pub container: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// What to copy: a local path, or VM:PATH
+    #[arg(value_name = "SRC")]
+    pub src: String,
+    /// Where to: VM:PATH, or a local path
+    #[arg(value_name = "DEST")]
+    pub dest: String,
+    /// VM:PATH is in this container's root, not the guest's
+    #[arg(short, long, value_name = "NAME")]
+    pub container: Option<String>,
+    /// Refuse to copy more file content than this: 4096, 512K, 100M, 2G
+    /// (default: kilnd's 1G; at most 16G)
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    pub max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -590,18 +700,40 @@ pub fn whole_seconds(d: Duration, option: &str) -> Result<u64, String> {
 
 /// MiB: `512`, `512M`, `512MiB`, `2G`, `2GiB`.
 fn parse_mib(text: &str) -> Result<u64, String> {
+    let units = [("", 1), ("M", 1), ("MiB", 1), ("G", 1024), ("GiB", 1024)];
+    parse_size(text, &units, "512, 512M, 2G")
+}
+
+/// Bytes: `4096`, `512K`, `100M`, `2G` (powers of 1024; `KiB`, `MiB`,
+/// `GiB` too).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let units = [
+        ("", 1),
+        ("B", 1),
+        ("K", 1 << 10),
+        ("KiB", 1 << 10),
+        ("M", 1 << 20),
+        ("MiB", 1 << 20),
+        ("G", 1 << 30),
+        ("GiB", 1 << 30),
+    ];
+    parse_size(text, &units, "4096, 512K, 100M, 2G")
+}
+
+/// A whole number with one of `units` after it, scaled by it.
+fn parse_size(text: &str, units: &[(&str, u64)], examples: &str) -> Result<u64, String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let value: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a size (512, 512M, 2G)"))?;
-    let scale = match unit {
-        "" | "M" | "MiB" => 1,
-        "G" | "GiB" => 1024,
-        other => return Err(format!("unknown size unit {other:?} (M, G)")),
-    };
+        .map_err(|_| format!("{text:?} is not a size ({examples})"))?;
+    let scale = units
+        .iter()
+        .find(|(name, _)| *name == unit)
+        .map(|(_, scale)| *scale)
+        .ok_or_else(|| format!("unknown size unit {unit:?} ({examples})"))?;
     value
         .checked_mul(scale)
         .ok_or_else(|| format!("{text:?} is too large"))
@@ -656,6 +788,12 @@ mod tests {
         assert_eq!(parse_mib("512"), Ok(512));
         assert_eq!(parse_mib("2G"), Ok(2048));
         assert_eq!(parse_mib("256MiB"), Ok(256));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("512K"), Ok(512 << 10));
+        assert_eq!(parse_bytes("5M"), Ok(5 << 20));
+        assert_eq!(parse_bytes("16GiB"), Ok(16 << 30));
+        assert!(parse_bytes("1T").is_err());
+        assert!(parse_bytes("M").is_err());
         assert!(parse_mib("1T").is_err());
         assert_eq!(parse_label("a=b=c"), Ok(("a".into(), "b=c".into())));
         assert!(parse_label("ab").is_err());
@@ -697,6 +835,43 @@ mod tests {
         assert_eq!(
             (exec.container.as_deref(), exec.vm.as_str()),
             (Some("main"), "web")
+        );
+    }
+
+    #[test]
+    fn exec_shell_and_cp_options() {
+        let cli =
+            Cli::try_parse_from(["kilnctl", "exec", "-it", "web", "--", "sh"]).expect("parse");
+        let Command::Exec(exec) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert!(exec.interactive && exec.tty && !exec.detach);
+        assert!(
+            Cli::try_parse_from(["kilnctl", "exec", "-d", "-i", "web", "--", "cat"]).is_err(),
+            "nothing to read stdin once detached"
+        );
+        let cli = Cli::try_parse_from(["kilnctl", "shell", "web"]).expect("parse");
+        let Command::Shell(shell) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert!(shell.command.is_empty());
+        let cli = Cli::try_parse_from(["kilnctl", "shell", "-c", "main", "web", "--", "ash", "-l"])
+            .expect("parse");
+        let Command::Shell(shell) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            (shell.container.as_deref(), shell.command),
+            (Some("main"), vec!["ash".to_owned(), "-l".to_owned()])
+        );
+        let cli = Cli::try_parse_from(["kilnctl", "cp", "--max-bytes", "5M", "a", "web:/tmp/"])
+            .expect("parse");
+        let Command::Cp(cp) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            (cp.src.as_str(), cp.dest.as_str(), cp.max_bytes),
+            ("a", "web:/tmp/", Some(5 << 20))
         );
     }
 

@@ -55,12 +55,14 @@ impl Class {
     fn of_kiln_error(short: &str) -> Option<Self> {
         Some(match short {
             "NoSuchVM" | "NoSuchPool" | "NoSuchNIC" | "ImageNotFound" | "NoSuchContainer"
-            | "NoSuchProcess" | "NoSuchFile" => Self::NotFound,
+            | "NoSuchProcess" | "NoSuchFile" | "NoSuchSnapshot" => Self::NotFound,
             "PermissionDenied" => Self::PermissionDenied,
             "Timeout" => Self::Timeout,
             "AlreadyExists" | "InvalidName" | "InvalidSpec" | "InvalidArgument"
             | "InvalidState" | "Busy" | "AddressInUse" | "PortInUse" | "NoHotplugSlot"
-            | "InvalidImage" | "ImageInUse" | "ContainerExists" => Self::Invalid,
+            | "InvalidImage" | "ImageInUse" | "ContainerExists" | "NotSnapshottable" => {
+                Self::Invalid
+            }
             "PoolExhausted" | "QuotaExceeded" | "NoGpuAvailable" | "TooManyContainers"
             | "TooManyProcesses" | "FileTooLarge" => Self::Exhausted,
             "LaunchFailed"
@@ -76,6 +78,15 @@ impl Class {
             | "FileFailed" => Self::Failure,
             _ => return None,
         })
+    }
+
+    /// A local file or device: missing 3, not allowed 4, else a failure.
+    pub fn of_io_error(e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::NotFound => Self::NotFound,
+            io::ErrorKind::PermissionDenied => Self::PermissionDenied,
+            _ => Self::Failure,
+        }
     }
 
     pub fn of_client_error(e: &ClientError) -> Self {

@@ -2,12 +2,16 @@
 //! API (`io.kiln.Manager`) and nothing else.
 
 mod api;
+mod archive;
 mod cli;
 mod client;
 mod commands;
 mod exit;
+mod fds;
 mod man;
 mod output;
+mod sla;
+mod terminal;
 mod view;
 
 use std::process::ExitCode;
@@ -48,7 +52,8 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let json = cli.json();
-    let exec = matches!(cli.command, Command::Exec(_));
+    // exec and shell keep the command's codes apart from their own.
+    let exec = matches!(cli.command, Command::Exec(_) | Command::Shell(_));
     let result = Connection::open(&socket_path(&cli.address))
         .map_err(CtlError::from)
         .and_then(|conn| commands::run(&mut Ctx::new(Manager::new(conn), json), cli.command));

@@ -137,13 +137,13 @@ fn tail(roff: &mut Roff) {
     roff.control("SH", ["EXIT STATUS"]);
     let classes = [
         (0, "Success."),
-        (Class::Failure.code(), "Failure: kilnd or the guest failed (e.g. io.kiln.Manager.BootFailed, ImagePullFailed, ContainerStartFailed), or kilnd sent something kilnctl cannot read."),
-        (Class::Usage.code(), "Usage: bad options or arguments, or a VM or digest prefix that matches several VMs or images."),
-        (Class::NotFound.code(), "Not found: NoSuchVM, NoSuchPool, NoSuchNIC, ImageNotFound, NoSuchContainer."),
-        (Class::PermissionDenied.code(), "Permission denied: PermissionDenied (a mutating call without root or the kiln group), or the socket cannot be opened for lack of permission."),
+        (Class::Failure.code(), "Failure: kilnd or the guest failed (e.g. io.kiln.Manager.BootFailed, ImagePullFailed, ContainerStartFailed), or kilnd sent something kilnctl cannot read; an archive entry cp refuses."),
+        (Class::Usage.code(), "Usage: bad options or arguments, a VM or digest prefix that matches several VMs or images, an SLA file that cannot be read or is not JSON, cp with neither or both sides VM:PATH, or --json with a terminal."),
+        (Class::NotFound.code(), "Not found: NoSuchVM, NoSuchPool, NoSuchNIC, ImageNotFound, NoSuchContainer, NoSuchProcess, NoSuchFile; a local file cp was given that does not exist."),
+        (Class::PermissionDenied.code(), "Permission denied: PermissionDenied (a mutating call without root or the kiln group), or the socket cannot be opened for lack of permission, or a local file cp may not read or write."),
         (Class::Timeout.code(), "Timeout: a deadline passed (e.g. acquire --timeout)."),
-        (Class::Invalid.code(), "Invalid input or state: InvalidName, InvalidSpec, InvalidArgument, InvalidState, AlreadyExists, Busy, AddressInUse, PortInUse, NoHotplugSlot, InvalidImage, ImageInUse (image rm of an image a VM or pool uses), ContainerExists, org.varlink.service.InvalidParameter."),
-        (Class::Exhausted.code(), "Exhausted: PoolExhausted, QuotaExceeded, NoGpuAvailable, TooManyContainers."),
+        (Class::Invalid.code(), "Invalid input or state: InvalidName, InvalidSpec, InvalidArgument, InvalidState, AlreadyExists, Busy, AddressInUse, PortInUse, NoHotplugSlot, InvalidImage, ImageInUse (image rm of an image a VM or pool uses), ContainerExists, org.varlink.service.InvalidParameter; an SLA field deploy refuses, a deployed VM that runs otherwise than its SLA asks, or cp of a directory over a file."),
+        (Class::Exhausted.code(), "Exhausted: PoolExhausted, QuotaExceeded, NoGpuAvailable, TooManyContainers, TooManyProcesses, FileTooLarge (cp --max-bytes)."),
         (Class::Unreachable.code(), "Unreachable: kilnd's socket cannot be reached, or the connection broke."),
     ];
     for (code, text) in classes {
@@ -154,9 +154,11 @@ fn tail(roff: &mut Roff) {
     roff.control("PP", []);
     roff.text([
         bold("exec"),
+        roman(" and "),
+        bold("shell"),
         roman(format!(
-            " exits with the command's status (128+N when signal N ended it), \
-             {EXEC_FAILED} when kilnctl or kilnd failed before the command ran, and \
+            " exit with the command's status (128+N when signal N ended it; 137 after \
+             exec --timeout), {EXEC_FAILED} when kilnctl or kilnd failed, and \
              {EXEC_NOT_STARTED} when the command could not be started in the guest \
              or the container (ExecFailed), as podman exec does."
         )),
@@ -186,9 +188,12 @@ fn tail(roff: &mut Roff) {
 
     roff.control("SH", ["NOTES"]);
     roff.text([roman(
-        "Not yet: shell, cp, snapshot, restore, fork, deploy and metrics \
-         commands come when kilnd has an API for them. Output of exec is buffered \
-         (kilnd returns it when the command ends); logs -f streams.",
+        "exec prints the command's output as it is written and passes Ctrl-C, SIGTERM, \
+         SIGHUP and SIGQUIT on to it; shell puts the local terminal in raw mode until \
+         the command ends. cp names copies as docker cp does: into an existing \
+         directory under the source's name, otherwise under the destination's. \
+         Not yet: snapshot, restore, fork and metrics commands come when kilnd has \
+         an API for them.",
     )]);
 
     roff.control("SH", ["EXAMPLES"]);
@@ -197,7 +202,9 @@ fn tail(roff: &mut Roff) {
         ("A pool and a lease that ends by itself in ten minutes:", "kilnctl pool create ci --warm 2 --max 8\nID=$(kilnctl acquire ci --ttl 10m --label job=42)\nkilnctl exec $ID -- sh -c 'make test'\nkilnctl release $ID"),
         ("An image imported, a VM that runs it, a command in its container, its output:", "kilnctl image import ./app-layout --tag kiln.test/app:v1\nkilnctl create app --image kiln.test/app:v1 --start -- -c 'echo up; exec sleep 1d'\nkilnctl exec --container main app -- cat /etc/hello\nkilnctl logs app"),
         ("Another container beside it, followed until it ends, and removed:", "kilnctl container add app once kiln.test/app:v1 -- -c 'echo one-shot'\nkilnctl logs -f app once\nkilnctl container rm app once"),
+        ("A shell in a VM, a tree copied in and a file out, input streamed into a command:", "kilnctl shell web\nkilnctl cp ./site web:/srv/\nkilnctl cp web:/var/log/app.log ./app.log\nkilnctl exec -i web -- sh -c 'cat > /tmp/in.txt' < in.txt"),
         ("A hot VM leased from a pool, running an image:", "kilnctl acquire ci --image busybox -- sleep 600"),
+        ("An Oakestra SLA's microservices as VMs, and gone again:", "kilnctl deploy nginx-client-server.json\nkilnctl deploy nginx-client-server.json   # nothing changes\nkilnctl undeploy nginx-client-server.json"),
         ("Every change, as JSON lines:", "kilnctl watch --json | jq -c .event"),
     ] {
         roff.control("PP", []);
@@ -246,6 +253,8 @@ mod tests {
             "kilnctl status",
             "kilnctl list",
             "kilnctl exec",
+            "kilnctl shell",
+            "kilnctl cp",
             "kilnctl logs",
             "kilnctl container add",
             "kilnctl container rm",
@@ -257,6 +266,8 @@ mod tests {
             "kilnctl nic detach",
             "kilnctl gpu ls",
             "kilnctl watch",
+            "kilnctl deploy",
+            "kilnctl undeploy",
             "kilnctl completions",
         ] {
             assert!(page.contains(&format!(".SS \"{cmd}\"")), "{cmd} missing");

@@ -6,6 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use crate::terminal;
+
 /// The width tables must fit: `COLUMNS` when set (as systemd's tools read
 /// it), else the terminal's when stdout is one; None (never truncate) when
 /// stdout is a pipe or a file, so scripts get whole values.
@@ -34,16 +36,7 @@ pub fn stderr_width() -> Option<usize> {
 
 /// The columns of the terminal on `fd`, if the kernel knows them.
 fn window_columns(fd: libc::c_int) -> Option<usize> {
-    let mut size = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ on `fd` writes one `winsize` into `size`, which
-    // outlives the call; a bad fd is an error return, not UB.
-    let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) };
-    (rc == 0 && size.ws_col > 0).then_some(usize::from(size.ws_col))
+    terminal::size(fd).map(|size| usize::from(size.cols))
 }
 
 /// One column: its header, and whether it may be cut to fit (names,

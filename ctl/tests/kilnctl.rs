@@ -11,90 +11,21 @@
 //! `-p kilnd -p kiln-ctl`) builds it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{fails, json, kilnctl, kilnctl_as, ok, row, text, KILNCTL};
 use kiln_testkit::oci::{busybox_layer, one_image};
 use kiln_testkit::{
-    command_as, require_root, skip, try_wait_until, wait_until, workspace_root, Daemon, Registry,
+    require_root, skip, try_wait_until, wait_until, workspace_root, Daemon, Registry,
 };
 use serde_json::Value;
-
-const KILNCTL: &str = env!("CARGO_BIN_EXE_kilnctl");
-
-/// kilnctl as `uid` (None: ourselves) against `d`, found through
-/// `KILN_ADDRESS`; never cut to a terminal's width.
-fn kilnctl_as(d: &Daemon, uid: Option<u32>, args: &[&str]) -> Output {
-    command_as(uid, KILNCTL)
-        .args(args)
-        .env("KILN_ADDRESS", d.address())
-        .env_remove("COLUMNS")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn kilnctl(d: &Daemon, args: &[&str]) -> Output {
-    kilnctl_as(d, None, args)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A command that must succeed; its stdout.
-fn ok(d: &Daemon, args: &[&str]) -> String {
-    let out = kilnctl(d, args);
-    assert!(
-        out.status.success(),
-        "kilnctl {args:?}: {}\n{}\n{}",
-        out.status,
-        text(&out.stderr),
-        d.log()
-    );
-    text(&out.stdout)
-}
-
-/// A command that must succeed with `--json`; its output parsed.
-fn json(d: &Daemon, args: &[&str]) -> Value {
-    // First, where a global option always goes (after `exec VM` it would
-    // be the command's).
-    let args = [&["--json"], args].concat();
-    let out = ok(d, &args);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("kilnctl {args:?}: {e}: {out}"))
-}
-
-/// A command that must fail with exit `code` and one line on stderr
-/// naming `error` (e.g. `io.kiln.Manager.NoSuchVM`); that line.
-fn fails(d: &Daemon, uid: Option<u32>, args: &[&str], code: i32, error: &str) -> String {
-    let out = kilnctl_as(d, uid, args);
-    let stderr = text(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "kilnctl {args:?}: {stderr}{}",
-        text(&out.stdout)
-    );
-    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
-    assert!(
-        stderr.starts_with(&format!("kilnctl: {error}")),
-        "kilnctl {args:?}: {stderr:?}, expected {error}"
-    );
-    stderr
-}
-
-/// The rows of a table (after its header) whose first column is `key`.
-fn row<'a>(table: &'a str, key: &str) -> Option<Vec<&'a str>> {
-    table
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|cells| cells.first() == Some(&key))
-}
 
 /// Everything that needs no running VM: status, create/list/show/rm,
 /// references, pools that never fill, watch, and the exit code of each
@@ -468,61 +399,14 @@ fn lifecycle_exec_pools_leases_and_nics() {
         .unwrap()
         .to_owned();
 
-    // exec: output through, the guest's status out.
+    // exec itself (streams, stdin, signals, --json): ctl/tests/processes.rs.
     let out = kilnctl(
         &d,
-        &[
-            "exec",
-            "vm1",
-            "--",
-            "sh",
-            "-c",
-            "echo out; echo err >&2; exit 7",
-        ],
+        &["exec", &id[..6], "--", "sh", "-c", "echo out; exit 7"],
     );
-    assert_eq!(out.status.code(), Some(7));
-    assert_eq!(
-        (text(&out.stdout), text(&out.stderr)),
-        ("out\n".into(), "err\n".into())
-    );
-    let out = kilnctl(&d, &["exec", &id[..6], "--", "sh", "-c", "kill -9 $$"]);
-    assert_eq!(out.status.code(), Some(128 + 9), "a signal is 128+N");
-    let reply = json(
-        &d,
-        &[
-            "exec",
-            "vm1",
-            "-e",
-            "GREETING=hi",
-            "--",
-            "sh",
-            "-c",
-            "echo $GREETING",
-        ],
-    );
-    assert_eq!(
-        (reply["exitCode"].as_i64(), reply["stdout"].as_str()),
-        (Some(0), Some("hi\n"))
-    );
-    let mut child = Command::new(KILNCTL)
-        .args(["exec", "-i", "vm1", "--", "tr", "a-z", "A-Z"])
-        .env("KILN_ADDRESS", d.address())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"piped\n").unwrap();
-    let out = child.wait_with_output().unwrap();
     assert_eq!(
         (out.status.code(), text(&out.stdout)),
-        (Some(0), "PIPED\n".into())
-    );
-    fails(
-        &d,
-        None,
-        &["exec", "vm1", "--", "/no/such/program"],
-        126,
-        "io.kiln.Manager.ExecFailed",
+        (Some(7), "out\n".into())
     );
 
     assert_eq!(json(&d, &["pause", "vm1"])["vm"]["state"], "paused");
@@ -1013,11 +897,23 @@ fn images_and_containers() {
         "{}",
         text(&out.stderr)
     );
-    let reply = json(
+    // --json: kilnd's replies, a line each, the exit last.
+    let lines = ok(
         &d,
-        &["exec", "-c", "main", "app", "--", "cat", "/etc/hello"],
+        &[
+            "--json",
+            "exec",
+            "-c",
+            "main",
+            "app",
+            "--",
+            "cat",
+            "/etc/hello",
+        ],
     );
-    assert_eq!(reply["stdout"], "hello from the base layer\n");
+    let last: Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(last["exit"]["exitCode"], 0, "{lines}");
+    assert!(lines.contains("\"stream\":\"stdout\""), "{lines}");
     fails(
         &d,
         None,
@@ -1025,6 +921,51 @@ fn images_and_containers() {
         125,
         "io.kiln.Manager.NoSuchContainer",
     );
+    // cp -c: paths in the container's root, both ways.
+    let files = tempfile::tempdir().unwrap();
+    let note = files.path().join("note.txt");
+    std::fs::write(&note, "into the container\n").unwrap();
+    ok(&d, &["cp", "-c", "main", note.to_str().unwrap(), "app:/"]);
+    let out = kilnctl(&d, &["exec", "-c", "main", "app", "--", "cat", "/note.txt"]);
+    assert_eq!(
+        text(&out.stdout),
+        "into the container\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let hello = files.path().join("hello");
+    ok(
+        &d,
+        &[
+            "cp",
+            "--container",
+            "main",
+            "app:/etc/hello",
+            hello.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&hello).unwrap(),
+        "hello from the base layer\n"
+    );
+    // shell -c with piped input (no terminal here: typed as it comes).
+    let mut shell = Command::new(KILNCTL)
+        .args(["shell", "-c", "main", "app"])
+        .env("KILN_ADDRESS", d.address())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut keys = shell.stdin.take().unwrap();
+    keys.write_all(b"echo in $MODE; exit 6\n").unwrap();
+    let out = shell.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(6));
+    assert!(
+        text(&out.stdout).contains("in demo\r\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    drop(keys);
 
     // logs: each stream on its own, the container defaulting to main.
     wait_until(Duration::from_secs(20), "main's output", || {

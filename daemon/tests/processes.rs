@@ -12,27 +12,14 @@ use std::time::{Duration, Instant};
 
 use kiln_testkit::busctl::{DbusKilnd, VM_IF};
 use kiln_testkit::fdclient::FdClient;
-use kiln_testkit::{api_doc_script, run_bash, varlinkctl_call, VarlinkStream};
+use kiln_testkit::{api_doc_script, run_bash, VarlinkStream};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 const M: &str = "io.kiln.Manager.";
 
-fn call(k: &DbusKilnd, method: &str, params: Value) -> Result<Value, (String, Value)> {
-    varlinkctl_call(
-        None,
-        &k.kilnd.varlink_address(),
-        &format!("{M}{method}"),
-        &params.to_string(),
-    )
-}
-
-fn ok(k: &DbusKilnd, method: &str, params: Value) -> Value {
-    call(k, method, params).unwrap_or_else(|e| panic!("{method}: {e:?}\n{}", k.log()))
-}
-
 fn err(k: &DbusKilnd, method: &str, params: Value) -> String {
-    match call(k, method, params) {
+    match k.varlink(method, params) {
         Ok(v) => panic!("{method} succeeded: {v}"),
         Err((name, _)) => name,
     }
@@ -60,15 +47,13 @@ fn start(k: &DbusKilnd, id: &str, argv: &[&str], extra: Value) -> u64 {
             process[key] = value;
         }
     }
-    ok(k, "StartProcess", json!({ "id": id, "process": process }))["handle"]
+    k.varlinkctl("StartProcess", json!({ "id": id, "process": process }))["handle"]
         .as_u64()
         .unwrap()
 }
 
 fn pid_alive_in_guest(k: &DbusKilnd, id: &str, pid: u64) -> bool {
-    let reply = ok(
-        k,
-        "ExecVM",
+    let reply = k.varlinkctl("ExecVM",
         json!({ "id": id, "command": ["sh", "-c", format!("kill -0 {pid} 2>/dev/null && echo alive || echo gone")] }),
     );
     reply["stdout"].as_str().unwrap().trim() == "alive"
@@ -94,15 +79,14 @@ fn read_until(fd: &mut std::fs::File, seen: &mut String, want: &str) {
 #[test]
 fn processes_stream_terminals_work_and_files_round_trip() {
     let k = DbusKilnd::start(false);
-    let id = ok(
-        &k,
+    let id = k.varlinkctl(
         "CreateVM",
         json!({ "name": "sandbox", "spec": { "memoryMiB": 512 } }),
     )["vm"]["id"]
         .as_str()
         .unwrap()
         .to_owned();
-    ok(&k, "StartVM", json!({ "id": id }));
+    k.varlinkctl("StartVM", json!({ "id": id }));
     let address = k.kilnd.varlink_address();
 
     // --- Streaming: a line every 200 ms for 2 s; the first line must come
@@ -142,29 +126,25 @@ fn processes_stream_terminals_work_and_files_round_trip() {
     // varlinkctl takes the call as one argument (128 KiB at most).
     let chunk = kiln_agent_proto::encode_bytes(&[b'x'; 60_000]);
     for _ in 0..2 {
-        ok(
-            &k,
+        k.varlinkctl(
             "WriteProcess",
             json!({ "id": id, "handle": handle, "data": chunk }),
         );
     }
-    ok(
-        &k,
-        "WriteProcess",
+    k.varlinkctl("WriteProcess",
         json!({ "id": id, "handle": handle, "data": kiln_agent_proto::encode_bytes(b"12345"), "close": true }),
     );
-    let exit = ok(
-        &k,
+    let exit = k.varlinkctl(
         "WaitProcess",
         json!({ "id": id, "handle": handle, "timeoutSec": 30 }),
     );
     assert_eq!(exit["exit"]["exitCode"], 0);
-    let read = ok(&k, "AttachProcess", json!({ "id": id, "handle": handle }));
+    let read = k.varlinkctl("AttachProcess", json!({ "id": id, "handle": handle }));
     assert_eq!(
         String::from_utf8(stdout_of(&[read])).unwrap().trim(),
         "120005"
     );
-    ok(&k, "ReleaseProcess", json!({ "id": id, "handle": handle }));
+    k.varlinkctl("ReleaseProcess", json!({ "id": id, "handle": handle }));
     assert_eq!(
         err(&k, "AttachProcess", json!({ "id": id, "handle": handle })),
         format!("{M}NoSuchProcess")
@@ -172,13 +152,11 @@ fn processes_stream_terminals_work_and_files_round_trip() {
 
     // --- Signal and wait by handle.
     let handle = start(&k, &id, &["sleep", "300"], json!({}));
-    ok(
-        &k,
+    k.varlinkctl(
         "SignalProcess",
         json!({ "id": id, "handle": handle, "signal": 15 }),
     );
-    let exit = ok(
-        &k,
+    let exit = k.varlinkctl(
         "WaitProcess",
         json!({ "id": id, "handle": handle, "timeoutSec": 30 }),
     );
@@ -303,8 +281,7 @@ fn terminal(k: &DbusKilnd, id: &str) {
     tty.write_all(b"tty; stty size\n").unwrap();
     read_until(&mut tty, &mut seen, "24 80");
     assert!(seen.contains("/dev/pts/"), "{seen}");
-    ok(
-        k,
+    k.varlinkctl(
         "ResizeProcess",
         json!({ "id": id, "handle": handle, "rows": 40, "cols": 100 }),
     );
@@ -377,9 +354,7 @@ fn files(k: &DbusKilnd, id: &str) {
     let reply = copy_in(json!({ "id": id, "path": "/tmp" }), &archive);
     let took_in = started.elapsed();
     assert_eq!(reply["parameters"]["bytes"], (100 << 20) + 18, "{reply}");
-    let listing = ok(
-        k,
-        "ExecVM",
+    let listing = k.varlinkctl("ExecVM",
         json!({ "id": id, "command": ["sh", "-c",
             "stat -c '%n %a' /tmp/tree/big.bin /tmp/tree/sub /tmp/tree/sub/script.sh; readlink /tmp/tree/link; /tmp/tree/link; sha256sum /tmp/tree/big.bin"] }),
     );

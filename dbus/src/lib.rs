@@ -42,6 +42,7 @@ mod names;
 mod objects;
 mod pool;
 mod process;
+mod snapshot;
 mod spec;
 mod vm;
 

@@ -16,6 +16,7 @@ use crate::image::{details, ImageSummary, LayerSummary, ProcessSummary};
 use crate::mirror::{upsert, Context, Missing};
 use crate::names::{gpu_path, pool_path, vm_path};
 use crate::pool::{unexport_pool, Pool};
+use crate::snapshot::{snapshot_tuple, SnapshotTuple};
 use crate::spec;
 use crate::vm::Vm;
 
@@ -275,6 +276,67 @@ impl Manager {
         let reference = (!reference.is_empty()).then_some(reference.as_str());
         let job = self.engine.import_image(&path, reference).await?;
         Ok(job.result().await?.digest)
+    }
+
+    /// Every snapshot, by name: `(name, source_id, source_name,
+    /// created_at in µs, vcpus, memory_mib, size_bytes, containers)`.
+    #[zbus(name = "ListSnapshots", out_args("snapshots"))]
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotTuple>, KilnError> {
+        let snapshots = self.engine.list_snapshots().await?;
+        Ok(snapshots.iter().map(snapshot_tuple).collect())
+    }
+
+    /// Remove a snapshot (VMs restored from it keep running).
+    #[zbus(name = "DeleteSnapshot")]
+    async fn delete_snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), KilnError> {
+        self.auth
+            .check_manage(conn, &header, "DeleteSnapshot")
+            .await?;
+        Ok(self.engine.delete_snapshot(&name).await?)
+    }
+
+    /// A new VM from a snapshot, like varlink's `RestoreVM` (`name` "" =
+    /// after the snapshot). Returns its object path once its agent answers.
+    #[zbus(name = "RestoreVM", out_args("vm"))]
+    async fn restore_vm(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        snapshot: String,
+        name: String,
+        same_identity: bool,
+    ) -> Result<OwnedObjectPath, KilnError> {
+        self.auth.check_manage(conn, &header, "RestoreVM").await?;
+        let name = (!name.is_empty()).then_some(name);
+        let vm = self
+            .engine
+            .restore_vm(&snapshot, name, same_identity)
+            .await?;
+        self.export_vm(conn, vm).await
+    }
+
+    /// `count` running copies of VM `id` sharing its memory copy-on-write,
+    /// like varlink's `ForkVM`. Returns their object paths.
+    #[zbus(name = "ForkVM", out_args("vms"))]
+    async fn fork_vm(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        id: String,
+        count: u32,
+    ) -> Result<Vec<OwnedObjectPath>, KilnError> {
+        self.auth.check_manage(conn, &header, "ForkVM").await?;
+        let vms = self.engine.fork_vm(&id, count).await?;
+        let mut paths = Vec::with_capacity(vms.len());
+        for vm in vms {
+            paths.push(self.export_vm(conn, vm).await?);
+        }
+        Ok(paths)
     }
 
     /// Every stored image: `(digest, references, platform, size in bytes,

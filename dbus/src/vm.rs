@@ -26,6 +26,7 @@ use crate::error::KilnError;
 use crate::mirror::{unexport, wire_name, Context, Mirror};
 use crate::names::{vm_path, VM_INTERFACE};
 use crate::process::relay;
+use crate::snapshot::{snapshot_tuple, SnapshotTuple};
 
 /// A copy's target from the D-Bus arguments ("" and 0 mean the defaults).
 fn copy_target(id: &str, path: String, container: String, max_bytes: u64) -> CopyTarget {
@@ -311,6 +312,25 @@ impl Vm {
         self.auth.check_manage(conn, &header, "Exec").await?;
         let request = exec_request(command, env, stdin, timeout_sec, max_output_bytes);
         exec_tuple(self.engine.exec_vm(&self.id, request).await?)
+    }
+
+    /// Save this VM as snapshot `name`, like varlink's `SnapshotVM`:
+    /// `(name, source_id, source_name, created_at, vcpus, memory_mib,
+    /// size_bytes, containers)`.
+    #[zbus(out_args("snapshot"))]
+    async fn snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        keep_paused: bool,
+    ) -> Result<SnapshotTuple, KilnError> {
+        self.auth.check_manage(conn, &header, "Snapshot").await?;
+        let snapshot = self
+            .engine
+            .snapshot_vm(&self.id, &name, keep_paused)
+            .await?;
+        Ok(snapshot_tuple(&snapshot))
     }
 
     /// Start a process, like varlink's `StartProcess`: `container` "" =

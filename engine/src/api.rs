@@ -27,6 +27,7 @@ use crate::accel::Accel;
 use crate::error::EngineError;
 use crate::images::{ImageInfo, ImageProgress};
 use crate::pool::{PoolFileError, PoolInfo, PoolSpec};
+use crate::snapshot::SnapshotInfo;
 use crate::spec::{validate_name, VmSpec, MAX_NAME_LEN, MAX_PATH_LEN};
 use crate::store::BrokenRecord;
 use crate::vm::{NicInfo, VmInfo};
@@ -90,6 +91,9 @@ pub const MAX_EXEC_INPUT_BYTES: usize = 1024 * 1024;
 pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Timeout of an `ExecVM` that names none.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most VMs one `ForkVM` makes.
+pub const MAX_FORKS: u32 = 32;
 
 /// Longest image reference or digest a caller may name.
 pub const MAX_IMAGE_REFERENCE_LEN: usize = 512;
@@ -174,6 +178,41 @@ pub enum Command {
         id: String,
         request: ContainerLogsRequest,
         reply: Reply<ContainerLogsReply>,
+    },
+    /// Save a `ready`, `leased` or `paused` VM as snapshot `name` (RAM as
+    /// a file, device state, what the VM was), pausing it while its RAM is
+    /// written and resuming it after unless `keep_paused`. `AlreadyExists`,
+    /// `NotSnapshottable` (GPUs, hot-plugged NICs, a writable container
+    /// disk), `InvalidState`, `Busy`.
+    SnapshotVm {
+        id: String,
+        name: String,
+        keep_paused: bool,
+        reply: Reply<SnapshotInfo>,
+    },
+    /// Every snapshot.
+    ListSnapshots { reply: Reply<Vec<SnapshotInfo>> },
+    /// Remove a snapshot (VMs restored from it keep running).
+    /// `NoSuchSnapshot`.
+    DeleteSnapshot { name: String, reply: Reply<()> },
+    /// A new VM (named `name`, or after the snapshot) booted from a
+    /// snapshot: its RAM copy-on-write, a fresh identity unless
+    /// `same_identity`. Replies once its agent answers. `NoSuchSnapshot`,
+    /// `AlreadyExists`, `InvalidName`.
+    RestoreVm {
+        snapshot: String,
+        name: Option<String>,
+        same_identity: bool,
+        reply: Reply<VmInfo>,
+    },
+    /// `count` running copies of a running VM sharing its memory
+    /// copy-on-write, each with its own identity, MAC and address:
+    /// `SnapshotVm` to a hidden snapshot, `count` restores, the snapshot
+    /// removed. Replies once all answer.
+    ForkVm {
+        id: String,
+        count: u32,
+        reply: Reply<Vec<VmInfo>>,
     },
     /// The agent of a VM whose guest answers (`ready` or `leased`), for
     /// the process and file calls (module `guest_io`); with `container`,
@@ -560,6 +599,54 @@ impl EngineHandle {
     ) -> Result<ContainerLogsReply, EngineError> {
         let id = id.to_owned();
         call!(self, ContainerLogs { id, request })
+    }
+    /// See [`Command::SnapshotVm`].
+    pub async fn snapshot_vm(
+        &self,
+        id: &str,
+        name: &str,
+        keep_paused: bool,
+    ) -> Result<SnapshotInfo, EngineError> {
+        let (id, name) = (id.to_owned(), name.to_owned());
+        call!(
+            self,
+            SnapshotVm {
+                id,
+                name,
+                keep_paused
+            }
+        )
+    }
+    /// See [`Command::ListSnapshots`].
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, EngineError> {
+        call!(self, ListSnapshots {})
+    }
+    /// See [`Command::DeleteSnapshot`].
+    pub async fn delete_snapshot(&self, name: &str) -> Result<(), EngineError> {
+        let name = name.to_owned();
+        call!(self, DeleteSnapshot { name })
+    }
+    /// See [`Command::RestoreVm`].
+    pub async fn restore_vm(
+        &self,
+        snapshot: &str,
+        name: Option<String>,
+        same_identity: bool,
+    ) -> Result<VmInfo, EngineError> {
+        let snapshot = snapshot.to_owned();
+        call!(
+            self,
+            RestoreVm {
+                snapshot,
+                name,
+                same_identity
+            }
+        )
+    }
+    /// See [`Command::ForkVm`].
+    pub async fn fork_vm(&self, id: &str, count: u32) -> Result<Vec<VmInfo>, EngineError> {
+        let id = id.to_owned();
+        call!(self, ForkVm { id, count })
     }
     /// See [`Command::GuestAgent`].
     pub(crate) async fn guest_agent(

@@ -369,9 +369,10 @@ pub async fn copy_out(
     let written = writer
         .await
         .map_err(|e| EngineError::FileFailed(format!("archive writer: {e}")))?;
-    let stats = walked?;
+    // The writer's own failure explains a walk that found its channel
+    // closed.
     written?;
-    Ok(stats)
+    walked
 }
 
 /// Sends `root` and, for a directory, everything below it.
@@ -423,11 +424,15 @@ async fn walk(
                 }
             }
             FileKind::Symlink => {
-                send(Item::Symlink {
-                    path: archive_path,
-                    target: info.target.unwrap_or_default(),
-                })
-                .await?;
+                // A link whose target cannot be read (`/proc`'s kernel
+                // threads) has nothing to copy.
+                if let Some(target) = info.target.filter(|t| !t.is_empty()) {
+                    send(Item::Symlink {
+                        path: archive_path,
+                        target,
+                    })
+                    .await?;
+                }
             }
             FileKind::File => {
                 stats.bytes = stats.bytes.saturating_add(info.size);

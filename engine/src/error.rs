@@ -126,6 +126,11 @@ error_names! {
     /// Another file failure in the guest: no space, not a directory, a
     /// file kind that cannot be copied, a malformed archive.
     FileFailed,
+    /// No snapshot has this name.
+    NoSuchSnapshot,
+    /// The VM cannot be saved: it has host devices (GPUs), hot-plugged
+    /// NICs or a writable container disk.
+    NotSnapshottable,
     /// The caller may not do this: refused by the adapters' authorization
     /// (they know the caller), or by the guest for a file.
     PermissionDenied,
@@ -266,6 +271,12 @@ pub enum EngineError {
     /// Another file failure.
     #[error("file: {0}")]
     FileFailed(String),
+    /// No snapshot has this name.
+    #[error("no snapshot named {0:?}")]
+    NoSuchSnapshot(String),
+    /// The VM cannot be saved.
+    #[error("cannot snapshot: {0}")]
+    NotSnapshottable(String),
     /// The image store failed or refused. One variant for the store's one
     /// typed error, so what it says (the registry's reason, why an image
     /// is invalid, who uses it) reaches the wire whole; its names are
@@ -315,6 +326,8 @@ impl EngineError {
             Self::FileTooLarge(_) => ErrorName::FileTooLarge,
             Self::GuestPermissionDenied(_) => ErrorName::PermissionDenied,
             Self::FileFailed(_) => ErrorName::FileFailed,
+            Self::NoSuchSnapshot(_) => ErrorName::NoSuchSnapshot,
+            Self::NotSnapshottable(_) => ErrorName::NotSnapshottable,
             Self::Image(e) => match e {
                 ImageError::ImageNotFound { .. } => ErrorName::ImageNotFound,
                 ImageError::ImagePullFailed { .. } => ErrorName::ImagePullFailed,
@@ -477,6 +490,8 @@ mod tests {
             EngineError::FileTooLarge(text()),
             EngineError::GuestPermissionDenied(text()),
             EngineError::FileFailed(text()),
+            EngineError::NoSuchSnapshot(text()),
+            EngineError::NotSnapshottable(text()),
             EngineError::Image(ImageError::ImageNotFound { what: text() }),
             EngineError::Image(ImageError::ImagePullFailed {
                 reference: text(),

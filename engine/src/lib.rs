@@ -38,6 +38,7 @@ pub mod name;
 pub mod pool;
 pub mod process;
 pub mod qemu;
+pub mod snapshot;
 pub mod spec;
 pub mod state;
 pub mod store;

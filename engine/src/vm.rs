@@ -106,6 +106,12 @@ pub struct VmRecord {
     /// the template is kept on disk while such a VM runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<std::path::PathBuf>,
+    /// The MAC the saved machine's boot NIC device had, when this VM was
+    /// restored from a snapshot: its QEMU device keeps it (migrated
+    /// state) and the guest is told its own. `None`: a pool template's
+    /// fixed MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_mac: Option<kiln_net::MacAddr>,
     /// Render nodes leased to the running process.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<String>,
@@ -193,6 +199,7 @@ impl VmRecord {
             pool,
             lease: None,
             template: None,
+            saved_mac: None,
             gpus: Vec::new(),
             network: Vec::new(),
             containers: Vec::new(),

@@ -199,13 +199,19 @@ impl DbusKilnd {
 
     /// `io.kiln.Manager.<method>` over varlink, which must succeed.
     pub fn varlinkctl(&self, method: &str, params: Value) -> Value {
+        self.varlink(method, params)
+            .unwrap_or_else(|e| panic!("{method}: {e:?}\n{}", self.log()))
+    }
+
+    /// `io.kiln.Manager.<method>` over varlink: the reply, or the error's
+    /// full name and parameters.
+    pub fn varlink(&self, method: &str, params: Value) -> Result<Value, (String, Value)> {
         varlinkctl_call(
             None,
             &self.kilnd.varlink_address(),
             &format!("io.kiln.Manager.{method}"),
             &params.to_string(),
         )
-        .unwrap_or_else(|e| panic!("{method}: {e:?}"))
     }
 
     /// `busctl monitor` of everything to and from kilnd, ready once it

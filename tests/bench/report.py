@@ -34,6 +34,12 @@ FLOORS = {
         "image: runc run on the host to first output",
     "image: kilnd CreateVM+StartVM with the image to first output":
         "image: raw QEMU with the layers + StartContainer to first output",
+    "sandbox: first output, streamed StartProcess (echo; sleep 1; echo)":
+        "sandbox: buffered ExecVM reply (echo; sleep 1; echo)",
+    "sandbox: first output, streamed StartProcess (echo)": "sandbox: buffered ExecVM reply (echo)",
+    "sandbox: kilnd SnapshotVM": "sandbox: raw QEMU migrate to a file",
+    "sandbox: kilnd RestoreVM to agent": "sandbox: raw QEMU -incoming from the file to agent",
+    "sandbox: kilnd ForkVM count=1": "sandbox: raw QEMU -incoming from the file to agent",
 }
 
 ANCHORS = [
@@ -129,6 +135,7 @@ def summary(report):
     line("hot Acquire with a bridge NIC, varlink", "net: kilnd-hot Acquire with a bridge NIC (varlink)", "")
     line("hot Acquire, D-Bus", "kilnd-hot Acquire (D-Bus)", "")
     rows += images_summary(report, line)
+    rows += sandbox_summary(report, line)
     dens = report.get("density", {})
     t, c = dens.get("template", {}).get("steps", []), dens.get("cold", {}).get("steps", [])
     if t and c:
@@ -187,6 +194,22 @@ def images_summary(report, line):
     return [f"| PSS per idle hot VM at N={pss['n']}: per-image pool vs generic | {fmt(pss['per_image_mib'])} MiB | "
             f"generic template clone: {fmt(pss['generic_mib'])} MiB | "
             f"{pss['per_image_mib'] / pss['generic_mib']:.2f}x | |"]
+
+
+def sandbox_summary(report, line):
+    """The sandbox rows of the summary; `line` adds a scenario's row."""
+    sb = report.get("sandbox", {})
+    if not sb:
+        return []
+    if sb.get("error"):
+        return [f"| sandbox calls | failed: {sb['error']} | | | |"]
+    line("streamed exec, first output of `echo; sleep 1; echo`",
+         "sandbox: first output, streamed StartProcess (echo; sleep 1; echo)", "vs the buffered reply")
+    line("SnapshotVM of a running VM", "sandbox: kilnd SnapshotVM", "raw: stop + migrate to a file")
+    line("RestoreVM to agent", "sandbox: kilnd RestoreVM to agent", "raw: -incoming, full RAM load")
+    line("ForkVM, 1 copy", "sandbox: kilnd ForkVM count=1", "")
+    rates = [f"{k.split(', MiB/s')[0].split(': ', 1)[1]} {v} MiB/s" for k, v in sb.items() if "MiB/s" in k]
+    return [f"| file copies (tar over a passed fd) | {'; '.join(rates)} | | | the TCP path: Network below |"]
 
 
 def markdown(report):

@@ -20,6 +20,9 @@ the same guest kernel and initramfs, with peers measured in the same run
               pool, a generic hot VM + AddContainer (runc on the host as
               their floor) and a cold boot (vs raw QEMU with the same
               disks); PSS of idle VMs running the image;
+  sandbox.py  streamed exec's first output vs a buffered ExecVM, CopyIn and
+              CopyOut throughput, SnapshotVM/RestoreVM/ForkVM vs plain QEMU
+              migrate to a file and -incoming from it;
   virt.py     libvirt `virsh create` of an equivalent domain vs raw QEMU, in
               a systemd container (full runs only).
 
@@ -43,6 +46,7 @@ import network
 import pools
 import procfs
 import report
+import sandbox
 import virt
 from kiln import GUEST, ROOT, TARGET, Kilnd, VarlinkConnection, delete_pool, log
 
@@ -68,6 +72,7 @@ PLAN = {
         "network": {"clones": 8, "hot": 100, "mib": 64},
         "images": {"pulls": 5, "cached_pulls": 50, "first_output": 10, "cold": 5, "cold_min": 3,
                    "cold_budget_s": 150, "pss_n": 10},
+        "sandbox": {"exec": 10, "copy": 3, "copy_mib": 64, "snapshots": 3, "fork_n": 10, "raw_snapshots": 3},
     },
     True: {
         "boot_rounds": 3, "boot_min_rounds": 2, "boot_budget_s": 45,
@@ -84,6 +89,7 @@ PLAN = {
         "network": {"clones": 2, "hot": 20, "mib": 16},
         "images": {"pulls": 2, "cached_pulls": 10, "first_output": 3, "cold": 2, "cold_min": 2,
                    "cold_budget_s": 45, "pss_n": 5},
+        "sandbox": {"exec": 3, "copy": 1, "copy_mib": 16, "snapshots": 1, "fork_n": 3, "raw_snapshots": 1},
     },
 }[QUICK]
 
@@ -150,24 +156,15 @@ def kilnd_phases(ph, samples, rep):
     return kiln_vm
 
 
-def network_phase(ph, samples, rep):
-    """The bridge NIC's cost and throughput (a kilnd of its own in a namespace)."""
+def guarded_phase(ph, samples, rep, key, title, run):
+    """A phase with a kilnd of its own: its samples, or its error in the
+    report (the rest of the report stands)."""
     try:
-        net_samples, rep["network"] = ph.run("network", network.run, PLAN["network"])
-        samples.update(net_samples)
+        phase_samples, rep[key] = ph.run(title, run, PLAN[key])
+        samples.update(phase_samples)
     except Exception as e:  # noqa: BLE001 - reported, the rest of the report stands
-        rep["network"] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"network phase failed: {e}")
-
-
-def images_phase(ph, samples, rep):
-    """Image pulls and containers' first output (a kilnd and a registry of their own)."""
-    try:
-        img_samples, rep["images"] = ph.run("images", images.run, PLAN["images"])
-        samples.update(img_samples)
-    except Exception as e:  # noqa: BLE001 - reported, the rest of the report stands
-        rep["images"] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"images phase failed: {e}")
+        rep[key] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"{title} phase failed: {e}")
 
 
 def libvirt_phase(ph, samples, rep, kiln_vm):
@@ -207,8 +204,12 @@ def main():
     rep, samples, ph = {"meta": meta(), "plan": PLAN}, {}, Phases()
     kiln_vm = kilnd_phases(ph, samples, rep)
     rep["meta"]["accel"] = "tcg" if "tcg" in " ".join(kiln_vm[0]) else "kvm"
-    network_phase(ph, samples, rep)
-    images_phase(ph, samples, rep)
+    # The bridge NIC's cost and throughput, in a namespace of its own.
+    guarded_phase(ph, samples, rep, "network", "network", network.run)
+    # Image pulls and containers' first output, with a registry of its own.
+    guarded_phase(ph, samples, rep, "images", "images", images.run)
+    # Streamed exec, copies, snapshots and forks.
+    guarded_phase(ph, samples, rep, "sandbox", "sandbox", sandbox.run)
     libvirt_phase(ph, samples, rep, kiln_vm)
     rep["meta"]["phases_s"] = ph.times
     rep["meta"]["load_end"] = os.getloadavg()[0]

@@ -216,3 +216,32 @@ pub struct ContainerLogsParams {
     #[serde(default)]
     pub max_bytes: Option<u32>,
 }
+
+/// `SnapshotVM(id, name, keepPaused?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SnapshotParams {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub keep_paused: bool,
+}
+
+/// `RestoreVM(snapshot, name?, sameIdentity?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RestoreParams {
+    pub snapshot: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub same_identity: bool,
+}
+
+/// `ForkVM(id, count)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkParams {
+    pub id: String,
+    pub count: u32,
+}

@@ -144,6 +144,10 @@ const MUTATING: &[&str] = &[
     "ResizeProcess",
     "WaitProcess",
     "ReleaseProcess",
+    "SnapshotVM",
+    "DeleteSnapshot",
+    "RestoreVM",
+    "ForkVM",
     "CopyIn",
     "CopyOut",
     "AddContainer",
@@ -271,6 +275,35 @@ impl ManagerService {
             "ReleaseProcess" => processes::release(engine, params(raw)?).await,
             "CopyIn" => processes::copy_in(engine, params(raw)?, fds).await,
             "CopyOut" => processes::copy_out(engine, params(raw)?, call.more()).await,
+            "SnapshotVM" => {
+                let p: SnapshotParams = params(raw)?;
+                let snapshot = engine.snapshot_vm(&p.id, &p.name, p.keep_paused).await?;
+                Ok(Outcome::Single(json!({ "snapshot": snapshot })))
+            }
+            "ListSnapshots" => {
+                params::<NoParams>(raw)?;
+                let snapshots = engine.list_snapshots().await?;
+                Ok(Outcome::Single(json!({ "snapshots": snapshots })))
+            }
+            "DeleteSnapshot" => {
+                engine
+                    .delete_snapshot(&params::<NameParams>(raw)?.name)
+                    .await?;
+                Ok(Outcome::Single(json!({})))
+            }
+            "RestoreVM" => {
+                let p: RestoreParams = params(raw)?;
+                vm_reply(
+                    engine
+                        .restore_vm(&p.snapshot, p.name, p.same_identity)
+                        .await?,
+                )
+            }
+            "ForkVM" => {
+                let p: ForkParams = params(raw)?;
+                let vms = engine.fork_vm(&p.id, p.count).await?;
+                Ok(Outcome::Single(json!({ "vms": vms })))
+            }
             "AddContainer" => {
                 let p: AddContainerParams = params(raw)?;
                 let container = engine.add_container(&p.id, p.spec).await?;

@@ -80,8 +80,27 @@ fn transfer(
     json: bool,
     call: impl FnOnce(&mut dyn FnMut(Value) -> bool) -> Result<(), ClientError>,
 ) -> Result<i32, CtlError> {
+    let image = receive(json, call)?;
+    if !json {
+        println!("{}", text(&image, "digest"));
+    }
+    Ok(0)
+}
+
+/// `reference` pulled as `image pull` shows it (progress on stderr), for a
+/// command that needs it stored; the image.
+pub(super) fn pull(ctx: &mut Ctx, reference: &str) -> Result<Value, CtlError> {
+    receive(false, |each| ctx.api.pull_image(reference, each))
+}
+
+/// The replies of a pull or an import: progress on stderr, or with `json`
+/// each reply as a JSON line on stdout; the image of the last.
+fn receive(
+    json: bool,
+    call: impl FnOnce(&mut dyn FnMut(Value) -> bool) -> Result<(), ClientError>,
+) -> Result<Value, CtlError> {
     let mut progress = Progress::on_stderr();
-    let mut digest = String::new();
+    let mut image = Value::Null;
     let result = call(&mut |reply| {
         if json {
             println!("{reply}");
@@ -89,17 +108,14 @@ fn transfer(
             progress.report(&reply["progress"]);
         }
         if reply["image"].is_object() {
-            digest = text(&reply["image"], "digest");
+            image = reply["image"].clone();
         }
         true
     });
     // Before an error is printed, so that it gets a line of its own.
     progress.finish();
     result?;
-    if !json {
-        println!("{digest}");
-    }
-    Ok(0)
+    Ok(image)
 }
 
 /// Progress reports on stderr: on a terminal one line, rewritten in place

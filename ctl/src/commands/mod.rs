@@ -2,20 +2,26 @@
 //! prints the reply, as a table or as the JSON kilnd sent.
 
 mod containers;
+mod copy;
+mod deploy;
 mod host;
 mod images;
 mod pools;
+mod processes;
 mod vms;
 
+use std::io;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
 use crate::api::{Manager, VmAction};
+use crate::archive::ArchiveError;
 use crate::cli::{whole_seconds, Command, ContainerArgs};
 use crate::client::ClientError;
 use crate::exit::Class;
 use crate::output;
+use crate::sla::SlaError;
 use crate::view::{self, Field};
 
 /// Why a command failed.
@@ -35,20 +41,57 @@ pub enum CtlError {
     /// Arguments clap cannot check (a `--spec` that is not JSON, ...).
     #[error("{0}")]
     Usage(String),
+    /// An SLA field kilnctl refuses or cannot read (`deploy`).
+    #[error("{file}: {error}")]
+    Sla { file: String, error: SlaError },
+    /// A microservice's VM runs otherwise than its SLA now asks (`deploy`).
+    #[error("{vm} runs {has}; {field} asks for {wants} (undeploy it first)")]
+    Conflict {
+        vm: String,
+        has: String,
+        /// The SLA field (or option) that asks otherwise.
+        field: String,
+        wants: String,
+    },
+    /// kilnd's answer to a call made for one VM of several (`deploy`).
+    #[error("{error} (VM {vm})")]
+    ForVm { vm: String, error: ClientError },
+    /// A state kilnctl cannot act on (`cp` of a directory over a file).
+    #[error("{0}")]
+    Invalid(String),
+    /// A copy's archive could not be made or unpacked here (`cp`).
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// Something on this machine failed: a file to copy, the terminal.
+    #[error("{what}: {source}")]
+    Local {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl CtlError {
     pub fn class(&self) -> Class {
         match self {
-            Self::Client(e) => Class::of_client_error(e),
+            Self::Client(e) | Self::ForVm { error: e, .. } => Class::of_client_error(e),
             Self::Ambiguous { .. } | Self::Usage(_) => Class::Usage,
+            Self::Sla { .. } | Self::Conflict { .. } | Self::Invalid(_) => Class::Invalid,
+            Self::Archive(ArchiveError::Local { source, .. }) | Self::Local { source, .. } => {
+                Class::of_io_error(source)
+            }
+            Self::Archive(_) => Class::Failure,
         }
     }
 
     /// The varlink error name, when kilnd answered with one.
     pub fn error_name(&self) -> Option<&str> {
         match self {
-            Self::Client(ClientError::Remote { name, .. }) => Some(name),
+            Self::Client(ClientError::Remote { name, .. })
+            | Self::ForVm {
+                error: ClientError::Remote { name, .. },
+                ..
+            } => Some(name),
             _ => None,
         }
     }
@@ -143,7 +186,9 @@ pub fn run(ctx: &mut Ctx, command: Command) -> Result<i32, CtlError> {
         Command::Resume(r) => vms::act(ctx, VmAction::Resume, &r.vms),
         Command::Reboot(r) => vms::act(ctx, VmAction::Reboot, &r.vms),
         Command::Rm(r) => vms::remove(ctx, &r.vms),
-        Command::Exec(args) => vms::exec(ctx, args),
+        Command::Exec(args) => processes::exec(ctx, args),
+        Command::Shell(args) => processes::shell(ctx, args),
+        Command::Cp(args) => copy::cp(ctx, args),
         Command::Logs(args) => containers::logs(ctx, args),
         Command::Container(command) => containers::container(ctx, command),
         Command::Image(command) => images::image(ctx, command),
@@ -154,6 +199,8 @@ pub fn run(ctx: &mut Ctx, command: Command) -> Result<i32, CtlError> {
         Command::Nic(command) => host::nic(ctx, command),
         Command::Gpu(command) => host::gpu(ctx, command),
         Command::Watch => host::watch(ctx),
+        Command::Deploy(args) => deploy::deploy(ctx, &args),
+        Command::Undeploy { sla } => deploy::undeploy(ctx, &sla),
         // Answered without kilnd, in main.
         Command::Completions { .. } => Ok(0),
     }

@@ -1,13 +1,12 @@
-//! VMs: status, list, show, create, the lifecycle verbs, rm, exec.
+//! VMs: status, list, show, create, the lifecycle verbs, rm.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
 use super::{process_keys, seconds, spec_object, CtlError, Ctx};
-use crate::api::{ExecRequest, VmAction};
-use crate::cli::{CreateArgs, ExecArgs, VmSpecArgs};
+use crate::api::VmAction;
+use crate::cli::{CreateArgs, Forward, VmSpecArgs};
 use crate::output::Fields;
 use crate::view::{self, text, CONTAINER_COLUMNS, NIC_COLUMNS, VM_COLUMNS, VM_FIELDS};
 
@@ -126,17 +125,7 @@ pub fn apply_vm_options(spec: &mut Map<String, Value>, o: &VmSpecArgs) -> Result
     net("address", o.ip.clone().map(Value::from));
     net("hotplugSlots", o.hotplug_slots.map(Value::from));
     if !o.forwards.is_empty() {
-        let forwards: Vec<Value> = o
-            .forwards
-            .iter()
-            .map(|f| {
-                let mut v = json!({ "hostPort": f.host_port, "vmPort": f.vm_port });
-                if let Some(p) = &f.protocol {
-                    v["protocol"] = Value::from(p.as_str());
-                }
-                v
-            })
-            .collect();
+        let forwards = o.forwards.iter().map(Forward::to_spec).collect();
         network.insert("forwards".into(), Value::Array(forwards));
     }
     if !network.is_empty() {
@@ -195,49 +184,9 @@ pub fn remove(ctx: &mut Ctx, references: &[String]) -> Result<i32, CtlError> {
     Ok(0)
 }
 
-/// `exec`: the command's output on kilnctl's stdout and stderr, its status
-/// as kilnctl's (main maps a failure to 125 or 126, see `exit`).
-pub fn exec(ctx: &mut Ctx, args: ExecArgs) -> Result<i32, CtlError> {
-    let timeout_sec = seconds(args.timeout, "--timeout")?;
-    let stdin = if args.interactive {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| CtlError::Usage(format!("standard input: {e}")))?;
-        Some(text)
-    } else {
-        None
-    };
-    let id = ctx.resolve(&args.vm)?;
-    let request = ExecRequest {
-        command: args.command,
-        env: args.env,
-        stdin,
-        timeout_sec,
-        container: args.container,
-    };
-    let reply = ctx.api.exec_vm(&id, &request)?;
-    let flag = |key: &str| reply.get(key).and_then(Value::as_bool) == Some(true);
-    if !ctx.json(&reply) {
-        // Best effort: a closed pipe on our side is the reader's choice.
-        let _ = std::io::stdout().write_all(text(&reply, "stdout").as_bytes());
-        let _ = std::io::stdout().flush();
-        let _ = std::io::stderr().write_all(text(&reply, "stderr").as_bytes());
-        if flag("stdoutTruncated") || flag("stderrTruncated") {
-            eprintln!("kilnctl: the output was cut at kilnd's limit (1 MiB a stream)");
-        }
-        if flag("timedOut") {
-            eprintln!("kilnctl: the command ran longer than --timeout and was killed");
-        }
-    }
-    let code = reply.get("exitCode").and_then(Value::as_i64).unwrap_or(0);
-    Ok(code.clamp(0, 255) as i32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::Forward;
 
     #[test]
     fn options_override_the_spec_and_fill_network() {

@@ -16,6 +16,7 @@ mod network;
 mod nics;
 pub(crate) mod pools;
 mod reconcile;
+mod snapshots;
 pub(crate) mod tasks;
 mod vms;
 
@@ -239,6 +240,12 @@ enum Internal {
     ImagesCollected {
         result: Result<kiln_image::GcReport, EngineError>,
     },
+    /// A snapshot was saved (or not).
+    SnapshotTaken {
+        id: String,
+        result: Result<crate::snapshot::SnapshotInfo, EngineError>,
+        after: snapshots::AfterSnapshot,
+    },
     /// A `CreateVm` with an image: the image is resolved (or not).
     VmImageResolved {
         id: String,
@@ -413,6 +420,7 @@ impl Engine {
         engine.resume_lease_deadlines();
         engine.settle_pools();
         engine.sweep_image_users();
+        crate::snapshot::remove_unfinished(&engine.config.state_dir);
         info!(accel = %accel, vms = engine.vms.len(), "engine ready");
 
         let (commands_tx, mut commands) = mpsc::channel::<Command>(256);
@@ -464,6 +472,25 @@ impl Engine {
             Command::ContainerLogs { id, request, reply } => {
                 self.container_logs(&id, request, reply)
             }
+            Command::SnapshotVm {
+                id,
+                name,
+                keep_paused,
+                reply,
+            } => self.snapshot_vm(&id, &name, keep_paused, reply),
+            Command::ListSnapshots { reply } => {
+                let _ = reply.send(Ok(self.list_snapshots()));
+            }
+            Command::DeleteSnapshot { name, reply } => {
+                let _ = reply.send(self.delete_snapshot(&name));
+            }
+            Command::RestoreVm {
+                snapshot,
+                name,
+                same_identity,
+                reply,
+            } => self.restore_vm(&snapshot, name, same_identity, reply),
+            Command::ForkVm { id, count, reply } => self.fork_vm(&id, count, reply),
             Command::GuestAgent {
                 id,
                 container,
@@ -777,6 +804,9 @@ impl Engine {
             Internal::ImageStored { result, reply } => self.image_stored(result, reply),
             Internal::ImageRemoved { result, reply } => self.image_removed(result, reply),
             Internal::ImagesCollected { result } => self.images_collected(result),
+            Internal::SnapshotTaken { id, result, after } => {
+                self.snapshot_taken(&id, result, after)
+            }
             Internal::VmImageResolved {
                 id,
                 name,

@@ -33,6 +33,12 @@ pub(super) fn template_mac() -> kiln_net::MacAddr {
     kiln_net::MacAddr::for_vm("000000000000", 0, 0)
 }
 
+/// The MAC a clone's boot NIC device carries: its snapshot's, or the
+/// pool templates' fixed one.
+pub(super) fn carried_mac(record: &VmRecord) -> kiln_net::MacAddr {
+    record.saved_mac.unwrap_or_else(template_mac)
+}
+
 /// What the boot sub-task needs for a bridge VM's NIC.
 #[derive(Debug)]
 pub(super) struct NetPlan {
@@ -183,13 +189,13 @@ impl TapHome {
 /// subnet's prefix, and the MTU.
 pub(super) fn guest_interface(
     nic: &NicInfo,
-    carries_template_mac: bool,
+    previous_mac: Option<kiln_net::MacAddr>,
     prefix_length: Option<u8>,
     mtu: Option<u32>,
 ) -> proto::NetworkInterface {
     proto::NetworkInterface {
         mac: nic.mac.to_string(),
-        previous_mac: carries_template_mac.then(|| template_mac().to_string()),
+        previous_mac: previous_mac.map(|m| m.to_string()),
         address: nic.address.map(|a| a.to_string()),
         prefix_length: nic.address.and(prefix_length),
         mtu,
@@ -319,8 +325,13 @@ impl Engine {
                     })
                 })
                 .collect(),
-            // A clone's device keeps the template's MAC (migrated state).
-            device_mac: if clone { template_mac() } else { nic.mac },
+            // A clone's device keeps the saved machine's MAC (migrated
+            // state).
+            device_mac: if clone {
+                carried_mac(&entry.record)
+            } else {
+                nic.mac
+            },
             guest,
             cleanup: entry.net_cleanup.take(),
             home,
@@ -343,8 +354,10 @@ impl Engine {
         let spec = record.spec.network.as_ref()?;
         let mut nics: Vec<&NicInfo> = record.network.iter().collect();
         nics.sort_by_key(|n| n.index);
+        let carried = carried_mac(record);
         let interface = |nic: &NicInfo, prefix_length: Option<u8>, mtu: Option<u32>| {
-            guest_interface(nic, clone && nic.index == 0, prefix_length, mtu)
+            let previous = (clone && nic.index == 0).then_some(carried);
+            guest_interface(nic, previous, prefix_length, mtu)
         };
         if spec.mode == NetMode::Netns {
             return Some(proto::ConfigureNetworkRequest {

@@ -107,7 +107,7 @@ impl Engine {
         let guest = proto::ConfigureNetworkRequest {
             interfaces: vec![super::network::guest_interface(
                 &nic,
-                false,
+                None,
                 Some(config.subnet.prefix_len()),
                 config.mtu,
             )],

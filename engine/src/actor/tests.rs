@@ -1206,3 +1206,102 @@ async fn an_image_user_no_vm_accounts_for_is_released_at_start() {
     }
     assert_eq!(users, ["test:other"], "only users Kiln does not own stay");
 }
+
+#[tokio::test(start_paused = true)]
+async fn snapshots_restore_and_fork_into_new_vms_and_survive_a_restart() {
+    let h = Harness::start().await;
+    let vm = h.create_and_start("origin").await;
+    let snapshot = h
+        .engine
+        .snapshot_vm(&vm.id, "first", false)
+        .await
+        .expect("snapshot");
+    assert_eq!(
+        (snapshot.name.as_str(), snapshot.source_id.as_str()),
+        ("first", vm.id.as_str())
+    );
+    // Resumed after the save, and a second one of the name is refused.
+    assert_eq!(
+        h.engine.describe_vm(&vm.id).await.unwrap().state,
+        VmState::Ready
+    );
+    assert_eq!(
+        h.engine
+            .snapshot_vm(&vm.id, "first", false)
+            .await
+            .unwrap_err()
+            .name(),
+        "AlreadyExists"
+    );
+    // Kept paused when asked.
+    h.engine
+        .snapshot_vm(&vm.id, "held", true)
+        .await
+        .expect("snapshot");
+    assert_eq!(
+        h.engine.describe_vm(&vm.id).await.unwrap().state,
+        VmState::Paused
+    );
+    h.engine.resume_vm(&vm.id).await.expect("resume");
+
+    let restored = h
+        .engine
+        .restore_vm("first", Some("copy".into()), false)
+        .await
+        .expect("restore");
+    assert_eq!(
+        (restored.name.as_str(), restored.state),
+        ("copy", VmState::Ready)
+    );
+    let forks = h.engine.fork_vm(&vm.id, 2).await.expect("fork");
+    let names: Vec<&str> = forks.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["origin-fork-1", "origin-fork-2"]);
+    assert!(forks.iter().all(|v| v.state == VmState::Ready));
+    // The fork's own snapshot is gone; the named ones stay.
+    let listed: Vec<String> = h
+        .engine
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(listed, ["first", "held"]);
+
+    let h = h.restart().await;
+    assert_eq!(h.engine.list_snapshots().await.unwrap().len(), 2);
+    h.engine.delete_snapshot("held").await.expect("delete");
+    for (call, want) in [
+        (
+            h.engine.delete_snapshot("held").await.unwrap_err(),
+            "NoSuchSnapshot",
+        ),
+        (
+            h.engine.restore_vm("nope", None, false).await.unwrap_err(),
+            "NoSuchSnapshot",
+        ),
+        (
+            h.engine.fork_vm(&vm.id, 0).await.unwrap_err(),
+            "InvalidArgument",
+        ),
+        (
+            h.engine
+                .snapshot_vm(&vm.id, "../x", false)
+                .await
+                .unwrap_err(),
+            "InvalidArgument",
+        ),
+    ] {
+        assert_eq!(call.name(), want);
+    }
+    // A stopped VM has nothing to save.
+    h.engine.stop_vm(&restored.id, None).await.expect("stop");
+    assert_eq!(
+        h.engine
+            .snapshot_vm(&restored.id, "late", false)
+            .await
+            .unwrap_err()
+            .name(),
+        "InvalidState"
+    );
+}

@@ -70,10 +70,7 @@ impl Engine {
         source: BootSource,
         reply: Option<Reply<VmInfo>>,
     ) {
-        let template = match &source {
-            BootSource::Cold => None,
-            BootSource::Clone(t) => Some(t.dir.clone()),
-        };
+        let template = source.saved().map(|t| t.dir.clone());
         // GPUs first: without them the VM does not start at all.
         let Some(spec) = self.vms.get(id).map(|e| e.record.spec.clone()) else {
             return;
@@ -124,9 +121,9 @@ impl Engine {
         let Some(record) = self.vms.get(id).map(|e| &e.record) else {
             return;
         };
-        let (memory, restore) = match &source {
-            BootSource::Cold => (GuestMemory::Anonymous, None),
-            BootSource::Clone(t) => (GuestMemory::TemplateClone(t.memory()), Some(t.state())),
+        let (memory, restore) = match source.saved() {
+            None => (GuestMemory::Anonymous, None),
+            Some(t) => (GuestMemory::TemplateClone(t.memory()), Some(t.state())),
         };
         let mut launch =
             self.launch_for_spec(id, &record.spec, &runtime_dir, memory, &record.containers);
@@ -142,7 +139,15 @@ impl Engine {
         let Some(record) = self.vms.get(id).map(|e| &e.record) else {
             return;
         };
-        let identity = record.pool.is_some().then(|| fresh_identity(&record.name));
+        let restored_fresh = matches!(
+            source,
+            BootSource::Snapshot {
+                fresh_identity: true,
+                ..
+            }
+        );
+        let identity =
+            (record.pool.is_some() || restored_fresh).then(|| fresh_identity(&record.name));
         let upper_disks = record
             .containers
             .iter()

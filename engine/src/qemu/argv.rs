@@ -161,9 +161,10 @@ impl QemuLaunch {
             GuestMemory::TemplateSource(path) => Some((path, "on")),
             GuestMemory::TemplateClone(path) => Some((path, "off")),
         };
-        if memory_file.is_some() {
-            machine.push_str(",memory-backend=ram");
-        }
+        // Always a named backend: its RAM block is "ram" whatever backs
+        // it, so a VM's saved state loads into a snapshot's file-backed RAM
+        // (without it the block is "<machine>.ram" and migration refuses).
+        machine.push_str(",memory-backend=ram");
         args.pair("-machine", machine);
         match self.accel {
             Accel::Kvm => {
@@ -177,13 +178,19 @@ impl QemuLaunch {
         }
         args.pair("-smp", self.vcpus.to_string());
         args.pair("-m", format!("{}M", self.memory_mib));
-        if let Some((path, share)) = memory_file {
-            let mut object = OsString::from(format!(
-                "memory-backend-file,id=ram,size={}M,share={share},mem-path=",
-                self.memory_mib
-            ));
-            object.push(path_arg("", path));
-            args.pair("-object", object);
+        match memory_file {
+            Some((path, share)) => {
+                let mut object = OsString::from(format!(
+                    "memory-backend-file,id=ram,size={}M,share={share},mem-path=",
+                    self.memory_mib
+                ));
+                object.push(path_arg("", path));
+                args.pair("-object", object);
+            }
+            None => args.pair(
+                "-object",
+                format!("memory-backend-ram,id=ram,size={}M", self.memory_mib),
+            ),
         }
         args.flag("-nodefaults");
         args.flag("-no-user-config");

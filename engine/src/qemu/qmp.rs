@@ -362,8 +362,14 @@ impl Qmp {
     /// Turn on `x-ignore-shared` (both sides of a template save/restore):
     /// RAM that lives in a shared file is not copied into the stream.
     pub async fn enable_ignore_shared(&self) -> Result<(), QmpError> {
+        self.set_ignore_shared(true).await
+    }
+
+    /// Sets `x-ignore-shared`: with it, RAM in a shared file is neither
+    /// saved nor loaded (the file is the RAM).
+    pub async fn set_ignore_shared(&self, state: bool) -> Result<(), QmpError> {
         let capabilities = json!({
-            "capabilities": [{"capability": "x-ignore-shared", "state": true}]
+            "capabilities": [{"capability": "x-ignore-shared", "state": state}]
         });
         self.execute("migrate-set-capabilities", Some(capabilities))
             .await

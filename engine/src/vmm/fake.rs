@@ -209,6 +209,10 @@ impl Vmm for FakeVmm {
             }
             host.next_pid += 1;
             let pid = 10_000 + host.next_pid;
+            if let crate::qemu::GuestMemory::TemplateSource(ram) = &launch.memory {
+                // QEMU creates the shared RAM file of a template or snapshot.
+                let _ = std::fs::write(ram, b"fake ram");
+            }
             let (alive, _) = watch::channel(true);
             let (events_tx, events) = mpsc::channel(64);
             let vm = FakeVm {
@@ -432,6 +436,30 @@ impl Monitor for FakeMonitor {
         _timeout: Duration,
     ) -> BoxFuture<'_, Result<(), QmpError>> {
         Self::done(self.with_vm("migrate-incoming", |_, _| Ok(())))
+    }
+    fn save_state(
+        &self,
+        path: &Path,
+        _ignore_shared: bool,
+        _timeout: Duration,
+    ) -> BoxFuture<'_, Result<(), QmpError>> {
+        let path = path.to_path_buf();
+        Self::done(self.with_vm("migrate", |_, _| {
+            std::fs::write(&path, b"fake state").map_err(|e| QmpError::Command {
+                command: "migrate".into(),
+                class: "GenericError".into(),
+                desc: e.to_string(),
+            })
+        }))
+    }
+    fn load_state(&self, _path: &Path, _timeout: Duration) -> BoxFuture<'_, Result<(), QmpError>> {
+        Self::done(self.with_vm("migrate-incoming", |_, _| Ok(())))
+    }
+    fn quit(&self) -> BoxFuture<'_, Result<(), QmpError>> {
+        Self::done(self.with_vm("quit", |vm, _| {
+            vm.die();
+            Ok(())
+        }))
     }
     fn getfd(&self, _name: &str, _fd: OwnedFd) -> BoxFuture<'_, Result<(), QmpError>> {
         Self::done(self.with_vm("getfd", |_, _| Ok(())))

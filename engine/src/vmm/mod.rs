@@ -135,6 +135,19 @@ pub trait Monitor: Send + Sync + Debug {
     /// with the template, and leave it paused.
     fn restore_clone(&self, state: &Path, timeout: Duration)
         -> BoxFuture<'_, Result<(), QmpError>>;
+    /// Save the (paused) guest to `path`: device state, and all RAM
+    /// unless `ignore_shared` (then RAM in a shared file is left there).
+    fn save_state(
+        &self,
+        path: &Path,
+        ignore_shared: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<(), QmpError>>;
+    /// Load what [`Monitor::save_state`] wrote (without `ignore_shared`)
+    /// into this VMM started to wait for it; the guest stays paused.
+    fn load_state(&self, path: &Path, timeout: Duration) -> BoxFuture<'_, Result<(), QmpError>>;
+    /// Ask the VMM to exit.
+    fn quit(&self) -> BoxFuture<'_, Result<(), QmpError>>;
     /// Hand a descriptor to the VMM under `name`.
     fn getfd(&self, name: &str, fd: OwnedFd) -> BoxFuture<'_, Result<(), QmpError>>;
     /// Forget a descriptor handed over with [`Monitor::getfd`].

@@ -255,6 +255,28 @@ impl Monitor for Qmp {
             self.restore_from_file(&state, timeout).await
         })
     }
+    fn save_state(
+        &self,
+        path: &Path,
+        ignore_shared: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<(), QmpError>> {
+        let path = path.to_path_buf();
+        Box::pin(async move {
+            self.set_ignore_shared(ignore_shared).await?;
+            self.save_to_file(&path, timeout).await
+        })
+    }
+    fn load_state(&self, path: &Path, timeout: Duration) -> BoxFuture<'_, Result<(), QmpError>> {
+        let path = path.to_path_buf();
+        Box::pin(async move {
+            self.set_ignore_shared(false).await?;
+            self.restore_from_file(&path, timeout).await
+        })
+    }
+    fn quit(&self) -> BoxFuture<'_, Result<(), QmpError>> {
+        Box::pin(Qmp::quit(self))
+    }
     fn getfd(&self, name: &str, fd: OwnedFd) -> BoxFuture<'_, Result<(), QmpError>> {
         let name = name.to_owned();
         Box::pin(async move { Qmp::getfd(self, &name, fd).await })

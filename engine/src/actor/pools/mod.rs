@@ -137,6 +137,22 @@ pub(crate) enum BootSource {
     Cold,
     /// Restore from a template.
     Clone(Template),
+    /// Restore from a snapshot (saved like a template); a fresh identity
+    /// (hostname, machine id, RNG reseed) unless it keeps the saved one.
+    Snapshot {
+        saved: Template,
+        fresh_identity: bool,
+    },
+}
+
+impl BootSource {
+    /// The saved machine a clone or a restore maps.
+    pub(crate) fn saved(&self) -> Option<&Template> {
+        match self {
+            Self::Cold => None,
+            Self::Clone(t) | Self::Snapshot { saved: t, .. } => Some(t),
+        }
+    }
 }
 
 impl Engine {
