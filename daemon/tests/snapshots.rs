@@ -157,6 +157,32 @@ fn snapshots_restore_and_forks_continue_where_the_vm_was() {
         "before-tests\nready\norigin-fork-3\norigin-fork-4\nbefore-tests\ncounted\nsecond\n{}\n"
     );
 
+    // The VM itself back to its snapshot (arktos' RestoreToSnapshot): the
+    // note it wrote since is undone, its counter is the snapshot's again.
+    let own_hostname = sh(&k, &id, "hostname");
+    sh(&k, &id, "echo changed > /root/note");
+    assert_eq!(
+        k.varlink("RestoreVM", json!({ "snapshot": "counted", "into": id }))
+            .unwrap_err()
+            .0,
+        format!("{M}InvalidState"),
+        "a running VM is not restored in place"
+    );
+    k.varlinkctl("KillVM", json!({ "id": id }));
+    let back =
+        k.varlinkctl("RestoreVM", json!({ "snapshot": "counted", "into": id }))["vm"].clone();
+    assert_eq!(
+        (back["id"].as_str(), back["state"].as_str()),
+        (Some(id.as_str()), Some("ready"))
+    );
+    assert_eq!(sh(&k, &id, "cat /root/note"), "kept");
+    assert_eq!(
+        sh(&k, &id, "hostname"),
+        own_hostname,
+        "it keeps its identity"
+    );
+    counting(&k, &id);
+
     // Refusals.
     for (method, params, want) in [
         (
@@ -180,6 +206,11 @@ fn snapshots_restore_and_forks_continue_where_the_vm_was() {
             "InvalidArgument",
         ),
         ("ForkVM", json!({ "id": id, "count": 0 }), "InvalidArgument"),
+        (
+            "RestoreVM",
+            json!({ "snapshot": "counted", "into": rid }),
+            "InvalidState",
+        ),
         (
             "SnapshotVM",
             json!({ "id": "000000000000", "name": "x" }),

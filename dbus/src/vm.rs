@@ -333,6 +333,19 @@ impl Vm {
         Ok(snapshot_tuple(&snapshot))
     }
 
+    /// Take this stopped VM back to snapshot `snapshot` of it, like
+    /// varlink's `RestoreVM` with `into`; replies once its agent answers.
+    async fn restore_to(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        snapshot: String,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "RestoreTo").await?;
+        self.engine.restore_into(&snapshot, &self.id).await?;
+        Ok(())
+    }
+
     /// Start a process, like varlink's `StartProcess`: `container` "" =
     /// the guest; `tty` puts it on a terminal of `rows` × `cols`; `stdin`
     /// keeps its stdin open. Returns its handle, its PID in the guest and

@@ -205,6 +205,15 @@ pub enum Command {
         same_identity: bool,
         reply: Reply<VmInfo>,
     },
+    /// Take the stopped VM `id` back to a snapshot of it (arktos'
+    /// `RestoreToSnapshot`): booted from the snapshot with its own
+    /// identity. `InvalidState` while it runs, `InvalidArgument` when its
+    /// spec or containers are not the snapshot's.
+    RestoreInto {
+        snapshot: String,
+        id: String,
+        reply: Reply<VmInfo>,
+    },
     /// `count` running copies of a running VM sharing its memory
     /// copy-on-write, each with its own identity, MAC and address:
     /// `SnapshotVm` to a hidden snapshot, `count` restores, the snapshot
@@ -642,6 +651,11 @@ impl EngineHandle {
                 same_identity
             }
         )
+    }
+    /// See [`Command::RestoreInto`].
+    pub async fn restore_into(&self, snapshot: &str, id: &str) -> Result<VmInfo, EngineError> {
+        let (snapshot, id) = (snapshot.to_owned(), id.to_owned());
+        call!(self, RestoreInto { snapshot, id })
     }
     /// See [`Command::ForkVm`].
     pub async fn fork_vm(&self, id: &str, count: u32) -> Result<Vec<VmInfo>, EngineError> {

@@ -227,7 +227,7 @@ pub struct SnapshotParams {
     pub keep_paused: bool,
 }
 
-/// `RestoreVM(snapshot, name?, sameIdentity?)`.
+/// `RestoreVM(snapshot, name?, sameIdentity?, into?)`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RestoreParams {
@@ -236,6 +236,8 @@ pub struct RestoreParams {
     pub name: Option<String>,
     #[serde(default)]
     pub same_identity: bool,
+    #[serde(default)]
+    pub into: Option<String>,
 }
 
 /// `ForkVM(id, count)`.

@@ -293,11 +293,17 @@ impl ManagerService {
             }
             "RestoreVM" => {
                 let p: RestoreParams = params(raw)?;
-                vm_reply(
-                    engine
-                        .restore_vm(&p.snapshot, p.name, p.same_identity)
-                        .await?,
-                )
+                match (&p.into, &p.name, p.same_identity) {
+                    (Some(id), None, false) => {
+                        vm_reply(engine.restore_into(&p.snapshot, id).await?)
+                    }
+                    (Some(_), _, _) => Err(ErrorReply::invalid_parameter("into")),
+                    (None, _, _) => vm_reply(
+                        engine
+                            .restore_vm(&p.snapshot, p.name, p.same_identity)
+                            .await?,
+                    ),
+                }
             }
             "ForkVM" => {
                 let p: ForkParams = params(raw)?;

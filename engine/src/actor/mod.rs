@@ -490,6 +490,11 @@ impl Engine {
                 same_identity,
                 reply,
             } => self.restore_vm(&snapshot, name, same_identity, reply),
+            Command::RestoreInto {
+                snapshot,
+                id,
+                reply,
+            } => self.restore_into(&snapshot, &id, reply),
             Command::ForkVm { id, count, reply } => self.fork_vm(&id, count, reply),
             Command::GuestAgent {
                 id,

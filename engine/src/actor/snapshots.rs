@@ -374,6 +374,49 @@ impl Engine {
         self.begin_boot(&id, source, Some(reply));
     }
 
+    /// `RestoreVM` with `into`: VM `id`, not running, goes back to
+    /// snapshot `snapshot` (arktos' `RestoreToSnapshot`): booted from it
+    /// with its own identity. Its spec and containers must be the
+    /// snapshot's (the same machine).
+    pub(super) fn restore_into(&mut self, snapshot: &str, id: &str, reply: Reply<VmInfo>) {
+        let (saved, meta) = match snapshot::load(&self.config.state_dir, snapshot) {
+            Ok(loaded) => loaded,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let entry = match self.entry(id) {
+            Ok(e) => e,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let state = entry.record.state();
+        if entry.runtime.is_some() || state.check_transition(VmState::Booting).is_err() {
+            return drop(reply.send(Err(EngineError::InvalidState {
+                id: id.to_owned(),
+                state,
+                operation: "restore into (stop it first)",
+            })));
+        }
+        let same = |a: &[crate::container::ContainerRecord],
+                    b: &[crate::container::ContainerRecord]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x.name == y.name && x.digest == y.digest)
+        };
+        if entry.record.spec != meta.spec || !same(&entry.record.containers, &meta.containers) {
+            return drop(reply.send(Err(EngineError::InvalidArgument(format!(
+                "VM {id} is not the machine snapshot {snapshot} was taken of (its spec or containers differ)"
+            )))));
+        }
+        let mac = meta.mac;
+        self.record_fact(id, |r| r.saved_mac = mac);
+        info!(vm = %id, snapshot = %snapshot, "restoring a VM to a snapshot");
+        let source = BootSource::Snapshot {
+            saved,
+            fresh_identity: false,
+        };
+        self.begin_boot(id, source, Some(reply));
+    }
+
     /// `ListSnapshots`.
     pub(super) fn list_snapshots(&self) -> Vec<SnapshotInfo> {
         snapshot::list(&self.config.state_dir)
