@@ -106,6 +106,27 @@ calls! {
     fn release(id: &str, recycle: bool) => Release { "id": id, "recycle": recycle.then_some(true) }
     /// `{"gpus": [Gpu]}`.
     fn list_gpus() => ListGPUs {}
+    /// `{"snapshot": Snapshot}`.
+    fn snapshot_vm(id: &str, name: &str, keep_paused: bool) => SnapshotVM {
+        "id": id, "name": name, "keepPaused": keep_paused.then_some(true)
+    }
+    /// `{"snapshots": [Snapshot]}`.
+    fn list_snapshots() => ListSnapshots {}
+    fn delete_snapshot(name: &str) => DeleteSnapshot { "name": name }
+    /// `{"vm": VM}`: a new VM, or with `into` that VM, restored.
+    fn restore_vm(
+        snapshot: &str,
+        name: Option<&str>,
+        same_identity: bool,
+        into: Option<&str>
+    ) => RestoreVM {
+        "snapshot": snapshot,
+        "name": name,
+        "sameIdentity": same_identity.then_some(true),
+        "into": into,
+    }
+    /// `{"vms": [VM]}`: the copies.
+    fn fork_vm(id: &str, count: u32) => ForkVM { "id": id, "count": count }
 }
 
 impl Manager {

@@ -24,12 +24,10 @@ of its digest that fits no other image. Reading is open to anyone who can open t
 socket; changing things needs root or membership in the kiln group.";
 
 const AFTER_HELP: &str = "\
-Not yet: snapshot, restore, fork and metrics commands come when kilnd has \
-an API for them.
-
 Exit status: 0 success; 1 failure; 2 usage (or an ambiguous VM or image); \
-3 no such VM, pool, NIC, image or container; 4 permission denied; 5 timeout; \
-6 invalid input or state (an image in use, ...); 7 pool, quota, GPU or \
+3 no such VM, pool, NIC, image, container or snapshot; 4 permission denied; \
+5 timeout; 6 invalid input or state (an image in use, a VM that cannot be \
+snapshotted, ...); 7 pool, quota, GPU or \
 container slots exhausted; 8 kilnd unreachable. exec exits with the \
 command's status (128+N for signal N), 125 when kilnctl failed and 126 when \
 the command could not be started; so does shell.";
@@ -220,6 +218,39 @@ pub enum Command {
         ttl: Duration,
     },
 
+    /// Snapshots of running VMs: save, list, remove
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+
+    /// A new VM from a snapshot (prints its id), or with --into a stopped
+    /// VM taken back to one
+    #[command(
+        long_about = "A new VM from a snapshot (prints its id), or with --into a stopped VM taken back to one.\n\n\
+        The new VM runs where the snapshot left off: its processes and files \
+        as they were, its RAM shared copy-on-write with the snapshot. It gets \
+        a new id, a hostname, machine id, a reseeded RNG and its own MAC and \
+        address, unless --same-identity. kilnctl returns once its agent \
+        answers. With --into VM, that VM (stopped: kill or stop it first; the \
+        machine the snapshot was taken of) boots from the snapshot instead \
+        and keeps its id, name and identity."
+    )]
+    Restore(RestoreArgs),
+
+    /// Running copies of a running VM; prints their ids, one a line
+    #[command(
+        long_about = "Running copies of a running VM; prints their ids, one a line.\n\n\
+        Each copy (named VM-fork-N) continues where the VM was, with its own \
+        identity, MAC, address and RNG, its RAM shared copy-on-write; the VM \
+        runs on. kilnctl returns once every copy's agent answers."
+    )]
+    Fork {
+        /// VM id, name or unique id prefix
+        vm: String,
+        /// How many copies (1 to 32)
+        #[arg(short = 'n', long, value_name = "COUNT", default_value_t = 1)]
+        count: u32,
+    },
+
     /// A VM's network interfaces (bridge and netns modes)
     #[command(subcommand)]
     Nic(NicCommand),
@@ -342,7 +373,30 @@ pub struct VmSpecArgs {
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<String>,
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub container: ContainerArgs,
+}
+
+/// What the VM's QEMU may use of the host: the VMSpec's `limits`.
+#[derive(Debug, Args, Default, PartialEq, Eq)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitArgs {
+    /// Memory cap of the VM's whole QEMU, 300M or 1G (at least 128M;
+    /// default: the guest's RAM and kilnd's overhead); below the guest's
+    /// RAM it overcommits
+    #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
+    pub memory_cap: Option<u64>,
+    /// CPU quota in cores, fractions too: 0.5 is half a core (at most
+    /// --vcpus; default: none)
+    #[arg(long = "cpus", value_name = "N", value_parser = parse_milli_cpus)]
+    pub milli_cpus: Option<u64>,
+    /// CPU weight against other VMs, 1 to 10000 (default 100)
+    #[arg(long, value_name = "N")]
+    pub cpu_weight: Option<u32>,
+    /// IO weight against other VMs, 1 to 10000 (default 100)
+    #[arg(long, value_name = "N")]
+    pub io_weight: Option<u32>,
 }
 
 /// How a container runs its image: the process keys VMSpec,
@@ -633,6 +687,58 @@ pub struct PoolCreateArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save a running VM as a snapshot; prints it as a table row
+    #[command(
+        long_about = "Save a running VM as a snapshot; prints it as a table row.\n\n\
+        The VM (ready, leased or paused) stops while its RAM and device state \
+        are written, then runs on, unless --keep-paused (a paused VM stays \
+        paused). The snapshot is kept under kilnd's state directory, \
+        survives kilnd restarts, and can be restored any number of times. \
+        VMs with GPUs, hot-plugged NICs or a container with --storage-disk \
+        cannot be snapshotted."
+    )]
+    Create {
+        /// VM id, name or unique id prefix
+        vm: String,
+        /// The snapshot's name ([A-Za-z0-9_.-], up to 64)
+        name: String,
+        /// Leave the VM paused once it is saved
+        #[arg(long)]
+        keep_paused: bool,
+    },
+    /// List snapshots
+    #[command(visible_alias = "list")]
+    Ls {
+        /// Print snapshot names only
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Delete snapshots; VMs restored from them keep running
+    Rm {
+        /// Snapshot names
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot name
+    pub snapshot: String,
+    /// The new VM's name (default: SNAPSHOT-N)
+    #[arg(long, value_name = "NAME", conflicts_with = "into")]
+    pub name: Option<String>,
+    /// Keep the saved VM's hostname, machine id, MAC and address
+    #[arg(long, conflicts_with = "into")]
+    pub same_identity: bool,
+    /// Take this stopped VM (the one the snapshot was taken of) back to
+    /// the snapshot instead of making a new VM
+    #[arg(long, value_name = "VM")]
+    pub into: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum NicCommand {
     /// List a VM's NICs
     #[command(visible_alias = "list")]
@@ -702,6 +808,24 @@ pub fn whole_seconds(d: Duration, option: &str) -> Result<u64, String> {
 fn parse_mib(text: &str) -> Result<u64, String> {
     let units = [("", 1), ("M", 1), ("MiB", 1), ("G", 1024), ("GiB", 1024)];
     parse_size(text, &units, "512, 512M, 2G")
+}
+
+/// Cores, fractions too: `0.5` is 500 thousandths of a core (the API's
+/// `milliCpus`), `2` is 2000; kilnd checks the range.
+fn parse_milli_cpus(text: &str) -> Result<u64, String> {
+    let bad = || format!("{text:?} is not a number of cores (0.5, 1, 2.25)");
+    let cores: f64 = text.parse().map_err(|_| bad())?;
+    if !cores.is_finite() || cores <= 0.0 {
+        return Err(bad());
+    }
+    let milli = (cores * 1000.0).round();
+    if milli < 1.0 {
+        return Err(format!("{text:?} is less than a thousandth of a core"));
+    }
+    if milli > f64::from(u32::MAX) {
+        return Err(format!("{text:?} is too large"));
+    }
+    Ok(milli as u64)
 }
 
 /// Bytes: `4096`, `512K`, `100M`, `2G` (powers of 1024; `KiB`, `MiB`,
@@ -795,6 +919,13 @@ mod tests {
         assert!(parse_bytes("1T").is_err());
         assert!(parse_bytes("M").is_err());
         assert!(parse_mib("1T").is_err());
+        assert_eq!(parse_milli_cpus("0.5"), Ok(500));
+        assert_eq!(parse_milli_cpus("2"), Ok(2000));
+        assert_eq!(parse_milli_cpus("1.25"), Ok(1250));
+        assert_eq!(parse_milli_cpus(".01"), Ok(10));
+        for bad in ["0", "-1", "half", "inf", "NaN", "0.0001", ""] {
+            assert!(parse_milli_cpus(bad).is_err(), "{bad}");
+        }
         assert_eq!(parse_label("a=b=c"), Ok(("a".into(), "b=c".into())));
         assert!(parse_label("ab").is_err());
         assert_eq!(
@@ -872,6 +1003,75 @@ mod tests {
         assert_eq!(
             (cp.src.as_str(), cp.dest.as_str(), cp.max_bytes),
             ("a", "web:/tmp/", Some(5 << 20))
+        );
+    }
+
+    #[test]
+    fn snapshot_restore_and_fork() {
+        let cli = Cli::try_parse_from([
+            "kilnctl",
+            "snapshot",
+            "create",
+            "web",
+            "s1",
+            "--keep-paused",
+        ])
+        .expect("parse");
+        let Command::Snapshot(SnapshotCommand::Create {
+            vm,
+            name,
+            keep_paused,
+        }) = cli.command
+        else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            (vm.as_str(), name.as_str(), keep_paused),
+            ("web", "s1", true)
+        );
+        assert!(Cli::try_parse_from(["kilnctl", "snapshot", "create", "web"]).is_err());
+        assert!(Cli::try_parse_from(["kilnctl", "snapshot", "rm"]).is_err());
+
+        let cli = Cli::try_parse_from([
+            "kilnctl",
+            "restore",
+            "s1",
+            "--name",
+            "copy",
+            "--same-identity",
+        ])
+        .expect("parse");
+        let Command::Restore(restore) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            (restore.name.as_deref(), restore.same_identity, restore.into),
+            (Some("copy"), true, None)
+        );
+        assert!(
+            Cli::try_parse_from(["kilnctl", "restore", "s1", "--into", "web", "--name", "x"])
+                .is_err(),
+            "--into keeps the VM's own name"
+        );
+        assert!(Cli::try_parse_from([
+            "kilnctl",
+            "restore",
+            "s1",
+            "--into",
+            "web",
+            "--same-identity"
+        ])
+        .is_err());
+
+        let cli = Cli::try_parse_from(["kilnctl", "fork", "web"]).expect("parse");
+        assert!(
+            matches!(cli.command, Command::Fork { count: 1, .. }),
+            "{cli:?}"
+        );
+        let cli = Cli::try_parse_from(["kilnctl", "fork", "web", "-n", "3"]).expect("parse");
+        assert!(
+            matches!(cli.command, Command::Fork { count: 3, .. }),
+            "{cli:?}"
         );
     }
 

@@ -62,7 +62,7 @@ fn visible(cmd: &Command) -> impl Iterator<Item = &Command> {
 }
 
 /// One command: a subsection with its usage, description and options; a
-/// group (container, image, pool, nic, gpu) lists its members instead.
+/// group (container, image, pool, snapshot, nic, gpu) lists its members instead.
 fn command_entry(roff: &mut Roff, cmd: &Command) {
     let path = cmd.get_bin_name().unwrap_or(cmd.get_name()).to_owned();
     if cmd.has_subcommands() {
@@ -139,10 +139,10 @@ fn tail(roff: &mut Roff) {
         (0, "Success."),
         (Class::Failure.code(), "Failure: kilnd or the guest failed (e.g. io.kiln.Manager.BootFailed, ImagePullFailed, ContainerStartFailed), or kilnd sent something kilnctl cannot read; an archive entry cp refuses."),
         (Class::Usage.code(), "Usage: bad options or arguments, a VM or digest prefix that matches several VMs or images, an SLA file that cannot be read or is not JSON, cp with neither or both sides VM:PATH, or --json with a terminal."),
-        (Class::NotFound.code(), "Not found: NoSuchVM, NoSuchPool, NoSuchNIC, ImageNotFound, NoSuchContainer, NoSuchProcess, NoSuchFile; a local file cp was given that does not exist."),
+        (Class::NotFound.code(), "Not found: NoSuchVM, NoSuchPool, NoSuchNIC, ImageNotFound, NoSuchContainer, NoSuchProcess, NoSuchFile, NoSuchSnapshot; a local file cp was given that does not exist."),
         (Class::PermissionDenied.code(), "Permission denied: PermissionDenied (a mutating call without root or the kiln group), or the socket cannot be opened for lack of permission, or a local file cp may not read or write."),
         (Class::Timeout.code(), "Timeout: a deadline passed (e.g. acquire --timeout)."),
-        (Class::Invalid.code(), "Invalid input or state: InvalidName, InvalidSpec, InvalidArgument, InvalidState, AlreadyExists, Busy, AddressInUse, PortInUse, NoHotplugSlot, InvalidImage, ImageInUse (image rm of an image a VM or pool uses), ContainerExists, org.varlink.service.InvalidParameter; an SLA field deploy refuses, a deployed VM that runs otherwise than its SLA asks, or cp of a directory over a file."),
+        (Class::Invalid.code(), "Invalid input or state: InvalidName, InvalidSpec, InvalidArgument, InvalidState, AlreadyExists, Busy, AddressInUse, PortInUse, NoHotplugSlot, InvalidImage, ImageInUse (image rm of an image a VM or pool uses), ContainerExists, NotSnapshottable (a VM with GPUs, hot-plugged NICs or a storage disk), org.varlink.service.InvalidParameter; an SLA field deploy refuses, a deployed VM that runs otherwise than its SLA asks, or cp of a directory over a file."),
         (Class::Exhausted.code(), "Exhausted: PoolExhausted, QuotaExceeded, NoGpuAvailable, TooManyContainers, TooManyProcesses, FileTooLarge (cp --max-bytes)."),
         (Class::Unreachable.code(), "Unreachable: kilnd's socket cannot be reached, or the connection broke."),
     ];
@@ -192,8 +192,11 @@ fn tail(roff: &mut Roff) {
          SIGHUP and SIGQUIT on to it; shell puts the local terminal in raw mode until \
          the command ends. cp names copies as docker cp does: into an existing \
          directory under the source's name, otherwise under the destination's. \
-         Not yet: snapshot, restore, fork and metrics commands come when kilnd has \
-         an API for them.",
+         A restored or forked VM shares the snapshot's RAM copy-on-write and gets \
+         its own identity, MAC and address unless restore --same-identity. show \
+         includes a running VM's usage (CPU time, memory and its cap, RSS, PSS, \
+         disk, network, OOM kills); create and pool create set its limits with \
+         --memory-cap, --cpus, --cpu-weight and --io-weight.",
     )]);
 
     roff.control("SH", ["EXAMPLES"]);
@@ -205,6 +208,8 @@ fn tail(roff: &mut Roff) {
         ("A shell in a VM, a tree copied in and a file out, input streamed into a command:", "kilnctl shell web\nkilnctl cp ./site web:/srv/\nkilnctl cp web:/var/log/app.log ./app.log\nkilnctl exec -i web -- sh -c 'cat > /tmp/in.txt' < in.txt"),
         ("A hot VM leased from a pool, running an image:", "kilnctl acquire ci --image busybox -- sleep 600"),
         ("An Oakestra SLA's microservices as VMs, and gone again:", "kilnctl deploy nginx-client-server.json\nkilnctl deploy nginx-client-server.json   # nothing changes\nkilnctl undeploy nginx-client-server.json"),
+        ("A running VM saved, restored as a new VM, forked twice, taken back to the snapshot after a kill, and the snapshot removed:", "kilnctl snapshot create web before-tests\nkilnctl restore before-tests --name retry\nkilnctl fork web -n 2\nkilnctl kill web\nkilnctl restore before-tests --into web\nkilnctl snapshot rm before-tests"),
+        ("A VM capped at 300 MiB and half a core:", "kilnctl create small --memory 128 --memory-cap 300M --cpus 0.5 --start"),
         ("Every change, as JSON lines:", "kilnctl watch --json | jq -c .event"),
     ] {
         roff.control("PP", []);
@@ -264,6 +269,11 @@ mod tests {
             "kilnctl pool create",
             "kilnctl pool resize",
             "kilnctl nic detach",
+            "kilnctl snapshot create",
+            "kilnctl snapshot ls",
+            "kilnctl snapshot rm",
+            "kilnctl restore",
+            "kilnctl fork",
             "kilnctl gpu ls",
             "kilnctl watch",
             "kilnctl deploy",

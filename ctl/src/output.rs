@@ -186,6 +186,17 @@ pub fn bytes(n: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// CPU time (microseconds) for people: `0.84s`, `59.99s`, `5min 03s`,
+/// `2h 05min`; cut, not rounded, so 59.999 s is not `60.00s`.
+pub fn cpu_time(us: u64) -> String {
+    let secs = us / 1_000_000;
+    match secs {
+        0..60 => format!("{secs}.{:02}s", us / 10_000 % 100),
+        60..3600 => format!("{}min {:02}s", secs / 60, secs % 60),
+        _ => format!("{}h {:02}min", secs / 3600, secs / 60 % 60),
+    }
+}
+
 /// The 12 hex digits that stand for a digest in tables (as docker's image
 /// ids): `sha256:3fa2c1d0e4b5…` is `3fa2c1d0e4b5`.
 pub fn short_digest(digest: &str) -> String {
@@ -345,6 +356,10 @@ mod tests {
         assert_eq!(bytes(1_027_789), "1.0 MiB");
         assert_eq!(bytes(4 << 20), "4.0 MiB");
         assert_eq!(bytes(5 << 30), "5.0 GiB");
+        assert_eq!(cpu_time(840_000), "0.84s");
+        assert_eq!(cpu_time(59_999_999), "59.99s");
+        assert_eq!(cpu_time(183_000_000), "3min 03s");
+        assert_eq!(cpu_time(7_500_000_000), "2h 05min");
         assert_eq!(short_digest("sha256:3fa2c1d0e4b5aabbcc"), "3fa2c1d0e4b5");
         assert_eq!(short_digest("abc"), "abc");
         assert_eq!(

@@ -6,7 +6,9 @@
 
 use serde_json::Value;
 
-use crate::output::{bytes, relative, shell_words, short_digest, utc, Column, Fields, Table};
+use crate::output::{
+    bytes, cpu_time, relative, shell_words, short_digest, utc, Column, Fields, Table,
+};
 
 /// How one value is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +21,10 @@ pub enum Show {
     MiB,
     /// Bytes: `4.0 MiB`.
     Bytes,
+    /// A cap in bytes, 0 being none: `300.0 MiB`, `none`.
+    Cap,
+    /// CPU time in microseconds: `1.52s`, `3min 04s`.
+    CpuTime,
     /// A digest's first 12 hex digits, as `image ls` shows it.
     Digest,
     /// How many entries a list has.
@@ -147,6 +153,21 @@ pub const LAYER_COLUMNS: &[Field] = fields![
     "EROFS" erofsSize Bytes, "TYPE" mediaType Cut,
 ];
 
+/// A running VM's `usage`, shown under its other fields.
+#[rustfmt::skip]
+pub const USAGE_FIELDS: &[Field] = fields![
+    "CPU time" cpuUsec CpuTime, "Memory used" memoryBytes Bytes, "Memory cap" memoryLimitBytes Cap,
+    "RSS" rssBytes Bytes, "PSS" pssBytes Bytes, "Disk read" diskReadBytes Bytes,
+    "Disk written" diskWriteBytes Bytes, "Net received" netRxBytes Bytes,
+    "Net sent" netTxBytes Bytes, "OOM kills" oomKills Text,
+];
+
+#[rustfmt::skip]
+pub const SNAPSHOT_COLUMNS: &[Field] = fields![
+    "NAME" name Cut, "SOURCE" sourceName Cut, "SOURCE ID" sourceId Text, "CREATED" createdAt Age,
+    "CPUS" vcpus Text, "MEMORY" memoryMiB MiB, "SIZE" sizeBytes Bytes, "CONTAINERS" containers List,
+];
+
 /// Every view with the IDL type it shows (for the test against the IDL).
 #[cfg(test)]
 const VIEWS: &[(&str, &[Field])] = &[
@@ -161,6 +182,8 @@ const VIEWS: &[(&str, &[Field])] = &[
     ("Image", IMAGE_FIELDS),
     ("ImageProcess", PROCESS_FIELDS),
     ("ImageLayer", LAYER_COLUMNS),
+    ("Usage", USAGE_FIELDS),
+    ("Snapshot", SNAPSHOT_COLUMNS),
 ];
 
 /// The text of a string or number field; "" when absent or null.
@@ -187,6 +210,13 @@ pub fn cell(object: &Value, field: &Field, now: u64) -> String {
         (Text | Cut, _) => text(object, field.key),
         (MiB, v) => format!("{v}M"),
         (Bytes, v) => v.as_u64().map(bytes).unwrap_or_else(|| v.to_string()),
+        // The API's 0: no cgroup to cap it.
+        (Cap, v) => match v.as_u64() {
+            Some(0) => "none".into(),
+            Some(n) => bytes(n),
+            None => v.to_string(),
+        },
+        (CpuTime, v) => v.as_u64().map(cpu_time).unwrap_or_else(|| v.to_string()),
         (Digest, v) => short_digest(v.as_str().unwrap_or_default()),
         (Count, v) => v.as_array().map_or(0, Vec::len).to_string(),
         (Argv, v) => {
@@ -343,6 +373,17 @@ mod tests {
         assert_eq!(get("layers", Count), "2");
         assert_eq!(get("cmd", Argv), "-c 'cat /etc/hello'");
         assert_eq!(get("users", List), "");
+
+        let usage = json!({"cpuUsec": 1_520_000, "memoryBytes": 47_185_920,
+                           "memoryLimitBytes": 314_572_800, "oomKills": 0});
+        let get = |key, show| cell_of(&usage, key, show);
+        assert_eq!(get("cpuUsec", CpuTime), "1.52s");
+        assert_eq!(get("memoryBytes", Bytes), "45.0 MiB");
+        assert_eq!(get("memoryLimitBytes", Cap), "300.0 MiB");
+        assert_eq!(cell_of(&json!({"c": 0}), "c", Cap), "none");
+        let shown = block(USAGE_FIELDS, &usage, now).render();
+        assert!(shown.contains(" Memory cap: 300.0 MiB\n"), "{shown}");
+        assert!(shown.contains("  OOM kills: 0\n"), "{shown}");
     }
 
     #[test]

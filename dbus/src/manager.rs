@@ -428,6 +428,15 @@ impl Manager {
         holder: &str,
     ) -> zbus::Result<()>;
 
+    /// A VM's QEMU was killed by the OOM killer at its memory cap of
+    /// `limit_bytes` (the VM turns `failed`).
+    #[zbus(signal)]
+    pub async fn oom(
+        emitter: &SignalEmitter<'_>,
+        vm: ObjectPath<'_>,
+        limit_bytes: u64,
+    ) -> zbus::Result<()>;
+
     /// A `PullImage` of `reference` moved on: `done_bytes` of the layer
     /// blobs' `total_bytes` (a cached layer counts whole), at `layer`
     /// (from 1; 0 = the image as a whole) of `layers`. Best effort: some

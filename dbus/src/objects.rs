@@ -126,7 +126,10 @@ pub async fn follow(
                 Ok(())
             }
             Ok(EngineEvent::LeaseExpired { id, holder, .. }) => {
-                lease_expired(&server, &id, &holder).await
+                vm_signal(&server, &id, &holder, None).await
+            }
+            Ok(EngineEvent::Oom { id, limit_bytes }) => {
+                vm_signal(&server, &id, "", Some(limit_bytes)).await
             }
             Ok(EngineEvent::ImageAdded { image }) => {
                 image_signal(&server, &image.digest, Some(image.references.clone())).await
@@ -145,11 +148,13 @@ pub async fn follow(
     }
 }
 
-/// The Manager's `LeaseExpired` signal.
-async fn lease_expired(
+/// A Manager signal about VM `id`: `LeaseExpired`, or `Oom` when
+/// `oom_limit` (its memory cap) is given.
+async fn vm_signal(
     server: &ObjectServer,
     id: &str,
     holder: &str,
+    oom_limit: Option<u64>,
 ) -> Result<(), (String, zbus::Error)> {
     let failed = |e: zbus::Error| (id.to_owned(), e);
     let path = vm_path(id).map_err(|e| failed(e.into()))?;
@@ -157,9 +162,12 @@ async fn lease_expired(
         .interface::<_, Manager>(MANAGER_PATH)
         .await
         .map_err(failed)?;
-    Manager::lease_expired(manager.signal_emitter(), path.as_ref(), holder)
-        .await
-        .map_err(failed)
+    let emitter = manager.signal_emitter();
+    match oom_limit {
+        Some(limit) => Manager::oom(emitter, path.as_ref(), limit).await,
+        None => Manager::lease_expired(emitter, path.as_ref(), holder).await,
+    }
+    .map_err(failed)
 }
 
 /// The Manager's `ImageAdded` (with the references naming it) or

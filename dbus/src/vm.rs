@@ -333,6 +333,46 @@ impl Vm {
         Ok(snapshot_tuple(&snapshot))
     }
 
+    /// What its QEMU uses now, like `usage` in varlink's `DescribeVM`:
+    /// CPU µs, cgroup memory and cap, RSS, PSS, disk read and written,
+    /// network received and sent (the guest's view), OOM kills, in bytes
+    /// where not said. `InvalidState` when it has no process.
+    #[zbus(out_args(
+        "cpu_usec",
+        "memory_bytes",
+        "memory_limit_bytes",
+        "rss_bytes",
+        "pss_bytes",
+        "disk_read_bytes",
+        "disk_write_bytes",
+        "net_rx_bytes",
+        "net_tx_bytes",
+        "oom_kills"
+    ))]
+    async fn usage(&self) -> Result<(u64, u64, u64, u64, u64, u64, u64, u64, u64, u64), KilnError> {
+        let vm = self.engine.describe_vm(&self.id).await?;
+        let Some(u) = vm.usage else {
+            return Err(EngineError::InvalidState {
+                id: self.id.clone(),
+                state: vm.state,
+                operation: "report the usage of",
+            }
+            .into());
+        };
+        Ok((
+            u.cpu_usec,
+            u.memory_bytes,
+            u.memory_limit_bytes,
+            u.rss_bytes,
+            u.pss_bytes,
+            u.disk_read_bytes,
+            u.disk_write_bytes,
+            u.net_rx_bytes,
+            u.net_tx_bytes,
+            u.oom_kills,
+        ))
+    }
+
     /// Take this stopped VM back to snapshot `snapshot` of it, like
     /// varlink's `RestoreVM` with `into`; replies once its agent answers.
     async fn restore_to(

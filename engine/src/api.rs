@@ -429,6 +429,9 @@ pub enum EngineEvent {
         pool: Option<String>,
         holder: String,
     },
+    /// A VM's QEMU was killed by the OOM killer at its cgroup's memory cap
+    /// (a `VmChanged` to `failed` follows).
+    Oom { id: String, limit_bytes: u64 },
     /// GPU nodes or their leases changed.
     GpusChanged { gpus: Vec<GpuInfo> },
     /// An image is stored, or what callers see of it changed: a pull or

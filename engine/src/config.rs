@@ -31,6 +31,14 @@ pub struct EngineConfig {
     pub qmp_timeout_ms: u64,
     /// TCG translation cache per VM in MiB (bounds TCG memory use).
     pub tcg_tb_size_mib: u32,
+    /// Where the cgroup hierarchies are mounted.
+    pub cgroup_root: PathBuf,
+    /// The cgroup (relative to each hierarchy) VM cgroups go under, one
+    /// per VM named by its id.
+    pub cgroup_parent: String,
+    /// A VM's default memory cap on top of its guest RAM, in MiB: QEMU's
+    /// own memory (devices, TCG's translation cache, I/O buffers).
+    pub memory_overhead_mib: u32,
     /// Pool definition directories, lowest precedence first (a later
     /// directory's `NAME.toml` replaces an earlier one's). Pools created or
     /// changed through the API are kept in `<state_dir>/pools.d`, which
@@ -84,6 +92,9 @@ impl Default for EngineConfig {
             stop_timeout_sec: 10,
             qmp_timeout_ms: 5_000,
             tcg_tb_size_mib: 32,
+            cgroup_root: "/sys/fs/cgroup".into(),
+            cgroup_parent: "kiln".into(),
+            memory_overhead_mib: 256,
             pool_dirs: vec![
                 "/usr/lib/kiln/pools.d".into(),
                 "/etc/kiln/pools.d".into(),

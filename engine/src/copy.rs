@@ -369,10 +369,14 @@ pub async fn copy_out(
     let written = writer
         .await
         .map_err(|e| EngineError::FileFailed(format!("archive writer: {e}")))?;
-    // The writer's own failure explains a walk that found its channel
-    // closed.
-    written?;
-    walked
+    // A walk that found the channel closed failed because the writer did:
+    // the writer's error says why. Otherwise the walk's error is the cause.
+    match (walked, written) {
+        (Err(EngineError::FileFailed(m)), Err(w)) if m == READER_GONE => Err(w),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(w)) => Err(w),
+        (Ok(stats), Ok(())) => Ok(stats),
+    }
 }
 
 /// Sends `root` and, for a directory, everything below it.
@@ -471,8 +475,10 @@ async fn walk(
     Ok(stats)
 }
 
+const READER_GONE: &str = "the reader of the archive went away";
+
 fn closed() -> EngineError {
-    EngineError::FileFailed("the reader of the archive went away".into())
+    EngineError::FileFailed(READER_GONE.into())
 }
 
 /// The blocking side of `CopyOut`: builds the archive from the items.

@@ -27,6 +27,7 @@ pub mod access;
 mod actor;
 pub mod agent;
 pub mod api;
+pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod copy;

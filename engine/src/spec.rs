@@ -84,6 +84,55 @@ pub struct VmSpec {
     /// stops), `on-failure`, `always` (it is started again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
+    /// What the VM's QEMU may use of the host (its cgroup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ResourceLimits>,
+}
+
+/// The smallest memory cap: QEMU itself needs about this much to boot.
+pub const MIN_MEMORY_CAP_MIB: u32 = 128;
+
+/// A VM's share of the host: enforced on its QEMU's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceLimits {
+    /// Memory cap of the whole QEMU process in MiB: guest RAM plus QEMU's
+    /// own (default: `memoryMiB` + the daemon's `memory_overhead_mib`), at
+    /// least 128. Below the guest's RAM + QEMU's own it overcommits: a
+    /// guest that uses all its RAM gets its QEMU OOM-killed.
+    #[serde(default, rename = "memoryMiB", skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// CPU quota in thousandths of a core (500: half a core), 10 to
+    /// `vcpus` × 1000; default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub milli_cpus: Option<u32>,
+    /// CPU weight against other VMs, 1 to 10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
+    /// IO weight, 1 to 10000 (100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u32>,
+}
+
+impl ResourceLimits {
+    fn check(&self, vcpus: u32) -> Result<(), SpecError> {
+        let bad = |what: String| Err(SpecError::Limits(what));
+        if self.memory_mib.is_some_and(|m| m < MIN_MEMORY_CAP_MIB) {
+            return bad(format!("memoryMiB must be at least {MIN_MEMORY_CAP_MIB}"));
+        }
+        if self
+            .milli_cpus
+            .is_some_and(|m| m < 10 || m > vcpus.saturating_mul(1000))
+        {
+            return bad(format!("milliCpus must be 10 to {}", vcpus * 1000));
+        }
+        for (name, weight) in [("cpuWeight", self.cpu_weight), ("ioWeight", self.io_weight)] {
+            if weight.is_some_and(|w| !(1..=10_000).contains(&w)) {
+                return bad(format!("{name} must be 1 to 10000"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Most port forwards one VM may have.
@@ -302,6 +351,9 @@ pub struct ResolvedSpec {
     /// The container the VM runs (from `image` and the process fields).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerSpec>,
+    /// Its cgroup's limits as asked (defaults are the daemon's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ResourceLimits>,
 }
 
 impl ResolvedSpec {
@@ -363,6 +415,9 @@ pub enum SpecError {
     /// Command line too long or with control characters.
     #[error("cmdline must be at most {MAX_CMDLINE_LEN} printable characters")]
     Cmdline,
+    /// The resource limits are not acceptable.
+    #[error("limits: {0}")]
+    Limits(String),
     /// The GPU request is not acceptable.
     #[error("gpus: {0}")]
     Gpus(String),
@@ -453,6 +508,9 @@ impl VmSpec {
             return Err(SpecError::Cmdline);
         }
         let container = self.container()?;
+        if let Some(limits) = &self.limits {
+            limits.check(vcpus)?;
+        }
         Ok(ResolvedSpec {
             vcpus,
             memory_mib,
@@ -467,6 +525,7 @@ impl VmSpec {
                 None => None,
             },
             container,
+            limits: self.limits,
         })
     }
 

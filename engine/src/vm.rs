@@ -280,6 +280,36 @@ pub struct VmInfo {
     /// Containers it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerInfo>,
+    /// What its QEMU uses now (`DescribeVM` of a running VM only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<VmUsage>,
+}
+
+/// A running VM's use of the host, read when asked: its QEMU's cgroup,
+/// `/proc/<pid>` and its TAPs' counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmUsage {
+    /// CPU time of its QEMU (all vCPUs and QEMU's own threads), µs.
+    pub cpu_usec: u64,
+    /// Memory its cgroup is charged now, bytes (0: no cgroup).
+    pub memory_bytes: u64,
+    /// The cgroup's memory cap, bytes (0: none).
+    pub memory_limit_bytes: u64,
+    /// Resident set of its QEMU, bytes.
+    pub rss_bytes: u64,
+    /// Proportional set (shared pages split among their users), bytes.
+    pub pss_bytes: u64,
+    /// Bytes QEMU read from and wrote to storage (its disks, logs).
+    pub disk_read_bytes: u64,
+    /// See `disk_read_bytes`.
+    pub disk_write_bytes: u64,
+    /// Bytes the guest received over its NICs.
+    pub net_rx_bytes: u64,
+    /// Bytes the guest sent over its NICs.
+    pub net_tx_bytes: u64,
+    /// Processes of its cgroup the OOM killer ended (QEMU, at its cap).
+    pub oom_kills: u64,
 }
 
 impl From<&VmRecord> for VmInfo {
@@ -314,6 +344,7 @@ impl From<&VmRecord> for VmInfo {
             display: r.spec.display,
             network: r.network.clone(),
             containers: r.containers.iter().map(ContainerInfo::from).collect(),
+            usage: None,
         }
     }
 }

@@ -52,7 +52,8 @@ impl Kilnd {
         };
         let config = format!(
             "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\n\
-             varlink_socket = \"{0}/varlink\"\nboot_timeout_sec = 180\n{pool_dirs}{extra_config}",
+             varlink_socket = \"{0}/varlink\"\nboot_timeout_sec = 180\n\
+             cgroup_parent = \"kiln-test\"\n{pool_dirs}{extra_config}",
             dir.display(),
             crate::guest_dir().display(),
         );

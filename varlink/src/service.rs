@@ -590,6 +590,9 @@ fn watch(events: broadcast::Receiver<EngineEvent>) -> EventStream {
             Ok(EngineEvent::GpusChanged { gpus }) => {
                 json!({ "type": "gpusChanged", "id": "", "gpus": gpus })
             }
+            Ok(EngineEvent::Oom { id, limit_bytes }) => {
+                json!({ "type": "oom", "id": id, "memoryLimitBytes": limit_bytes })
+            }
             Ok(EngineEvent::LeaseExpired { id, pool, holder }) => {
                 json!({ "type": "leaseExpired", "id": id, "poolName": pool, "holder": holder })
             }

@@ -5,6 +5,7 @@ use serde_json::Value;
 use super::{CtlError, Ctx};
 use crate::cli::{GpuCommand, NicCommand};
 use crate::client::ClientError;
+use crate::output::bytes;
 use crate::view::{self, text, GPU_COLUMNS, NIC_COLUMNS};
 
 pub fn nic(ctx: &mut Ctx, command: NicCommand) -> Result<i32, CtlError> {
@@ -100,6 +101,16 @@ pub fn event_line(event: &Value) -> String {
                 .trim_end()
                 .to_owned()
         }
+        "oom" => match event.get("memoryLimitBytes").and_then(Value::as_u64) {
+            Some(cap) if cap > 0 => {
+                format!(
+                    "{kind} {} at its memory cap of {}",
+                    text(event, "id"),
+                    bytes(cap)
+                )
+            }
+            _ => format!("{kind} {}", text(event, "id")),
+        },
         "ready" | "lagged" => kind,
         _ => format!("{kind} {}", text(event, "id")),
     }
@@ -144,6 +155,14 @@ mod tests {
             (
                 json!({"type": "imageRemoved", "id": "sha256:ab"}),
                 "imageRemoved sha256:ab",
+            ),
+            (
+                json!({"type": "oom", "id": "3fa2c1d0e4b5", "memoryLimitBytes": 314_572_800}),
+                "oom 3fa2c1d0e4b5 at its memory cap of 300.0 MiB",
+            ),
+            (
+                json!({"type": "oom", "id": "3fa2c1d0e4b5"}),
+                "oom 3fa2c1d0e4b5",
             ),
             (json!({"type": "somethingNew", "id": "x"}), "somethingNew x"),
         ];

@@ -8,6 +8,7 @@ mod host;
 mod images;
 mod pools;
 mod processes;
+mod snapshots;
 mod vms;
 
 use std::io;
@@ -196,6 +197,9 @@ pub fn run(ctx: &mut Ctx, command: Command) -> Result<i32, CtlError> {
         Command::Acquire(args) => pools::acquire(ctx, args),
         Command::Release { vms: r, recycle } => pools::release(ctx, &r.vms, recycle),
         Command::Renew { vm, ttl } => pools::renew(ctx, &vm, ttl),
+        Command::Snapshot(command) => snapshots::snapshot(ctx, command),
+        Command::Restore(args) => snapshots::restore(ctx, args),
+        Command::Fork { vm, count } => snapshots::fork(ctx, &vm, count),
         Command::Nic(command) => host::nic(ctx, command),
         Command::Gpu(command) => host::gpu(ctx, command),
         Command::Watch => host::watch(ctx),

@@ -7,8 +7,10 @@ use serde_json::{json, Map, Value};
 use super::{process_keys, seconds, spec_object, CtlError, Ctx};
 use crate::api::VmAction;
 use crate::cli::{CreateArgs, Forward, VmSpecArgs};
-use crate::output::Fields;
-use crate::view::{self, text, CONTAINER_COLUMNS, NIC_COLUMNS, VM_COLUMNS, VM_FIELDS};
+use crate::output::{self, Fields};
+use crate::view::{
+    self, text, CONTAINER_COLUMNS, NIC_COLUMNS, USAGE_FIELDS, VM_COLUMNS, VM_FIELDS,
+};
 
 pub fn status(ctx: &mut Ctx) -> Result<i32, CtlError> {
     let s = ctx.api.get_status()?;
@@ -62,7 +64,12 @@ pub fn show(ctx: &mut Ctx, reference: &str) -> Result<i32, CtlError> {
         return Ok(0);
     }
     let vm = &reply["vm"];
-    ctx.block(VM_FIELDS, vm);
+    // A running VM's usage (kilnd reads it for DescribeVM) under its
+    // fields, as an image's process is.
+    let now = output::now_us();
+    let mut block = view::block(VM_FIELDS, vm, now);
+    view::add_to_block(&mut block, USAGE_FIELDS, &vm["usage"], now);
+    print!("{}", block.render());
     for (fields, items) in [
         (NIC_COLUMNS, view::items(vm, "network")),
         (CONTAINER_COLUMNS, view::items(vm, "containers")),
@@ -113,6 +120,18 @@ pub fn apply_vm_options(spec: &mut Map<String, Value>, o: &VmSpecArgs) -> Result
     set("image", o.image.clone().map(Value::from));
     spec.extend(process_keys(&o.container));
 
+    let mut limits = Map::new();
+    let mut limit = |key: &str, value: Option<Value>| {
+        if let Some(v) = value {
+            limits.insert(key.to_owned(), v);
+        }
+    };
+    limit("memoryMiB", o.limits.memory_cap.map(Value::from));
+    limit("milliCpus", o.limits.milli_cpus.map(Value::from));
+    limit("cpuWeight", o.limits.cpu_weight.map(Value::from));
+    limit("ioWeight", o.limits.io_weight.map(Value::from));
+    merge(spec, "limits", limits)?;
+
     let mut network = Map::new();
     let mut net = |key: &str, value: Option<Value>| {
         if let Some(v) = value {
@@ -128,16 +147,27 @@ pub fn apply_vm_options(spec: &mut Map<String, Value>, o: &VmSpecArgs) -> Result
         let forwards = o.forwards.iter().map(Forward::to_spec).collect();
         network.insert("forwards".into(), Value::Array(forwards));
     }
-    if !network.is_empty() {
-        let entry = spec
-            .entry("network")
-            .or_insert_with(|| Value::Object(Map::new()));
-        match entry {
-            Value::Object(existing) => existing.extend(network),
-            _ => return Err(CtlError::Usage("--spec: network is not an object".into())),
-        }
+    merge(spec, "network", network)
+}
+
+/// `keys` into the object `spec[key]` (made when absent), over what
+/// `--spec` set there.
+fn merge(
+    spec: &mut Map<String, Value>,
+    key: &str,
+    keys: Map<String, Value>,
+) -> Result<(), CtlError> {
+    if keys.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let entry = spec.entry(key).or_insert_with(|| Value::Object(Map::new()));
+    match entry {
+        Value::Object(existing) => {
+            existing.extend(keys);
+            Ok(())
+        }
+        _ => Err(CtlError::Usage(format!("--spec: {key} is not an object"))),
+    }
 }
 
 /// kilnd wants absolute paths; the operator may type relative ones.
@@ -240,6 +270,28 @@ mod tests {
             json!({"memoryMiB": 256, "image": "kiln.test/app:v1", "env": ["B=2"],
                    "command": ["-c", "echo hi"]})
         );
+    }
+
+    #[test]
+    fn limit_options_fill_the_spec_limits() {
+        let mut spec = spec_object(Some(r#"{"limits": {"ioWeight": 7, "cpuWeight": 1}}"#)).unwrap();
+        let options = VmSpecArgs {
+            limits: crate::cli::LimitArgs {
+                memory_cap: Some(300),
+                milli_cpus: Some(500),
+                cpu_weight: Some(50),
+                io_weight: None,
+            },
+            ..VmSpecArgs::default()
+        };
+        apply_vm_options(&mut spec, &options).unwrap();
+        assert_eq!(
+            Value::Object(spec),
+            json!({"limits": {"memoryMiB": 300, "milliCpus": 500, "cpuWeight": 50, "ioWeight": 7}})
+        );
+        let mut spec = spec_object(Some(r#"{"limits": 3}"#)).unwrap();
+        let err = apply_vm_options(&mut spec, &options).unwrap_err();
+        assert_eq!(err.to_string(), "--spec: limits is not an object");
     }
 
     #[test]

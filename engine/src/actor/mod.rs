@@ -358,6 +358,8 @@ pub struct Engine {
     images: images::Images,
     /// VM creates waiting for their image (by id).
     creating: HashMap<String, containers::PendingCreate>,
+    /// Where VM cgroups go (detected at start).
+    cgroups: crate::cgroup::Layout,
 }
 
 impl Engine {
@@ -392,6 +394,10 @@ impl Engine {
         for b in &broken {
             error!(key = %b.key, path = %b.path.display(), reason = %b.reason, "VM record is broken, moved aside");
         }
+        let cgroups = crate::cgroup::Layout::detect(&config.cgroup_root);
+        if let Err(e) = cgroups.prepare(&config.cgroup_parent) {
+            warn!(error = %e, "cannot prepare the VM cgroups' parent; VMs run without limits");
+        }
         let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(1024);
         let mut engine = Engine {
@@ -411,6 +417,7 @@ impl Engine {
             bridges,
             images,
             creating: HashMap::new(),
+            cgroups,
         };
         engine.reconcile(records).await;
         engine.reconcile_network().await;
@@ -463,7 +470,12 @@ impl Engine {
                 let _ = reply.send(Ok(vms));
             }
             Command::DescribeVm { id, reply } => {
-                let _ = reply.send(self.entry(&id).map(|e| VmInfo::from(&e.record)));
+                let _ = reply.send(self.entry(&id).map(|e| VmInfo::from(&e.record)).map(
+                    |mut info| {
+                        info.usage = self.usage_of(&id);
+                        info
+                    },
+                ));
             }
             Command::ExecVm { id, request, reply } => self.exec_vm(&id, request, reply),
             Command::AddContainer { id, spec, reply } => self.add_container(&id, spec, reply),

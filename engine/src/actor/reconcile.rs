@@ -46,9 +46,16 @@ impl Engine {
         let Some(process) = process else {
             warn!(vm = %id, was = %state, "QEMU is gone, marking the VM failed");
             remove_tree(&runtime_dir);
+            let cgroup = self.cgroup_of(id);
+            let oom = cgroup.usage().oom_kills > 0;
+            cgroup.remove();
             let _ = self.transition(id, VmState::Failed, Write::Fact, |r| {
                 r.pid = None;
-                r.last_error = Some("QEMU exited while kilnd was not running".into());
+                r.last_error = Some(if oom {
+                    "QEMU was killed by the OOM killer at the VM's memory cap while kilnd was not running".into()
+                } else {
+                    "QEMU exited while kilnd was not running".into()
+                });
             });
             return;
         };
@@ -65,6 +72,7 @@ impl Engine {
                     .await
                     .ok();
                 remove_tree(&runtime_dir);
+                self.cgroup_of(id).remove();
                 let _ = self.transition(id, VmState::Failed, Write::Fact, |r| {
                     r.pid = None;
                     r.last_error = Some(format!("re-adoption failed: {e}"));

@@ -68,6 +68,8 @@ impl Harness {
             pool_dirs: vec![root.join("pools")],
             gpu_sysfs_root: root.join("sys"),
             gpu_dev_root: root.join("dev"),
+            // No cgroups for fake processes.
+            cgroup_root: root.join("cgroup"),
             ..EngineConfig::default()
         };
         tweak(&mut config);

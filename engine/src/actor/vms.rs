@@ -168,6 +168,7 @@ impl Engine {
         });
         entry.ready_waiters.extend(reply);
         let tx = self.internal_tx.clone();
+        let cgroup = self.cgroup_plan(id);
         let mut plan = BootPlan {
             launch,
             runtime_dir,
@@ -177,6 +178,7 @@ impl Engine {
             qmp_timeout: self.config.qmp_timeout(),
             boot_timeout: self.config.boot_timeout(),
             upper_disks,
+            cgroup,
         };
         let id = id.to_owned();
         info!(vm = %id, generation, clone = plan.restore.is_some(), "starting VM");
@@ -500,6 +502,109 @@ impl Engine {
         });
     }
 
+    /// VM `id`'s cgroup.
+    pub(super) fn cgroup_of(&self, id: &str) -> crate::cgroup::VmCgroup {
+        self.cgroups.vm(&self.config.cgroup_parent, id)
+    }
+
+    /// The cgroup VM `id`'s QEMU goes into and its limits: the spec's, or
+    /// guest RAM + the daemon's overhead (+ TCG's translation cache).
+    fn cgroup_plan(
+        &self,
+        id: &str,
+    ) -> Option<(crate::cgroup::VmCgroup, crate::cgroup::CgroupLimits)> {
+        let cgroup = self.cgroup_of(id);
+        if !cgroup.exists() {
+            return None;
+        }
+        let spec = &self.vms.get(id)?.record.spec;
+        let asked = spec.limits.unwrap_or_default();
+        let tcg = if spec.accel == Accel::Tcg {
+            self.config.tcg_tb_size_mib
+        } else {
+            0
+        };
+        let memory_mib = asked.memory_mib.unwrap_or(
+            spec.memory_mib
+                .saturating_add(self.config.memory_overhead_mib)
+                .saturating_add(tcg),
+        );
+        Some((
+            cgroup,
+            crate::cgroup::CgroupLimits {
+                memory_bytes: u64::from(memory_mib) << 20,
+                cpus: asked.milli_cpus.map(|m| f64::from(m) / 1000.0),
+                cpu_weight: asked.cpu_weight,
+                io_weight: asked.io_weight,
+            },
+        ))
+    }
+
+    /// What VM `id`'s QEMU uses now; `None` when it has no process.
+    pub(super) fn usage_of(&self, id: &str) -> Option<crate::vm::VmUsage> {
+        let entry = self.vms.get(id)?;
+        let pid = entry.runtime.as_ref()?.process.as_ref()?.pid();
+        let cgroup = self.cgroup_of(id).usage();
+        let proc_file =
+            |name: &str| std::fs::read_to_string(format!("/proc/{pid}/{name}")).unwrap_or_default();
+        let field = |text: &str, key: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(key)?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        let smaps = proc_file("smaps_rollup");
+        let io = proc_file("io");
+        // Without a cgroup: utime + stime from /proc (clock ticks of 10 ms).
+        let cpu_usec = if cgroup.cpu_usec > 0 {
+            cgroup.cpu_usec
+        } else {
+            let stat = proc_file("stat");
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (ticks(11) + ticks(12)) * 10_000
+        };
+        let (mut rx, mut tx) = (0, 0);
+        for nic in entry.record.network.iter().filter(|n| n.netns.is_none()) {
+            let counter = |name: &str| {
+                std::fs::read_to_string(format!("/sys/class/net/{}/statistics/{name}", nic.tap))
+                    .ok()
+                    .and_then(|t| t.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            // What the TAP sends is what the guest receives.
+            rx += counter("tx_bytes");
+            tx += counter("rx_bytes");
+        }
+        Some(crate::vm::VmUsage {
+            cpu_usec,
+            memory_bytes: cgroup.memory_bytes,
+            memory_limit_bytes: cgroup.memory_limit_bytes,
+            rss_bytes: field(&smaps, "Rss:") * 1024,
+            pss_bytes: field(&smaps, "Pss:") * 1024,
+            disk_read_bytes: field(&io, "read_bytes:"),
+            disk_write_bytes: field(&io, "write_bytes:"),
+            net_rx_bytes: rx,
+            net_tx_bytes: tx,
+            oom_kills: cgroup.oom_kills,
+        })
+    }
+
     pub(super) fn guest_agent(
         &self,
         id: &str,
@@ -634,9 +739,20 @@ impl Engine {
         let clean =
             runtime.stop_intent.is_some() || runtime.shutdown_seen || state == VmState::Stopping;
         let runtime_dir = self.config.vm_runtime_dir(id);
+        let cgroup = self.cgroup_of(id);
+        let usage = cgroup.usage();
+        cgroup.remove();
+        let oom = usage.oom_kills > 0;
         let (next, error) = match state {
             VmState::Failed => (VmState::Failed, None),
-            _ if clean => (VmState::Stopped, None),
+            _ if clean && !oom => (VmState::Stopped, None),
+            _ if oom => (
+                VmState::Failed,
+                Some(format!(
+                    "QEMU was killed by the OOM killer at the VM's memory cap of {} MiB",
+                    usage.memory_limit_bytes >> 20
+                )),
+            ),
             _ => {
                 let tail = console_tail(&runtime_dir.join("console.log"));
                 let msg = match tail {
@@ -646,6 +762,13 @@ impl Engine {
                 (VmState::Failed, Some(msg))
             }
         };
+        if oom {
+            warn!(vm = %id, limit_mib = usage.memory_limit_bytes >> 20, "VM hit its memory cap: QEMU was OOM-killed");
+            let _ = self.events.send(EngineEvent::Oom {
+                id: id.to_owned(),
+                limit_bytes: usage.memory_limit_bytes,
+            });
+        }
         if next == VmState::Failed && state != VmState::Failed {
             warn!(vm = %id, "QEMU exited unexpectedly, VM failed");
         } else {
