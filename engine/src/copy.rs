@@ -293,13 +293,7 @@ pub async fn copy_in(
                     size,
                 } => {
                     count_entry(&mut stats)?;
-                    stats.bytes = stats.bytes.saturating_add(size);
-                    if stats.bytes > target.max_bytes {
-                        return Err(EngineError::FileTooLarge(format!(
-                            "the copy is over its limit of {} bytes",
-                            target.max_bytes
-                        )));
-                    }
+                    count_bytes(&mut stats, size, target.max_bytes)?;
                     let request = WriteFileRequest {
                         at: target.at(path),
                         offset: 0,
@@ -336,6 +330,17 @@ pub async fn copy_in(
     drop(rx);
     let _ = reader.await;
     result
+}
+
+/// Counts `size` bytes of file content against the copy's `max`.
+fn count_bytes(stats: &mut CopyStats, size: u64, max: u64) -> Result<(), EngineError> {
+    stats.bytes = stats.bytes.saturating_add(size);
+    if stats.bytes > max {
+        return Err(EngineError::FileTooLarge(format!(
+            "the copy is over its limit of {max} bytes"
+        )));
+    }
+    Ok(())
 }
 
 fn count_entry(stats: &mut CopyStats) -> Result<(), EngineError> {
@@ -439,13 +444,7 @@ async fn walk(
                 }
             }
             FileKind::File => {
-                stats.bytes = stats.bytes.saturating_add(info.size);
-                if stats.bytes > target.max_bytes {
-                    return Err(EngineError::FileTooLarge(format!(
-                        "the copy is over its limit of {} bytes",
-                        target.max_bytes
-                    )));
-                }
+                count_bytes(&mut stats, info.size, target.max_bytes)?;
                 send(Item::File {
                     path: archive_path,
                     mode: info.mode,

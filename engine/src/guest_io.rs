@@ -120,6 +120,20 @@ impl EngineHandle {
         Ok(agent.call(method, parameters, timeout).await?)
     }
 
+    /// An agent call whose reply carries nothing.
+    async fn guest_do<P: Serialize>(
+        &self,
+        id: &str,
+        container: Option<&str>,
+        method: &'static str,
+        parameters: &P,
+    ) -> Result<(), EngineError> {
+        let _: Value = self
+            .guest_call(id, container, method, parameters, CALL_SLACK)
+            .await?;
+        Ok(())
+    }
+
     /// `StartProcess`: starts the process and returns its handle at once.
     pub async fn spawn_process(
         &self,
@@ -241,10 +255,8 @@ impl EngineHandle {
             ));
         }
         let request = SignalProcessRequest { handle, signal };
-        let _: Value = self
-            .guest_call(id, None, method::SIGNAL_PROCESS, &request, CALL_SLACK)
-            .await?;
-        Ok(())
+        self.guest_do(id, None, method::SIGNAL_PROCESS, &request)
+            .await
     }
 
     /// `ResizeProcess`: a new size for the process's terminal.
@@ -256,24 +268,19 @@ impl EngineHandle {
     ) -> Result<(), EngineError> {
         validate_size(size)?;
         let request = ResizeProcessRequest { handle, size };
-        let _: Value = self
-            .guest_call(id, None, method::RESIZE_PROCESS, &request, CALL_SLACK)
-            .await?;
-        Ok(())
+        self.guest_do(id, None, method::RESIZE_PROCESS, &request)
+            .await
     }
 
     /// `ReleaseProcess`: kill it if running, forget it.
     pub async fn release_process(&self, id: &str, handle: u64) -> Result<(), EngineError> {
-        let _: Value = self
-            .guest_call(
-                id,
-                None,
-                method::RELEASE_PROCESS,
-                &ProcessHandleRequest { handle },
-                CALL_SLACK,
-            )
-            .await?;
-        Ok(())
+        self.guest_do(
+            id,
+            None,
+            method::RELEASE_PROCESS,
+            &ProcessHandleRequest { handle },
+        )
+        .await
     }
 
     /// `WaitProcess`: waits up to `timeout` for the process to exit,
@@ -387,16 +394,13 @@ impl EngineHandle {
         id: &str,
         request: &WriteFileRequest,
     ) -> Result<(), EngineError> {
-        let _: Value = self
-            .guest_call(
-                id,
-                request.at.container.as_deref(),
-                method::WRITE_FILE,
-                request,
-                CALL_SLACK,
-            )
-            .await?;
-        Ok(())
+        self.guest_do(
+            id,
+            request.at.container.as_deref(),
+            method::WRITE_FILE,
+            request,
+        )
+        .await
     }
 
     /// A directory with its mode and owner.
@@ -405,16 +409,13 @@ impl EngineHandle {
         id: &str,
         request: &MakeDirectoryRequest,
     ) -> Result<(), EngineError> {
-        let _: Value = self
-            .guest_call(
-                id,
-                request.at.container.as_deref(),
-                method::MAKE_DIRECTORY,
-                request,
-                CALL_SLACK,
-            )
-            .await?;
-        Ok(())
+        self.guest_do(
+            id,
+            request.at.container.as_deref(),
+            method::MAKE_DIRECTORY,
+            request,
+        )
+        .await
     }
 
     /// A symlink.
@@ -423,16 +424,13 @@ impl EngineHandle {
         id: &str,
         request: &MakeSymlinkRequest,
     ) -> Result<(), EngineError> {
-        let _: Value = self
-            .guest_call(
-                id,
-                request.at.container.as_deref(),
-                method::MAKE_SYMLINK,
-                request,
-                CALL_SLACK,
-            )
-            .await?;
-        Ok(())
+        self.guest_do(
+            id,
+            request.at.container.as_deref(),
+            method::MAKE_SYMLINK,
+            request,
+        )
+        .await
     }
 }
 

@@ -24,7 +24,7 @@ use super::pools::BootSource;
 use super::{Engine, Internal};
 use crate::api::{Reply, MAX_FORKS};
 use crate::error::EngineError;
-use crate::ids::{fill_random, now_usec};
+use crate::ids::now_usec;
 use crate::qemu::{GuestMemory, NicArgs, NicBackend, QemuLaunch};
 use crate::snapshot::{self, Build, SnapshotInfo, SnapshotMeta};
 use crate::state::VmState;
@@ -141,12 +141,8 @@ impl Engine {
                 "count must be 1 to {MAX_FORKS}"
             )))));
         }
-        let mut nonce = [0u8; 4];
-        fill_random(&mut nonce);
-        let name = format!(
-            "fork-{id}-{}",
-            nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        // Hidden and unique: a random suffix of the VM-id kind.
+        let name = format!("fork-{id}-{}", crate::ids::new_vm_id());
         self.start_snapshot(id, &name, false, AfterSnapshot::Fork { count, reply });
     }
 
