@@ -19,6 +19,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use kiln_engine::cgroup::CgroupLimits;
 use kiln_engine::{EngineEvent, EngineHandle, VmInfo};
 use serde_json::{json, Value};
 use thiserror::Error;
@@ -90,6 +91,36 @@ pub struct Machine {
     pub name: String,
     /// QEMU pid, the machine's leader.
     pub leader: u32,
+    /// The limits its scope gets (kilnd cannot write the cgroup tree
+    /// under systemd's `ProtectControlGroups=`; systemd can).
+    pub limits: Option<CgroupLimits>,
+}
+
+/// The scope unit machined makes for machine `name`: `machine-` and the
+/// name, escaped the systemd way (`-` is `\x2d`; Kiln's names have no
+/// other character that needs it).
+pub fn scope_unit(name: &str) -> String {
+    format!("machine-{}.scope", name.replace('-', "\\x2d"))
+}
+
+/// systemd's properties for `limits`: the same cgroup files kilnd writes
+/// itself where it may (`memory.max`, `memory.swap.max`, `cpu.max`,
+/// `cpu.weight`, `io.weight`).
+fn scope_properties(limits: &CgroupLimits) -> Vec<(&'static str, zbus::zvariant::Value<'static>)> {
+    let mut properties = vec![
+        ("MemoryMax", limits.memory_bytes.into()),
+        ("MemorySwapMax", 0u64.into()),
+    ];
+    if let Some(milli) = limits.milli_cpus {
+        properties.push(("CPUQuotaPerSecUSec", (u64::from(milli) * 1000).into()));
+    }
+    if let Some(weight) = limits.cpu_weight {
+        properties.push(("CPUWeight", u64::from(weight).into()));
+    }
+    if let Some(weight) = limits.io_weight {
+        properties.push(("IOWeight", u64::from(weight).into()));
+    }
+    properties
 }
 
 /// What the follower needs from machined (a trait so the follow logic is
@@ -146,11 +177,27 @@ impl Machined {
     where
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
+        self.manager_call("org.freedesktop.machine1", method, body)
+            .await
+    }
+
+    /// `method` of the `Manager` of `service` (machine1 or systemd1).
+    async fn manager_call<B>(
+        &mut self,
+        service: &str,
+        method: &str,
+        body: &B,
+    ) -> Result<(), MachinedError>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
         let bus = self.bus().await?;
+        let path = format!("/{}", service.replace('.', "/"));
+        let interface = format!("{service}.Manager");
         let call = bus.call_method(
-            Some("org.freedesktop.machine1"),
-            "/org/freedesktop/machine1",
-            Some("org.freedesktop.machine1.Manager"),
+            Some(service),
+            path.as_str(),
+            Some(interface.as_str()),
             method,
             body,
         );
@@ -173,6 +220,27 @@ impl Machined {
                 }
             }
             Ok(Err(e)) => Err(MachinedError::Dbus(e)),
+        }
+    }
+}
+
+impl Machined {
+    /// Puts `limits` on machine `name`'s scope (runtime properties: they
+    /// go with the scope). A failure is logged: the VM runs, unlimited.
+    async fn limit_scope(&mut self, name: &str, limits: &CgroupLimits) {
+        let unit = scope_unit(name);
+        let set = self
+            .manager_call(
+                "org.freedesktop.systemd1",
+                "SetUnitProperties",
+                &(unit.as_str(), true, scope_properties(limits)),
+            )
+            .await;
+        match set {
+            Ok(()) => debug!(%unit, ?limits, "machined: limits set on the VM's scope"),
+            Err(e) => {
+                warn!(%unit, error = %error_chain(&e), "cannot set the VM's limits on its scope")
+            }
         }
     }
 }
@@ -232,6 +300,9 @@ impl Registry for Machined {
         match result {
             Ok(via) => {
                 info!(machine = %machine.name, leader = machine.leader, via, "machined: registered VM");
+                if let Some(limits) = &machine.limits {
+                    self.limit_scope(&machine.name, limits).await;
+                }
                 Ok(Registered::Created)
             }
             Err(e) if refused_as(&e) == Some("MachineExists") => Ok(Registered::AlreadyExists),
@@ -344,6 +415,7 @@ impl<R: Registry> Follower<R> {
                 let machine = Machine {
                     name: machine_name(&vm.id),
                     leader: pid,
+                    limits: vm.cgroup_limits,
                 };
                 match self.registry.register(&machine).await {
                     Ok(_) => {
@@ -482,6 +554,34 @@ mod tests {
         .unwrap()
     }
 
+    #[test]
+    fn scopes_are_named_and_limited_the_systemd_way() {
+        assert_eq!(
+            scope_unit(&machine_name("0123456789ab")),
+            "machine-kiln\\x2d0123456789ab.scope"
+        );
+        let limits = CgroupLimits {
+            memory_bytes: 400 << 20,
+            milli_cpus: Some(1500),
+            cpu_weight: Some(200),
+            io_weight: None,
+        };
+        // systemd takes each as `t` (uint64), nothing else.
+        let properties: Vec<String> = scope_properties(&limits)
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        assert_eq!(
+            properties,
+            [
+                "MemoryMax=uint64 419430400",
+                "MemorySwapMax=uint64 0",
+                "CPUQuotaPerSecUSec=uint64 1500000",
+                "CPUWeight=uint64 200"
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn registers_on_pid_and_unregisters_when_it_goes() {
         let mut f = Follower::new(Recorder::default());
@@ -587,6 +687,7 @@ mod tests {
         let m = Machine {
             name: "kiln-ffffffffffff".into(),
             leader: 42,
+            limits: None,
         };
         assert_eq!(machined.register(&m).await.unwrap(), Registered::Created);
         assert_eq!(

@@ -700,3 +700,97 @@ fn a_bridge_configured_twice_stops_kilnd() {
     );
     assert!(stderr.contains("configured twice"), "{stderr}");
 }
+
+/// The guest's `eth0` MAC and IPv4 address.
+fn guest_eth0(d: &Daemon, id: &Value) -> (String, String) {
+    let r = d.ok(
+        "ExecVM",
+        json!({"id": id, "command": ["sh", "-c",
+            "cat /sys/class/net/eth0/address; ip -4 -o addr show dev eth0"]}),
+    );
+    let out = r["stdout"].as_str().unwrap_or_default().to_owned();
+    let mut lines = out.lines();
+    let mac = lines.next().unwrap_or_default().trim().to_owned();
+    let address = lines
+        .next()
+        .and_then(|l| l.split_whitespace().find(|w| w.contains('/')))
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_default()
+        .to_owned();
+    (mac, address)
+}
+
+/// A snapshot of a bridged VM restores, and a running bridged VM forks,
+/// into VMs with their own MAC, address and TAP, each reachable, the
+/// origin still reachable at its own; deleting them all leaves no TAP.
+#[test]
+fn bridged_restores_and_forks_get_their_own_addresses_and_are_reachable() {
+    let ns = Netns::new();
+    let d = daemon_in(&ns, NETWORK);
+    let spec = json!({"memoryMiB": 128, "network": {"mode": "bridge"}});
+    let origin = d.ok("CreateVM", json!({"name": "origin", "spec": spec}))["vm"]["id"].clone();
+    let origin = d.ok("StartVM", json!({"id": origin}))["vm"].clone();
+    let origin_address = nic(&origin)["address"].as_str().unwrap().to_owned();
+    assert!(pings(&ns, &origin_address), "origin at {origin_address}");
+
+    d.ok("SnapshotVM", json!({"id": origin["id"], "name": "bridged"}));
+    let restored = d.ok("RestoreVM", json!({"snapshot": "bridged", "name": "again"}))["vm"].clone();
+    let forks = d.ok("ForkVM", json!({"id": origin["id"], "count": 2}))["vms"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut copies = vec![restored];
+    copies.extend(forks);
+    // The snapshot loaders' TAPs (kernel-named, on no bridge) went with them.
+    let links = ns.links();
+    assert!(
+        !links.lines().any(|l| l.starts_with("tap")),
+        "a loader's TAP is left: {links}"
+    );
+
+    let mut seen = vec![(
+        nic(&origin)["mac"].as_str().unwrap().to_owned(),
+        origin_address.clone(),
+        nic(&origin)["tap"].as_str().unwrap().to_owned(),
+    )];
+    for vm in &copies {
+        let n = nic(vm);
+        let (mac, address, tap) = (
+            n["mac"].as_str().unwrap().to_owned(),
+            n["address"].as_str().unwrap().to_owned(),
+            n["tap"].as_str().unwrap().to_owned(),
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|(m, a, t)| *m == mac || *a == address || *t == tap),
+            "{} shares a MAC, address or TAP: {vm} {seen:?}",
+            vm["name"]
+        );
+        assert!(ns.links().contains(&tap), "{}", ns.links());
+        // The guest was told its own: the saved machine had the origin's.
+        assert_eq!(
+            guest_eth0(&d, &vm["id"]),
+            (mac.clone(), address.clone()),
+            "{}",
+            vm["name"]
+        );
+        assert!(pings(&ns, &address), "{} at {address}", vm["name"]);
+        seen.push((mac, address, tap));
+    }
+    assert!(
+        pings(&ns, &origin_address),
+        "origin still at {origin_address}"
+    );
+
+    for vm in copies.iter().chain([&origin]) {
+        d.ok("DeleteVM", json!({"id": vm["id"]}));
+    }
+    wait_until(Duration::from_secs(10), "every TAP gone", || {
+        let links = ns.links();
+        match seen.iter().find(|(_, _, tap)| links.contains(tap.as_str())) {
+            Some(left) => Err(format!("{left:?} in {links}")),
+            None => Ok(()),
+        }
+    });
+}

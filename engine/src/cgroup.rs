@@ -84,6 +84,62 @@ impl Layout {
         }
     }
 
+    /// The cgroup process `pid` is in now (QEMU's own, or the machined
+    /// scope systemd moved it to), from `/proc/<pid>/cgroup`.
+    pub fn of_process(&self, pid: u32) -> VmCgroup {
+        let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        self.of_membership(&membership)
+    }
+
+    /// The cgroup a `/proc/<pid>/cgroup` text names: `0::/path` on v2,
+    /// `N:controller[,controller]:/path` per v1 hierarchy.
+    fn of_membership(&self, membership: &str) -> VmCgroup {
+        let path_of = |wanted: &str| {
+            membership.lines().find_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                let found = match wanted {
+                    "" => controllers.is_empty(),
+                    name => controllers.split(',').any(|c| c == name),
+                };
+                found.then(|| path.trim_start_matches('/').to_owned())
+            })
+        };
+        let at = |root: &PathBuf, controller: &str| {
+            // The mount point's name need not be the controller's alone
+            // (`cpu,cpuacct`), so the path is found by controller.
+            path_of(controller).map(|path| root.join(path))
+        };
+        match self {
+            Self::Unified(root) => {
+                let dir = at(root, "");
+                VmCgroup {
+                    unified: true,
+                    memory: dir.clone(),
+                    cpu: dir.clone(),
+                    cpuacct: dir.clone(),
+                    io: dir,
+                }
+            }
+            Self::Legacy {
+                memory,
+                cpu,
+                cpuacct,
+                blkio,
+            } => VmCgroup {
+                unified: false,
+                memory: at(memory, "memory"),
+                cpu: cpu.as_ref().and_then(|c| at(c, "cpu")),
+                cpuacct: cpuacct
+                    .as_ref()
+                    .or(cpu.as_ref())
+                    .and_then(|c| at(c, "cpuacct")),
+                io: blkio.as_ref().and_then(|b| at(b, "blkio")),
+            },
+            Self::Unavailable => VmCgroup::default(),
+        }
+    }
+
     /// Lets VM cgroups under `<root>/<parent>` use the controllers (v2
     /// passes them down with `cgroup.subtree_control`, level by level).
     pub fn prepare(&self, parent: &str) -> io::Result<()> {
@@ -109,14 +165,15 @@ impl Layout {
 }
 
 /// What a VM's QEMU may use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CgroupLimits {
     /// Memory cap in bytes (guest RAM plus QEMU's own).
     pub memory_bytes: u64,
-    /// CPU quota in cores (0.5: half a core); `None`: no quota.
+    /// CPU quota in thousandths of a core (500: half a core); `None`: no
+    /// quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpus: Option<f64>,
+    pub milli_cpus: Option<u32>,
     /// CPU weight, 1 to 10000 (v2's scale; 100 is the default share).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_weight: Option<u32>,
@@ -194,7 +251,9 @@ impl VmCgroup {
             None => skipped.push(format!("{file}: no such controller")),
         };
         let period = 100_000u64;
-        let quota = limits.cpus.map(|c| ((c * period as f64) as u64).max(1000));
+        let quota = limits
+            .milli_cpus
+            .map(|m| (u64::from(m) * period / 1000).max(1000));
         if self.unified {
             set(&self.memory, "memory.max", limits.memory_bytes.to_string());
             // A guest must not page QEMU out to swap behind its back.
@@ -312,6 +371,36 @@ mod tests {
     }
 
     #[test]
+    fn a_process_cgroup_is_found_by_controller() {
+        let root = legacy_tree();
+        let legacy = Layout::detect(root.path());
+        let membership = "12:memory:/machine.slice/machine-kiln.scope\n\
+            4:cpu,cpuacct:/machine.slice/machine-kiln.scope\n\
+            0::/machine.slice/machine-kiln.scope\n";
+        let scope = "machine.slice/machine-kiln.scope";
+        let cg = legacy.of_membership(membership);
+        assert_eq!(cg.memory, Some(root.path().join("memory").join(scope)));
+        assert_eq!(cg.cpu, Some(root.path().join("cpu").join(scope)));
+        assert_eq!(cg.io, None, "no blkio hierarchy here");
+        let unified = Layout::Unified("/sys/fs/cgroup".into());
+        let cg = unified.of_membership(membership);
+        assert!(cg.unified);
+        assert_eq!(cg.memory, Some(Path::new("/sys/fs/cgroup").join(scope)));
+        assert_eq!(
+            unified.of_membership(""),
+            VmCgroup {
+                unified: true,
+                ..VmCgroup::default()
+            }
+        );
+        // Our own process, for real: some cgroup, and one that exists.
+        let mine = Layout::detect(Path::new("/sys/fs/cgroup")).of_process(std::process::id());
+        if let Some(dir) = mine.memory_dir() {
+            assert!(dir.exists(), "{}", dir.display());
+        }
+    }
+
+    #[test]
     fn v1_limits_are_written_in_v1_units() {
         let root = legacy_tree();
         let layout = Layout::detect(root.path());
@@ -319,7 +408,7 @@ mod tests {
         let cg = layout.vm("kiln", "vm1");
         let limits = CgroupLimits {
             memory_bytes: 300 << 20,
-            cpus: Some(0.5),
+            milli_cpus: Some(500),
             cpu_weight: Some(200),
             io_weight: Some(500),
         };
@@ -350,7 +439,7 @@ mod tests {
         let cg = layout.vm("kiln", "vm2");
         cg.create(&CgroupLimits {
             memory_bytes: 1 << 30,
-            cpus: Some(2.0),
+            milli_cpus: Some(2000),
             cpu_weight: None,
             io_weight: Some(50),
         })

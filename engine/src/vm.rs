@@ -112,6 +112,11 @@ pub struct VmRecord {
     /// fixed MAC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_mac: Option<kiln_net::MacAddr>,
+    /// The limits its running QEMU was given (set at each start): applied
+    /// by the engine to a cgroup of its own, or, under systemd, by the
+    /// machined follower to the VM's scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_limits: Option<crate::cgroup::CgroupLimits>,
     /// Render nodes leased to the running process.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<String>,
@@ -200,6 +205,7 @@ impl VmRecord {
             lease: None,
             template: None,
             saved_mac: None,
+            cgroup_limits: None,
             gpus: Vec::new(),
             network: Vec::new(),
             containers: Vec::new(),
@@ -283,6 +289,11 @@ pub struct VmInfo {
     /// What its QEMU uses now (`DescribeVM` of a running VM only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<VmUsage>,
+    /// The limits its QEMU runs under, for the machined follower (which
+    /// puts them on the VM's scope); not on the wire: `usage` shows what
+    /// is in force.
+    #[serde(skip)]
+    pub cgroup_limits: Option<crate::cgroup::CgroupLimits>,
 }
 
 /// A running VM's use of the host, read when asked: its QEMU's cgroup,
@@ -345,6 +356,7 @@ impl From<&VmRecord> for VmInfo {
             network: r.network.clone(),
             containers: r.containers.iter().map(ContainerInfo::from).collect(),
             usage: None,
+            cgroup_limits: r.cgroup_limits,
         }
     }
 }

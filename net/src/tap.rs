@@ -183,6 +183,21 @@ pub fn open_or_create(name: &str, owner: TapOwner) -> Result<(OwnedFd, TapOutcom
     Ok((fd, outcome))
 }
 
+/// A new TAP that lives only as long as its descriptors (not persistent),
+/// named by the kernel (`tapN`), on no bridge: a device for a QEMU that
+/// must have a TAP backend but sends nothing (a snapshot's loader, whose
+/// saved virtio-net state asks for the virtio-net header only a TAP
+/// offers). Gone when the last descriptor closes, crash or not.
+pub fn transient() -> Result<OwnedFd, TapError> {
+    let fd = open_tun()?;
+    set_iff(&fd, "", TAP_FLAGS).map_err(|source| TapError::Ioctl {
+        op: "TUNSETIFF",
+        name: String::new(),
+        source,
+    })?;
+    Ok(fd)
+}
+
 /// Index of interface `name` in the calling thread's network namespace
 /// (`if_nametoindex` asks through a socket, which is made in the thread's
 /// namespace, unlike `/sys/class/net`, which shows the mounter's).

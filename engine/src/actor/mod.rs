@@ -360,6 +360,10 @@ pub struct Engine {
     creating: HashMap<String, containers::PendingCreate>,
     /// Where VM cgroups go (detected at start).
     cgroups: crate::cgroup::Layout,
+    /// Whether kilnd makes VM cgroups itself: not where the hierarchy is
+    /// read-only to it (systemd's `ProtectControlGroups=`), where each
+    /// VM's limits go on its machined scope instead.
+    own_cgroups: bool,
 }
 
 impl Engine {
@@ -395,9 +399,13 @@ impl Engine {
             error!(key = %b.key, path = %b.path.display(), reason = %b.reason, "VM record is broken, moved aside");
         }
         let cgroups = crate::cgroup::Layout::detect(&config.cgroup_root);
-        if let Err(e) = cgroups.prepare(&config.cgroup_parent) {
-            warn!(error = %e, "cannot prepare the VM cgroups' parent; VMs run without limits");
-        }
+        let own_cgroups = match cgroups.prepare(&config.cgroup_parent) {
+            Ok(()) => cgroups != crate::cgroup::Layout::Unavailable,
+            Err(e) => {
+                info!(error = %e, "cannot make VM cgroups here: limits are applied to machined scopes, where there are any");
+                false
+            }
+        };
         let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(1024);
         let mut engine = Engine {
@@ -418,6 +426,7 @@ impl Engine {
             images,
             creating: HashMap::new(),
             cgroups,
+            own_cgroups,
         };
         engine.reconcile(records).await;
         engine.reconcile_network().await;

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::network::carried_mac;
+use super::network::{carried_mac, TAP_FD};
 use super::pools::BootSource;
 use super::{Engine, Internal};
 use crate::api::{Reply, MAX_FORKS};
@@ -92,9 +92,18 @@ impl SnapshotJob {
         self.qmp.save_state(&stream, false, SAVE_TIMEOUT).await?;
         create_private_dir(&self.loader_dir)?;
         let log = self.loader_dir.join("qemu.log");
+        // The VM's NIC ran on a TAP, whose virtio-net header its saved
+        // device state requires of the loader's backend too.
+        let inherit = match self.loader.nics.is_empty() {
+            true => Vec::new(),
+            false => vec![(
+                kiln_net::tap::transient().map_err(kiln_net::NetError::from)?,
+                TAP_FD,
+            )],
+        };
         let started = self
             .vmm
-            .launch(self.loader.clone(), Vec::new(), log, self.qmp_timeout)
+            .launch(self.loader.clone(), inherit, log, self.qmp_timeout)
             .await?;
         let monitor = started.monitor.clone();
         let loaded = async {
@@ -203,8 +212,9 @@ impl Engine {
             &record.containers,
         );
         loader.incoming = true;
-        // The loader's NIC has no backend, and the MAC the VM's device
-        // has, which is part of what gets loaded.
+        // The loader's NIC is on a TAP of its own that is on no bridge
+        // (`tap::transient`), with the MAC the VM's device has, which is
+        // part of what gets loaded.
         let device_mac = record.network.iter().find(|n| n.index == 0).map(|nic| {
             if record.template.is_some() {
                 carried_mac(record)
@@ -215,7 +225,7 @@ impl Engine {
         loader.nics = device_mac
             .iter()
             .map(|mac| NicArgs {
-                backend: NicBackend::Isolated,
+                backend: NicBackend::TapFd(TAP_FD),
                 mac: mac.to_string(),
             })
             .collect();

@@ -153,9 +153,12 @@ impl Engine {
             .iter()
             .filter_map(|c| Some((c.upper_disk.clone()?, c.storage_mib?)))
             .collect();
+        let limits = self.limits_for(&record.spec);
         let Some(entry) = self.vms.get_mut(id) else {
             return;
         };
+        // Written with the pid at launch: the machined follower reads them.
+        entry.record.cgroup_limits = Some(limits);
         entry.runtime = Some(Runtime {
             generation,
             process: None,
@@ -168,7 +171,7 @@ impl Engine {
         });
         entry.ready_waiters.extend(reply);
         let tx = self.internal_tx.clone();
-        let cgroup = self.cgroup_plan(id);
+        let cgroup = self.own_cgroups.then(|| (self.cgroup_of(id), limits));
         let mut plan = BootPlan {
             launch,
             runtime_dir,
@@ -507,17 +510,9 @@ impl Engine {
         self.cgroups.vm(&self.config.cgroup_parent, id)
     }
 
-    /// The cgroup VM `id`'s QEMU goes into and its limits: the spec's, or
-    /// guest RAM + the daemon's overhead (+ TCG's translation cache).
-    fn cgroup_plan(
-        &self,
-        id: &str,
-    ) -> Option<(crate::cgroup::VmCgroup, crate::cgroup::CgroupLimits)> {
-        let cgroup = self.cgroup_of(id);
-        if !cgroup.exists() {
-            return None;
-        }
-        let spec = &self.vms.get(id)?.record.spec;
+    /// The limits a VM with `spec` runs under: the spec's, or guest RAM
+    /// + the daemon's overhead (+ TCG's translation cache).
+    fn limits_for(&self, spec: &crate::spec::ResolvedSpec) -> crate::cgroup::CgroupLimits {
         let asked = spec.limits.unwrap_or_default();
         let tcg = if spec.accel == Accel::Tcg {
             self.config.tcg_tb_size_mib
@@ -529,22 +524,20 @@ impl Engine {
                 .saturating_add(self.config.memory_overhead_mib)
                 .saturating_add(tcg),
         );
-        Some((
-            cgroup,
-            crate::cgroup::CgroupLimits {
-                memory_bytes: u64::from(memory_mib) << 20,
-                cpus: asked.milli_cpus.map(|m| f64::from(m) / 1000.0),
-                cpu_weight: asked.cpu_weight,
-                io_weight: asked.io_weight,
-            },
-        ))
+        crate::cgroup::CgroupLimits {
+            memory_bytes: u64::from(memory_mib) << 20,
+            milli_cpus: asked.milli_cpus,
+            cpu_weight: asked.cpu_weight,
+            io_weight: asked.io_weight,
+        }
     }
 
     /// What VM `id`'s QEMU uses now; `None` when it has no process.
     pub(super) fn usage_of(&self, id: &str) -> Option<crate::vm::VmUsage> {
         let entry = self.vms.get(id)?;
         let pid = entry.runtime.as_ref()?.process.as_ref()?.pid();
-        let cgroup = self.cgroup_of(id).usage();
+        // Wherever QEMU is: its own cgroup, or its machined scope.
+        let cgroup = self.cgroups.of_process(pid).usage();
         let proc_file =
             |name: &str| std::fs::read_to_string(format!("/proc/{pid}/{name}")).unwrap_or_default();
         let field = |text: &str, key: &str| {
