@@ -59,29 +59,7 @@ impl Layout {
 
     /// The VM cgroup `<parent>/<name>` (not created).
     pub fn vm(&self, parent: &str, name: &str) -> VmCgroup {
-        let at = |root: &PathBuf| root.join(parent).join(name);
-        match self {
-            Self::Unified(root) => VmCgroup {
-                unified: true,
-                memory: Some(at(root)),
-                cpu: Some(at(root)),
-                cpuacct: Some(at(root)),
-                io: Some(at(root)),
-            },
-            Self::Legacy {
-                memory,
-                cpu,
-                cpuacct,
-                blkio,
-            } => VmCgroup {
-                unified: false,
-                memory: Some(at(memory)),
-                cpu: cpu.as_ref().map(at),
-                cpuacct: cpuacct.as_ref().or(cpu.as_ref()).map(at),
-                io: blkio.as_ref().map(at),
-            },
-            Self::Unavailable => VmCgroup::default(),
-        }
+        self.cgroup_at(|root, _| Some(root.join(parent).join(name)))
     }
 
     /// The cgroup process `pid` is in now (QEMU's own, or the machined
@@ -94,7 +72,9 @@ impl Layout {
     /// The cgroup a `/proc/<pid>/cgroup` text names: `0::/path` on v2,
     /// `N:controller[,controller]:/path` per v1 hierarchy.
     fn of_membership(&self, membership: &str) -> VmCgroup {
-        let path_of = |wanted: &str| {
+        // The mount point's name need not be the controller's alone
+        // (`cpu,cpuacct`), so each path is found by controller.
+        self.cgroup_at(|root, wanted| {
             membership.lines().find_map(|line| {
                 let mut parts = line.splitn(3, ':');
                 let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
@@ -102,14 +82,14 @@ impl Layout {
                     "" => controllers.is_empty(),
                     name => controllers.split(',').any(|c| c == name),
                 };
-                found.then(|| path.trim_start_matches('/').to_owned())
+                found.then(|| root.join(path.trim_start_matches('/')))
             })
-        };
-        let at = |root: &PathBuf, controller: &str| {
-            // The mount point's name need not be the controller's alone
-            // (`cpu,cpuacct`), so the path is found by controller.
-            path_of(controller).map(|path| root.join(path))
-        };
+        })
+    }
+
+    /// A cgroup whose directory in each hierarchy is `at(hierarchy root,
+    /// controller)` (`""` for the unified one).
+    fn cgroup_at(&self, at: impl Fn(&PathBuf, &str) -> Option<PathBuf>) -> VmCgroup {
         match self {
             Self::Unified(root) => {
                 let dir = at(root, "");
