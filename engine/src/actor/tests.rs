@@ -948,6 +948,26 @@ async fn a_vm_being_killed_is_never_handed_out() {
     }
 }
 
+/// A hot VM the pool is destroying (a shrink, a moved image tag) still
+/// holds its slot until its QEMU is gone; an Acquire meanwhile waits for
+/// the slot and its new VM instead of failing with PoolExhausted.
+#[tokio::test(start_paused = true)]
+async fn an_acquire_waits_for_the_slot_of_a_vm_being_destroyed() {
+    let h = Harness::start().await;
+    h.create_pool("p", PoolMode::Cold, 1, 1).await;
+    h.pool_until("p", |p| p.hot == 1).await;
+    h.fake
+        .set_behaviour(|b| b.kill_delay = Duration::from_secs(2));
+    h.engine.resize_pool("p", 0, None).await.expect("resize");
+    let pool = h.pool_until("p", |p| p.hot == 0).await;
+    assert_eq!((pool.booting, pool.leased), (0, 0), "{pool:?}");
+    let vm = h
+        .acquire("p", Duration::from_secs(30), "alice")
+        .await
+        .expect("the acquire waits for the freed slot");
+    assert_eq!(h.state(&vm.id).await, VmState::Leased);
+}
+
 fn options(timeout: Duration, holder: &str) -> AcquireOptions {
     AcquireOptions {
         timeout: Some(timeout),

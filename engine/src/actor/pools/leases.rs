@@ -62,8 +62,9 @@ impl Engine {
             )))));
         }
         // VMs that may still become hot for this caller: those booting and
-        // those the pool may yet create, minus what earlier callers wait for.
-        let coming = counts.booting + pool.spec.max.saturating_sub(counts.owned);
+        // those the pool may yet create (in the slots of those being
+        // destroyed too), minus what earlier callers wait for.
+        let coming = counts.booting + counts.dying + pool.spec.max.saturating_sub(counts.owned);
         if coming as usize <= pool.waiters.len() {
             return drop(reply.send(Err(EngineError::PoolExhausted {
                 pool: name,

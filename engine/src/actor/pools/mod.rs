@@ -128,6 +128,9 @@ struct Counts {
     booting: u32,
     leased: u32,
     owned: u32,
+    /// Unleased VMs being destroyed (a shrink, a moved image tag): still
+    /// owned until their QEMU is gone, then their slot is free again.
+    dying: u32,
 }
 
 /// How a pool VM's process is made.
@@ -835,6 +838,10 @@ impl Engine {
             c.owned += 1;
             if e.record.lease.is_some() {
                 c.leased += 1;
+                continue;
+            }
+            if !e.delete_waiters.is_empty() {
+                c.dying += 1;
                 continue;
             }
             match e.record.state() {
