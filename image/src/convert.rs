@@ -4,6 +4,8 @@
 //! `.wh..wh..opq`) into overlayfs ones (a 0/0 character device, the
 //! `trusted.overlay.opaque` xattr), `--ungzip` decompresses gzip itself.
 //! zstd it cannot read, so that stream is decoded here and piped in.
+//! A directory whose whiteouts are overlayfs ones already (a containerd
+//! snapshot) converts as it is.
 
 use std::fs::File;
 use std::io::Read;
@@ -33,7 +35,41 @@ pub fn convert_layer(
     if compression == Compression::Gzip {
         cmd.arg("--ungzip");
     }
-    cmd.arg(out).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg(out);
+    let zstd_input = match compression {
+        Compression::Zstd => {
+            cmd.stdin(Stdio::piped());
+            Some(input)
+        }
+        Compression::None | Compression::Gzip => {
+            cmd.stdin(input);
+            None
+        }
+    };
+    run_mkfs(mkfs, cmd, zstd_input, blob)
+}
+
+/// Write the erofs image of directory `dir`, one layer's files with their
+/// owners, modes and xattrs, and its whiteouts already in overlayfs form
+/// (a committed containerd overlayfs snapshot), to `out`. Blocking.
+pub fn convert_dir(mkfs: &Path, dir: &Path, out: &Path) -> Result<(), ImageError> {
+    let mut cmd = Command::new(mkfs);
+    cmd.args(["--quiet", "-b4096"])
+        .arg(out)
+        .arg(dir)
+        .stdin(Stdio::null());
+    run_mkfs(mkfs, cmd, None, dir)
+}
+
+/// Run a prepared mkfs.erofs (`zstd_input`: a zstd stream to decode into
+/// its stdin); `what` names the input in errors.
+fn run_mkfs(
+    mkfs: &Path,
+    mut cmd: Command,
+    zstd_input: Option<File>,
+    what: &Path,
+) -> Result<(), ImageError> {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     // SAFETY: prctl(2) is async-signal-safe and touches no memory of the
     // parent. PR_SET_PDEATHSIG: if kilnd dies (kill -9), mkfs.erofs dies
     // with it instead of writing into tmp/ after the restart swept it. The
@@ -48,19 +84,9 @@ pub fn convert_layer(
             }
         });
     }
-    let zstd_input = match compression {
-        Compression::Zstd => {
-            cmd.stdin(Stdio::piped());
-            Some(input)
-        }
-        Compression::None | Compression::Gzip => {
-            cmd.stdin(input);
-            None
-        }
-    };
     let failed = |source| ImageError::StorageFailed {
         action: "convert to erofs",
-        path: blob.to_owned(),
+        path: what.to_owned(),
         source,
     };
     let mut child = cmd.spawn().map_err(failed)?;

@@ -149,7 +149,7 @@ pub async fn ingest(
 }
 
 /// Tag the image if it is stored and all its layers are in place.
-async fn tag_if_stored(
+pub(crate) async fn tag_if_stored(
     store: &ImageStore,
     digest: &Digest,
     tags: &[String],
@@ -172,7 +172,7 @@ async fn tag_if_stored(
 }
 
 /// Write a verified blob into `blobs/` unless it is there.
-fn store_blob(paths: &Paths, digest: &Digest, bytes: &[u8]) -> Result<(), ImageError> {
+pub(crate) fn store_blob(paths: &Paths, digest: &Digest, bytes: &[u8]) -> Result<(), ImageError> {
     let path = paths.blob(digest);
     if path.is_file() {
         return Ok(());

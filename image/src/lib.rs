@@ -9,7 +9,8 @@
 //! concurrent pulls coordinate through `flock` files.
 //!
 //! - [`ImageStore::pull`], [`ImageStore::import`]: bring an image in, with
-//!   [`Progress`] reports.
+//!   [`Progress`] reports; [`ImageStore::import_rootfs`]: an image made of
+//!   layer directories (a containerd snapshot).
 //! - [`ImageStore::list`], [`ImageStore::describe`]: stored images.
 //! - [`ImageStore::acquire`], [`ImageStore::release`]: who uses an image;
 //!   [`ImageStore::remove`] refuses while anyone does.
@@ -27,6 +28,7 @@ mod paths;
 mod progress;
 mod record;
 mod reference;
+mod rootfs;
 mod scan;
 mod source;
 mod store;
@@ -36,4 +38,5 @@ pub use error::{ImageError, InvalidReason};
 pub use meta::{Acquired, GcReport, Released, Removed};
 pub use progress::{no_progress, LayerStep, Progress, ProgressFn};
 pub use record::{Image, ImageRecord, LayerRecord, Platform, ProcessConfig, RECORD_VERSION};
+pub use rootfs::{DIR_LAYER_MEDIA_TYPE, MAX_ROOTFS_LAYERS, ROOTFS_MEDIA_TYPE};
 pub use store::{ImageStore, StoreConfig};

@@ -58,6 +58,8 @@ pub(crate) struct Inner {
     pub(crate) paths: Paths,
     pub(crate) meta: Meta,
     pub(crate) config: StoreConfig,
+    /// The registry client, made at the first pull.
+    registry_client: crate::source::SharedClient,
 }
 
 /// Run blocking store work (file I/O, locks, mkfs.erofs) on tokio's
@@ -93,6 +95,7 @@ impl ImageStore {
                 meta: Meta::new(paths.clone()),
                 paths,
                 config,
+                registry_client: Default::default(),
             }),
         })
     }
@@ -115,7 +118,9 @@ impl ImageStore {
     /// Pull `reference` from its registry; an image already stored under
     /// the digest the registry names is not fetched again.
     pub async fn pull(&self, reference: &str, progress: &ProgressFn) -> Result<Image, ImageError> {
-        let source = Source::registry(reference, &self.inner.config)?;
+        let inner = &self.inner;
+        let client = inner.registry_client.get(&inner.config);
+        let source = Source::registry(reference, &inner.config, client)?;
         crate::ingest::ingest(self, &source, progress).await
     }
 
@@ -131,6 +136,18 @@ impl ImageStore {
         let (path, tag) = (path.to_owned(), tag.map(str::to_owned));
         let source = blocking(move || Source::local(&path, tag.as_deref())).await?;
         crate::ingest::ingest(self, &source, progress).await
+    }
+
+    /// Store the image made of layer directories `dirs`, lowest first
+    /// (containerd's committed overlayfs snapshots), each converted once
+    /// and kept by the directory's identity.
+    pub async fn import_rootfs(
+        &self,
+        dirs: &[PathBuf],
+        tag: Option<&str>,
+        progress: &ProgressFn,
+    ) -> Result<Image, ImageError> {
+        crate::rootfs::import_rootfs(self, dirs, tag, progress).await
     }
 
     /// Every stored image.

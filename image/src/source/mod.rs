@@ -7,6 +7,8 @@
 mod docker;
 mod layout;
 mod registry;
+
+pub use registry::SharedClient;
 mod tree;
 
 use std::path::Path;
@@ -92,8 +94,12 @@ pub enum Source {
 
 impl Source {
     /// A pull of `reference`.
-    pub fn registry(reference: &str, config: &StoreConfig) -> Result<Self, ImageError> {
-        Registry::new(reference, config).map(Source::Registry)
+    pub fn registry(
+        reference: &str,
+        config: &StoreConfig,
+        client: oci_client::Client,
+    ) -> Result<Self, ImageError> {
+        Registry::new(reference, config, client).map(Source::Registry)
     }
 
     /// An import of `path`: a layout directory, or an archive (an OCI

@@ -39,11 +39,46 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// The HTTP client of a store's pulls. Made once per store: making one
+/// loads the system's CA bundle (four reads of ~7 ms here, most of what a
+/// cache hit cost when every pull made its own). Bearer tokens it caches
+/// live until they expire, as in docker's and containerd's clients;
+/// credentials are still read from the auth file for each pull.
+fn client(config: &StoreConfig) -> Client {
+    Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(config.insecure_registries.clone()),
+        connect_timeout: Some(Duration::from_secs(30)),
+        // Per read, not per request: a slow but moving download goes on.
+        read_timeout: Some(Duration::from_secs(60)),
+        // The store picks the platform itself (with its own errors).
+        platform_resolver: None,
+        user_agent: concat!("kiln/", env!("CARGO_PKG_VERSION")),
+        ..Default::default()
+    })
+}
+
+/// A store's one registry client ([`client`]), made at its first pull.
+#[derive(Default)]
+pub struct SharedClient(std::sync::OnceLock<Client>);
+
+impl std::fmt::Debug for SharedClient {
+    // No client internals (tokens) in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedClient")
+    }
+}
+
+impl SharedClient {
+    /// The client (a cheap clone sharing its connections and tokens).
+    pub fn get(&self, config: &StoreConfig) -> Client {
+        self.0.get_or_init(|| client(config)).clone()
+    }
+}
+
 impl Registry {
-    /// A pull of `reference`, with credentials from the configured auth
-    /// file. A client per pull: credentials are read afresh each time and
-    /// no token outlives the pull.
-    pub fn new(reference: &str, config: &StoreConfig) -> Result<Self, ImageError> {
+    /// A pull of `reference` through `client`, with credentials from the
+    /// configured auth file, read afresh.
+    pub fn new(reference: &str, config: &StoreConfig, client: Client) -> Result<Self, ImageError> {
         let reference = parse_reference(reference)?;
         let auth = match &config.auth_file {
             Some(path) => auth::lookup(path, reference.registry(), reference.repository())
@@ -55,16 +90,6 @@ impl Registry {
                 .unwrap_or(RegistryAuth::Anonymous),
             None => RegistryAuth::Anonymous,
         };
-        let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(config.insecure_registries.clone()),
-            connect_timeout: Some(Duration::from_secs(30)),
-            // Per read, not per request: a slow but moving download goes on.
-            read_timeout: Some(Duration::from_secs(60)),
-            // The store picks the platform itself (with its own errors).
-            platform_resolver: None,
-            user_agent: concat!("kiln/", env!("CARGO_PKG_VERSION")),
-            ..Default::default()
-        });
         Ok(Self {
             client,
             reference,
