@@ -2,7 +2,7 @@
 # `make packages`: the deb (cargo-deb), the rpm (cargo-generate-rpm) and the
 # sysext image (sysext/build.sh) into $CARGO_TARGET_DIR/packages/.
 # Expects a release kilnd and the guest image (`make build guest`); builds
-# the release kilnctl itself.
+# the release kilnctl and containerd shim itself.
 #
 # What each package holds comes from packaging/manifest.toml alone
 # (packaging/manifest.py): the deb takes the tree staged here, the rpm a
@@ -18,9 +18,11 @@ out="$target/packages"
 # (daemon/Cargo.toml): stage what is built elsewhere there.
 stage="$repo/target/packaging-stage"
 
-# kilnctl, the operator CLI: `make build` builds kilnd only.
+# kilnctl, the operator CLI, and the containerd shim: `make build` builds
+# kilnd only.
 cargo build --release --quiet -p kiln-ctl --bin kilnctl
-for f in "$target/release/kilnd" "$target/release/kilnctl" "$guest/vmlinuz" "$guest/initramfs" "$guest/image-info.json"; do
+cargo build --release --quiet -p kiln-shim --bin containerd-shim-kiln-v1
+for f in "$target/release/kilnd" "$target/release/kilnctl" "$target/release/containerd-shim-kiln-v1" "$guest/vmlinuz" "$guest/initramfs" "$guest/image-info.json"; do
     [ -e "$f" ] || { echo "packages: $f is missing (run make build guest)" >&2; exit 1; }
 done
 version=$(cargo metadata --no-deps --format-version 1 --offline \
@@ -34,6 +36,8 @@ cp "$target/release/kilnd" "$stage/kilnd"
 strip --strip-unneeded "$stage/kilnd"
 cp "$target/release/kilnctl" "$stage/kilnctl"
 strip --strip-unneeded "$stage/kilnctl"
+cp "$target/release/containerd-shim-kiln-v1" "$stage/containerd-shim-kiln-v1"
+strip --strip-unneeded "$stage/containerd-shim-kiln-v1"
 # Man pages: kilnd(8) and kilnd.toml(5) are written by hand; kilnctl(1) and
 # the completions are generated from kilnctl's clap definition.
 gzip -9n < packaging/kilnd.8 > "$stage/kilnd.8.gz"

@@ -30,7 +30,13 @@ BASE_PACKAGES=(dbus iproute2 nftables xz-utils zstd python3 make gcc pkg-config 
                # same image on the host, the floor for a container's first output.
                runc
                # kilnctl's tests render the man pages with `man -l`.
-               man-db)
+               man-db
+               # The containerd shim's tests (shim/tests/ctr.rs) run a real containerd
+               # of their own; CNI plugins for its pod networking.
+               containerd containernetworking-plugins
+               # daemon/tests/metrics.rs: promtool checks the exposition, a
+               # real Prometheus scrapes kilnd (docs/metrics.md).
+               prometheus)
 # Cargo subcommands for `make packages`, built once with their own lock files.
 CARGO_TOOLS=("cargo-deb@3.8.0" "cargo-generate-rpm@0.21.1")
 
@@ -88,4 +94,9 @@ PIN
 else
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${BASE_PACKAGES[@]}" "${TRIXIE_PACKAGES[@]}"
+fi
+# The shim's tests start a containerd of their own (own root, state and
+# socket); the system service the package enables is not needed.
+if [[ " ${missing[*]} " == *" containerd "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now containerd.service >/dev/null 2>&1 || true
 fi

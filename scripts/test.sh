@@ -13,6 +13,15 @@ cleanup() {
     for pidfile in /tmp/kiln-t*/run/vms/*/qemu.pid; do
         [ -e "$pidfile" ] && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
     done
+    # The containerd shim's tests (testkit containerd.rs, /tmp/kc-*): their
+    # containerd and its shims (both name the dir), its mounts, the dir.
+    for dir in /tmp/kc-*/; do
+        [ -d "$dir" ] || continue
+        pkill -9 -f -- "$dir" 2>/dev/null || true
+        awk -v d="$dir" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo \
+            | sort -r | xargs -r umount -l 2>/dev/null || true
+        rm -rf "$dir"
+    done
 }
 trap cleanup EXIT
 

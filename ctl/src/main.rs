@@ -1,13 +1,10 @@
 //! kilnctl: the operator's command line for kilnd, a client of its varlink
 //! API (`io.kiln.Manager`) and nothing else.
 
-mod api;
 mod archive;
 mod cli;
-mod client;
 mod commands;
 mod exit;
-mod fds;
 mod man;
 mod output;
 mod sla;
@@ -17,6 +14,9 @@ mod view;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
+// The varlink client is its own crate (shared with the containerd shim);
+// imported at the root so `crate::api` and `crate::client` name it.
+use kiln_client::{api, client};
 
 use crate::api::Manager;
 use crate::cli::{Cli, Command};

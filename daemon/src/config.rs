@@ -44,6 +44,9 @@ pub struct DaemonKeys {
     /// Ask polkit (`io.kiln.manage`) before mutating D-Bus calls. Off (tests,
     /// private buses): only root and kilnd's own user may change things.
     pub polkit: bool,
+    /// Also serve metrics over HTTP on this TCP address (e.g.
+    /// `127.0.0.1:9464`); they are always served on `<runtime_dir>/metrics`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonKeys {
@@ -55,6 +58,7 @@ impl Default for DaemonKeys {
             manage_group: "kiln".into(),
             dbus: "system".into(),
             polkit: true,
+            metrics_listen: None,
         }
     }
 }
@@ -136,6 +140,14 @@ mod tests {
         // An empty list is a key like any other, not an unknown one.
         assert!(DaemonConfig::parse("image_insecure_registries = []\n").is_ok());
         assert_eq!(c.engine.images_dir(), PathBuf::from("/var/lib/kiln/images"));
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address() {
+        let c = DaemonConfig::parse("metrics_listen = \"127.0.0.1:9464\"\n").expect("parse");
+        assert_eq!(c.daemon.metrics_listen, Some(([127, 0, 0, 1], 9464).into()));
+        assert_eq!(DaemonConfig::default().daemon.metrics_listen, None);
+        assert!(DaemonConfig::parse("metrics_listen = \"localhost\"\n").is_err());
     }
 
     #[test]

@@ -2,11 +2,15 @@
 //!
 //! Wires the engine to its surroundings: config, logging, signals, the
 //! D-Bus and varlink adapters, systemd notification and machined
-//! registration. A `select!` here supervises every long-running part; any
-//! of them ending starts an orderly shutdown.
+//! registration, lifecycle facts to the journal, metrics. A `select!` here
+//! supervises every long-running part; any of them ending starts an
+//! orderly shutdown.
 
 mod config;
+mod journal;
+mod lifecycle;
 mod machined;
+mod metrics;
 mod notify;
 
 use std::path::PathBuf;
@@ -53,9 +57,11 @@ fn init_logging(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     // Under systemd, stderr is connected to the journal: log natively with
-    // structured fields instead of text.
+    // structured fields instead of text. Fields keep their own names (no
+    // `F_` prefix), so `message_id` is the journal's `MESSAGE_ID=`
+    // (`journal.rs`) and `vm` is `VM=`.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        if let Ok(journald) = tracing_journald::layer() {
+        if let Ok(journald) = tracing_journald::layer().map(|l| l.with_field_prefix(None)) {
             tracing_subscriber::registry()
                 .with(filter)
                 .with(journald)
@@ -111,6 +117,10 @@ struct Parts {
     notifier: Option<AbortOnDrop>,
     /// machined registration (only on a system booted with systemd).
     machined: Option<AbortOnDrop>,
+    /// Lifecycle facts to the journal and the metrics.
+    lifecycle: Option<AbortOnDrop>,
+    /// The metrics endpoint.
+    metrics: Option<AbortOnDrop>,
 }
 
 async fn run(config: DaemonConfig) -> anyhow::Result<()> {
@@ -126,9 +136,17 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     // From here on the engine runs: every way out, an API that fails to
     // start included, goes through the orderly shutdown below.
     let mut parts = Parts::default();
+    // Following events from the start, before any caller can change things.
+    let metrics = metrics::Metrics::new();
+    metrics.learn_pools(&engine).await;
+    let counted = metrics.clone();
+    parts.lifecycle = Some(AbortOnDrop(lifecycle::spawn(engine.clone(), move |fact| {
+        journal::log(fact);
+        counted.record(fact);
+    })));
     // A signal also ends a start that hangs (a bus that never answers).
     let started = tokio::select! {
-        started = start(&config, &engine, &mut parts) => started.map(|()| true),
+        started = start(&config, &engine, &metrics, &mut parts) => started.map(|()| true),
         _ = sigterm.recv() => Ok(false),
         _ = sigint.recv() => Ok(false),
     };
@@ -167,20 +185,36 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     outcome
 }
 
-/// Serve varlink and D-Bus and follow the engine for machined. An error
-/// names the part that could not start.
+/// Serve varlink, D-Bus and metrics and follow the engine for machined.
+/// An error names the part that could not start. Each adapter's engine
+/// handle tells `metrics` of its calls.
 async fn start(
     config: &DaemonConfig,
     engine: &kiln_engine::EngineHandle,
+    metrics: &metrics::Metrics,
     parts: &mut Parts,
 ) -> anyhow::Result<()> {
     let endpoint = kiln_varlink::Endpoint::from_env_or(&config.daemon.varlink_socket);
     let authorizer = kiln_varlink::Authorizer::new(&config.daemon.manage_group);
-    parts.varlink = Some(
-        kiln_varlink::spawn(endpoint, engine.clone(), authorizer)
-            .context("cannot serve varlink")?,
-    );
-    parts.dbus = start_dbus(config, engine).await?;
+    let observed = engine.observed(metrics.observer("varlink"));
+    parts.varlink =
+        Some(kiln_varlink::spawn(endpoint, observed, authorizer).context("cannot serve varlink")?);
+    let observed = engine.observed(metrics.observer("dbus"));
+    parts.dbus = start_dbus(config, &observed).await?;
+    let listeners = metrics::http::Listeners::bind(
+        &config.engine.runtime_dir.join("metrics"),
+        config.daemon.metrics_listen,
+    )
+    .await
+    .context("cannot serve metrics")?;
+    let (metrics, scraped) = (metrics.clone(), engine.clone());
+    parts.metrics = Some(AbortOnDrop(tokio::spawn(metrics::http::serve(
+        listeners,
+        move |format| {
+            let (metrics, engine) = (metrics.clone(), scraped.clone());
+            async move { metrics.scrape(&engine, format).await }
+        },
+    ))));
     let status = engine
         .status()
         .await
@@ -194,7 +228,7 @@ async fn start(
 /// Wait until a signal asks kilnd to stop (`Ok`) or a long-running part
 /// ends or fails (`Err` naming it): the engine, the varlink server, the
 /// D-Bus adapter (its connection included), the notifier, machined
-/// registration.
+/// registration, the lifecycle follower, the metrics server.
 async fn supervise(
     engine_task: &mut Option<AbortOnDrop>,
     parts: &mut Parts,
@@ -215,6 +249,8 @@ async fn supervise(
         e = if_present(parts.dbus.as_mut().map(|d| d.finished())) => return Err(e.into()),
         r = ended(&mut parts.notifier) => return Err(part_ended("the service notifier", r)),
         r = ended(&mut parts.machined) => return Err(part_ended("machined registration", r)),
+        r = ended(&mut parts.lifecycle) => return Err(part_ended("the lifecycle follower", r)),
+        r = ended(&mut parts.metrics) => return Err(part_ended("the metrics server", r)),
     }
     Ok(())
 }

@@ -779,3 +779,90 @@ fn a_storage_disk_keeps_the_writable_layer_across_restarts() {
     d.ok("DeleteVM", json!({ "id": id }));
     assert!(!disks.exists(), "the VM's disks go with it");
 }
+
+/// Layer directories as containerd's overlayfs snapshotter leaves them
+/// (what the containerd shim hands kilnd): `ImportRootfs` (root alone)
+/// converts each once, and the image runs as a container with its
+/// whiteout applied.
+#[test]
+fn layer_directories_run_as_a_container() {
+    let d = Daemon::start_with("manage_group = \"nogroup\"\n");
+    let snapshots = tempfile::tempdir().unwrap();
+    let (base, upper) = (snapshots.path().join("1/fs"), snapshots.path().join("2/fs"));
+    std::fs::create_dir_all(base.join("bin")).unwrap();
+    std::fs::create_dir_all(base.join("etc")).unwrap();
+    std::fs::write(base.join("bin/busybox"), kiln_testkit::oci::busybox()).unwrap();
+    std::fs::set_permissions(
+        base.join("bin/busybox"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(base.join("etc/hello"), "hello\n").unwrap();
+    std::fs::create_dir_all(upper.join("srv")).unwrap();
+    std::fs::create_dir_all(upper.join("etc")).unwrap();
+    std::fs::write(upper.join("srv/app.txt"), "from a directory\n").unwrap();
+    kiln_testkit::run(
+        std::process::Command::new("mknod")
+            .arg(upper.join("etc/hello"))
+            .args(["c", "0", "0"]),
+    );
+    let params = json!({ "layers": [base, upper], "reference": "kiln.test/rootfs:v1" });
+
+    let refused = d
+        .call_as(
+            Some(65534),
+            "io.kiln.Manager.ImportRootfs",
+            &params.to_string(),
+        )
+        .unwrap_err();
+    assert_eq!(refused.0, "io.kiln.Manager.PermissionDenied", "{refused:?}");
+    let replies = d.more("ImportRootfs", params.clone()).unwrap();
+    let image = replies.last().unwrap()["image"].clone();
+    let digest = image["digest"].as_str().unwrap().to_owned();
+    assert_eq!(image["layers"].as_array().unwrap().len(), 2, "{image}");
+    let converted = replies
+        .iter()
+        .filter(|r| r["progress"]["step"] == "converted")
+        .count();
+    assert_eq!(converted, 2, "one conversion per layer: {replies:?}");
+
+    let script = "cat /srv/app.txt; test -e /etc/hello || echo whited-out; \
+                  exec /bin/busybox sleep 100000";
+    let vm = d.ok(
+        "CreateVM",
+        json!({ "name": "dirs", "spec": { "image": digest,
+            "entrypoint": ["/bin/busybox", "sh", "-c", script] } }),
+    )["vm"]
+        .clone();
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let vm = d.ok("StartVM", json!({ "id": id }))["vm"].clone();
+    assert_eq!(vm["containers"][0]["state"], "running", "{vm}");
+    wait_until(Duration::from_secs(20), "the container's output", || {
+        let logs = d.ok("ContainerLogs", json!({ "id": id, "name": "main" }));
+        let text: String = logs["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["text"].as_str().unwrap().to_owned())
+            .collect();
+        (text == "from a directory\nwhited-out\n")
+            .then_some(())
+            .ok_or(text)
+    });
+
+    // The same directories again: the same image, nothing converted.
+    let again = d.ok("ImportRootfs", params)["image"].clone();
+    assert_eq!(again["digest"], digest.as_str());
+    assert_eq!(
+        d.err("ImportRootfs", json!({ "layers": ["relative/dir"] })),
+        "io.kiln.Manager.InvalidArgument"
+    );
+    assert_eq!(
+        d.err(
+            "ImportRootfs",
+            json!({ "layers": [snapshots.path().join("nope")] })
+        ),
+        "io.kiln.Manager.ImageNotFound"
+    );
+    d.ok("DeleteVM", json!({ "id": id }));
+}

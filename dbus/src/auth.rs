@@ -157,6 +157,24 @@ impl Authorizer {
         )))
     }
 
+    /// Ok if the caller is root: `method` reads whatever it is given with
+    /// kilnd's rights (`ImportRootfs`, for the containerd shim).
+    pub async fn check_root(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        method: &str,
+    ) -> Result<(), KilnError> {
+        self.check_manage(conn, header, method).await?;
+        match self.caller(conn, header).await.uid {
+            Some(0) => Ok(()),
+            uid => {
+                tracing::info!(?uid, method, "dbus: refused a root-only call");
+                Err(denied(format!("{method} is for root alone")))
+            }
+        }
+    }
+
     /// Ok if the sender of `header` may call the mutating `method`.
     pub async fn check_manage(
         &self,

@@ -278,6 +278,25 @@ impl Manager {
         Ok(job.result().await?.digest)
     }
 
+    /// Store the image made of the layer directories `layers` (absolute,
+    /// lowest first: a containerd overlayfs snapshot's), each converted
+    /// once; `reference` (`""` = none) is recorded as its tag. Root only.
+    /// Returns its digest.
+    #[zbus(name = "ImportRootfs", out_args("digest"))]
+    async fn import_rootfs(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        layers: Vec<String>,
+        reference: String,
+    ) -> Result<String, KilnError> {
+        self.auth.check_root(conn, &header, "ImportRootfs").await?;
+        let layers: Vec<std::path::PathBuf> = layers.into_iter().map(Into::into).collect();
+        let reference = (!reference.is_empty()).then_some(reference.as_str());
+        let job = self.engine.import_rootfs(&layers, reference).await?;
+        Ok(job.result().await?.digest)
+    }
+
     /// Every snapshot, by name: `(name, source_id, source_name,
     /// created_at in µs, vcpus, memory_mib, size_bytes, containers)`.
     #[zbus(name = "ListSnapshots", out_args("snapshots"))]

@@ -26,6 +26,7 @@ use kiln_gpu::{NodeUsage, RenderNode};
 use crate::accel::Accel;
 use crate::error::EngineError;
 use crate::images::{ImageInfo, ImageProgress};
+use crate::observe::{CallObserver, ImageJobKind};
 use crate::pool::{PoolFileError, PoolInfo, PoolSpec};
 use crate::snapshot::SnapshotInfo;
 use crate::spec::{validate_name, VmSpec, MAX_NAME_LEN, MAX_PATH_LEN};
@@ -363,6 +364,19 @@ pub enum Command {
         progress: mpsc::Sender<ImageProgress>,
         reply: Reply<ImageInfo>,
     },
+    /// Store the image made of layer directories `layers` (absolute,
+    /// lowest first: a containerd overlayfs snapshot's), each converted to
+    /// erofs once and kept by the directory's identity; reported as an
+    /// import. kilnd reads every file of them: the adapters allow root
+    /// alone. `InvalidArgument` for a relative or too long path, or none
+    /// or too many; `ImageNotFound` for a directory that is not there;
+    /// `InvalidImage`; `StorageFailed`.
+    ImportRootfs {
+        layers: Vec<PathBuf>,
+        reference: Option<String>,
+        progress: mpsc::Sender<ImageProgress>,
+        reply: Reply<ImageInfo>,
+    },
     /// Every stored image, by digest.
     ListImages { reply: Reply<Vec<ImageInfo>> },
     /// The stored image a reference (its tag) or a digest names.
@@ -479,17 +493,23 @@ impl ImageJob {
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<EngineEvent>,
+    /// Told of this handle's failed calls, acquires and image jobs
+    /// ([`EngineHandle::observed`]).
+    observer: Option<Arc<dyn CallObserver>>,
 }
 
 macro_rules! call {
     ($self:ident, $variant:ident { $($field:ident $(: $value:expr)?),* }) => {{
         let (reply, rx) = oneshot::channel();
-        $self
+        let sent = $self
             .commands
             .send(Command::$variant { $($field $(: $value)?,)* reply })
-            .await
-            .map_err(|_| EngineError::ShuttingDown)?;
-        rx.await.map_err(|_| EngineError::ShuttingDown)?
+            .await;
+        let result = match sent {
+            Ok(()) => rx.await.unwrap_or(Err(EngineError::ShuttingDown)),
+            Err(_) => Err(EngineError::ShuttingDown),
+        };
+        $self.seen(result)
     }};
 }
 
@@ -499,7 +519,28 @@ impl EngineHandle {
         commands: mpsc::Sender<Command>,
         events: broadcast::Sender<EngineEvent>,
     ) -> Self {
-        Self { commands, events }
+        Self {
+            commands,
+            events,
+            observer: None,
+        }
+    }
+
+    /// A handle to the same engine whose calls (and its clones' calls)
+    /// `observer` hears of: kilnd gives each adapter one, for its metrics.
+    pub fn observed(&self, observer: Arc<dyn CallObserver>) -> Self {
+        Self {
+            observer: Some(observer),
+            ..self.clone()
+        }
+    }
+
+    /// Tell the observer of a failure; pass the result on.
+    fn seen<T>(&self, result: Result<T, EngineError>) -> Result<T, EngineError> {
+        if let (Some(observer), Err(e)) = (&self.observer, &result) {
+            observer.failed(e.error_name());
+        }
+        result
     }
 
     /// Send a prepared command (adapters that build [`Command`]s themselves).
@@ -723,8 +764,20 @@ impl EngineHandle {
         pool: &str,
         options: AcquireOptions,
     ) -> Result<VmInfo, EngineError> {
-        let pool = pool.to_owned();
-        call!(self, Acquire { pool, options })
+        let started = std::time::Instant::now();
+        let name = pool.to_owned();
+        let result = call!(
+            self,
+            Acquire {
+                pool: name,
+                options
+            }
+        );
+        if let Some(observer) = &self.observer {
+            let outcome = result.as_ref().map(|_| ()).map_err(EngineError::error_name);
+            observer.acquired(pool, started.elapsed(), outcome);
+        }
+        result
     }
     /// See [`Command::Disconnected`].
     pub async fn disconnected(&self, who: Disconnect) -> Result<u32, EngineError> {
@@ -774,7 +827,7 @@ impl EngineHandle {
     /// the returned job.
     pub async fn pull_image(&self, reference: &str) -> Result<ImageJob, EngineError> {
         let reference = reference.to_owned();
-        self.image_job(|progress, reply| Command::PullImage {
+        self.image_job(ImageJobKind::Pull, |progress, reply| Command::PullImage {
             reference,
             progress,
             reply,
@@ -788,21 +841,59 @@ impl EngineHandle {
         reference: Option<&str>,
     ) -> Result<ImageJob, EngineError> {
         let (path, reference) = (path.to_owned(), reference.map(str::to_owned));
-        self.image_job(|progress, reply| Command::ImportImage {
-            path,
-            reference,
-            progress,
-            reply,
+        self.image_job(ImageJobKind::Import, |progress, reply| {
+            Command::ImportImage {
+                path,
+                reference,
+                progress,
+                reply,
+            }
+        })
+        .await
+    }
+    /// Start a [`Command::ImportRootfs`].
+    pub async fn import_rootfs(
+        &self,
+        layers: &[PathBuf],
+        reference: Option<&str>,
+    ) -> Result<ImageJob, EngineError> {
+        let (layers, reference) = (layers.to_vec(), reference.map(str::to_owned));
+        self.image_job(ImageJobKind::Import, |progress, reply| {
+            Command::ImportRootfs {
+                layers,
+                reference,
+                progress,
+                reply,
+            }
         })
         .await
     }
     async fn image_job(
         &self,
+        kind: ImageJobKind,
         command: impl FnOnce(mpsc::Sender<ImageProgress>, Reply<ImageInfo>) -> Command,
     ) -> Result<ImageJob, EngineError> {
         let (progress_tx, progress) = mpsc::channel(IMAGE_PROGRESS_BUFFER);
         let (reply, result) = oneshot::channel();
-        self.send(command(progress_tx, reply)).await?;
+        self.seen(self.send(command(progress_tx, reply)).await)?;
+        let result = match self.observer.clone() {
+            None => result,
+            // The job's end is told even when its caller has gone: a task
+            // of its own passes the reply on.
+            Some(observer) => {
+                let (forward, passed) = oneshot::channel();
+                tokio::spawn(async move {
+                    let ended = result.await.unwrap_or(Err(EngineError::ShuttingDown));
+                    let outcome = ended.as_ref().map(|_| ()).map_err(EngineError::error_name);
+                    if let Err(name) = outcome {
+                        observer.failed(name);
+                    }
+                    observer.image_job(kind, outcome);
+                    let _ = forward.send(ended);
+                });
+                passed
+            }
+        };
         Ok(ImageJob { progress, result })
     }
     /// See [`Command::ListImages`].

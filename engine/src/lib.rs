@@ -20,7 +20,10 @@
 //! - [`vmm`]: the narrow port to the VMM (QEMU, or a fake in tests);
 //! - [`images`]: stored OCI images and pull progress as callers see them
 //!   (the store is `kiln-image`); [`access`]: whether a caller could read
-//!   a path itself (for `ImportImage`).
+//!   a path itself (for `ImportImage`);
+//! - [`observe`]: what an observed [`EngineHandle`] tells of its calls
+//!   (failures by error name, acquire times, image jobs), for kilnd's
+//!   metrics.
 
 pub mod accel;
 pub mod access;
@@ -36,8 +39,10 @@ pub mod guest_io;
 pub mod ids;
 pub mod images;
 pub mod name;
+pub mod observe;
 pub mod pool;
 pub mod process;
+pub mod procfs;
 pub mod qemu;
 pub mod snapshot;
 pub mod spec;

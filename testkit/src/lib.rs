@@ -12,6 +12,9 @@
 //! - [`NotifySocket`]: systemd's `NOTIFY_SOCKET`, played for kilnd.
 //! - [`busctl`]: kilnd on a private bus ([`busctl::DbusKilnd`]) driven by
 //!   `busctl`, and `busctl monitor` for error names and signals.
+//! - [`containerd::Containerd`]: a real containerd of the test's own
+//!   (root, state, sockets in a temp dir), driven with `ctr`, for the
+//!   containerd shim's tests.
 //! - [`oci`], [`registry`]: OCI test images built byte by byte from
 //!   busybox-static, and a real `docker-registry` on 127.0.0.1 ([`Registry`],
 //!   killed on drop) fed by `skopeo`.
@@ -24,6 +27,7 @@
 
 pub mod busctl;
 mod ci;
+pub mod containerd;
 mod dbus;
 mod docs;
 pub mod fdclient;

@@ -395,6 +395,22 @@ def check_default_pool(c, flow):
     check(isinstance(vm, dict), f"{flow}: Acquire from the default pool ({(time.monotonic() - t) * 1000:.0f} ms)", vm)
     exec_echo(c, flow, vm["vm"]["id"], "pooled")
     varlink(c, "Release", json.dumps({"id": vm["vm"]["id"]}))
+    check_message_ids(c, flow, vm["vm"]["id"])
+
+
+# docs/metrics.md, "Journal": the acquire and release of one VM.
+MESSAGE_IDS = {"acquired": "66c8929c53874a5f8e8cc6967d194872", "released": "4d26ab76111e4662beab6f2989bf0f87"}
+
+
+def check_message_ids(c, flow, vid):
+    """An operator finds every acquire and release with `journalctl
+    MESSAGE_ID=…`, each entry naming its VM."""
+    for fact, message_id in MESSAGE_IDS.items():
+        def found():
+            out = c.out(f"journalctl -b -u kilnd.service -o json --no-pager MESSAGE_ID={message_id} || true")
+            return [e for e in map(json.loads, out.splitlines()) if e.get("VM") == vid]
+        entries = wait_until(found, 10, interval=0.5)
+        check(len(entries) == 1, f"{flow}: journalctl MESSAGE_ID={message_id} finds the VM {fact}", entries)
 
 
 def start_vm(c, flow, name, limits=None):
@@ -482,8 +498,8 @@ def check_scope_limits(c, flow, vid, memory_mib, cpu_weight):
 def registrations(c):
     """Every machined registration kilnd logged, in order: (machine, via)."""
     out = c.out("journalctl -b -u kilnd.service -o json --no-pager MESSAGE='machined: registered VM' || true")
-    # tracing-journald prefixes kilnd's own fields with F_.
-    return [(e.get("F_MACHINE"), e.get("F_VIA")) for e in map(json.loads, out.splitlines())]
+    # kilnd's own fields go to the journal unprefixed (daemon/src/main.rs).
+    return [(e.get("MACHINE"), e.get("VIA")) for e in map(json.loads, out.splitlines())]
 
 
 def registered_via(c, vid):

@@ -182,6 +182,15 @@ pub struct ImportImageParams {
     pub reference: Option<String>,
 }
 
+/// `ImportRootfs(layers, reference?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRootfsParams {
+    pub layers: Vec<std::path::PathBuf>,
+    #[serde(default)]
+    pub reference: Option<String>,
+}
+
 /// `{image}`: a reference or digest (`DescribeImage`, `RemoveImage`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

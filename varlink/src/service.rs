@@ -162,6 +162,7 @@ const MUTATING: &[&str] = &[
     "Release",
     "PullImage",
     "ImportImage",
+    "ImportRootfs",
     "RemoveImage",
 ];
 
@@ -414,6 +415,22 @@ impl ManagerService {
                     }
                 }
                 let job = engine.import_image(&p.path, p.reference.as_deref()).await?;
+                image_job(job, call.more()).await
+            }
+            "ImportRootfs" => {
+                let p: ImportRootfsParams = params(raw)?;
+                // kilnd reads every file of the directories with its own
+                // rights: the containerd shim (root) alone may ask.
+                if caller.as_ref().map(|c| c.uid) != Some(0) {
+                    tracing::info!(uid = ?caller_uid, "varlink: refused ImportRootfs of a caller who is not root");
+                    return Err(ErrorReply::kiln(
+                        ErrorName::PermissionDenied,
+                        json!({ "message": "ImportRootfs is for root alone" }),
+                    ));
+                }
+                let job = engine
+                    .import_rootfs(&p.layers, p.reference.as_deref())
+                    .await?;
                 image_job(job, call.more()).await
             }
             "ListImages" => {

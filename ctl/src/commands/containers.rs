@@ -49,7 +49,7 @@ pub fn logs(ctx: &mut Ctx, args: LogsArgs) -> Result<i32, CtlError> {
     if args.follow {
         let json = ctx.json;
         ctx.api
-            .follow_container_logs(&id, &args.container, |reply| {
+            .follow_container_logs(&id, &args.container, None, |reply| {
                 if json {
                     println!("{reply}");
                 } else {

@@ -154,7 +154,7 @@ fn streamed(ctx: &mut Ctx, run: &Run<'_>) -> Result<i32, CtlError> {
     // Before any thread starts, so that all of them leave these signals to
     // the forwarder.
     let signals = Signals::block(&FORWARDED).map_err(local("blocking signals"))?;
-    ctx.api.follow_process(run.id, &run.spec)?;
+    ctx.api.follow_process(run.id, &run.spec, false)?;
     let first = ctx.api.next_reply()?;
     let handle = handle_of(&first.parameters)?;
     if ctx.json {
@@ -202,7 +202,7 @@ fn on_terminal(ctx: &mut Ctx, run: &Run<'_>) -> Result<i32, CtlError> {
     let mut watched = FORWARDED.to_vec();
     watched.push(libc::SIGWINCH);
     let signals = Signals::block(&watched).map_err(local("blocking signals"))?;
-    ctx.api.follow_process(run.id, &run.spec)?;
+    ctx.api.follow_process(run.id, &run.spec, false)?;
     let first = ctx.api.next_reply()?;
     let handle = handle_of(&first.parameters)?;
     let terminal = UnixStream::from(terminal_of(first)?);

@@ -1,4 +1,4 @@
-//! The actor's image half: `PullImage`, `ImportImage`, `ListImages`,
+//! The actor's image half: `PullImage`, `ImportImage`, `ImportRootfs`, `ListImages`,
 //! `DescribeImage`, `RemoveImage`, and the garbage collection after a
 //! removal (docs/images.md).
 //!
@@ -12,7 +12,7 @@
 
 use std::sync::Mutex;
 
-use kiln_image::{GcReport, ImageStore, Progress, Removed};
+use kiln_image::{GcReport, ImageStore, Progress, ProgressFn, Removed};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -80,16 +80,12 @@ impl Engine {
         if let Err(e) = validate_image_name(&reference) {
             return drop(reply.send(Err(e)));
         }
-        let (store, tx) = (self.images.store.clone(), self.internal_tx.clone());
-        tokio::spawn(async move {
-            let sink = progress_sink(progress);
-            let result = store.pull(&reference, &sink).await;
-            if let Err(e) = &result {
-                info!(image = %reference, error = %e, "image pull failed");
-            }
-            let result = result.map(ImageInfo::from).map_err(EngineError::from);
-            let _ = tx.send(Internal::ImageStored { result, reply });
-        });
+        self.spawn_image_job(
+            format!("pull of {reference}"),
+            progress,
+            reply,
+            |store, sink| async move { store.pull(&reference, &*sink).await },
+        );
     }
 
     pub(super) fn import_image(
@@ -104,12 +100,59 @@ impl Engine {
         if let Err(e) = valid {
             return drop(reply.send(Err(e)));
         }
-        let (store, tx) = (self.images.store.clone(), self.internal_tx.clone());
+        let what = format!("import of {}", path.display());
+        self.spawn_image_job(what, progress, reply, |store, sink| async move {
+            store.import(&path, reference.as_deref(), &*sink).await
+        });
+    }
+
+    pub(super) fn import_rootfs(
+        &mut self,
+        layers: Vec<std::path::PathBuf>,
+        reference: Option<String>,
+        progress: mpsc::Sender<ImageProgress>,
+        reply: Reply<ImageInfo>,
+    ) {
+        let count = match layers.len() {
+            1..=kiln_image::MAX_ROOTFS_LAYERS => Ok(()),
+            n => Err(EngineError::InvalidArgument(format!(
+                "{n} layer directories: 1 to {} are allowed",
+                kiln_image::MAX_ROOTFS_LAYERS
+            ))),
+        };
+        let valid = count
+            .and_then(|()| layers.iter().try_for_each(|l| validate_import_path(l)))
+            .and_then(|()| reference.as_deref().map_or(Ok(()), validate_image_name));
+        if let Err(e) = valid {
+            return drop(reply.send(Err(e)));
+        }
+        let what = format!("rootfs import of {} layers", layers.len());
+        self.spawn_image_job(what, progress, reply, |store, sink| async move {
+            store
+                .import_rootfs(&layers, reference.as_deref(), &*sink)
+                .await
+        });
+    }
+
+    /// Run one pull or import (`job`, given the store and the sink of its
+    /// reports) in a sub-task; its end goes back to the actor.
+    fn spawn_image_job<Job>(
+        &self,
+        what: String,
+        progress: mpsc::Sender<ImageProgress>,
+        reply: Reply<ImageInfo>,
+        job: impl FnOnce(ImageStore, Box<ProgressFn>) -> Job,
+    ) where
+        Job: std::future::Future<Output = Result<kiln_image::Image, kiln_image::ImageError>>
+            + Send
+            + 'static,
+    {
+        let job = job(self.images.store.clone(), Box::new(progress_sink(progress)));
+        let tx = self.internal_tx.clone();
         tokio::spawn(async move {
-            let sink = progress_sink(progress);
-            let result = store.import(&path, reference.as_deref(), &sink).await;
+            let result = job.await;
             if let Err(e) = &result {
-                info!(path = %path.display(), error = %e, "image import failed");
+                info!(error = %e, "image {what} failed");
             }
             let result = result.map(ImageInfo::from).map_err(EngineError::from);
             let _ = tx.send(Internal::ImageStored { result, reply });

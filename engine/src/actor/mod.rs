@@ -579,6 +579,12 @@ impl Engine {
                 progress,
                 reply,
             } => self.import_image(path, reference, progress, reply),
+            Command::ImportRootfs {
+                layers,
+                reference,
+                progress,
+                reply,
+            } => self.import_rootfs(layers, reference, progress, reply),
             Command::ListImages { reply } => self.list_images(reply),
             Command::DescribeImage { image, reply } => self.describe_image(image, reply),
             Command::RemoveImage { image, reply } => self.remove_image(image, reply),

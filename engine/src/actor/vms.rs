@@ -540,17 +540,7 @@ impl Engine {
         let cgroup = self.cgroups.of_process(pid).usage();
         let proc_file =
             |name: &str| std::fs::read_to_string(format!("/proc/{pid}/{name}")).unwrap_or_default();
-        let field = |text: &str, key: &str| {
-            text.lines()
-                .find_map(|l| {
-                    l.strip_prefix(key)?
-                        .split_whitespace()
-                        .next()?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .unwrap_or(0)
-        };
+        let field = crate::procfs::field;
         let smaps = proc_file("smaps_rollup");
         let io = proc_file("io");
         // Without a cgroup: utime + stime from /proc (clock ticks of 10 ms).

@@ -1,7 +1,7 @@
 //! File descriptors over a unix socket (`SCM_RIGHTS`), both ways: kilnd
 //! hands out a terminal and a copy's archive with a reply, and takes an
 //! archive with a call. std has no safe API for ancillary data, so this is
-//! the one place kilnctl calls `sendmsg` and `recvmsg`.
+//! the one place the client calls `sendmsg` and `recvmsg`.
 
 use std::io;
 use std::mem::size_of;

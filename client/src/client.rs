@@ -1,6 +1,6 @@
 //! A blocking varlink client: one unix socket, JSON messages each ended by a
 //! NUL byte (the varlink wire format), calls answered in order, and file
-//! descriptors passed both ways (`SCM_RIGHTS`, ctl/src/fds.rs) for the calls
+//! descriptors passed both ways (`SCM_RIGHTS`, client/src/fds.rs) for the calls
 //! that take or hand out one (a terminal, a copy's archive). Enough for a
 //! command line that makes a few calls and exits, and for the streams
 //! (`Watch`, `StartProcess`, ...), which block on the socket reading `more`
@@ -269,7 +269,7 @@ fn describe_error(name: &str, parameters: &Value) -> String {
         ("NoSuchVM", Some(id), _, _) => format!("no VM with id {id}"),
         ("InvalidParameter", _, Some(p), _) => format!("invalid parameter {p}"),
         ("MethodNotFound", _, _, Some(m)) => {
-            format!("kilnd does not know {m} (is it older than kilnctl?)")
+            format!("kilnd does not know {m} (is it older than this client?)")
         }
         _ if parameters.as_object().is_some_and(|m| !m.is_empty()) => parameters.to_string(),
         _ => "no details".to_owned(),

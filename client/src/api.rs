@@ -1,8 +1,9 @@
-//! `io.kiln.Manager` as kilnctl uses it, written once: one method per
-//! varlink method (the IDL is varlink/io.kiln.Manager.varlink) with typed
-//! arguments, each returning the reply's parameters as kilnd sent them.
-//! `--json` prints them unchanged; the tables and `show` read them through
-//! the field lists of `view`, which a test checks against the IDL.
+//! `io.kiln.Manager` as its clients (kilnctl, the containerd shim) use it,
+//! written once: one method per varlink method (the IDL is
+//! varlink/io.kiln.Manager.varlink) with typed arguments, each returning
+//! the reply's parameters as kilnd sent them. kilnctl's `--json` prints
+//! them unchanged; its tables read them through field lists that a test
+//! checks against the IDL.
 
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
@@ -177,25 +178,61 @@ impl Manager {
         self.stream("ImportImage", parameters, each)
     }
 
-    /// `ContainerLogs` with `more`: a reply whenever there is new output,
-    /// the last with `ended` once the container exited.
+    /// `ImportRootfs` with `more`: the directories `layers` (absolute,
+    /// lowest first; each one layer of a committed overlay snapshot)
+    /// stored as an image, replying as [`Manager::pull_image`].
+    pub fn import_rootfs(
+        &mut self,
+        layers: &[String],
+        reference: Option<&str>,
+        each: impl FnMut(Value) -> bool,
+    ) -> Result<(), ClientError> {
+        let parameters = json!({ "layers": layers, "reference": reference });
+        self.stream("ImportRootfs", parameters, each)
+    }
+
+    /// `ContainerLogs` with `more` from cursor `since` (`None`: the oldest
+    /// output kept): a reply whenever there is new output, the last with
+    /// `ended` once the container exited.
     pub fn follow_container_logs(
         &mut self,
         id: &str,
         name: &str,
+        since: Option<u64>,
         each: impl FnMut(Value) -> bool,
     ) -> Result<(), ClientError> {
-        self.stream("ContainerLogs", json!({ "id": id, "name": name }), each)
+        let parameters = json!({ "id": id, "name": name, "since": since });
+        self.stream("ContainerLogs", parameters, each)
     }
 
-    /// `StartProcess` with `more` (`process` a ProcessSpec): the replies,
-    /// from [`Manager::next_reply`], are `{handle, pid}` (and `terminal`,
-    /// the index of the terminal's descriptor, with a tty), then
+    /// `StartProcess` with `more` (`process` a ProcessSpec; `detach`: the
+    /// process outlives this connection): the replies, from
+    /// [`Manager::next_reply`], are `{handle, pid}` (and `terminal`, the
+    /// index of the terminal's descriptor, with a tty), then
     /// `{output, cursor}` per read, the last with `exit`.
-    pub fn follow_process(&mut self, id: &str, process: &Value) -> Result<(), ClientError> {
-        let parameters = json!({ "id": id, "process": process });
+    pub fn follow_process(
+        &mut self,
+        id: &str,
+        process: &Value,
+        detach: bool,
+    ) -> Result<(), ClientError> {
+        let parameters = json!({ "id": id, "process": process, "detach": detach.then_some(true) });
         self.conn
             .send(&format!("{INTERFACE}.StartProcess"), parameters, true, &[])
+    }
+
+    /// `AttachProcess` with `more` from cursor `since`: the replies, from
+    /// [`Manager::next_reply`], are `{output, cursor}` per read, the last
+    /// with `exit`.
+    pub fn follow_attach(
+        &mut self,
+        id: &str,
+        handle: u64,
+        since: Option<u64>,
+    ) -> Result<(), ClientError> {
+        let parameters = json!({ "id": id, "handle": handle, "since": since });
+        self.conn
+            .send(&format!("{INTERFACE}.AttachProcess"), parameters, true, &[])
     }
 
     /// `CopyIn`: the tar archive read from `archive` unpacked below the
@@ -282,7 +319,7 @@ impl CopyTarget<'_> {
 
 #[cfg(test)]
 mod tests {
-    /// Every method kilnctl calls is declared by the committed IDL.
+    /// Every method the client calls is declared by the committed IDL.
     #[test]
     fn calls_are_idl_methods() {
         let idl = include_str!("../../varlink/io.kiln.Manager.varlink");
@@ -305,6 +342,8 @@ mod tests {
             "Watch",
             "PullImage",
             "ImportImage",
+            "ImportRootfs",
+            "AttachProcess",
             "CopyIn",
             "CopyOut",
         ]);
@@ -312,7 +351,7 @@ mod tests {
         for method in methods {
             assert!(
                 idl.contains(&format!("\nmethod {method}(")),
-                "kilnctl calls {method}, which the IDL does not declare"
+                "the client calls {method}, which the IDL does not declare"
             );
         }
     }

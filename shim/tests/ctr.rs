@@ -1,0 +1,362 @@
+//! `containerd-shim-kiln-v1` under a real containerd (Debian's), driven
+//! with `ctr` as a user would: an image the test builds (busybox and an app
+//! layer) imported with `ctr images import`, run in Kiln VMs leased from a
+//! template pool of a real kilnd (real QEMU). Each test has its own kilnd
+//! and containerd; everything is torn down on drop.
+//!
+//! - `ctr_runs_execs_and_caches`: `ctr run --rm` prints the command's
+//!   output and ends with its exit code, the VM given back after; a second
+//!   run converts no layer (the rootfs image is cached); `ctr run -d`,
+//!   the VM visible with the container, `ctr task exec` with and without a
+//!   terminal, the lease renewed, `ps` and `metrics`, `kill` and `delete`
+//!   giving the VM back.
+//! - `pods_share_a_vm_and_a_dead_shim_gives_it_back`: a sandbox and two
+//!   containers grouped by `io.kubernetes.cri.sandbox-id` run in one VM
+//!   under one shim; a shim killed with SIGKILL leaves no VM behind
+//!   (containerd runs the shim's `delete` action).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_testkit::containerd::{Containerd, KILN_SHIM};
+use kiln_testkit::oci::{busybox_layer, file, one_image, Entry, Layer};
+use kiln_testkit::{require_root, run, wait_until, Daemon};
+use serde_json::{json, Value};
+
+const RUNTIME: &str = "io.containerd.kiln.v1";
+
+/// A long-running main process that ends at once on SIGTERM (a container's
+/// PID 1 has no default action for it: `sleep` alone would wait for the
+/// SIGKILL that follows 10 s later).
+const SLEEPER: [&str; 3] = [
+    "/bin/sh",
+    "-c",
+    "trap 'exit 0' TERM; while :; do /bin/busybox sleep 1; done",
+];
+const IMAGE: &str = "localhost/kiln-app:v1";
+
+/// A kilnd with a small template pool, a containerd whose shim finds it,
+/// the test image imported.
+struct Setup {
+    kilnd: Daemon,
+    containerd: Containerd,
+    /// The shim's config file.
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Option<Self> {
+        if !require_root("containerd and kilnd run as root") {
+            return None;
+        }
+        let kilnd = Daemon::new("");
+        let pools = kilnd.kilnd.dir.path().join("pools.d");
+        std::fs::create_dir_all(&pools).unwrap();
+        // Small, one hot clone, container modules loaded in the template
+        // (docs/pools.md): the quickest first output under TCG.
+        std::fs::write(
+            pools.join("containerd.toml"),
+            "mode = \"template\"\nwarm = 1\nmax = 4\n[vm]\nvcpus = 1\nmemoryMiB = 256\n\
+             cmdline = \"kiln.container_modules=boot\"\n",
+        )
+        .unwrap();
+        let mut kilnd = kilnd;
+        kilnd.spawn();
+        let shim_dir = Path::new(env!("CARGO_BIN_EXE_containerd-shim-kiln-v1"))
+            .parent()
+            .unwrap();
+        let address = kilnd.address();
+        let containerd = Containerd::start(&[shim_dir], &[("KILN_ADDRESS", &address)]);
+        let app = Layer::gzip(&[Entry::Dir("srv/"), file("srv/app.txt", b"app layer\n")]);
+        let layout = one_image(&[busybox_layer(), app], "v1");
+        let archive = containerd.dir.path().join("app.tar");
+        run(Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--quiet"])
+            .arg(format!("oci:{}:v1", layout.path().display()))
+            .arg(format!("docker-archive:{}:{IMAGE}", archive.display())));
+        containerd.import(&archive);
+        std::fs::remove_file(&archive).unwrap();
+        // The lease backstop short enough to be seen working; the first
+        // Acquire may wait for the template to be built.
+        let config = containerd.dir.path().join("kiln-shim.toml");
+        std::fs::write(
+            &config,
+            "pool = \"containerd\"\nlease_ttl_sec = 10\nacquire_timeout_ms = 240000\n",
+        )
+        .unwrap();
+        Some(Self {
+            kilnd,
+            containerd,
+            config,
+        })
+    }
+
+    /// `ctr run` with the Kiln runtime and the shim config, then `args`.
+    fn run_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec![
+            "run",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            self.config.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        all
+    }
+
+    /// kilnd's VMs leased for pod `pod`.
+    fn vms_of(&self, pod: &str) -> Vec<Value> {
+        let vms = self.kilnd.ok("ListVMs", json!({}))["vms"].clone();
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .filter(|vm| vm["labels"]["io.containerd.pod"] == pod)
+            .cloned()
+            .collect()
+    }
+
+    /// Wait until pod `pod` holds no VM.
+    fn wait_released(&self, pod: &str) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("the VM of {pod} to go"),
+            || {
+                let vms = self.vms_of(pod);
+                vms.is_empty()
+                    .then_some(())
+                    .ok_or_else(|| format!("{vms:?}\n{}", self.containerd.log_tail()))
+            },
+        );
+    }
+
+    /// The names of the containers in VM `vm`.
+    fn containers(&self, vm: &Value) -> Vec<String> {
+        let id = vm["id"].as_str().unwrap();
+        let listed = self.kilnd.ok("ListContainers", json!({ "id": id }))["containers"].clone();
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Kill task `id` with SIGKILL and remove it and its container.
+    fn remove(&self, id: &str) {
+        let c = &self.containerd;
+        c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_until(Duration::from_secs(30), &format!("{id} to stop"), || {
+            let listed = c.ctr_ok(&["task", "ls"]);
+            let line = listed
+                .lines()
+                .find(|l| l.starts_with(&format!("{id} ")))
+                .map(str::to_owned);
+            line.filter(|l| l.contains("STOPPED")).ok_or(listed)
+        });
+        c.ctr_ok(&["task", "delete", id]);
+        c.ctr_ok(&["container", "delete", id]);
+    }
+}
+
+#[test]
+fn ctr_runs_execs_and_caches() {
+    let Some(s) = Setup::new() else { return };
+    let c = &s.containerd;
+
+    // Run to the end: the output, the exit code, the VM given back.
+    let started = Instant::now();
+    let out = c.ctr_output(&s.run_args(&[
+        "--rm",
+        IMAGE,
+        "t1",
+        "/bin/sh",
+        "-c",
+        "cat /etc/hello; echo to-stderr >&2; exit 3",
+    ]));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{stdout}\n{stderr}\n{}",
+        c.log_tail()
+    );
+    assert_eq!(stdout, "hello from the base layer\n");
+    assert!(stderr.contains("to-stderr"), "{stderr}");
+    eprintln!(
+        "first ctr run (template build included): {:?}",
+        started.elapsed()
+    );
+    s.wait_released("t1");
+
+    // Again: the rootfs image is the one converted before.
+    let started = Instant::now();
+    let out = c.ctr_ok(&s.run_args(&["--rm", IMAGE, "t1b", "/bin/cat", "/srv/app.txt"]));
+    assert_eq!(out, "app layer\n");
+    eprintln!("second ctr run: {:?}", started.elapsed());
+    let images = s.kilnd.ok("ListImages", json!({}))["images"].clone();
+    let rootfs: Vec<&Value> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| {
+            i["source"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("rootfs:")
+        })
+        .collect();
+    assert_eq!(rootfs.len(), 1, "{images}");
+    assert_eq!(rootfs[0]["layers"].as_array().unwrap().len(), 2);
+    assert!(
+        c.log().contains("(0 converted, 2 cached)"),
+        "{}",
+        c.log_tail()
+    );
+    s.wait_released("t1b");
+
+    // Detached: the VM runs the container; execs in it.
+    let mut args = vec!["-d", IMAGE, "t2"];
+    args.extend(SLEEPER);
+    c.ctr_ok(&s.run_args(&args));
+    let vms = s.vms_of("t2");
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    assert_eq!(vms[0]["state"], "leased");
+    assert_eq!(vms[0]["labels"]["io.containerd.namespace"], "kiln-test");
+    assert_eq!(s.containers(&vms[0]), ["t2"]);
+    let out = c.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "t2",
+        "/bin/cat",
+        "/srv/app.txt",
+    ]);
+    assert_eq!(out, "app layer\n");
+    let out = c.ctr_output(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1b",
+        "t2",
+        "/bin/sh",
+        "-c",
+        "exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5));
+    // With a terminal (ctr -t wants one itself: script gives it a pty).
+    // (`tty` would say "not a tty": the guest's pty is not in the
+    // container's /dev/pts, so it has no name there; it is a terminal.)
+    let ctr = format!(
+        "ctr --address {} --namespace kiln-test task exec -t --exec-id e2 t2 \
+         /bin/sh -c 'test -t 0 && test -t 1 && echo on-a-terminal'",
+        c.address().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &ctr, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("on-a-terminal"),
+        "{}: {text:?} {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        c.log_tail()
+    );
+    let ps = c.ctr_ok(&["task", "ps", "t2"]);
+    assert!(ps.lines().count() >= 2, "{ps}");
+    // The shim renews the 10 s lease (every third of it).
+    let granted = vms[0]["leaseExpiresAt"].as_u64().unwrap();
+    wait_until(Duration::from_secs(10), "the lease to be renewed", || {
+        let now = s.vms_of("t2")[0]["leaseExpiresAt"].as_u64();
+        (now > Some(granted))
+            .then_some(())
+            .ok_or(format!("{now:?}"))
+    });
+    let metrics = c.ctr_ok(&["task", "metrics", "t2"]);
+    assert!(
+        metrics.contains("memory") || metrics.contains("METRIC"),
+        "{metrics}"
+    );
+    s.remove("t2");
+    s.wait_released("t2");
+    // Its last task deleted, the shim exits (containerd's Shutdown).
+    wait_until(Duration::from_secs(10), "the shim to exit", || {
+        let left = c.shims(KILN_SHIM);
+        left.is_empty().then_some(()).ok_or(format!("{left:?}"))
+    });
+}
+
+#[test]
+fn pods_share_a_vm_and_a_dead_shim_gives_it_back() {
+    let Some(s) = Setup::new() else { return };
+    let c = &s.containerd;
+
+    // A pod without CRI: the annotations CRI would set.
+    let sandbox = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+    ];
+    let member = [
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=pod1",
+    ];
+    let mut args = vec!["-d"];
+    args.extend(sandbox);
+    args.extend([IMAGE, "pod1", "/bin/busybox", "sleep", "1d"]);
+    c.ctr_ok(&s.run_args(&args));
+    for name in ["c1", "c2"] {
+        let mut args = vec!["-d"];
+        args.extend(member);
+        args.extend([IMAGE, name]);
+        args.extend(SLEEPER);
+        c.ctr_ok(&s.run_args(&args));
+    }
+    let vms = s.vms_of("pod1");
+    assert_eq!(vms.len(), 1, "one VM for the pod: {vms:?}");
+    assert_eq!(s.containers(&vms[0]), ["c1", "c2"]);
+    assert_eq!(c.shims(KILN_SHIM).len(), 1, "one shim for the pod");
+    let out = c.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "x",
+        "c2",
+        "/bin/cat",
+        "/srv/app.txt",
+    ]);
+    assert_eq!(out, "app layer\n");
+    // Containers go, then the sandbox, which gives the VM back.
+    s.remove("c1");
+    s.remove("c2");
+    assert_eq!(
+        s.vms_of("pod1").len(),
+        1,
+        "the pod's VM outlives its containers"
+    );
+    s.remove("pod1");
+    s.wait_released("pod1");
+
+    // The shim killed: containerd's `delete` action gives the VM back.
+    let mut args = vec!["-d", IMAGE, "t4"];
+    args.extend(SLEEPER);
+    c.ctr_ok(&s.run_args(&args));
+    assert_eq!(s.vms_of("t4").len(), 1);
+    c.kill_shims(KILN_SHIM);
+    s.wait_released("t4");
+    // containerd saw the task die.
+    wait_until(Duration::from_secs(30), "t4 to be stopped", || {
+        let listed = c.ctr_ok(&["task", "ls"]);
+        (!listed.contains("RUNNING")).then_some(()).ok_or(listed)
+    });
+}
