@@ -149,6 +149,47 @@ impl RecordDir {
     }
 }
 
+/// Room a RAM file needs besides its own size (its device state, the
+/// metadata written after it).
+const RAM_FILE_MARGIN: u64 = 16 << 20;
+
+/// Ok when the file system of `dir` has room for a RAM file of `bytes`
+/// (and a margin). A guest's RAM in a file (a template, a snapshot) is
+/// written page by page while the guest runs: on a full file system QEMU
+/// dies of SIGBUS half-way, so the room is checked first and its lack is
+/// a `StorageFailed` that says how much is missing.
+pub fn ensure_room(dir: &Path, bytes: u64) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: statvfs is plain old data; all-zero is a valid value.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs writes one `struct statvfs`, which `stat` is, and
+    // reads the NUL-terminated path that outlives the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // Both are u64 on 64-bit Linux; `as` keeps it building elsewhere.
+    #[allow(clippy::unnecessary_cast)]
+    let free = (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64);
+    let needed = bytes.saturating_add(RAM_FILE_MARGIN);
+    if free < needed {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!(
+                "a guest's RAM needs {} MiB here, {} MiB are free",
+                needed >> 20,
+                free >> 20
+            ),
+        )));
+    }
+    Ok(())
+}
+
+
 /// Create `dir` and its parents; the leaf gets mode 0700.
 pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::DirBuilderExt;

@@ -202,6 +202,11 @@ impl Engine {
         }
         refuse_unsavable(record)?;
         let build = Build::begin(&self.config.state_dir, name)?;
+        let ram = u64::from(record.spec.memory_mib) << 20;
+        if let Err(e) = crate::store::ensure_room(&self.config.state_dir, ram) {
+            build.discard();
+            return Err(e.into());
+        }
         let loader_dir = self.config.runtime_dir.join(format!("snapshot-{id}"));
         // Its own name: never taken for the VM by a re-adoption.
         let mut loader = self.launch_for_spec(

@@ -28,7 +28,7 @@ use tracing::info;
 
 use crate::ids::now_usec;
 use crate::qemu::QemuLaunch;
-use crate::store::{create_private_dir, remove_tree, write_atomic, StoreError};
+use crate::store::{create_private_dir, ensure_room, remove_tree, write_atomic, StoreError};
 
 /// File names inside a template directory.
 const MEMORY_FILE: &str = "memory";
@@ -150,6 +150,10 @@ impl BuildPlan {
         let tmp_dir = self.pool_dir.join(format!(".{}.tmp", self.key));
         remove_tree(&tmp_dir);
         create_private_dir(&tmp_dir)?;
+        if let Err(e) = ensure_room(&tmp_dir, u64::from(self.launch.memory_mib) << 20) {
+            remove_tree(&tmp_dir);
+            return Err(e);
+        }
         remove_tree(&self.runtime_dir);
         create_private_dir(&self.runtime_dir)?;
         Ok(Unfinished {
