@@ -16,7 +16,7 @@ use std::path::Path;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::convert::convert_layer;
+use crate::convert::convert_fed;
 use crate::digest::Digest;
 use crate::error::{ImageError, InvalidReason};
 use crate::fsio::{write_atomic, FileLock, LockMode, TempPath};
@@ -24,7 +24,7 @@ use crate::manifest::{parse_config, Compression, Descriptor};
 use crate::paths::Paths;
 use crate::progress::{LayerStep, Progress, ProgressFn};
 use crate::record::{Image, ImageRecord, LayerRecord, RECORD_VERSION};
-use crate::scan::scan_layer;
+use crate::scan::{scan_layer, Scanned};
 use crate::source::{Source, Verifier};
 use crate::store::{blocking, ImageStore};
 
@@ -216,18 +216,11 @@ impl LayerJob<'_> {
             }
             None => {
                 let blob = self.download(step).await?;
+                // Checked and converted in one pass (one decompression):
+                // the conversion is kept only if the check passes.
                 step(LayerStep::Checking);
-                let scanned = {
-                    let (name, path) = (self.name.to_owned(), blob.path().to_owned());
-                    let (digest, diff_id) = (self.layer.digest.clone(), self.diff_id.clone());
-                    let (budget, limit) = (self.budget, inner.config.max_image_bytes);
-                    blocking(move || {
-                        scan_layer(&name, &path, compression, &digest, &diff_id, budget, limit)
-                    })
-                    .await?
-                };
                 step(LayerStep::Converting);
-                let size = self.convert(&blob, compression, &erofs).await?;
+                let (size, scanned) = self.scan_and_convert(&blob, compression, &erofs).await?;
                 step(LayerStep::Converted { erofs_bytes: size });
                 (size, scanned.uncompressed)
             }
@@ -285,23 +278,39 @@ impl LayerJob<'_> {
         Ok(tmp)
     }
 
-    /// mkfs.erofs into `tmp/`, then fsync and rename to `erofs`.
-    async fn convert(
+    /// Scan the blob and convert what the scan reads with mkfs.erofs into
+    /// `tmp/`; if the scan passes, fsync and rename to `erofs`.
+    async fn scan_and_convert(
         &self,
         blob: &TempPath,
         compression: Compression,
         erofs: &Path,
-    ) -> Result<u64, ImageError> {
-        let out = TempPath::new(&self.store.inner.paths.tmp(), "erofs");
-        let mkfs = self.store.inner.config.mkfs_erofs.clone();
-        let (blob, erofs) = (blob.path().to_owned(), erofs.to_owned());
+    ) -> Result<(u64, Scanned), ImageError> {
+        let inner = &self.store.inner;
+        let out = TempPath::new(&inner.paths.tmp(), "erofs");
+        let mkfs = inner.config.mkfs_erofs.clone();
+        let (name, path) = (self.name.to_owned(), blob.path().to_owned());
+        let (digest, diff_id) = (self.layer.digest.clone(), self.diff_id.clone());
+        let (budget, limit) = (self.budget, inner.config.max_image_bytes);
+        let erofs = erofs.to_owned();
         blocking(move || {
-            convert_layer(&mkfs, &blob, compression, out.path())?;
+            let scanned = convert_fed(&mkfs, out.path(), &path, |feed| {
+                scan_layer(
+                    &name,
+                    &path,
+                    compression,
+                    &digest,
+                    &diff_id,
+                    budget,
+                    limit,
+                    feed,
+                )
+            })?;
             let size = std::fs::metadata(out.path())
                 .map_err(ImageError::io("read", out.path()))?
                 .len();
             out.persist(&erofs)?;
-            Ok(size)
+            Ok((size, scanned))
         })
         .await
     }

@@ -19,7 +19,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write};
 use std::path::Path;
 
 use crate::digest::{Digest, HashingReader};
@@ -41,6 +41,25 @@ enum Stop {
     TooLarge,
     #[error("cannot read the layer file")]
     Read(#[source] std::io::Error),
+    #[error("cannot feed the converter")]
+    Feed(#[source] std::io::Error),
+}
+
+/// Passes what is read on to `out` too: the tar stream, decompressed once,
+/// goes to the scan and to mkfs.erofs together.
+struct Tee<'a, R> {
+    inner: R,
+    out: &'a mut dyn Write,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out
+            .write_all(&buf[..n])
+            .map_err(|e| std::io::Error::other(Stop::Feed(e)))?;
+        Ok(n)
+    }
 }
 
 /// Counts bytes and stops the stream past `budget`.
@@ -78,7 +97,11 @@ impl Read for FileReader {
 /// Scan the layer blob at `path` (verified against `layer`), compressed as
 /// `compression`. `diff_id` is the config's digest of the uncompressed
 /// tar, `budget` the uncompressed bytes still allowed for this image.
-/// Blocking: run it on the blocking pool.
+/// Every byte of the tar is also written to `feed` as it is scanned (the
+/// converter's input, so the layer is decompressed once): what `feed`
+/// made of it must be thrown away unless the scan passes. Blocking: run
+/// it on the blocking pool.
+#[allow(clippy::too_many_arguments)]
 pub fn scan_layer(
     image: &str,
     path: &Path,
@@ -87,6 +110,7 @@ pub fn scan_layer(
     diff_id: &Digest,
     budget: u64,
     limit: u64,
+    feed: &mut dyn Write,
 ) -> Result<Scanned, ImageError> {
     let file = File::open(path).map_err(ImageError::io("read", path))?;
     let file = FileReader(BufReader::with_capacity(1 << 16, file));
@@ -99,7 +123,10 @@ pub fn scan_layer(
         ),
     };
     let mut reader = HashingReader::new(Budget {
-        inner: decoded,
+        inner: Tee {
+            inner: decoded,
+            out: feed,
+        },
         left: budget,
     });
     walk_tar(&mut reader, layer).map_err(|e| match e {
@@ -132,12 +159,17 @@ fn classify(image: &str, path: &Path, layer: &Digest, e: std::io::Error, limit: 
             let source = match e.into_inner().map(|b| b.downcast::<Stop>()) {
                 Some(Ok(stop)) => match *stop {
                     Stop::Read(e) => e,
-                    Stop::TooLarge => std::io::Error::from(kind),
+                    Stop::TooLarge | Stop::Feed(_) => std::io::Error::from(kind),
                 },
                 _ => std::io::Error::from(kind),
             };
             ImageError::io("read", path)(source)
         }
+        Some(Stop::Feed(inner)) => ImageError::StorageFailed {
+            action: "convert to erofs",
+            path: path.to_owned(),
+            source: std::io::Error::new(inner.kind(), inner.to_string()),
+        },
         None => ImageError::malformed(image, "layer", format!("{layer}: {e}")),
     }
 }
