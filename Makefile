@@ -12,7 +12,7 @@ deps:
 	./scripts/setup-host.sh
 
 build: deps
-	$(CARGO) build --release -p kilnd
+	$(CARGO) build --release -p kilnd -p kiln-shim
 
 guest: deps
 	./guest/build-image.sh "$(GUEST_DIR)"

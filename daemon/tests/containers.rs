@@ -866,3 +866,50 @@ fn layer_directories_run_as_a_container() {
     );
     d.ok("DeleteVM", json!({ "id": id }));
 }
+
+/// A container that ignores SIGTERM takes the whole grace period to
+/// remove; meanwhile the VM's agent goes on answering (the host waits,
+/// not the agent): an exec in the guest returns while the removal is
+/// still under way, and the removal ends with the container gone.
+#[test]
+fn removing_a_stubborn_container_does_not_hold_up_the_vm() {
+    let d = Daemon::start();
+    let (_layout, digest) = import_app(&d);
+    let vm = d.ok(
+        "CreateVM",
+        json!({ "name": "stubborn", "spec": { "image": digest,
+            "command": ["-c", format!("trap '' TERM; {SLEEPER}")] } }),
+    )["vm"]
+        .clone();
+    let id = vm["id"].as_str().unwrap().to_owned();
+    d.ok("StartVM", json!({ "id": id }));
+    let removing = {
+        let (address, id) = (d.address(), id.clone());
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let out = std::process::Command::new("varlinkctl")
+                .args(["call", &address, "io.kiln.Manager.RemoveContainer"])
+                .arg(json!({ "id": id, "name": "main" }).to_string())
+                .output()
+                .unwrap();
+            (out.status.success(), started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let r = d.ok(
+        "ExecVM",
+        json!({ "id": id, "command": ["echo", "still here"] }),
+    );
+    assert_eq!(r["stdout"], "still here\n");
+    assert!(
+        !removing.is_finished(),
+        "the exec came back while the removal waited out the grace period"
+    );
+    let (removed, took) = removing.join().unwrap();
+    assert!(removed, "RemoveContainer failed");
+    assert!(
+        took >= Duration::from_secs(9),
+        "SIGTERM was ignored: removed after the grace period ({took:?})"
+    );
+    assert_eq!(container_states(&d, &id), Vec::<(String, String)>::new());
+}

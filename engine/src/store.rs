@@ -189,7 +189,6 @@ pub fn ensure_room(dir: &Path, bytes: u64) -> Result<(), StoreError> {
     Ok(())
 }
 
-
 /// Create `dir` and its parents; the leaf gets mode 0700.
 pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::DirBuilderExt;

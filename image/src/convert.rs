@@ -53,9 +53,7 @@ pub fn convert_fed<T>(
         let _ = child.kill();
     }
     let status = child.wait().map_err(|e| failed(what, e));
-    let stderr = stderr
-        .and_then(|t| t.join().ok())
-        .unwrap_or_default();
+    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
     let value = fed?;
     check(mkfs, status?, &stderr, what)?;
     Ok(value)

@@ -87,6 +87,24 @@ pub fn status(context: &str, e: &ClientError) -> ttrpc::Error {
     rpc_error(code, format!("{context}: {e}"))
 }
 
+/// The guest's reason a container did not start, in the words containerd
+/// users know from runc (`exec /bin/app: exec format error`), when kilnd's
+/// `ContainerStartFailed` carries one that has such words. kilnd names the
+/// guest's error only in its message (`...: ExecFormatError: ...`), so the
+/// message is where it is read from.
+pub fn start_failure(e: &ClientError, program: &str) -> Option<String> {
+    let ClientError::Remote { parameters, .. } = e else {
+        return None;
+    };
+    if error_name(e) != Some("ContainerStartFailed") {
+        return None;
+    }
+    let message = parameters["message"].as_str()?;
+    message
+        .contains("ExecFormatError")
+        .then(|| format!("exec {program}: exec format error"))
+}
+
 /// A ttrpc status error.
 pub fn rpc_error(code: Code, message: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
@@ -180,6 +198,16 @@ mod tests {
         assert!(message.contains("exec format error"), "{message}");
         let lost = ClientError::Lost(std::io::Error::other("gone"));
         assert_eq!(code(status("x", &lost)).0, Code::UNAVAILABLE);
+        let bad = ClientError::Remote {
+            name: "io.kiln.Manager.ContainerStartFailed".into(),
+            parameters: json!({ "message": "container failed to start: ExecFormatError: " }),
+        };
+        assert_eq!(
+            start_failure(&bad, "/bin/app").as_deref(),
+            Some("exec /bin/app: exec format error")
+        );
+        assert_eq!(start_failure(&remote("ContainerStartFailed"), "/x"), None);
+        assert_eq!(start_failure(&remote("Timeout"), "/x"), None);
         assert!(is_gone(&remote("NoSuchContainer")));
         assert!(!is_gone(&remote("Timeout")));
     }

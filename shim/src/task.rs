@@ -32,7 +32,7 @@ use serde_json::json;
 use crate::config::{ShimConfig, POOL_ANNOTATION};
 use crate::events::Events;
 use crate::io::{self as stdio, Outputs, Stdio};
-use crate::kiln::{is_gone, rpc_error, status, vm_of, Kiln, LeaseKeeper};
+use crate::kiln::{is_gone, rpc_error, start_failure, status, vm_of, Kiln, LeaseKeeper};
 use crate::rootfs;
 use crate::spec::{container_name, Process, Role, Spec};
 use crate::state::{BundleRecord, Exit, ExitCell};
@@ -348,10 +348,16 @@ impl TaskService {
                 // Failed to start: stopped, so that Wait returns and Delete
                 // works; containerd reports the error.
                 exit.set(Exit::now(UNKNOWN_EXIT));
-                return Err(status("starting the container", &e));
+                let program = process.args.first().map_or("", String::as_str);
+                let context = match start_failure(&e, program) {
+                    Some(reason) => format!("starting the container: {reason}"),
+                    None => "starting the container".to_owned(),
+                };
+                return Err(status(&context, &e));
             }
         };
         let guest_pid = added["container"]["pid"].as_u64().unwrap_or_default();
+        log::info!("{id}: started in VM {} as guest pid {guest_pid}", pod.vm);
         self.mark_started(id, u32::try_from(guest_pid).unwrap_or_default());
         let service = self.clone();
         let id = id.to_owned();

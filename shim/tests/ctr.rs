@@ -16,149 +16,15 @@
 //!   (containerd runs the shim's `delete` action).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_testkit::containerd::{Containerd, KILN_SHIM};
-use kiln_testkit::oci::{busybox_layer, file, one_image, Entry, Layer};
-use kiln_testkit::{require_root, run, wait_until, Daemon};
+use common::{Setup, IMAGE, SLEEPER};
+use kiln_testkit::containerd::KILN_SHIM;
+use kiln_testkit::wait_until;
 use serde_json::{json, Value};
-
-const RUNTIME: &str = "io.containerd.kiln.v1";
-
-/// A long-running main process that ends at once on SIGTERM (a container's
-/// PID 1 has no default action for it: `sleep` alone would wait for the
-/// SIGKILL that follows 10 s later).
-const SLEEPER: [&str; 3] = [
-    "/bin/sh",
-    "-c",
-    "trap 'exit 0' TERM; while :; do /bin/busybox sleep 1; done",
-];
-const IMAGE: &str = "localhost/kiln-app:v1";
-
-/// A kilnd with a small template pool, a containerd whose shim finds it,
-/// the test image imported.
-struct Setup {
-    kilnd: Daemon,
-    containerd: Containerd,
-    /// The shim's config file.
-    config: PathBuf,
-}
-
-impl Setup {
-    fn new() -> Option<Self> {
-        if !require_root("containerd and kilnd run as root") {
-            return None;
-        }
-        let kilnd = Daemon::new("");
-        let pools = kilnd.kilnd.dir.path().join("pools.d");
-        std::fs::create_dir_all(&pools).unwrap();
-        // Small, one hot clone, container modules loaded in the template
-        // (docs/pools.md): the quickest first output under TCG.
-        std::fs::write(
-            pools.join("containerd.toml"),
-            "mode = \"template\"\nwarm = 1\nmax = 4\n[vm]\nvcpus = 1\nmemoryMiB = 256\n\
-             cmdline = \"kiln.container_modules=boot\"\n",
-        )
-        .unwrap();
-        let mut kilnd = kilnd;
-        kilnd.spawn();
-        let shim_dir = Path::new(env!("CARGO_BIN_EXE_containerd-shim-kiln-v1"))
-            .parent()
-            .unwrap();
-        let address = kilnd.address();
-        let containerd = Containerd::start(&[shim_dir], &[("KILN_ADDRESS", &address)]);
-        let app = Layer::gzip(&[Entry::Dir("srv/"), file("srv/app.txt", b"app layer\n")]);
-        let layout = one_image(&[busybox_layer(), app], "v1");
-        let archive = containerd.dir.path().join("app.tar");
-        run(Command::new("skopeo")
-            .args(["--insecure-policy", "copy", "--quiet"])
-            .arg(format!("oci:{}:v1", layout.path().display()))
-            .arg(format!("docker-archive:{}:{IMAGE}", archive.display())));
-        containerd.import(&archive);
-        std::fs::remove_file(&archive).unwrap();
-        // The lease backstop short enough to be seen working; the first
-        // Acquire may wait for the template to be built.
-        let config = containerd.dir.path().join("kiln-shim.toml");
-        std::fs::write(
-            &config,
-            "pool = \"containerd\"\nlease_ttl_sec = 10\nacquire_timeout_ms = 240000\n",
-        )
-        .unwrap();
-        Some(Self {
-            kilnd,
-            containerd,
-            config,
-        })
-    }
-
-    /// `ctr run` with the Kiln runtime and the shim config, then `args`.
-    fn run_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        let mut all = vec![
-            "run",
-            "--runtime",
-            RUNTIME,
-            "--runtime-config-path",
-            self.config.to_str().unwrap(),
-        ];
-        all.extend_from_slice(args);
-        all
-    }
-
-    /// kilnd's VMs leased for pod `pod`.
-    fn vms_of(&self, pod: &str) -> Vec<Value> {
-        let vms = self.kilnd.ok("ListVMs", json!({}))["vms"].clone();
-        vms.as_array()
-            .unwrap()
-            .iter()
-            .filter(|vm| vm["labels"]["io.containerd.pod"] == pod)
-            .cloned()
-            .collect()
-    }
-
-    /// Wait until pod `pod` holds no VM.
-    fn wait_released(&self, pod: &str) {
-        wait_until(
-            Duration::from_secs(30),
-            &format!("the VM of {pod} to go"),
-            || {
-                let vms = self.vms_of(pod);
-                vms.is_empty()
-                    .then_some(())
-                    .ok_or_else(|| format!("{vms:?}\n{}", self.containerd.log_tail()))
-            },
-        );
-    }
-
-    /// The names of the containers in VM `vm`.
-    fn containers(&self, vm: &Value) -> Vec<String> {
-        let id = vm["id"].as_str().unwrap();
-        let listed = self.kilnd.ok("ListContainers", json!({ "id": id }))["containers"].clone();
-        listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    /// Kill task `id` with SIGKILL and remove it and its container.
-    fn remove(&self, id: &str) {
-        let c = &self.containerd;
-        c.ctr_ok(&["task", "kill", "-s", "SIGKILL", id]);
-        wait_until(Duration::from_secs(30), &format!("{id} to stop"), || {
-            let listed = c.ctr_ok(&["task", "ls"]);
-            let line = listed
-                .lines()
-                .find(|l| l.starts_with(&format!("{id} ")))
-                .map(str::to_owned);
-            line.filter(|l| l.contains("STOPPED")).ok_or(listed)
-        });
-        c.ctr_ok(&["task", "delete", id]);
-        c.ctr_ok(&["container", "delete", id]);
-    }
-}
 
 #[test]
 fn ctr_runs_execs_and_caches() {

@@ -99,6 +99,15 @@ impl Containerd {
         containerd
     }
 
+    /// SIGKILL containerd (its shims keep running; nothing runs their
+    /// `delete` action). The drop still kills the shims and unmounts.
+    pub fn sigkill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The gRPC socket.
     pub fn address(&self) -> PathBuf {
         self.dir.path().join("c.sock")

@@ -6,7 +6,7 @@ same run (raw QEMU, the transport's no-op call) are compared by their ratio to
 it, which survives a busy machine far better than milliseconds; the floors
 themselves measure the machine, not Kiln, and are not compared. Also: per-VM
 PSS at each density step and of a per-image pool's VMs (MiB), the fill time
-(s), kilnd's idle RSS (MiB). A metric more than 2x worse than the baseline
+(s), kilnd's idle RSS (MiB), a Kiln pod's PSS through containerd (MiB). A metric more than 2x worse than the baseline
 (1.5x for memory; BENCH_WARN_RATIO overrides both) and worse by more than a
 small absolute slack prints a WARNING. The guard never fails: the machine is
 shared and noisy, so numbers are a warning, not a verdict.
@@ -46,6 +46,9 @@ def metrics(report):
     pss = report.get("images", {}).get("pss")
     if pss:
         out[f"image: per-image pool N={pss['n']}: PSS per VM"] = (pss["per_image_mib"], "MiB")
+    pods = report.get("containerd", {}).get("pss")
+    if pods:
+        out[f"containerd: Kiln pod N={pods['kiln']['n']}: PSS per pod"] = (pods["kiln"]["per_pod_mib"], "MiB")
     return out
 
 

@@ -142,8 +142,9 @@ def layers():
     ]
 
 
-def write_layout(dir_):
-    """An OCI layout at `dir_` holding the image tagged TAG; a description."""
+def write_layout(dir_, tars=None):
+    """An OCI layout at `dir_` holding the image of `tars` (default: this
+    phase's layers) tagged TAG; a description."""
     os.makedirs(os.path.join(dir_, "blobs", "sha256"))
 
     def blob(media_type, data):
@@ -152,7 +153,7 @@ def write_layout(dir_):
             f.write(data)
         return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
-    tars = layers()
+    tars = layers() if tars is None else tars
     # gzip level 6, what registries usually hold (docker's and skopeo's default).
     descs = [blob("application/vnd.oci.image.layer.v1.tar+gzip", gzip.compress(t, 6, mtime=0)) for t in tars]
     config = {"architecture": "amd64", "os": "linux", "created": "2024-05-01T00:00:00Z",

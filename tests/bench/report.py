@@ -40,6 +40,9 @@ FLOORS = {
     "sandbox: kilnd SnapshotVM": "sandbox: raw QEMU migrate to a file",
     "sandbox: kilnd RestoreVM to agent": "sandbox: raw QEMU -incoming from the file to agent",
     "sandbox: kilnd ForkVM count=1": "sandbox: raw QEMU -incoming from the file to agent",
+    "containerd: ctr run --rm with Kiln's shim (hot pool), to first output":
+        "containerd: ctr run --rm with runc, to first output",
+    "containerd: ctr run -d with Kiln's shim, each of N in a row": "containerd: ctr run -d with runc, each of N in a row",
 }
 
 ANCHORS = [
@@ -136,6 +139,7 @@ def summary(report):
     line("hot Acquire, D-Bus", "kilnd-hot Acquire (D-Bus)", "")
     rows += images_summary(report, line)
     rows += sandbox_summary(report, line)
+    rows += containerd_summary(report, line)
     dens = report.get("density", {})
     t, c = dens.get("template", {}).get("steps", []), dens.get("cold", {}).get("steps", [])
     if t and c:
@@ -212,6 +216,30 @@ def sandbox_summary(report, line):
     return [f"| file copies (tar over a passed fd) | {'; '.join(rates)} | | | the TCP path: Network below |"]
 
 
+def containerd_summary(report, line):
+    """The containerd rows of the summary; `line` adds a scenario's row."""
+    ct = report.get("containerd", {})
+    if not ct:
+        return []
+    if ct.get("error"):
+        return [f"| pods through containerd | failed: {ct['error']} | | | |"]
+    line("pod to first output, `ctr run --rm` with Kiln's shim (hot pool)",
+         "containerd: ctr run --rm with Kiln's shim (hot pool), to first output",
+         "containerd-cloudhypervisor ~168 ms warm; Kata 0.5–1 s")
+    rows = []
+    rate = ct.get("pods_per_s")
+    if rate:
+        rows.append(f"| pods per second, {rate['n']} `ctr run -d` in a row | {fmt(rate['kiln'], 2)}/s | "
+                    f"runc: {fmt(rate['runc'], 2)}/s | {rate['kiln'] / rate['runc']:.2f}x | |")
+    pss = ct.get("pss")
+    if pss:
+        k, r = pss["kiln"], pss["runc"]
+        rows.append(f"| idle PSS per pod at N={k['n']} (QEMU + shim) | {fmt(k['per_pod_mib'])} MiB | "
+                    f"runc (shim + processes): {fmt(r['per_pod_mib'])} MiB | {k['per_pod_mib'] / r['per_pod_mib']:.1f}x | "
+                    f"Kata ~330 MB per pod |")
+    return rows
+
+
 def markdown(report):
     """report.md: summary, latency table, density, fill, daemon, libvirt, guard."""
     m = report["meta"]
@@ -234,6 +262,7 @@ def markdown(report):
     out += daemon_md(report)
     out += network_md(report)
     out += images_md(report)
+    out += containerd_md(report)
     out += libvirt_md(report)
     out += ["", "## Plots", "", "- `latency.svg`: distribution of every latency scenario (log scale)",
             "- `pss.svg`: total PSS of N idle hot VMs, cold and template",
@@ -348,6 +377,31 @@ def images_md(report):
     if pss:
         out += ["", f"PSS per VM of {pss['n']} idle hot VMs (member QEMUs' smaps_rollup): per-image pool "
                     f"{fmt(pss['per_image_mib'])} MiB, generic template pool {fmt(pss['generic_mib'])} MiB."]
+    return out
+
+
+def containerd_md(report):
+    ct = report.get("containerd", {})
+    if not ct:
+        return []
+    out = ["", "## Pods through containerd", ""]
+    if ct.get("error"):
+        return out + [f"Failed: {ct['error']}"]
+    exits, pss = ct.get("ctr_exit_median_ms", {}), ct.get("pss", {})
+    out += [f"The `containerd:` rows above: {ct['containerd']}, the same image ({ct['image']['reference']}, "
+            f"busybox-static, {ct['image']['uncompressed_mib']} MiB) with Kiln's shim (a template pool of "
+            f"{ct['pool']['vm']['memoryMiB']} MiB, {ct['pool']['vm']['vcpus']}-vCPU VMs, container modules loaded "
+            f"at boot) and with {ct['runc']}. `ctr run --rm` to its exit (the pod removed, the VM given back): "
+            f"Kiln {ms(exits.get('kiln'))} ms, runc {ms(exits.get('runc'))} ms (medians)."]
+    parts = ct.get("kiln_breakdown_median_ms") or {}
+    if any(v is not None for v in parts.values()):
+        out += ["", "Where a Kiln pod's first output goes (medians from ctr's exec, from the shim's lines in "
+                    "containerd's log): " + ", ".join(f"{k} {ms(v)} ms" for k, v in parts.items()) + "."]
+    if pss:
+        k, r = pss["kiln"], pss["runc"]
+        out += ["", f"Idle PSS per pod at N={k['n']}: Kiln {fmt(k['per_pod_mib'])} MiB (QEMU {fmt(k['qemu_mib'])}, "
+                    f"shim {fmt(k['shim_mib'])}); runc {fmt(r['per_pod_mib'])} MiB (shim {fmt(r['shim_mib'])}, "
+                    f"container processes {fmt(r['processes_mib'])})."]
     return out
 
 

@@ -23,6 +23,9 @@ the same guest kernel and initramfs, with peers measured in the same run
   sandbox.py  streamed exec's first output vs a buffered ExecVM, CopyIn and
               CopyOut throughput, SnapshotVM/RestoreVM/ForkVM vs plain QEMU
               migrate to a file and -incoming from it;
+  containerd.py  pods through containerd: `ctr run --rm` to first output
+              with Kiln's shim (hot pool) vs runc, pods per second, idle
+              PSS per pod;
   virt.py     libvirt `virsh create` of an equivalent domain vs raw QEMU, in
               a systemd container (full runs only).
 
@@ -39,6 +42,7 @@ import sys
 import time
 
 import boots
+import containerd
 import density
 import guard
 import images
@@ -73,6 +77,7 @@ PLAN = {
         "images": {"pulls": 5, "cached_pulls": 50, "first_output": 10, "cold": 5, "cold_min": 3,
                    "cold_budget_s": 150, "pss_n": 10},
         "sandbox": {"exec": 10, "copy": 3, "copy_mib": 64, "snapshots": 3, "fork_n": 10, "raw_snapshots": 3},
+        "containerd": {"first_output": 10, "pods": 20, "settle_s": 3},
     },
     True: {
         "boot_rounds": 3, "boot_min_rounds": 2, "boot_budget_s": 45,
@@ -90,6 +95,7 @@ PLAN = {
         "images": {"pulls": 2, "cached_pulls": 10, "first_output": 3, "cold": 2, "cold_min": 2,
                    "cold_budget_s": 45, "pss_n": 5},
         "sandbox": {"exec": 3, "copy": 1, "copy_mib": 16, "snapshots": 1, "fork_n": 3, "raw_snapshots": 1},
+        "containerd": {"first_output": 3, "pods": 5, "settle_s": 1},
     },
 }[QUICK]
 
@@ -210,6 +216,8 @@ def main():
     guarded_phase(ph, samples, rep, "images", "images", images.run)
     # Streamed exec, copies, snapshots and forks.
     guarded_phase(ph, samples, rep, "sandbox", "sandbox", sandbox.run)
+    # Pods through containerd: Kiln's shim against runc.
+    guarded_phase(ph, samples, rep, "containerd", "containerd", containerd.run)
     libvirt_phase(ph, samples, rep, kiln_vm)
     rep["meta"]["phases_s"] = ph.times
     rep["meta"]["load_end"] = os.getloadavg()[0]

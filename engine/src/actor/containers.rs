@@ -328,27 +328,63 @@ enum Stop {
     Kill,
 }
 
-/// Stop and remove a container in the guest (gone already is fine).
+/// How often a graceful stop asks whether the container has exited.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Stop and remove a container in the guest (gone already is fine). A
+/// graceful stop signals and then waits here, asking the agent between
+/// naps, so the agent goes on serving the VM's other calls (logs, execs,
+/// other containers) during the grace period; SIGKILL after it.
 async fn remove_in_guest(agent: &dyn GuestAgent, name: &str, how: Stop) -> Result<(), EngineError> {
     let id = proto::ContainerIdRequest {
         id: name.to_owned(),
     };
-    let stop = proto::StopContainerRequest {
+    let send = |signal: Option<i32>, wait: bool| proto::StopContainerRequest {
         id: name.to_owned(),
-        signal: matches!(how, Stop::Kill).then_some(9),
+        signal,
         timeout_ms: None,
+        wait: (!wait).then_some(false),
     };
-    let stopped: Result<proto::StopContainerReply, _> = agent
-        .call(
-            proto::method::STOP_CONTAINER,
-            &stop,
-            Duration::from_millis(proto::DEFAULT_STOP_TIMEOUT_MS) + AGENT_CALL_TIMEOUT,
-        )
-        .await;
-    match stopped {
-        Ok(_) => {}
-        Err(e) if e.is_call(proto::error::NO_SUCH_CONTAINER) => {}
-        Err(e) => return Err(e.into()),
+    let stop = |request: proto::StopContainerRequest| async move {
+        let stopped: Result<proto::StopContainerReply, _> = agent
+            .call(
+                proto::method::STOP_CONTAINER,
+                &request,
+                // An older agent waits the grace period itself.
+                Duration::from_millis(proto::DEFAULT_STOP_TIMEOUT_MS) + AGENT_CALL_TIMEOUT,
+            )
+            .await;
+        match stopped {
+            Ok(reply) => Ok(Some(reply.container)),
+            Err(e) if e.is_call(proto::error::NO_SUCH_CONTAINER) => Ok(None),
+            Err(e) => Err(EngineError::from(e)),
+        }
+    };
+    match how {
+        Stop::Kill => {
+            stop(send(Some(9), true)).await?;
+        }
+        Stop::Graceful => {
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_millis(proto::DEFAULT_STOP_TIMEOUT_MS);
+            let mut running = stop(send(None, false))
+                .await?
+                .is_some_and(|c| c.state == proto::ContainerState::Running);
+            while running && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(STOP_POLL).await;
+                let status: Result<proto::ContainerReply, _> = agent
+                    .call(proto::method::CONTAINER_STATUS, &id, AGENT_CALL_TIMEOUT)
+                    .await;
+                running = match status {
+                    Ok(reply) => reply.container.state == proto::ContainerState::Running,
+                    Err(e) if e.is_call(proto::error::NO_SUCH_CONTAINER) => false,
+                    Err(e) => return Err(e.into()),
+                };
+            }
+            if running {
+                stop(send(Some(9), true)).await?;
+            }
+        }
     }
     let _: proto::RemoveContainerReply = agent
         .call(proto::method::REMOVE_CONTAINER, &id, AGENT_CALL_TIMEOUT)

@@ -625,6 +625,7 @@ impl FakeAgent {
             proto::method::START_CONTAINER
             | proto::method::LIST_CONTAINERS
             | proto::method::STOP_CONTAINER
+            | proto::method::CONTAINER_STATUS
             | proto::method::REMOVE_CONTAINER => self.container_call(method, parameters),
             _ => Ok(json!({})),
         }
@@ -675,6 +676,17 @@ impl FakeAgent {
                 containers: vm.containers.clone(),
             })
             .map_err(protocol),
+            proto::method::CONTAINER_STATUS => {
+                let request: proto::ContainerIdRequest =
+                    serde_json::from_value(parameters).map_err(protocol)?;
+                let Some(c) = vm.containers.iter().find(|c| c.id == request.id) else {
+                    return Err(call_error(proto::error::NO_SUCH_CONTAINER, request.id));
+                };
+                serde_json::to_value(proto::ContainerReply {
+                    container: c.clone(),
+                })
+                .map_err(protocol)
+            }
             proto::method::STOP_CONTAINER => {
                 let request: proto::StopContainerRequest =
                     serde_json::from_value(parameters).map_err(protocol)?;

@@ -172,6 +172,12 @@ pub struct StopContainerRequest {
     /// Wait before SIGKILL (default [`DEFAULT_STOP_TIMEOUT_MS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// `false`: send the signal and reply at once, no SIGKILL: the host
+    /// waits (polling `ContainerStatus`), so the agent serves its other
+    /// calls meanwhile. Default `true`: wait for the exit, SIGKILL after
+    /// `timeout_ms`. (An older agent ignores it and waits.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<bool>,
 }
 
 /// Reply of `StopContainer`.

@@ -532,7 +532,10 @@ impl Containers {
         let mut killed = false;
         if c.running() {
             c.signal(signal);
-            if !c.wait_exit(Duration::from_millis(timeout_ms)) {
+            if req.wait == Some(false) {
+                // The host waits: this loop serves the VM's other calls.
+                c.poll_exit();
+            } else if !c.wait_exit(Duration::from_millis(timeout_ms)) {
                 killed = c.signal(libc::SIGKILL);
                 if !c.wait_exit(KILL_WAIT) {
                     log::error!("container {}: still running after SIGKILL", c.id);
@@ -812,6 +815,7 @@ mod tests {
             id: "a".into(),
             signal,
             timeout_ms,
+            wait: None,
         };
         assert!(matches!(
             table.stop(&stop(Some(0), None)),
