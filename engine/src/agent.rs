@@ -224,10 +224,11 @@ async fn roundtrip(
             .unwrap_or(Value::Object(Default::default()))),
         Some(name) => {
             // The human message, or else the one thing the error names
-            // (`path` of NoSuchFile, `handle` of NoSuchProcess, ...).
+            // (`path` of NoSuchFile, `handle` of NoSuchProcess, `program`
+            // of ExecFormatError, ...).
             let parameters = reply.parameters.as_ref();
             let field = |key: &str| parameters.and_then(|p| p.get(key));
-            let message = match ["message", "path", "handle", "id", "serial"]
+            let message = match ["message", "path", "program", "handle", "id", "serial"]
                 .into_iter()
                 .find_map(field)
             {

@@ -528,12 +528,18 @@ async fn image_job(job: ImageJob, more: bool) -> Result<Outcome, ErrorReply> {
     Ok(Outcome::Stream(Box::pin(replies)))
 }
 
-/// How often a followed `ContainerLogs` asks the guest for more output.
+/// How soon a followed `ContainerLogs` asks the guest again after output
+/// came (a container that just printed likely prints on: its first lines
+/// reach the caller within tens of ms, which is what a pod's start waits
+/// for), doubling while nothing comes up to [`LOG_FOLLOW_INTERVAL`].
+const LOG_FOLLOW_FIRST: Duration = Duration::from_millis(20);
+/// How often an idle followed `ContainerLogs` asks the guest for more.
 const LOG_FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
 
 /// `ContainerLogs`: one read; with `more`, every read as output comes (the
 /// first at once, then whenever there is new output, polled every
-/// [`LOG_FOLLOW_INTERVAL`]) until the container exited and all was read.
+/// [`LOG_FOLLOW_FIRST`] to [`LOG_FOLLOW_INTERVAL`]) until the container
+/// exited and all was read.
 async fn container_logs(
     engine: EngineHandle,
     p: ContainerLogsParams,
@@ -555,10 +561,14 @@ async fn container_logs(
         async move {
             let (engine, mut logs, first) = state?;
             if !first {
+                let mut wait = LOG_FOLLOW_FIRST;
                 loop {
-                    tokio::time::sleep(LOG_FOLLOW_INTERVAL).await;
+                    tokio::time::sleep(wait).await;
                     match engine.container_logs(&id, request(Some(logs.cursor))).await {
-                        Ok(next) if next.entries.is_empty() && !next.ended => logs = next,
+                        Ok(next) if next.entries.is_empty() && !next.ended => {
+                            logs = next;
+                            wait = (wait * 2).min(LOG_FOLLOW_INTERVAL);
+                        }
                         Ok(next) => {
                             logs = next;
                             break;

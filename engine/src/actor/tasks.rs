@@ -118,7 +118,9 @@ pub(super) async fn boot(
             .await?;
     }
     if let Some(n) = &plan.net {
-        agent.configure_network(&n.guest, plan.qmp_timeout).await?;
+        agent
+            .configure_network(&n.guest, CONFIGURE_NETWORK_TIMEOUT)
+            .await?;
         // Forwards only once the guest has its address.
         if let TapHome::Bridge(net) = &n.home {
             for forward in &n.forwards {
@@ -173,7 +175,7 @@ impl NextBoot {
         // MAC).
         if let (Ok(_), Some(request)) = (&result, &self.guest_net) {
             if let Err(e) = agent
-                .configure_network(request, Duration::from_secs(10))
+                .configure_network(request, CONFIGURE_NETWORK_TIMEOUT)
                 .await
             {
                 result = Err(e.into());
@@ -226,6 +228,13 @@ pub(super) async fn wait_for_new_boot(
 
 /// How often a VM's console log is checked against its bound.
 const CONSOLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Deadline of the guest's `ConfigureNetwork` after a boot, a clone or a
+/// restore: the agent itself waits up to 5 s for the interface to appear
+/// (`APPEAR_TIMEOUT`), then configures it, on a guest that may share two
+/// TCG cores with its siblings' restores (two forks of one VM missed a
+/// 5 s deadline under the test suite's load).
+const CONFIGURE_NETWORK_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Watch one QEMU: its exit, its QMP events, and the size of the console
 /// log its guest writes.
