@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use kiln_testkit::busctl::{DbusKilnd, VM_IF};
@@ -347,7 +347,7 @@ fn files(k: &DbusKilnd, id: &str) {
         let mut file = archive;
         file.seek(std::io::SeekFrom::Start(0)).unwrap();
         let mut client = FdClient::connect(&address);
-        client.call(&format!("{M}CopyIn"), params, false, &[archive.as_raw_fd()]);
+        client.call(&format!("{M}CopyIn"), params, false, &[archive.as_fd()]);
         client.reply().0
     };
     let started = Instant::now();

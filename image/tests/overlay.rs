@@ -34,6 +34,23 @@ impl Drop for Mounts {
     }
 }
 
+/// Each erofs layer of `image` mounted read-only under `mnt` (`l0`, `l1`,
+/// ... lowest first): the mounts and their mount points.
+fn mount_layers(t: &TestStore, image: &kiln_image::Image, mnt: &Path) -> (Mounts, Vec<PathBuf>) {
+    let mut mounts = Mounts(Vec::new());
+    let mut lowers = Vec::new();
+    for (i, layer) in image.record.layers.iter().enumerate() {
+        let target = mnt.join(format!("l{i}"));
+        let erofs = t.store.erofs_path(layer);
+        mounts.mount(
+            &["-t", "erofs", "-o", "loop,ro", erofs.to_str().unwrap()],
+            &target,
+        );
+        lowers.push(target);
+    }
+    (mounts, lowers)
+}
+
 #[tokio::test]
 async fn whiteouts_and_opaque_dirs_work_in_the_merged_view() {
     if !kiln_testkit::require_root("mounts erofs images and overlayfs") {
@@ -62,17 +79,7 @@ async fn whiteouts_and_opaque_dirs_work_in_the_merged_view() {
     let image = t.import(dir.path()).await.unwrap();
 
     let mnt = tempfile::tempdir().unwrap();
-    let mut mounts = Mounts(Vec::new());
-    let mut lowers = Vec::new();
-    for (i, layer) in image.record.layers.iter().enumerate() {
-        let target = mnt.path().join(format!("l{i}"));
-        let erofs = t.store.erofs_path(layer);
-        mounts.mount(
-            &["-t", "erofs", "-o", "loop,ro", erofs.to_str().unwrap()],
-            &target,
-        );
-        lowers.push(target);
-    }
+    let (mut mounts, lowers) = mount_layers(&t, &image, mnt.path());
     // The upper erofs image holds the overlayfs whiteout itself.
     let wh = std::fs::symlink_metadata(lowers[1].join("etc/gone")).unwrap();
     assert!(
@@ -177,17 +184,7 @@ async fn layer_directories_convert_once_and_keep_their_whiteouts() {
     assert_eq!(image.record.process, kiln_image::ProcessConfig::default());
 
     let mnt = tempfile::tempdir().unwrap();
-    let mut mounts = Mounts(Vec::new());
-    let mut lowers = Vec::new();
-    for (i, layer) in image.record.layers.iter().enumerate() {
-        let target = mnt.path().join(format!("l{i}"));
-        let erofs = t.store.erofs_path(layer);
-        mounts.mount(
-            &["-t", "erofs", "-o", "loop,ro", erofs.to_str().unwrap()],
-            &target,
-        );
-        lowers.push(target);
-    }
+    let (mut mounts, lowers) = mount_layers(&t, &image, mnt.path());
     let kept = std::fs::symlink_metadata(lowers[0].join("etc/kept")).unwrap();
     assert_eq!(
         (kept.uid(), kept.gid(), kept.nlink()),
