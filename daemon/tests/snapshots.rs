@@ -46,7 +46,9 @@ fn snapshots_restore_and_forks_continue_where_the_vm_was() {
     sh(
         &k,
         &id,
-        "echo kept > /root/note; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &",
+        // The counter is renamed into place: a read never sees the file
+        // between its truncation and its write (an empty count).
+        "echo kept > /root/note; (i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &",
     );
     std::thread::sleep(Duration::from_millis(800));
 
