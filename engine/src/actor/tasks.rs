@@ -229,11 +229,9 @@ pub(super) async fn wait_for_new_boot(
 /// How often a VM's console log is checked against its bound.
 const CONSOLE_CHECK: Duration = Duration::from_secs(1);
 
-/// Deadline of the guest's `ConfigureNetwork` after a boot, a clone or a
-/// restore: the agent itself waits up to 5 s for the interface to appear
-/// (`APPEAR_TIMEOUT`), then configures it, on a guest that may share two
-/// TCG cores with its siblings' restores (two forks of one VM missed a
-/// 5 s deadline under the test suite's load).
+/// Deadline of the guest's `ConfigureNetwork` after a boot, a clone, a
+/// restore or a reboot: the agent itself waits up to 5 s for the
+/// interface to appear (`APPEAR_TIMEOUT`), then configures it.
 const CONFIGURE_NETWORK_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Watch one QEMU: its exit, its QMP events, and the size of the console
