@@ -724,8 +724,6 @@ fn guest_eth0(d: &Daemon, id: &Value) -> (String, String) {
 /// into VMs with their own MAC, address and TAP, each reachable, the
 /// origin still reachable at its own; deleting them all leaves no TAP.
 #[test]
-#[ignore = "intermittent: the restored guest's ConfigureNetwork sometimes never answers \
-            (2 of 5 runs under the suite's load, even with 15 s); run with --ignored"]
 fn bridged_restores_and_forks_get_their_own_addresses_and_are_reachable() {
     let ns = Netns::new();
     let d = daemon_in(&ns, NETWORK);

@@ -12,9 +12,11 @@ use serde_json::Value;
 /// A temp dir `/tmp/kiln-t*` for an engine or a kilnd; every QEMU whose pid
 /// file lies under its `run/vms/` is SIGKILLed and the dir removed on drop.
 /// `scripts/test.sh` kills what a test killed by a timeout left there.
+/// With `KILN_KEEP_FAILED=1` in the environment, a failed test's dir is
+/// kept (its path printed) so its QEMU and agent logs can be read.
 #[derive(Debug)]
 pub struct Sandbox {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Sandbox {
@@ -24,11 +26,11 @@ impl Sandbox {
             .prefix("kiln-t")
             .tempdir_in("/tmp")
             .unwrap();
-        Self { dir }
+        Self { dir: Some(dir) }
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_ref().expect("present until drop").path()
     }
 }
 
@@ -41,6 +43,11 @@ impl Default for Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         kill_qemus_under(self.path());
+        if std::thread::panicking() && std::env::var_os("KILN_KEEP_FAILED").is_some() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("KILN_KEEP_FAILED: kept {}", dir.keep().display());
+            }
+        }
     }
 }
 

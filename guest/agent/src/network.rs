@@ -3,10 +3,19 @@
 //!
 //! Done with the classic `SIOC*` ioctls on an `AF_INET` datagram socket (no
 //! child processes, no netlink message building): one primary IPv4 address
-//! per interface is all Kiln hands out. Order per interface: down, MAC,
-//! MTU, `arp_notify`, address, up — so the final "up" announces the final
-//! address with a gratuitous ARP, and a neighbour cache on the host that
-//! still maps the address to a previous VM's MAC is corrected at once.
+//! per interface is all Kiln hands out. Order per interface: `arp_notify`,
+//! MTU, address, MAC, up — so the MAC write (or the "up" of an interface
+//! that was down) announces the final address with a gratuitous ARP, and a
+//! neighbour cache on the host that still maps the address to a previous
+//! VM's MAC is corrected at once.
+//!
+//! A running interface is never taken down. A restored or cloned guest's
+//! virtio-net is announced by QEMU after the restore: a config interrupt
+//! per round, whose work in the guest takes the RTNL lock, while the
+//! driver's close (6.12) waits for that work with the RTNL lock held. A
+//! "down" at that moment hangs the guest's networking for good (seen as
+//! `ConfigureNetwork` never answering; `guest/tests/net-smoke.py`
+//! reproduces it with `announce-self`).
 //!
 //! A template clone's NIC still has the template's MAC (QEMU migrates the
 //! virtio-net MAC with the device state); the host names it in
@@ -185,19 +194,14 @@ impl NetworkPlan {
         let mut reply = ConfigureNetworkReply::default();
         let mut gateway_dev = None;
         for (plan, name) in self.interfaces.iter().zip(&names) {
-            sock.set_up(name, false)
-                .map_err(|e| failed("down", name, e))?;
-            if read_mac(name) != Some(plan.mac) {
-                sock.set_mac(name, &plan.mac)
-                    .map_err(|e| failed("set MAC of", name, e))?;
-            }
+            let running = sock.is_up(name).map_err(|e| failed("flags of", name, e))?;
+            // Gratuitous ARP when the interface comes up or its MAC is set
+            // (best effort: a missing sysctl only costs the announcement).
+            let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{name}/arp_notify"), "1\n");
             if let Some(mtu) = plan.mtu {
                 sock.set_mtu(name, mtu)
                     .map_err(|e| failed("set MTU of", name, e))?;
             }
-            // Gratuitous ARP when the interface comes up (best effort: a
-            // missing sysctl only costs the announcement).
-            let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{name}/arp_notify"), "1\n");
             match plan.address {
                 Some((addr, prefix)) => {
                     sock.set_addr(name, libc::SIOCSIFADDR, addr)
@@ -214,6 +218,13 @@ impl NetworkPlan {
                 None => sock
                     .set_addr(name, libc::SIOCSIFADDR, Ipv4Addr::UNSPECIFIED)
                     .map_err(|e| failed("remove address of", name, e))?,
+            }
+            // Last, so the announcement carries the final address. A
+            // running NIC gets it written even when unchanged: that is
+            // what makes the kernel announce a new address on it.
+            if running || read_mac(name) != Some(plan.mac) {
+                sock.set_mac_live(name, &plan.mac)
+                    .map_err(|e| failed("set MAC of", name, e))?;
             }
             sock.set_up(name, true).map_err(|e| failed("up", name, e))?;
             reply.interfaces.push(ConfiguredInterface {
@@ -392,6 +403,28 @@ impl Socket {
         }
         req.ifr_ifru.ifru_flags = wanted;
         self.ioctl(libc::SIOCSIFFLAGS, &mut req)
+    }
+
+    fn is_up(&self, name: &str) -> io::Result<bool> {
+        let mut req = Self::ifreq(name)?;
+        self.ioctl(libc::SIOCGIFFLAGS, &mut req)?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        Ok(flags & libc::IFF_UP as libc::c_short != 0)
+    }
+
+    /// Sets the MAC of `name` without taking it down, which virtio-net
+    /// allows (`IFF_LIVE_ADDR_CHANGE`). A driver that does not says
+    /// `EBUSY`; only then is it taken down for the change (and left down
+    /// for the caller to bring up).
+    fn set_mac_live(&self, name: &str, mac: &Mac) -> io::Result<()> {
+        match self.set_mac(name, mac) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                self.set_up(name, false)?;
+                self.set_mac(name, mac)
+            }
+            done => done,
+        }
     }
 
     fn set_mac(&self, name: &str, mac: &Mac) -> io::Result<()> {

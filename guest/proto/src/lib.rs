@@ -326,9 +326,9 @@ pub struct NetworkInterface {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigureNetworkRequest {
-    /// The NICs to configure; each is set down, given its MAC, MTU and
-    /// address, then set up (which announces the address with a gratuitous
-    /// ARP).
+    /// The NICs to configure; each is given its MTU, address and MAC live
+    /// (never set down), then set up; the MAC write or the "up" announces
+    /// the address with a gratuitous ARP.
     pub interfaces: Vec<NetworkInterface>,
     /// Default gateway (IPv4); it must be inside the subnet of one of
     /// `interfaces`. Replaces any default route. Absent: no default route
