@@ -13,6 +13,8 @@ cleanup() {
     for pidfile in /tmp/kiln-t*/run/vms/*/qemu.pid; do
         [ -e "$pidfile" ] && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
     done
+    # A QEMU started just before its kilnd was killed has no pid file yet.
+    pkill -9 -f -- "qemu-system.* -pidfile /tmp/kiln-t" 2>/dev/null || true
     # The containerd shim's tests (testkit containerd.rs, /tmp/kc-*): their
     # containerd and its shims (both name the dir), its mounts, the dir.
     for dir in /tmp/kc-*/; do

@@ -51,7 +51,10 @@ impl Drop for Sandbox {
     }
 }
 
-/// SIGKILL every QEMU whose pid file is `<root>/run/vms/<id>/qemu.pid`.
+/// SIGKILL every QEMU whose pid file is `<root>/run/vms/<id>/qemu.pid`,
+/// and every process whose command line names a path under `root` (a QEMU
+/// launched just before its kilnd was killed has no pid file yet, and
+/// would otherwise outlive the test and recreate its files in the dir).
 pub fn kill_qemus_under(root: &Path) {
     for dir in std::fs::read_dir(root.join("run/vms"))
         .into_iter()
@@ -63,6 +66,27 @@ pub fn kill_qemus_under(root: &Path) {
                 // SAFETY: kill(2) with a pid and a signal number.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
+        }
+    }
+    let needle = format!("{}/", root.display());
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let names_root = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| String::from_utf8_lossy(arg).contains(&needle));
+        if pid != me && names_root {
+            // SAFETY: kill(2) with a pid and a signal number.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
 }
