@@ -50,9 +50,15 @@ impl Kilnd {
         } else {
             format!("pool_dirs = [\"{}/pools.d\"]\n", dir.display())
         };
+        // The suite's generous boot deadline, unless the test sets its own.
+        let boot_timeout = if extra_config.contains("boot_timeout_sec") {
+            ""
+        } else {
+            "boot_timeout_sec = 180\n"
+        };
         let config = format!(
             "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\n\
-             varlink_socket = \"{0}/varlink\"\nboot_timeout_sec = 180\n\
+             varlink_socket = \"{0}/varlink\"\n{boot_timeout}\
              cgroup_parent = \"kiln-test\"\n{pool_dirs}{extra_config}",
             dir.display(),
             crate::guest_dir().display(),
@@ -115,6 +121,11 @@ impl Kilnd {
             }
             ready(self).then_some(()).ok_or_else(|| self.log())
         });
+    }
+
+    /// The running kilnd's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Take the running kilnd out of the fixture (to signal it yourself).

@@ -21,6 +21,7 @@ FLOORS = {
     "api: ListVMs, 100 VMs (varlink)": "api: GetInfo floor (varlink)",
     "api: ListVMs, 100 VMs (D-Bus, paths)": "api: Peer.Ping floor (D-Bus)",
     "api: GetManagedObjects, 100 VMs (D-Bus)": "api: Peer.Ping floor (D-Bus)",
+    "api: GetManagedObjects, 100 VMs (D-Bus, jeepney-decoded)": "api: Peer.Ping floor (D-Bus)",
     "libvirt virsh create": "raw-qemu-cold (in container)",
     "net: kilnd-clone with a bridge NIC (Acquire, nothing hot)": "net: kilnd-clone without a NIC (Acquire, nothing hot)",
     "net: kilnd-hot Acquire with a bridge NIC (varlink)": "net: kilnd-hot Acquire without a NIC (varlink)",
