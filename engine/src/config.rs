@@ -69,6 +69,16 @@ pub struct EngineConfig {
     /// The mkfs.erofs binary (erofs-utils >= 1.7) that converts layers,
     /// looked up in `PATH` unless absolute.
     pub mkfs_erofs: PathBuf,
+    /// The first of the uids (and gids) QEMUs run under when kilnd is root:
+    /// the template builders get this one and every VM its own above it
+    /// (`qemu_uid_count` in all). `0` runs QEMU as kilnd's own user. The
+    /// gid of the same number is the group that may read templates,
+    /// snapshots and image layers. The default sits in a range no
+    /// distribution or systemd allocates from (docs/security.md).
+    pub qemu_uid_base: u32,
+    /// How many uids from `qemu_uid_base` are Kiln's (the most VMs at once
+    /// plus one).
+    pub qemu_uid_count: u32,
     /// Bridge networking (`[network]` table); without it, VMs with
     /// `network.mode = "bridge"` are refused.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -79,6 +89,10 @@ pub struct EngineConfig {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<kiln_net::NetConfig>,
 }
+
+/// 0x7B000000: inside 1879048192–2147352575, which systemd's uid ranges
+/// leave unused.
+pub const DEFAULT_QEMU_UID_BASE: u32 = 0x7B00_0000;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -108,6 +122,8 @@ impl Default for EngineConfig {
             image_insecure_registries: Vec::new(),
             image_max_size_mib: 8192,
             mkfs_erofs: "mkfs.erofs".into(),
+            qemu_uid_base: DEFAULT_QEMU_UID_BASE,
+            qemu_uid_count: 65_536,
             network: None,
             networks: Vec::new(),
         }

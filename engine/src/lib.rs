@@ -44,6 +44,7 @@ pub mod pool;
 pub mod process;
 pub mod procfs;
 pub mod qemu;
+pub mod qemu_user;
 pub mod snapshot;
 pub mod spec;
 pub mod state;

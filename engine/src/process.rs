@@ -17,6 +17,8 @@ use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 
 use crate::qemu::argv::{process_name, QemuLaunch};
+use crate::qemu::GuestMemory;
+use crate::qemu_user::{drop_privileges, give_to, QemuUser};
 
 /// Process failures.
 #[derive(Debug, Error)]
@@ -41,6 +43,21 @@ pub enum ProcessError {
     Gone {
         /// Pid.
         pid: u32,
+    },
+    /// Every uid of the configured range is some VM's.
+    #[error("no free uid for QEMU: all {count} of the range are in use")]
+    NoFreeUser {
+        /// The range's size.
+        count: u32,
+    },
+    /// QEMU's unprivileged user could not be given its files.
+    #[error("cannot give QEMU's user {uid} its files")]
+    Files {
+        /// The uid.
+        uid: u32,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
     },
     /// Signalling failed.
     #[error("cannot signal process {pid}")]
@@ -78,6 +95,15 @@ impl VmProcess {
             source,
         };
         let log = std::fs::File::create(log).map_err(exec_err)?;
+        if let Some(user) = &launch.user {
+            give_files(user, launch).map_err(|source| ProcessError::Files {
+                uid: user.uid,
+                source,
+            })?;
+        }
+        // Prepared before the fork: the child may not allocate.
+        let drop_to: Option<(u32, Vec<libc::gid_t>)> =
+            launch.user.as_ref().map(|u| (u.uid, u.groups.clone()));
         let mut command = tokio::process::Command::new(&argv[0]);
         command
             .args(&argv[1..])
@@ -90,9 +116,10 @@ impl VmProcess {
             .map(|(fd, target)| (fd.as_raw_fd(), *target))
             .collect();
         // SAFETY: the closure runs between fork and exec and only calls
-        // setsid(2), dup2(2) and fcntl(2), which are async-signal-safe; the
-        // descriptors are borrowed from the caller and open until spawn
-        // returns.
+        // setsid(2), dup2(2), fcntl(2), setgroups(2), setres[ug]id(2) and
+        // prctl(2), which are async-signal-safe, on memory prepared before
+        // the fork; the descriptors are borrowed from the caller and open
+        // until spawn returns.
         unsafe {
             command.pre_exec(move || {
                 if libc::setsid() < 0 {
@@ -108,6 +135,10 @@ impl VmProcess {
                     if rc < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                // Last: the descriptors above are opened by kilnd, as root.
+                if let Some((uid, groups)) = &drop_to {
+                    drop_privileges(*uid, groups)?;
                 }
                 Ok(())
             });
@@ -262,6 +293,34 @@ pub fn console_tail(path: &Path) -> Option<String> {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
     (!tail.is_empty()).then_some(tail)
+}
+
+/// Everything `launch` opens by path made openable by `user`: its
+/// run directory (where QEMU creates its sockets, pid file and console
+/// log) and a template it builds become its own; a template it clones
+/// and its read-only layers are shared read-only; its writable disks
+/// become its own.
+fn give_files(user: &QemuUser, launch: &QemuLaunch) -> std::io::Result<()> {
+    if let Some(run_dir) = launch.qmp_socket.parent() {
+        give_to(run_dir, user)?;
+    }
+    match &launch.memory {
+        GuestMemory::Anonymous => {}
+        GuestMemory::TemplateSource(ram) => {
+            if let Some(dir) = ram.parent() {
+                give_to(dir, user)?;
+            }
+        }
+        GuestMemory::TemplateClone(ram) => {
+            if let Some(dir) = ram.parent() {
+                user.share(dir)?;
+            }
+        }
+    }
+    for disk in &launch.disks {
+        user.open_disk(&disk.path, disk.writable)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -117,6 +117,11 @@ impl Build {
         }
     }
 
+    /// Where the finished snapshot lives.
+    pub fn final_dir(&self) -> &Path {
+        &self.final_dir
+    }
+
     /// Where the full migration stream goes before it is turned into the
     /// RAM file (removed by [`Build::finish`]).
     pub fn stream(&self) -> PathBuf {

@@ -117,6 +117,11 @@ pub struct VmRecord {
     /// machined follower to the VM's scope.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_limits: Option<crate::cgroup::CgroupLimits>,
+    /// The unprivileged uid its QEMU runs under (`crate::qemu_user`),
+    /// given at its first start and kept until it is deleted, so a
+    /// re-adopted QEMU keeps it and no other VM gets it meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_uid: Option<u32>,
     /// Render nodes leased to the running process.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<String>,
@@ -205,6 +210,7 @@ impl VmRecord {
             lease: None,
             template: None,
             saved_mac: None,
+            qemu_uid: None,
             cgroup_limits: None,
             gpus: Vec::new(),
             network: Vec::new(),

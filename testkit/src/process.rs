@@ -26,6 +26,13 @@ impl Sandbox {
             .prefix("kiln-t")
             .tempdir_in("/tmp")
             .unwrap();
+        // Searchable (not listable) by others: QEMUs run under their own
+        // uids and open their files below it.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .unwrap();
         Self { dir: Some(dir) }
     }
 

@@ -27,6 +27,7 @@ use crate::container::{
     MAX_IMAGE_LAYERS,
 };
 use crate::error::EngineError;
+use crate::qemu_user::QemuUser;
 use crate::spec::{ResolvedSpec, SpecError};
 use crate::vm::{VmInfo, VmRecord};
 use crate::vmm::{GuestAgent, Monitor};
@@ -165,11 +166,14 @@ enum Existing {
 
 /// Plug a container's disks (those not plugged yet) and start its process;
 /// on failure, unplug what this call plugged.
+/// `user` is who the VM's QEMU runs as: the disks are made openable by it
+/// first.
 async fn start_container(
     qmp: &dyn Monitor,
     agent: &dyn GuestAgent,
     container: &ContainerRecord,
     existing: Existing,
+    user: Option<&QemuUser>,
 ) -> Result<proto::ContainerInfo, EngineError> {
     if let (Some(path), Some(mib)) = (&container.upper_disk, container.storage_mib) {
         make_upper_disk(path.clone(), mib).await?;
@@ -179,6 +183,14 @@ async fn start_container(
     let started = async {
         for disk in container.disks() {
             if !present.contains(&disk.device) {
+                if let Some(user) = user {
+                    user.open_disk(&disk.path, disk.writable).map_err(|e| {
+                        EngineError::StorageFailed(crate::store::StoreError::Io {
+                            path: disk.path.clone(),
+                            source: e,
+                        })
+                    })?;
+                }
                 qmp.attach_disk(&disk).await?;
                 plugged.push(disk);
             }
@@ -528,12 +540,19 @@ impl Engine {
                 c.phase = ContainerPhase::Starting;
             }
         });
+        let user = self.running_qemu_user(id);
         let (tx, id, ping) = (self.internal_tx.clone(), id.to_owned(), ping.clone());
         tokio::spawn(async move {
             let mut results = Vec::new();
             for container in &containers {
-                let result =
-                    start_container(qmp.as_ref(), agent.as_ref(), container, Existing::Adopt).await;
+                let result = start_container(
+                    qmp.as_ref(),
+                    agent.as_ref(),
+                    container,
+                    Existing::Adopt,
+                    user.as_ref(),
+                )
+                .await;
                 let failed = result.is_err();
                 results.push((container.name.clone(), result));
                 if failed {
@@ -651,6 +670,7 @@ impl Engine {
             id.to_owned(),
         );
         let disks_dir = self.config.vm_disks_dir(&id);
+        let user = self.running_qemu_user(&id);
         info!(vm = %id, container = %spec.name, image = %spec.image, "adding container");
         tokio::spawn(async move {
             let name = spec.name.clone();
@@ -658,7 +678,14 @@ impl Engine {
                 let mut record = resolve(store.clone(), id.clone(), spec, slot, disks_dir).await?;
                 let started = async {
                     clear_slot(qmp.as_ref(), slot).await?;
-                    start_container(qmp.as_ref(), agent.as_ref(), &record, Existing::Replace).await
+                    start_container(
+                        qmp.as_ref(),
+                        agent.as_ref(),
+                        &record,
+                        Existing::Replace,
+                        user.as_ref(),
+                    )
+                    .await
                 }
                 .await;
                 match started {
@@ -1040,6 +1067,7 @@ impl Engine {
         let Some(container) = container else {
             return;
         };
+        let user = self.running_qemu_user(id);
         let (tx, id) = (self.internal_tx.clone(), id.to_owned());
         let delay = restart_delay(n);
         info!(vm = %id, container = %container.name, restart = n, ?delay, "restarting container");
@@ -1047,7 +1075,14 @@ impl Engine {
             tokio::time::sleep(delay).await;
             let result = async {
                 remove_in_guest(agent.as_ref(), &container.name, Stop::Kill).await?;
-                start_container(qmp.as_ref(), agent.as_ref(), &container, Existing::Replace).await
+                start_container(
+                    qmp.as_ref(),
+                    agent.as_ref(),
+                    &container,
+                    Existing::Replace,
+                    user.as_ref(),
+                )
+                .await
             }
             .await;
             let _ = tx.send(Internal::ContainerRestarted {

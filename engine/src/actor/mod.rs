@@ -364,6 +364,8 @@ pub struct Engine {
     /// read-only to it (systemd's `ProtectControlGroups=`), where each
     /// VM's limits go on its machined scope instead.
     own_cgroups: bool,
+    /// The uids QEMUs run under; None: as kilnd's own user.
+    qemu_users: Option<crate::qemu_user::QemuUsers>,
 }
 
 impl Engine {
@@ -406,6 +408,20 @@ impl Engine {
                 false
             }
         };
+        let qemu_users = crate::qemu_user::QemuUsers::new(
+            config.qemu_uid_base,
+            config.qemu_uid_count,
+            &config.state_dir,
+            &config.runtime_dir,
+        );
+        match &qemu_users {
+            Some(_) => info!(
+                first_uid = config.qemu_uid_base,
+                count = config.qemu_uid_count,
+                "QEMUs run unprivileged, one uid per VM"
+            ),
+            None => info!("QEMUs run as kilnd's own user"),
+        }
         let (internal_tx, mut internal_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(1024);
         let mut engine = Engine {
@@ -427,6 +443,7 @@ impl Engine {
             creating: HashMap::new(),
             cgroups,
             own_cgroups,
+            qemu_users,
         };
         engine.reconcile(records).await;
         engine.reconcile_network().await;

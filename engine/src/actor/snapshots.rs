@@ -77,7 +77,17 @@ impl SnapshotJob {
         }
         remove_tree(&self.loader_dir);
         match saved {
-            Ok(()) => self.build.finish(&self.meta),
+            Ok(()) => {
+                let dir = self.build.final_dir().to_owned();
+                let info = self.build.finish(&self.meta)?;
+                // Read-only from here on, for the VM that wrote it too.
+                if let Some(user) = &self.loader.user {
+                    if let Err(e) = user.share(&dir) {
+                        warn!(snapshot = %info.name, error = %e, "cannot share a snapshot read-only");
+                    }
+                }
+                Ok(info)
+            }
             Err(e) => {
                 self.build.discard();
                 Err(e)
@@ -89,6 +99,15 @@ impl SnapshotJob {
     /// loader VMM that saves its device state without the RAM.
     async fn save(&self) -> Result<(), EngineError> {
         let stream = self.build.stream();
+        if let Some(user) = &self.loader.user {
+            // The VM's QEMU writes the stream into the build directory.
+            crate::qemu_user::give_to(&self.build.template().dir, user).map_err(|e| {
+                EngineError::StorageFailed(crate::store::StoreError::Io {
+                    path: self.build.template().dir.clone(),
+                    source: e,
+                })
+            })?;
+        }
         self.qmp.save_state(&stream, false, SAVE_TIMEOUT).await?;
         create_private_dir(&self.loader_dir)?;
         let log = self.loader_dir.join("qemu.log");
@@ -217,6 +236,8 @@ impl Engine {
             &record.containers,
         );
         loader.incoming = true;
+        // The VM's own uid: its QEMU writes the stream, the loader reads it.
+        loader.user = self.qemu_user(record.qemu_uid, &record.spec, &record.gpus);
         // The loader's NIC is on a TAP of its own that is on no bridge
         // (`tap::transient`), with the MAC the VM's device has, which is
         // part of what gets loaded.

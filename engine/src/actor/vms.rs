@@ -21,6 +21,7 @@ use crate::error::EngineError;
 use crate::ids::now_usec;
 use crate::process::console_tail;
 use crate::qemu::{GuestMemory, Machine, NicArgs, NicBackend, QemuLaunch, QmpEvent};
+use crate::qemu_user::{device_group, QemuUser};
 use crate::spec::{validate_name, ResolvedSpec, VmSpec};
 use crate::state::VmState;
 use crate::store::remove_tree;
@@ -94,6 +95,17 @@ impl Engine {
             }
         };
         let gpu_nodes = self.gpus_of(id);
+        let qemu_uid = match self.qemu_uid_for(id) {
+            Ok(uid) => uid,
+            Err(e) => {
+                self.release_gpus(id);
+                match reply {
+                    Some(reply) => drop(reply.send(Err(e))),
+                    None => self.pool_vm_not_started(id, e),
+                }
+                return;
+            }
+        };
         let result = self.transition(
             id,
             VmState::Booting,
@@ -106,6 +118,7 @@ impl Engine {
                 r.last_error = None;
                 r.template = template;
                 r.gpus = gpu_nodes;
+                r.qemu_uid = qemu_uid;
             },
         );
         if let Err(e) = result {
@@ -129,6 +142,7 @@ impl Engine {
             self.launch_for_spec(id, &record.spec, &runtime_dir, memory, &record.containers);
         launch.incoming = restore.is_some();
         launch.gpu = gpu_args;
+        launch.user = self.qemu_user(record.qemu_uid, &record.spec, &record.gpus);
         let net = self.net_plan(id, restore.is_some());
         if let Some(n) = &net {
             launch.nics = vec![NicArgs {
@@ -199,6 +213,57 @@ impl Engine {
         });
     }
 
+    /// VM `id`'s QEMU uid: the one its record keeps, or the lowest free
+    /// one of the range; None when QEMUs run as kilnd's own user.
+    fn qemu_uid_for(&self, id: &str) -> Result<Option<u32>, EngineError> {
+        let Some(users) = &self.qemu_users else {
+            return Ok(None);
+        };
+        let kept = self.vms.get(id).and_then(|e| e.record.qemu_uid);
+        if let Some(uid) = kept.filter(|uid| users.contains(*uid)) {
+            return Ok(Some(uid));
+        }
+        let used = self.vms.values().filter_map(|e| e.record.qemu_uid);
+        match users.allocate(used) {
+            Some(uid) => Ok(Some(uid)),
+            None => Err(EngineError::LaunchFailed(
+                crate::process::ProcessError::NoFreeUser {
+                    count: self.config.qemu_uid_count,
+                },
+            )),
+        }
+    }
+
+    /// Who VM `id`'s running QEMU runs as (for files it opens later).
+    pub(super) fn running_qemu_user(&self, id: &str) -> Option<QemuUser> {
+        let record = &self.vms.get(id)?.record;
+        self.qemu_user(Some(record.qemu_uid?), &record.spec, &record.gpus)
+    }
+
+    /// Who a QEMU runs as: uid `uid` (None: the template builders'), with
+    /// the device groups its `spec` and leased render nodes `gpus` need.
+    pub(super) fn qemu_user(
+        &self,
+        uid: Option<u32>,
+        spec: &ResolvedSpec,
+        gpus: &[String],
+    ) -> Option<QemuUser> {
+        let users = self.qemu_users.as_ref()?;
+        let mut groups = Vec::new();
+        if spec.accel == Accel::Kvm {
+            groups.extend(device_group(Path::new("/dev/kvm")));
+        }
+        for node in gpus {
+            groups.extend(device_group(
+                &self.config.gpu_dev_root.join("dri").join(node),
+            ));
+        }
+        Some(match uid {
+            Some(uid) => users.user(uid, &groups),
+            None => users.builder(&groups),
+        })
+    }
+
     /// The QEMU launch of VM `id` with `spec`, its runtime files in
     /// `runtime_dir` and its RAM in `memory`.
     pub(super) fn launch_for_spec(
@@ -256,6 +321,8 @@ impl Engine {
                 .collect(),
             hotplug_slots: spec.hotplug_slots(),
             disks: containers.iter().flat_map(ContainerRecord::disks).collect(),
+            // Set by the caller, which knows whose QEMU this is.
+            user: None,
         }
     }
 

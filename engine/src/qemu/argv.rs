@@ -102,6 +102,9 @@ pub struct QemuLaunch {
     /// containers' layers (so a template's clone has its template's disks,
     /// and a cold boot needs no hot-plug).
     pub disks: Vec<DiskAttachment>,
+    /// The unprivileged user QEMU runs as (`crate::qemu_user`); None: as
+    /// kilnd's own user. Not part of the argv.
+    pub user: Option<crate::qemu_user::QemuUser>,
 }
 
 /// QEMU ids of hot-plugged NIC `index` (1-based): the root port it goes
@@ -159,7 +162,10 @@ impl QemuLaunch {
         let memory_file = match &self.memory {
             GuestMemory::Anonymous => None,
             GuestMemory::TemplateSource(path) => Some((path, "on")),
-            GuestMemory::TemplateClone(path) => Some((path, "off")),
+            // The file opened read-only (a clone may not write its
+            // template, and under its own uid cannot), mapped private and
+            // writable: copy-on-write guest RAM (`rom=off`).
+            GuestMemory::TemplateClone(path) => Some((path, "off,readonly=on,rom=off")),
         };
         // Always a named backend: its RAM block is "ram" whatever backs
         // it, so a VM's saved state loads into a snapshot's file-backed RAM
@@ -356,6 +362,7 @@ mod tests {
             nics: Vec::new(),
             hotplug_slots: 0,
             disks: Vec::new(),
+            user: None,
         }
     }
 

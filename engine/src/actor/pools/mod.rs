@@ -698,13 +698,14 @@ impl Engine {
         let generation = self.next_generation();
         let builder_id = self.unused_vm_id();
         let runtime_dir = self.config.vm_runtime_dir(&builder_id);
-        let launch = self.launch_for_spec(
+        let mut launch = self.launch_for_spec(
             &builder_id,
             &spec,
             &runtime_dir,
             GuestMemory::Anonymous,
             &containers,
         );
+        launch.user = self.qemu_user(None, &spec, &[]);
         let warmup = self
             .pools
             .by_name

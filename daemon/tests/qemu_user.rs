@@ -1,0 +1,181 @@
+//! QEMU without privilege (issue 16, item 1), against the real kilnd and
+//! QEMU: every VM's QEMU runs under a uid of its own from the configured
+//! range, with no capabilities, no new privileges and QEMU's seccomp
+//! sandbox; a clone may read its template's RAM file but not write it; one
+//! VM's uid cannot see another's files; a re-adopted QEMU keeps its uid;
+//! a deleted VM's uid is free again.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use kiln_testkit::Daemon;
+use serde_json::{json, Value};
+
+/// A small range, so the test also sees allocation order.
+const BASE: u32 = 0x7C00_0000;
+const CONFIG: &str = "qemu_uid_base = 2080374784\nqemu_uid_count = 16\n";
+
+/// `Name:\tvalue` fields of `/proc/PID/status`.
+fn status(pid: u64) -> BTreeMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The uid a VM's QEMU runs under, after checking it is unprivileged.
+fn unprivileged_uid(vm: &Value) -> u32 {
+    let pid = vm["pid"].as_u64().unwrap();
+    let s = status(pid);
+    let uids: Vec<u32> = s["Uid"]
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    let uid = uids[0];
+    assert!(
+        uids.iter().all(|u| *u == uid),
+        "real, effective, saved and fs uid differ: {uids:?}"
+    );
+    assert!(
+        (BASE + 1..BASE + 16).contains(&uid),
+        "uid {uid} not a VM uid of the range"
+    );
+    assert!(
+        s["Gid"].split_whitespace().all(|g| g == uid.to_string()),
+        "{:?}",
+        s["Gid"]
+    );
+    assert!(
+        s["Groups"]
+            .split_whitespace()
+            .any(|g| g == BASE.to_string()),
+        "not in the shared read-only group: {:?}",
+        s["Groups"]
+    );
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(s[caps], "0000000000000000", "{caps} of {pid}");
+    }
+    assert_eq!(s["NoNewPrivs"], "1");
+    assert_eq!(s["Seccomp"], "2", "QEMU's -sandbox filter");
+    uid
+}
+
+/// `sh -c script` as `uid` with the shared group: its exit status.
+fn as_uid(uid: u32, script: &str) -> bool {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            &format!("--groups={BASE}"),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn vm(d: &Daemon, id: &Value) -> Value {
+    d.ok("DescribeVM", json!({ "id": id }))["vm"].clone()
+}
+
+#[test]
+fn every_qemu_runs_under_its_own_unprivileged_uid() {
+    let mut d = Daemon::start_with(CONFIG);
+    let dir = d.kilnd.dir.path().to_owned();
+
+    // A cold VM and two clones of a template pool.
+    let cold = d.ok("CreateVM", json!({ "name": "cold" }))["vm"]["id"].clone();
+    let cold = d.ok("StartVM", json!({ "id": cold }))["vm"].clone();
+    d.ok(
+        "CreatePool",
+        json!({ "name": "p", "spec": { "mode": "template", "warm": 2, "max": 3 } }),
+    );
+    let clones: Vec<Value> = (0..2)
+        .map(|_| d.ok("Acquire", json!({ "pool": "p", "timeoutMs": 240_000 }))["vm"].clone())
+        .collect();
+    let uids: Vec<u32> = [&cold, &clones[0], &clones[1]]
+        .iter()
+        .map(|v| unprivileged_uid(v))
+        .collect();
+    let mut distinct = uids.clone();
+    distinct.dedup();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "three VMs, three uids: {uids:?}");
+    println!(
+        "QEMU uids: cold {}, clones {} and {}",
+        uids[0], uids[1], uids[2]
+    );
+
+    // The clones' template: readable by them, writable by no QEMU.
+    let template = std::fs::read_dir(dir.join("state/templates/p"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("memory").exists())
+        .unwrap();
+    let memory = template.join("memory");
+    let clone_uid = uids[1];
+    assert!(
+        as_uid(
+            clone_uid,
+            &format!("head -c 4096 {} >/dev/null", memory.display())
+        ),
+        "a clone's uid cannot read its template's RAM"
+    );
+    assert!(
+        !as_uid(clone_uid, &format!(": >> {}", memory.display())),
+        "a clone's uid may write its template's RAM"
+    );
+    assert!(
+        !as_uid(clone_uid, &format!("touch {}/x", template.display())),
+        "a clone's uid may add files to its template"
+    );
+    // One VM's files are not another's.
+    let cold_run = dir.join("run/vms").join(cold["id"].as_str().unwrap());
+    assert!(
+        !as_uid(clone_uid, &format!("ls {}", cold_run.display())),
+        "one VM's uid can list another's run directory"
+    );
+    assert!(as_uid(
+        uids[0],
+        &format!("ls {} >/dev/null", cold_run.display())
+    ));
+    // Nor the records.
+    assert!(!as_uid(
+        clone_uid,
+        &format!("ls {}/state/vms", dir.display())
+    ));
+
+    // kilnd dies and comes back: the same QEMUs, the same uids, working.
+    let pids: Vec<u64> = [&cold, &clones[0]]
+        .iter()
+        .map(|v| v["pid"].as_u64().unwrap())
+        .collect();
+    d.sigkill();
+    d.spawn();
+    for (old, pid) in [&cold, &clones[0]].iter().zip(&pids) {
+        let again = vm(&d, &old["id"]);
+        assert_eq!(again["pid"].as_u64(), Some(*pid), "re-adopted: {again}");
+        assert_eq!(unprivileged_uid(&again), unprivileged_uid(old));
+        let r = d.ok(
+            "ExecVM",
+            json!({ "id": old["id"], "command": ["echo", "ok"] }),
+        );
+        assert_eq!(r["stdout"], "ok\n");
+    }
+
+    // A deleted VM's uid is given again: the lowest free one. The cold VM
+    // started first, so it had the range's first VM uid.
+    assert_eq!(uids[0], BASE + 1);
+    d.ok("DeleteVM", json!({ "id": cold["id"] }));
+    let next = d.ok("CreateVM", json!({ "name": "next" }))["vm"]["id"].clone();
+    let next = d.ok("StartVM", json!({ "id": next }))["vm"].clone();
+    assert_eq!(unprivileged_uid(&next), BASE + 1);
+}
