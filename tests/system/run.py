@@ -465,6 +465,20 @@ def check_machined(c, flow, vid, pid):
           f"{flow}: machinectl list shows {name} (class vm, service kiln)", listing)
     cgroup = c.out(f"cat /proc/{pid}/cgroup")
     check("machine.slice/machine-kiln" in cgroup, f"{flow}: QEMU {pid} runs in its own machine scope, not in kilnd.service", cgroup)
+    check_unprivileged(c, flow, pid)
+
+
+def check_unprivileged(c, flow, pid):
+    """The packaged unit's QEMU runs under a uid of its own (docs/security.md):
+    not root, no capabilities, no new privileges, QEMU's seccomp filter."""
+    status = dict(line.split(":", 1) for line in c.out(f"cat /proc/{pid}/status").splitlines()
+                  if ":" in line)
+    uid = status.get("Uid", "").split()
+    caps = {k: status.get(k, "").strip() for k in ("CapPrm", "CapEff", "CapAmb")}
+    check(len(uid) == 4 and len(set(uid)) == 1 and int(uid[0]) > 0x7B000000
+          and all(v == "0000000000000000" for v in caps.values())
+          and status.get("NoNewPrivs", "").strip() == "1" and status.get("Seccomp", "").strip() == "2",
+          f"{flow}: QEMU {pid} runs unprivileged under its own uid", {"Uid": uid, **caps})
 
 
 def check_scope_limits(c, flow, vid, memory_mib, cpu_weight):
