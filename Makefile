@@ -6,7 +6,7 @@ CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 GUEST_DIR := $(CARGO_TARGET_DIR)/guest
 
-.PHONY: deps build guest run test bench packages system-test clean
+.PHONY: deps build guest run test stress bench packages system-test clean
 
 deps:
 	./scripts/setup-host.sh
@@ -22,6 +22,23 @@ run: build guest
 
 test: deps guest
 	./scripts/test.sh
+
+# The reliability tests of docs/reliability.md, longer and harder than in
+# `make test`: 100 kills of kilnd and of QEMUs, 100,000 mutated requests,
+# 1,000 varlink + 200 D-Bus readers for two minutes, 10,000 cases per
+# decoder property. Each size can be overridden on the command line.
+KILN_STORM_KILLS ?= 100
+KILN_FUZZ_CASES ?= 100000
+KILN_LOAD_VARLINK ?= 1000
+KILN_LOAD_DBUS ?= 200
+KILN_LOAD_SECS ?= 120
+PROPTEST_CASES ?= 10000
+stress: deps guest
+	KILN_STORM_KILLS=$(KILN_STORM_KILLS) KILN_FUZZ_CASES=$(KILN_FUZZ_CASES) \
+	KILN_LOAD_VARLINK=$(KILN_LOAD_VARLINK) KILN_LOAD_DBUS=$(KILN_LOAD_DBUS) \
+	KILN_LOAD_SECS=$(KILN_LOAD_SECS) PROPTEST_CASES=$(PROPTEST_CASES) \
+	$(CARGO) nextest run --no-fail-fast --no-capture -p kilnd -p kiln-engine \
+		-p kiln-dbus -E 'binary(crash_storm) | binary(load) | binary(fuzz_live) | binary(decoders) | (package(kiln-dbus) & test(/spec/))'
 
 # deb, rpm and sysext image into $(CARGO_TARGET_DIR)/packages/ (docs/packaging.md).
 packages: build guest

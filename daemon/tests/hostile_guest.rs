@@ -110,7 +110,11 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn hostile_agents_fail_their_own_vm_by_name_and_harm_nothing_else() {
-    let kiln = DbusKilnd::start_with(false, "boot_timeout_sec = 25\n");
+    // Six VMs boot at once here, next to other tests on 2 cores under TCG:
+    // the deadline must leave a slow boot time to reach the hostile script
+    // (whose console line each error must quote), and is still what the
+    // `unfinished` and `drip` cases take.
+    let kiln = DbusKilnd::start_with(false, "boot_timeout_sec = 60\n");
     let initrd = kiln.kilnd.dir.path().join("hostile-initramfs");
     hostile_initramfs(&initrd);
     let good = kiln.varlinkctl("CreateVM", json!({"name": "good"}))["vm"]["id"].clone();

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kiln_testkit::{pid_alive, try_wait_until, varlinkctl_ok, wait_until, Daemon, Netns};
+use kiln_testkit::{pid_alive, try_wait_until, wait_until, Daemon, Netns};
 use serde_json::{json, Value};
 
 const GATEWAY: &str = "10.77.0.1";
@@ -48,16 +48,8 @@ const NETWORK: &str = "[network]\nbridge = \"kb0\"\nsubnet = \"10.77.0.0/24\"\n"
 fn daemon_in(ns: &Netns, network: &str) -> Daemon {
     let mut d = Daemon::new("");
     d.kilnd.append_config(network);
-    spawn_in(&mut d, ns);
+    d.spawn_in(ns);
     d
-}
-
-fn spawn_in(d: &mut Daemon, ns: &Netns) {
-    let address = d.address();
-    d.kilnd
-        .spawn_with(ns.command(&[env!("CARGO_BIN_EXE_kilnd")]), |_| {
-            varlinkctl_ok(&address, "org.varlink.service.GetInfo")
-        });
 }
 
 fn nic(vm: &Value) -> Value {
@@ -216,7 +208,7 @@ fn kill9_reconcile_reclaims_the_orphan_tap_and_keeps_live_ones() {
     });
     assert!(ns.links().contains(&tap_b), "persistent TAP outlives QEMU");
 
-    spawn_in(&mut d, &ns);
+    d.spawn_in(&ns);
     let links = ns.links();
     assert!(!links.contains(&tap_b), "orphan TAP reclaimed: {links}");
     assert!(links.contains(&tap_a), "live VM keeps its TAP: {links}");
@@ -288,7 +280,7 @@ fn template_clones_get_their_own_mac_and_address_and_are_reachable() {
         "mode = \"template\"\nwarm = 2\nmax = 2\n[vm]\nmemoryMiB = 128\nnetwork = { mode = \"bridge\" }\n",
     )
     .unwrap();
-    spawn_in(&mut d, &ns);
+    d.spawn_in(&ns);
     // A fixed address or forwards cannot go to every VM of a pool.
     assert_eq!(
         d.err(
@@ -454,7 +446,7 @@ fn a_hot_plugged_nic_is_configured_reachable_and_gone_after_detach() {
 
     // kill -9 and restart: the NICs QEMU has are kept.
     d.sigkill();
-    spawn_in(&mut d, &ns);
+    d.spawn_in(&ns);
     let nics = d.ok("ListNICs", json!({"id": id}))["nics"].clone();
     assert_eq!(nics.as_array().unwrap().len(), 3, "{nics}");
     assert!(pings(&ns, "10.77.0.50"), "reachable after the restart");
@@ -601,7 +593,7 @@ fn a_netns_vm_gets_its_tap_in_the_callers_namespace() {
         !pid_alive(pid as u32)
     });
     assert!(pod.links().contains(&tap), "persistent TAP outlives QEMU");
-    spawn_in(&mut d, &ns);
+    d.spawn_in(&ns);
     assert!(
         !pod.links().contains(&tap),
         "orphan TAP reclaimed: {}",

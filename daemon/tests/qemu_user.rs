@@ -137,6 +137,46 @@ fn every_qemu_runs_under_its_own_unprivileged_uid() {
         !as_uid(clone_uid, &format!("touch {}/x", template.display())),
         "a clone's uid may add files to its template"
     );
+    // Its view of the filesystem: its own, not the host's.
+    let pid = clones[0]["pid"].as_u64().unwrap();
+    let view = format!("/proc/{pid}/root");
+    let mut top: Vec<String> = std::fs::read_dir(&view)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    for absent in ["home", "root", "var", "srv", "opt", "boot"] {
+        assert!(
+            !top.contains(&absent.to_owned()),
+            "/{absent} in QEMU's view: {top:?}"
+        );
+    }
+    let etc: Vec<String> = std::fs::read_dir(format!("{view}/etc"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(etc, ["ld.so.cache"], "/etc in QEMU's view");
+    let dev: Vec<String> = std::fs::read_dir(format!("{view}/dev"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        dev.len() <= 6
+            && !dev
+                .iter()
+                .any(|d| d.starts_with("sd") || d.starts_with("vd")),
+        "{dev:?}"
+    );
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert!(
+        mounts.contains("hidepid=invisible") || mounts.contains("hidepid=2"),
+        "{mounts}"
+    );
+    println!("QEMU's view: / = {top:?}, /dev = {dev:?}");
+
     // One VM's files are not another's.
     let cold_run = dir.join("run/vms").join(cold["id"].as_str().unwrap());
     assert!(

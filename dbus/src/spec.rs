@@ -155,8 +155,16 @@ mod tests {
             ]
         }
 
+        /// `default` cases, or `PROPTEST_CASES` when set (`make stress` raises it).
+        fn cases(default: u32) -> u32 {
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(default)
+        }
+
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(3000))]
+            #![proptest_config(ProptestConfig::with_cases(cases(3000)))]
             #[test]
             fn any_dictionary_is_a_spec_or_invalid_spec(
                 entries in prop::collection::vec((key(), variant()), 0..8)

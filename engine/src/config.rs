@@ -79,6 +79,10 @@ pub struct EngineConfig {
     /// How many uids from `qemu_uid_base` are Kiln's (the most VMs at once
     /// plus one).
     pub qemu_uid_count: u32,
+    /// With QEMUs under their own uids: each also sees a filesystem of its
+    /// own (a mount namespace with `/usr`, its kernel, a few devices and
+    /// kilnd's directories; docs/security.md). Needs `CAP_SYS_ADMIN`.
+    pub qemu_mount_namespace: bool,
     /// Bridge networking (`[network]` table); without it, VMs with
     /// `network.mode = "bridge"` are refused.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -124,6 +128,7 @@ impl Default for EngineConfig {
             mkfs_erofs: "mkfs.erofs".into(),
             qemu_uid_base: DEFAULT_QEMU_UID_BASE,
             qemu_uid_count: 65_536,
+            qemu_mount_namespace: true,
             network: None,
             networks: Vec::new(),
         }

@@ -10,7 +10,7 @@
 //! exit at once and cannot signal a recycled pid.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -18,7 +18,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::qemu::argv::{process_name, QemuLaunch};
 use crate::qemu::GuestMemory;
-use crate::qemu_user::{drop_privileges, give_to, QemuUser};
+use crate::qemu_user::{drop_privileges, give_to, Jail, QemuUser};
 
 /// Process failures.
 #[derive(Debug, Error)]
@@ -104,6 +104,17 @@ impl VmProcess {
         // Prepared before the fork: the child may not allocate.
         let drop_to: Option<(u32, Vec<libc::gid_t>)> =
             launch.user.as_ref().map(|u| (u.uid, u.groups.clone()));
+        let jail = match &launch.user {
+            Some(user) if user.jailed => {
+                Some(
+                    jail_for(user, launch).map_err(|source| ProcessError::Files {
+                        uid: user.uid,
+                        source,
+                    })?,
+                )
+            }
+            _ => None,
+        };
         let mut command = tokio::process::Command::new(&argv[0]);
         command
             .args(&argv[1..])
@@ -135,6 +146,9 @@ impl VmProcess {
                     if rc < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                if let Some(jail) = &jail {
+                    jail.enter()?;
                 }
                 // Last: the descriptors above are opened by kilnd, as root.
                 if let Some((uid, groups)) = &drop_to {
@@ -293,6 +307,26 @@ pub fn console_tail(path: &Path) -> Option<String> {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
     (!tail.is_empty()).then_some(tail)
+}
+
+/// The view of the filesystem `launch`'s QEMU gets: its tmpfs root is
+/// mounted on `<run dir>/root` (made here, empty) in its own namespace.
+fn jail_for(user: &QemuUser, launch: &QemuLaunch) -> std::io::Result<Jail> {
+    let run_dir = launch
+        .qmp_socket
+        .parent()
+        .ok_or_else(|| std::io::Error::other("QMP socket without a directory"))?;
+    let root = run_dir.join("root");
+    match std::fs::create_dir(&root) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let mut files = vec![launch.kernel.as_path(), launch.initrd.as_path()];
+    if launch.binary.is_absolute() {
+        files.push(launch.binary.as_path());
+    }
+    let devices: Vec<&Path> = user.devices.iter().map(PathBuf::as_path).collect();
+    Jail::plan(&root, &user.tops, &files, &devices)
 }
 
 /// Everything `launch` opens by path made openable by `user`: its

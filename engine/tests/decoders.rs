@@ -66,8 +66,16 @@ fn defaults(dir: &Path) -> SpecDefaults {
     }
 }
 
+/// `default` cases, or `PROPTEST_CASES` when set (`make stress` raises it).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases(2000)))]
 
     /// A VM spec from any JSON: decoded and resolved, or refused with a
     /// named error.
@@ -93,7 +101,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(100))]
+    #![proptest_config(ProptestConfig::with_cases(cases(100)))]
 
     /// Whatever a guest writes on the agent port (garbage, NULs, valid
     /// JSON that is not a reply, a frame with no end), a call returns

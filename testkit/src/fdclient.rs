@@ -15,6 +15,8 @@ pub struct FdClient {
     stream: UnixStream,
     pending: Vec<u8>,
     fds: Vec<OwnedFd>,
+    /// One read's worth, kept: the load test runs hundreds of clients.
+    buf: Vec<u8>,
 }
 
 impl FdClient {
@@ -29,6 +31,7 @@ impl FdClient {
             stream,
             pending: Vec::new(),
             fds: Vec::new(),
+            buf: vec![0u8; 256 * 1024],
         }
     }
 
@@ -59,10 +62,9 @@ impl FdClient {
                     serde_json::from_slice(&message[..message.len() - 1]).expect("reply json");
                 return (value, std::mem::take(&mut self.fds));
             }
-            let mut buf = vec![0u8; 256 * 1024];
-            let (n, fds) = kiln_client::fds::receive(&self.stream, &mut buf).expect("recvmsg");
+            let (n, fds) = kiln_client::fds::receive(&self.stream, &mut self.buf).expect("recvmsg");
             assert!(n > 0, "the service closed the connection");
-            self.pending.extend_from_slice(&buf[..n]);
+            self.pending.extend_from_slice(&self.buf[..n]);
             self.fds.extend(fds);
         }
     }

@@ -149,7 +149,13 @@ impl Kilnd {
     /// Live QEMU processes whose pid files are under this kilnd's runtime
     /// dir.
     pub fn live_qemus(&self) -> std::collections::HashSet<u32> {
-        let mut pids = std::collections::HashSet::new();
+        self.live_qemus_by_vm().into_values().collect()
+    }
+
+    /// The same, by the VM id their runtime dir (`run/vms/<id>`) is named
+    /// after: id -> pid.
+    pub fn live_qemus_by_vm(&self) -> std::collections::BTreeMap<String, u32> {
+        let mut pids = std::collections::BTreeMap::new();
         for entry in std::fs::read_dir(self.dir.path().join("run/vms"))
             .into_iter()
             .flatten()
@@ -162,7 +168,7 @@ impl Kilnd {
                 continue;
             };
             if Path::new(&format!("/proc/{pid}")).exists() {
-                pids.insert(pid);
+                pids.insert(entry.file_name().to_string_lossy().into_owned(), pid);
             }
         }
         pids

@@ -18,7 +18,16 @@ pub fn varlinkctl_call(
     params: &str,
 ) -> Result<Value, (String, Value)> {
     let out = command_as(uid, "varlinkctl")
-        .args(["call", "--json=short", address, method, params])
+        // No deadline of varlinkctl's own (45 s): a boot under TCG next to
+        // other tests can take longer, and nextest bounds every test.
+        .args([
+            "call",
+            "--json=short",
+            "--timeout=infinity",
+            address,
+            method,
+            params,
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -147,6 +156,17 @@ impl Daemon {
         let address = self.address();
         self.kilnd
             .spawn(|_| varlinkctl_ok(&address, "org.varlink.service.GetInfo"));
+    }
+
+    /// Start kilnd inside network namespace `ns` (`ip netns exec`);
+    /// returns once varlink answers.
+    pub fn spawn_in(&mut self, ns: &crate::Netns) {
+        let address = self.address();
+        let kilnd = crate::kilnd::kilnd_exe();
+        self.kilnd.spawn_with(
+            ns.command(&[kilnd.to_str().expect("a UTF-8 path to kilnd")]),
+            |_| varlinkctl_ok(&address, "org.varlink.service.GetInfo"),
+        );
     }
 
     pub fn sigkill(&mut self) {

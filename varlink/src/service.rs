@@ -638,6 +638,59 @@ fn watch(events: broadcast::Receiver<EngineEvent>) -> EventStream {
     Box::pin(ready.chain(rest))
 }
 
+/// `stream`, ended as soon as the client hangs up. zlink stops reading a
+/// connection while it streams replies to it, so without this a client
+/// that leaves a quiet stream (a `Watch` between two events) would keep its
+/// socket and task in kilnd until the next reply failed to write.
+///
+/// Only a full hang-up ends it (`POLLHUP`: the peer closed its socket), not
+/// a half-close (`shutdown(SHUT_WR)`: a client that still reads; its full
+/// close is seen within a second), nor data (a call pipelined behind this
+/// one, which zlink reads once the stream is over).
+fn until_hang_up(stream: EventStream, conn: &Connection<Sock>) -> EventStream {
+    use std::os::fd::{AsFd, AsRawFd};
+    use tokio::io::Interest;
+
+    let Ok(peer) = conn.read().read_half().as_fd().try_clone_to_owned() else {
+        return stream;
+    };
+    let Ok(peer) = tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(peer))
+    else {
+        return stream;
+    };
+    let hung_up = async move {
+        let gone = |peer: &tokio::net::UnixStream| {
+            let mut poll = libc::pollfd {
+                fd: peer.as_raw_fd(),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: poll(2) on one live pollfd, without waiting.
+            let n = unsafe { libc::poll(&mut poll, 1, 0) };
+            n < 0 || poll.revents & (libc::POLLHUP | libc::POLLERR) != 0
+        };
+        loop {
+            let Ok(ready) = peer.ready(Interest::READABLE).await else {
+                return;
+            };
+            if ready.is_read_closed() {
+                // Closed for good, or half-closed: tokio keeps reporting
+                // a read-side close from then on, so look once a second.
+                while !gone(&peer) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                return;
+            }
+            // Data (a pipelined call): wait for the next change; a
+            // would-block clears readiness without reading anything.
+            let _ = peer.try_io(Interest::READABLE, || {
+                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+            });
+        }
+    };
+    Box::pin(stream.take_until(hung_up))
+}
+
 fn event_item(event: Value) -> ReplyStreamItem<Value, ErrorReply> {
     continues(json!({ "event": event }))
 }
@@ -673,7 +726,9 @@ impl zlink::Service<Sock> for ManagerService {
         match self.dispatch(call, conn, fds).await {
             Ok(Outcome::Single(value)) => (MethodReply::Single(Some(value)), Vec::new()),
             Ok(Outcome::SingleWithFds(value, fds)) => (MethodReply::Single(Some(value)), fds),
-            Ok(Outcome::Stream(stream)) => (MethodReply::Multi(stream), Vec::new()),
+            Ok(Outcome::Stream(stream)) => {
+                (MethodReply::Multi(until_hang_up(stream, conn)), Vec::new())
+            }
             Err(error) => (MethodReply::Error(error), Vec::new()),
         }
     }

@@ -411,6 +411,7 @@ impl Engine {
         let qemu_users = crate::qemu_user::QemuUsers::new(
             config.qemu_uid_base,
             config.qemu_uid_count,
+            config.qemu_mount_namespace,
             &config.state_dir,
             &config.runtime_dir,
         );

@@ -2,7 +2,7 @@
 //! kill, pause, resume, reboot, delete, exec, ping) and the facts sub-tasks
 //! report about a VM's process (launched, booted, exited, QMP events).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use crate::error::EngineError;
 use crate::ids::now_usec;
 use crate::process::console_tail;
 use crate::qemu::{GuestMemory, Machine, NicArgs, NicBackend, QemuLaunch, QmpEvent};
-use crate::qemu_user::{device_group, QemuUser};
+use crate::qemu_user::QemuUser;
 use crate::spec::{validate_name, ResolvedSpec, VmSpec};
 use crate::state::VmState;
 use crate::store::remove_tree;
@@ -240,8 +240,8 @@ impl Engine {
         self.qemu_user(Some(record.qemu_uid?), &record.spec, &record.gpus)
     }
 
-    /// Who a QEMU runs as: uid `uid` (None: the template builders'), with
-    /// the device groups its `spec` and leased render nodes `gpus` need.
+    /// Who a QEMU runs as: uid `uid` (None: the template builders'),
+    /// opening the devices its `spec` and leased render nodes `gpus` need.
     pub(super) fn qemu_user(
         &self,
         uid: Option<u32>,
@@ -249,18 +249,16 @@ impl Engine {
         gpus: &[String],
     ) -> Option<QemuUser> {
         let users = self.qemu_users.as_ref()?;
-        let mut groups = Vec::new();
+        let mut devices = Vec::new();
         if spec.accel == Accel::Kvm {
-            groups.extend(device_group(Path::new("/dev/kvm")));
+            devices.push(PathBuf::from("/dev/kvm"));
         }
         for node in gpus {
-            groups.extend(device_group(
-                &self.config.gpu_dev_root.join("dri").join(node),
-            ));
+            devices.push(self.config.gpu_dev_root.join("dri").join(node));
         }
         Some(match uid {
-            Some(uid) => users.user(uid, &groups),
-            None => users.builder(&groups),
+            Some(uid) => users.user(uid, &devices),
+            None => users.builder(&devices),
         })
     }
 
