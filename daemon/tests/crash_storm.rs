@@ -155,9 +155,7 @@ fn warm(d: &Daemon) -> bool {
 /// once the pool is warm.
 fn storm_daemon(ns: &Netns) -> Daemon {
     let mut d = Daemon::new(NETWORK);
-    let pools = d.kilnd.dir.path().join("pools.d");
-    std::fs::create_dir_all(&pools).unwrap();
-    std::fs::write(pools.join("storm.toml"), POOL).unwrap();
+    d.pool_file("storm", POOL);
     d.spawn_in(ns);
     try_wait_until(Duration::from_secs(240), || warm(&d))
         .unwrap_or_else(|t| panic!("the pool never filled: {t}\n{}", d.log()));

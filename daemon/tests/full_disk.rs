@@ -1,7 +1,10 @@
-//! A full disk under the real kilnd: its state directory is a small tmpfs
-//! that the test fills. Every write kilnd must make fails with a named
-//! `StorageFailed`, nothing is half-written or lost, and kilnd carries on
-//! by itself once there is room again.
+//! A full disk and broken state under the real kilnd. The state directory
+//! is a small tmpfs that the test fills: every write kilnd must make fails
+//! with a named `StorageFailed`, nothing is half-written or lost, and kilnd
+//! carries on by itself once there is room again. A read-only runtime
+//! directory, a missing QEMU binary and a damaged template get named
+//! errors and back-off, never a busy loop, and kilnd recovers from what
+//! can be recovered from.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -16,21 +19,31 @@ struct Mount(PathBuf);
 
 impl Mount {
     fn tmpfs(at: &Path, size: &str) -> Self {
+        Self::tmpfs_with(at, &format!("size={size},mode=0700"))
+    }
+
+    fn tmpfs_with(at: &Path, options: &str) -> Self {
         std::fs::create_dir_all(at).unwrap();
         let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(at)
             .status()
             .unwrap()
             .success();
         assert!(ok, "mount a tmpfs at {}", at.display());
         Self(at.to_owned())
+    }
+
+    /// Make it read-only (`false`) or writable again.
+    fn set_writable(&self, writable: bool) {
+        let options = if writable { "remount,rw" } else { "remount,ro" };
+        let ok = Command::new("mount")
+            .args(["-o", options])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -o {options} {}", self.0.display());
     }
 }
 
@@ -213,4 +226,166 @@ fn imports_and_template_builds_without_room_fail_by_name_and_recover() {
         let pool = d.ok("DescribePool", json!({ "name": "tpl" }))["pool"].clone();
         (pool["hot"] == 1).then_some(()).ok_or(pool.to_string())
     });
+}
+
+/// kilnd's CPU time so far, in clock ticks (user + system).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A QEMU binary that is not there: `BootFailed` naming it for a VM, and a
+/// pool that backs off to `failed` instead of retrying in a loop.
+#[test]
+fn a_missing_qemu_binary_fails_boots_by_name_and_backs_off() {
+    let mut d = Daemon::new("qemu_binary = \"/nonexistent/qemu-system-x86_64\"\n");
+    d.pool_file(
+        "p",
+        "mode = \"template\"\nwarm = 2\nmax = 4\n[vm]\nmemoryMiB = 128\n",
+    );
+    d.spawn();
+    let id = d.ok("CreateVM", json!({ "name": "a" }))["vm"]["id"].clone();
+    let (name, error) = d
+        .call("io.kiln.Manager.StartVM", json!({ "id": id }))
+        .unwrap_err();
+    assert_eq!(name, "io.kiln.Manager.BootFailed", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/nonexistent/qemu-system-x86_64"),
+        "{error}"
+    );
+    let vm = d.ok("DescribeVM", json!({ "id": id }))["vm"].clone();
+    assert_eq!(vm["state"], "failed", "{vm}");
+    // The pool's template cannot be built: it backs off to `failed`, and
+    // a caller waiting on it gets the error instead of a hang.
+    wait_until(Duration::from_secs(60), "the pool failing", || {
+        let pool = d.ok("DescribePool", json!({ "name": "p" }))["pool"].clone();
+        (pool["state"] == "failed")
+            .then_some(())
+            .ok_or(pool.to_string())
+    });
+    let (name, _) = d
+        .call(
+            "io.kiln.Manager.Acquire",
+            json!({ "pool": "p", "timeoutMs": 1000 }),
+        )
+        .unwrap_err();
+    assert!(
+        ["io.kiln.Manager.BootFailed", "io.kiln.Manager.Timeout"].contains(&name.as_str()),
+        "{name}"
+    );
+    // No busy loop: over 5 s, at most one more attempt (the back-off is
+    // 16 s by now) and a few ticks of CPU.
+    let pid = d.kilnd.pid().unwrap();
+    let failed_before = d.ok("DescribePool", json!({ "name": "p" }))["pool"]["failed"]
+        .as_u64()
+        .unwrap();
+    let ticks_before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let failed_after = d.ok("DescribePool", json!({ "name": "p" }))["pool"]["failed"]
+        .as_u64()
+        .unwrap();
+    let ticks = cpu_ticks(pid) - ticks_before;
+    println!("missing QEMU: {failed_before} → {failed_after} failed builds and {ticks} ticks of kilnd CPU in 5 s");
+    assert!(
+        failed_after <= failed_before + 1,
+        "{failed_before} → {failed_after}"
+    );
+    assert!(ticks < 100, "{ticks} ticks of CPU in 5 s: a busy loop");
+}
+
+/// A runtime directory kilnd cannot write: it does not start (saying which
+/// directory), and one that turns read-only under it fails boots by name
+/// until it is writable again.
+#[test]
+fn an_unwritable_runtime_dir_fails_by_name_and_kilnd_recovers() {
+    if !require_root("a read-only tmpfs for the runtime directory") {
+        return;
+    }
+    let mut d = Daemon::new("");
+    let run = d.kilnd.dir.path().join("run");
+    // Searchable by the VMs' own uids, as the real runtime dir is.
+    let mount = Mount::tmpfs_with(&run, "size=16m,mode=0711");
+    mount.set_writable(false);
+    let out = Command::new(kiln_testkit::kilnd_exe())
+        .arg("--config")
+        .arg(d.kilnd.dir.path().join("kilnd.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "kilnd started on a read-only runtime dir"
+    );
+    assert!(
+        stderr.contains(&run.display().to_string()) && stderr.contains("Read-only"),
+        "{stderr}"
+    );
+
+    mount.set_writable(true);
+    d.spawn();
+    let id = d.ok("CreateVM", json!({ "name": "a" }))["vm"]["id"].clone();
+    mount.set_writable(false);
+    let (name, error) = d
+        .call("io.kiln.Manager.StartVM", json!({ "id": id }))
+        .unwrap_err();
+    assert_eq!(name, "io.kiln.Manager.BootFailed", "{error}");
+    assert!(error.to_string().contains("Read-only"), "{error}");
+    mount.set_writable(true);
+    let vm = d.ok("StartVM", json!({ "id": id }))["vm"].clone();
+    assert_eq!(vm["state"], "ready", "{vm}");
+}
+
+/// A template damaged on disk while kilnd was down (its device state
+/// overwritten): its clones fail, kilnd takes it for broken after three
+/// failures in a row, builds it again, and the waiting `Acquire` gets a
+/// clone of the new one.
+#[test]
+fn a_damaged_template_is_built_again() {
+    let mut d = Daemon::new("");
+    d.pool_file(
+        "p",
+        "mode = \"template\"\nwarm = 1\nmax = 2\n[vm]\nmemoryMiB = 128\n",
+    );
+    d.spawn();
+    wait_until(Duration::from_secs(240), "a hot clone", || {
+        let pool = d.ok("DescribePool", json!({ "name": "p" }))["pool"].clone();
+        (pool["hot"] == 1).then_some(()).ok_or(pool.to_string())
+    });
+    d.sigkill();
+    kiln_testkit::kill_qemus_under(d.kilnd.dir.path());
+    let templates = d.kilnd.dir.path().join("state/templates/p");
+    let template = std::fs::read_dir(&templates)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .expect("the pool's template on disk");
+    let state = template.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    for (i, b) in bytes.iter_mut().take(4096).enumerate() {
+        *b = (i * 131 % 251) as u8;
+    }
+    std::fs::write(&state, bytes).unwrap();
+
+    d.spawn();
+    let vm = d.ok("Acquire", json!({ "pool": "p", "timeoutMs": 240_000 }))["vm"].clone();
+    assert_eq!(vm["state"], "leased", "{vm}");
+    let out = d.ok(
+        "ExecVM",
+        json!({ "id": vm["id"], "command": ["echo", "cloned"] }),
+    );
+    assert_eq!(out["stdout"], "cloned\n");
+    let log = d.log();
+    assert!(log.contains("clones of the template keep failing"), "{log}");
+    assert!(log.contains("template saved"), "{log}");
 }

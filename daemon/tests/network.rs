@@ -273,13 +273,7 @@ fn template_clones_get_their_own_mac_and_address_and_are_reachable() {
     let ns = Netns::new();
     let mut d = Daemon::new("");
     d.kilnd.append_config(NETWORK);
-    let pools = d.kilnd.dir.path().join("pools.d");
-    std::fs::create_dir_all(&pools).unwrap();
-    std::fs::write(
-        pools.join("net.toml"),
-        "mode = \"template\"\nwarm = 2\nmax = 2\n[vm]\nmemoryMiB = 128\nnetwork = { mode = \"bridge\" }\n",
-    )
-    .unwrap();
+    d.pool_file("net", "mode = \"template\"\nwarm = 2\nmax = 2\n[vm]\nmemoryMiB = 128\nnetwork = { mode = \"bridge\" }\n");
     d.spawn_in(&ns);
     // A fixed address or forwards cannot go to every VM of a pool.
     assert_eq!(

@@ -10,13 +10,6 @@ use std::time::{Duration, Instant};
 use kiln_testkit::{api_doc_script, run_bash, try_wait_until, wait_until, Daemon};
 use serde_json::{json, Value};
 
-/// Write `pools.d/NAME.toml` of a not-yet-started daemon.
-fn pool_file(d: &Daemon, name: &str, toml: &str) {
-    let dir = d.kilnd.dir.path().join("pools.d");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(format!("{name}.toml")), toml).unwrap();
-}
-
 fn describe(d: &Daemon, pool: &str) -> Value {
     d.ok("DescribePool", json!({ "name": pool }))["pool"].clone()
 }
@@ -56,7 +49,7 @@ const TEMPLATE_POOL: &str = "mode = \"template\"\nwarm = 2\nmax = 4\n[vm]\nmemor
 #[test]
 fn hot_acquire_gives_a_ready_vm_and_the_pool_refills() {
     let mut d = Daemon::new("");
-    pool_file(&d, "web", TEMPLATE_POOL);
+    d.pool_file("web", TEMPLATE_POOL);
     d.spawn();
     let info = wait_pool(&d, "web", "2 hot VMs", hot(2));
     assert_eq!(info["templateReady"], true, "{info}");
@@ -106,7 +99,7 @@ fn hot_acquire_gives_a_ready_vm_and_the_pool_refills() {
 #[test]
 fn template_clones_share_memory_but_not_identity() {
     let mut d = Daemon::new("");
-    pool_file(&d, "ci", TEMPLATE_POOL);
+    d.pool_file("ci", TEMPLATE_POOL);
     d.spawn();
     wait_pool(&d, "ci", "2 hot VMs", hot(2));
     let a = acquire(&d, "ci");
@@ -155,7 +148,7 @@ fn template_clones_share_memory_but_not_identity() {
 #[test]
 fn acquire_storm_never_hands_a_vm_out_twice() {
     let mut d = Daemon::new("");
-    pool_file(&d, "storm", TEMPLATE_POOL);
+    d.pool_file("storm", TEMPLATE_POOL);
     d.spawn();
     wait_pool(&d, "storm", "2 hot VMs", hot(2));
     // 4 × warm acquirers against max = 2 × warm, all at once.
@@ -220,7 +213,7 @@ fn acquire_storm_never_hands_a_vm_out_twice() {
 #[test]
 fn leases_survive_kill_9_and_the_pool_comes_back() {
     let mut d = Daemon::new("");
-    pool_file(&d, "keep", TEMPLATE_POOL);
+    d.pool_file("keep", TEMPLATE_POOL);
     d.spawn();
     wait_pool(&d, "keep", "2 hot VMs", hot(2));
     let leased = d.ok(
@@ -269,7 +262,7 @@ fn leases_survive_kill_9_and_the_pool_comes_back() {
 fn a_half_booted_pool_vm_is_cleaned_after_kill_9() {
     // A cold pool boots for seconds: kill kilnd while it does.
     let mut d = Daemon::new("");
-    pool_file(&d, "slow", "mode = \"cold\"\nwarm = 1\nmax = 2\n");
+    d.pool_file("slow", "mode = \"cold\"\nwarm = 1\nmax = 2\n");
     d.spawn();
     wait_pool(&d, "slow", "a boot under way", |p| p["booting"] == 1);
     let booting = d.ok("ListVMs", json!({}))["vms"][0].clone();
@@ -295,7 +288,7 @@ fn a_half_booted_pool_vm_is_cleaned_after_kill_9() {
 #[test]
 fn recycle_puts_the_vm_back_hot() {
     let mut d = Daemon::new("");
-    pool_file(&d, "re", "mode = \"template\"\nwarm = 1\nmax = 1\n");
+    d.pool_file("re", "mode = \"template\"\nwarm = 1\nmax = 1\n");
     d.spawn();
     wait_pool(&d, "re", "1 hot VM", hot(1));
     let vm = acquire(&d, "re");
@@ -325,7 +318,7 @@ fn recycle_puts_the_vm_back_hot() {
 fn pools_are_created_resized_and_deleted_through_the_api() {
     let d = Daemon::new("");
     // A vendor-style pool file, to delete (mask) through the API later.
-    pool_file(&d, "vendor", "mode = \"cold\"\nwarm = 0\nmax = 1\n");
+    d.pool_file("vendor", "mode = \"cold\"\nwarm = 0\nmax = 1\n");
     let mut d = d;
     d.spawn();
     let created = d.ok(
@@ -450,8 +443,7 @@ fn a_pool_with_a_broken_kernel_fails_and_backs_off() {
     let mut d = Daemon::new("");
     let kernel = d.kilnd.dir.path().join("not-a-kernel");
     std::fs::write(&kernel, "this is not a bzImage").unwrap();
-    pool_file(
-        &d,
+    d.pool_file(
         "broken",
         &format!(
             "mode = \"cold\"\nwarm = 2\nmax = 2\n[vm]\nkernel = \"{}\"\n",
@@ -525,8 +517,7 @@ fn pool_doc_examples_run() {
 #[test]
 fn leases_expire_are_renewed_survive_kill_9_end_with_their_connection_and_have_a_quota() {
     let mut d = Daemon::new("max_leases_per_caller = 2\n");
-    pool_file(
-        &d,
+    d.pool_file(
         "ttl",
         "mode = \"template\"\nwarm = 2\nmax = 4\n[vm]\nmemoryMiB = 128\n",
     );

@@ -84,9 +84,28 @@ fn vm(d: &Daemon, id: &Value) -> Value {
     d.ok("DescribeVM", json!({ "id": id }))["vm"].clone()
 }
 
+/// Start kilnd with the unit's `UMask=0077`, so that whatever it makes for
+/// a QEMU must be opened up on purpose, as under systemd.
+fn spawn_like_the_unit(d: &mut Daemon) {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(kiln_testkit::kilnd_exe());
+    // SAFETY: umask(2) is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    let address = d.address();
+    d.kilnd.spawn_with(command, |_| {
+        kiln_testkit::varlinkctl_ok(&address, "org.varlink.service.GetInfo")
+    });
+}
+
 #[test]
 fn every_qemu_runs_under_its_own_unprivileged_uid() {
-    let mut d = Daemon::start_with(CONFIG);
+    let mut d = Daemon::new(CONFIG);
+    spawn_like_the_unit(&mut d);
     let dir = d.kilnd.dir.path().to_owned();
 
     // A cold VM and two clones of a template pool.
@@ -199,7 +218,7 @@ fn every_qemu_runs_under_its_own_unprivileged_uid() {
         .map(|v| v["pid"].as_u64().unwrap())
         .collect();
     d.sigkill();
-    d.spawn();
+    spawn_like_the_unit(&mut d);
     for (old, pid) in [&cold, &clones[0]].iter().zip(&pids) {
         let again = vm(&d, &old["id"]);
         assert_eq!(again["pid"].as_u64(), Some(*pid), "re-adopted: {again}");

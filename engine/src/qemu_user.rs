@@ -402,6 +402,9 @@ impl Jail {
                 {
                     return Err(io::Error::last_os_error());
                 }
+                // Searchable by QEMU's uid whatever kilnd's umask (the
+                // unit's is 0077, which would leave them 0700).
+                check(libc::chmod(dir.as_ptr(), 0o755))?;
             }
             for file in &self.files {
                 let fd = libc::open(

@@ -151,6 +151,14 @@ impl Daemon {
         }
     }
 
+    /// Write `pools.d/NAME.toml` (before [`Daemon::spawn`], or for a
+    /// restart to pick up).
+    pub fn pool_file(&self, name: &str, toml: &str) {
+        let dir = self.kilnd.dir.path().join("pools.d");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.toml")), toml).unwrap();
+    }
+
     /// Start kilnd; returns once varlink answers.
     pub fn spawn(&mut self) {
         let address = self.address();

@@ -20,6 +20,11 @@
 //! loop, so a broken kernel costs one boot attempt per back-off period; after
 //! [`FAILED_AFTER`] failures in a row the pool reports `failed` and waiting
 //! callers get the error at once.
+//!
+//! A template whose clones fail [`SUSPECT_TEMPLATE_AFTER`] times in a row
+//! while none of its clones runs is taken for broken (a RAM or state file
+//! damaged on disk, written by another QEMU): it is removed and built
+//! again, under the same back-off.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -34,6 +39,11 @@ mod leases;
 
 use super::{Engine, Internal};
 use crate::api::{AcquireOptions, EngineEvent, Reply, FAILED_AFTER, MAX_BACKOFF};
+
+/// Clone failures in a row after which a template nothing runs from is
+/// rebuilt (fewer than [`FAILED_AFTER`]: waiting callers get the rebuilt
+/// template's clones, not the error).
+const SUSPECT_TEMPLATE_AFTER: u32 = 3;
 use crate::container::ContainerRecord;
 use crate::error::EngineError;
 use crate::pool::template::{self, Template};
@@ -75,6 +85,10 @@ pub(super) struct Pool {
     template: TemplateSlot,
     /// Boot failures since the last boot that worked.
     failures: u32,
+    /// The template was built again because its clones kept failing; not
+    /// again before a boot works (a template that cannot be cloned at all
+    /// would otherwise be rebuilt over and over).
+    rebuilt_suspect: bool,
     last_error: Option<String>,
     /// No boots before this instant (back-off).
     retry_at: Option<Instant>,
@@ -221,6 +235,7 @@ impl Engine {
             resolved,
             template: TemplateSlot::Missing,
             failures: 0,
+            rebuilt_suspect: false,
             last_error: None,
             retry_at: None,
             waiters: VecDeque::new(),
@@ -468,6 +483,7 @@ impl Engine {
             VmState::Ready if change.from == VmState::Booting => {
                 if let Some(pool) = self.pools.by_name.get_mut(&change.pool) {
                     pool.failures = 0;
+                    pool.rebuilt_suspect = false;
                     pool.retry_at = None;
                 }
                 if !pool_exists {
@@ -517,6 +533,7 @@ impl Engine {
         pool.retry_at = Some(Instant::now() + delay);
         warn!(pool = %name, failures = pool.failures, retry_in_s = delay.as_secs(), error = %reason, "pool boot failed");
         pool.last_error = Some(reason.clone());
+        let suspect = pool.failures >= SUSPECT_TEMPLATE_AFTER && !pool.rebuilt_suspect;
         if pool.failures >= FAILED_AFTER {
             error!(pool = %name, "pool is failing: boots keep failing, retrying every few minutes");
             for waiter in pool.waiters.drain(..) {
@@ -525,12 +542,45 @@ impl Engine {
                 ))));
             }
         }
+        if suspect {
+            self.discard_suspect_template(name);
+        }
         let tx = self.internal_tx.clone();
         let name = name.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let _ = tx.send(Internal::PoolTick { pool: name });
         });
+    }
+
+    /// The pool's ready template, if none of its clones got past booting:
+    /// removed, so that the next refill builds it again. A template with
+    /// clones that booted has worked, and the failures have another cause.
+    fn discard_suspect_template(&mut self, name: &str) {
+        let Some(pool) = self.pools.by_name.get(name) else {
+            return;
+        };
+        let TemplateSlot::Ready { template, .. } = &pool.template else {
+            return;
+        };
+        let dir = template.dir.clone();
+        let booted_clone = self.vms.values().any(|e| {
+            let booted = matches!(
+                e.record.state(),
+                VmState::Ready | VmState::Leased | VmState::Paused
+            );
+            booted && e.record.template.as_deref() == Some(dir.as_path())
+        });
+        if booted_clone {
+            return;
+        }
+        warn!(pool = %name, dir = %dir.display(), "clones of the template keep failing: building it again");
+        // Clones still booting from it keep their open files.
+        crate::store::remove_tree(&dir);
+        if let Some(pool) = self.pools.by_name.get_mut(name) {
+            pool.template = TemplateSlot::Missing;
+            pool.rebuilt_suspect = true;
+        }
     }
 
     pub(super) fn pool_tick(&mut self, name: &str) {
