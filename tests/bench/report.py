@@ -23,6 +23,7 @@ FLOORS = {
     "api: GetManagedObjects, 100 VMs (D-Bus)": "api: Peer.Ping floor (D-Bus)",
     "api: GetManagedObjects, 100 VMs (D-Bus, jeepney-decoded)": "api: Peer.Ping floor (D-Bus)",
     "libvirt virsh create": "raw-qemu-cold (in container)",
+    "libvirt virsh restore": "raw-qemu-clone (template restore)",
     "net: kilnd-clone with a bridge NIC (Acquire, nothing hot)": "net: kilnd-clone without a NIC (Acquire, nothing hot)",
     "net: kilnd-hot Acquire with a bridge NIC (varlink)": "net: kilnd-hot Acquire without a NIC (varlink)",
     "image: kilnd PullImage, empty store": "image: skopeo copy + mkfs.erofs per layer (pull floor)",
@@ -133,6 +134,8 @@ def summary(report):
         rows.append(f"| libvirt virsh create | skipped: {report['libvirt']['skipped']} | | | |")
     line("template clone to agent, Acquire with nothing hot", "kilnd-clone (Acquire, nothing hot)",
          "CH/KVM warm restore ~25 ms; target ≤ 1.5x raw")
+    line("libvirt's clone: virsh restore of a saved domain to agent", "libvirt virsh restore",
+         "in a systemd container; Firecracker snapshot restore ~5–10 ms on KVM (published)")
     line("hot Acquire, varlink", "kilnd-hot Acquire (varlink)", "")
     line("hot Acquire, the engine's share", "kilnd-hot Acquire, engine share (actor, from kilnd's log)",
          "target p50 ≤ 1 ms, p99 ≤ 5 ms")
