@@ -58,6 +58,11 @@ const PING_ATTEMPT: Duration = Duration::from_secs(2);
 struct Connection {
     reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     writer: tokio::net::unix::OwnedWriteHalf,
+    /// A call was sent and its reply not read yet. Still set when the next
+    /// call comes, the call before it was cancelled half-way (its future
+    /// dropped: a client that went away, a `select!`), and its reply may
+    /// still arrive: the connection cannot be trusted to pair replies.
+    in_flight: bool,
 }
 
 /// A client for one VM's agent socket.
@@ -98,6 +103,9 @@ impl AgentClient {
     ) -> Result<Value, AgentError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_some_and(|c| c.in_flight) {
+            *guard = None;
+        }
         let result = tokio::time::timeout_at(deadline, async {
             if guard.is_none() {
                 *guard = Some(self.connect_and_sync().await?);
@@ -173,6 +181,7 @@ impl AgentClient {
         let mut conn = Connection {
             reader: BufReader::new(read),
             writer,
+            in_flight: false,
         };
         let mut nonce_bytes = [0u8; 8];
         crate::ids::fill_random(&mut nonce_bytes);
@@ -216,8 +225,10 @@ async fn roundtrip(
         method: method.to_owned(),
         parameters: Some(parameters),
     };
+    conn.in_flight = true;
     send(conn, &call).await?;
     let reply = receive(conn).await?;
+    conn.in_flight = false;
     match reply.error {
         None => Ok(reply
             .parameters
@@ -339,6 +350,83 @@ mod tests {
             .expect("exec");
         let reply: proto::ExecReply = serde_json::from_value(reply).expect("an ExecReply");
         assert_eq!((reply.exit_code, reply.stdout.as_str()), (0, "ok"));
+    }
+
+    /// Answer the sync ping of a fresh connection.
+    async fn answer_sync(
+        reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+        write: &mut tokio::net::unix::OwnedWriteHalf,
+    ) {
+        let ping = read_frame(reader).await;
+        assert_eq!(ping.method, proto::method::PING);
+        let nonce = ping.parameters.expect("params")["nonce"].clone();
+        let pong = serde_json::json!({"agentVersion": "t", "kernelRelease": "k", "bootId": "b",
+            "hostname": "h", "uptimeMs": 1, "nonce": nonce});
+        let reply = Reply {
+            parameters: Some(pong),
+            error: None,
+        };
+        write
+            .write_all(&proto::encode(&reply).expect("encode"))
+            .await
+            .expect("write");
+    }
+
+    /// A call whose future is dropped after it was sent (its caller went
+    /// away) leaves its reply on the way: the next call must not take it
+    /// for its own, so it starts a fresh connection.
+    #[tokio::test]
+    async fn a_cancelled_call_does_not_hand_its_reply_to_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            for answer in [
+                serde_json::json!({"bytes": 1}),
+                serde_json::json!({"exitCode": 0, "stdout": "mine", "stderr": ""}),
+            ] {
+                let (stream, _) = listener.accept().await.expect("accept");
+                let (read, mut write) = stream.into_split();
+                let mut reader = BufReader::new(read);
+                answer_sync(&mut reader, &mut write).await;
+                read_frame(&mut reader).await;
+                // Late: the first caller is gone by now.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let reply = Reply {
+                    parameters: Some(answer),
+                    error: None,
+                };
+                let _ = write
+                    .write_all(&proto::encode(&reply).expect("encode"))
+                    .await;
+                // Keep the connection open, as a live agent does.
+                tokio::spawn(async move {
+                    let _keep = (reader, write);
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
+        });
+        let client = AgentClient::new(&path);
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(50),
+            client.call_json(
+                "io.kiln.Agent.WriteFile",
+                serde_json::json!({}),
+                Duration::from_secs(5),
+            ),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the first call was not cancelled");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reply = client
+            .call_json(
+                proto::method::EXEC,
+                serde_json::json!({}),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("exec");
+        assert_eq!(reply["stdout"], "mine", "{reply}");
     }
 
     #[tokio::test]

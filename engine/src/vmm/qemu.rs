@@ -144,7 +144,18 @@ async fn boot_and_save(
     let (qmp, _version, _events) =
         connect_when_up(process, &plan.launch.qmp_socket, &log, plan.qmp_timeout).await?;
     let agent = AgentClient::new(plan.launch.agent_socket.clone());
-    agent.wait_ready(plan.boot_timeout).await?;
+    // A template VM that dies while it boots (killed, out of memory) is a
+    // failed build at once, not after the whole boot deadline.
+    tokio::select! {
+        ready = agent.wait_ready(plan.boot_timeout) => {
+            ready?;
+        }
+        () = process.exited() => {
+            return Err(EngineError::BootFailed(
+                "the template VM's QEMU exited while it booted".into(),
+            ));
+        }
+    }
     if let Some(container) = &plan.container {
         // The workload starts here, once: clones resume it running.
         let agent: &dyn GuestAgent = &agent;
