@@ -313,21 +313,7 @@ mod tests {
             })
             .expect("encode");
             write.write_all(&stale).await.expect("write");
-            let ping = read_frame(&mut reader).await;
-            assert_eq!(ping.method, proto::method::PING);
-            let nonce = ping.parameters.expect("params")["nonce"].clone();
-            let pong = serde_json::json!({"agentVersion": "t", "kernelRelease": "k", "bootId": "b",
-                "hostname": "h", "uptimeMs": 1, "nonce": nonce});
-            write
-                .write_all(
-                    &proto::encode(&Reply {
-                        parameters: Some(pong),
-                        error: None,
-                    })
-                    .expect("encode"),
-                )
-                .await
-                .expect("write");
+            answer_sync(&mut reader, &mut write).await;
             let exec = read_frame(&mut reader).await;
             assert_eq!(exec.method, proto::method::EXEC);
             let reply = Reply {
