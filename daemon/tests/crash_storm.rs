@@ -398,9 +398,7 @@ fn random_qemu_kills_lose_no_lease_silently_and_leak_nothing() {
     // The VMs whose QEMU was killed, and what each was at that moment.
     let mut killed = HashSet::new();
     let mut hit: BTreeMap<String, usize> = BTreeMap::new();
-    // A bound on the storm: killed boots count as failed boots, so the
-    // pool backs off (and, three in a row, builds its template again) and
-    // live QEMUs can be scarce for a while.
+    // A bound on the storm, in case live QEMUs get scarce.
     let until = std::time::Instant::now() + Duration::from_secs(240);
     let ledger = with_clients(&address, || {
         while killed.len() < kills && std::time::Instant::now() < until {
@@ -424,6 +422,17 @@ fn random_qemu_kills_lose_no_lease_silently_and_leak_nothing() {
                 continue;
             };
             let state = vm["vm"]["state"].as_str().unwrap_or("?").to_owned();
+            // A killed boot is a failed boot to kilnd (it cannot tell a
+            // kill from a crash): enough in a row and the pool backs off
+            // for minutes, as for a broken kernel, or rebuilds its
+            // template (docs/pools.md). Booting VMs are killed only while
+            // the pool counts fewer than 2 failures in a row.
+            if state == "booting" {
+                let pool = d.ok("DescribePool", json!({ "name": "storm" }))["pool"].clone();
+                if pool["failed"].as_u64().unwrap_or(0) >= 2 {
+                    continue;
+                }
+            }
             // SAFETY: kill(2) with a pid and a signal number.
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
             killed.insert(id.clone());

@@ -72,9 +72,11 @@ impl DbusKilnd {
     pub fn busctl_as(&self, uid: Option<u32>, args: &[&str]) -> Output {
         let mut command = command_as(uid, "busctl");
         // `--` so arguments like `-c` are not taken for busctl options.
+        // A method call may take longer than busctl's own 25 s (a reboot
+        // under TCG next to other tests); nextest bounds every test.
         command
             .arg(format!("--address={}", self.address))
-            .args(["--json=short", "--"])
+            .args(["--json=short", "--timeout=300", "--"])
             .args(args)
             .output()
             .unwrap()
