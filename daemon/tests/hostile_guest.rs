@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kiln_testkit::busctl::{self, DbusKilnd};
-use kiln_testkit::{guest_dir, wait_until, Daemon};
+use kiln_testkit::{guest_dir, rss_kib, wait_until, Daemon};
 use serde_json::{json, Value};
 
 /// Run instead of the agent (`rdinit=/hostile`): finds the agent's port
@@ -96,16 +96,6 @@ fn newc_entry(name: &str, mode: u32, data: &[u8]) -> Vec<u8> {
     entry.extend(data);
     entry.resize(entry.len().div_ceil(4) * 4, 0);
     entry
-}
-
-/// Resident memory of `pid`, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
 }
 
 #[test]

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use kiln_testkit::busctl::{DbusKilnd, MANAGER, MANAGER_IF, NAME};
 use kiln_testkit::fdclient::FdClient;
-use kiln_testkit::{pid_alive, try_wait_until};
+use kiln_testkit::{pid_alive, rss_kib, try_wait_until};
 use serde_json::{json, Value};
 
 /// How far kilnd's RSS may stay above its start once the load is over:
@@ -349,16 +349,6 @@ fn fd_targets(pid: u32) -> Vec<String> {
         .collect();
     targets.sort();
     targets
-}
-
-/// kilnd's resident set, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// Raise this process's soft fd limit to its hard one (kilnd and its bus,

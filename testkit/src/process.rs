@@ -109,6 +109,16 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Resident memory of `pid`, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
 /// `program` run as `uid` (and its group, no supplementary groups), or as
 /// ourselves when `uid` is None.
 pub fn command_as(uid: Option<u32>, program: &str) -> Command {

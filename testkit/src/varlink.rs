@@ -161,20 +161,23 @@ impl Daemon {
 
     /// Start kilnd; returns once varlink answers.
     pub fn spawn(&mut self) {
-        let address = self.address();
-        self.kilnd
-            .spawn(|_| varlinkctl_ok(&address, "org.varlink.service.GetInfo"));
+        self.spawn_with(Command::new(crate::kilnd::kilnd_exe()));
     }
 
     /// Start kilnd inside network namespace `ns` (`ip netns exec`);
     /// returns once varlink answers.
     pub fn spawn_in(&mut self, ns: &crate::Netns) {
-        let address = self.address();
         let kilnd = crate::kilnd::kilnd_exe();
-        self.kilnd.spawn_with(
-            ns.command(&[kilnd.to_str().expect("a UTF-8 path to kilnd")]),
-            |_| varlinkctl_ok(&address, "org.varlink.service.GetInfo"),
-        );
+        self.spawn_with(ns.command(&[kilnd.to_str().expect("a UTF-8 path to kilnd")]));
+    }
+
+    /// Start kilnd with `command` (kilnd itself, or what execs it; its
+    /// `--config` is added); returns once varlink answers.
+    pub fn spawn_with(&mut self, command: Command) {
+        let address = self.address();
+        self.kilnd.spawn_with(command, |_| {
+            varlinkctl_ok(&address, "org.varlink.service.GetInfo")
+        });
     }
 
     pub fn sigkill(&mut self) {

@@ -22,7 +22,7 @@
 //! callers get the error at once.
 //!
 //! A template whose clones fail [`SUSPECT_TEMPLATE_AFTER`] times in a row
-//! while none of its clones runs is taken for broken (a RAM or state file
+//! while none of its clones has booted is taken for broken (a RAM or state file
 //! damaged on disk, written by another QEMU): it is removed and built
 //! again, under the same back-off.
 
@@ -39,11 +39,6 @@ mod leases;
 
 use super::{Engine, Internal};
 use crate::api::{AcquireOptions, EngineEvent, Reply, FAILED_AFTER, MAX_BACKOFF};
-
-/// Clone failures in a row after which a template nothing runs from is
-/// rebuilt (fewer than [`FAILED_AFTER`]: waiting callers get the rebuilt
-/// template's clones, not the error).
-const SUSPECT_TEMPLATE_AFTER: u32 = 3;
 use crate::container::ContainerRecord;
 use crate::error::EngineError;
 use crate::pool::template::{self, Template};
@@ -55,6 +50,11 @@ use crate::spec::{ResolvedSpec, MAX_NAME_LEN};
 use crate::state::VmState;
 use crate::store::write_atomic;
 use crate::vm::{VmInfo, VmRecord};
+
+/// Clone failures in a row after which a template none of whose clones
+/// booted is rebuilt (fewer than [`FAILED_AFTER`]: waiting callers get the
+/// rebuilt template's clones, not the error).
+const SUSPECT_TEMPLATE_AFTER: u32 = 3;
 
 /// The containers a pool's members run, if known (see [`ImageSlot`]).
 fn pool_containers(pool: &Pool) -> Option<Vec<ContainerRecord>> {
