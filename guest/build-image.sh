@@ -54,7 +54,11 @@ MODULES_GPU=("${MODULES_DEFAULT[@]}" virtio_gpu)
 # What containers need (StartContainer): the SCSI controller disks are
 # hot-plugged into, SCSI disks, erofs layers and the overlay. A second list,
 # loaded by the agent on first use (docs/guest-image.md has the numbers).
-MODULES_CONTAINERS=(virtio_scsi sd_mod erofs overlay)
+# crc32c_generic first: erofs's libcrc32c asks the crypto API for crc32c
+# when it loads (a soft dependency, not in `depends=`); the cloud kernel
+# has it built in, the GPU guest's generic kernel as a module. ext4 (for an
+# upper disk) likewise: built into the cloud kernel, a module of the generic.
+MODULES_CONTAINERS=(crc32c_generic virtio_scsi sd_mod erofs overlay ext4)
 
 log() { echo "build-image: $*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -51,6 +51,9 @@ python3 guest/tests/gpu-smoke.py "$KILN_GUEST_DIR/gpu"
 echo "== containers in the guest: erofs layers hot-plugged over virtio-scsi, overlay, namespaces, logs, exec"
 python3 guest/tests/container-smoke.py "$KILN_GUEST_DIR"
 
+echo "== the same on the GPU guest (its generic kernel has crc32c and ext4 as modules)"
+python3 guest/tests/container-smoke.py "$KILN_GUEST_DIR/gpu"
+
 # Slowest, so last: a release build, the packages, and the packages under a
 # real systemd in containers (docs/packaging.md). KILN_SKIP_SYSTEM_TEST=1
 # skips it for a quick local run; CI never sets it.

@@ -399,22 +399,19 @@ fn dbus_runs_containers() {
 fn container_doc_examples_run() {
     let d = Daemon::start();
     let layout = one_image(&[busybox_layer()], "kiln.test/app:v1");
-    let script = api_doc_script("## Containers");
-    for default in [
-        "SOCK=unix:/run/kiln/io.kiln.Manager",
-        "LAYOUT=/srv/images/app",
-    ] {
-        assert!(script.contains(default), "the examples name {default}");
-    }
-    let script = script
-        .replace(
-            "SOCK=unix:/run/kiln/io.kiln.Manager",
-            &format!("SOCK={}", d.address()),
-        )
-        .replace(
-            "LAYOUT=/srv/images/app",
-            &format!("LAYOUT={}", layout.path().display()),
-        );
+    let script = api_doc_script(
+        "## Containers",
+        &[
+            (
+                "SOCK=unix:/run/kiln/io.kiln.Manager",
+                format!("SOCK={}", d.address()),
+            ),
+            (
+                "LAYOUT=/srv/images/app",
+                format!("LAYOUT={}", layout.path().display()),
+            ),
+        ],
+    );
     let stdout = run_bash(&script, &d.log());
     for line in [
         "[\"main\",\"running\"]",

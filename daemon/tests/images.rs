@@ -550,27 +550,20 @@ fn kill_9_mid_pull_leaves_a_store_the_next_kilnd_pulls_into() {
 fn image_doc_examples_run() {
     let source = Source::start();
     let k = DbusKilnd::start_with(false, &source.config());
-    let script = api_doc_script("## Images");
-    for default in [
-        "SOCK=unix:/run/kiln/io.kiln.Manager",
-        "REGISTRY=127.0.0.1:5000",
-        "busctl --system",
-    ] {
-        assert!(script.contains(default), "the examples name {default}");
-    }
-    let script = script
-        .replace(
-            "SOCK=unix:/run/kiln/io.kiln.Manager",
-            &format!("SOCK={}", k.kilnd.varlink_address()),
-        )
-        .replace(
-            "REGISTRY=127.0.0.1:5000",
-            &format!("REGISTRY={}", source.registry.host()),
-        )
-        .replace(
-            "busctl --system",
-            &format!("busctl --address={}", k.address),
-        );
+    let script = api_doc_script(
+        "## Images",
+        &[
+            (
+                "SOCK=unix:/run/kiln/io.kiln.Manager",
+                format!("SOCK={}", k.kilnd.varlink_address()),
+            ),
+            (
+                "REGISTRY=127.0.0.1:5000",
+                format!("REGISTRY={}", source.registry.host()),
+            ),
+            ("busctl --system", format!("busctl --address={}", k.address)),
+        ],
+    );
     let stdout = run_bash(&script, &k.log());
     assert!(stdout.contains("\"step\":\"stored\""), "{stdout}");
     assert!(stdout.contains("localhost/app:imported"), "{stdout}");

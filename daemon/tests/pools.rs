@@ -495,10 +495,12 @@ fn a_pool_with_a_broken_kernel_fails_and_backs_off() {
 #[test]
 fn pool_doc_examples_run() {
     let d = Daemon::start();
-    let script = api_doc_script("## Pools");
-    let script = script.replace(
-        "SOCK=unix:/run/kiln/io.kiln.Manager",
-        &format!("SOCK={}", d.address()),
+    let script = api_doc_script(
+        "## Pools",
+        &[(
+            "SOCK=unix:/run/kiln/io.kiln.Manager",
+            format!("SOCK={}", d.address()),
+        )],
     );
     let stdout = run_bash(&script, &d.log());
     assert!(

@@ -147,12 +147,16 @@ fn snapshots_restore_and_forks_continue_where_the_vm_was() {
     counting(&k, late["id"].as_str().unwrap());
 
     // The docs/api.md examples, verbatim, on the running VM.
-    let script = kiln_testkit::api_doc_script("## Snapshots, restores and forks")
-        .replace(
-            "SOCK=unix:/run/kiln/io.kiln.Manager",
-            &format!("SOCK={}", k.kilnd.varlink_address()),
-        )
-        .replace("ID=0123456789ab", &format!("ID={id}"));
+    let script = kiln_testkit::api_doc_script(
+        "## Snapshots, restores and forks",
+        &[
+            (
+                "SOCK=unix:/run/kiln/io.kiln.Manager",
+                format!("SOCK={}", k.kilnd.varlink_address()),
+            ),
+            ("ID=0123456789ab", format!("ID={id}")),
+        ],
+    );
     let stdout = kiln_testkit::run_bash(&script, &k.log());
     assert_eq!(
         stdout,

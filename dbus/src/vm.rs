@@ -111,6 +111,7 @@ pub fn properties(info: &VmInfo) -> Vec<(&'static str, Value<'static>)> {
         ),
         ("Gpus", Value::from(info.gpus.clone())),
         ("Display", Value::from(display(info))),
+        ("Boot", Value::from(wire_name(&info.boot))),
         ("Network", Value::from(network(info))),
     ]
 }
@@ -830,6 +831,13 @@ impl Vm {
     #[zbus(property)]
     fn display(&self) -> String {
         display(&self.info())
+    }
+
+    /// What it boots: `kiln` (Kiln's guest) or `image` (its image as a
+    /// whole OS, docs/images.md).
+    #[zbus(property)]
+    fn boot(&self) -> String {
+        wire_name(&self.info().boot)
     }
 
     /// When it was acquired, µs since the epoch (0 = not leased).

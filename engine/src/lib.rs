@@ -9,6 +9,7 @@
 //! Module map (see `docs/architecture.md`):
 //! - [`spec`]: what a caller may ask for, and its limits;
 //! - [`container`]: containers in VMs: spec, record, layer disks;
+//!   [`os_boot`]: VMs that boot their image as a whole OS;
 //! - [`state`]: the VM state machine and its one transition check;
 //! - [`qemu`]: typed QEMU argv, the QMP client, process handling;
 //! - [`agent`]: the `io.kiln.Agent` client;
@@ -40,6 +41,7 @@ pub mod ids;
 pub mod images;
 pub mod name;
 pub mod observe;
+pub mod os_boot;
 pub mod pool;
 pub mod process;
 pub mod procfs;

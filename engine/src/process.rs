@@ -354,7 +354,10 @@ fn give_files(user: &QemuUser, launch: &QemuLaunch) -> std::io::Result<()> {
     for disk in &launch.disks {
         user.open_disk(&disk.path, disk.writable)?;
     }
-    Ok(())
+    // An OS image's kernel and its VM's initramfs live under the state
+    // directory (the built-in guest's are readable by all already).
+    user.share(&launch.kernel)?;
+    user.share(&launch.initrd)
 }
 
 #[cfg(test)]

@@ -87,6 +87,30 @@ pub struct VmSpec {
     /// What the VM's QEMU may use of the host (its cgroup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ResourceLimits>,
+    /// What the VM boots: `kiln` (default: Kiln's guest, which runs
+    /// `image` as a container) or `image` (the image is a whole OS: its
+    /// own kernel, its layers as the root, its `/sbin/init` as PID 1, with
+    /// Kiln's agent beside it; cold boots only, see docs/images.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSource>,
+}
+
+/// What a VM boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BootSource {
+    /// Kiln's guest kernel and initramfs (the agent is PID 1).
+    #[default]
+    Kiln,
+    /// The image's own kernel and init (an "OS image").
+    Image,
+}
+
+impl BootSource {
+    /// Whether this is the default.
+    pub fn is_kiln(&self) -> bool {
+        *self == Self::Kiln
+    }
 }
 
 /// The smallest memory cap: QEMU itself needs about this much to boot.
@@ -354,6 +378,11 @@ pub struct ResolvedSpec {
     /// Its cgroup's limits as asked (defaults are the daemon's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ResourceLimits>,
+    /// What it boots. For `image`, `kernel` and `initrd` are the image's
+    /// kernel and an initramfs made for this VM once the image is
+    /// resolved.
+    #[serde(default, skip_serializing_if = "BootSource::is_kiln")]
+    pub boot: BootSource,
 }
 
 impl ResolvedSpec {
@@ -427,6 +456,9 @@ pub enum SpecError {
     /// The container (image and process fields) is not acceptable.
     #[error("container: {0}")]
     Container(String),
+    /// `boot` asks for something that cannot be.
+    #[error("{0}")]
+    Boot(String),
 }
 
 impl From<ContainerSpecError> for SpecError {
@@ -507,6 +539,10 @@ impl VmSpec {
         if cmdline.len() > MAX_CMDLINE_LEN || cmdline.chars().any(char::is_control) {
             return Err(SpecError::Cmdline);
         }
+        let boot = self.boot.unwrap_or_default();
+        if boot == BootSource::Image {
+            self.check_os_boot()?;
+        }
         let container = self.container()?;
         if let Some(limits) = &self.limits {
             limits.check(vcpus)?;
@@ -526,7 +562,30 @@ impl VmSpec {
             },
             container,
             limits: self.limits,
+            boot,
         })
+    }
+
+    /// What `boot: image` rules out: the kernel and initramfs are the
+    /// image's, GPUs need Kiln's GPU guest, and the OS's init is the VM
+    /// (it has no restart policy, user or working directory of its own).
+    fn check_os_boot(&self) -> Result<(), SpecError> {
+        let refuse = |what: &str| Err(SpecError::Boot(what.to_owned()));
+        if self.image.is_none() {
+            return refuse("boot: image needs image");
+        }
+        if self.kernel.is_some() || self.initrd.is_some() {
+            return refuse(
+                "boot: image boots the image's own kernel: kernel and initrd cannot be given",
+            );
+        }
+        if self.gpus.is_some() || self.display.is_some_and(|d| d != Display::None) {
+            return refuse("boot: image cannot have gpus or a display");
+        }
+        if self.restart_policy.is_some() || self.workdir.is_some() || self.user.is_some() {
+            return refuse("boot: image runs the image's init as root in /: restartPolicy, workdir and user do not apply");
+        }
+        Ok(())
     }
 
     /// The container `image` and the process fields ask for.
@@ -631,6 +690,58 @@ mod tests {
         assert_eq!((spec.vcpus, spec.memory_mib), (1, 128));
         assert_eq!(spec.kernel, d.kernel);
         assert_eq!(spec.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn boot_image_needs_an_image_and_rules_out_kiln_only_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = defaults(dir.path());
+        let os = VmSpec {
+            image: Some("os".into()),
+            boot: Some(BootSource::Image),
+            env: Some(vec!["A=1".into()]),
+            ..VmSpec::default()
+        };
+        let resolved = os.resolve(&d, &limits()).expect("valid");
+        assert_eq!(resolved.boot, BootSource::Image);
+        assert!(resolved.container.is_some());
+        let json = serde_json::to_value(&resolved).expect("json");
+        assert_eq!(json["boot"], "image");
+        let kiln = VmSpec::default().resolve(&d, &limits()).expect("valid");
+        let json = serde_json::to_value(&kiln).expect("json");
+        assert!(
+            json.get("boot").is_none(),
+            "the default is not written: {json}"
+        );
+
+        for bad in [
+            VmSpec {
+                image: None,
+                ..os.clone()
+            },
+            VmSpec {
+                kernel: Some(d.kernel.clone()),
+                ..os.clone()
+            },
+            VmSpec {
+                display: Some(Display::VirtioGpu),
+                ..os.clone()
+            },
+            VmSpec {
+                restart_policy: Some(RestartPolicy::Always),
+                ..os.clone()
+            },
+            VmSpec {
+                user: Some("app".into()),
+                ..os.clone()
+            },
+        ] {
+            assert!(
+                matches!(bad.resolve(&d, &limits()), Err(SpecError::Boot(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(serde_json::from_str::<VmSpec>(r#"{"boot":"floppy"}"#).is_err());
     }
 
     #[test]

@@ -292,6 +292,10 @@ pub struct VmInfo {
     /// Containers it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerInfo>,
+    /// What it boots (`image`: its image is a whole OS, its container
+    /// `main` that OS's root).
+    #[serde(default, skip_serializing_if = "crate::spec::BootSource::is_kiln")]
+    pub boot: crate::spec::BootSource,
     /// What its QEMU uses now (`DescribeVM` of a running VM only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<VmUsage>,
@@ -361,6 +365,7 @@ impl From<&VmRecord> for VmInfo {
             display: r.spec.display,
             network: r.network.clone(),
             containers: r.containers.iter().map(ContainerInfo::from).collect(),
+            boot: r.spec.boot,
             usage: None,
             cgroup_limits: r.cgroup_limits,
         }

@@ -89,11 +89,18 @@ fn failed(what: &Path, source: std::io::Error) -> ImageError {
 /// Start a prepared mkfs.erofs, its stderr piped, dying with its parent.
 fn spawn(mut cmd: Command, what: &Path) -> Result<Child, ImageError> {
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
+    cmd.spawn().map_err(|e| failed(what, e))
+}
+
+/// `cmd`, once spawned, gets SIGKILL when its parent thread ends
+/// (`PR_SET_PDEATHSIG`): if kilnd dies (kill -9), an erofs tool dies with
+/// it instead of writing into `tmp/` after the restart swept it. The
+/// signal follows the spawning thread, which waits for the child and so
+/// outlives it.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl(2) is async-signal-safe and touches no memory of the
-    // parent. PR_SET_PDEATHSIG: if kilnd dies (kill -9), mkfs.erofs dies
-    // with it instead of writing into tmp/ after the restart swept it. The
-    // signal follows the spawning thread, which waits for the child and so
-    // outlives it.
+    // parent.
     unsafe {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
@@ -103,7 +110,6 @@ fn spawn(mut cmd: Command, what: &Path) -> Result<Child, ImageError> {
             }
         });
     }
-    cmd.spawn().map_err(|e| failed(what, e))
 }
 
 /// Ok if mkfs.erofs succeeded, else its exit and the tail of its stderr.

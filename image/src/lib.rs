@@ -15,8 +15,11 @@
 //! - [`ImageStore::acquire`], [`ImageStore::release`]: who uses an image;
 //!   [`ImageStore::remove`] refuses while anyone does.
 //! - [`ImageStore::gc`]: free blobs and layers no image needs.
+//! - [`ImageStore::boot_files`]: an OS image's kernel and the modules
+//!   Kiln's initramfs loads for it (`VMSpec.boot: "image"`).
 
 mod auth;
+mod boot;
 mod convert;
 mod digest;
 mod error;
@@ -24,6 +27,7 @@ mod fsio;
 mod ingest;
 mod manifest;
 mod meta;
+pub mod newc;
 mod paths;
 mod progress;
 mod record;
@@ -33,6 +37,7 @@ mod scan;
 mod source;
 mod store;
 
+pub use boot::BootFiles;
 pub use digest::Digest;
 pub use error::{ImageError, InvalidReason};
 pub use meta::{Acquired, GcReport, Released, Removed};

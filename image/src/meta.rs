@@ -71,7 +71,9 @@ pub struct GcReport {
     pub blobs: usize,
     /// Converted layers removed.
     pub layers: usize,
-    /// Bytes freed by both.
+    /// OS images' boot files removed (kernels, module archives).
+    pub boot_files: usize,
+    /// Bytes freed by all of them.
     pub bytes: u64,
     /// Records that could not be read: while there are any, GC removes no
     /// blob or layer, since it cannot know what they need.
@@ -365,7 +367,16 @@ impl Meta {
         report.bytes += bytes;
         // Layer locks are only taken under the shared store lock, which GC's
         // caller holds exclusively: nobody waits on one now.
-        sweep_dir(&self.paths.locks_dir(), |name| !name.starts_with("layer-"))?;
+        sweep_dir(&self.paths.locks_dir(), |name| {
+            !name.starts_with("layer-") && !name.starts_with("boot-")
+        })?;
+        let (n, bytes) = sweep_dir(&self.paths.boot_dir(), |name| {
+            name.split_once('.')
+                .and_then(|(hex, _)| Digest::parse(&format!("sha256:{hex}")).ok())
+                .is_some_and(|d| images.contains(&d))
+        })?;
+        report.boot_files = n;
+        report.bytes += bytes;
         let live = |name: &str| {
             name.strip_suffix(".json")
                 .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok())

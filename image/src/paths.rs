@@ -8,6 +8,8 @@
 //! users/sha256/<hex>.json         who uses an image (refcount)
 //! refs.json                       tag -> manifest digest
 //! locks/                          flock files (store, meta, one per layer)
+//! boot/sha256/<hex>.{vmlinuz,modules.cpio,json}
+//!                                 an OS image's kernel and modules
 //! tmp/                            in-flight downloads and conversions
 //! ```
 
@@ -33,8 +35,9 @@ impl Paths {
     }
 
     /// Every directory the store needs.
-    pub fn dirs(&self) -> [PathBuf; 7] {
+    pub fn dirs(&self) -> [PathBuf; 8] {
         [
+            self.boot_dir(),
             self.blobs_dir(),
             self.erofs_dir(),
             self.images_dir(),
@@ -118,6 +121,21 @@ impl Paths {
     pub fn layer_lock(&self, diff_id: &Digest) -> PathBuf {
         self.locks_dir()
             .join(format!("layer-{}.lock", diff_id.hex()))
+    }
+
+    /// OS images' kernels and modules (`boot.rs`).
+    pub fn boot_dir(&self) -> PathBuf {
+        self.root.join("boot/sha256")
+    }
+
+    /// Boot file `suffix` of image `digest`.
+    pub fn boot_file(&self, digest: &Digest, suffix: &str) -> PathBuf {
+        self.boot_dir().join(format!("{}.{suffix}", digest.hex()))
+    }
+
+    /// Held exclusively while an image's boot files are made.
+    pub fn boot_lock(&self, digest: &Digest) -> PathBuf {
+        self.locks_dir().join(format!("boot-{}.lock", digest.hex()))
     }
 
     /// In-flight data.

@@ -3,8 +3,10 @@
 use std::process::Command;
 
 /// The ```sh blocks of the `heading` section of docs/api.md, joined into
-/// one bash script that stops at the first failure.
-pub fn api_doc_script(heading: &str) -> String {
+/// one bash script that stops at the first failure, with each `(default,
+/// here)` pair applied: the examples must name `default` (a socket, an id,
+/// a path as a reader would have it), which becomes `here` (this test's).
+pub fn api_doc_script(heading: &str, substitutions: &[(&str, String)]) -> String {
     let doc = std::fs::read_to_string(crate::workspace_root().join("docs/api.md")).unwrap();
     let section = doc
         .split(&format!("\n{heading}\n"))
@@ -16,6 +18,13 @@ pub fn api_doc_script(heading: &str) -> String {
     let mut script = String::from("set -euo pipefail\n");
     for block in section.split("```sh\n").skip(1) {
         script.push_str(block.split("```").next().unwrap());
+    }
+    for (default, here) in substitutions {
+        assert!(
+            script.contains(default),
+            "the examples of {heading} name {default}"
+        );
+        script = script.replace(default, here);
     }
     script
 }

@@ -18,6 +18,8 @@
 //! - [`oci`], [`registry`]: OCI test images built byte by byte from
 //!   busybox-static, and a real `docker-registry` on 127.0.0.1 ([`Registry`],
 //!   killed on drop) fed by `skopeo`.
+//! - [`os_image`]: an OS image (`boot: "image"`): the GPU guest's generic
+//!   kernel and modules, and the host's systemd as `/sbin/init`.
 //!
 //! It drives Kiln from outside, like a user: binaries, sockets, files,
 //! `varlinkctl`. It links none of the Kiln crates.
@@ -36,6 +38,7 @@ mod kilnd;
 mod netns;
 mod notify;
 pub mod oci;
+pub mod os_image;
 mod process;
 pub mod registry;
 mod varlink;

@@ -180,9 +180,23 @@ impl LayoutBuilder {
     /// An image for `arch` with `layers`; its manifest descriptor.
     pub fn image(&self, arch: &str, layers: &[Layer]) -> serde_json::Value {
         let config = serde_json::json!({
+            "Entrypoint": ["/bin/sh"], "Cmd": ["-c", "cat /etc/hello"],
+            "Env": ["PATH=/bin", "GREETING=hi"], "WorkingDir": "/etc", "User": "0:0"
+        });
+        self.image_with_config(arch, layers, config)
+    }
+
+    /// [`image`](Self::image) with `config` as the image config's
+    /// `config` object (Entrypoint, Cmd, Env, ...).
+    pub fn image_with_config(
+        &self,
+        arch: &str,
+        layers: &[Layer],
+        config: serde_json::Value,
+    ) -> serde_json::Value {
+        let config = serde_json::json!({
             "architecture": arch, "os": "linux", "created": "2024-05-01T00:00:00Z",
-            "config": {"Entrypoint": ["/bin/sh"], "Cmd": ["-c", "cat /etc/hello"],
-                       "Env": ["PATH=/bin", "GREETING=hi"], "WorkingDir": "/etc", "User": "0:0"},
+            "config": config,
             "rootfs": {"type": "layers",
                        "diff_ids": layers.iter().map(Layer::diff_id).collect::<Vec<_>>()}
         });

@@ -11,7 +11,7 @@
 //! QMP and agent calls that plug disks and start processes.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_agent_proto::{self as proto, ContainerLogsReply, ContainerLogsRequest};
@@ -27,8 +27,9 @@ use crate::container::{
     MAX_IMAGE_LAYERS,
 };
 use crate::error::EngineError;
+use crate::os_boot;
 use crate::qemu_user::QemuUser;
-use crate::spec::{ResolvedSpec, SpecError};
+use crate::spec::{BootSource, ResolvedSpec, SpecError};
 use crate::vm::{VmInfo, VmRecord};
 use crate::vmm::{GuestAgent, Monitor};
 
@@ -59,22 +60,25 @@ async fn resolve(
     spec: ContainerSpec,
     slot: u8,
     disks_dir: PathBuf,
+    boot: BootSource,
 ) -> Result<ContainerRecord, EngineError> {
     let user = image_user(&vm_id, &spec.name);
     let upper = spec
         .storage_disk
         .then(|| disks_dir.join(format!("{}.ext4", spec.name)));
-    let mut record = resolve_as(store, user, spec, slot).await?;
+    let mut record = resolve_as(store, user, spec, slot, boot).await?;
     record.upper_disk = upper;
     Ok(record)
 }
 
-/// [`resolve`] as image-store user `user`.
+/// [`resolve`] as image-store user `user`; `boot: image` takes the image's
+/// init rather than its command.
 async fn resolve_as(
     store: ImageStore,
     user: String,
     spec: ContainerSpec,
     slot: u8,
+    boot: BootSource,
 ) -> Result<ContainerRecord, EngineError> {
     let digest = match store.acquire(&spec.image, &user).await? {
         Acquired::Acquired { digest } | Acquired::AlreadyHeld { digest } => digest,
@@ -88,9 +92,12 @@ async fn resolve_as(
                 image.record.layers.len()
             ))));
         }
-        let process = spec
-            .process(&image.record.process)
-            .map_err(|e| EngineError::InvalidSpec(e.into()))?;
+        let process = match boot {
+            BootSource::Kiln => spec
+                .process(&image.record.process)
+                .map_err(|e| EngineError::InvalidSpec(e.into()))?,
+            BootSource::Image => os_boot::init_process(&spec, &image.record.process),
+        };
         Ok(ContainerRecord {
             name: spec.name.clone(),
             image: spec.image.clone(),
@@ -118,6 +125,64 @@ async fn resolve_as(
         let _ = store.release(digest.as_str(), &user).await;
     }
     record
+}
+
+/// Make what a `boot: image` VM boots: the image's kernel and modules
+/// (kept by the store), and this VM's initramfs in its disks directory;
+/// `spec` then names them. Undone (the image user released) on failure.
+async fn prepare_os_boot(
+    store: &ImageStore,
+    vm_id: &str,
+    main: ContainerRecord,
+    spec: &mut ResolvedSpec,
+    disks_dir: &Path,
+) -> Result<ContainerRecord, EngineError> {
+    let made = async {
+        let boot = store.boot_files(&main.digest, os_boot::OS_MODULES).await?;
+        let (kiln_initrd, modules, record) = (spec.initrd.clone(), boot.modules_cpio.clone(), main.clone());
+        let out = disks_dir.join(os_boot::INITRAMFS_FILE);
+        let written = out.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), EngineError> {
+            let bytes = os_boot::initramfs(&kiln_initrd, &modules, &record).map_err(|e| {
+                EngineError::StorageFailed(crate::store::StoreError::Io {
+                    path: written.clone(),
+                    source: e,
+                })
+            })?;
+            if let Some(dir) = written.parent() {
+                crate::store::create_private_dir(dir)?;
+            }
+            crate::store::write_atomic(&written, &bytes)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| {
+            EngineError::StorageFailed(crate::store::StoreError::Io {
+                path: out.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })??;
+        info!(vm = %vm_id, kernel = %boot.release, modules = boot.modules.len(), "OS image boot files ready");
+        spec.kernel = boot.kernel;
+        spec.initrd = out;
+        Ok(())
+    }
+    .await;
+    match made {
+        Ok(()) => Ok(main),
+        Err(e) => {
+            crate::store::remove_tree(disks_dir);
+            let _ = store.release(&main.digest, &main.image_user(vm_id)).await;
+            Err(e)
+        }
+    }
+}
+
+/// `AddContainer`/`RemoveContainer` on a VM that boots its image as an OS.
+fn os_has_no_containers() -> EngineError {
+    EngineError::InvalidSpec(SpecError::Boot(
+        "a VM that boots its image (boot: image) runs that OS, not containers: its root cannot be removed nor containers added".into(),
+    ))
 }
 
 /// Release the image users of containers that are gone (logged, never
@@ -451,8 +516,24 @@ impl Engine {
             .insert(id.clone(), PendingCreate { name: name.clone() });
         let (store, tx) = (self.images.store().clone(), self.internal_tx.clone());
         let disks_dir = self.config.vm_disks_dir(&id);
+        let mut resolved = resolved;
         tokio::spawn(async move {
-            let result = resolve(store, id.clone(), container, 0, disks_dir).await;
+            let boot = resolved.boot;
+            let result = resolve(
+                store.clone(),
+                id.clone(),
+                container,
+                0,
+                disks_dir.clone(),
+                boot,
+            )
+            .await;
+            let result = match result {
+                Ok(main) if boot == BootSource::Image => {
+                    prepare_os_boot(&store, &id, main, &mut resolved, &disks_dir).await
+                }
+                other => other,
+            };
             let _ = tx.send(Internal::VmImageResolved {
                 id,
                 name,
@@ -526,6 +607,18 @@ impl Engine {
         if entry.record.containers.is_empty()
             || runtime.containers_boot.as_deref() == Some(ping.boot_id.as_str())
         {
+            return false;
+        }
+        if entry.record.spec.boot == BootSource::Image {
+            // The agent answering means the image's init has PID 1 (the
+            // agent hands it over before it serves): nothing to start.
+            runtime.containers_boot = Some(ping.boot_id.clone());
+            self.record_fact(id, |r| {
+                for c in &mut r.containers {
+                    c.phase = ContainerPhase::Running;
+                    (c.pid, c.exit_code, c.error) = (Some(1), None, None);
+                }
+            });
             return false;
         }
         let Some(qmp) = runtime.qmp.clone() else {
@@ -626,6 +719,9 @@ impl Engine {
             Ok(e) => e,
             Err(e) => return drop(reply.send(Err(e))),
         };
+        if entry.record.spec.boot == BootSource::Image {
+            return drop(reply.send(Err(os_has_no_containers())));
+        }
         let runtime = match entry.answering("add a container to") {
             Ok(r) => r,
             Err(e) => return drop(reply.send(Err(e))),
@@ -675,7 +771,15 @@ impl Engine {
         tokio::spawn(async move {
             let name = spec.name.clone();
             let result = async {
-                let mut record = resolve(store.clone(), id.clone(), spec, slot, disks_dir).await?;
+                let mut record = resolve(
+                    store.clone(),
+                    id.clone(),
+                    spec,
+                    slot,
+                    disks_dir,
+                    BootSource::Kiln,
+                )
+                .await?;
                 let started = async {
                     clear_slot(qmp.as_ref(), slot).await?;
                     start_container(
@@ -828,7 +932,7 @@ impl Engine {
             name.to_owned(),
         );
         tokio::spawn(async move {
-            let result = resolve_as(store, pool_image_user(&pool), spec, 0).await;
+            let result = resolve_as(store, pool_image_user(&pool), spec, 0, BootSource::Kiln).await;
             let _ = tx.send(Internal::PoolImageResolved { pool, result });
         });
     }
@@ -875,6 +979,9 @@ impl Engine {
         };
         if entry.container_ops.iter().any(|(n, _)| *n == name) {
             return drop(reply.send(Err(EngineError::Busy { id: id.into() })));
+        }
+        if entry.record.spec.boot == BootSource::Image {
+            return drop(reply.send(Err(os_has_no_containers())));
         }
         let live = entry.runtime.as_ref().and_then(|r| {
             let qmp = r.qmp.clone()?;
@@ -946,7 +1053,11 @@ impl Engine {
             .answering("list containers of")
             .ok()
             .map(|r| (r.agent.clone(), r.generation));
-        let Some((agent, generation)) = live.filter(|_| !entry.record.containers.is_empty()) else {
+        // An OS image's root is no container the agent keeps: its record
+        // is the truth.
+        let guest_has_them =
+            !entry.record.containers.is_empty() && entry.record.spec.boot == BootSource::Kiln;
+        let Some((agent, generation)) = live.filter(|_| guest_has_them) else {
             let infos = entry
                 .record
                 .containers

@@ -476,6 +476,10 @@ fn refuse_unsavable(record: &VmRecord) -> Result<(), EngineError> {
     if record.network.iter().any(|n| n.index > 0) {
         return refuse("has hot-plugged NICs");
     }
+    if record.spec.boot == crate::spec::BootSource::Image {
+        // Its initramfs is its own; a copy would boot the original's.
+        return refuse("boots its image as an OS (boot: image), which boots cold only");
+    }
     if record.containers.iter().any(|c| c.upper_disk.is_some()) {
         return refuse("has a container with storageDisk (writable disks are not saved yet)");
     }

@@ -545,6 +545,11 @@ impl Engine {
                 return drop(reply.send(Err(EngineError::NoSuchContainer(name.clone()))));
             }
         }
+        let mut request = request;
+        if entry.record.spec.boot == crate::spec::BootSource::Image {
+            // The agent of an OS image lives in the OS's root already.
+            request.container = None;
+        }
         let agent = match entry.answering("exec") {
             Ok(runtime) => runtime.agent.clone(),
             Err(e) => return drop(reply.send(Err(e))),
@@ -554,7 +559,6 @@ impl Engine {
             .timeout_ms
             .map(Duration::from_millis)
             .unwrap_or(DEFAULT_EXEC_TIMEOUT);
-        let mut request = request;
         request.exec.timeout_ms = Some(timeout.as_millis() as u64);
         tokio::spawn(async move {
             // The agent enforces the timeout; ours covers a guest that hangs.

@@ -108,6 +108,10 @@ pub enum PoolSpecError {
     /// need to go to every VM of the pool).
     #[error("pool VMs cannot have a fixed network address, port forwards or a caller's namespace")]
     NetworkFixed,
+    /// `vm.boot: image`: an OS image boots cold, with its own kernel and
+    /// init, so there is nothing a pool could keep warm (docs/images.md).
+    #[error("boot: image VMs boot cold (their own kernel and init): they cannot be pooled")]
+    OsBoot,
 }
 
 impl PoolSpec {
@@ -127,6 +131,9 @@ impl PoolSpec {
             n.address.is_some() || !n.forwards.is_empty() || n.mode == NetMode::Netns
         }) {
             return Err(PoolSpecError::NetworkFixed);
+        }
+        if self.vm.boot.is_some_and(|b| !b.is_kiln()) {
+            return Err(PoolSpecError::OsBoot);
         }
         if self.mode == PoolMode::Template && self.vm.storage_disk == Some(true) {
             return Err(PoolSpecError::StorageDisk);
@@ -365,5 +372,16 @@ mod tests {
             (PoolMode::Cold, 2, Some(64))
         );
         assert!(serde_json::from_str::<PoolSpec>(r#"{"warm":1,"max":2,"extra":1}"#).is_err());
+    }
+
+    #[test]
+    fn os_images_are_not_pooled() {
+        for mode in ["cold", "template"] {
+            let spec: PoolSpec = serde_json::from_str(&format!(
+                r#"{{"mode":"{mode}","warm":1,"max":1,"vm":{{"image":"os","boot":"image"}}}}"#
+            ))
+            .expect("json");
+            assert_eq!(spec.validate("os"), Err(PoolSpecError::OsBoot), "{mode}");
+        }
     }
 }

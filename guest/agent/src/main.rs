@@ -20,6 +20,7 @@ mod identity;
 mod init;
 mod log;
 mod network;
+mod os_root;
 mod params;
 mod port;
 mod service;
@@ -65,6 +66,8 @@ fn run_as_init() -> ! {
         log::error!("blocking SIGIO: {e}");
     }
     init::load_modules();
+    // An OS image takes PID 1 from here; this process goes on as its agent.
+    os_root::boot_if_asked();
     let mut agent = Agent::new(&BootOptions::from_proc());
     let mut port = Port::open_waiting(PORT_NAME);
     log::info!(

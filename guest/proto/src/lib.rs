@@ -26,6 +26,11 @@ pub use process::*;
 pub const PORT_NAME: &str = "io.kiln.agent.0";
 /// Varlink interface name.
 pub const INTERFACE: &str = "io.kiln.Agent";
+/// In the initramfs of a VM that boots its image as a whole OS
+/// (`VMSpec.boot: "image"`): a [`StartContainerRequest`] in JSON naming
+/// the image's layer disks, the writable layer and the image's init. Its
+/// presence makes the agent mount that root and hand PID 1 to the init.
+pub const OS_ROOT_CONFIG: &str = "/etc/kiln/os.json";
 /// Largest message either side accepts, in bytes (framing included).
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// Default and upper bound of captured bytes per output stream of `Exec`.

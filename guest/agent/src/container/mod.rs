@@ -47,6 +47,54 @@ use self::spec::{merge_env, valid_id, Spec, Upper};
 use self::user::Credentials;
 use crate::{init, log, sys};
 
+/// Wait for `spec`'s disks and mount its layers, writable layer and
+/// overlay under sequence number `seq`; also returns how long the disks
+/// took to show up.
+fn mount_root(spec: &Spec, seq: u64) -> Result<(Mounts, Duration), ContainerError> {
+    let t0 = Instant::now();
+    let mut serials: Vec<&str> = spec.layers.iter().map(String::as_str).collect();
+    if let Upper::Disk(serial) = &spec.upper {
+        serials.push(serial);
+    }
+    let disks =
+        disk::wait_for(&serials, spec.disk_timeout).map_err(ContainerError::DiskNotFound)?;
+    let disks_took = t0.elapsed();
+    let layer_disks: Vec<(&str, &disk::Disk)> = spec
+        .layers
+        .iter()
+        .map(String::as_str)
+        .zip(disks.iter())
+        .collect();
+    let upper = match (&spec.upper, disks.get(spec.layers.len())) {
+        (Upper::Disk(serial), Some(d)) => UpperSource::Disk(serial, d),
+        (Upper::Tmpfs(size), _) => UpperSource::Tmpfs(*size),
+        (Upper::Disk(serial), None) => return Err(ContainerError::DiskNotFound(serial.clone())),
+    };
+    Ok((Mounts::set_up(seq, &layer_disks, &upper)?, disks_took))
+}
+
+/// An OS image's root, mounted (`os_root.rs`).
+pub struct OsRoot {
+    /// Where the overlay is.
+    pub path: std::path::PathBuf,
+    /// The init's argv.
+    pub args: Vec<String>,
+    /// The init's environment.
+    pub env: Vec<(String, String)>,
+}
+
+/// The root of an OS image, mounted as a container's would be, with the
+/// init checked like a container's process. Its mounts stay for good.
+pub fn mount_os_root(req: StartContainerRequest) -> Result<OsRoot, ContainerError> {
+    let spec = Spec::new(req)?;
+    let (mounts, _) = mount_root(&spec, 0)?;
+    Ok(OsRoot {
+        path: mounts.rootfs(),
+        args: spec.process.args,
+        env: spec.process.env,
+    })
+}
+
 /// How long a killed container's process is waited for.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Largest image `/etc/passwd` or `/etc/group` read.
@@ -431,29 +479,10 @@ impl Containers {
         })?;
         let t_modules = t0.elapsed();
 
-        let mut serials: Vec<&str> = spec.layers.iter().map(String::as_str).collect();
-        if let Upper::Disk(serial) = &spec.upper {
-            serials.push(serial);
-        }
-        let disks =
-            disk::wait_for(&serials, spec.disk_timeout).map_err(ContainerError::DiskNotFound)?;
-        let t_disks = t0.elapsed();
-        let layer_disks: Vec<(&str, &disk::Disk)> = spec
-            .layers
-            .iter()
-            .map(String::as_str)
-            .zip(disks.iter())
-            .collect();
-        let upper = match (&spec.upper, disks.get(spec.layers.len())) {
-            (Upper::Disk(serial), Some(d)) => UpperSource::Disk(serial, d),
-            (Upper::Tmpfs(size), _) => UpperSource::Tmpfs(*size),
-            (Upper::Disk(serial), None) => {
-                return Err(ContainerError::DiskNotFound(serial.clone()))
-            }
-        };
         let seq = self.next_seq;
         self.next_seq += 1;
-        let mut mounts = Mounts::set_up(seq, &layer_disks, &upper)?;
+        let (mut mounts, disks_took) = mount_root(&spec, seq)?;
+        let t_disks = t_modules + disks_took;
         let t_mounts = t0.elapsed();
 
         let launched = match launch(&spec, &mounts.rootfs()) {
