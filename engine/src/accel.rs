@@ -134,9 +134,16 @@ mod tests {
 /// kernel's PIT-based calibration is timing-sensitive: with a few VMs
 /// booting at once on 2 cores it fails ("Unable to calibrate against PIT")
 /// and the guest hangs (measured). Telling it the rate skips calibration.
+///
+/// `tsc=reliable` too: the TSC under TCG is the host's, constant and
+/// invariant, but the guest's clocksource watchdog checks it against
+/// jiffies, which a loaded host delays; it then marks the TSC unstable and
+/// falls back to the jiffies clocksource, whose periodic tick kept an idle
+/// VM at ~250 timer interrupts a second, 4.7 % of a core (measured, a VM
+/// booted beside a template build; docs/benchmarks.md "Idle CPU").
 pub fn tcg_kernel_args() -> String {
     match host_tsc_khz() {
-        Some(khz) => format!("tsc_early_khz={khz}"),
+        Some(khz) => format!("tsc_early_khz={khz} tsc=reliable"),
         None => String::new(),
     }
 }
@@ -174,6 +181,7 @@ mod tsc_tests {
         let args = super::tcg_kernel_args();
         let khz: u64 = args
             .strip_prefix("tsc_early_khz=")
+            .and_then(|rest| rest.strip_suffix(" tsc=reliable"))
             .expect("x86_64 host")
             .parse()
             .expect("number");

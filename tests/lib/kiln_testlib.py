@@ -302,9 +302,21 @@ def default_append():
     # Without tsc_early_khz a loaded host often makes the guest's PIT-based
     # TSC calibration fail under TCG; the kernel then spins forever in
     # calibrate_delay() (microvm has no HPET/PM timer to fall back on).
+    # tsc=reliable keeps the guest's clocksource watchdog from dropping the
+    # (host's, invariant) TSC for jiffies on a loaded host (engine/src/
+    # accel.rs has the measurement).
     append = "console=ttyS0 quiet panic=-1"
     khz = host_tsc_khz()
-    return f"{append} tsc_early_khz={khz}" if khz else append
+    return f"{append} tsc_early_khz={khz} tsc=reliable" if khz else append
+
+
+def microvm_machine(append):
+    """kilnd's -M for a microvm under TCG: with a TSC hint on the command
+    line the guest needs no PIT or PIC, and without them QEMU's main loop
+    stays asleep in an idle guest (engine/src/qemu/argv.rs)."""
+    if "tsc_early_khz=" in append:
+        return "microvm,acpi=on,pit=off,pic=off"
+    return "microvm,acpi=on"
 
 
 # The guest kernel command line (KILN_SMOKE_APPEND overrides it).
@@ -322,7 +334,7 @@ def microvm_argv(guest, work, name, no_reboot=True, incoming=None, scsi=False):
     virtio-scsi controller (SCSI_DEVICE) for image disks."""
     argv = [
         QEMU,
-        "-M", "microvm,acpi=on",
+        "-M", microvm_machine(APPEND),
         "-accel", "tcg,tb-size=64",
         "-cpu", "max",
         "-m", "128",
