@@ -98,12 +98,44 @@ fn try_main() -> anyhow::Result<()> {
     };
     let config = DaemonConfig::load(args.config.as_deref())?;
     init_logging(&config.daemon.log_level);
+    raise_fd_limit();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
         .block_on(run(config))
+}
+
+/// Every VM holds a few descriptors in kilnd (QMP, agent, pidfd, TAP
+/// while it starts), so 200 VMs pass the usual soft limit of 1024. Raise
+/// it to the hard limit, as systemd advises for programs that need many
+/// (none of kilnd's own code uses select(2)); the unit's LimitNOFILE sets
+/// the hard one. Children inherit it: QEMU and the erofs tools poll too.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+            && {
+                let wanted = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0
+            }
+    };
+    if raised {
+        tracing::debug!(
+            from = limit.rlim_cur,
+            to = limit.rlim_max,
+            "descriptor limit raised"
+        );
+    }
 }
 
 /// The long-running parts besides the engine that `supervise` watches.

@@ -64,7 +64,7 @@ PLAN = {
         "clone_rounds": 10,
         "hot_acquires": 400, "hot_min_acquires": 200, "hot_budget_s": 150,
         "api_calls": 1000,
-        "template": {"ns": [1, 10, 25, 40, 50, 100], "acquires": 20, "concurrency": 4, "budget_s": 200,
+        "template": {"ns": [1, 10, 25, 40, 50, 100, 200], "acquires": 20, "concurrency": 4, "budget_s": 200,
                      "settle_s": 3, "cpu_interval_s": 5},
         "fill_n": 50, "fill_concurrency": [2, 4, 8], "fill_timeout_s": 75,
         "cold": {"ns": [1, 10, 25], "acquires": 4, "concurrency": 2, "budget_s": 150, "settle_s": 3,

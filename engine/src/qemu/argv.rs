@@ -403,7 +403,10 @@ mod tests {
             argv[at + 1].to_string_lossy().into_owned()
         };
         let mut tcg = launch(Machine::Microvm, Accel::Tcg);
-        assert!(!machine(&tcg).contains("pit=off"), "no hint: the PIT calibrates");
+        assert!(
+            !machine(&tcg).contains("pit=off"),
+            "no hint: the PIT calibrates"
+        );
         tcg.cmdline.push_str(" tsc_early_khz=2400000");
         assert!(machine(&tcg).starts_with("microvm,acpi=on,pit=off,pic=off,"));
         let mut kvm = launch(Machine::Microvm, Accel::Kvm);
