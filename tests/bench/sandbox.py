@@ -104,6 +104,9 @@ def read_replies(s, want):
 
 
 def copy_rows(kilnd, vm_id, mib, rounds, work):
+    # Into the guest's /tmp, a tmpfs of half its RAM: 32 MiB fits a
+    # default 128 MiB VM (64 MiB did not: ENOSPC, the full run of
+    # 2026-12-04).
     payload = os.urandom(mib << 20)
     archive = os.path.join(work, "in.tar")
     with tarfile.open(archive, "w") as tar:
