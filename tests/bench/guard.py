@@ -5,7 +5,8 @@ Every metric is lower-is-better. Latency scenarios that have a floor in the
 same run (raw QEMU, the transport's no-op call) are compared by their ratio to
 it, which survives a busy machine far better than milliseconds; the floors
 themselves measure the machine, not Kiln, and are not compared. Also: per-VM
-PSS at each density step and of a per-image pool's VMs (MiB), the fill time
+PSS at each density step and of a per-image pool's VMs (MiB), idle CPU per
+VM from N = 10 (% of a core), the fill time
 (s), kilnd's idle RSS (MiB), a Kiln pod's PSS through containerd (MiB). A metric more than 2x worse than the baseline
 (1.5x for memory; BENCH_WARN_RATIO overrides both) and worse by more than a
 small absolute slack prints a WARNING. The guard never fails: the machine is
@@ -37,6 +38,10 @@ def metrics(report):
     for mode, ladder in report.get("density", {}).items():
         for step in ladder.get("steps", []):
             out[f"density {mode} N={step['n']}: PSS per VM"] = (step["pss_per_vm_mib"], "MiB")
+            # Idle CPU per VM (% of a core): from N = 10 up, where one
+            # 10 ms tick is a small part of what is measured.
+            if step["n"] >= 10 and step.get("idle_cpu_per_vm_pct") is not None:
+                out[f"density {mode} N={step['n']}: idle CPU per VM"] = (step["idle_cpu_per_vm_pct"], "%")
     for fill in report.get("fill", []):
         if fill.get("fill_s") is not None:
             out[f"fill {fill['n']} template VMs, refillConcurrency {fill['concurrency']}"] = (fill["fill_s"], "s")
