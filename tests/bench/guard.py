@@ -22,7 +22,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE = os.path.join(HERE, "baseline.json")
 # kind -> (ratio, absolute slack)
-LIMITS = {"x": (2.0, 0.25), "ms": (2.0, 1.0), "s": (2.0, 1.0), "MiB": (1.5, 8.0)}
+LIMITS = {"x": (2.0, 0.25), "ms": (2.0, 1.0), "s": (2.0, 1.0), "MiB": (1.5, 8.0), "%": (2.0, 0.25)}
 
 
 def metrics(report):
