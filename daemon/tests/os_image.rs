@@ -249,4 +249,31 @@ fn the_api_examples_for_os_images_run() {
         assert!(stdout.contains(&line), "{line:?} not in:\n{stdout}");
     }
     assert_eq!(d.ok("ListVMs", json!({}))["vms"], json!([]));
+
+    // An init that cannot be run: the VM still has one agent, which
+    // answers, and the console says why.
+    let vm = d.ok(
+        "CreateVM",
+        json!({ "name": "no-init", "spec": {
+            "image": "kiln.test/os:v1", "boot": "image", "memoryMiB": 512,
+            "command": ["/no/such/init"],
+        }}),
+    )["vm"]
+        .clone();
+    let id = vm["id"].as_str().unwrap().to_owned();
+    assert_eq!(d.ok("StartVM", json!({ "id": id }))["vm"]["state"], "ready");
+    let r = exec(&d, &id, "cat /etc/os-release; cat /proc/1/comm");
+    assert!(
+        r["stdout"].as_str().unwrap().contains("Kiln OS test"),
+        "{r}"
+    );
+    let console =
+        std::fs::read_to_string(d.kilnd.dir.path().join(format!("run/vms/{id}/console.log")))
+            .unwrap_or_default();
+    assert!(
+        console.contains("starting the OS image's init \"/no/such/init\""),
+        "{console}"
+    );
+    d.ok("KillVM", json!({ "id": id }));
+    d.ok("DeleteVM", json!({ "id": id }));
 }

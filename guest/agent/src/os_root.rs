@@ -9,9 +9,10 @@
 //!   `switch_root` does) and execs the image's init, which so gets PID 1.
 //!
 //! This runs before the agent starts any thread, so the child, a copy of a
-//! one-thread process, is whole. If the root cannot be mounted or the init
-//! cannot be run, PID 1 stays the agent (it logs why on the console): the
-//! host still reaches the VM and can read its console.
+//! one-thread process, is whole. Whatever fails, the VM keeps one agent
+//! and says why on its console: a root that cannot be mounted or an init
+//! that cannot be named leaves PID 1 the agent; an init that cannot be
+//! run leaves the child the agent and PID 1 reaping.
 
 use std::ffi::CString;
 use std::fs;
@@ -52,6 +53,12 @@ pub fn boot_if_asked() {
             );
         }
     };
+    // Everything that can be refused is checked before anything moves:
+    // from the first move on, the agent belongs in the new root.
+    let init = match Init::new(&args, &env) {
+        Ok(init) => init,
+        Err(e) => return log::error!("the OS image's init {args:?}: {e}; serving without an OS"),
+    };
     if let Err(e) = write_environment(&root, &env) {
         log::error!("writing /etc/environment: {e}");
     }
@@ -63,16 +70,8 @@ pub fn boot_if_asked() {
             log::error!("moving {mount} into the OS root: {e}");
         }
     }
-    let init = match Init::new(&args, &env) {
-        Ok(init) => init,
-        Err(e) => return log::error!("the OS image's init {args:?}: {e}; serving without an OS"),
-    };
     log::info!("handing PID 1 to the OS image's init {args:?}");
-    match hand_over(&root, &init) {
-        // The agent, in the new root.
-        Ok(()) => {}
-        Err(e) => log::error!("starting the OS image's init: {e}; serving without an OS"),
-    }
+    hand_over(&root, &init);
 }
 
 fn read_config() -> io::Result<Option<StartContainerRequest>> {
@@ -178,57 +177,79 @@ impl Init {
 /// Fork: the child enters `root` and returns (it is the agent) once PID 1
 /// has exec'd the init, so the host never sees the agent before the OS
 /// owns PID 1; PID 1 waits for the child to be in, makes `root` the root
-/// and execs `init` (it returns only when that failed, and is then the
-/// agent itself).
-fn hand_over(root: &Path, init: &Init) -> io::Result<()> {
-    // Closed by the child once it is in the new root.
-    let (entered_read, entered_write) = pipe()?;
-    // Closed by PID 1's exec (close-on-exec), or by PID 1 when it failed.
-    let (execd_read, execd_write) = pipe()?;
+/// and execs `init`. PID 1 never returns: should that fail, it stays,
+/// reaping, and the child serves on. Without a child (fork failed), PID 1
+/// enters `root` itself and returns to serve there, without an OS.
+fn hand_over(root: &Path, init: &Init) {
+    let pipes = pipe().and_then(|entered| Ok((entered, pipe()?)));
+    // `entered`: closed by the child once it is in the new root. `execd`:
+    // closed by PID 1's exec (close-on-exec), or by PID 1 when it failed.
     // SAFETY: the agent has no other thread yet (see the module doc), so
     // the child is a whole copy of this process.
-    match unsafe { libc::fork() } {
+    let forked = pipes.and_then(|pipes| match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
-        0 => {
+        pid => Ok((pid, pipes)),
+    });
+    match forked {
+        Err(e) => {
+            log::error!("forking the OS image's agent: {e}; serving without an OS");
+            if let Err(e) = enter(root) {
+                log::error!("entering the OS root: {e}");
+            }
+        }
+        Ok((0, ((entered_read, entered_write), (execd_read, execd_write)))) => {
             drop((entered_read, execd_write));
-            enter(root)?;
+            if let Err(e) = enter(root) {
+                log::error!("entering the OS root: {e}");
+            }
             drop(entered_write);
             wait_for_eof(execd_read);
-            Ok(())
         }
-        child => {
+        Ok((child, ((entered_read, entered_write), (execd_read, execd_write)))) => {
             drop((entered_write, execd_read));
             // EOF: the child entered (or died); either way go on.
             wait_for_eof(entered_read);
             log::info!("the agent goes on as pid {child}");
-            switch_root(root)?;
-            unblock_all_signals();
-            let argv: Vec<*const libc::c_char> = init
-                .args
-                .iter()
-                .map(|a| a.as_ptr())
-                .chain([std::ptr::null()])
-                .collect();
-            let envp: Vec<*const libc::c_char> = init
-                .env
-                .iter()
-                .map(|e| e.as_ptr())
-                .chain([std::ptr::null()])
-                .collect();
-            // SAFETY: NULL-terminated arrays of valid C strings that outlive
-            // the call; execve returns only on failure.
-            unsafe { libc::execve(argv[0], argv.as_ptr(), envp.as_ptr()) };
-            let e = io::Error::last_os_error();
+            let failed = match switch_root(root) {
+                Ok(()) => exec(init),
+                Err(e) => e,
+            };
             drop(execd_write);
-            // PID 1 must not exit: it stays, reaping, and the agent serves.
-            log::error!("exec {:?}: {e}", init.args[0]);
-            loop {
-                let mut status = 0;
-                // SAFETY: waitpid on any child with a valid status pointer.
-                if unsafe { libc::waitpid(-1, &mut status, 0) } < 0 {
-                    std::thread::sleep(std::time::Duration::from_secs(60));
-                }
-            }
+            log::error!("starting the OS image's init {:?}: {failed}", init.args[0]);
+            reap_forever()
+        }
+    }
+}
+
+/// Exec `init`; returns only its failure.
+fn exec(init: &Init) -> io::Error {
+    unblock_all_signals();
+    let argv: Vec<*const libc::c_char> = init
+        .args
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let envp: Vec<*const libc::c_char> = init
+        .env
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    // SAFETY: NULL-terminated arrays of valid C strings that outlive the
+    // call; execve returns only on failure.
+    unsafe { libc::execve(argv[0], argv.as_ptr(), envp.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// What PID 1 does when it could not become the init: it must not exit
+/// (the kernel would panic), and orphans are its to reap.
+fn reap_forever() -> ! {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on any child with a valid status pointer.
+        if unsafe { libc::waitpid(-1, &mut status, 0) } < 0 {
+            std::thread::sleep(std::time::Duration::from_secs(60));
         }
     }
 }
