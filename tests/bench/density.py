@@ -100,6 +100,25 @@ def acquire_burst(conn, pool, k, deadline):
     return samples
 
 
+def quiet_acquires(conn, pool, n, k, deadline):
+    """k Acquires, each from a full pool with nothing booting (the hot
+    Acquire of a node holding n idle VMs, not one racing the refill); ms
+    each. The VMs stay leased until the end (max is n + k)."""
+    samples, leased = [], []
+    try:
+        for _ in range(k):
+            wait_pool(conn, pool, lambda p: p["hot"] >= n and p["booting"] == 0,
+                      timeout=max(5, deadline - time.monotonic()))
+            t0 = time.perf_counter()
+            vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 0})["vm"]
+            samples.append((time.perf_counter() - t0) * 1000)
+            leased.append(vm["id"])
+    finally:
+        for vm_id in leased:
+            conn.call("Release", {"id": vm_id})
+    return samples
+
+
 def measure_step(conn, kilnd, pool, n, settle, interval):
     """PSS and idle CPU of a pool holding n hot VMs, and kilnd's cost."""
     time.sleep(settle)
@@ -169,6 +188,9 @@ def climb(conn, kilnd, mode, plan, pool, out, template_built):
         step["fill_s"], step["filled_from"] = round(fill_s, 2), current
         # A cold refill is a full boot: take at most n acquires there.
         step["acquire_ms"] = acquire_burst(conn, pool, k if mode == "template" else min(k, n), deadline + 120)
+        if mode == "template" and n >= plan.get("quiet_from_n", 100):
+            step["quiet_acquire_ms"] = quiet_acquires(conn, pool, n, plan.get("quiet_acquires", 10),
+                                                      deadline + 120)
         out["steps"].append(step)
         per_vm = max(step["pss_max_mib"] * 1.5, 48)
         log(f"density {mode} N={n}: PSS {step['pss_per_vm_mib']} MiB/VM, idle VMs "

@@ -200,6 +200,10 @@ def finish(rep, samples):
             if acq:
                 step["acquire"] = report.stats(acq)
                 samples[f"density {ladder['mode']} N={step['n']}: Acquire (varlink)"] = acq
+            quiet = step.pop("quiet_acquire_ms", None)
+            if quiet:
+                step["quiet_acquire"] = report.stats(quiet)
+                samples[f"density {ladder['mode']} N={step['n']}: hot Acquire, pool full (varlink)"] = quiet
     rep["scenarios"] = report.with_floors({name: report.stats(s) for name, s in samples.items() if s})
     rep["guard"] = guard.check(rep)
     return report.write(rep, samples, OUT)
