@@ -235,3 +235,45 @@ fn every_qemu_runs_under_its_own_unprivileged_uid() {
     let next = d.ok("StartVM", json!({ "id": next }))["vm"].clone();
     assert_eq!(unprivileged_uid(&next), BASE + 1);
 }
+
+/// A caller's `kernel` and `initrd` are used as they are: kilnd never
+/// re-owns a file a request names, even one under its own state directory
+/// (it shares with the QEMUs only boot files it made itself: before, a
+/// request could make it chown and chmod any such file), and a path with
+/// `..` is refused before anything looks at it.
+#[test]
+fn a_callers_kernel_and_initrd_are_never_re_owned() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut d = Daemon::new(CONFIG);
+    spawn_like_the_unit(&mut d);
+    let mine = d.kilnd.dir.path().join("state/mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    let (kernel, initrd) = (mine.join("vmlinuz"), mine.join("initramfs"));
+    std::fs::copy(kiln_testkit::guest_dir().join("vmlinuz"), &kernel).unwrap();
+    std::fs::copy(kiln_testkit::guest_dir().join("initramfs"), &initrd).unwrap();
+    for file in [&kernel, &initrd] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let before = |f: &std::path::Path| {
+        let m = std::fs::metadata(f).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    let (k0, i0) = (before(&kernel), before(&initrd));
+    let climbing = format!("{}/../../../../../../../etc/hostname", mine.display());
+    assert!(d
+        .err(
+            "CreateVM",
+            json!({ "name": "climb", "spec": { "kernel": climbing } })
+        )
+        .ends_with("InvalidSpec"));
+    let id = d.ok(
+        "CreateVM",
+        json!({ "name": "own", "spec": { "kernel": kernel, "initrd": initrd } }),
+    )["vm"]["id"]
+        .clone();
+    // Whether this QEMU may read them is the caller's business (here it
+    // may not: kilnd's state directory is closed to the QEMUs' uids, so
+    // the boot fails); that kilnd did not open them up is what counts.
+    let _ = d.call("io.kiln.Manager.StartVM", json!({ "id": id }));
+    assert_eq!((before(&kernel), before(&initrd)), (k0, i0));
+}

@@ -354,10 +354,15 @@ fn give_files(user: &QemuUser, launch: &QemuLaunch) -> std::io::Result<()> {
     for disk in &launch.disks {
         user.open_disk(&disk.path, disk.writable)?;
     }
-    // An OS image's kernel and its VM's initramfs live under the state
-    // directory (the built-in guest's are readable by all already).
-    user.share(&launch.kernel)?;
-    user.share(&launch.initrd)
+    // An OS image's kernel and its VM's initramfs, which kilnd made under
+    // its state directory (the built-in guest's are readable by all
+    // already). Never a caller's kernel or initrd: a request must not make
+    // kilnd re-own a file it names.
+    if launch.boot_files_are_kilnds {
+        user.share(&launch.kernel)?;
+        user.share(&launch.initrd)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

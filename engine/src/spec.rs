@@ -438,8 +438,8 @@ pub enum SpecError {
     /// Kernel or initrd missing or not a regular file.
     #[error("{what} {path:?} is not a readable file")]
     MissingFile { what: &'static str, path: PathBuf },
-    /// Path too long or not absolute.
-    #[error("{what} path must be absolute and at most {MAX_PATH_LEN} bytes")]
+    /// Path too long, not absolute or with `..`.
+    #[error("{what} path must be absolute, without .., and at most {MAX_PATH_LEN} bytes")]
     BadPath { what: &'static str },
     /// Command line too long or with control characters.
     #[error("cmdline must be at most {MAX_CMDLINE_LEN} printable characters")]
@@ -533,8 +533,14 @@ impl VmSpec {
         } else {
             (&defaults.kernel, &defaults.initrd)
         };
-        let kernel = checked_file("kernel", self.kernel.as_deref().unwrap_or(default_kernel))?;
-        let initrd = checked_file("initrd", self.initrd.as_deref().unwrap_or(default_initrd))?;
+        let kernel = match &self.kernel {
+            Some(path) => checked_file("kernel", callers_path("kernel", path)?)?,
+            None => checked_file("kernel", default_kernel)?,
+        };
+        let initrd = match &self.initrd {
+            Some(path) => checked_file("initrd", callers_path("initrd", path)?)?,
+            None => checked_file("initrd", default_initrd)?,
+        };
         let cmdline = self.cmdline.clone().unwrap_or_default();
         if cmdline.len() > MAX_CMDLINE_LEN || cmdline.chars().any(char::is_control) {
             return Err(SpecError::Cmdline);
@@ -621,6 +627,17 @@ impl VmSpec {
         };
         spec.validate()?;
         Ok(Some(spec))
+    }
+}
+
+/// A path a caller gave: no `..` (what it names is what it looks like).
+fn callers_path<'a>(what: &'static str, path: &'a Path) -> Result<&'a Path, SpecError> {
+    match path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        true => Err(SpecError::BadPath { what }),
+        false => Ok(path),
     }
 }
 

@@ -321,6 +321,7 @@ impl Engine {
             disks: containers.iter().flat_map(ContainerRecord::disks).collect(),
             // Set by the caller, which knows whose QEMU this is.
             user: None,
+            boot_files_are_kilnds: spec.boot == crate::spec::BootSource::Image,
         }
     }
 

@@ -105,6 +105,11 @@ pub struct QemuLaunch {
     /// The unprivileged user QEMU runs as (`crate::qemu_user`); None: as
     /// kilnd's own user. Not part of the argv.
     pub user: Option<crate::qemu_user::QemuUser>,
+    /// `kernel` and `initrd` are files kilnd made under its state
+    /// directory (an OS image's, `crate::os_boot`), to be shared read-only
+    /// with the QEMU's user. Never for a caller's `kernel`/`initrd`: kilnd
+    /// must not re-own a file a request names. Not part of the argv.
+    pub boot_files_are_kilnds: bool,
 }
 
 /// QEMU ids of hot-plugged NIC `index` (1-based): the root port it goes
@@ -375,6 +380,7 @@ mod tests {
             hotplug_slots: 0,
             disks: Vec::new(),
             user: None,
+            boot_files_are_kilnds: false,
         }
     }
 
