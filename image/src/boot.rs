@@ -44,6 +44,9 @@ const MAX_MODULES_DEP_BYTES: u64 = 8 << 20;
 const MAX_MODULE_BYTES: u64 = 32 << 20;
 /// Most modules taken (a closure of a dozen names stays far below).
 const MAX_MODULES: usize = 256;
+/// Most bytes of modules in all: the archive is built in memory and copied
+/// into every VM's initramfs (a dozen compressed modules are ~1 MiB).
+const MAX_MODULES_TOTAL_BYTES: usize = 64 << 20;
 
 /// An image's kernel and the modules Kiln's initramfs loads for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +258,7 @@ impl Layers {
         let mut list = String::new();
         let mut names = Vec::new();
         let mut made = BTreeSet::new();
+        let mut total = 0usize;
         for rel in &order {
             let full = format!("{dir}/{rel}");
             let (parent, file) = full.rsplit_once('/').unwrap_or(("/", &full));
@@ -268,6 +272,18 @@ impl Layers {
                 )
             })?;
             let data = self.extract(layer, &full, MAX_MODULE_BYTES, None)?;
+            total += data.len();
+            if total > MAX_MODULES_TOTAL_BYTES {
+                return Err(ImageError::invalid(
+                    image,
+                    InvalidReason::Malformed {
+                        what: "modules.dep",
+                        detail: format!(
+                            "its modules come to more than {MAX_MODULES_TOTAL_BYTES} bytes"
+                        ),
+                    },
+                ));
+            }
             let target = format!("lib/modules/{release}/{rel}");
             let target_dir = target.rsplit_once('/').map_or("", |(d, _)| d);
             if made.insert(target_dir.to_owned()) {
@@ -365,14 +381,23 @@ impl Layers {
                 .read_to_end(&mut out)
                 .map_err(|e| self.failed(layer, e.to_string()))?;
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
         if out.len() as u64 > limit {
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(self.failed(layer, format!("{path} is larger than {limit} bytes")));
         }
+        // All of its output read: its exit says whether that was all of
+        // the file (a crashed or killed dump.erofs must not leave half a
+        // kernel cached for good).
+        let status = child
+            .wait()
+            .map_err(|e| self.failed(layer, e.to_string()))?;
+        let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
         if stderr.contains("<E>") || (op == "--ls" && !out.starts_with(b"Path :")) {
             return Ok(None);
+        }
+        if !status.success() {
+            return Err(self.failed(layer, format!("dump.erofs {op} {path}: {status}")));
         }
         Ok(Some(out))
     }
@@ -481,7 +506,9 @@ fn load_order(
 
 /// A kernel release as a file name can carry it.
 fn valid_release(release: &str) -> bool {
-    !release.is_empty()
+    // It becomes a directory name: it starts with a digit, so never `.`
+    // or `..`.
+    release.starts_with(|c: char| c.is_ascii_digit())
         && release.len() <= 64
         && release
             .bytes()
@@ -567,6 +594,7 @@ mod tests {
         );
         assert!(valid_release("6.12.117+deb13-amd64"));
         assert!(!valid_release("../x"));
+        assert!(!valid_release(".."));
         assert!(!valid_release(""));
     }
 }

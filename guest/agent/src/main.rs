@@ -80,12 +80,23 @@ fn run_as_init() -> ! {
 
 /// A panic in PID 1 would abort and panic the kernel. Instead, log it and
 /// re-execute `/init`: every start-up step is idempotent, and the host just
-/// sees the call in flight go unanswered.
+/// sees the call in flight go unanswered. The agent beside an OS image's
+/// init is not PID 1 and its root has no Kiln `/init`: it ends (logged),
+/// and the OS runs on without an agent.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let message = format!("<2>kiln-agent: panic: {info}; restarting\n");
+        let in_os = os_root::IN_OS_ROOT.load(std::sync::atomic::Ordering::SeqCst);
+        let next = if in_os {
+            "the agent ends"
+        } else {
+            "restarting"
+        };
+        let message = format!("<2>kiln-agent: panic: {info}; {next}\n");
         if let Ok(mut kmsg) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
             let _ = kmsg.write_all(message.as_bytes());
+        }
+        if in_os {
+            std::process::abort();
         }
         sys::exec_self(c"/init");
     }));

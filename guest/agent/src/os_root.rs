@@ -31,6 +31,19 @@ const MAX_ENVIRONMENT_BYTES: u64 = 64 << 10;
 /// Mounts the init finds in place (the agent made them in the initramfs).
 const MOVED_MOUNTS: [&str; 3] = ["/dev", "/proc", "/sys"];
 
+/// Set once this process is the agent inside an OS image's root: there is
+/// no Kiln `/init` to re-execute after a panic (it would be the image's),
+/// so the panic hook ends the agent instead (`main.rs`).
+pub static IN_OS_ROOT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Enter `root` as the agent (see [`IN_OS_ROOT`]).
+fn enter_as_agent(root: &Path) {
+    match enter(root) {
+        Ok(()) => IN_OS_ROOT.store(true, std::sync::atomic::Ordering::SeqCst),
+        Err(e) => log::error!("entering the OS root: {e}"),
+    }
+}
+
 /// Boot the OS image if this initramfs asks for one. Returns in the agent
 /// (the child, or PID 1 when booting it failed); never returns in the
 /// process that becomes the image's init.
@@ -193,15 +206,11 @@ fn hand_over(root: &Path, init: &Init) {
     match forked {
         Err(e) => {
             log::error!("forking the OS image's agent: {e}; serving without an OS");
-            if let Err(e) = enter(root) {
-                log::error!("entering the OS root: {e}");
-            }
+            enter_as_agent(root);
         }
         Ok((0, ((entered_read, entered_write), (execd_read, execd_write)))) => {
             drop((entered_read, execd_write));
-            if let Err(e) = enter(root) {
-                log::error!("entering the OS root: {e}");
-            }
+            enter_as_agent(root);
             drop(entered_write);
             wait_for_eof(execd_read);
         }
