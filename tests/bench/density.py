@@ -84,12 +84,14 @@ def fill_to(conn, pool, n, k, deadline):
         time.sleep(0.05)
 
 
-def acquire_burst(conn, pool, k, deadline):
-    """k Acquires in a row from a full pool (refilling behind); ms each."""
+def acquire_burst(conn, pool, k, deadline, ready=lambda p: p["hot"] >= 1):
+    """k Acquires in a row, each once `ready(pool)` holds (default: one VM
+    hot, the pool refilling behind); ms each. The VMs stay leased until
+    the end."""
     samples, leased = [], []
     try:
         for _ in range(k):
-            wait_pool(conn, pool, lambda p: p["hot"] >= 1, timeout=max(5, deadline - time.monotonic()))
+            wait_pool(conn, pool, ready, timeout=max(5, deadline - time.monotonic()))
             t0 = time.perf_counter()
             vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 0})["vm"]
             samples.append((time.perf_counter() - t0) * 1000)
@@ -103,20 +105,8 @@ def acquire_burst(conn, pool, k, deadline):
 def quiet_acquires(conn, pool, n, k, deadline):
     """k Acquires, each from a full pool with nothing booting (the hot
     Acquire of a node holding n idle VMs, not one racing the refill); ms
-    each. The VMs stay leased until the end (max is n + k)."""
-    samples, leased = [], []
-    try:
-        for _ in range(k):
-            wait_pool(conn, pool, lambda p: p["hot"] >= n and p["booting"] == 0,
-                      timeout=max(5, deadline - time.monotonic()))
-            t0 = time.perf_counter()
-            vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 0})["vm"]
-            samples.append((time.perf_counter() - t0) * 1000)
-            leased.append(vm["id"])
-    finally:
-        for vm_id in leased:
-            conn.call("Release", {"id": vm_id})
-    return samples
+    each (max is n + k, so the pool refills to n behind the leases)."""
+    return acquire_burst(conn, pool, k, deadline, ready=lambda p: p["hot"] >= n and p["booting"] == 0)
 
 
 def measure_step(conn, kilnd, pool, n, settle, interval):
