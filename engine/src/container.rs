@@ -223,7 +223,7 @@ impl ContainerSpec {
 }
 
 /// `base` with `overrides` applied by key (a key keeps its first place).
-fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
+pub(crate) fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
     let key = |e: &str| e.split_once('=').map_or(e, |(k, _)| k).to_owned();
     let mut merged: Vec<String> = Vec::with_capacity(base.len() + overrides.len());
     for entry in base.iter().chain(overrides) {

@@ -21,7 +21,7 @@ use kiln_agent_proto::{ContainerProcess, OS_ROOT_CONFIG};
 use kiln_image::newc::Archive;
 use kiln_image::ProcessConfig;
 
-use crate::container::{ContainerRecord, ContainerSpec};
+use crate::container::{merge_env, ContainerRecord, ContainerSpec};
 
 /// Modules (of the image's kernel) the initramfs loads, with their
 /// dependencies: device discovery on `microvm`, the agent's and the
@@ -64,13 +64,7 @@ pub fn init_process(spec: &ContainerSpec, image: &ProcessConfig) -> ContainerPro
         .chain(spec.command.iter().flatten())
         .cloned()
         .collect();
-    let env = ContainerSpec {
-        entrypoint: Some(vec![DEFAULT_INIT.into()]),
-        ..spec.clone()
-    }
-    .process(image)
-    .map(|p| p.env)
-    .unwrap_or_default();
+    let env = merge_env(&image.env, &spec.env);
     ContainerProcess {
         args: if args.is_empty() {
             vec![DEFAULT_INIT.into()]
