@@ -233,18 +233,14 @@ fn hand_over(root: &Path, init: &Init) {
 /// Exec `init`; returns only its failure.
 fn exec(init: &Init) -> io::Error {
     unblock_all_signals();
-    let argv: Vec<*const libc::c_char> = init
-        .args
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
-    let envp: Vec<*const libc::c_char> = init
-        .env
-        .iter()
-        .map(|e| e.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
+    let null_terminated = |strings: &[CString]| -> Vec<*const libc::c_char> {
+        strings
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain([std::ptr::null()])
+            .collect()
+    };
+    let (argv, envp) = (null_terminated(&init.args), null_terminated(&init.env));
     // SAFETY: NULL-terminated arrays of valid C strings that outlive the
     // call; execve returns only on failure.
     unsafe { libc::execve(argv[0], argv.as_ptr(), envp.as_ptr()) };
