@@ -81,6 +81,10 @@ calls! {
     /// `{"nic": NIC}`.
     fn attach_nic(id: &str, address: Option<&str>) => AttachNIC { "id": id, "address": address }
     fn detach_nic(id: &str, index: u32) => DetachNIC { "id": id, "index": index }
+    /// `{"vm": VM}`: the VM's boot NIC now in pod namespace `netns`.
+    fn join_netns(id: &str, netns: &str, interface: Option<&str>, dns: &[String]) => JoinNetns {
+        "id": id, "netns": netns, "interface": interface, "dns": dns
+    }
     /// `{"pools": [Pool]}`.
     fn list_pools() => ListPools {}
     /// `{"pool": Pool}`, as for CreatePool and ResizePool.

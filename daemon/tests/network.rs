@@ -780,3 +780,151 @@ fn bridged_restores_and_forks_get_their_own_addresses_and_are_reachable() {
         }
     });
 }
+
+/// A pod's namespace as a CNI `bridge` plugin leaves it: a veth `eth0`
+/// with the pod's address and a default route, its peer (with the
+/// gateway's address) in another namespace standing for the node's.
+struct CniPod {
+    pod: Netns,
+    node: Netns,
+}
+
+const POD_ADDRESS: &str = "10.99.40.7";
+const POD_GATEWAY: &str = "10.99.40.1";
+
+impl CniPod {
+    fn new() -> Self {
+        let (pod, node) = (Netns::new(), Netns::new());
+        node.sh(&[
+            "ip", "link", "add", "eth0", "mtu", "1400", "type", "veth", "peer", "name", "podside",
+        ]);
+        node.sh(&["ip", "link", "set", "eth0", "netns", pod.name()]);
+        node.sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{POD_GATEWAY}/24"),
+            "dev",
+            "podside",
+        ]);
+        node.sh(&["ip", "link", "set", "podside", "up"]);
+        pod.sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{POD_ADDRESS}/24"),
+            "dev",
+            "eth0",
+        ]);
+        pod.sh(&["ip", "link", "set", "eth0", "up"]);
+        pod.sh(&["ip", "route", "add", "default", "via", POD_GATEWAY]);
+        Self { pod, node }
+    }
+}
+
+#[test]
+fn a_leased_clone_takes_over_a_pods_network() {
+    let ns = Netns::new();
+    let cni = CniPod::new();
+    let mut d = Daemon::new("");
+    d.kilnd.append_config(NETWORK);
+    d.pool_file(
+        "pods",
+        "mode = \"template\"\nwarm = 1\nmax = 2\nrecycleOnExpiry = true\n[vm]\nmemoryMiB = 128\nnetwork = { mode = \"bridge\" }\n",
+    );
+    d.spawn_in(&ns);
+    let vm = d.ok("Acquire", json!({"pool": "pods", "timeoutMs": 400000}))["vm"].clone();
+    let id = vm["id"].clone();
+    let bridge_address = nic(&vm)["address"].as_str().unwrap().to_owned();
+    let pod = cni.pod.name();
+    // Bad input changes nothing: the VM stays on the bridge.
+    for (args, error) in [
+        (json!({"id": id, "netns": "../etc"}), "InvalidArgument"),
+        (
+            json!({"id": id, "netns": pod, "interface": "a b"}),
+            "InvalidArgument",
+        ),
+        (
+            json!({"id": id, "netns": pod, "dns": ["dns.example"]}),
+            "InvalidArgument",
+        ),
+        (
+            json!({"id": id, "netns": "kiln-t-no-such-ns"}),
+            "NetworkFailed",
+        ),
+        (
+            json!({"id": id, "netns": pod, "interface": "eth9"}),
+            "NetworkFailed",
+        ),
+        (
+            json!({"id": id, "netns": pod, "interface": "lo"}),
+            "NetworkFailed",
+        ),
+    ] {
+        assert_eq!(
+            d.err("JoinNetns", args.clone()),
+            format!("io.kiln.Manager.{error}"),
+            "{args}"
+        );
+    }
+    let ping = ns.helper(&["--ping", &bridge_address]);
+    assert!(
+        ping["received"].as_u64().unwrap_or(0) >= 2,
+        "still on the bridge: {ping} {vm}\n{}",
+        d.log()
+    );
+
+    let joined = d.ok(
+        "JoinNetns",
+        json!({"id": id, "netns": pod, "dns": ["10.99.40.53"]}),
+    )["vm"]
+        .clone();
+    let n = nic(&joined);
+    let pod_mac = cni.pod.sh(&["cat", "/sys/class/net/eth0/address"]);
+    assert_eq!(n["netns"], pod, "{joined}");
+    assert_eq!(n["address"], POD_ADDRESS, "{joined}");
+    assert_eq!(n["mac"], pod_mac.trim(), "{joined}");
+    let tap = n["tap"].as_str().unwrap().to_owned();
+    assert!(cni.pod.sh(&["ip", "link", "show"]).contains(&tap));
+    assert!(
+        !ns.sh(&["ip", "link", "show"]).contains(&tap),
+        "off kilnd's bridge"
+    );
+    // The guest is the pod: its MAC, address, gateway, MTU and DNS.
+    let eth0 = d.ok(
+        "ExecVM",
+        json!({"id": id, "command": ["sh", "-c",
+            "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; ip -4 addr show eth0; cat /etc/resolv.conf"]}),
+    )["stdout"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        eth0.contains(pod_mac.trim()) && eth0.contains("1400"),
+        "{eth0}"
+    );
+    assert!(eth0.contains(&format!("{POD_ADDRESS}/24")), "{eth0}");
+    assert!(eth0.contains("nameserver 10.99.40.53"), "{eth0}");
+    assert_eq!(guest_default_gateway(&d, &id), "0128630A", "10.99.40.1");
+    // Reachable at the pod's address from the node's side, TCP too.
+    assert!(pings(&cni.node, POD_ADDRESS), "{}", d.log());
+    start_echo_server(&d, &id);
+    echo_until_up(&cni.node, POD_ADDRESS, "7777", "pod\n");
+    // Once is enough; the bridge address went back to the pool.
+    assert_eq!(
+        d.err("JoinNetns", json!({"id": id, "netns": pod})),
+        "io.kiln.Manager.InvalidState"
+    );
+    // Released with recycle, it is destroyed all the same: it cannot go
+    // back to the bridge. Its TAP goes from the pod's namespace.
+    d.ok("Release", json!({"id": id, "recycle": true}));
+    wait_until(Duration::from_secs(30), "the pod's VM to go", || {
+        let vms = d.ok("ListVMs", json!({}))["vms"].clone();
+        let gone = !vms.as_array().unwrap().iter().any(|v| v["id"] == id);
+        let tap_gone = !cni.pod.sh(&["ip", "link", "show"]).contains(&tap);
+        (gone && tap_gone).then_some(()).ok_or(vms)
+    });
+    // The pod's interface is as CNI left it.
+    let addr = cni.pod.sh(&["ip", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains(&format!("{POD_ADDRESS}/24")), "{addr}");
+}

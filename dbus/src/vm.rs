@@ -716,6 +716,30 @@ impl Vm {
         Ok(())
     }
 
+    /// Move the boot NIC into pod network namespace `netns` (a name under
+    /// `/run/netns`): TAP there, tc redirect to and from `interface`
+    /// (`""` = `eth0`), the guest given its MAC, address, gateway, MTU and
+    /// name servers `dns`. The VM is the pod's from then on (destroyed on
+    /// release).
+    #[zbus(name = "JoinNetns")]
+    async fn join_netns(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        netns: String,
+        interface: String,
+        dns: Vec<String>,
+    ) -> Result<(), KilnError> {
+        self.auth.check_manage(conn, &header, "JoinNetns").await?;
+        let request = kiln_engine::api::PodNetworkRequest {
+            netns,
+            interface: (!interface.is_empty()).then_some(interface),
+            dns,
+        };
+        self.engine.join_netns(&self.id, request).await?;
+        Ok(())
+    }
+
     /// The VM's NICs (as the `Network` property).
     #[zbus(name = "ListNICs")]
     async fn list_nics(&self) -> Result<Vec<NicTuple>, KilnError> {

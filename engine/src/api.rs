@@ -81,6 +81,52 @@ pub struct AcquireOptions {
 
 pub use crate::vm::Disconnect;
 
+/// What [`Command::JoinNetns`] is given: where the orchestrator put the pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodNetworkRequest {
+    /// A namespace name under `/run/netns` (what CNI runtimes make).
+    pub netns: String,
+    /// The pod's CNI interface there (default [`DEFAULT_POD_INTERFACE`]).
+    pub interface: Option<String>,
+    /// Name servers for the guest (at most [`MAX_POD_DNS`] addresses).
+    pub dns: Vec<String>,
+}
+
+/// The interface CNI plugins give a pod unless told otherwise.
+pub const DEFAULT_POD_INTERFACE: &str = "eth0";
+/// Most name servers a `JoinNetns` may give.
+pub const MAX_POD_DNS: usize = 8;
+
+impl PodNetworkRequest {
+    /// The interface name, checked; `InvalidArgument` for a bad name, a
+    /// namespace name that is not one, or a name server that is not an
+    /// address.
+    pub fn validate(&self) -> Result<&str, EngineError> {
+        let bad = |m: String| Err(EngineError::InvalidArgument(m));
+        if validate_name(&self.netns).is_err() {
+            return bad(format!(
+                "netns {:?} is not a namespace name in /run/netns (1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 _ . -)",
+                self.netns
+            ));
+        }
+        let interface = self.interface.as_deref().unwrap_or(DEFAULT_POD_INTERFACE);
+        if kiln_net::names::validate_ifname(interface).is_err() {
+            return bad(format!("interface {interface:?} is not an interface name"));
+        }
+        if self.dns.len() > MAX_POD_DNS {
+            return bad(format!("at most {MAX_POD_DNS} name servers"));
+        }
+        if let Some(d) = self
+            .dns
+            .iter()
+            .find(|d| d.parse::<std::net::IpAddr>().is_err())
+        {
+            return bad(format!("name server {d:?} is not an IP address"));
+        }
+        Ok(interface)
+    }
+}
+
 /// Reply channel of a command.
 pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
@@ -314,6 +360,20 @@ pub enum Command {
         id: String,
         address: Option<Ipv4Addr>,
         reply: Reply<NicInfo>,
+    },
+    /// Move running bridge VM `id`'s boot NIC into a pod's network
+    /// namespace: its TAP goes into the namespace, tc passes every frame
+    /// between it and the pod's CNI interface, and the guest takes that
+    /// interface's MAC, address, gateway and MTU (docs/networking.md, "A
+    /// pool VM in a pod's network"). From then on the VM is the pod's: it
+    /// is destroyed when released, never recycled, and cannot be started
+    /// again once its process ends. On a failure part-way the VM may have
+    /// left its bridge: release it. `InvalidArgument`, `InvalidSpec` (no
+    /// bridge NIC), `InvalidState`, `NetworkFailed`, `AgentFailed`.
+    JoinNetns {
+        id: String,
+        request: PodNetworkRequest,
+        reply: Reply<VmInfo>,
     },
     /// Unplug NIC `index` (1 or more) of a running VM: the guest releases
     /// the device, then its TAP and address go. `NoSuchNIC`; the boot NIC
@@ -805,6 +865,16 @@ impl EngineHandle {
     ) -> Result<NicInfo, EngineError> {
         let id = id.to_owned();
         call!(self, AttachNic { id, address })
+    }
+
+    /// See [`Command::JoinNetns`].
+    pub async fn join_netns(
+        &self,
+        id: &str,
+        request: PodNetworkRequest,
+    ) -> Result<VmInfo, EngineError> {
+        let id = id.to_owned();
+        call!(self, JoinNetns { id, request })
     }
 
     /// See [`Command::DetachNic`].

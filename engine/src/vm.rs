@@ -132,6 +132,36 @@ pub struct VmRecord {
     /// Its containers (docs/images.md), in the order they start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerRecord>,
+    /// The pod network its boot NIC took over (`JoinNetns`): from the
+    /// first record write of the join on, its TAP is looked for (and
+    /// removed) in that namespace, and the VM is destroyed, never
+    /// recycled, when it is released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_network: Option<PodNetwork>,
+}
+
+/// A pod's network that a VM took over (docs/networking.md, "A pool VM
+/// in a pod's network"): what the guest is configured with, again after a
+/// reset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodNetwork {
+    /// The namespace's name under `/run/netns`.
+    pub netns: String,
+    /// The pod's CNI interface in it (`eth0`).
+    pub interface: String,
+    /// The interface's prefix length (once the join has read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_length: Option<u8>,
+    /// The namespace's default gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// The interface's MTU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Name servers for the guest's `/etc/resolv.conf`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
 }
 
 /// One NIC of a VM, as persisted and as shown.
@@ -215,6 +245,7 @@ impl VmRecord {
             gpus: Vec::new(),
             network: Vec::new(),
             containers: Vec::new(),
+            pod_network: None,
         }
     }
 }

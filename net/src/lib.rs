@@ -14,6 +14,7 @@
 //! | [`link`] | rtnetlink: links, bridge, addresses | async |
 //! | [`firewall`] | `inet kiln` table via `nft -j` | blocking |
 //! | [`netns`] | running the blocking parts in a network namespace | — |
+//! | [`pod`] | a VM taking over a pod's CNI interface (tc redirect) | async |
 //!
 //! [`Network`] ties them together for the engine: one value per network
 //! namespace (normally kilnd's own), owning a netlink connection; every
@@ -35,6 +36,7 @@ pub mod link;
 pub mod mac;
 pub mod names;
 pub mod netns;
+pub mod pod;
 pub mod tap;
 
 use std::net::Ipv4Addr;
@@ -121,6 +123,16 @@ pub enum NetError {
     /// The network namespace cannot be used.
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    /// The pod's CNI interface cannot be taken over.
+    #[error("interface {name} of network namespace {netns:?}: {reason}")]
+    PodInterface {
+        /// The namespace file.
+        netns: PathBuf,
+        /// The interface asked for.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A sysctl could not be written.
     #[error("cannot write {path:?}")]
     Sysctl {
@@ -165,6 +177,7 @@ impl NetError {
                 ErrorKind::Conflict
             }
             Self::BridgeMissing { .. } => ErrorKind::System,
+            Self::PodInterface { .. } => ErrorKind::System,
             Self::Tap(e) => match e {
                 TapError::Name(_) => ErrorKind::InvalidInput,
                 TapError::Busy { .. } | TapError::NameTaken { .. } => ErrorKind::Conflict,
@@ -257,7 +270,7 @@ pub struct Network {
     nft_lock: Arc<Mutex<()>>,
 }
 
-async fn connect_netlink(exec: &NsExec) -> Result<rtnetlink::Handle, NetError> {
+pub(crate) async fn connect_netlink(exec: &NsExec) -> Result<rtnetlink::Handle, NetError> {
     let runtime = tokio::runtime::Handle::current();
     let inner = runtime.clone();
     let (connection, handle) = exec
@@ -463,6 +476,39 @@ impl Network {
                 Err(e)
             }
         }
+    }
+
+    /// Moves the TAP of NIC `nic` of `vm_id` (off the bridge) into network
+    /// namespace `netns`, a pod's ([`pod`]). The QEMU holding it keeps its
+    /// descriptor: frames go on flowing, now in that namespace. `false`:
+    /// no such TAP here (a retry after the move); a link of its name that
+    /// is not a TAP is [`NetError::NotATap`].
+    pub async fn move_tap(&self, vm_id: &str, nic: u8, netns: &Path) -> Result<bool, NetError> {
+        let name = names::tap_name(vm_id, nic)?;
+        let target = std::fs::File::open(netns).map_err(|source| NetnsError::Open {
+            path: netns.to_path_buf(),
+            source,
+        })?;
+        let tap = match link::by_name(&self.netlink, &name).await? {
+            None => return Ok(false),
+            Some(l) if !l.is_tap() => return Err(NetError::NotATap { name }),
+            Some(l) => l,
+        };
+        let moved = rtnetlink::LinkUnspec::new_with_index(tap.index)
+            .setns_by_fd(std::os::fd::AsRawFd::as_raw_fd(&target))
+            .build();
+        self.netlink
+            .link()
+            .set(moved)
+            .execute()
+            .await
+            .map_err(|source| LinkError::Netlink {
+                op: "move to network namespace",
+                link: name.clone(),
+                source,
+            })?;
+        tracing::debug!(tap = %name, netns = %netns.display(), "TAP moved");
+        Ok(true)
     }
 
     /// Deletes the TAP of NIC `nic` of `vm_id` (also while QEMU holds it:

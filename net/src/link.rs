@@ -147,7 +147,7 @@ fn nl_err(op: &'static str, link: impl ToString) -> impl FnOnce(rtnetlink::Error
     move |source| LinkError::Netlink { op, link, source }
 }
 
-fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+pub(crate) fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(msg) if msg.code.map(|c| -c.get()) == Some(errno))
 }
 

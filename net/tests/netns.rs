@@ -565,3 +565,108 @@ async fn tap_create_attach_delete_cost() {
         delete.as_secs_f64() * 1000.0 / f64::from(N)
     );
 }
+
+/// A pod's namespace as CNI leaves it (a veth `eth0` with the pod's
+/// address and a default route, its peer in kilnd's namespace), and a
+/// VM's TAP on kilnd's bridge: the TAP moves over, the two get the tc
+/// redirect both ways, and the pod's interface is what the guest is told.
+#[tokio::test]
+async fn a_vm_tap_takes_over_a_pods_cni_interface() {
+    require_root!();
+    let host = TestNs::new();
+    let pod = Netns::new();
+    let net = Network::open(host.config()).await.unwrap();
+    net.ensure().await.unwrap();
+    let id = vm_id();
+    let tap = net.create_tap(&id, 0).await.unwrap();
+    let peer = format!("vp{}", random_hex(4));
+    host.sh(&[
+        "ip", "link", "add", "eth0", "mtu", "1400", "type", "veth", "peer", "name", &peer,
+    ]);
+    host.sh(&["ip", "link", "set", "eth0", "netns", pod.name()]);
+    pod.sh(&["ip", "addr", "add", "10.99.7.5/24", "dev", "eth0"]);
+    pod.sh(&["ip", "link", "set", "eth0", "up"]);
+    pod.sh(&["ip", "route", "add", "default", "via", "10.99.7.1"]);
+    let mac = pod.sh(&["cat", "/sys/class/net/eth0/address"]);
+
+    let found = kiln_net::pod::inspect(&pod.path(), "eth0").await.unwrap();
+    assert_eq!(found.mac.to_string(), mac.trim());
+    assert_eq!(found.address.to_string(), "10.99.7.5");
+    assert_eq!(found.prefix_length, 24);
+    assert_eq!(
+        found.gateway.map(|g| g.to_string()).as_deref(),
+        Some("10.99.7.1")
+    );
+    assert_eq!(found.mtu, Some(1400));
+
+    assert!(net.move_tap(&id, 0, &pod.path()).await.unwrap());
+    assert!(
+        !host.link_exists(&tap.name),
+        "the TAP left kilnd's namespace"
+    );
+    assert!(
+        !net.move_tap(&id, 0, &pod.path()).await.unwrap(),
+        "a retry finds nothing to move"
+    );
+    let index = kiln_net::pod::redirect(&pod.path(), &found, &tap.name)
+        .await
+        .unwrap();
+    assert!(index > 0);
+    let link = pod.sh(&["ip", "-d", "link", "show", "dev", &tap.name]);
+    assert!(
+        link.contains("tun type tap") && link.contains("mtu 1400"),
+        "{link}"
+    );
+    assert!(!link.contains("master"), "off the bridge: {link}");
+    assert!(link.contains(",UP"), "up: {link}");
+    for (dev, to) in [("eth0", tap.name.as_str()), (tap.name.as_str(), "eth0")] {
+        let filters = pod.sh(&["tc", "filter", "show", "dev", dev, "ingress"]);
+        assert!(
+            filters.contains("protocol all")
+                && filters.contains(&format!("Redirect to device {to}")),
+            "{dev}: {filters}"
+        );
+    }
+    // The pod's interface keeps what CNI gave it.
+    let addr = pod.sh(&["ip", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains("10.99.7.5/24"), "{addr}");
+
+    // Not the pod's: a missing interface, one without an address, a bad name.
+    let no_such = kiln_net::pod::inspect(&pod.path(), "eth9")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(no_such, NetError::PodInterface { .. }),
+        "{no_such}"
+    );
+    assert!(
+        no_such.to_string().contains("no such interface"),
+        "{no_such}"
+    );
+    pod.sh(&[
+        "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth2",
+    ]);
+    let bare = kiln_net::pod::inspect(&pod.path(), "eth1")
+        .await
+        .unwrap_err();
+    assert!(bare.to_string().contains("no IPv4 address"), "{bare}");
+    pod.sh(&["ip", "link", "set", "lo", "up"]);
+    let lo = kiln_net::pod::inspect(&pod.path(), "lo").await.unwrap_err();
+    assert!(lo.to_string().contains("no Ethernet address"), "{lo}");
+    assert!(matches!(
+        kiln_net::pod::inspect(&pod.path(), "a/b").await,
+        Err(NetError::Name(_))
+    ));
+    // The QEMU's descriptor still works in the pod's namespace; deleting
+    // the namespace takes the TAP with it.
+    drop(tap);
+    assert!(matches!(
+        delete_tap_in(
+            Some(&pod.path()),
+            &kiln_net::names::tap_name(&id, 0).unwrap()
+        )
+        .await,
+        Ok(Removal::Deleted)
+    ));
+    net.teardown().await.unwrap();
+}

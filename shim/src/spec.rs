@@ -1,8 +1,10 @@
 //! What the shim reads of an OCI runtime spec: the bundle's `config.json`
-//! (the task's role in its pod and the process to run) and an exec's
-//! process. Only these fields; the rest (mounts, namespaces, capabilities,
-//! seccomp, rlimits, cgroups) is the host runtime's business and means
-//! nothing inside a Kiln VM (docs/kubernetes.md says what is ignored).
+//! (the task's role in its pod, the process to run, the pod's network
+//! namespace and the `/etc/resolv.conf` CRI made for it) and an exec's
+//! process. Only these fields; the rest (other mounts and namespaces,
+//! capabilities, seccomp, rlimits, cgroups) is the host runtime's business
+//! and means nothing inside a Kiln VM (docs/kubernetes.md says what is
+//! ignored).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,7 +35,16 @@ pub enum SpecError {
     NoProcess,
     #[error("a {CONTAINER_TYPE} of {0:?} needs {SANDBOX_ID}")]
     NoSandboxId(String),
+    #[error("the pod's network namespace {0} is not in /run/netns, where Kiln takes one from")]
+    NetnsOutsideRunNetns(String),
 }
+
+/// Where CNI runtimes (containerd's CRI among them) keep named network
+/// namespaces; `/var/run` is `/run` on every systemd host.
+const NETNS_DIRS: [&str; 2] = ["/run/netns", "/var/run/netns"];
+
+/// Most name servers taken from a pod's `resolv.conf` (glibc's MAXNS).
+const MAX_NAME_SERVERS: usize = 3;
 
 /// The fields of `config.json` the shim uses.
 #[derive(Debug, Default, Deserialize)]
@@ -43,6 +54,34 @@ pub struct Spec {
     pub process: Option<Process>,
     #[serde(default)]
     pub annotations: HashMap<String, String>,
+    #[serde(default)]
+    pub linux: Option<Linux>,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+}
+
+/// The `linux` part: only its namespaces.
+#[derive(Debug, Default, Deserialize)]
+pub struct Linux {
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+}
+
+/// A namespace of the spec: a `path` means "join this one".
+#[derive(Debug, Default, Deserialize)]
+pub struct Namespace {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// A mount: only where it goes and what it is of.
+#[derive(Debug, Default, Deserialize)]
+pub struct Mount {
+    pub destination: String,
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 /// A runtime-spec `process` (also what an exec carries).
@@ -127,6 +166,47 @@ impl Spec {
         }
     }
 
+    /// The name (under `/run/netns`) of the network namespace the task is
+    /// to join: a pod's, made by CRI and wired by its CNI plugins. `None`
+    /// for a task with a network namespace of its own (`ctr run`) or the
+    /// host's.
+    pub fn pod_netns(&self) -> Result<Option<String>, SpecError> {
+        let Some(path) = self
+            .linux
+            .iter()
+            .flat_map(|l| &l.namespaces)
+            .find(|n| n.kind == "network")
+            .and_then(|n| n.path.as_deref())
+        else {
+            return Ok(None);
+        };
+        let path = Path::new(path);
+        let in_netns_dir = path
+            .parent()
+            .is_some_and(|dir| NETNS_DIRS.iter().any(|d| dir == Path::new(d)));
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some(name) if in_netns_dir => Ok(Some(name.to_owned())),
+            _ => Err(SpecError::NetnsOutsideRunNetns(path.display().to_string())),
+        }
+    }
+
+    /// The name servers of the `resolv.conf` CRI mounts into the pod (from
+    /// the pod's DNS config): what the guest is given. None if there is no
+    /// such mount or it cannot be read.
+    pub fn name_servers(&self) -> Vec<String> {
+        let Some(source) = self
+            .mounts
+            .iter()
+            .find(|m| m.destination == "/etc/resolv.conf")
+            .and_then(|m| m.source.as_deref())
+        else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(source)
+            .map(|text| parse_name_servers(&text))
+            .unwrap_or_default()
+    }
+
     /// The process of the task.
     pub fn process(&self) -> Result<&Process, SpecError> {
         self.process
@@ -159,6 +239,20 @@ impl Process {
     }
 }
 
+/// The `nameserver` addresses of a `resolv.conf` (at most
+/// [`MAX_NAME_SERVERS`], as the resolver reads no more).
+fn parse_name_servers(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next())?
+        })
+        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+        .take(MAX_NAME_SERVERS)
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Kiln's name for the container of task `id`: the id itself when Kiln
 /// takes it (1 to 64 of A-Z a-z 0-9 _ . -), else `c-` and 40 hex digits of
 /// its SHA-256 (containerd allows 76 characters).
@@ -178,6 +272,49 @@ mod tests {
 
     fn spec(json: &str) -> Spec {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn the_pods_netns_is_a_name_in_run_netns() {
+        let pod = spec(
+            r#"{"linux": {"namespaces": [{"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1234"}]}}"#,
+        );
+        assert_eq!(pod.pod_netns().unwrap().as_deref(), Some("cni-1234"));
+        let own = spec(r#"{"linux": {"namespaces": [{"type": "network"}]}}"#);
+        assert_eq!(own.pod_netns().unwrap(), None);
+        assert_eq!(spec("{}").pod_netns().unwrap(), None);
+        let elsewhere =
+            spec(r#"{"linux": {"namespaces": [{"type": "network", "path": "/proc/7/ns/net"}]}}"#);
+        assert!(elsewhere
+            .pod_netns()
+            .unwrap_err()
+            .to_string()
+            .contains("/proc/7/ns/net"));
+        let sneaky = spec(
+            r#"{"linux": {"namespaces": [{"type": "network", "path": "/run/netns/../x/y"}]}}"#,
+        );
+        assert!(sneaky.pod_netns().is_err());
+    }
+
+    #[test]
+    fn name_servers_from_resolv_conf() {
+        let text = "search svc.local\nnameserver 10.96.0.10\n# nameserver 1.1.1.1\n\
+                    nameserver   fd00::a\nnameserver junk\nnameserver 10.0.0.2\nnameserver 10.0.0.3\n";
+        assert_eq!(
+            parse_name_servers(text),
+            ["10.96.0.10", "fd00::a", "10.0.0.2"]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("resolv.conf");
+        std::fs::write(&file, "nameserver 10.99.0.1\n").unwrap();
+        let pod = spec(&format!(
+            r#"{{"mounts": [{{"destination": "/etc/hosts", "source": "/x"}},
+                {{"destination": "/etc/resolv.conf", "source": "{}"}}]}}"#,
+            file.display()
+        ));
+        assert_eq!(pod.name_servers(), ["10.99.0.1"]);
+        assert!(spec("{}").name_servers().is_empty());
     }
 
     #[test]

@@ -255,6 +255,9 @@ impl TaskService {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+        let netns = spec
+            .pod_netns()
+            .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, e.to_string()))?;
         let ttl = (config.lease_ttl_sec > 0).then_some(config.lease_ttl_sec);
         let reply = kiln
             .connect()
@@ -263,13 +266,32 @@ impl TaskService {
         let (vm, qemu_pid) = vm_of(&reply);
         log::info!("pod {pod}: VM {vm} from pool {pool}");
         let lease = LeaseKeeper::start(kiln.clone(), vm.clone(), config.lease_ttl_sec);
-        Ok(Pod {
+        let mut owned = Pod {
             kiln,
             vm,
             qemu_pid,
-            recycle: config.recycle,
+            // A VM in a pod's network is destroyed on release anyway.
+            recycle: config.recycle && netns.is_none(),
             lease: Some(lease),
-        })
+        };
+        if let Some(netns) = netns {
+            // The pod's network, wired by CNI before the sandbox task:
+            // the VM takes over its interface.
+            let dns = spec.name_servers();
+            let joined = owned
+                .kiln
+                .connect()
+                .and_then(|mut m| m.join_netns(&owned.vm, &netns, None, &dns));
+            if let Err(e) = joined {
+                Self::release(&mut owned);
+                return Err(status(
+                    &format!("moving VM {} into pod network {netns}", owned.vm),
+                    &e,
+                ));
+            }
+            log::info!("pod {pod}: VM {} in network namespace {netns}", owned.vm);
+        }
+        Ok(owned)
     }
 
     /// Give a pod's VM back (gone already is fine).

@@ -49,6 +49,18 @@ pub struct AttachNicParams {
     pub address: Option<std::net::Ipv4Addr>,
 }
 
+/// `JoinNetns(id, netns, interface?, dns?)`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinNetnsParams {
+    pub id: String,
+    pub netns: String,
+    #[serde(default)]
+    pub interface: Option<String>,
+    #[serde(default)]
+    pub dns: Option<Vec<String>>,
+}
+
 /// `DetachNIC(id, index)`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -154,6 +154,7 @@ const MUTATING: &[&str] = &[
     "RemoveContainer",
     "AttachNIC",
     "DetachNIC",
+    "JoinNetns",
     "CreatePool",
     "ResizePool",
     "DeletePool",
@@ -333,6 +334,15 @@ impl ManagerService {
                 let p: AttachNicParams = params(raw)?;
                 let nic = engine.attach_nic(&p.id, p.address).await?;
                 Ok(Outcome::Single(json!({ "nic": nic })))
+            }
+            "JoinNetns" => {
+                let p: JoinNetnsParams = params(raw)?;
+                let request = kiln_engine::api::PodNetworkRequest {
+                    netns: p.netns,
+                    interface: p.interface,
+                    dns: p.dns.unwrap_or_default(),
+                };
+                vm_reply(engine.join_netns(&p.id, request).await?)
             }
             "DetachNIC" => {
                 let p: DetachNicParams = params(raw)?;

@@ -14,6 +14,7 @@ mod gpus;
 mod images;
 mod network;
 mod nics;
+mod pod_network;
 pub(crate) mod pools;
 mod reconcile;
 mod snapshots;
@@ -209,6 +210,21 @@ enum Internal {
         generation: u64,
         key: String,
         result: Result<Template, EngineError>,
+    },
+    /// A `JoinNetns` read the pod's interface (or could not).
+    PodInspected {
+        id: String,
+        request: crate::api::PodNetworkRequest,
+        inspected: Result<kiln_net::pod::PodInterface, EngineError>,
+        reply: Reply<VmInfo>,
+    },
+    /// A `JoinNetns` finished (the TAP's index in the pod's namespace) or
+    /// failed.
+    NetnsJoined {
+        id: String,
+        generation: u64,
+        result: Result<u32, EngineError>,
+        reply: Reply<VmInfo>,
     },
     /// A NIC hot-plug finished (or failed, everything undone).
     NicAttached {
@@ -578,6 +594,7 @@ impl Engine {
             }
             Command::Release { id, recycle, reply } => self.release(&id, recycle, reply),
             Command::AttachNic { id, address, reply } => self.attach_nic(&id, address, reply),
+            Command::JoinNetns { id, request, reply } => self.join_netns(&id, request, reply),
             Command::DetachNic { id, index, reply } => self.detach_nic(&id, index, reply),
             Command::ListNics { id, reply } => {
                 let nics = self.entry(&id).map(|e| e.record.network.clone());
@@ -844,6 +861,18 @@ impl Engine {
                 result,
                 reply,
             } => self.nic_attached(&id, generation, index, result, reply),
+            Internal::PodInspected {
+                id,
+                request,
+                inspected,
+                reply,
+            } => self.pod_inspected(&id, request, inspected, reply),
+            Internal::NetnsJoined {
+                id,
+                generation,
+                result,
+                reply,
+            } => self.netns_joined(&id, generation, result, reply),
             Internal::NicDetached {
                 id,
                 generation,

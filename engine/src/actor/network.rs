@@ -281,6 +281,12 @@ impl Engine {
         let Some(spec) = entry.record.spec.network.as_ref() else {
             return Ok(());
         };
+        if let Some(pod) = &entry.record.pod_network {
+            return Err(EngineError::InvalidSpec(SpecError::Network(format!(
+                "VM {id} took over the network of pod namespace {}, which went with its process: delete the VM",
+                pod.netns
+            ))));
+        }
         if spec.mode == NetMode::Bridge && self.bridges.of_spec(&entry.record.spec).is_none() {
             return Err(self.bridges.missing(&entry.record.spec));
         }
@@ -351,6 +357,9 @@ impl Engine {
     /// gets what its spec says (maybe just a link that is up).
     fn guest_net_for(&self, id: &str, clone: bool) -> Option<proto::ConfigureNetworkRequest> {
         let record = &self.vms.get(id)?.record;
+        if record.pod_network.is_some() {
+            return self.pod_guest_net(record, clone);
+        }
         let spec = record.spec.network.as_ref()?;
         let mut nics: Vec<&NicInfo> = record.network.iter().collect();
         nics.sort_by_key(|n| n.index);
@@ -415,8 +424,11 @@ impl Engine {
             .of_spec_mut(&entry.record.spec)
             .map(|b| b.ipam.release(id))
             .unwrap_or_default();
+        // A VM in a pod's network released its address at the join; its
+        // TAP may still be here if kilnd died before moving it.
+        let joined = entry.record.pod_network.is_some();
         let removal = Removal {
-            net: net.filter(|_| !released.is_empty()),
+            net: net.filter(|_| !released.is_empty() || joined),
             id: id.to_owned(),
             netns_taps: netns_taps(&entry.record),
             previous: entry.net_cleanup.take(),

@@ -135,7 +135,9 @@ impl Engine {
             .pool
             .as_ref()
             .is_some_and(|p| self.pools.by_name.contains_key(p));
-        if !recycle || !pool_exists {
+        // A VM in a pod's network cannot go back to its pool's bridge.
+        let joined = entry.record.pod_network.is_some();
+        if !recycle || !pool_exists || joined {
             info!(vm = %id, "released, destroying");
             return self.delete_vm(id, reply);
         }
