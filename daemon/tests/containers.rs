@@ -910,3 +910,132 @@ fn removing_a_stubborn_container_does_not_hold_up_the_vm() {
     );
     assert_eq!(container_states(&d, &id), Vec::<(String, String)>::new());
 }
+
+/// The bytes of `stdout` chunks of `AttachProcess`/`ReadProcess` replies.
+fn process_output(reply: &Value) -> String {
+    let bytes: Vec<u8> = reply["output"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| kiln_agent_proto::decode_bytes(c["data"].as_str()?))
+        .flatten()
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Read process `handle` of VM `id` until it exited: its output and exit
+/// code.
+fn drain_process(d: &Daemon, id: &str, handle: u64) -> (String, i64) {
+    let exit = d.ok(
+        "WaitProcess",
+        json!({ "id": id, "handle": handle, "timeoutSec": 60 }),
+    );
+    let mut text = String::new();
+    let mut since = 0u64;
+    loop {
+        let read = d.ok(
+            "AttachProcess",
+            json!({ "id": id, "handle": handle, "since": since }),
+        );
+        text.push_str(&process_output(&read));
+        let cursor = read["cursor"].as_u64().unwrap();
+        if read.get("exit").is_some() || cursor == since {
+            break;
+        }
+        since = cursor;
+    }
+    (text, exit["exit"]["exitCode"].as_i64().unwrap())
+}
+
+#[test]
+fn a_containers_process_can_have_a_terminal_or_stdin() {
+    let d = Daemon::start();
+    let (_layout, digest) = import_app(&d);
+    let vm = d.ok(
+        "CreateVM",
+        json!({ "name": "tty", "spec": { "memoryMiB": 192 } }),
+    )["vm"]
+        .clone();
+    let id = vm["id"].as_str().unwrap().to_owned();
+    d.ok("StartVM", json!({ "id": id }));
+    // Refused before anything starts.
+    for (spec, why) in [
+        (json!({"terminal": {"rows": 0, "cols": 80}}), "rows"),
+        (json!({"stdin": true, "restartPolicy": "always"}), "restart"),
+    ] {
+        let mut full = json!({ "name": "bad", "image": digest, "command": ["-c", "true"] });
+        full.as_object_mut()
+            .unwrap()
+            .extend(spec.as_object().unwrap().clone());
+        assert_eq!(
+            d.err("AddContainer", json!({ "id": id, "spec": full })),
+            "io.kiln.Manager.InvalidSpec",
+            "{why}"
+        );
+    }
+
+    // A terminal: its size, a controlling tty, typed input, the exit code.
+    let added = d.ok(
+        "AddContainer",
+        json!({ "id": id, "spec": { "name": "term", "image": digest,
+            "terminal": {"rows": 33, "cols": 101},
+            "command": ["-c", "stty size; [ -t 0 ] && echo on-a-tty; read line; echo got:$line; exit 3"] } }),
+    )["container"]
+        .clone();
+    let handle = added["handle"]
+        .as_u64()
+        .expect("a terminal container has a handle");
+    d.ok(
+        "WriteProcess",
+        json!({ "id": id, "handle": handle, "data": kiln_agent_proto::encode_bytes(b"typed\n") }),
+    );
+    let (text, code) = drain_process(&d, &id, handle);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("33 101"), "{text}");
+    assert!(text.contains("on-a-tty"), "{text}");
+    assert!(text.contains("got:typed"), "{text}");
+    // Its output is the stream's, not the log's.
+    let logs = d.ok("ContainerLogs", json!({ "id": id, "name": "term" }));
+    assert_eq!(logs["entries"], json!([]), "{logs}");
+    let listed = d.ok("ListContainers", json!({ "id": id }))["containers"].clone();
+    let term = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "term")
+        .unwrap();
+    assert_eq!(term["state"], "exited", "{listed}");
+    assert_eq!(term["exitCode"], 3, "{listed}");
+    assert_eq!(term["handle"], handle, "{listed}");
+
+    // stdin on pipes: every byte through, end of file by close.
+    let added = d.ok(
+        "AddContainer",
+        json!({ "id": id, "spec": { "name": "pipe", "image": digest, "stdin": true,
+            "command": ["-c", "wc -c; exit 4"] } }),
+    )["container"]
+        .clone();
+    let handle = added["handle"]
+        .as_u64()
+        .expect("a stdin container has a handle");
+    let chunk = kiln_agent_proto::encode_bytes(&[b'x'; 50_000]);
+    d.ok(
+        "WriteProcess",
+        json!({ "id": id, "handle": handle, "data": chunk }),
+    );
+    d.ok(
+        "WriteProcess",
+        json!({ "id": id, "handle": handle, "data": kiln_agent_proto::encode_bytes(b"12"), "close": true }),
+    );
+    let (text, code) = drain_process(&d, &id, handle);
+    assert_eq!((text.trim(), code), ("50002", 4));
+
+    // A plain container keeps its logs and has no handle.
+    let plain = d.ok(
+        "AddContainer",
+        json!({ "id": id, "spec": { "name": "plain", "image": digest, "command": ["-c", SLEEPER] } }),
+    )["container"]
+        .clone();
+    assert!(plain.get("handle").is_none(), "{plain}");
+    d.ok("DeleteVM", json!({ "id": id }));
+}

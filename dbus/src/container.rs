@@ -11,9 +11,10 @@ use zbus::zvariant::Type;
 use crate::mirror::wire_name;
 
 /// One container: `(s name, s image, s digest, s state, u pid, i
-/// exit_code, s error, as command, s restart_policy, u restarts)`; `pid` 0
-/// when not running, `exit_code` -1 until it exited, `error` "" unless it
-/// failed to start.
+/// exit_code, s error, as command, s restart_policy, u restarts, t
+/// handle)`; `pid` 0 when not running, `exit_code` -1 until it exited,
+/// `error` "" unless it failed to start, `handle` 0 unless it was started
+/// with a terminal or stdin (then its process's, for `AttachProcess`…).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Type)]
 pub struct ContainerSummary {
     name: String,
@@ -26,6 +27,7 @@ pub struct ContainerSummary {
     command: Vec<String>,
     restart_policy: String,
     restarts: u32,
+    handle: u64,
 }
 
 impl From<&ContainerInfo> for ContainerSummary {
@@ -41,6 +43,7 @@ impl From<&ContainerInfo> for ContainerSummary {
             command: c.command.clone(),
             restart_policy: wire_name(&c.restart_policy),
             restarts: c.restarts,
+            handle: c.handle.unwrap_or(0),
         }
     }
 }

@@ -76,6 +76,16 @@ pub struct ContainerSpec {
     /// What happens when its process exits (default `no`).
     #[serde(default, skip_serializing_if = "RestartPolicy::is_no")]
     pub restart_policy: RestartPolicy,
+    /// Its process runs on a new terminal of this size, streamed like a
+    /// `StartProcess` process: its `handle` (in `ListContainers`) is for
+    /// `AttachProcess`, `WriteProcess`, `ResizeProcess`, `WaitProcess`,
+    /// and its output is not in `ContainerLogs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<proto::WindowSize>,
+    /// Its stdin stays open for `WriteProcess` (pipes); streamed as with a
+    /// terminal.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
 }
 
 /// What happens when a container's process exits.
@@ -186,6 +196,16 @@ impl ContainerSpec {
                 )));
             }
         }
+        if let Some(size) = self.terminal {
+            if size.rows == 0 || size.cols == 0 {
+                return Err(invalid("terminal rows and cols must be 1 to 65535"));
+            }
+        }
+        if (self.terminal.is_some() || self.stdin) && !self.restart_policy.is_no() {
+            return Err(invalid(
+                "a container with a terminal or stdin is not restarted: its streams end with its process (restartPolicy must be no)",
+            ));
+        }
         if self.storage_disk && self.storage_mib.is_none_or(|m| m < MIN_STORAGE_DISK_MIB) {
             return Err(invalid(format!(
                 "storageDisk needs storageMiB of at least {MIN_STORAGE_DISK_MIB}"
@@ -218,6 +238,8 @@ impl ContainerSpec {
                 .user
                 .clone()
                 .or_else(|| image.user.clone().filter(|u| !u.is_empty())),
+            terminal: self.terminal,
+            stdin: self.stdin,
         })
     }
 }
@@ -297,6 +319,10 @@ pub struct ContainerRecord {
     /// Why it failed to start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The streamed-process handle of its process (a terminal or stdin),
+    /// valid for this boot of the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle: Option<u64>,
 }
 
 impl ContainerRecord {
@@ -342,6 +368,7 @@ impl ContainerRecord {
                 self.phase = ContainerPhase::Running;
                 self.pid = Some(info.pid);
                 self.exit_code = None;
+                self.handle = info.handle;
             }
             AgentState::Exited => {
                 self.phase = ContainerPhase::Exited;
@@ -397,6 +424,10 @@ pub struct ContainerInfo {
     pub restart_policy: RestartPolicy,
     /// Times it was started again after an exit.
     pub restarts: u32,
+    /// Its process's handle for `AttachProcess`, `WriteProcess`,
+    /// `ResizeProcess`, `WaitProcess` (started with a terminal or stdin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle: Option<u64>,
 }
 
 impl From<&ContainerRecord> for ContainerInfo {
@@ -412,6 +443,7 @@ impl From<&ContainerRecord> for ContainerInfo {
             command: r.process.args.clone(),
             restart_policy: r.restart_policy,
             restarts: r.restarts,
+            handle: r.handle,
         }
     }
 }

@@ -74,6 +74,8 @@ pub fn init_process(spec: &ContainerSpec, image: &ProcessConfig) -> ContainerPro
         env,
         cwd: None,
         user: None,
+        terminal: None,
+        stdin: false,
     }
 }
 

@@ -624,6 +624,8 @@ impl VmSpec {
             storage_mib: self.storage_mib,
             storage_disk: self.storage_disk.unwrap_or(false),
             restart_policy: self.restart_policy.unwrap_or_default(),
+            terminal: None,
+            stdin: false,
         };
         spec.validate()?;
         Ok(Some(spec))

@@ -19,7 +19,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -37,6 +38,8 @@ const TERMINAL_DRAIN: Duration = Duration::from_secs(2);
 
 /// Bytes of stdin per `WriteProcess`.
 const STDIN_CHUNK: usize = 64 * 1024;
+/// How long `CloseIO` lets a stdin pump drain its FIFO first.
+const STDIN_DRAIN: Duration = Duration::from_secs(5);
 
 /// Where a process's stdio goes, as containerd named it (empty: not
 /// wanted).
@@ -235,6 +238,19 @@ pub fn start_exec(kiln: &Kiln, vm: &str, process: &Value) -> Result<ExecStream, 
     })
 }
 
+/// Follow process `handle` already running in VM `vm` (a container's main
+/// process with a terminal or stdin): `AttachProcess` from the start.
+pub fn attach_process(kiln: &Kiln, vm: &str, handle: u64) -> Result<ExecStream, ClientError> {
+    let mut manager = kiln.connect()?;
+    manager.follow_attach(vm, handle, None)?;
+    Ok(ExecStream {
+        manager,
+        handle,
+        pid: 0,
+        terminal: None,
+    })
+}
+
 /// Write an exec's output until it exited (with a terminal: relay it both
 /// ways, stdin from `stdin`); its exit code (`None`: unknown).
 pub fn follow_exec(
@@ -323,8 +339,11 @@ fn relay_terminal(terminal: OwnedFd, stdin: &str, stdout: Option<File>) -> mpsc:
 }
 
 /// Feed the FIFO at `path` to process `handle`'s stdin, closing it at end
-/// of file (a thread; it ends with the FIFO's writer).
-pub fn feed_stdin(kiln: Kiln, vm: String, handle: u64, path: String) {
+/// of file (a thread; it ends with the FIFO's writer). The flag turns true
+/// when it has ended.
+pub fn feed_stdin(kiln: Kiln, vm: String, handle: u64, path: String) -> Arc<AtomicBool> {
+    let done = Arc::new(AtomicBool::new(false));
+    let ended = Arc::clone(&done);
     std::thread::spawn(move || {
         let result = (|| -> Result<(), ClientError> {
             let mut fifo = File::open(&path).map_err(ClientError::Lost)?;
@@ -342,6 +361,32 @@ pub fn feed_stdin(kiln: Kiln, vm: String, handle: u64, path: String) {
         })();
         if let Err(e) = result {
             log::debug!("stdin of process {handle}: {e}");
+        }
+        ended.store(true, Ordering::SeqCst);
+    });
+    done
+}
+
+/// `CloseIO` of process `handle`'s stdin. A client such as `ctr` asks for
+/// it right after its last write, while the pump may still be draining the
+/// FIFO (and closes stdin itself at the FIFO's end): a close now would
+/// cut the input short. So the pump gets [`STDIN_DRAIN`] to finish; only a
+/// stdin it leaves open (its writer stays) is closed here.
+pub fn close_stdin(kiln: Kiln, vm: String, handle: u64, pump: Option<Arc<AtomicBool>>) {
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + STDIN_DRAIN;
+        let pumping = || pump.as_ref().is_some_and(|d| !d.load(Ordering::SeqCst));
+        while pumping() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if pump.is_some() && !pumping() {
+            return;
+        }
+        if let Err(e) = kiln
+            .connect()
+            .and_then(|mut m| m.write_process(&vm, handle, None, true))
+        {
+            log::debug!("closing stdin of process {handle}: {e}");
         }
     });
 }

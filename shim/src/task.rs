@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -107,6 +107,12 @@ struct Task {
     started: bool,
     /// The container's pid in the guest.
     guest_pid: u32,
+    /// Its process's handle when it has a terminal or stdin (streamed
+    /// like an exec's).
+    handle: Option<u64>,
+    /// The stdin pumps of its processes (`""`: the main one), true once
+    /// ended.
+    stdin_pumps: HashMap<String, Arc<AtomicBool>>,
     exit: Arc<ExitCell>,
     /// The signal `Kill` stopped it with (0: none).
     killed: Arc<AtomicU32>,
@@ -121,6 +127,17 @@ struct ExecProcess {
     handle: Option<u64>,
     guest_pid: u32,
     exit: Arc<ExitCell>,
+}
+
+impl Task {
+    /// The streamed-process handle of exec `exec_id`, or of the main
+    /// process (`""`) when it has a terminal or stdin.
+    fn process_handle(&self, exec_id: &str) -> Option<u64> {
+        if exec_id.is_empty() {
+            return self.handle;
+        }
+        self.execs.get(exec_id).and_then(|e| e.handle)
+    }
 }
 
 impl Pod {
@@ -360,6 +377,15 @@ impl TaskService {
         if let Some(mib) = storage {
             spec["storageMiB"] = json!(mib);
         }
+        // A terminal or stdin: the main process is streamed like an
+        // exec's, by its handle.
+        let takes_stdin = !io.stdin.is_empty();
+        if io.terminal {
+            let (rows, cols) = process.window();
+            spec["terminal"] = json!({ "rows": rows, "cols": cols });
+        } else if takes_stdin {
+            spec["stdin"] = json!(true);
+        }
         let added = pod
             .kiln
             .connect()
@@ -379,13 +405,31 @@ impl TaskService {
             }
         };
         let guest_pid = added["container"]["pid"].as_u64().unwrap_or_default();
+        let handle = added["container"]["handle"].as_u64();
         log::info!("{id}: started in VM {} as guest pid {guest_pid}", pod.vm);
+        if let Some(task) = self.lock().tasks.get_mut(id) {
+            task.handle = handle;
+        }
         self.mark_started(id, u32::try_from(guest_pid).unwrap_or_default());
+        if let (Some(handle), true) = (handle, takes_stdin) {
+            let pump =
+                stdio::feed_stdin(pod.kiln.clone(), pod.vm.clone(), handle, io.stdin.clone());
+            self.keep_stdin_pump(id, "", pump);
+        }
         let service = self.clone();
         let id = id.to_owned();
         std::thread::spawn(move || {
-            let code = stdio::follow_container(&pod.kiln, &pod.vm, &name, &mut outputs);
-            drop(outputs);
+            let code = match handle {
+                Some(handle) => stdio::attach_process(&pod.kiln, &pod.vm, handle)
+                    .map_err(|e| log::error!("{id}: following its process: {e}"))
+                    .ok()
+                    .and_then(|stream| stdio::follow_exec(&pod.kiln, &pod.vm, stream, "", outputs)),
+                None => {
+                    let code = stdio::follow_container(&pod.kiln, &pod.vm, &name, &mut outputs);
+                    drop(outputs);
+                    code
+                }
+            };
             let status = match (code, killed.load(Ordering::SeqCst)) {
                 (Some(code), _) => u32::try_from(code).unwrap_or(UNKNOWN_EXIT),
                 (None, 0) => UNKNOWN_EXIT,
@@ -400,6 +444,12 @@ impl TaskService {
             pid: pod.qemu_pid,
             ..Default::default()
         })
+    }
+
+    fn keep_stdin_pump(&self, id: &str, exec_id: &str, pump: Arc<AtomicBool>) {
+        if let Some(task) = self.lock().tasks.get_mut(id) {
+            task.stdin_pumps.insert(exec_id.to_owned(), pump);
+        }
     }
 
     fn mark_started(&self, id: &str, guest_pid: u32) {
@@ -471,7 +521,9 @@ impl TaskService {
             e.guest_pid = guest_pid;
         }
         if takes_stdin {
-            stdio::feed_stdin(pod.kiln.clone(), pod.vm.clone(), handle, io.stdin.clone());
+            let pump =
+                stdio::feed_stdin(pod.kiln.clone(), pod.vm.clone(), handle, io.stdin.clone());
+            self.keep_stdin_pump(id, exec_id, pump);
         }
         self.shared.events.publish(
             topics::TASK_EXEC_STARTED_EVENT_TOPIC,
@@ -612,12 +664,6 @@ impl containerd_shim::Task for TaskService {
             Role::Sandbox => spec.process.clone().unwrap_or_default(),
             _ => spec.process().map_err(|e| invalid(&e))?.clone(),
         };
-        if req.terminal && role != Role::Sandbox {
-            return Err(rpc_error(
-                Code::UNIMPLEMENTED,
-                "a terminal for a container's main process is not supported yet (exec -t is)",
-            ));
-        }
         if self.lock().tasks.contains_key(&req.id) {
             return Err(rpc_error(Code::ALREADY_EXISTS, format!("task {}", req.id)));
         }
@@ -704,6 +750,8 @@ impl containerd_shim::Task for TaskService {
                     storage_mib: config.storage_mib,
                     started: false,
                     guest_pid: 0,
+                    handle: None,
+                    stdin_pumps: HashMap::new(),
                     exit: Arc::default(),
                     killed: Arc::default(),
                     execs: HashMap::new(),
@@ -845,6 +893,7 @@ impl containerd_shim::Task for TaskService {
         for e in task.execs.values() {
             stdio::unblock_stdin(&e.stdio.stdin);
         }
+        stdio::unblock_stdin(&task.stdio.stdin);
         let qemu_pid = match pod {
             Some(Ok(mut owned)) => {
                 Self::release(&mut owned);
@@ -953,13 +1002,7 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
-        if req.exec_id.is_empty() {
-            // The main process has no terminal (Create refuses one).
-            return Ok(Empty::new());
-        }
-        let (pod, handle) = self.pod_of(&req.id, |t| {
-            Ok(t.execs.get(&req.exec_id).and_then(|e| e.handle))
-        })?;
+        let (pod, handle) = self.pod_of(&req.id, |t| Ok(t.process_handle(&req.exec_id)))?;
         // A size of 0 (ctr on a terminal that has none) is no size.
         let Some(handle) = handle.filter(|_| req.width > 0 && req.height > 0) else {
             return Ok(Empty::new());
@@ -974,21 +1017,17 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        if req.exec_id.is_empty() || !req.stdin {
+        if !req.stdin {
             return Ok(Empty::new());
         }
-        let (pod, handle) = self.pod_of(&req.id, |t| {
-            Ok(t.execs.get(&req.exec_id).and_then(|e| e.handle))
+        let (pod, (handle, pump)) = self.pod_of(&req.id, |t| {
+            Ok((
+                t.process_handle(&req.exec_id),
+                t.stdin_pumps.get(&req.exec_id).cloned(),
+            ))
         })?;
         if let Some(handle) = handle {
-            // The stdin pump closes it too at end of file; twice is fine.
-            if let Err(e) = pod
-                .kiln
-                .connect()
-                .and_then(|mut m| m.write_process(&pod.vm, handle, None, true))
-            {
-                log::debug!("closing stdin of process {handle}: {e}");
-            }
+            stdio::close_stdin(pod.kiln, pod.vm, handle, pump);
         }
         Ok(Empty::new())
     }

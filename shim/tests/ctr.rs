@@ -85,6 +85,57 @@ fn ctr_runs_execs_and_caches() {
     );
     s.wait_released("t1b");
 
+    // The main process on a terminal (`ctr run -t`; script gives ctr the
+    // terminal it wants), typed into through it.
+    let ctr = format!(
+        "ctr --address {} --namespace kiln-test {} {IMAGE} t1t \
+         /bin/sh -c 'test -t 0 && test -t 1 && echo on-a-tty; read x; echo got:$x; exit 6'",
+        c.address().display(),
+        s.run_args(&["-t", "--rm"]).join(" "),
+    );
+    let mut script = Command::new("script")
+        .args(["-qec", &ctr, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut typing = script.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        // Typed once the process reads (a terminal's input before that
+        // would be echoed and read all the same, but not before ctr runs).
+        std::thread::sleep(Duration::from_secs(3));
+        let _ = std::io::Write::write_all(&mut typing, b"typed\n");
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    let out = script.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("on-a-tty") && text.contains("got:typed"),
+        "{}: {text:?} {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        c.log_tail()
+    );
+    assert_eq!(out.status.code(), Some(6), "{text:?}");
+    s.wait_released("t1t");
+
+    // Its stdin on a pipe (`ctr run` passes its own): every byte, then
+    // end of file.
+    let mut run = c.ctr(&s.run_args(&["--rm", IMAGE, "t1i", "/bin/sh", "-c", "wc -c; exit 2"]));
+    let mut child = run
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, &[b'k'; 70_000]).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "70000");
+    assert_eq!(out.status.code(), Some(2));
+    s.wait_released("t1i");
+
     // Detached: the VM runs the container; execs in it.
     let mut args = vec!["-d", IMAGE, "t2"];
     args.extend(SLEEPER);

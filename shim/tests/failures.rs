@@ -24,19 +24,9 @@ use std::time::{Duration, Instant};
 use common::{Setup, IMAGE, LEASE_TTL_SEC, SLEEPER};
 use kiln_testkit::containerd::KILN_SHIM;
 use kiln_testkit::oci::{busybox_layer, Entry, Layer};
-use kiln_testkit::{try_wait_until, wait_until};
-use serde_json::json;
+use kiln_testkit::try_wait_until;
 
 const BAD_IMAGE: &str = "localhost/kiln-bad:v1";
-
-/// Wait until the shim config's pool has a hot VM: its template is built,
-/// so what follows is timed without that.
-fn wait_hot(s: &Setup) {
-    wait_until(Duration::from_secs(300), "a hot VM in the pool", || {
-        let pool = s.kilnd.ok("DescribePool", json!({ "name": "containerd" }))["pool"].clone();
-        (pool["hot"].as_u64() >= Some(1)).then_some(()).ok_or(pool)
-    });
-}
 
 /// Wait for `child` to end within `within` (killed, and the test failed,
 /// when it does not); how it ended and its stderr.
@@ -67,7 +57,7 @@ fn an_image_the_guest_cannot_run_fails_its_task() {
             Layer::gzip(&[Entry::Dir("bin/"), Entry::File("bin/app", junk, 0o755)]),
         ],
     );
-    wait_hot(&s);
+    s.wait_hot();
 
     let started = Instant::now();
     let mut ctr = c
@@ -100,7 +90,7 @@ fn an_image_the_guest_cannot_run_fails_its_task() {
 #[test]
 fn kilnd_killed_mid_run_loses_no_output() {
     let Some(mut s) = Setup::new() else { return };
-    wait_hot(&s);
+    s.wait_hot();
     // 50 lines, one every 0.2 s, then exit 7.
     let script = "i=0; while [ $i -lt 50 ]; do echo $i; i=$((i+1)); /bin/busybox sleep 0.2; done; \
                   exit 7";
@@ -167,8 +157,9 @@ fn kilnd_killed_mid_run_loses_no_output() {
     // It was the shim's pump that went on (containerd's log has the shim's).
     let log = s.containerd.log();
     assert!(
-        log.lines()
-            .any(|l| l.contains("following container t5:") && l.contains("trying again")),
+        log.lines().any(|l| (l.contains("following container t5:")
+            || l.contains("following process "))
+            && l.contains("trying again")),
         "{}",
         s.containerd.log_tail()
     );

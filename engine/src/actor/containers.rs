@@ -118,6 +118,7 @@ async fn resolve_as(
             pid: None,
             exit_code: None,
             error: None,
+            handle: None,
         })
     }
     .await;

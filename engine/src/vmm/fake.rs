@@ -668,6 +668,7 @@ impl FakeAgent {
                     layers: request.layers,
                     upper_disk: None,
                     hostname: "fake".into(),
+                    handle: None,
                 };
                 vm.containers.push(info.clone());
                 serde_json::to_value(proto::ContainerReply { container: info }).map_err(protocol)

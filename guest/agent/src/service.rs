@@ -147,13 +147,9 @@ impl Agent {
             method::EXEC => params::decode::<ExecInRequest>(params)
                 .and_then(|req| Ok((Plan::new(req.exec)?, req.container)))
                 .map(|(plan, container)| run_exec(containers, plan, container)),
-            method::START_CONTAINER => params::decode::<StartContainerRequest>(params).map(|req| {
-                container_reply(
-                    containers
-                        .start(req)
-                        .map(|container| ContainerReply { container }),
-                )
-            }),
+            method::START_CONTAINER => {
+                params::decode::<StartContainerRequest>(params).map(|req| self.start_container(req))
+            }
             method::CONTAINER_STATUS => params::decode::<ContainerIdRequest>(params).map(|req| {
                 container_reply(
                     containers
@@ -202,6 +198,11 @@ impl Agent {
                 .map(|at| self.file_call(&at, files::list_directory)),
             _ => return dispatch(call),
         };
+        // A container that collected its own streamed process's exit
+        // (StopContainer) tells the session.
+        for (pid, exit) in self.containers.attached_exits() {
+            self.sessions.exited(pid, exit);
+        }
         (
             reply.unwrap_or_else(|p| invalid_parameter(&p)),
             After::Continue,
@@ -210,6 +211,35 @@ impl Agent {
 }
 
 impl Agent {
+    /// `StartContainer`; a process with a terminal or stdin becomes a
+    /// streamed process, its handle in the reply.
+    fn start_container(&mut self, req: StartContainerRequest) -> Reply {
+        let id = req.id.clone();
+        let (info, attached) = match self.containers.start(req) {
+            Ok(started) => started,
+            Err(e) => return container_error(&e),
+        };
+        let Some(mut attached) = attached else {
+            return ok(&ContainerReply { container: info });
+        };
+        match self.sessions.adopt(&mut attached.child, attached.master) {
+            Ok(spawned) => {
+                let container = self
+                    .containers
+                    .set_handle(&id, spawned.handle)
+                    .unwrap_or(info);
+                ok(&ContainerReply { container })
+            }
+            Err(e) => {
+                // Nobody could reach its stdio: do not leave it running.
+                if let Err(r) = self.containers.remove(&id) {
+                    log::error!("container {id}: removing it: {r:?}");
+                }
+                session_error(&e)
+            }
+        }
+    }
+
     /// `SpawnProcess`, in the guest or in a container.
     fn spawn_process(&mut self, req: &SpawnProcessRequest) -> Reply {
         let plan = match Sessions::plan(req) {

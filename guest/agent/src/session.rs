@@ -179,6 +179,22 @@ impl Session {
     }
 }
 
+/// stdin (if piped) and the output pipes of a spawned `child`.
+fn take_pipes(child: &mut std::process::Child) -> (Input, Vec<(LogStream, File)>) {
+    let input = child
+        .stdin
+        .take()
+        .map_or(Input::Closed, |p| Input::Pipe(File::from(OwnedFd::from(p))));
+    let mut outputs = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        outputs.push((LogStream::Stdout, File::from(OwnedFd::from(out))));
+    }
+    if let Some(err) = child.stderr.take() {
+        outputs.push((LogStream::Stderr, File::from(OwnedFd::from(err))));
+    }
+    (input, outputs)
+}
+
 /// Every streamed process of this guest.
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -189,21 +205,14 @@ pub struct Sessions {
 impl Sessions {
     /// A child of the agent was reaped: if it is one of ours, it exited.
     pub fn child_exited(&mut self, pid: libc::pid_t, status: ExitStatus) {
-        if let Some(s) = self
-            .table
-            .values_mut()
-            .find(|s| s.running() && s.pid == pid)
-        {
-            let exit = ProcessExit {
-                exit_code: status
-                    .code()
-                    .or_else(|| status.signal().map(|s| 128 + s))
-                    .unwrap_or(-1),
-                signal: status.signal(),
-            };
-            s.exit = Some((exit, Instant::now()));
-            s.shared.changed.notify_all();
-        }
+        let exit = ProcessExit {
+            exit_code: status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(-1),
+            signal: status.signal(),
+        };
+        self.exited(pid, exit);
     }
 
     /// The validated command of `req`.
@@ -286,25 +295,54 @@ impl Sessions {
         let (input, outputs) = if terminal.is_some() {
             (input, outputs)
         } else {
-            let pipe_input = child
-                .stdin
-                .take()
-                .map_or(Input::Closed, |p| Input::Pipe(File::from(OwnedFd::from(p))));
-            let mut outputs = Vec::new();
-            if let Some(out) = child.stdout.take() {
-                outputs.push((LogStream::Stdout, File::from(OwnedFd::from(out))));
-            }
-            if let Some(err) = child.stderr.take() {
-                outputs.push((LogStream::Stderr, File::from(OwnedFd::from(err))));
-            }
-            (pipe_input, outputs)
+            take_pipes(&mut child)
         };
+        self.register(child.id(), input, terminal, outputs)
+            .map_err(spawn_failed)
+    }
+
+    /// A container's main process started with a terminal (`master`, its
+    /// other end the process's stdio) or with pipes (taken from `child`):
+    /// from now on a streamed process like `SpawnProcess`'s, by the
+    /// returned handle. The container keeps its own record of the exit.
+    pub fn adopt(
+        &mut self,
+        child: &mut std::process::Child,
+        master: Option<File>,
+    ) -> Result<SpawnProcessReply, SessionError> {
+        self.make_room()?;
+        let failed = |e: io::Error| {
+            SessionError::Spawn(SpawnFailed {
+                message: format!("container process: {e}"),
+                errno: e.raw_os_error(),
+            })
+        };
+        let (input, outputs) = match &master {
+            Some(m) => (
+                Input::Terminal(m.try_clone().map_err(failed)?),
+                vec![(LogStream::Stdout, m.try_clone().map_err(failed)?)],
+            ),
+            None => take_pipes(child),
+        };
+        self.register(child.id(), input, master, outputs)
+            .map_err(failed)
+    }
+
+    /// Starts the output collector of process `pid` and puts it in the
+    /// table under a new handle.
+    fn register(
+        &mut self,
+        child_id: u32,
+        input: Input,
+        terminal: Option<File>,
+        outputs: Vec<(LogStream, File)>,
+    ) -> io::Result<SpawnProcessReply> {
         if let Input::Pipe(f) | Input::Terminal(f) = &input {
             if let Err(e) = sys::set_nonblocking(f, true) {
                 log::error!("process stdin: O_NONBLOCK: {e}");
             }
         }
-        let pid = libc::pid_t::try_from(child.id()).unwrap_or(libc::pid_t::MAX);
+        let pid = libc::pid_t::try_from(child_id).unwrap_or(libc::pid_t::MAX);
         let shared = Arc::new(Shared::default());
         let collector = Arc::clone(&shared);
         let started = std::thread::Builder::new()
@@ -314,7 +352,7 @@ impl Sessions {
         if let Err(e) = started {
             // Nobody would read its output: do not leave it running.
             let _ = sys::kill(-pid, libc::SIGKILL);
-            return Err(spawn_failed(e));
+            return Err(e);
         }
         self.next_handle += 1;
         let handle = self.next_handle;
@@ -330,8 +368,21 @@ impl Sessions {
         );
         Ok(SpawnProcessReply {
             handle,
-            pid: child.id(),
+            pid: child_id,
         })
+    }
+
+    /// A process of ours ended, its status collected by someone else (a
+    /// container waiting for its own process).
+    pub fn exited(&mut self, pid: libc::pid_t, exit: ProcessExit) {
+        if let Some(s) = self
+            .table
+            .values_mut()
+            .find(|s| s.running() && s.pid == pid)
+        {
+            s.exit = Some((exit, Instant::now()));
+            s.shared.changed.notify_all();
+        }
     }
 
     /// Makes room for one more process by forgetting the oldest that
@@ -508,7 +559,7 @@ fn write_some(f: &mut File, bytes: &[u8]) -> usize {
 }
 
 /// A new pseudo-terminal of `size`: (master, slave).
-fn open_pty(size: WindowSize) -> io::Result<(File, File)> {
+pub fn open_pty(size: WindowSize) -> io::Result<(File, File)> {
     let mut master: libc::c_int = -1;
     let mut slave: libc::c_int = -1;
     let winsize = libc::winsize {

@@ -65,6 +65,22 @@ pub struct ContainerProcess {
     /// `uid`, `uid:gid`, `name` or `name:group` (default `0:0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Run it on a new terminal of this size (stdin, stdout and stderr),
+    /// streamed like a `SpawnProcess` process instead of kept as logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<crate::WindowSize>,
+    /// Keep its stdin open for `WriteProcess` (a terminal always is); its
+    /// output is then streamed too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+}
+
+impl ContainerProcess {
+    /// Whether its stdio is a streamed process's (a handle for
+    /// `ReadProcess` and friends) rather than the log ring.
+    pub fn attached(&self) -> bool {
+        self.terminal.is_some() || self.stdin
+    }
 }
 
 /// Parameters of `StartContainer`.
@@ -134,6 +150,10 @@ pub struct ContainerInfo {
     pub upper_disk: Option<String>,
     /// Its hostname.
     pub hostname: String,
+    /// The handle of its process for `ReadProcess`, `WriteProcess`,
+    /// `ResizeProcess`… when started with a terminal or stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle: Option<u64>,
 }
 
 /// Reply of `StartContainer` and `ContainerStatus`.

@@ -26,7 +26,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::ExitStatus;
+use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -210,6 +210,8 @@ struct Container {
     creds: Credentials,
     mounts: Mounts,
     log: SharedLog,
+    /// Its streamed-process handle (a terminal or stdin).
+    handle: Option<u64>,
 }
 
 impl Container {
@@ -256,6 +258,7 @@ impl Container {
             layers: self.layers.clone(),
             upper_disk: self.upper_disk.clone(),
             hostname: self.hostname.clone(),
+            handle: self.handle,
         }
     }
 
@@ -337,6 +340,46 @@ struct Launched {
     log: SharedLog,
     env: Vec<(String, String)>,
     creds: Credentials,
+    attached: Option<AttachedProcess>,
+}
+
+/// A container's process started with a terminal or stdin: its stdio is
+/// a streamed process's ([`crate::session::Sessions::adopt`]), not the
+/// log ring.
+#[derive(Debug)]
+pub struct AttachedProcess {
+    /// The spawned process (its pipes, when it has no terminal).
+    pub child: std::process::Child,
+    /// The terminal's master.
+    pub master: Option<std::fs::File>,
+}
+
+/// The stdio of `process`: a new terminal, pipes with stdin, or the log
+/// ring's pipes; and the terminal's master.
+fn process_stdio(
+    process: &spec::ProcessSpec,
+) -> Result<(process::ProcessStdio, Option<std::fs::File>), ContainerError> {
+    let failed = |e: io::Error| ContainerError::StartFailed(format!("terminal: {e}"));
+    match process.terminal {
+        Some(size) => {
+            let (master, slave) = crate::session::open_pty(size).map_err(failed)?;
+            let stdio = process::ProcessStdio {
+                stdin: slave.try_clone().map_err(failed)?.into(),
+                stdout: slave.try_clone().map_err(failed)?.into(),
+                stderr: slave.into(),
+            };
+            Ok((stdio, Some(master)))
+        }
+        None if process.stdin => Ok((
+            process::ProcessStdio {
+                stdin: Stdio::piped(),
+                stdout: Stdio::piped(),
+                stderr: Stdio::piped(),
+            },
+            None,
+        )),
+        None => Ok((process::ProcessStdio::logged(), None)),
+    }
 }
 
 /// Starts the process of `spec` on the overlay at `root`.
@@ -385,10 +428,13 @@ fn launch(spec: &Spec, root: &Path) -> Result<Launched, ContainerError> {
             .map_err(|e| ContainerError::StartFailed(format!("cwd: {e}")))?,
         creds: Creds::from(&creds),
         image,
+        keep_stdin: spec.process.attached(),
+        controlling_terminal: spec.process.terminal.is_some(),
     };
+    let (stdio, master) = process_stdio(&spec.process)?;
     let program = spec.process.args.first().cloned().unwrap_or_default();
     let mut child =
-        process::start(launch).map_err(|e| match (e.stage, e.error.raw_os_error()) {
+        process::start(launch, stdio).map_err(|e| match (e.stage, e.error.raw_os_error()) {
             (Stage::Exec, Some(libc::ENOEXEC)) => ContainerError::ExecFormat(program.clone()),
             (Stage::Exec, Some(libc::ENOENT)) => ContainerError::StartFailed(format!(
                 "{program}: no such program in the container (or its interpreter is missing)"
@@ -402,6 +448,16 @@ fn launch(spec: &Spec, root: &Path) -> Result<Launched, ContainerError> {
         .map_err(|e| log::error!("container {}: pidfd_open: {e}", spec.id))
         .ok();
     let log: SharedLog = Arc::new(Mutex::new(LogRing::new(LOG_BUFFER_BYTES)));
+    if spec.process.attached() {
+        return Ok(Launched {
+            pid,
+            pidfd,
+            log,
+            env,
+            creds,
+            attached: Some(AttachedProcess { child, master }),
+        });
+    }
     match (child.stdout.take(), child.stderr.take()) {
         (Some(out), Some(err)) => {
             if let Err(e) = logs::spawn_collector(out, err, Arc::clone(&log)) {
@@ -422,6 +478,7 @@ fn launch(spec: &Spec, root: &Path) -> Result<Launched, ContainerError> {
         log,
         env,
         creds,
+        attached: None,
     })
 }
 
@@ -465,7 +522,13 @@ impl Containers {
     }
 
     /// `StartContainer`.
-    pub fn start(&mut self, req: StartContainerRequest) -> Result<ContainerInfo, ContainerError> {
+    /// `StartContainer`; for a process with a terminal or stdin also its
+    /// stdio, for the caller to make a streamed process of
+    /// ([`Containers::set_handle`]).
+    pub fn start(
+        &mut self,
+        req: StartContainerRequest,
+    ) -> Result<(ContainerInfo, Option<AttachedProcess>), ContainerError> {
         let spec = Spec::new(req)?;
         if self.list.iter().any(|c| c.id == spec.id) {
             return Err(ContainerError::ContainerExists(spec.id));
@@ -485,7 +548,7 @@ impl Containers {
         let t_disks = t_modules + disks_took;
         let t_mounts = t0.elapsed();
 
-        let launched = match launch(&spec, &mounts.rootfs()) {
+        let mut launched = match launch(&spec, &mounts.rootfs()) {
             Ok(launched) => launched,
             Err(e) => {
                 mounts.unmount_all();
@@ -509,7 +572,9 @@ impl Containers {
             creds: launched.creds,
             mounts,
             log: launched.log,
+            handle: None,
         };
+        let attached = launched.attached.take();
         log::info!(
             "container {} started as pid {} ({} layers; modules {} ms, disks {} ms, mounts {} ms, started {} ms)",
             container.id,
@@ -522,7 +587,34 @@ impl Containers {
         );
         let info = container.info();
         self.list.push(container);
-        Ok(info)
+        Ok((info, attached))
+    }
+
+    /// The streamed-process handle of container `id`'s process.
+    pub fn set_handle(&mut self, id: &str, handle: u64) -> Option<ContainerInfo> {
+        let c = self.list.iter_mut().find(|c| c.id == id)?;
+        c.handle = Some(handle);
+        Some(c.info())
+    }
+
+    /// The exits of streamed container processes, for the sessions: a
+    /// container waiting for its own process (`StopContainer`) collects
+    /// the status before PID 1's reaping can.
+    pub fn attached_exits(&self) -> Vec<(libc::pid_t, kiln_agent_proto::ProcessExit)> {
+        self.list
+            .iter()
+            .filter(|c| c.handle.is_some())
+            .filter_map(|c| match c.state {
+                State::Exited(exit) => Some((
+                    c.pid(),
+                    kiln_agent_proto::ProcessExit {
+                        exit_code: exit.code,
+                        signal: exit.signal,
+                    },
+                )),
+                State::Running => None,
+            })
+            .collect()
     }
 
     /// `ContainerStatus`.
@@ -748,6 +840,7 @@ mod tests {
             },
             mounts: Mounts::none(),
             log: Arc::new(Mutex::new(LogRing::new(1024))),
+            handle: None,
         }
     }
 

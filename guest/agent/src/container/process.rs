@@ -465,6 +465,33 @@ pub struct Launch {
     pub creds: Creds,
     /// The program.
     pub image: ExecImage,
+    /// stdin is the caller's (a pipe or a terminal), not `/dev/null`.
+    pub keep_stdin: bool,
+    /// stdin is a terminal that becomes the process's controlling one.
+    pub controlling_terminal: bool,
+}
+
+/// The three standard descriptors of a new container's process.
+#[derive(Debug)]
+pub struct ProcessStdio {
+    /// stdin.
+    pub stdin: Stdio,
+    /// stdout.
+    pub stdout: Stdio,
+    /// stderr.
+    pub stderr: Stdio,
+}
+
+impl ProcessStdio {
+    /// stdin `/dev/null` (the container's), stdout and stderr pipes for
+    /// the log ring.
+    pub fn logged() -> Self {
+        Self {
+            stdin: Stdio::null(),
+            stdout: Stdio::piped(),
+            stderr: Stdio::piped(),
+        }
+    }
 }
 
 impl Launch {
@@ -511,17 +538,17 @@ fn in_pid_namespace<T>(
     result
 }
 
-/// Starts the process of a new container; its stdout and stderr are pipes.
-pub fn start(launch: Launch) -> Result<Child, StartError> {
+/// Starts the process of a new container on `stdio`.
+pub fn start(launch: Launch, stdio: ProcessStdio) -> Result<Child, StartError> {
     let spawn_error = |error| StartError {
         stage: Stage::Spawn,
         error,
     };
     let (stage_r, stage_w) = pipe().map_err(spawn_error)?;
     let mut cmd = Command::new(&launch.image.program);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(stdio.stdin)
+        .stdout(stdio.stdout)
+        .stderr(stdio.stderr);
     let stage_fd = stage_w.as_raw_fd();
     // SAFETY: the hook only makes system calls on data built before the
     // fork (see `container_child`); it does not allocate or take locks.
@@ -567,6 +594,10 @@ fn container_child(l: &Launch, stage_fd: RawFd) -> io::Result<()> {
     unsafe { libc::umask(0) };
     // SAFETY: plain system calls.
     check(unsafe { libc::setsid() }).map_err(at(Stage::Namespaces))?;
+    if l.controlling_terminal {
+        // SAFETY: an ioctl on descriptor 0, the terminal's slave.
+        check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) }).map_err(at(Stage::Stdin))?;
+    }
     sys::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC)
         .map_err(at(Stage::Namespaces))?;
     // SAFETY: valid C strings or NULL where the kernel accepts NULL.
@@ -616,11 +647,13 @@ fn container_child(l: &Launch, stage_fd: RawFd) -> io::Result<()> {
         check(libc::sethostname(hostname.as_ptr().cast(), hostname.len()))
             .map_err(at(Stage::Hostname))?;
         // stdin from the container's own /dev/null, not the agent's.
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        check(null).map_err(at(Stage::Stdin))?;
-        if null != 0 {
-            check(libc::dup2(null, 0)).map_err(at(Stage::Stdin))?;
-            libc::close(null);
+        if !l.keep_stdin {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            check(null).map_err(at(Stage::Stdin))?;
+            if null != 0 {
+                check(libc::dup2(null, 0)).map_err(at(Stage::Stdin))?;
+                libc::close(null);
+            }
         }
         libc::umask(0o022);
         for dir in &l.cwd_chain {

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use kiln_agent_proto::{
-    ContainerProcess, StartContainerRequest, DEFAULT_DISK_TIMEOUT_MS, LIMIT_DISK_TIMEOUT_MS,
-    MAX_CONTAINER_ID_BYTES, MAX_LAYERS, MAX_PATH_BYTES, MAX_PROCESS_STRINGS,
+    ContainerProcess, StartContainerRequest, WindowSize, DEFAULT_DISK_TIMEOUT_MS,
+    LIMIT_DISK_TIMEOUT_MS, MAX_CONTAINER_ID_BYTES, MAX_LAYERS, MAX_PATH_BYTES, MAX_PROCESS_STRINGS,
     MAX_PROCESS_STRING_BYTES, MAX_PROCESS_TOTAL_BYTES, MAX_SERIAL_BYTES, MAX_STORAGE_MIB,
     MAX_USER_BYTES,
 };
@@ -40,6 +40,18 @@ pub struct ProcessSpec {
     pub cwd: String,
     /// User, resolved once the image is mounted.
     pub user: UserSpec,
+    /// A terminal of this size for its stdio.
+    pub terminal: Option<WindowSize>,
+    /// stdin kept open (pipes, streamed).
+    pub stdin: bool,
+}
+
+impl ProcessSpec {
+    /// Whether its stdio is streamed (a terminal or stdin) instead of
+    /// logged.
+    pub fn attached(&self) -> bool {
+        self.terminal.is_some() || self.stdin
+    }
 }
 
 /// A validated `StartContainer` request.
@@ -213,11 +225,16 @@ impl ProcessSpec {
             }
             Some(u) => UserSpec::parse(u).map_err(|reason| bad_process("user", reason))?,
         };
+        if p.terminal.is_some_and(|t| t.rows == 0 || t.cols == 0) {
+            return Err(bad_process("terminal", "rows and cols must be 1 to 65535"));
+        }
         Ok(Self {
             args: p.args,
             env,
             cwd,
             user,
+            terminal: p.terminal,
+            stdin: p.stdin,
         })
     }
 }
