@@ -473,6 +473,23 @@ async fn remove_in_guest(agent: &dyn GuestAgent, name: &str, how: Stop) -> Resul
 /// An agent error from starting a container: the guest's reason, named
 /// `ContainerStartFailed` (a missing disk, a program that is not there or
 /// not for this machine, a bad user) or `TooManyContainers`.
+/// An OS image's root as running with the init as PID 1.
+fn os_init_running(name: &str) -> proto::ContainerInfo {
+    proto::ContainerInfo {
+        id: name.to_owned(),
+        state: proto::ContainerState::Running,
+        pid: 1,
+        exit_code: None,
+        signal: None,
+        started_at_ms: 0,
+        exited_at_ms: None,
+        layers: Vec::new(),
+        upper_disk: None,
+        hostname: String::new(),
+        handle: None,
+    }
+}
+
 fn container_error(e: AgentError) -> EngineError {
     match &e {
         AgentError::Call { name, message } => {
@@ -611,16 +628,45 @@ impl Engine {
             return false;
         }
         if entry.record.spec.boot == BootSource::Image {
-            // The agent answering means the image's init has PID 1 (the
-            // agent hands it over before it serves): nothing to start.
+            // Nothing to start: the agent handed PID 1 to the image's init
+            // before it served, and says whether that worked (a root that
+            // could not be mounted, an init that could not run: the boot
+            // fails with the guest's reason).
             runtime.containers_boot = Some(ping.boot_id.clone());
-            self.record_fact(id, |r| {
-                for c in &mut r.containers {
-                    c.phase = ContainerPhase::Running;
-                    (c.pid, c.exit_code, c.error) = (Some(1), None, None);
+            let (agent, generation) = (runtime.agent.clone(), runtime.generation);
+            let names: Vec<String> = entry
+                .record
+                .containers
+                .iter()
+                .map(|c| c.name.clone())
+                .collect();
+            let (tx, id, ping) = (self.internal_tx.clone(), id.to_owned(), ping.clone());
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                for name in names {
+                    let asked = proto::ContainerIdRequest { id: name.clone() };
+                    let status: Result<proto::ContainerReply, _> = agent
+                        .call(proto::method::CONTAINER_STATUS, &asked, AGENT_CALL_TIMEOUT)
+                        .await;
+                    let result = match status {
+                        Ok(reply) => Ok(reply.container),
+                        // An agent older than the report (a VM re-adopted
+                        // after an upgrade): it serves, so it handed over.
+                        Err(e) if e.is_call(proto::error::NO_SUCH_CONTAINER) => {
+                            Ok(os_init_running(&name))
+                        }
+                        Err(e) => Err(container_error(e)),
+                    };
+                    results.push((name, result));
                 }
+                let _ = tx.send(Internal::ContainersStarted {
+                    id,
+                    generation,
+                    ping,
+                    results,
+                });
             });
-            return false;
+            return true;
         }
         let Some(qmp) = runtime.qmp.clone() else {
             return false;

@@ -67,8 +67,11 @@ fn run_as_init() -> ! {
     }
     init::load_modules();
     // An OS image takes PID 1 from here; this process goes on as its agent.
-    os_root::boot_if_asked();
+    let os_main = os_root::boot_if_asked();
     let mut agent = Agent::new(&BootOptions::from_proc());
+    if let Some(outcome) = os_main {
+        agent.set_os_main(outcome);
+    }
     let mut port = Port::open_waiting(PORT_NAME);
     log::info!(
         "serving {} {}",

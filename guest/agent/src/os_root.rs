@@ -20,7 +20,7 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 
-use kiln_agent_proto::{StartContainerRequest, OS_ROOT_CONFIG};
+use kiln_agent_proto::{ContainerInfo, StartContainerRequest, OS_ROOT_CONFIG};
 
 use crate::{container, log};
 
@@ -45,32 +45,40 @@ fn enter_as_agent(root: &Path) {
 }
 
 /// Boot the OS image if this initramfs asks for one. Returns in the agent
-/// (the child, or PID 1 when booting it failed); never returns in the
-/// process that becomes the image's init.
-pub fn boot_if_asked() {
+/// (the child, or PID 1 when booting it failed) what became of it, for
+/// `ContainerStatus("main")` ([`Containers::set_os_main`]): the container
+/// the OS is, or why it does not run (also said on the console). `None`:
+/// no OS image was asked for. Never returns in the process that becomes
+/// the image's init.
+///
+/// [`Containers::set_os_main`]: crate::container::Containers::set_os_main
+pub fn boot_if_asked() -> Option<Result<ContainerInfo, String>> {
+    let failed = |reason: String| {
+        log::error!("{reason}; serving without an OS");
+        Some(Err(reason))
+    };
     let config = match read_config() {
         Ok(Some(config)) => config,
-        Ok(None) => return,
-        Err(e) => return log::error!("{OS_ROOT_CONFIG}: {e}; serving without an OS"),
+        Ok(None) => return None,
+        Err(e) => return failed(format!("{OS_ROOT_CONFIG}: {e}")),
     };
     let container::OsRoot {
         path: root,
         args,
         env,
+        info,
     } = match container::mount_os_root(config) {
         Ok(mounted) => mounted,
         Err(e) => {
             let (name, detail) = e.reply();
-            return log::error!(
-                "mounting the OS image's root: {name} {detail}; serving without an OS"
-            );
+            return failed(format!("mounting the OS image's root: {name} {detail}"));
         }
     };
     // Everything that can be refused is checked before anything moves:
     // from the first move on, the agent belongs in the new root.
     let init = match Init::new(&args, &env) {
         Ok(init) => init,
-        Err(e) => return log::error!("the OS image's init {args:?}: {e}; serving without an OS"),
+        Err(e) => return failed(format!("the OS image's init {args:?}: {e}")),
     };
     if let Err(e) = write_environment(&root, &env) {
         log::error!("writing /etc/environment: {e}");
@@ -84,7 +92,7 @@ pub fn boot_if_asked() {
         }
     }
     log::info!("handing PID 1 to the OS image's init {args:?}");
-    hand_over(&root, &init);
+    Some(hand_over(&root, &init).map(|()| info))
 }
 
 fn read_config() -> io::Result<Option<StartContainerRequest>> {
@@ -190,10 +198,11 @@ impl Init {
 /// Fork: the child enters `root` and returns (it is the agent) once PID 1
 /// has exec'd the init, so the host never sees the agent before the OS
 /// owns PID 1; PID 1 waits for the child to be in, makes `root` the root
-/// and execs `init`. PID 1 never returns: should that fail, it stays,
-/// reaping, and the child serves on. Without a child (fork failed), PID 1
-/// enters `root` itself and returns to serve there, without an OS.
-fn hand_over(root: &Path, init: &Init) {
+/// and execs `init`. PID 1 never returns: should that fail, it writes why
+/// into the pipe the child waits on, stays, reaping, and the child serves
+/// on with that reason. Without a child (fork failed), PID 1 enters `root`
+/// itself and returns to serve there, without an OS.
+fn hand_over(root: &Path, init: &Init) -> Result<(), String> {
     let pipes = pipe().and_then(|entered| Ok((entered, pipe()?)));
     // `entered`: closed by the child once it is in the new root. `execd`:
     // closed by PID 1's exec (close-on-exec), or by PID 1 when it failed.
@@ -205,14 +214,20 @@ fn hand_over(root: &Path, init: &Init) {
     });
     match forked {
         Err(e) => {
-            log::error!("forking the OS image's agent: {e}; serving without an OS");
+            let reason = format!("forking the OS image's agent: {e}");
+            log::error!("{reason}; serving without an OS");
             enter_as_agent(root);
+            Err(reason)
         }
         Ok((0, ((entered_read, entered_write), (execd_read, execd_write)))) => {
             drop((entered_read, execd_write));
             enter_as_agent(root);
             drop(entered_write);
-            wait_for_eof(execd_read);
+            // Nothing before the end: the exec closed it.
+            match read_to_eof(execd_read) {
+                reason if reason.is_empty() => Ok(()),
+                reason => Err(reason),
+            }
         }
         Ok((child, ((entered_read, entered_write), (execd_read, execd_write)))) => {
             drop((entered_write, execd_read));
@@ -223,8 +238,13 @@ fn hand_over(root: &Path, init: &Init) {
                 Ok(()) => exec(init),
                 Err(e) => e,
             };
-            drop(execd_write);
-            log::error!("starting the OS image's init {:?}: {failed}", init.args[0]);
+            let reason = format!("starting the OS image's init {:?}: {failed}", init.args[0]);
+            log::error!("{reason}");
+            let mut told = fs::File::from(execd_write);
+            if let Err(e) = io::Write::write_all(&mut told, reason.as_bytes()) {
+                log::error!("telling the agent: {e}");
+            }
+            drop(told);
             reap_forever()
         }
     }
@@ -257,6 +277,17 @@ fn reap_forever() -> ! {
             std::thread::sleep(std::time::Duration::from_secs(60));
         }
     }
+}
+
+/// Read `fd` until its other end is closed everywhere: what came, as
+/// text (at most 4 KiB).
+fn read_to_eof(fd: OwnedFd) -> String {
+    let mut text = Vec::new();
+    let mut file = io::Read::take(fs::File::from(fd), 4096);
+    if let Err(e) = io::Read::read_to_end(&mut file, &mut text) {
+        log::error!("reading the init's outcome: {e}");
+    }
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 /// Read `fd` until its other end is closed everywhere.

@@ -211,6 +211,11 @@ impl Agent {
 }
 
 impl Agent {
+    /// What became of the OS image this guest booted (`os_root`).
+    pub fn set_os_main(&mut self, outcome: Result<kiln_agent_proto::ContainerInfo, String>) {
+        self.containers.set_os_main(outcome);
+    }
+
     /// `StartContainer`; a process with a terminal or stdin becomes a
     /// streamed process, its handle in the reply.
     fn start_container(&mut self, req: StartContainerRequest) -> Reply {

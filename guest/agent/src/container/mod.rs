@@ -81,6 +81,8 @@ pub struct OsRoot {
     pub args: Vec<String>,
     /// The init's environment.
     pub env: Vec<(String, String)>,
+    /// The container it is once the init runs as PID 1.
+    pub info: ContainerInfo,
 }
 
 /// The root of an OS image, mounted as a container's would be, with the
@@ -88,10 +90,27 @@ pub struct OsRoot {
 pub fn mount_os_root(req: StartContainerRequest) -> Result<OsRoot, ContainerError> {
     let spec = Spec::new(req)?;
     let (mounts, _) = mount_root(&spec, 0)?;
+    let info = ContainerInfo {
+        id: OS_MAIN.to_owned(),
+        state: ContainerState::Running,
+        pid: 1,
+        exit_code: None,
+        signal: None,
+        started_at_ms: sys::boottime_ms(),
+        exited_at_ms: None,
+        layers: spec.layers,
+        upper_disk: match spec.upper {
+            Upper::Disk(serial) => Some(serial),
+            Upper::Tmpfs(_) => None,
+        },
+        hostname: spec.hostname,
+        handle: None,
+    };
     Ok(OsRoot {
         path: mounts.rootfs(),
         args: spec.process.args,
         env: spec.process.env,
+        info,
     })
 }
 
@@ -295,10 +314,15 @@ impl Container {
     }
 }
 
+/// The container name of an OS image's root (the engine's `main`).
+pub const OS_MAIN: &str = "main";
+
 /// Every container of the guest.
 #[derive(Debug)]
 pub struct Containers {
     list: Vec<Container>,
+    /// The OS image's root, when this guest booted one.
+    os_main: Option<Result<ContainerInfo, String>>,
     max: usize,
     next_seq: u64,
     modules_loaded: bool,
@@ -487,6 +511,7 @@ impl Containers {
     pub fn new(max: usize) -> Self {
         Self {
             list: Vec::new(),
+            os_main: None,
             max,
             next_seq: mounts::next_seq(Path::new(mounts::CONTAINERS_DIR)),
             modules_loaded: false,
@@ -619,6 +644,9 @@ impl Containers {
 
     /// `ContainerStatus`.
     pub fn status(&mut self, id: &str) -> Result<ContainerInfo, ContainerError> {
+        if let Some(os) = self.os_main.as_ref().filter(|_| id == OS_MAIN) {
+            return os.clone().map_err(ContainerError::StartFailed);
+        }
         let c = self.find(id)?;
         c.poll_exit();
         Ok(c.info())
@@ -626,13 +654,19 @@ impl Containers {
 
     /// `ListContainers`.
     pub fn list(&mut self) -> Vec<ContainerInfo> {
-        self.list
-            .iter_mut()
-            .map(|c| {
-                c.poll_exit();
-                c.info()
-            })
-            .collect()
+        let os = self.os_main.iter().filter_map(|os| os.clone().ok());
+        os.chain(self.list.iter_mut().map(|c| {
+            c.poll_exit();
+            c.info()
+        }))
+        .collect()
+    }
+
+    /// What became of the OS image's hand-over (`os_root`): its init runs
+    /// as PID 1 (the container [`OS_MAIN`]), or why not. `ContainerStatus`
+    /// of `main` answers with it.
+    pub fn set_os_main(&mut self, outcome: Result<ContainerInfo, String>) {
+        self.os_main = Some(outcome);
     }
 
     /// `StopContainer`.
