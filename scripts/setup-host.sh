@@ -32,8 +32,10 @@ BASE_PACKAGES=(dbus iproute2 nftables xz-utils zstd python3 make gcc pkg-config 
                # kilnctl's tests render the man pages with `man -l`.
                man-db
                # The containerd shim's tests (shim/tests/ctr.rs) run a real containerd
-               # of their own; CNI plugins for its pod networking.
-               containerd containernetworking-plugins
+               # of their own; CNI plugins (bridge, host-local, loopback) for
+               # its pod networking in shim/tests/cri.rs, and protoc for the
+               # build of that test's CRI client (k8s-cri, docs/decisions.md).
+               containerd containernetworking-plugins protobuf-compiler
                # daemon/tests/metrics.rs: promtool checks the exposition, a
                # real Prometheus scrapes kilnd (docs/metrics.md).
                prometheus)

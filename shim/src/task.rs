@@ -594,13 +594,14 @@ impl TaskService {
 
     /// `Kill` of a task's main process.
     fn kill_task(&self, id: &str, signal: u32) -> TtrpcResult<()> {
-        let (pod, (role, name, started, exit, killed)) = self.pod_of(id, |t| {
+        let (pod, (role, name, started, exit, killed, handle)) = self.pod_of(id, |t| {
             Ok((
                 t.role.clone(),
                 t.name.clone(),
                 t.started,
                 Arc::clone(&t.exit),
                 Arc::clone(&t.killed),
+                t.handle,
             ))
         })?;
         if exit.get().is_some() {
@@ -630,6 +631,20 @@ impl TaskService {
             }
             return Ok(());
         }
+        // A streamed main process takes any signal, as an exec does.
+        if let Some(handle) = handle {
+            killed.store(signal, Ordering::SeqCst);
+            let signal = i32::try_from(signal).unwrap_or(libc::SIGKILL);
+            return match pod
+                .kiln
+                .connect()
+                .and_then(|mut m| m.signal_process(&pod.vm, handle, signal))
+            {
+                Ok(_) => Ok(()),
+                Err(e) if is_gone(&e) => Ok(()),
+                Err(e) => Err(status("signalling the container's process", &e)),
+            };
+        }
         if !STOPPING_SIGNALS.contains(&signal) {
             return Err(rpc_error(
                 Code::UNIMPLEMENTED,
@@ -637,15 +652,23 @@ impl TaskService {
             ));
         }
         killed.store(signal, Ordering::SeqCst);
-        match pod
-            .kiln
-            .connect()
-            .and_then(|mut m| m.remove_container(&pod.vm, &name))
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_gone(&e) => Ok(()),
-            Err(e) => Err(status("stopping the container", &e)),
-        }
+        // Like kill(2), Kill returns once the stop is under way, not when
+        // the process is gone: the exit is published by the output pump,
+        // and CRI answers it with Delete and Shutdown, which would close
+        // the connection of a Kill still waiting (StopPodSandbox then
+        // fails with "ttrpc: closed").
+        std::thread::spawn(move || {
+            match pod
+                .kiln
+                .connect()
+                .and_then(|mut m| m.remove_container(&pod.vm, &name))
+            {
+                Ok(_) => {}
+                Err(e) if is_gone(&e) => {}
+                Err(e) => log::warn!("stopping container {name}: {e}"),
+            }
+        });
+        Ok(())
     }
 }
 

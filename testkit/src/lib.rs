@@ -14,7 +14,8 @@
 //!   `busctl`, and `busctl monitor` for error names and signals.
 //! - [`containerd::Containerd`]: a real containerd of the test's own
 //!   (root, state, sockets in a temp dir), driven with `ctr`, for the
-//!   containerd shim's tests.
+//!   containerd shim's tests; or with its CRI plugin on, CNI pod networking
+//!   and itself inside a network namespace of the test's own.
 //! - [`oci`], [`registry`]: OCI test images built byte by byte from
 //!   busybox-static, and a real `docker-registry` on 127.0.0.1 ([`Registry`],
 //!   killed on drop) fed by `skopeo`.
