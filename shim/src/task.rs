@@ -39,6 +39,9 @@ use crate::state::{BundleRecord, Exit, ExitCell};
 use crate::stats;
 
 /// An exit whose code nobody could tell (the VM went first).
+/// How long after `Kill` returns the exit of a task with no process is
+/// reported (a sandbox's comes after its VM is given back instead).
+const EXIT_AFTER_KILL: std::time::Duration = std::time::Duration::from_millis(50);
 const UNKNOWN_EXIT: u32 = 255;
 
 /// The signals a container's main process can be sent today: kilnd stops
@@ -610,25 +613,33 @@ impl TaskService {
                 format!("{id}: process already finished"),
             ));
         }
-        let by_signal = Exit::now(128 + signal);
         if role == Role::Sandbox || !started {
-            if role == Role::Sandbox {
-                // Nothing runs in a sandbox: killing it ends the pod's VM
-                // (which frees its network namespace at once).
-                let giveback = {
+            // Nothing runs in a sandbox: killing it ends the pod's VM
+            // (which frees its network namespace).
+            let giveback = (role == Role::Sandbox)
+                .then(|| {
                     let mut state = self.lock();
                     let pod_id = state.tasks.get(id).map(|t| t.pod.clone());
                     pod_id
                         .and_then(|p| state.pods.get_mut(&p))
                         .and_then(Pod::giveback)
-                };
-                if let Some(giveback) = giveback {
-                    giveback.run();
+                })
+                .flatten();
+            // The exit comes after Kill's reply, as a real process's
+            // would: containerd answers an exit with Delete and Shutdown,
+            // and a Shutdown before the reply fails the Kill ("ttrpc:
+            // closed"). Seen with CRI's StopPodSandbox.
+            let (service, id) = (self.clone(), id.to_owned());
+            std::thread::spawn(move || {
+                match giveback {
+                    Some(giveback) => giveback.run(),
+                    None => std::thread::sleep(EXIT_AFTER_KILL),
                 }
-            }
-            if exit.set(by_signal) {
-                self.publish_exit(id, "", pod.qemu_pid, by_signal);
-            }
+                let by_signal = Exit::now(128 + signal);
+                if exit.set(by_signal) {
+                    service.publish_exit(&id, "", pod.qemu_pid, by_signal);
+                }
+            });
             return Ok(());
         }
         // A streamed main process takes any signal, as an exec does.
