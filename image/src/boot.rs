@@ -47,6 +47,11 @@ const MAX_MODULES: usize = 256;
 /// Most bytes of modules in all: the archive is built in memory and copied
 /// into every VM's initramfs (a dozen compressed modules are ~1 MiB).
 const MAX_MODULES_TOTAL_BYTES: usize = 64 << 20;
+/// Longest one `dump.erofs` may run: it reads an image's (untrusted)
+/// file system while the image's boot lock and the store's lock are held,
+/// so one that never ends must not hold them for good. A kernel of
+/// 256 MiB is read in about a second here.
+const DUMP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// An image's kernel and the modules Kiln's initramfs loads for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +169,8 @@ struct Layers {
     /// erofs files, topmost first.
     files: Vec<PathBuf>,
     listed: std::cell::RefCell<Listings>,
+    /// How long one `dump.erofs` may run ([`DUMP_DEADLINE`]).
+    deadline: std::time::Duration,
 }
 
 impl Layers {
@@ -183,6 +190,7 @@ impl Layers {
                 .map(|l| store.erofs_path(l))
                 .collect(),
             listed: Default::default(),
+            deadline: DUMP_DEADLINE,
         }
     }
 
@@ -367,6 +375,7 @@ impl Layers {
         let mut child = cmd
             .spawn()
             .map_err(|e| self.failed(layer, format!("{}: {e}", self.dump.display())))?;
+        let watchdog = Watchdog::start(child.id(), self.deadline);
         let stderr = child.stderr.take().map(|mut pipe| {
             std::thread::spawn(move || {
                 let mut text = String::new();
@@ -392,6 +401,15 @@ impl Layers {
         let status = child
             .wait()
             .map_err(|e| self.failed(layer, e.to_string()))?;
+        if watchdog.stop() {
+            return Err(self.failed(
+                layer,
+                format!(
+                    "dump.erofs {op} {path} ran longer than {} s and was killed",
+                    self.deadline.as_secs_f32()
+                ),
+            ));
+        }
         let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
         if stderr.contains("<E>") || (op == "--ls" && !out.starts_with(b"Path :")) {
             return Ok(None);
@@ -404,6 +422,53 @@ impl Layers {
 
     fn failed(&self, layer: usize, why: String) -> ImageError {
         ImageError::io("read boot files from", &self.files[layer])(std::io::Error::other(why))
+    }
+}
+
+/// Kills a process that is still running after a deadline. Through a
+/// pidfd, taken right after the spawn: a pid that was reaped and reused
+/// meanwhile is never signalled.
+struct Watchdog {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<bool>>,
+}
+
+impl Watchdog {
+    fn start(pid: u32, deadline: std::time::Duration) -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new
+        // descriptor or -1; nothing else is touched.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let thread = (fd >= 0).then(|| {
+            // SAFETY: a descriptor pidfd_open just returned, owned here only.
+            let pidfd =
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+            std::thread::spawn(move || {
+                if stopped.recv_timeout(deadline) != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    return false;
+                }
+                // SAFETY: pidfd_send_signal(2) on a valid pidfd with no
+                // siginfo.
+                let sent = unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+                sent == 0
+            })
+        });
+        Self { stop, thread }
+    }
+
+    /// Stop watching; whether the deadline had passed and it killed.
+    fn stop(self) -> bool {
+        drop(self.stop);
+        self.thread.is_some_and(|t| t.join().unwrap_or(false))
     }
 }
 
@@ -529,6 +594,42 @@ fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `dump.erofs` that never ends (an image crafted to loop it) is
+    /// killed at the deadline, with an error saying so; one that ends in
+    /// time is read as usual.
+    #[test]
+    fn a_dump_erofs_that_hangs_is_killed_at_the_deadline() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let layers = |script: &str, deadline_ms: u64| {
+            let dump = dir.path().join(format!("dump-{deadline_ms}"));
+            std::fs::write(&dump, format!("#!/bin/sh\n{script}\n")).unwrap();
+            std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o755)).unwrap();
+            Layers {
+                dump,
+                files: vec![dir.path().join("layer.erofs")],
+                listed: Default::default(),
+                deadline: std::time::Duration::from_millis(deadline_ms),
+            }
+        };
+        let started = std::time::Instant::now();
+        let hung = layers("exec sleep 30", 300).run(0, "--cat", "/boot/vmlinuz-6.1", 1024);
+        let error = hung.unwrap_err();
+        let mut chain = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(e) = source {
+            chain.push_str(&format!(": {e}"));
+            source = e.source();
+        }
+        assert!(
+            chain.contains("ran longer than 0.3 s and was killed"),
+            "{chain}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        let quick = layers("printf kernel", 5000).run(0, "--cat", "/boot/vmlinuz-6.1", 1024);
+        assert_eq!(quick.unwrap(), Some(b"kernel".to_vec()));
+    }
 
     #[test]
     fn reads_a_dump_erofs_listing() {
