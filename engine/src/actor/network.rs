@@ -294,11 +294,7 @@ impl Engine {
             return Err(no_network_table());
         }
         if let Some(path) = spec.netns_path() {
-            if let Err(source) = std::fs::File::open(&path) {
-                return Err(
-                    kiln_net::NetError::Netns(kiln_net::NetnsError::Open { path, source }).into(),
-                );
-            }
+            netns_exists(path)?;
         }
         Ok(())
     }
@@ -586,6 +582,17 @@ async fn remove_netns_tap(id: &str, netns: &std::path::Path, tap: &str) {
         }
         Err(e) => {
             warn!(vm = %id, tap, netns = %netns.display(), error = %EngineError::from(e).message(), "cannot remove namespace TAP")
+        }
+    }
+}
+
+/// `path` (a namespace under `/run/netns`) can be opened: checked before
+/// anything is changed, so a missing namespace leaves the VM as it was.
+pub(super) fn netns_exists(path: PathBuf) -> Result<PathBuf, EngineError> {
+    match std::fs::File::open(&path) {
+        Ok(_) => Ok(path),
+        Err(source) => {
+            Err(kiln_net::NetError::Netns(kiln_net::NetnsError::Open { path, source }).into())
         }
     }
 }

@@ -32,10 +32,15 @@ use crate::vmm::GuestAgent;
 /// How long the guest may take to reconfigure its interface.
 const CONFIGURE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A join that passed the checks.
+/// A join that passed the checks, and what they found.
 struct JoinCheck {
     netns: PathBuf,
     interface: String,
+    generation: u64,
+    agent: Arc<dyn GuestAgent>,
+    net: Arc<kiln_net::Network>,
+    /// The boot NIC as it is before the join.
+    nic: crate::vm::NicInfo,
 }
 
 /// What the join's second sub-task needs.
@@ -115,25 +120,23 @@ impl Engine {
             .network
             .as_ref()
             .is_some_and(|n| n.mode == NetMode::Bridge);
-        if !bridged || !entry.record.network.iter().any(|n| n.index == 0) {
+        let nic = entry.record.network.iter().find(|n| n.index == 0);
+        let (Some(nic), Some(net), true) = (nic, self.vm_net(id), bridged) else {
             return Err(no_bridge_nic(id));
-        }
+        };
         if entry.nic_ops.contains(&0) {
             return Err(EngineError::Busy { id: id.to_owned() });
         }
-        entry.answering("join a pod network with")?;
-        if self.vm_net(id).is_none() {
-            return Err(no_bridge_nic(id));
-        }
-        let netns = Path::new(NETNS_DIR).join(&request.netns);
-        if let Err(source) = std::fs::File::open(&netns) {
-            return Err(kiln_net::NetError::Netns(kiln_net::NetnsError::Open {
-                path: netns,
-                source,
-            })
-            .into());
-        }
-        Ok(JoinCheck { netns, interface })
+        let runtime = entry.answering("join a pod network with")?;
+        let netns = super::network::netns_exists(Path::new(NETNS_DIR).join(&request.netns))?;
+        Ok(JoinCheck {
+            netns,
+            interface,
+            generation: runtime.generation,
+            agent: runtime.agent.clone(),
+            net,
+            nic: nic.clone(),
+        })
     }
 
     /// The pod's interface was read (or not): write the record that makes
@@ -180,15 +183,7 @@ impl Engine {
         pod: PodInterface,
     ) -> Result<JoinPlan, EngineError> {
         let check = self.check_join(id, &request)?;
-        let entry = self.entry(id)?;
-        let runtime = entry.answering("join a pod network with")?;
-        let (generation, agent) = (runtime.generation, runtime.agent.clone());
-        let Some(nic) = entry.record.network.iter().find(|n| n.index == 0).cloned() else {
-            return Err(no_bridge_nic(id));
-        };
-        let Some(net) = self.vm_net(id) else {
-            return Err(no_bridge_nic(id));
-        };
+        let nic = check.nic;
         let pod_network = PodNetwork {
             netns: request.netns.clone(),
             interface: check.interface,
@@ -222,9 +217,9 @@ impl Engine {
             ..nic.clone()
         };
         Ok(JoinPlan {
-            generation,
-            net,
-            agent,
+            generation: check.generation,
+            net: check.net,
+            agent: check.agent,
             netns: check.netns,
             tap: nic.tap,
             guest: pod_guest_config(&joined, Some(nic.mac), &pod_network),
