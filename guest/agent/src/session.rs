@@ -179,6 +179,14 @@ impl Session {
     }
 }
 
+/// A terminal's master as a process's input and its one output stream.
+fn terminal_ends(master: &File) -> io::Result<(Input, Vec<(LogStream, File)>)> {
+    Ok((
+        Input::Terminal(master.try_clone()?),
+        vec![(LogStream::Stdout, master.try_clone()?)],
+    ))
+}
+
 /// stdin (if piped) and the output pipes of a spawned `child`.
 fn take_pipes(child: &mut std::process::Child) -> (Input, Vec<(LogStream, File)>) {
     let input = child
@@ -272,13 +280,8 @@ impl Sessions {
                         Ok(())
                     });
                 }
-                let reader = master.try_clone().map_err(spawn_failed)?;
-                let writer = master.try_clone().map_err(spawn_failed)?;
-                (
-                    Input::Terminal(writer),
-                    Some(master),
-                    vec![(LogStream::Stdout, reader)],
-                )
+                let (input, outputs) = terminal_ends(&master).map_err(spawn_failed)?;
+                (input, Some(master), outputs)
             }
             None => {
                 exec::piped(&mut cmd, req.stdin);
@@ -318,10 +321,7 @@ impl Sessions {
             })
         };
         let (input, outputs) = match &master {
-            Some(m) => (
-                Input::Terminal(m.try_clone().map_err(failed)?),
-                vec![(LogStream::Stdout, m.try_clone().map_err(failed)?)],
-            ),
+            Some(m) => terminal_ends(m).map_err(failed)?,
             None => take_pipes(child),
         };
         self.register(child.id(), input, master, outputs)
