@@ -213,6 +213,9 @@ class NewcWriter:
             self._write(b"\0" * (512 - self.written % 512))
 
 
+PAGE_SIZE = 4096
+
+
 def cmd_cpio(args):
     root = args.root.rstrip("/")
     tmp = args.out + ".tmp"
@@ -245,6 +248,12 @@ def cmd_cpio(args):
     writer.trailer()
     if args.gzip:
         out.close()
+    # A whole number of pages, zero-filled (the kernel skips zeros after an
+    # archive): QEMU puts a direct-boot (PVH) kernel's initrd at the top of
+    # low RAM with its start page-aligned, so a partial last page would
+    # overlap the ACPI tables the firmware keeps in the top KiB
+    # (docs/benchmarks.md "Direct (PVH) boot").
+    raw.write(b"\0" * (-raw.tell() % PAGE_SIZE))
     raw.close()
     os.replace(tmp, args.out)
 

@@ -124,6 +124,17 @@ fn every_qemu_runs_under_its_own_unprivileged_uid() {
     distinct.sort_unstable();
     distinct.dedup();
     assert_eq!(distinct.len(), 3, "three VMs, three uids: {uids:?}");
+    // They boot the guest's kernel unpacked for direct (PVH) boot, which
+    // kilnd made under its state directory and shared with them.
+    let unpacked = dir.join("state/guest-kernels");
+    for vm in [&cold, &clones[0]] {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm["pid"])).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            cmdline.contains(&format!("-kernel {}/vmlinux-", unpacked.display())),
+            "{cmdline}"
+        );
+    }
     println!(
         "QEMU uids: cold {}, clones {} and {}",
         uids[0], uids[1], uids[2]

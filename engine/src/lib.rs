@@ -12,6 +12,8 @@
 //!   [`os_boot`]: VMs that boot their image as a whole OS;
 //! - [`state`]: the VM state machine and its one transition check;
 //! - [`qemu`]: typed QEMU argv, the QMP client, process handling;
+//!   [`guest_kernel`]: the built-in guest's kernel unpacked for direct
+//!   (PVH) boot;
 //! - [`agent`]: the `io.kiln.Agent` client;
 //! - [`store`]: crash-safe records on disk;
 //! - [`api`]: the contract: commands, events, limits;
@@ -37,6 +39,7 @@ pub mod container;
 pub mod copy;
 pub mod error;
 pub mod guest_io;
+pub mod guest_kernel;
 pub mod ids;
 pub mod images;
 pub mod name;

@@ -361,6 +361,8 @@ fn give_files(user: &QemuUser, launch: &QemuLaunch) -> std::io::Result<()> {
     if launch.boot_files_are_kilnds {
         user.share(&launch.kernel)?;
         user.share(&launch.initrd)?;
+    } else if launch.kernel_is_kilnds {
+        user.share(&launch.kernel)?;
     }
     Ok(())
 }

@@ -401,9 +401,19 @@ impl Engine {
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), EngineError> {
         let accel = config.accel.resolve(HostVirt::probe());
         let defaults = SpecDefaults {
-            kernel: config.guest_dir.join("vmlinuz"),
+            kernel: crate::guest_kernel::as_booted(
+                config.guest_dir.join("vmlinuz"),
+                &config.guest_dir.join("initramfs"),
+                &config.state_dir,
+            )
+            .await,
             initrd: config.guest_dir.join("initramfs"),
-            gpu_kernel: config.guest_dir.join("gpu/vmlinuz"),
+            gpu_kernel: crate::guest_kernel::as_booted(
+                config.guest_dir.join("gpu/vmlinuz"),
+                &config.guest_dir.join("gpu/initramfs"),
+                &config.state_dir,
+            )
+            .await,
             gpu_initrd: config.guest_dir.join("gpu/initramfs"),
             accel,
         };
@@ -413,6 +423,7 @@ impl Engine {
         let store = RecordDir::open(config.vm_records_dir())?;
         let images = images::Images::open(&config)?;
         let (records, broken) = store.load_all::<VmRecord>()?;
+        reconcile::remove_unused_kernels(&config.state_dir, &defaults, &records);
         for b in &broken {
             error!(key = %b.key, path = %b.path.display(), reason = %b.reason, "VM record is broken, moved aside");
         }

@@ -3,6 +3,7 @@
 //! agent reconnected lazily), a dead one's VM is marked `failed`, and runtime
 //! directories no record owns are removed with their QEMU.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -187,5 +188,25 @@ impl Engine {
                 _ => break,
             }
         }
+    }
+}
+
+/// Unpacked kernels neither in use now nor named by a VM record or a
+/// snapshot (which restore with the kernel they were saved with) go.
+pub(super) fn remove_unused_kernels(
+    state_dir: &Path,
+    defaults: &crate::spec::SpecDefaults,
+    records: &[(String, crate::vm::VmRecord)],
+) {
+    let snapshots: Vec<PathBuf> = crate::snapshot::list(state_dir)
+        .iter()
+        .filter_map(|s| crate::snapshot::load(state_dir, &s.name).ok())
+        .map(|(_, meta)| meta.spec.kernel)
+        .collect();
+    let mut keep: Vec<&Path> = vec![&defaults.kernel, &defaults.gpu_kernel];
+    keep.extend(records.iter().map(|(_, r)| r.spec.kernel.as_path()));
+    keep.extend(snapshots.iter().map(PathBuf::as_path));
+    for removed in crate::guest_kernel::remove_unused(state_dir, &keep) {
+        info!(kernel = %removed.display(), "removed an unpacked kernel no VM uses");
     }
 }

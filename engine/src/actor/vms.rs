@@ -322,6 +322,9 @@ impl Engine {
             // Set by the caller, which knows whose QEMU this is.
             user: None,
             boot_files_are_kilnds: spec.boot == crate::spec::BootSource::Image,
+            kernel_is_kilnds: spec
+                .kernel
+                .starts_with(self.config.state_dir.join(crate::guest_kernel::CACHE_DIR)),
         }
     }
 

@@ -110,6 +110,9 @@ pub struct QemuLaunch {
     /// with the QEMU's user. Never for a caller's `kernel`/`initrd`: kilnd
     /// must not re-own a file a request names. Not part of the argv.
     pub boot_files_are_kilnds: bool,
+    /// The kernel (only) is one kilnd made: the built-in guest's, unpacked
+    /// for direct boot (module `guest_kernel`), shared with QEMU's user.
+    pub kernel_is_kilnds: bool,
 }
 
 /// QEMU ids of hot-plugged NIC `index` (1-based): the root port it goes
@@ -381,6 +384,7 @@ mod tests {
             disks: Vec::new(),
             user: None,
             boot_files_are_kilnds: false,
+            kernel_is_kilnds: false,
         }
     }
 
