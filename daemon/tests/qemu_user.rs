@@ -134,6 +134,12 @@ fn every_qemu_runs_under_its_own_unprivileged_uid() {
             cmdline.contains(&format!("-kernel {}/vmlinux-", unpacked.display())),
             "{cmdline}"
         );
+        // With the arguments that skip the boot work a Kiln guest does
+        // not use (kiln_engine::guest_kernel::BOOT_ARGS).
+        assert!(
+            cmdline.contains(kiln_engine::guest_kernel::BOOT_ARGS),
+            "{cmdline}"
+        );
     }
     println!(
         "QEMU uids: cold {}, clones {} and {}",

@@ -31,6 +31,31 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
+/// Kernel arguments for the built-in guest's kernels: boot work a Kiln
+/// guest does not use, which under TCG was most of its kernel's time to
+/// `/init` (raw QEMU, 256 MiB, 1 vCPU, PVH, guest clock; docs/benchmarks.md
+/// "Kernel arguments"):
+///
+/// - `cryptomgr.notests`, `crypto_kdf108_init`, `jent_mod_init`: the
+///   crypto self-tests and the jitter-entropy RNG's start-up sampling
+///   (FIPS-mode assurances; the guest's RNG is seeded by virtio-rng and
+///   by kilnd's entropy): about a second;
+/// - `load_system_certificate_list`: Debian's module-signing certificates.
+///   Nothing enforces module signatures in the guest (no lockdown, no
+///   `module.sig_enforce`), and without them each module's RSA check is
+///   skipped too: ~140 ms plus ~35 ms per module. The kernel then logs
+///   "module verification failed" once and marks itself tainted (`E`);
+/// - `bpf_dummy_struct_ops_init` (a BPF self-test), `bpf_tcp_ca_kfunc_init`
+///   (BPF TCP congestion-control programs, which a guest then cannot
+///   load) and `trace_eval_init` (enum names in trace event formats):
+///   ~100 ms each.
+///
+/// Only for kernels kilnd ships: a caller's or an image's kernel boots
+/// with its own defaults.
+pub const BOOT_ARGS: &str = "cryptomgr.notests initcall_blacklist=\
+    crypto_kdf108_init,jent_mod_init,load_system_certificate_list,\
+    bpf_dummy_struct_ops_init,bpf_tcp_ca_kfunc_init,trace_eval_init";
+
 /// Where derived kernels live, under the state directory.
 pub const CACHE_DIR: &str = "guest-kernels";
 

@@ -49,6 +49,7 @@ pub(super) async fn boot(
     agent: Arc<dyn GuestAgent>,
     tx: &mpsc::UnboundedSender<Internal>,
 ) -> Result<PingReply, EngineError> {
+    let mut steps = BootSteps::start();
     remove_tree(&plan.runtime_dir);
     create_private_dir(&plan.runtime_dir)?;
     for (path, mib) in &plan.upper_disks {
@@ -69,6 +70,7 @@ pub(super) async fn boot(
         None => None,
     };
     let inherit: Vec<_> = tap.into_iter().map(|t| (t.fd, TAP_FD)).collect();
+    steps.done("prepare");
     let started = vmm
         .launch(plan.launch.clone(), inherit, log, plan.qmp_timeout)
         .await?;
@@ -103,19 +105,23 @@ pub(super) async fn boot(
         qmp: qmp.clone(),
         qemu_version: started.version,
     });
+    steps.done("launch");
     if let Some(state) = &plan.restore {
         // The template was saved paused, so the clone loads paused.
         qmp.restore_clone(state, plan.boot_timeout).await?;
         qmp.cont().await?;
+        steps.done("restore");
     }
     let ping = until_qemu_exits(Some(&qemu), async {
         Ok(agent.wait_ready(plan.boot_timeout).await?)
     })
     .await?;
+    steps.done("agent");
     if let Some(identity) = &plan.identity {
         let _: serde_json::Value = agent
             .call(proto::method::SET_IDENTITY, identity, plan.qmp_timeout)
             .await?;
+        steps.done("identity");
     }
     if let Some(n) = &plan.net {
         agent
@@ -127,8 +133,44 @@ pub(super) async fn boot(
                 net.add_forward(forward.clone()).await?;
             }
         }
+        steps.done("network");
     }
+    tracing::debug!(vm = %id, clone = plan.restore.is_some(), steps = %steps, "boot steps");
     Ok(ping)
+}
+
+/// How long each step of a boot took, logged at debug (`boot steps`) for
+/// the benchmark's per-step table of clones (docs/benchmarks.md).
+struct BootSteps {
+    last: std::time::Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl BootSteps {
+    fn start() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Step `name` ended now.
+    fn done(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+/// `prepare_us=812 launch_us=20113 …`: one field per step, in order.
+impl std::fmt::Display for BootSteps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, took)) in self.done.iter().enumerate() {
+            let gap = if i == 0 { "" } else { " " };
+            write!(f, "{gap}{name}_us={}", took.as_micros())?;
+        }
+        Ok(())
+    }
 }
 
 /// A hostname, a machine id and fresh host entropy: what makes a pool VM

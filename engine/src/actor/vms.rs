@@ -262,6 +262,13 @@ impl Engine {
         })
     }
 
+    /// A kernel kilnd ships (the built-in guest's, as it is or unpacked
+    /// for direct boot), not a caller's or an image's.
+    fn is_built_in_kernel(&self, kernel: &Path) -> bool {
+        kernel.starts_with(&self.config.guest_dir)
+            || kernel.starts_with(self.config.state_dir.join(crate::guest_kernel::CACHE_DIR))
+    }
+
     /// The QEMU launch of VM `id` with `spec`, its runtime files in
     /// `runtime_dir` and its RAM in `memory`.
     pub(super) fn launch_for_spec(
@@ -276,6 +283,11 @@ impl Engine {
         for extra in [
             if spec.accel == Accel::Tcg {
                 self.tcg_cmdline.as_str()
+            } else {
+                ""
+            },
+            if self.is_built_in_kernel(&spec.kernel) {
+                crate::guest_kernel::BOOT_ARGS
             } else {
                 ""
             },
