@@ -108,7 +108,7 @@ impl AgentClient {
         }
         let result = tokio::time::timeout_at(deadline, async {
             if guard.is_none() {
-                *guard = Some(self.connect_and_sync().await?);
+                *guard = Some(self.connect_and_sync().await?.0);
             }
             let conn = guard.as_mut().ok_or(AgentError::Disconnected)?;
             roundtrip(conn, method, parameters).await
@@ -130,8 +130,25 @@ impl AgentClient {
         result
     }
 
-    /// `Ping`, for [`AgentClient::wait_ready`].
+    /// `Ping`, for [`AgentClient::wait_ready`]. On a new connection the
+    /// `Ping` that syncs it is the answer: a second one would cost a clone
+    /// another round trip through a guest whose code is not translated yet.
     async fn ping(&self, timeout: Duration) -> Result<proto::PingReply, AgentError> {
+        {
+            let mut guard = self.conn.lock().await;
+            if guard.as_ref().is_some_and(|c| c.in_flight) {
+                *guard = None;
+            }
+            if guard.is_none() {
+                let (conn, reply) = tokio::time::timeout(timeout, self.connect_and_sync())
+                    .await
+                    .map_err(|_| AgentError::Timeout {
+                        method: proto::method::PING.into(),
+                    })??;
+                *guard = Some(conn);
+                return Ok(reply);
+            }
+        }
         let protocol = |e: serde_json::Error| AgentError::Protocol(e.to_string());
         let request = serde_json::to_value(proto::PingRequest::default()).map_err(protocol)?;
         let reply = self
@@ -173,7 +190,8 @@ impl AgentClient {
         *self.conn.lock().await = None;
     }
 
-    async fn connect_and_sync(&self) -> Result<Connection, AgentError> {
+    /// A new connection, synced by a `Ping` with a nonce; that Ping's reply.
+    async fn connect_and_sync(&self) -> Result<(Connection, proto::PingReply), AgentError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|e| AgentError::Connect(e.to_string()))?;
@@ -209,7 +227,9 @@ impl AgentClient {
                 .and_then(|p| p.get("nonce"))
                 .and_then(Value::as_u64);
             if reply.error.is_none() && echoed == Some(nonce) {
-                return Ok(conn);
+                let ping = serde_json::from_value(reply.parameters.unwrap_or_default())
+                    .map_err(|e| AgentError::Protocol(e.to_string()))?;
+                return Ok((conn, ping));
             }
             tracing::debug!(socket = %self.socket.display(), "skipping a stale agent reply");
         }

@@ -128,7 +128,8 @@ class Kilnd:
                     f'boot_timeout_sec = 180\npool_dirs = []\n'
                     f'dbus = "{self.bus_address}"\npolkit = false\n'
                     # The engine logs its share of each hot acquire at debug.
-                    f'log_level = "info,kiln_engine::actor::pools=debug"\n{self.extra_config}')
+                    f'log_level = "info,kiln_engine::actor::pools=debug,kiln_engine::actor::tasks=debug"\n'
+                    f'{self.extra_config}')
         self.log = open(os.path.join(self.work, "kilnd.log"), "w")
         self.proc = subprocess.Popen(self.wrap + [KILND, "--config", config], stdout=self.log,
                                      stderr=self.log)
@@ -153,6 +154,18 @@ class Kilnd:
         kilnd's log: pick, lease record write, events), in ms."""
         with open(os.path.join(self.work, "kilnd.log"), errors="replace") as f:
             return [int(m.group(1)) / 1000 for m in re.finditer(r"engine_us=(\d+)", f.read())]
+
+    def boot_steps(self):
+        """Every boot sub-task's steps so far (`boot steps` in kilnd's log):
+        [{"clone": bool, step: ms, ...}] in order."""
+        with open(os.path.join(self.work, "kilnd.log"), errors="replace") as f:
+            lines = [line for line in f if "boot steps" in line]
+        out = []
+        for line in lines:
+            steps = {"clone": "clone=true" in line}
+            steps.update({m.group(1): int(m.group(2)) / 1000 for m in re.finditer(r"(\w+)_us=(\d+)", line)})
+            out.append(steps)
+        return out
 
     def log_tail(self, chars=4000):
         try:

@@ -25,6 +25,7 @@ api-*           round trips on one persistent connection per transport with
 import os
 import shutil
 import subprocess
+import statistics
 import time
 
 from kiln import Qmp, VarlinkConnection, agent_ping, argv_of, log, wait_pool
@@ -42,21 +43,35 @@ def dbus_manager():
 
 
 def raw_restore(argv, run_dir, template_dir):
-    """Exec a clone's argv, restore the template over QMP, time to agent Ping."""
+    """Exec a clone's argv, restore the template over QMP, time to agent Ping.
+
+    Returns the total in ms and the steps kilnd's `boot steps` log names
+    (launch: exec to QMP connected; restore: to `cont` done; agent: to the
+    Ping reply)."""
     t0 = time.monotonic()
     qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         qmp = Qmp(os.path.join(run_dir, "qmp.sock"), timeout=30, pause=0.001)
+        t_launch = time.monotonic()
         qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
         qmp.cmd("migrate-incoming", uri=f"file:{template_dir}/state")
         while qmp.cmd("query-status")["status"] == "inmigrate":
             time.sleep(0.001)
         qmp.cmd("cont")
+        t_restore = time.monotonic()
         agent_ping(os.path.join(run_dir, "agent.sock"), t0 + 60)
-        return (time.monotonic() - t0) * 1000
+        t_agent = time.monotonic()
+        steps = {"launch": t_launch - t0, "restore": t_restore - t_launch, "agent": t_agent - t_restore}
+        return (t_agent - t0) * 1000, {k: v * 1000 for k, v in steps.items()}
     finally:
         qemu.kill()
         qemu.wait()
+
+
+def step_medians(runs):
+    """{step: median ms} over a list of {step: ms}."""
+    names = [n for n in runs[0]] if runs else []
+    return {n: round(statistics.median(r[n] for r in runs if n in r), 1) for n in names}
 
 
 def clones(kilnd, rounds, pool, concurrency):
@@ -77,11 +92,15 @@ def clones(kilnd, rounds, pool, concurrency):
     template_dir = os.path.dirname(next(a for a in argv if "mem-path=" in a).split("mem-path=")[1])
     conn.call("Release", {"id": vm["id"]})
     vm_dir = kilnd.vm_dir(vm["id"])
+    raw_steps = []
+    kilnd_steps_before = len(kilnd.boot_steps())
     for i in range(rounds):
         raw_dir = os.path.join(kilnd.work, f"rawclone{i}")
         os.makedirs(raw_dir)
         raw_argv = [a.replace(vm_dir, raw_dir).replace(f"kiln-{vm['id']}", "kiln-bench-raw") for a in argv]
-        results[RAW_CLONE].append(raw_restore(raw_argv, raw_dir, template_dir))
+        total, steps = raw_restore(raw_argv, raw_dir, template_dir)
+        results[RAW_CLONE].append(total)
+        raw_steps.append(steps)
         shutil.rmtree(raw_dir, ignore_errors=True)
         t0 = time.monotonic()
         got = conn.call("Acquire", {"pool": pool, "timeoutMs": 60000})["vm"]
@@ -91,7 +110,16 @@ def clones(kilnd, rounds, pool, concurrency):
     log(f"clones: raw {sorted(results[RAW_CLONE])[rounds // 2]:.0f} ms, "
         f"kilnd {sorted(results[KILND_CLONE])[rounds // 2]:.0f} ms (median)")
     conn.close()
-    return results, {"template build, first Acquire of a new pool (ms)": round(template_build_ms, 1)}
+    # Each Acquire's clone (the pool has max 1 and waits for the release,
+    # so there is no refill clone in between).
+    kilnd_steps = [s for s in kilnd.boot_steps()[kilnd_steps_before:] if s.pop("clone")]
+    total = statistics.median(results[KILND_CLONE])
+    kilnd_medians = step_medians(kilnd_steps)
+    # What the boot sub-task does not cover: the Acquire call, the records
+    # written before and after, the actor's hand-offs.
+    kilnd_medians["outside the boot task"] = round(total - sum(kilnd_medians.values()), 1)
+    steps = {"raw": step_medians(raw_steps), "kilnd": kilnd_medians, "n": len(kilnd_steps)}
+    return results, {"template build, first Acquire of a new pool (ms)": round(template_build_ms, 1)}, steps
 
 
 def hot_acquires(kilnd, pool, acquires, budget_s, min_acquires):

@@ -261,6 +261,7 @@ def markdown(report):
     for name, s in report["scenarios"].items():
         out.append(f"| {name} | {s['n']} | {ms(s['median_ms'])} | {ms(s['p99_ms'])} | {ms(s['min_ms'])} | "
                    f"{ms(s['max_ms'])} | {s.get('floor', '')} | {str(s['vs_floor']) + 'x' if 'vs_floor' in s else ''} |")
+    out += clone_steps_md(report)
     out += density_md(report)
     out += fill_md(report)
     out += daemon_md(report)
@@ -279,6 +280,22 @@ def markdown(report):
             f"(made {g.get('baseline_made', '?')}); {len(g.get('warnings', []))} warnings. {g.get('note', '')}"]
     out += [f"- {w}" for w in g.get("warnings", [])]
     return "\n".join(out) + "\n"
+
+
+def clone_steps_md(report):
+    steps = report.get("clone_steps")
+    if not steps or not steps.get("n"):
+        return []
+    raw, kilnd = steps["raw"], steps["kilnd"]
+    out = ["", "## Template clone, step by step (median ms)", "",
+           f"Acquire with nothing hot (n = {steps['n']}) against the raw restore. kilnd's steps are its "
+           "boot sub-task's (`boot steps` in its debug log): prepare (runtime dir, disks, TAP), launch "
+           "(exec to QMP connected, cgroup), restore (`migrate-incoming` to `cont`), agent (to Ping), identity "
+           "(SetIdentity), network (ConfigureNetwork); the rest of the Acquire is outside the boot task.", "",
+           "| step | raw QEMU | kilnd |", "| --- | --- | --- |"]
+    for name in list(dict.fromkeys(list(kilnd) + list(raw))):
+        out.append(f"| {name} | {fmt(raw.get(name))} | {fmt(kilnd.get(name))} |")
+    return out
 
 
 def density_md(report):

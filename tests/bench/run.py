@@ -137,7 +137,8 @@ def kilnd_phases(ph, samples, rep):
         # One template pool serves clones, hot acquires, the template density
         # ladder and one fill: its template is built once.
         shared, conc = "bench", PLAN["template"]["concurrency"]
-        clone_samples, extra = ph.run("template clones", pools.clones, k, PLAN["clone_rounds"], shared, conc)
+        clone_samples, extra, rep["clone_steps"] = ph.run("template clones", pools.clones, k, PLAN["clone_rounds"],
+                                                          shared, conc)
         samples.update(clone_samples)
         rep["extra"] = extra
         samples.update(ph.run("hot acquires", pools.hot_acquires, k, shared, PLAN["hot_acquires"],

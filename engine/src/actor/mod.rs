@@ -166,6 +166,12 @@ pub(super) enum Write {
     /// applied even if the write fails, since it is true either way; the
     /// next reconcile agrees with it.
     Fact,
+    /// A fact about a running process (its pid, its TAP's index): as
+    /// `Fact`, but not synced (`Durability::UntilHostCrash`): a host crash
+    /// ends the process too, and a kilnd restart finds the file in the
+    /// page cache. It is written while a clone restores, where two fsyncs
+    /// in the actor cost the clone ~15 ms.
+    RunningFact,
 }
 
 /// Reports from sub-tasks to the actor.
@@ -732,6 +738,11 @@ impl Engine {
         let _ = self.write_record(id, None, Write::Fact, change);
     }
 
+    /// Record a fact about VM `id`'s running process ([`Write::RunningFact`]).
+    fn record_running_fact(&mut self, id: &str, change: impl FnOnce(&mut VmRecord)) {
+        let _ = self.write_record(id, None, Write::RunningFact, change);
+    }
+
     /// Apply `change` (and the state change, if any) to a copy of the
     /// record, write it as `write` says, then publish `VmChanged` and tell
     /// the pools.
@@ -761,8 +772,12 @@ impl Engine {
         }
         match write {
             Write::Request(durability) => self.store.write_with(id, &record, durability)?,
-            Write::Fact => {
-                if let Err(e) = self.store.write(id, &record) {
+            Write::Fact | Write::RunningFact => {
+                let durability = match write {
+                    Write::RunningFact => Durability::UntilHostCrash,
+                    _ => Durability::Durable,
+                };
+                if let Err(e) = self.store.write_with(id, &record, durability) {
                     error!(vm = %id, error = %EngineError::from(e).message(), "cannot persist VM record");
                 }
             }
@@ -827,7 +842,7 @@ impl Engine {
                 let kill_now = runtime.stop_intent.is_some();
                 runtime.process = Some(process);
                 runtime.qmp = Some(qmp);
-                self.record_fact(&id, |r| {
+                self.record_running_fact(&id, |r| {
                     r.pid = Some(pid);
                     r.qemu_version = Some(qemu_version);
                 });
@@ -847,7 +862,7 @@ impl Engine {
                 ifindex,
             } => {
                 if self.runtime_of(&id, generation).is_some() {
-                    self.record_fact(&id, |r| {
+                    self.record_running_fact(&id, |r| {
                         if let Some(nic) = r.network.iter_mut().find(|n| n.index == 0) {
                             nic.ifindex = ifindex;
                         }

@@ -35,8 +35,6 @@ pub(super) struct BootPlan {
     /// Writable container disks (path, MiB) to make before QEMU opens
     /// them (a container's first start).
     pub(super) upper_disks: Vec<(PathBuf, u64)>,
-    /// The VM's cgroup and its limits, QEMU moved in once launched.
-    pub(super) cgroup: Option<(crate::cgroup::VmCgroup, crate::cgroup::CgroupLimits)>,
 }
 
 /// Launch QEMU, connect QMP, start the monitor, restore a template's state
@@ -75,20 +73,6 @@ pub(super) async fn boot(
         .launch(plan.launch.clone(), inherit, log, plan.qmp_timeout)
         .await?;
     let (process, qmp) = (started.process, started.monitor);
-    if let Some((cgroup, limits)) = &plan.cgroup {
-        // Limits protect the host; a VM whose cgroup cannot be made runs
-        // without them, and says so.
-        match cgroup.create(limits).and_then(|skipped| {
-            cgroup.attach(process.pid())?;
-            Ok(skipped)
-        }) {
-            Ok(skipped) if skipped.is_empty() => {}
-            Ok(skipped) => {
-                tracing::info!(vm = %id, ?skipped, "some VM limits are not available here")
-            }
-            Err(e) => tracing::warn!(vm = %id, error = %e, "VM runs without its cgroup"),
-        }
-    }
     tokio::spawn(monitor(
         id.to_owned(),
         generation,

@@ -185,7 +185,7 @@ impl Engine {
         });
         entry.ready_waiters.extend(reply);
         let tx = self.internal_tx.clone();
-        let cgroup = self.own_cgroups.then(|| (self.cgroup_of(id), limits));
+        launch.cgroup = self.own_cgroups.then(|| (self.cgroup_of(id), limits));
         let mut plan = BootPlan {
             launch,
             runtime_dir,
@@ -195,7 +195,6 @@ impl Engine {
             qmp_timeout: self.config.qmp_timeout(),
             boot_timeout: self.config.boot_timeout(),
             upper_disks,
-            cgroup,
         };
         let id = id.to_owned();
         info!(vm = %id, generation, clone = plan.restore.is_some(), "starting VM");
@@ -337,6 +336,8 @@ impl Engine {
             kernel_is_kilnds: spec
                 .kernel
                 .starts_with(self.config.state_dir.join(crate::guest_kernel::CACHE_DIR)),
+            // Set by the caller, which knows the limits.
+            cgroup: None,
         }
     }
 

@@ -113,6 +113,10 @@ pub struct QemuLaunch {
     /// The kernel (only) is one kilnd made: the built-in guest's, unpacked
     /// for direct boot (module `guest_kernel`), shared with QEMU's user.
     pub kernel_is_kilnds: bool,
+    /// The cgroup QEMU goes into, with its limits, made and joined while
+    /// QEMU starts (by the real VMM); None: it stays in kilnd's. Not
+    /// part of the argv.
+    pub cgroup: Option<(crate::cgroup::VmCgroup, crate::cgroup::CgroupLimits)>,
 }
 
 /// QEMU ids of hot-plugged NIC `index` (1-based): the root port it goes
@@ -385,6 +389,7 @@ mod tests {
             user: None,
             boot_files_are_kilnds: false,
             kernel_is_kilnds: false,
+            cgroup: None,
         }
     }
 

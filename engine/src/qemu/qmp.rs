@@ -423,7 +423,9 @@ impl Qmp {
                         command: "migrate-incoming".into(),
                     })
                 }
-                "inmigrate" => tokio::time::sleep(Duration::from_millis(2)).await,
+                // The timer's resolution: a template's device state loads
+                // in a few ms, and every clone waits for this poll.
+                "inmigrate" => tokio::time::sleep(Duration::from_millis(1)).await,
                 "paused" | "postmigrate" | "running" => return Ok(()),
                 other => {
                     return Err(QmpError::Command {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kiln_agent_proto::PingReply;
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{BoxFuture, GuestAgent, Monitor, Process, Reconnected, Started, Vmm};
 use crate::agent::{AgentClient, AgentError};
@@ -39,8 +39,33 @@ impl Vmm for QemuVmm {
             // QEMU holds its copies now (a persistent TAP outlives ours).
             drop(borrowed);
             drop(inherit);
+            // Its cgroup is made and joined while QEMU initialises, not
+            // after: moving a process between cgroups waits for an RCU
+            // grace period (8 ms for v1's memory controller here), which
+            // was on every clone's critical path. Both are over before the
+            // guest runs an instruction: launch returns once QMP is up and
+            // the join is done, and the VM is resumed after that.
+            let joining = launch.cgroup.clone().map(|(cgroup, limits)| {
+                let pid = process.pid();
+                tokio::task::spawn_blocking(move || {
+                    let skipped = cgroup.create(&limits)?;
+                    cgroup.attach(pid)?;
+                    Ok::<_, std::io::Error>(skipped)
+                })
+            });
             let connected =
                 connect_when_up(&process, &launch.qmp_socket, &log, monitor_timeout).await;
+            if let Some(joining) = joining {
+                // Limits protect the host; a VM whose cgroup cannot be made
+                // runs without them, and says so.
+                match joining.await.map_err(std::io::Error::other).and_then(|r| r) {
+                    Ok(skipped) if skipped.is_empty() => {}
+                    Ok(skipped) => {
+                        info!(vm = %launch.vm_id, ?skipped, "some VM limits are not available here")
+                    }
+                    Err(e) => warn!(vm = %launch.vm_id, error = %e, "VM runs without its cgroup"),
+                }
+            }
             let (qmp, version, events) = match connected {
                 Ok(c) => c,
                 Err(e) => {
