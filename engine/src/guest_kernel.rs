@@ -25,7 +25,8 @@
 //! pads the images it builds; an older image boots its bzImage.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -62,7 +63,7 @@ pub const CACHE_DIR: &str = "guest-kernels";
 /// The initramfs's length must be a multiple of this (see above).
 const INITRD_ALIGNMENT: u64 = 4096;
 
-/// Largest kernel read (a bzImage) and written (its ELF).
+/// Largest kernel hashed (a bzImage) and written (its ELF).
 const MAX_BZIMAGE_BYTES: u64 = 64 << 20;
 const MAX_ELF_BYTES: u64 = 512 << 20;
 
@@ -134,29 +135,43 @@ pub fn direct_boot_kernel(
             initrd.display()
         )));
     }
-    let mut image = Vec::new();
-    File::open(bzimage)
-        .and_then(|f| f.take(MAX_BZIMAGE_BYTES).read_to_end(&mut image))
-        .map_err(io_error(bzimage))?;
-    let digest = hex(&Sha256::digest(&image));
+    // Streamed, never held whole: kilnd's heap keeps what it once held
+    // (glibc returns little of it), and a bzImage is ~12 MB, its ELF ~58.
+    let mut image = File::open(bzimage).map_err(io_error(bzimage))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut (&image).take(MAX_BZIMAGE_BYTES), &mut hasher).map_err(io_error(bzimage))?;
+    let digest = hex(&hasher.finalize());
     let dir = state_dir.join(CACHE_DIR);
     let target = dir.join(format!("vmlinux-{digest}"));
     if target.is_file() {
         return Ok(target);
     }
-    let elf = unpack(&image)?;
-    check_pvh_elf(&elf)?;
+    let payload = payload_of(&image).map_err(|e| match e {
+        Unreadable::Io(source) => io_error(bzimage)(source),
+        Unreadable::Unsupported(why) => GuestKernelError::Unsupported(why),
+    })?;
     std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
     let partial = dir.join(format!(".vmlinux-{digest}.partial"));
-    let written = File::create(&partial)
-        .and_then(|mut f| {
-            f.write_all(&elf)?;
-            f.sync_all()
+    // Read back too: the PVH note is checked in the file written.
+    let made = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&partial)
+        .map_err(io_error(&partial))
+        .and_then(|mut elf| {
+            image
+                .seek(SeekFrom::Start(payload.offset))
+                .map_err(io_error(bzimage))?;
+            unpack(&payload, (&image).take(payload.length), &mut elf)?;
+            check_pvh_elf(&elf)?;
+            elf.sync_all().map_err(io_error(&partial))
         })
-        .and_then(|()| std::fs::rename(&partial, &target));
-    if let Err(e) = written {
+        .and_then(|()| std::fs::rename(&partial, &target).map_err(io_error(&target)));
+    if let Err(e) = made {
         let _ = std::fs::remove_file(&partial);
-        return Err(io_error(&target)(e));
+        return Err(e);
     }
     Ok(target)
 }
@@ -177,16 +192,48 @@ pub fn remove_unused(state_dir: &Path, keep: &[&Path]) -> Vec<PathBuf> {
     removed
 }
 
-/// The bzImage's payload, decompressed.
-fn unpack(image: &[u8]) -> Result<Vec<u8>, GuestKernelError> {
-    let unsupported = |why: &str| GuestKernelError::Unsupported(why.to_owned());
-    let u32_at = |at: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?))
+/// Where a bzImage's compressed kernel is, and how it is compressed.
+struct Payload {
+    offset: u64,
+    length: u64,
+    compression: Compression,
+}
+
+enum Compression {
+    /// The kernel build appends the decompressed size (4 bytes), which is
+    /// no zstd frame.
+    Zstd,
+    Gzip,
+}
+
+/// Why a bzImage's payload could not be found.
+enum Unreadable {
+    Io(io::Error),
+    Unsupported(String),
+}
+
+/// The payload named by the boot header (`payload_offset`,
+/// `payload_length`, protocol 2.08+).
+fn payload_of(image: &File) -> Result<Payload, Unreadable> {
+    let unsupported = |why: &str| Unreadable::Unsupported(why.to_owned());
+    let mut header = [0u8; 0x250];
+    match image.read_exact_at(&mut header, 0) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(unsupported("not a bzImage (no HdrS boot header)"))
+        }
+        Err(e) => return Err(Unreadable::Io(e)),
+    }
+    let u32_at = |at: usize| {
+        header
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes)
     };
-    if image.get(0x202..0x206) != Some(b"HdrS") {
+    if header.get(0x202..0x206) != Some(b"HdrS") {
         return Err(unsupported("not a bzImage (no HdrS boot header)"));
     }
-    let version = image
+    let version = header
         .get(0x206..0x208)
         .map_or(0, |v| u16::from_le_bytes([v[0], v[1]]));
     if version < 0x208 {
@@ -194,83 +241,111 @@ fn unpack(image: &[u8]) -> Result<Vec<u8>, GuestKernelError> {
             "boot protocol older than 2.08 (no payload fields)",
         ));
     }
-    let setup_sectors = match image.get(0x1f1).copied().unwrap_or(0) {
+    let setup_sectors = match header.get(0x1f1).copied().unwrap_or(0) {
         0 => 4,
-        n => usize::from(n),
+        n => u64::from(n),
     };
-    let (Some(offset), Some(length)) = (u32_at(0x248), u32_at(0x24c)) else {
-        return Err(unsupported("truncated boot header"));
-    };
-    let start = (setup_sectors + 1) * 512 + offset as usize;
-    let payload = image
-        .get(start..start + length as usize)
-        .ok_or_else(|| unsupported("payload outside the file"))?;
-    let mut elf = Vec::new();
-    match payload {
-        // zstd: the kernel appends the decompressed size (4 bytes), which
-        // is no zstd frame.
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => {
-            let frame = payload
-                .get(..payload.len().saturating_sub(4))
-                .unwrap_or_default();
-            zstd::stream::read::Decoder::new(frame)
-                .and_then(|d| d.take(MAX_ELF_BYTES).read_to_end(&mut elf))
-                .map_err(|e| GuestKernelError::Unsupported(format!("zstd payload: {e}")))?;
-        }
-        [0x1f, 0x8b, ..] => {
-            flate2::read::GzDecoder::new(payload)
-                .take(MAX_ELF_BYTES)
-                .read_to_end(&mut elf)
-                .map_err(|e| GuestKernelError::Unsupported(format!("gzip payload: {e}")))?;
-        }
-        _ => return Err(unsupported("payload is neither zstd nor gzip")),
+    let offset = (setup_sectors + 1) * 512 + u64::from(u32_at(0x248));
+    let length = u64::from(u32_at(0x24c));
+    let size = image.metadata().map_err(Unreadable::Io)?.len();
+    if length < 4 || offset.saturating_add(length) > size {
+        return Err(unsupported("payload outside the file"));
     }
-    Ok(elf)
+    let mut magic = [0u8; 4];
+    image
+        .read_exact_at(&mut magic, offset)
+        .map_err(Unreadable::Io)?;
+    let (compression, length) = match magic {
+        [0x28, 0xb5, 0x2f, 0xfd] => (Compression::Zstd, length - 4),
+        [0x1f, 0x8b, ..] => (Compression::Gzip, length),
+        _ => return Err(unsupported("payload is neither zstd nor gzip")),
+    };
+    Ok(Payload {
+        offset,
+        length,
+        compression,
+    })
 }
 
-/// An x86-64 ELF with a PVH entry note.
-fn check_pvh_elf(elf: &[u8]) -> Result<(), GuestKernelError> {
+/// Decompress `payload`, read from `compressed`, into `elf`.
+fn unpack(
+    payload: &Payload,
+    compressed: impl Read,
+    elf: &mut File,
+) -> Result<(), GuestKernelError> {
+    let too_big = || {
+        GuestKernelError::Unsupported(format!(
+            "the kernel unpacks to more than {MAX_ELF_BYTES} bytes"
+        ))
+    };
+    let copied = match payload.compression {
+        Compression::Zstd => zstd::stream::read::Decoder::new(compressed)
+            .and_then(|d| io::copy(&mut d.take(MAX_ELF_BYTES + 1), elf))
+            .map_err(|e| GuestKernelError::Unsupported(format!("zstd payload: {e}")))?,
+        Compression::Gzip => io::copy(
+            &mut flate2::read::GzDecoder::new(compressed).take(MAX_ELF_BYTES + 1),
+            elf,
+        )
+        .map_err(|e| GuestKernelError::Unsupported(format!("gzip payload: {e}")))?,
+    };
+    if copied > MAX_ELF_BYTES {
+        return Err(too_big());
+    }
+    Ok(())
+}
+
+/// An x86-64 ELF with a PVH entry note, read in the few places that say
+/// so (header, program headers, note segments).
+fn check_pvh_elf(elf: &File) -> Result<(), GuestKernelError> {
     let unsupported = |why: &str| GuestKernelError::Unsupported(why.to_owned());
-    if elf.get(..4) != Some(b"\x7fELF") || elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
+    let read_at = |offset: u64, length: u64| -> Option<Vec<u8>> {
+        let mut bytes = vec![0u8; usize::try_from(length).ok()?];
+        elf.read_exact_at(&mut bytes, offset).ok()?;
+        Some(bytes)
+    };
+    let header =
+        read_at(0, 64).ok_or_else(|| unsupported("payload is not a 64-bit little-endian ELF"))?;
+    if header.get(..4) != Some(b"\x7fELF") || header.get(4) != Some(&2) || header.get(5) != Some(&1)
+    {
         return Err(unsupported("payload is not a 64-bit little-endian ELF"));
     }
-    let u16_at = |at: usize| {
-        elf.get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |at: usize| {
-        elf.get(at..at + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
-    };
-    let u64_at = |at: usize| {
-        elf.get(at..at + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-    };
-    if u16_at(18) != Some(62) {
+    if u16_at(&header, 18) != Some(62) {
         return Err(unsupported("payload is not an x86-64 ELF"));
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (
+        u64_at(&header, 32),
+        u16_at(&header, 54),
+        u16_at(&header, 56),
+    ) else {
         return Err(unsupported("truncated ELF header"));
     };
-    for i in 0..usize::from(phnum) {
-        let ph = phoff as usize + i * usize::from(phentsize);
-        const PT_NOTE: u32 = 4;
-        if u32_at(ph) != Some(PT_NOTE) {
+    let (phentsize, phnum) = (u64::from(phentsize), u64::from(phnum));
+    let headers = read_at(phoff, phentsize * phnum)
+        .ok_or_else(|| unsupported("truncated ELF program headers"))?;
+    const PT_NOTE: u32 = 4;
+    /// Larger note segments are not a kernel's.
+    const MAX_NOTES_BYTES: u64 = 1 << 20;
+    for ph in (0..phnum).map(|i| (i * phentsize) as usize) {
+        if u32_at(&headers, ph) != Some(PT_NOTE) {
             continue;
         }
-        let (Some(offset), Some(size)) = (u64_at(ph + 8), u64_at(ph + 32)) else {
+        let (Some(offset), Some(size)) = (u64_at(&headers, ph + 8), u64_at(&headers, ph + 32))
+        else {
             continue;
         };
-        let (mut at, end) = (offset as usize, (offset + size) as usize);
-        while at + 12 <= end {
-            let (Some(namesz), Some(descsz), Some(kind)) =
-                (u32_at(at), u32_at(at + 4), u32_at(at + 8))
-            else {
+        let Some(notes) = read_at(offset, size.min(MAX_NOTES_BYTES)) else {
+            continue;
+        };
+        let mut at = 0;
+        while at + 12 <= notes.len() {
+            let (Some(namesz), Some(descsz), Some(kind)) = (
+                u32_at(&notes, at),
+                u32_at(&notes, at + 4),
+                u32_at(&notes, at + 8),
+            ) else {
                 break;
             };
-            let name = elf
+            let name = notes
                 .get(at + 12..at + 12 + namesz as usize)
                 .unwrap_or_default();
             if kind == PVH_NOTE_TYPE && name.starts_with(b"Xen") {
@@ -283,12 +358,36 @@ fn check_pvh_elf(elf: &[u8]) -> Result<(), GuestKernelError> {
     Err(unsupported("the kernel has no PVH entry note (CONFIG_PVH)"))
 }
 
+fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
+    bytes
+        .get(at..at + 2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    bytes
+        .get(at..at + 4)?
+        .try_into()
+        .ok()
+        .map(u32::from_le_bytes)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    bytes
+        .get(at..at + 8)?
+        .try_into()
+        .ok()
+        .map(u64::from_le_bytes)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     /// A minimal ELF with one PT_NOTE holding `notes`.

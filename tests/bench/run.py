@@ -182,7 +182,7 @@ def libvirt_phase(ph, samples, rep, kiln_vm):
         rep["libvirt"] = {"skipped": "BENCH_SKIP_LIBVIRT=1"}
     else:
         try:
-            lv_samples, extra = ph.run("libvirt", virt.libvirt_boots, *kiln_vm, GUEST, PLAN["libvirt_rounds"],
+            lv_samples, extra = ph.run("libvirt", virt.libvirt_boots, *kiln_vm, PLAN["libvirt_rounds"],
                                        PLAN["libvirt_budget_s"], PLAN["libvirt_min_rounds"])
             samples.update(lv_samples)
             rep["libvirt"] = extra

@@ -174,11 +174,20 @@ def guest_argv_facts(kiln_argv):
             "vcpus": int(after("-smp").split(",")[0]), "tb_mib": int(tb)}
 
 
-def container_argv(kiln_argv, vm_dir, vm_id, guest_dir, run_dir):
+def boot_files(kiln_argv):
+    """The kernel and initramfs kilnd's QEMU boots (the kernel may be the
+    guest's bzImage unpacked for direct boot under kilnd's state dir)."""
+    def after(flag):
+        return kiln_argv[kiln_argv.index(flag) + 1]
+    return {"vmlinuz": after("-kernel"), "initramfs": after("-initrd")}
+
+
+def container_argv(kiln_argv, vm_dir, vm_id, run_dir):
     """kilnd's argv with its paths moved to the container's copies."""
+    files = boot_files(kiln_argv)
     return [a.replace(vm_dir, run_dir).replace(f"kiln-{vm_id}", "kiln-bench-raw")
-            .replace(os.path.join(guest_dir, "vmlinuz"), f"{IN_GUEST}/vmlinuz")
-            .replace(os.path.join(guest_dir, "initramfs"), f"{IN_GUEST}/initramfs") for a in kiln_argv]
+            .replace(files["vmlinuz"], f"{IN_GUEST}/vmlinuz")
+            .replace(files["initramfs"], f"{IN_GUEST}/initramfs") for a in kiln_argv]
 
 
 def raw_in_container(c, argv, run_dir, idle_pss=False):
@@ -275,7 +284,7 @@ def domain_pid(name):
     return int(out[0]) if out else None
 
 
-def libvirt_boots(kiln_argv, vm_dir, vm_id, guest_dir, rounds, budget_s, min_rounds):
+def libvirt_boots(kiln_argv, vm_dir, vm_id, rounds, budget_s, min_rounds):
     """Boot the container, then alternate raw QEMU and virsh create.
 
     Stops after `budget_s` (from the container's start) once `min_rounds` ran.
@@ -283,8 +292,9 @@ def libvirt_boots(kiln_argv, vm_dir, vm_id, guest_dir, rounds, budget_s, min_rou
     t_setup = time.monotonic()
     root, built = rootfs()
     os.makedirs(os.path.join(root, IN_GUEST.lstrip("/"), "run"), exist_ok=True)
-    for f in ("vmlinuz", "initramfs"):
-        shutil.copy(os.path.join(guest_dir, f), os.path.join(root, IN_GUEST.lstrip("/"), f))
+    # The very files kilnd boots, so libvirt boots the same kernel form.
+    for name, path in boot_files(kiln_argv).items():
+        shutil.copy(path, os.path.join(root, IN_GUEST.lstrip("/"), name))
     facts = guest_argv_facts(kiln_argv)
     results = {RAW: [], VIRSH: [], VIRSH_RESTORE: []}
     extra = {"rootfs_built_this_run": built}
@@ -300,7 +310,7 @@ def libvirt_boots(kiln_argv, vm_dir, vm_id, guest_dir, rounds, budget_s, min_rou
                 log(f"libvirt: {i - 1} rounds in the {budget_s} s budget")
                 break
             run_dir = f"{IN_GUEST}/run/raw{i}"
-            argv = container_argv(kiln_argv, vm_dir, vm_id, guest_dir, run_dir)
+            argv = container_argv(kiln_argv, vm_dir, vm_id, run_dir)
             raw_ms, raw_pss = raw_in_container(c, argv, run_dir, idle_pss=i == 0)
             virsh_ms = virsh_create(c, f"kiln-bench-{i}", facts, details=extra if i == 0 else None)
             if i == 0:
