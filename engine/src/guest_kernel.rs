@@ -224,18 +224,10 @@ fn payload_of(image: &File) -> Result<Payload, Unreadable> {
         }
         Err(e) => return Err(Unreadable::Io(e)),
     }
-    let u32_at = |at: usize| {
-        header
-            .get(at..at + 4)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u32::from_le_bytes)
-    };
     if header.get(0x202..0x206) != Some(b"HdrS") {
         return Err(unsupported("not a bzImage (no HdrS boot header)"));
     }
-    let version = header
-        .get(0x206..0x208)
-        .map_or(0, |v| u16::from_le_bytes([v[0], v[1]]));
+    let version = u16_at(&header, 0x206).unwrap_or(0);
     if version < 0x208 {
         return Err(unsupported(
             "boot protocol older than 2.08 (no payload fields)",
@@ -245,8 +237,8 @@ fn payload_of(image: &File) -> Result<Payload, Unreadable> {
         0 => 4,
         n => u64::from(n),
     };
-    let offset = (setup_sectors + 1) * 512 + u64::from(u32_at(0x248));
-    let length = u64::from(u32_at(0x24c));
+    let offset = (setup_sectors + 1) * 512 + u64::from(u32_at(&header, 0x248).unwrap_or(0));
+    let length = u64::from(u32_at(&header, 0x24c).unwrap_or(0));
     let size = image.metadata().map_err(Unreadable::Io)?.len();
     if length < 4 || offset.saturating_add(length) > size {
         return Err(unsupported("payload outside the file"));
@@ -358,26 +350,21 @@ fn check_pvh_elf(elf: &File) -> Result<(), GuestKernelError> {
     Err(unsupported("the kernel has no PVH entry note (CONFIG_PVH)"))
 }
 
+/// `N` bytes at `at`, if `bytes` has them: the ELF fields are read with it.
+fn bytes_at<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
+    bytes.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
 fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
-    bytes
-        .get(at..at + 2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    bytes_at(bytes, at).map(u16::from_le_bytes)
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
-    bytes
-        .get(at..at + 4)?
-        .try_into()
-        .ok()
-        .map(u32::from_le_bytes)
+    bytes_at(bytes, at).map(u32::from_le_bytes)
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
-    bytes
-        .get(at..at + 8)?
-        .try_into()
-        .ok()
-        .map(u64::from_le_bytes)
+    bytes_at(bytes, at).map(u64::from_le_bytes)
 }
 
 fn hex(bytes: &[u8]) -> String {

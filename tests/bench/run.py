@@ -134,6 +134,8 @@ def kilnd_phases(ph, samples, rep):
         boot_samples, kiln_vm = ph.run("cold boots", boots.cold_boots, k, PLAN["boot_rounds"],
                                        PLAN["boot_budget_s"], PLAN["boot_min_rounds"])
         samples.update(boot_samples)
+        # The libvirt peer runs after kilnd is gone, with the files it booted.
+        kiln_vm = (virt.keep_boot_files(kiln_vm[0], os.path.join(OUT, "boot")),) + tuple(kiln_vm[1:])
         # One template pool serves clones, hot acquires, the template density
         # ladder and one fill: its template is built once.
         shared, conc = "bench", PLAN["template"]["concurrency"]

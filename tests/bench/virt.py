@@ -182,6 +182,19 @@ def boot_files(kiln_argv):
     return {"vmlinuz": after("-kernel"), "initramfs": after("-initrd")}
 
 
+def keep_boot_files(kiln_argv, into):
+    """kilnd's argv with its kernel and initramfs copied to `into`: the
+    kernel may live in kilnd's state dir (unpacked for direct boot), which
+    is gone once kilnd stops, before this phase runs."""
+    os.makedirs(into, exist_ok=True)
+    argv = list(kiln_argv)
+    for name, path in boot_files(kiln_argv).items():
+        kept = os.path.join(into, name)
+        shutil.copy(path, kept)
+        argv = [a.replace(path, kept) for a in argv]
+    return argv
+
+
 def container_argv(kiln_argv, vm_dir, vm_id, run_dir):
     """kilnd's argv with its paths moved to the container's copies."""
     files = boot_files(kiln_argv)
