@@ -76,7 +76,7 @@ PLAN = {
         "network": {"clones": 8, "hot": 100, "mib": 64},
         "images": {"pulls": 5, "cached_pulls": 50, "first_output": 10, "cold": 5, "cold_min": 3,
                    "cold_budget_s": 150, "pss_n": 10},
-        "sandbox": {"exec": 10, "copy": 3, "copy_mib": 32, "snapshots": 3, "fork_n": 10, "raw_snapshots": 3},
+        "sandbox": {"exec": 10, "copy": 3, "copy_mib": 16, "snapshots": 3, "fork_n": 10, "raw_snapshots": 3},
         "containerd": {"first_output": 10, "pods": 20, "settle_s": 3},
     },
     True: {

@@ -104,9 +104,10 @@ def read_replies(s, want):
 
 
 def copy_rows(kilnd, vm_id, mib, rounds, work):
-    # Into the guest's /tmp, a tmpfs of half its RAM, in a 256 MiB VM
-    # (`run`): 64 MiB overflowed a 128 MiB guest's /tmp (ENOSPC, the full
-    # run of 2026-12-04) and 32 MiB later ran one out of memory.
+    # Into the guest's /tmp, a tmpfs of half its RAM: 64 MiB overflowed a
+    # default 128 MiB guest's /tmp (ENOSPC, the full run of 2026-12-04) and
+    # 32 MiB ran one out of memory (about 48 MiB available, 2026-12-05):
+    # 16 MiB in both plans. (A larger VM would change the snapshot rows.)
     payload = os.urandom(mib << 20)
     archive = os.path.join(work, "in.tar")
     with tarfile.open(archive, "w") as tar:
@@ -212,10 +213,7 @@ def run(plan):
         with Kilnd() as k:
             argv, vm_dir, vm_id = kilnd_cold_argv(k)
             conn = VarlinkConnection(k.sock)
-            # 256 MiB: the copies write 32 MiB into the guest's /tmp, which
-            # left a 128 MiB guest too little memory (it panicked out of
-            # memory in the run of 2026-12-05 with ~48 MiB available).
-            vm = conn.call("CreateVM", {"name": "sandbox", "spec": {"memoryMiB": 256}})["vm"]
+            vm = conn.call("CreateVM", {"name": "sandbox"})["vm"]
             conn.call("StartVM", {"id": vm["id"]})
             samples.update(exec_rows(conn, vm["id"], plan["exec"]))
             copied, rates = copy_rows(k, vm["id"], plan["copy_mib"], plan["copy"], work)
