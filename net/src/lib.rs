@@ -268,6 +268,12 @@ pub struct Network {
     /// interleave). Held only inside blocking closures, never across an
     /// `.await`.
     nft_lock: Arc<Mutex<()>>,
+    /// Serialises netlink dumps on [`Network::netlink`]: the kernel runs
+    /// one dump per socket at a time and answers a second one started
+    /// meanwhile with EBUSY (`__netlink_dump_start`), so two tasks listing
+    /// TAPs at once (a release and a reconcile) would fail one of them.
+    /// Single-link requests are not dumps and do not take it.
+    dump_lock: tokio::sync::Mutex<()>,
 }
 
 pub(crate) async fn connect_netlink(exec: &NsExec) -> Result<rtnetlink::Handle, NetError> {
@@ -300,6 +306,7 @@ impl Network {
             netlink,
             firewall,
             nft_lock: Arc::new(Mutex::new(())),
+            dump_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -344,7 +351,11 @@ impl Network {
             }
         }
         let mut has_gateway = false;
-        for a in link::ipv4_addresses(&self.netlink).await? {
+        let addresses = {
+            let _one_dump = self.dump_lock.lock().await;
+            link::ipv4_addresses(&self.netlink).await?
+        };
+        for a in addresses {
             let ours = existing.as_ref().is_some_and(|l| l.index == a.index);
             if ours && a.address == gateway && a.prefix_len == subnet.prefix_len() {
                 has_gateway = true;
@@ -536,8 +547,12 @@ impl Network {
     /// Kiln's TAPs in the namespace: TAP links whose name parses as
     /// `kt<vm id><nic>`.
     pub async fn taps(&self) -> Result<Vec<TapInfo>, NetError> {
+        let links = {
+            let _one_dump = self.dump_lock.lock().await;
+            link::all(&self.netlink).await?
+        };
         let mut taps = Vec::new();
-        for l in link::all(&self.netlink).await? {
+        for l in links {
             if !l.is_tap() {
                 continue;
             }
