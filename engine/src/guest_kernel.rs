@@ -140,16 +140,13 @@ pub fn direct_boot_kernel(
     let mut image = File::open(bzimage).map_err(io_error(bzimage))?;
     let mut hasher = Sha256::new();
     io::copy(&mut (&image).take(MAX_BZIMAGE_BYTES), &mut hasher).map_err(io_error(bzimage))?;
-    let digest = hex(&hasher.finalize());
+    let digest = crate::ids::hex(&hasher.finalize());
     let dir = state_dir.join(CACHE_DIR);
     let target = dir.join(format!("vmlinux-{digest}"));
     if target.is_file() {
         return Ok(target);
     }
-    let payload = payload_of(&image).map_err(|e| match e {
-        Unreadable::Io(source) => io_error(bzimage)(source),
-        Unreadable::Unsupported(why) => GuestKernelError::Unsupported(why),
-    })?;
+    let payload = payload_of(&image, bzimage)?;
     std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
     let partial = dir.join(format!(".vmlinux-{digest}.partial"));
     // Read back too: the PVH note is checked in the file written.
@@ -174,6 +171,11 @@ pub fn direct_boot_kernel(
         return Err(e);
     }
     Ok(target)
+}
+
+/// Whether `kernel` is one this module made under `state_dir`.
+pub fn is_unpacked(kernel: &Path, state_dir: &Path) -> bool {
+    kernel.starts_with(state_dir.join(CACHE_DIR))
 }
 
 /// Remove derived kernels other than `keep` (and half-written ones).
@@ -206,23 +208,17 @@ enum Compression {
     Gzip,
 }
 
-/// Why a bzImage's payload could not be found.
-enum Unreadable {
-    Io(io::Error),
-    Unsupported(String),
-}
-
 /// The payload named by the boot header (`payload_offset`,
 /// `payload_length`, protocol 2.08+).
-fn payload_of(image: &File) -> Result<Payload, Unreadable> {
-    let unsupported = |why: &str| Unreadable::Unsupported(why.to_owned());
+fn payload_of(image: &File, path: &Path) -> Result<Payload, GuestKernelError> {
+    let unsupported = |why: &str| GuestKernelError::Unsupported(why.to_owned());
     let mut header = [0u8; 0x250];
     match image.read_exact_at(&mut header, 0) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             return Err(unsupported("not a bzImage (no HdrS boot header)"))
         }
-        Err(e) => return Err(Unreadable::Io(e)),
+        Err(e) => return Err(io_error(path)(e)),
     }
     if header.get(0x202..0x206) != Some(b"HdrS") {
         return Err(unsupported("not a bzImage (no HdrS boot header)"));
@@ -239,14 +235,14 @@ fn payload_of(image: &File) -> Result<Payload, Unreadable> {
     };
     let offset = (setup_sectors + 1) * 512 + u64::from(u32_at(&header, 0x248).unwrap_or(0));
     let length = u64::from(u32_at(&header, 0x24c).unwrap_or(0));
-    let size = image.metadata().map_err(Unreadable::Io)?.len();
+    let size = image.metadata().map_err(io_error(path))?.len();
     if length < 4 || offset.saturating_add(length) > size {
         return Err(unsupported("payload outside the file"));
     }
     let mut magic = [0u8; 4];
     image
         .read_exact_at(&mut magic, offset)
-        .map_err(Unreadable::Io)?;
+        .map_err(io_error(path))?;
     let (compression, length) = match magic {
         [0x28, 0xb5, 0x2f, 0xfd] => (Compression::Zstd, length - 4),
         [0x1f, 0x8b, ..] => (Compression::Gzip, length),
@@ -365,10 +361,6 @@ fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
 
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     bytes_at(bytes, at).map(u64::from_le_bytes)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

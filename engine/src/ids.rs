@@ -13,6 +13,11 @@ pub const VM_ID_LEN: usize = 12;
 pub fn new_vm_id() -> String {
     let mut bytes = [0u8; VM_ID_LEN / 2];
     fill_random(&mut bytes);
+    hex(&bytes)
+}
+
+/// `bytes` as lowercase hex, two digits each.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

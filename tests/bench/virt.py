@@ -164,10 +164,15 @@ class Container:
         return False
 
 
+def argv_value(argv, flag):
+    """The argument after `flag` in `argv`."""
+    return argv[argv.index(flag) + 1]
+
+
 def guest_argv_facts(kiln_argv):
     """The kernel command line, memory, vCPUs and tb-size of kilnd's own argv."""
     def after(flag):
-        return kiln_argv[kiln_argv.index(flag) + 1]
+        return argv_value(kiln_argv, flag)
     accel = after("-accel")
     tb = next((p.split("=")[1] for p in accel.split(",") if p.startswith("tb-size=")), "32")
     return {"cmdline": after("-append"), "memory": int(after("-m").rstrip("M")),
@@ -177,9 +182,7 @@ def guest_argv_facts(kiln_argv):
 def boot_files(kiln_argv):
     """The kernel and initramfs kilnd's QEMU boots (the kernel may be the
     guest's bzImage unpacked for direct boot under kilnd's state dir)."""
-    def after(flag):
-        return kiln_argv[kiln_argv.index(flag) + 1]
-    return {"vmlinuz": after("-kernel"), "initramfs": after("-initrd")}
+    return {"vmlinuz": argv_value(kiln_argv, "-kernel"), "initramfs": argv_value(kiln_argv, "-initrd")}
 
 
 def keep_boot_files(kiln_argv, into):

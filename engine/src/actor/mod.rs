@@ -174,6 +174,17 @@ pub(super) enum Write {
     RunningFact,
 }
 
+impl Write {
+    /// How far the record must reach.
+    fn durability(self) -> Durability {
+        match self {
+            Write::Request(durability) => durability,
+            Write::Fact => Durability::Durable,
+            Write::RunningFact => Durability::UntilHostCrash,
+        }
+    }
+}
+
 /// Reports from sub-tasks to the actor.
 #[derive(Debug)]
 enum Internal {
@@ -406,21 +417,29 @@ impl Engine {
         vmm: Arc<dyn Vmm>,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), EngineError> {
         let accel = config.accel.resolve(HostVirt::probe());
-        let defaults = SpecDefaults {
-            kernel: crate::guest_kernel::as_booted(
+        let (initrd, gpu_initrd) = (
+            config.guest_dir.join("initramfs"),
+            config.guest_dir.join("gpu/initramfs"),
+        );
+        // Both kernels at once: each is hashed (and unpacked the first
+        // time) on a blocking thread.
+        let (kernel, gpu_kernel) = tokio::join!(
+            crate::guest_kernel::as_booted(
                 config.guest_dir.join("vmlinuz"),
-                &config.guest_dir.join("initramfs"),
-                &config.state_dir,
-            )
-            .await,
-            initrd: config.guest_dir.join("initramfs"),
-            gpu_kernel: crate::guest_kernel::as_booted(
+                &initrd,
+                &config.state_dir
+            ),
+            crate::guest_kernel::as_booted(
                 config.guest_dir.join("gpu/vmlinuz"),
-                &config.guest_dir.join("gpu/initramfs"),
-                &config.state_dir,
-            )
-            .await,
-            gpu_initrd: config.guest_dir.join("gpu/initramfs"),
+                &gpu_initrd,
+                &config.state_dir
+            ),
+        );
+        let defaults = SpecDefaults {
+            kernel,
+            initrd,
+            gpu_kernel,
+            gpu_initrd,
             accel,
         };
         create_private_dir(&config.runtime_dir.join("vms"))?;
@@ -770,17 +789,13 @@ impl Engine {
                 });
             }
         }
-        match write {
-            Write::Request(durability) => self.store.write_with(id, &record, durability)?,
-            Write::Fact | Write::RunningFact => {
-                let durability = match write {
-                    Write::RunningFact => Durability::UntilHostCrash,
-                    _ => Durability::Durable,
-                };
-                if let Err(e) = self.store.write_with(id, &record, durability) {
-                    error!(vm = %id, error = %EngineError::from(e).message(), "cannot persist VM record");
-                }
+        let written = self.store.write_with(id, &record, write.durability());
+        match (write, written) {
+            (Write::Request(_), written) => written?,
+            (Write::Fact | Write::RunningFact, Err(e)) => {
+                error!(vm = %id, error = %EngineError::from(e).message(), "cannot persist VM record");
             }
+            (_, Ok(())) => {}
         }
         entry.record = record;
         let info = VmInfo::from(&entry.record);

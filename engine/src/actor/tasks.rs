@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::network::{NetPlan, TapHome, TAP_FD};
 use super::Internal;
 use crate::error::EngineError;
-use crate::ids::fill_random;
+use crate::ids::{fill_random, hex};
 use crate::process::bound_console_log;
 use crate::qemu::{QemuLaunch, QmpEvent};
 use crate::store::{create_private_dir, remove_tree};
@@ -164,7 +164,6 @@ pub(super) fn fresh_identity(name: &str) -> proto::SetIdentityRequest {
     fill_random(&mut machine_id);
     let mut entropy = [0u8; 32];
     fill_random(&mut entropy);
-    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
     proto::SetIdentityRequest {
         hostname: Some(name.to_owned()),
         machine_id: Some(hex(&machine_id)),

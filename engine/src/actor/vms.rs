@@ -265,7 +265,7 @@ impl Engine {
     /// for direct boot), not a caller's or an image's.
     fn is_built_in_kernel(&self, kernel: &Path) -> bool {
         kernel.starts_with(&self.config.guest_dir)
-            || kernel.starts_with(self.config.state_dir.join(crate::guest_kernel::CACHE_DIR))
+            || crate::guest_kernel::is_unpacked(kernel, &self.config.state_dir)
     }
 
     /// The QEMU launch of VM `id` with `spec`, its runtime files in
@@ -333,9 +333,10 @@ impl Engine {
             // Set by the caller, which knows whose QEMU this is.
             user: None,
             boot_files_are_kilnds: spec.boot == crate::spec::BootSource::Image,
-            kernel_is_kilnds: spec
-                .kernel
-                .starts_with(self.config.state_dir.join(crate::guest_kernel::CACHE_DIR)),
+            kernel_is_kilnds: crate::guest_kernel::is_unpacked(
+                &spec.kernel,
+                &self.config.state_dir,
+            ),
             // Set by the caller, which knows the limits.
             cgroup: None,
         }

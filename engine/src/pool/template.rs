@@ -87,7 +87,7 @@ pub fn template_key(launch: &QemuLaunch) -> String {
     }
     hasher.update(env!("CARGO_PKG_VERSION").as_bytes());
     let digest = hasher.finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::ids::hex(&digest[..8])
 }
 
 fn find_in_path(binary: &Path) -> Option<PathBuf> {
