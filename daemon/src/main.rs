@@ -12,9 +12,11 @@ mod lifecycle;
 mod machined;
 mod metrics;
 mod notify;
+mod residency;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_engine::Engine;
@@ -153,6 +155,8 @@ struct Parts {
     lifecycle: Option<AbortOnDrop>,
     /// The metrics endpoint.
     metrics: Option<AbortOnDrop>,
+    /// Gives back memory kilnd no longer uses once it is quiet.
+    settler: Option<AbortOnDrop>,
 }
 
 async fn run(config: DaemonConfig) -> anyhow::Result<()> {
@@ -171,10 +175,12 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     // Following events from the start, before any caller can change things.
     let metrics = metrics::Metrics::new();
     metrics.learn_pools(&engine).await;
-    let counted = metrics.clone();
+    let settler = Arc::new(residency::Settler::default());
+    let (counted, active) = (metrics.clone(), Arc::clone(&settler));
     parts.lifecycle = Some(AbortOnDrop(lifecycle::spawn(engine.clone(), move |fact| {
         journal::log(fact);
         counted.record(fact);
+        active.activity();
     })));
     // A signal also ends a start that hangs (a bus that never answers).
     let started = tokio::select! {
@@ -187,6 +193,10 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             // State is reconciled and both APIs serve: tell systemd.
             notify::ready(&engine).await;
             parts.notifier = notify::spawn(engine.clone()).map(AbortOnDrop);
+            // Start-up's pages are not needed any more (residency.rs).
+            parts.settler = Some(AbortOnDrop(tokio::spawn(async move {
+                settler.run().await;
+            })));
             supervise(&mut engine_task, &mut parts, &mut sigterm, &mut sigint).await
         }
         Ok(false) => {
@@ -260,7 +270,8 @@ async fn start(
 /// Wait until a signal asks kilnd to stop (`Ok`) or a long-running part
 /// ends or fails (`Err` naming it): the engine, the varlink server, the
 /// D-Bus adapter (its connection included), the notifier, machined
-/// registration, the lifecycle follower, the metrics server.
+/// registration, the lifecycle follower, the metrics server, the memory
+/// settler.
 async fn supervise(
     engine_task: &mut Option<AbortOnDrop>,
     parts: &mut Parts,
@@ -283,6 +294,7 @@ async fn supervise(
         r = ended(&mut parts.machined) => return Err(part_ended("machined registration", r)),
         r = ended(&mut parts.lifecycle) => return Err(part_ended("the lifecycle follower", r)),
         r = ended(&mut parts.metrics) => return Err(part_ended("the metrics server", r)),
+        r = ended(&mut parts.settler) => return Err(part_ended("the memory settler", r)),
     }
     Ok(())
 }

@@ -214,11 +214,8 @@ impl AgentClient {
         // A lone NUL first ends any request a previous host left half-sent
         // (the agent keeps a partial frame for a moment across reconnects);
         // whatever it answers to that is skipped below with stale replies.
-        conn.writer
-            .write_all(&[0])
-            .await
-            .map_err(|_| AgentError::Disconnected)?;
-        send(&mut conn, &call).await?;
+        // One write with the Ping: the guest wakes once for both.
+        send(&mut conn, &[0], &call).await?;
         loop {
             let reply = receive(&mut conn).await?;
             let echoed = reply
@@ -246,7 +243,7 @@ async fn roundtrip(
         parameters: Some(parameters),
     };
     conn.in_flight = true;
-    send(conn, &call).await?;
+    send(conn, &[], &call).await?;
     let reply = receive(conn).await?;
     conn.in_flight = false;
     match reply.error {
@@ -272,8 +269,10 @@ async fn roundtrip(
     }
 }
 
-async fn send(conn: &mut Connection, call: &Call) -> Result<(), AgentError> {
-    let bytes = proto::encode(call).map_err(|e| AgentError::Protocol(e.to_string()))?;
+/// Writes `call`'s frame, after `lead` in the same write.
+async fn send(conn: &mut Connection, lead: &[u8], call: &Call) -> Result<(), AgentError> {
+    let frame = proto::encode(call).map_err(|e| AgentError::Protocol(e.to_string()))?;
+    let bytes = [lead, &frame].concat();
     conn.writer
         .write_all(&bytes)
         .await

@@ -7,7 +7,7 @@ it, which survives a busy machine far better than milliseconds; the floors
 themselves measure the machine, not Kiln, and are not compared. Also: per-VM
 PSS at each density step and of a per-image pool's VMs (MiB), idle CPU per
 VM from N = 10 (% of a core), the fill time
-(s), kilnd's idle RSS (MiB), a Kiln pod's PSS through containerd (MiB). A metric more than 2x worse than the baseline
+(s), kilnd's idle RSS after start and at the end of the run (MiB), a Kiln pod's PSS through containerd (MiB). A metric more than 2x worse than the baseline
 (1.5x for memory; BENCH_WARN_RATIO overrides both) and worse by more than a
 small absolute slack prints a WARNING. The guard never fails: the machine is
 shared and noisy, so numbers are a warning, not a verdict.
@@ -48,6 +48,9 @@ def metrics(report):
     idle = report.get("daemon", {}).get("idle_no_vms")
     if idle:
         out["kilnd RSS, no VMs"] = (idle["rss_mib"], "MiB")
+    end = report.get("daemon", {}).get("idle_end")
+    if end:
+        out["kilnd RSS, no VMs, end of the run"] = (end["rss_mib"], "MiB")
     pss = report.get("images", {}).get("pss")
     if pss:
         out[f"image: per-image pool N={pss['n']}: PSS per VM"] = (pss["per_image_mib"], "MiB")

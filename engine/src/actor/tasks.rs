@@ -91,9 +91,9 @@ pub(super) async fn boot(
     });
     steps.done("launch");
     if let Some(state) = &plan.restore {
-        // The template was saved paused, so the clone loads paused.
+        // The clone runs by itself once loaded: the agent's answer below
+        // is the end of the restore.
         qmp.restore_clone(state, plan.boot_timeout).await?;
-        qmp.cont().await?;
         steps.done("restore");
     }
     let ping = until_qemu_exits(Some(&qemu), async {

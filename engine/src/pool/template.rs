@@ -4,9 +4,12 @@
 //! (`memory-backend-file,share=on`), waiting for its agent, pausing it and
 //! saving device state with the `x-ignore-shared` migration capability, so
 //! the state file holds only devices (~90 KB) and the RAM stays in the file.
-//! A clone maps that file *privately* (`share=off`, copy-on-write), loads the
-//! state with `-incoming defer` + `migrate-incoming`, and resumes: it is
-//! running in tens of milliseconds and shares every page it has not written.
+//! A clone maps that file *privately* (`share=off`, copy-on-write) and loads
+//! the state with `-incoming defer` + `migrate-incoming`. The template is
+//! saved without its run state (`migration.store-global-state=off`), so the
+//! clone runs by itself as soon as the state is loaded, with no `cont`: it
+//! is running in tens of milliseconds and shares every page it has not
+//! written.
 //!
 //! On disk, `<state_dir>/templates/<pool>/<key>/` holds `memory`, `state`
 //! and `template.json`. The key hashes everything the saved state depends

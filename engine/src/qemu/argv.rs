@@ -222,6 +222,13 @@ impl QemuLaunch {
                 format!("memory-backend-ram,id=ram,size={}M", self.memory_mib),
             ),
         }
+        if matches!(self.memory, GuestMemory::TemplateSource(_)) {
+            // Saved without the run state ("paused"), a template's clone
+            // starts running by itself once its state is loaded (QEMU's
+            // autostart): no `cont` round trip, no polling for the end of
+            // the load (pool/template.rs).
+            args.pair("-global", "migration.store-global-state=off");
+        }
         args.flag("-nodefaults");
         args.flag("-no-user-config");
         if !self.gpu.iter().any(|(option, _)| option == "-display") {

@@ -435,7 +435,12 @@ impl Monitor for FakeMonitor {
         _state: &Path,
         _timeout: Duration,
     ) -> BoxFuture<'_, Result<(), QmpError>> {
-        Self::done(self.with_vm("migrate-incoming", |_, _| Ok(())))
+        // Like QEMU's autostart once a template's state is loaded.
+        Self::done(self.with_vm("migrate-incoming", |vm, _| {
+            vm.running = true;
+            vm.emit("RESUME");
+            Ok(())
+        }))
     }
     fn save_state(
         &self,

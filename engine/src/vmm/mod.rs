@@ -131,8 +131,10 @@ pub trait Monitor: Send + Sync + Debug {
     fn system_powerdown(&self) -> BoxFuture<'_, Result<(), QmpError>>;
     /// Whether the vCPUs run.
     fn is_running(&self) -> BoxFuture<'_, Result<bool, QmpError>>;
-    /// Load a template's device state into this (paused) clone, RAM shared
-    /// with the template, and leave it paused.
+    /// Start loading a template's device state into this clone (started
+    /// with `-incoming defer`), RAM shared with the template. The guest
+    /// runs by itself once the state is loaded (the template was saved
+    /// without its run state); a state that does not load ends QEMU.
     fn restore_clone(&self, state: &Path, timeout: Duration)
         -> BoxFuture<'_, Result<(), QmpError>>;
     /// Save the (paused) guest to `path`: device state, and all RAM

@@ -288,7 +288,7 @@ impl Monitor for Qmp {
         let state = state.to_path_buf();
         Box::pin(async move {
             self.enable_ignore_shared().await?;
-            self.restore_from_file(&state, timeout).await
+            self.start_incoming(&state, timeout).await
         })
     }
     fn save_state(

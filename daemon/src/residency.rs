@@ -1,0 +1,264 @@
+//! Keeping kilnd's resident memory to what it uses (docs/benchmarks.md,
+//! "Daemon cost").
+//!
+//! An idle kilnd's RSS was mostly pages it did not use:
+//!
+//! - **Fault-around.** A read fault on a file mapping maps up to 64 KiB of
+//!   neighbouring pages that are in the page cache (`fault_around_bytes`).
+//!   Start-up and each kind of request run scattered functions of kilnd's
+//!   7 MB of text, so most of it ended up mapped. `MADV_RANDOM` turns
+//!   fault-around (and read-ahead) off for a mapping.
+//! - **Pages used once.** Start-up code, the dynamic loader's relocation
+//!   and symbol tables (OpenSSL's are large), code of calls made hours
+//!   ago, and free heap memory glibc keeps in its arenas.
+//!
+//! [`settle`] marks every file mapping `MADV_RANDOM`, unmaps the pages of
+//! read-only file mappings no one has written to (they stay in the page
+//! cache; what runs next faults back in, one page at a time), and gives
+//! free heap pages back (`malloc_trim`). [`Settler`] runs it once kilnd is
+//! ready and again whenever no VM has changed state for a while, so a busy
+//! kilnd never pays the faults back in the middle of a burst.
+
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// How long kilnd must see no lifecycle fact before it settles again.
+pub const QUIET_FOR: Duration = Duration::from_secs(5);
+
+/// What one [`settle`] did, for the debug log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// File mappings marked `MADV_RANDOM`.
+    pub marked: usize,
+    /// Read-only file mappings whose pages were unmapped.
+    pub unmapped: usize,
+    /// Resident KiB of those mappings before.
+    pub unmapped_kib: u64,
+}
+
+/// One mapping of `/proc/self/smaps`, as far as settling needs it.
+#[derive(Debug, PartialEq, Eq)]
+struct Mapping {
+    start: usize,
+    end: usize,
+    /// `w` in the permissions.
+    writable: bool,
+    /// `p` (private, copy-on-write) rather than `s`.
+    private: bool,
+    /// Backed by a file (inode ≠ 0): not heap, stack, vdso.
+    file_backed: bool,
+    /// `Rss:` KiB.
+    rss_kib: u64,
+    /// `Anonymous:` KiB: pages copied on write (relocated data). Unmapping
+    /// those would lose what was written, so such a mapping is kept.
+    anonymous_kib: u64,
+}
+
+impl Mapping {
+    /// Whether its resident pages are clean copies of the file: unmapping
+    /// them loses nothing, the next access reads the page cache again.
+    fn is_clean_file_copy(&self) -> bool {
+        self.file_backed && self.private && !self.writable && self.anonymous_kib == 0
+    }
+}
+
+/// Parses the mappings of an smaps text; lines it does not know are skipped.
+fn parse_smaps(text: &str) -> Vec<Mapping> {
+    let mut mappings: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some(key) = first.strip_suffix(':') {
+            let (Some(last), Some(kib)) = (
+                mappings.last_mut(),
+                fields.next().and_then(|v| v.parse().ok()),
+            ) else {
+                continue;
+            };
+            match key {
+                "Rss" => last.rss_kib = kib,
+                "Anonymous" => last.anonymous_kib = kib,
+                _ => {}
+            }
+            continue;
+        }
+        // A header: `start-end perms offset dev inode [path]`.
+        let Some((start, end)) = first.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+        ) else {
+            continue;
+        };
+        let perms = fields.next().unwrap_or("");
+        let inode = fields.nth(2).unwrap_or("0");
+        mappings.push(Mapping {
+            start,
+            end,
+            writable: perms.contains('w'),
+            private: perms.ends_with('p'),
+            file_backed: inode != "0",
+            rss_kib: 0,
+            anonymous_kib: 0,
+        });
+    }
+    mappings
+}
+
+/// Settles this process's memory (see the module docs). Best effort: a
+/// mapping the kernel refuses advice for is left as it is.
+pub fn settle() -> std::io::Result<Settled> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut settled = Settled::default();
+    for m in parse_smaps(&smaps).iter().filter(|m| m.file_backed) {
+        let (addr, len) = (m.start as *mut libc::c_void, m.end - m.start);
+        // SAFETY: advice on a whole mapping of this process as the kernel
+        // listed it. MADV_RANDOM only changes how faults are served;
+        // MADV_DONTNEED only on private read-only file mappings without
+        // copied-on-write pages, whose pages are the file's (see
+        // `is_clean_file_copy`): the next access faults the same bytes in.
+        unsafe {
+            if libc::madvise(addr, len, libc::MADV_RANDOM) == 0 {
+                settled.marked += 1;
+            }
+            if m.is_clean_file_copy()
+                && m.rss_kib > 0
+                && libc::madvise(addr, len, libc::MADV_DONTNEED) == 0
+            {
+                settled.unmapped += 1;
+                settled.unmapped_kib += m.rss_kib;
+            }
+        }
+    }
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
+    Ok(settled)
+}
+
+/// Settles once now and again after every quiet spell: [`Settler::activity`]
+/// is called for every lifecycle fact, and [`QUIET_FOR`] without one
+/// settles.
+#[derive(Debug, Default)]
+pub struct Settler {
+    activity: Notify,
+}
+
+impl Settler {
+    /// Something happened (a VM changed state): settle only once it has
+    /// been quiet again.
+    pub fn activity(&self) {
+        self.activity.notify_one();
+    }
+
+    /// Settle now, then after each quiet spell that follows activity.
+    /// Runs until dropped (aborted).
+    pub async fn run(&self) {
+        loop {
+            settle_and_log();
+            self.activity.notified().await;
+            while tokio::time::timeout(QUIET_FOR, self.activity.notified())
+                .await
+                .is_ok()
+            {}
+        }
+    }
+}
+
+/// [`settle`] on the calling thread (a millisecond or two: reading smaps
+/// and a few dozen madvise calls), logged at debug.
+pub fn settle_and_log() {
+    match settle() {
+        Ok(s) => tracing::debug!(
+            marked = s.marked,
+            unmapped = s.unmapped,
+            unmapped_kib = s.unmapped_kib,
+            "memory settled"
+        ),
+        Err(e) => tracing::debug!(error = %e, "cannot settle memory"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+55d0c0a00000-55d0c0b00000 r--p 00000000 fd:01 1311 /usr/bin/kilnd
+Size:               1024 kB
+Rss:                 512 kB
+Anonymous:             0 kB
+VmFlags: rd mr mw me dw sd
+55d0c0b00000-55d0c1200000 r-xp 00100000 fd:01 1311 /usr/bin/kilnd
+Rss:                4096 kB
+Anonymous:             0 kB
+55d0c1200000-55d0c1300000 r--p 00800000 fd:01 1311 /usr/bin/kilnd
+Rss:                 300 kB
+Anonymous:           120 kB
+55d0c1300000-55d0c1310000 rw-p 00900000 fd:01 1311 /usr/bin/kilnd
+Rss:                  64 kB
+Anonymous:            64 kB
+55d0c2000000-55d0c2400000 rw-p 00000000 00:00 0 [heap]
+Rss:                2048 kB
+Anonymous:          2048 kB
+7f0000000000-7f0000001000 rw-s 00000000 00:01 77 /memfd:x (deleted)
+Rss:                   4 kB
+Anonymous:             0 kB
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0 [vdso]
+Rss:                   8 kB
+";
+
+    #[test]
+    fn only_unwritten_read_only_file_pages_are_unmapped() {
+        let mappings = parse_smaps(SMAPS);
+        assert_eq!(mappings.len(), 7);
+        let clean: Vec<(usize, u64)> = mappings
+            .iter()
+            .filter(|m| m.is_clean_file_copy())
+            .map(|m| (m.start, m.rss_kib))
+            .collect();
+        // The headers and tables, and the text; not the relocated
+        // read-only data (written before it was made read-only), the data,
+        // the heap, a shared memfd or the vdso.
+        assert_eq!(
+            clean,
+            vec![(0x55d0_c0a0_0000, 512), (0x55d0_c0b0_0000, 4096)]
+        );
+        assert_eq!(mappings.iter().filter(|m| m.file_backed).count(), 5);
+    }
+
+    #[test]
+    fn unknown_and_broken_lines_are_skipped() {
+        let mappings = parse_smaps("garbage\nRss: 4 kB\nzz-yy r--p 0 0:0 1 /x\n\n");
+        assert!(mappings.is_empty());
+    }
+
+    #[test]
+    fn settling_this_process_keeps_it_working() {
+        // The test binary's own text and libraries are unmapped under it
+        // and fault back in: it goes on running.
+        let clean_kib = || -> u64 {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            parse_smaps(&smaps)
+                .iter()
+                .filter(|m| m.is_clean_file_copy())
+                .map(|m| m.rss_kib)
+                .sum()
+        };
+        let before = clean_kib();
+        let settled = settle().unwrap();
+        assert!(settled.marked > 0 && settled.unmapped > 0, "{settled:?}");
+        assert!(
+            settled.unmapped_kib >= before / 2,
+            "{settled:?}, {before} KiB"
+        );
+        let after = clean_kib();
+        assert!(
+            after < before,
+            "{before} KiB resident before, {after} KiB after"
+        );
+        assert!(settle().unwrap().marked > 0);
+    }
+}
