@@ -93,7 +93,7 @@ pub(super) async fn boot(
     if let Some(state) = &plan.restore {
         // The clone runs by itself once loaded: the agent's answer below
         // is the end of the restore.
-        qmp.restore_clone(state, plan.boot_timeout).await?;
+        qmp.restore_clone(state).await?;
         steps.done("restore");
     }
     let ping = until_qemu_exits(Some(&qemu), async {

@@ -409,9 +409,9 @@ impl Qmp {
 
     /// Start loading state saved by [`Qmp::save_to_file`] into a QEMU
     /// started with `-incoming defer`, without waiting for the load.
-    pub async fn start_incoming(&self, path: &Path, timeout: Duration) -> Result<(), QmpError> {
+    pub async fn start_incoming(&self, path: &Path) -> Result<(), QmpError> {
         let uri = format!("file:{}", path.display());
-        self.execute_with_timeout("migrate-incoming", Some(json!({ "uri": uri })), timeout)
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
             .await
             .map(drop)
     }
@@ -420,7 +420,7 @@ impl Qmp {
     /// `-incoming defer`, waiting until it is loaded (the guest is then
     /// paused, as it was when saved).
     pub async fn restore_from_file(&self, path: &Path, timeout: Duration) -> Result<(), QmpError> {
-        self.start_incoming(path, timeout).await?;
+        self.start_incoming(path).await?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let status = self.query_status().await?;

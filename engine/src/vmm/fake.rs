@@ -430,11 +430,7 @@ impl Monitor for FakeMonitor {
     fn is_running(&self) -> BoxFuture<'_, Result<bool, QmpError>> {
         Self::done(self.with_vm("query-status", |vm, _| Ok(vm.running)))
     }
-    fn restore_clone(
-        &self,
-        _state: &Path,
-        _timeout: Duration,
-    ) -> BoxFuture<'_, Result<(), QmpError>> {
+    fn restore_clone(&self, _state: &Path) -> BoxFuture<'_, Result<(), QmpError>> {
         // Like QEMU's autostart once a template's state is loaded.
         Self::done(self.with_vm("migrate-incoming", |vm, _| {
             vm.running = true;

@@ -135,8 +135,7 @@ pub trait Monitor: Send + Sync + Debug {
     /// with `-incoming defer`), RAM shared with the template. The guest
     /// runs by itself once the state is loaded (the template was saved
     /// without its run state); a state that does not load ends QEMU.
-    fn restore_clone(&self, state: &Path, timeout: Duration)
-        -> BoxFuture<'_, Result<(), QmpError>>;
+    fn restore_clone(&self, state: &Path) -> BoxFuture<'_, Result<(), QmpError>>;
     /// Save the (paused) guest to `path`: device state, and all RAM
     /// unless `ignore_shared` (then RAM in a shared file is left there).
     fn save_state(

@@ -280,15 +280,11 @@ impl Monitor for Qmp {
     fn is_running(&self) -> BoxFuture<'_, Result<bool, QmpError>> {
         Box::pin(async move { Ok(self.query_status().await?.running) })
     }
-    fn restore_clone(
-        &self,
-        state: &Path,
-        timeout: Duration,
-    ) -> BoxFuture<'_, Result<(), QmpError>> {
+    fn restore_clone(&self, state: &Path) -> BoxFuture<'_, Result<(), QmpError>> {
         let state = state.to_path_buf();
         Box::pin(async move {
             self.enable_ignore_shared().await?;
-            self.start_incoming(&state, timeout).await
+            self.start_incoming(&state).await
         })
     }
     fn save_state(
