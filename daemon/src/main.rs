@@ -16,7 +16,6 @@ mod residency;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_engine::Engine;
@@ -103,6 +102,10 @@ fn try_main() -> anyhow::Result<()> {
     raise_fd_limit();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Shorter than residency::QUIET_FOR: an idle blocking thread has
+        // exited (running libc's exit paths) before kilnd settles, not
+        // after, which left those pages mapped to the end of a run.
+        .thread_keep_alive(residency::BLOCKING_THREAD_KEEP_ALIVE)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
@@ -175,12 +178,10 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     // Following events from the start, before any caller can change things.
     let metrics = metrics::Metrics::new();
     metrics.learn_pools(&engine).await;
-    let settler = Arc::new(residency::Settler::default());
-    let (counted, active) = (metrics.clone(), Arc::clone(&settler));
+    let counted = metrics.clone();
     parts.lifecycle = Some(AbortOnDrop(lifecycle::spawn(engine.clone(), move |fact| {
         journal::log(fact);
         counted.record(fact);
-        active.activity();
     })));
     // A signal also ends a start that hangs (a bus that never answers).
     let started = tokio::select! {
@@ -194,9 +195,9 @@ async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             notify::ready(&engine).await;
             parts.notifier = notify::spawn(engine.clone()).map(AbortOnDrop);
             // Start-up's pages are not needed any more (residency.rs).
-            parts.settler = Some(AbortOnDrop(tokio::spawn(async move {
-                settler.run().await;
-            })));
+            parts.settler = Some(AbortOnDrop(tokio::spawn(residency::settle_when_quiet(
+                engine.subscribe(),
+            ))));
             supervise(&mut engine_task, &mut parts, &mut sigterm, &mut sigint).await
         }
         Ok(false) => {

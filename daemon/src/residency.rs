@@ -13,18 +13,23 @@
 //!
 //! [`settle`] unmaps the pages of read-only file mappings no one has
 //! written to (they stay in the page cache; what runs next faults back in)
-//! and gives free heap pages back (`malloc_trim`). [`Settler`] runs it once
-//! kilnd is ready and again whenever no VM has changed state for a while,
-//! so a busy kilnd never pays the faults back in the middle of a burst.
+//! and gives free heap pages back (`malloc_trim`). [`settle_when_quiet`]
+//! runs it once kilnd is ready and whenever the engine has been quiet for a
+//! while (after start-up and after every burst of work), so a busy kilnd never pays the faults back
+//! in the middle of a burst.
 //! (`MADV_RANDOM` was tried first: on this kernel it does not stop a fault
 //! from mapping its neighbours, only read-ahead.)
 
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use kiln_engine::EngineEvent;
+use tokio::sync::broadcast::{self, error::RecvError};
 
-/// How long kilnd must see no lifecycle fact before it settles again.
+/// How long the engine must be quiet before kilnd settles again.
 pub const QUIET_FOR: Duration = Duration::from_secs(5);
+
+/// How long an idle blocking-pool thread lives: less than [`QUIET_FOR`].
+pub const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 /// What one [`settle`] did, for the debug log.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -130,31 +135,25 @@ pub fn settle() -> std::io::Result<Settled> {
     Ok(settled)
 }
 
-/// Settles once now and again after every quiet spell: [`Settler::activity`]
-/// is called for every lifecycle fact, and [`QUIET_FOR`] without one
-/// settles.
-#[derive(Debug, Default)]
-pub struct Settler {
-    activity: Notify,
-}
-
-impl Settler {
-    /// Something happened (a VM changed state): settle only once it has
-    /// been quiet again.
-    pub fn activity(&self) {
-        self.activity.notify_one();
-    }
-
-    /// Settle now, then after each quiet spell that follows activity.
-    /// Runs until dropped (aborted).
-    pub async fn run(&self) {
+/// Settles now (start-up's pages) and after each quiet spell: [`QUIET_FOR`]
+/// without an engine event, the first one counted from the call (start-up
+/// is activity too: its blocking threads are still to exit). Any event
+/// counts, not only a VM's change of state. Returns when the engine is
+/// gone.
+pub async fn settle_when_quiet(mut events: broadcast::Receiver<EngineEvent>) {
+    settle_and_log();
+    loop {
         loop {
-            settle_and_log();
-            self.activity.notified().await;
-            while tokio::time::timeout(QUIET_FOR, self.activity.notified())
-                .await
-                .is_ok()
-            {}
+            match tokio::time::timeout(QUIET_FOR, events.recv()).await {
+                Err(_quiet) => break,
+                Ok(Err(RecvError::Closed)) => return,
+                // Lagging behind is activity too: many events came at once.
+                Ok(_) => {}
+            }
+        }
+        settle_and_log();
+        if let Err(RecvError::Closed) = events.recv().await {
+            return;
         }
     }
 }
@@ -218,6 +217,22 @@ Rss:                   8 kB
             vec![(0x55d0_c0a0_0000, 512), (0x55d0_c0b0_0000, 4096)]
         );
         assert_eq!(mappings.iter().filter(|m| m.file_backed).count(), 5);
+    }
+
+    #[tokio::test]
+    async fn the_settler_ends_with_the_engine() {
+        let (events, receiver) = broadcast::channel(4);
+        let settler = tokio::spawn(settle_when_quiet(receiver));
+        // Activity keeps it waiting; the engine going away ends it at
+        // once, quiet spell or not.
+        events
+            .send(EngineEvent::PoolRemoved { name: "p".into() })
+            .unwrap();
+        drop(events);
+        tokio::time::timeout(Duration::from_secs(2), settler)
+            .await
+            .expect("the settler outlived the engine")
+            .unwrap();
     }
 
     #[test]

@@ -141,6 +141,12 @@ fn every_qemu_runs_under_its_own_unprivileged_uid() {
             "{cmdline}"
         );
     }
+    // A clone's anonymous memory is QEMU's own: no huge pages for it
+    // (QemuLaunch::transparent_huge_pages); the cold VM's RAM keeps them.
+    assert_eq!(status(cold["pid"].as_u64().unwrap())["THP_enabled"], "1");
+    for clone in &clones {
+        assert_eq!(status(clone["pid"].as_u64().unwrap())["THP_enabled"], "0");
+    }
     println!(
         "QEMU uids: cold {}, clones {} and {}",
         uids[0], uids[1], uids[2]

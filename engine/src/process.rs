@@ -104,6 +104,7 @@ impl VmProcess {
         // Prepared before the fork: the child may not allocate.
         let drop_to: Option<(u32, Vec<libc::gid_t>)> =
             launch.user.as_ref().map(|u| (u.uid, u.groups.clone()));
+        let no_huge_pages = !launch.transparent_huge_pages();
         let jail = match &launch.user {
             Some(user) if user.jailed => {
                 Some(
@@ -134,6 +135,10 @@ impl VmProcess {
         unsafe {
             command.pre_exec(move || {
                 if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Kept across execve(2): QEMU's own madvise cannot undo it.
+                if no_huge_pages && libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 for &(src, dst) in &fds {

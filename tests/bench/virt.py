@@ -66,7 +66,7 @@ DOMAIN = """<domain type='qemu'>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <controller type='usb' model='none'/>
-    <controller type='virtio-serial' index='0'><address type='virtio-mmio'/></controller>
+    <controller type='virtio-serial' index='0' ports='2'><address type='virtio-mmio'/></controller>
     <serial type='file'><source path='{run}/console.log'/></serial>
     <channel type='unix'>
       <source mode='bind' path='{run}/agent.sock'/>

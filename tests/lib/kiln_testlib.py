@@ -344,7 +344,7 @@ def microvm_argv(guest, work, name, no_reboot=True, incoming=None, scsi=False):
         "-initrd", os.path.join(guest, "initramfs"),
         "-append", APPEND,
         "-serial", f"file:{work}/{name}-console.log",
-        "-device", "virtio-serial-device",
+        "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=agent,path={work}/{name}-agent.sock,server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=io.kiln.agent.0",
         "-qmp", f"unix:{work}/{name}-qmp.sock,server=on,wait=off",
