@@ -241,15 +241,6 @@ impl QemuLaunch {
             // the load (pool/template.rs).
             args.pair("-global", "migration.store-global-state=off");
         }
-        if matches!(self.memory, GuestMemory::TemplateClone(_)) {
-            // No self-announce after the load: a clone has nothing to
-            // announce yet (the template saved its NIC down, with the
-            // template's MAC), and the agent's `ConfigureNetwork` announces
-            // the clone's own MAC and address. Each round would be a config
-            // interrupt whose work holds the guest's RTNL lock, the hazard
-            // guest/agent/src/network.rs works around.
-            args.pair("-global", "migration.announce-rounds=0");
-        }
         args.flag("-nodefaults");
         args.flag("-no-user-config");
         if !self.gpu.iter().any(|(option, _)| option == "-display") {
