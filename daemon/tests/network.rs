@@ -320,6 +320,22 @@ fn template_clones_get_their_own_mac_and_address_and_are_reachable() {
             out["stdout"].as_str().unwrap().trim(),
             nic(vm)["mac"].as_str().unwrap()
         );
+        // Its IPv6 link-local address is made from that MAC too: the
+        // template saved its NIC up with IPv6 off, the clone turned it on
+        // once its MAC was set.
+        let inet6 = d.ok(
+            "ExecVM",
+            json!({"id": vm["id"], "command": ["cat", "/proc/net/if_inet6"]}),
+        );
+        let link_local = link_local_of(nic(vm)["mac"].as_str().unwrap());
+        assert!(
+            inet6["stdout"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with(&link_local) && l.ends_with("eth0")),
+            "no {link_local} on eth0: {inet6}"
+        );
     }
     // After a reboot the clone is configured again (QEMU resets the
     // device to the template's MAC).
@@ -331,6 +347,18 @@ fn template_clones_get_their_own_mac_and_address_and_are_reachable() {
         ping["received"].as_u64().unwrap_or(0) >= 2,
         "after reboot: {ping}"
     );
+}
+
+/// The link-local IPv6 address a MAC makes (modified EUI-64), as
+/// `/proc/net/if_inet6` writes it: 32 hex digits.
+fn link_local_of(mac: &str) -> String {
+    let b: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    let eui = [b[0] ^ 2, b[1], b[2], 0xff, 0xfe, b[3], b[4], b[5]];
+    let hex: String = eui.iter().map(|x| format!("{x:02x}")).collect();
+    format!("fe80000000000000{hex}")
 }
 
 /// The guest's interfaces as `name mac` lines.

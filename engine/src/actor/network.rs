@@ -199,6 +199,10 @@ pub(super) fn guest_interface(
         address: nic.address.map(|a| a.to_string()),
         prefix_length: nic.address.and(prefix_length),
         mtu,
+        // On, after the MAC: a clone's template saved its NIC up with IPv6
+        // off (vmm/qemu.rs), so the link-local address is made from the
+        // clone's own MAC.
+        ipv6: Some(true),
     }
 }
 

@@ -62,6 +62,7 @@ struct IfacePlan {
     previous: Option<Mac>,
     address: Option<(Ipv4Addr, u8)>,
     mtu: Option<u32>,
+    ipv6: Option<bool>,
 }
 
 /// A validated `ConfigureNetwork` request.
@@ -138,6 +139,7 @@ impl NetworkPlan {
                 previous,
                 address,
                 mtu: iface.mtu,
+                ipv6: iface.ipv6,
             };
             // Two entries for one NIC would fight over it.
             let macs = |p: &IfacePlan| [Some(p.mac), p.previous];
@@ -195,6 +197,9 @@ impl NetworkPlan {
         let mut gateway_dev = None;
         for (plan, name) in self.interfaces.iter().zip(&names) {
             let running = sock.is_up(name).map_err(|e| failed("flags of", name, e))?;
+            if plan.ipv6 == Some(false) {
+                set_ipv6(name, false).map_err(|e| failed("turn IPv6 off on", name, e))?;
+            }
             // Gratuitous ARP when the interface comes up or its MAC is set
             // (best effort: a missing sysctl only costs the announcement).
             let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{name}/arp_notify"), "1\n");
@@ -227,6 +232,9 @@ impl NetworkPlan {
                     .map_err(|e| failed("set MAC of", name, e))?;
             }
             sock.set_up(name, true).map_err(|e| failed("up", name, e))?;
+            if plan.ipv6 == Some(true) {
+                set_ipv6(name, true).map_err(|e| failed("turn IPv6 on on", name, e))?;
+            }
             reply.interfaces.push(ConfiguredInterface {
                 name: name.clone(),
                 mac: format_mac(&read_mac(name).unwrap_or(plan.mac)),
@@ -289,6 +297,17 @@ fn list_interfaces() -> Vec<(String, Mac)> {
             Some((name, mac))
         })
         .collect()
+}
+
+/// `net.ipv6.conf.<name>.disable_ipv6`. Turning IPv6 on makes the
+/// interface's link-local address from its MAC as it is now.
+fn set_ipv6(name: &str, on: bool) -> io::Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    match fs::write(&path, if on { "0\n" } else { "1\n" }) {
+        // A guest without IPv6 has nothing to turn on or off.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        done => done,
+    }
 }
 
 fn read_mac(name: &str) -> Option<Mac> {

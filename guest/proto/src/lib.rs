@@ -325,6 +325,13 @@ pub struct NetworkInterface {
     /// MTU, 68 to 65535; absent: left as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+    /// IPv6 on the interface (`disable_ipv6`): `false` turns it off before
+    /// the interface comes up, `true` on once its MAC is set (so its
+    /// link-local address is made from that MAC); absent: left as it is.
+    /// A template brings its NICs up with IPv6 off, so a clone sends
+    /// nothing from the template's MAC before it has its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<bool>,
 }
 
 /// Parameters of `ConfigureNetwork`.
