@@ -337,6 +337,26 @@ fn template_clones_get_their_own_mac_and_address_and_are_reachable() {
             "no {link_local} on eth0: {inet6}"
         );
     }
+    // No frame from the template's MAC reached the bridge (QEMU's RARP
+    // announce of the loaded MAC is dropped before learning): it learned
+    // the clones' MACs and nothing else.
+    let macs: Vec<String> = vms
+        .iter()
+        .map(|vm| nic(vm)["mac"].as_str().unwrap().to_owned())
+        .collect();
+    for mac in learned_macs(&ns, "kb0") {
+        assert!(
+            macs.contains(&mac),
+            "the bridge learned {mac}, not a clone's {macs:?}: {}",
+            String::from_utf8_lossy(
+                &std::process::Command::new("ip")
+                    .args(["netns", "exec", ns.name(), "nft", "-a", "list", "ruleset"])
+                    .output()
+                    .unwrap()
+                    .stdout
+            )
+        );
+    }
     // After a reboot the clone is configured again (QEMU resets the
     // device to the template's MAC).
     let id = vms[0]["id"].clone();
@@ -359,6 +379,30 @@ fn link_local_of(mac: &str) -> String {
     let eui = [b[0] ^ 2, b[1], b[2], 0xff, 0xfe, b[3], b[4], b[5]];
     let hex: String = eui.iter().map(|x| format!("{x:02x}")).collect();
     format!("fe80000000000000{hex}")
+}
+
+/// MACs the bridge learned from frames (not its ports' own addresses).
+fn learned_macs(ns: &Netns, bridge: &str) -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "bridge",
+            "-j",
+            "fdb",
+            "show",
+            "br",
+            bridge,
+        ])
+        .output()
+        .unwrap();
+    let entries: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    entries
+        .iter()
+        .filter(|e| e["state"].as_str() != Some("permanent"))
+        .filter_map(|e| e["mac"].as_str().map(str::to_owned))
+        .collect()
 }
 
 /// The guest's interfaces as `name mac` lines.

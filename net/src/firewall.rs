@@ -13,6 +13,21 @@
 //! }
 //! ```
 //!
+//! A second table, `bridge kiln`, drops RARP (ethertype 0x8035) coming in
+//! from Kiln's TAPs before the bridge learns its source: QEMU announces a
+//! restored NIC with RARP from the MAC in the loaded device state, which
+//! for a template's clone is the template's MAC (docs/networking.md,
+//! "Template clones and MAC addresses"), not the clone's. Kiln does not
+//! migrate VMs between hosts, so nothing needs those announcements.
+//!
+//! ```text
+//! table bridge kiln {
+//!   chain prerouting { type filter hook prerouting priority filter; policy accept;
+//!     iifname "kt*" ether type 0x8035 drop comment "kiln:no-rarp"
+//!   }
+//! }
+//! ```
+//!
 //! Rules are written with the `nftables` crate's typed JSON schema and
 //! applied with `nft -j -f -`, one atomic transaction per change. Every
 //! rule carries a comment naming its VM, so the VM's rules are found and
@@ -35,9 +50,10 @@ use std::process::{Command, Stdio};
 use std::str::FromStr;
 
 use nftables::expr::{
-    Expression, Fib, FibFlag, FibResult, NamedExpression, Payload, PayloadField, Prefix,
+    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
+    Prefix,
 };
-use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::schema::{Chain, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, NATFamily, Operator, Statement, NAT};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::{Deserialize, Serialize};
@@ -55,6 +71,10 @@ const POSTROUTING: &str = "postrouting";
 /// (each of kilnd's networks has its own); a bare `kiln:masquerade` is
 /// what earlier versions wrote, replaced on the next `ensure`.
 const MASQUERADE_COMMENT: &str = "kiln:masquerade";
+
+/// RARP's ethertype: what QEMU announces a restored NIC with.
+const ETHERTYPE_RARP: u32 = 0x8035;
+const NO_RARP_COMMENT: &str = "kiln:no-rarp";
 
 fn masquerade_comment(subnet: Ipv4Net) -> String {
     format!("{MASQUERADE_COMMENT};net={subnet}")
@@ -226,6 +246,55 @@ fn table_ref() -> Table<'static> {
     }
 }
 
+fn bridge_table_ref() -> Table<'static> {
+    Table {
+        family: NfFamily::Bridge,
+        name: Cow::Borrowed(TABLE),
+        ..Table::default()
+    }
+}
+
+fn bridge_prerouting() -> Chain<'static> {
+    Chain {
+        family: NfFamily::Bridge,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Borrowed(PREROUTING),
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Prerouting),
+        // `filter`.
+        prio: Some(-200),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }
+}
+
+/// Drops RARP from Kiln's TAPs (see the module docs).
+fn no_rarp_rule() -> Rule<'static> {
+    let tap_name = Expression::String(Cow::Owned(format!("{}*", names::TAP_PREFIX)));
+    Rule {
+        family: NfFamily::Bridge,
+        table: Cow::Borrowed(TABLE),
+        chain: Cow::Borrowed(PREROUTING),
+        expr: Cow::Owned(vec![
+            matches(
+                Expression::Named(NamedExpression::Meta(Meta {
+                    key: MetaKey::Iifname,
+                })),
+                Operator::EQ,
+                tap_name,
+            ),
+            matches(
+                payload("ether", "type"),
+                Operator::EQ,
+                Expression::Number(ETHERTYPE_RARP),
+            ),
+            Statement::Drop(None),
+        ]),
+        comment: Some(Cow::Borrowed(NO_RARP_COMMENT)),
+        ..Rule::default()
+    }
+}
+
 fn base_chain(name: &'static str, hook: NfHook, prio: i32) -> Chain<'static> {
     Chain {
         family: NfFamily::INet,
@@ -392,11 +461,20 @@ impl Firewall {
 
     /// Whether the table exists.
     pub fn table_exists(&self) -> Result<bool, FirewallError> {
-        let out = self.run("list tables", &["-j", "list", "tables", "inet"], None)?;
+        self.family_table_exists("inet")
+    }
+
+    /// Whether the `bridge kiln` table exists.
+    pub fn bridge_table_exists(&self) -> Result<bool, FirewallError> {
+        self.family_table_exists("bridge")
+    }
+
+    fn family_table_exists(&self, family: &'static str) -> Result<bool, FirewallError> {
+        let out = self.run("list tables", &["-j", "list", "tables", family], None)?;
         let value: serde_json::Value = serde_json::from_str(&out).map_err(FirewallError::Parse)?;
         Ok(value["nftables"].as_array().is_some_and(|objs| {
             objs.iter()
-                .any(|o| o["table"]["name"] == TABLE && o["table"]["family"] == "inet")
+                .any(|o| o["table"]["name"] == TABLE && o["table"]["family"] == family)
         }))
     }
 
@@ -425,6 +503,17 @@ impl Firewall {
             ))),
         ];
         self.apply("ensure table", &batch(cmds))?;
+        // Flushed and written again in one transaction: the same one rule
+        // however often kilnd starts.
+        self.apply(
+            "ensure bridge table",
+            &batch(vec![
+                add(NfListObject::Table(bridge_table_ref())),
+                add(NfListObject::Chain(bridge_prerouting())),
+                NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(bridge_prerouting()))),
+                add(NfListObject::Rule(no_rarp_rule())),
+            ]),
+        )?;
         let own = masquerade_comment(subnet);
         let mut cmds: Vec<NfObject<'static>> = self
             .rules()?
@@ -445,8 +534,15 @@ impl Firewall {
         self.apply("set masquerade", &batch(cmds))
     }
 
-    /// Deletes the whole table (uninstall, tests); `false` if it was absent.
+    /// Deletes the whole table and the `bridge kiln` table (uninstall,
+    /// tests); `false` if the `inet` table was absent.
     pub fn delete_table(&self) -> Result<bool, FirewallError> {
+        if self.bridge_table_exists()? {
+            let cmds = batch(vec![NfObject::CmdObject(NfCmd::Delete(
+                NfListObject::Table(bridge_table_ref()),
+            ))]);
+            self.apply("delete bridge table", &cmds)?;
+        }
         if !self.table_exists()? {
             return Ok(false);
         }

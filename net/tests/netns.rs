@@ -351,6 +351,15 @@ async fn nft_masquerade_and_forwards_by_vm_leave_other_tables_alone() {
     net.ensure().await.unwrap();
     let table = ns.sh(&["nft", "list", "table", "inet", "kiln"]);
     assert_eq!(table.matches("masquerade comment").count(), 1, "{table}");
+    // And one rule dropping RARP from Kiln's TAPs on the bridge.
+    let bridge = ns.sh(&["nft", "list", "table", "bridge", "kiln"]);
+    assert_eq!(
+        bridge
+            .matches(r#"iifname "kt*" ether type 0x8035 drop comment "kiln:no-rarp""#)
+            .count(),
+        1,
+        "{bridge}"
+    );
     // A second network of kilnd's in the namespace has its own rule, and
     // turning it off leaves the first one's.
     let mut second = ns.config();

@@ -203,6 +203,13 @@ impl NetworkPlan {
             // Gratuitous ARP when the interface comes up or its MAC is set
             // (best effort: a missing sysctl only costs the announcement).
             let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{name}/arp_notify"), "1\n");
+            // A running NIC with another MAC (a clone's, restored from a
+            // template that saved it up) gets its own MAC first: nothing
+            // it sends once it has an address may carry the template's.
+            if running && read_mac(name) != Some(plan.mac) {
+                sock.set_mac_live(name, &plan.mac)
+                    .map_err(|e| failed("set MAC of", name, e))?;
+            }
             if let Some(mtu) = plan.mtu {
                 sock.set_mtu(name, mtu)
                     .map_err(|e| failed("set MTU of", name, e))?;
