@@ -15,8 +15,8 @@
 //! written to (they stay in the page cache; what runs next faults back in)
 //! and gives free heap pages back (`malloc_trim`). [`settle_when_quiet`]
 //! runs it once kilnd is ready and whenever the engine has been quiet for a
-//! while (after start-up and after every burst of work), so a busy kilnd never pays the faults back
-//! in the middle of a burst.
+//! while (after start-up and after every burst of work), so a busy kilnd
+//! never pays the faults back in the middle of a burst.
 //! (`MADV_RANDOM` was tried first: on this kernel it does not stop a fault
 //! from mapping its neighbours, only read-ahead.)
 

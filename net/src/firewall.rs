@@ -238,34 +238,26 @@ pub struct Firewall {
     nft: PathBuf,
 }
 
-fn table_ref() -> Table<'static> {
+/// Kiln's table of `family` (`inet` for NAT and forwards, `bridge` for
+/// the RARP rule).
+fn table_ref(family: NfFamily) -> Table<'static> {
     Table {
-        family: NfFamily::INet,
+        family,
         name: Cow::Borrowed(TABLE),
         ..Table::default()
     }
 }
 
-fn bridge_table_ref() -> Table<'static> {
-    Table {
-        family: NfFamily::Bridge,
-        name: Cow::Borrowed(TABLE),
-        ..Table::default()
-    }
-}
-
+/// The bridge table's one chain: `filter` at prerouting, before the
+/// bridge learns a frame's source.
 fn bridge_prerouting() -> Chain<'static> {
-    Chain {
-        family: NfFamily::Bridge,
-        table: Cow::Borrowed(TABLE),
-        name: Cow::Borrowed(PREROUTING),
-        _type: Some(NfChainType::Filter),
-        hook: Some(NfHook::Prerouting),
-        // `filter`.
-        prio: Some(-200),
-        policy: Some(NfChainPolicy::Accept),
-        ..Chain::default()
-    }
+    base_chain(
+        NfFamily::Bridge,
+        NfChainType::Filter,
+        PREROUTING,
+        NfHook::Prerouting,
+        -200,
+    )
 }
 
 /// Drops RARP from Kiln's TAPs (see the module docs).
@@ -295,12 +287,18 @@ fn no_rarp_rule() -> Rule<'static> {
     }
 }
 
-fn base_chain(name: &'static str, hook: NfHook, prio: i32) -> Chain<'static> {
+fn base_chain(
+    family: NfFamily,
+    kind: NfChainType,
+    name: &'static str,
+    hook: NfHook,
+    prio: i32,
+) -> Chain<'static> {
     Chain {
-        family: NfFamily::INet,
+        family,
         table: Cow::Borrowed(TABLE),
         name: Cow::Borrowed(name),
-        _type: Some(NfChainType::NAT),
+        _type: Some(kind),
         hook: Some(hook),
         prio: Some(prio),
         policy: Some(NfChainPolicy::Accept),
@@ -461,21 +459,25 @@ impl Firewall {
 
     /// Whether the table exists.
     pub fn table_exists(&self) -> Result<bool, FirewallError> {
-        self.family_table_exists("inet")
+        Ok(self.own_tables()?.contains(&NfFamily::INet))
     }
 
-    /// Whether the `bridge kiln` table exists.
-    pub fn bridge_table_exists(&self) -> Result<bool, FirewallError> {
-        self.family_table_exists("bridge")
-    }
-
-    fn family_table_exists(&self, family: &'static str) -> Result<bool, FirewallError> {
-        let out = self.run("list tables", &["-j", "list", "tables", family], None)?;
+    /// The families Kiln's table exists in (`inet`, `bridge`), from one
+    /// listing.
+    fn own_tables(&self) -> Result<Vec<NfFamily>, FirewallError> {
+        let out = self.run("list tables", &["-j", "list", "tables"], None)?;
         let value: serde_json::Value = serde_json::from_str(&out).map_err(FirewallError::Parse)?;
-        Ok(value["nftables"].as_array().is_some_and(|objs| {
+        let families = value["nftables"].as_array().map(|objs| {
             objs.iter()
-                .any(|o| o["table"]["name"] == TABLE && o["table"]["family"] == family)
-        }))
+                .filter(|o| o["table"]["name"] == TABLE)
+                .filter_map(|o| match o["table"]["family"].as_str()? {
+                    "inet" => Some(NfFamily::INet),
+                    "bridge" => Some(NfFamily::Bridge),
+                    _ => None,
+                })
+                .collect()
+        });
+        Ok(families.unwrap_or_default())
     }
 
     /// Creates the table and its chains if missing (idempotent), then sets
@@ -483,37 +485,29 @@ impl Firewall {
     /// leaving the rules of other subnets (other networks of kilnd's)
     /// alone.
     pub fn ensure(&self, subnet: Ipv4Net, masquerade: bool) -> Result<(), FirewallError> {
+        let nat_chain = |name, hook, prio| {
+            add(NfListObject::Chain(base_chain(
+                NfFamily::INet,
+                NfChainType::NAT,
+                name,
+                hook,
+                prio,
+            )))
+        };
         let cmds = vec![
-            add(NfListObject::Table(table_ref())),
+            add(NfListObject::Table(table_ref(NfFamily::INet))),
             // dstnat = -100, srcnat = 100 (nft's named priorities).
-            add(NfListObject::Chain(base_chain(
-                PREROUTING,
-                NfHook::Prerouting,
-                -100,
-            ))),
-            add(NfListObject::Chain(base_chain(
-                OUTPUT,
-                NfHook::Output,
-                -100,
-            ))),
-            add(NfListObject::Chain(base_chain(
-                POSTROUTING,
-                NfHook::Postrouting,
-                100,
-            ))),
+            nat_chain(PREROUTING, NfHook::Prerouting, -100),
+            nat_chain(OUTPUT, NfHook::Output, -100),
+            nat_chain(POSTROUTING, NfHook::Postrouting, 100),
+            add(NfListObject::Table(table_ref(NfFamily::Bridge))),
+            add(NfListObject::Chain(bridge_prerouting())),
+            // Flushed and written again: the same one rule however often
+            // kilnd starts.
+            NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(bridge_prerouting()))),
+            add(NfListObject::Rule(no_rarp_rule())),
         ];
-        self.apply("ensure table", &batch(cmds))?;
-        // Flushed and written again in one transaction: the same one rule
-        // however often kilnd starts.
-        self.apply(
-            "ensure bridge table",
-            &batch(vec![
-                add(NfListObject::Table(bridge_table_ref())),
-                add(NfListObject::Chain(bridge_prerouting())),
-                NfObject::CmdObject(NfCmd::Flush(FlushObject::Chain(bridge_prerouting()))),
-                add(NfListObject::Rule(no_rarp_rule())),
-            ]),
-        )?;
+        self.apply("ensure tables", &batch(cmds))?;
         let own = masquerade_comment(subnet);
         let mut cmds: Vec<NfObject<'static>> = self
             .rules()?
@@ -537,20 +531,18 @@ impl Firewall {
     /// Deletes the whole table and the `bridge kiln` table (uninstall,
     /// tests); `false` if the `inet` table was absent.
     pub fn delete_table(&self) -> Result<bool, FirewallError> {
-        if self.bridge_table_exists()? {
-            let cmds = batch(vec![NfObject::CmdObject(NfCmd::Delete(
-                NfListObject::Table(bridge_table_ref()),
-            ))]);
-            self.apply("delete bridge table", &cmds)?;
-        }
-        if !self.table_exists()? {
+        let present = self.own_tables()?;
+        if present.is_empty() {
             return Ok(false);
         }
-        let cmds = batch(vec![NfObject::CmdObject(NfCmd::Delete(
-            NfListObject::Table(table_ref()),
-        ))]);
-        self.apply("delete table", &cmds)?;
-        Ok(true)
+        let cmds = present
+            .iter()
+            .map(|family| {
+                NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(table_ref(*family))))
+            })
+            .collect();
+        self.apply("delete tables", &batch(cmds))?;
+        Ok(present.contains(&NfFamily::INet))
     }
 
     /// Every rule of the table (empty if the table does not exist).
