@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_testkit::busctl::{DbusKilnd, VM_IF};
-use kiln_testkit::{wait_until, VarlinkStream};
+use kiln_testkit::{wait_until, VarlinkStream, TEST_CGROUP_PARENT};
 use serde_json::json;
 
 /// The memory directory of VM `id`'s cgroup, v2 or v1; `None` when this
@@ -18,12 +18,12 @@ fn memory_cgroup(id: &str) -> Option<PathBuf> {
     let root = PathBuf::from("/sys/fs/cgroup");
     let controllers = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
     if controllers.split_whitespace().any(|c| c == "memory") {
-        return Some(root.join("kiln-test").join(id));
+        return Some(root.join(TEST_CGROUP_PARENT).join(id));
     }
     let v1 = root.join("memory");
     v1.join("tasks")
         .exists()
-        .then(|| v1.join("kiln-test").join(id))
+        .then(|| v1.join(TEST_CGROUP_PARENT).join(id))
 }
 
 fn read(path: PathBuf) -> String {
@@ -51,7 +51,7 @@ fn limits_are_enforced_and_usage_is_reported() {
         eprintln!("SKIP: no memory cgroup controller on this host");
         return;
     };
-    let v2 = memory.starts_with("/sys/fs/cgroup/kiln-test");
+    let v2 = memory.starts_with(PathBuf::from("/sys/fs/cgroup").join(TEST_CGROUP_PARENT));
     if v2 {
         assert_eq!(read(memory.join("memory.max")), (320u64 << 20).to_string());
         assert_eq!(read(memory.join("cpu.max")), "50000 100000");
@@ -61,7 +61,9 @@ fn limits_are_enforced_and_usage_is_reported() {
             read(memory.join("memory.limit_in_bytes")),
             (320u64 << 20).to_string()
         );
-        let cpu = PathBuf::from("/sys/fs/cgroup/cpu/kiln-test").join(&id);
+        let cpu = PathBuf::from("/sys/fs/cgroup/cpu")
+            .join(TEST_CGROUP_PARENT)
+            .join(&id);
         assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "50000");
         assert_eq!(read(cpu.join("cpu.shares")), "512");
     }

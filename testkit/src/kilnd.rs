@@ -59,9 +59,10 @@ impl Kilnd {
         let config = format!(
             "state_dir = \"{0}/state\"\nruntime_dir = \"{0}/run\"\nguest_dir = \"{1}\"\n\
              varlink_socket = \"{0}/varlink\"\n{boot_timeout}\
-             cgroup_parent = \"kiln-test\"\n{pool_dirs}{extra_config}",
+             cgroup_parent = \"{2}\"\n{pool_dirs}{extra_config}",
             dir.display(),
             crate::guest_dir().display(),
+            crate::process::TEST_CGROUP_PARENT,
         );
         std::fs::write(dir.join("kilnd.toml"), config).unwrap();
         Self {

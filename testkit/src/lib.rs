@@ -54,7 +54,9 @@ pub use gpu::{FakeGpu, FakeHost};
 pub use kilnd::{kilnd_exe, Kilnd};
 pub use netns::{random_hex, Netns};
 pub use notify::{has_line, NotifySocket};
-pub use process::{command_as, kill_qemus_under, pid_alive, rss_kib, run, Sandbox};
+pub use process::{
+    command_as, kill_qemus_under, pid_alive, rss_kib, run, Sandbox, TEST_CGROUP_PARENT,
+};
 pub use registry::Registry;
 pub use varlink::{
     json_seq, varlinkctl_call, varlinkctl_more, varlinkctl_ok, Daemon, VarlinkStream,

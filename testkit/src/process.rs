@@ -3,9 +3,10 @@
 //! child's JSON output as it comes.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -63,11 +64,13 @@ impl Drop for Sandbox {
 /// launched just before its kilnd was killed has no pid file yet, and
 /// would otherwise outlive the test and recreate its files in the dir).
 pub fn kill_qemus_under(root: &Path) {
+    let mut vm_ids = Vec::new();
     for dir in std::fs::read_dir(root.join("run/vms"))
         .into_iter()
         .flatten()
         .flatten()
     {
+        vm_ids.extend(dir.file_name().to_str().map(str::to_owned));
         if let Ok(pid) = std::fs::read_to_string(dir.path().join("qemu.pid")) {
             if let Ok(pid) = pid.trim().parse::<i32>() {
                 // SAFETY: kill(2) with a pid and a signal number.
@@ -94,6 +97,41 @@ pub fn kill_qemus_under(root: &Path) {
         if pid != me && names_root {
             // SAFETY: kill(2) with a pid and a signal number.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+    remove_vm_cgroups(&vm_ids);
+}
+
+/// The cgroup parent every test kilnd puts its VMs under.
+pub const TEST_CGROUP_PARENT: &str = "kiln-test";
+
+/// Removes the cgroups of the sandbox's VMs (`kiln-test/<id>` in every
+/// hierarchy). A kilnd leaves a running VM's cgroup for the next kilnd to
+/// re-adopt; the sandbox killed those QEMUs itself, so nothing else would
+/// remove them and every test run would leave its VMs' cgroups behind.
+/// An rmdir waits (briefly) for the killed QEMU to leave the cgroup.
+fn remove_vm_cgroups(vm_ids: &[String]) {
+    let hierarchies: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .chain([PathBuf::from("/sys/fs/cgroup")])
+        .collect();
+    for id in vm_ids {
+        for hierarchy in &hierarchies {
+            let dir = hierarchy.join(TEST_CGROUP_PARENT).join(id);
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while dir.is_dir() {
+                match std::fs::remove_dir(&dir) {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    _ => break,
+                }
+            }
         }
     }
 }

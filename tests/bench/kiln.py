@@ -7,6 +7,7 @@ tests/lib/kiln_testlib.py's, re-exported here: this module is the
 benchmark's one import of that library. Nothing here measures; the
 scenario modules do.
 """
+import errno
 import glob
 import json
 import os
@@ -98,6 +99,30 @@ def argv_of(pid):
         return [a.decode() for a in f.read().split(b"\0") if a]
 
 
+# Not kilnd's default ("kiln"): a benchmark's VMs never share a cgroup
+# parent with a kilnd of the host's own.
+CGROUP_PARENT = "kiln-bench"
+
+
+def remove_vm_cgroups(vm_ids):
+    """Remove the cgroups of VMs whose QEMUs were just killed.
+
+    kilnd leaves a running VM's cgroup for the next kilnd to re-adopt; the
+    bench killed those QEMUs itself, so nothing else would remove them."""
+    hierarchies = ["/sys/fs/cgroup"] + glob.glob("/sys/fs/cgroup/*/")
+    for vm_id in vm_ids:
+        for hierarchy in hierarchies:
+            path = os.path.join(hierarchy, CGROUP_PARENT, vm_id)
+            deadline = time.monotonic() + 2
+            while os.path.isdir(path):
+                try:
+                    os.rmdir(path)
+                except OSError as e:
+                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+
+
 class Kilnd:
     """A release kilnd on a temp dir and a private dbus-daemon.
 
@@ -126,7 +151,7 @@ class Kilnd:
             f.write(f'state_dir = "{self.work}/state"\nruntime_dir = "{self.work}/run"\n'
                     f'guest_dir = "{GUEST}"\nvarlink_socket = "{self.sock}"\n'
                     f'boot_timeout_sec = 180\npool_dirs = []\n'
-                    f'dbus = "{self.bus_address}"\npolkit = false\n'
+                    f'dbus = "{self.bus_address}"\npolkit = false\ncgroup_parent = "{CGROUP_PARENT}"\n'
                     # The engine logs its share of each hot acquire at debug.
                     f'log_level = "info,kiln_engine::actor::pools=debug,kiln_engine::actor::tasks=debug"\n'
                     f'{self.extra_config}')
@@ -185,11 +210,13 @@ class Kilnd:
         if self.bus:
             self.bus.kill()
             self.bus.wait()
+        vm_ids = [os.path.basename(d) for d in glob.glob(f"{self.work}/run/vms/*")]
         for pidfile in glob.glob(f"{self.work}/run/vms/*/qemu.pid"):
             try:
                 with open(pidfile) as f:
                     os.kill(int(f.read()), 9)
             except (OSError, ValueError):
                 pass
+        remove_vm_cgroups(vm_ids)
         shutil.rmtree(self.work, ignore_errors=True)
         return False

@@ -166,11 +166,12 @@ pub(super) enum Write {
     /// applied even if the write fails, since it is true either way; the
     /// next reconcile agrees with it.
     Fact,
-    /// A fact about a running process (its pid, its TAP's index): as
-    /// `Fact`, but not synced (`Durability::UntilHostCrash`): a host crash
-    /// ends the process too, and a kilnd restart finds the file in the
-    /// page cache. It is written while a clone restores, where two fsyncs
-    /// in the actor cost the clone ~15 ms.
+    /// A fact about a running process (its pid, its TAP's index, its
+    /// guest's answer that makes it ready): as `Fact`, but not synced
+    /// (`Durability::UntilHostCrash`): a host crash ends the process too,
+    /// and a kilnd restart finds the file in the page cache. The first two
+    /// are written while a clone restores, where two fsyncs in the actor
+    /// cost the clone ~15 ms; the last is on every clone's path.
     RunningFact,
 }
 

@@ -752,8 +752,10 @@ impl Engine {
                     kernel_release: ping.kernel_release,
                     boot_id: ping.boot_id,
                 };
-                // `ready`, or `leased` again for a leased VM that rebooted.
-                let _ = self.transition(id, VmState::Ready, Write::Fact, |r| {
+                // `ready`, or `leased` again for a leased VM that rebooted:
+                // a fact about the running guest, so not synced (on every
+                // clone's path; a host crash ends the guest too).
+                let _ = self.transition(id, VmState::Ready, Write::RunningFact, |r| {
                     r.ready_at = Some(now_usec());
                     r.guest = Some(guest);
                 });

@@ -7,7 +7,7 @@ use std::io;
 use kiln_agent_proto::SetIdentityRequest;
 
 use crate::params::InvalidParameter;
-use crate::sys;
+use crate::{log, sys};
 
 /// Largest entropy seed accepted, in bytes.
 pub const MAX_ENTROPY_BYTES: usize = 4096;
@@ -54,22 +54,50 @@ impl Identity {
         })
     }
 
-    /// Applies the identity: entropy first (it matters most for clones),
-    /// then hostname, then machine id.
-    pub fn apply(&self) -> Result<(), IdentityFailed> {
+    /// Applies what the kernel holds — entropy first (it matters most
+    /// for clones), then the hostname — and returns the files still to
+    /// write. The caller writes them once the reply is sent and before it
+    /// reads the next call (`After::WriteIdentityFiles`): a fresh clone's
+    /// first file writes are ~10 ms of guest code TCG translates afresh,
+    /// and nothing that reaches the guest through the agent can see the
+    /// old contents in between.
+    pub fn apply(&self) -> Result<IdentityFiles, IdentityFailed> {
         if let Some(seed) = &self.entropy {
             add_entropy(seed).map_err(|e| IdentityFailed(format!("entropy: {e}")))?;
         }
         if let Some(name) = &self.hostname {
             sys::sethostname(name).map_err(|e| IdentityFailed(format!("sethostname: {e}")))?;
-            // Best effort: the kernel's hostname is what counts.
-            let _ = fs::write(HOSTNAME_PATH, format!("{name}\n"));
         }
-        if let Some(id) = &self.machine_id {
-            fs::write(MACHINE_ID_PATH, format!("{id}\n"))
-                .map_err(|e| IdentityFailed(format!("{MACHINE_ID_PATH}: {e}")))?;
+        Ok(IdentityFiles {
+            hostname: self.hostname.clone(),
+            machine_id: self.machine_id.clone(),
+        })
+    }
+}
+
+/// `/etc/hostname` and `/etc/machine-id` of an applied identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityFiles {
+    hostname: Option<String>,
+    machine_id: Option<String>,
+}
+
+impl IdentityFiles {
+    /// Writes the files. Failures are logged, not returned: the reply has
+    /// gone, and the kernel's hostname and RNG, which are what count, are
+    /// already set.
+    pub fn write(&self) {
+        let files = [
+            (HOSTNAME_PATH, &self.hostname),
+            (MACHINE_ID_PATH, &self.machine_id),
+        ];
+        for (path, value) in files {
+            if let Some(value) = value {
+                if let Err(e) = fs::write(path, format!("{value}\n")) {
+                    log::error!("SetIdentity: {path}: {e}");
+                }
+            }
         }
-        Ok(())
     }
 }
 

@@ -162,6 +162,10 @@ fn handle_one(agent: &mut Agent, port: &mut Port, frame: &Frame) {
     agent.reap();
     let cmd = match response.after {
         After::Continue => return,
+        After::WriteIdentityFiles(files) => {
+            files.write();
+            return;
+        }
         After::PowerOff => libc::RB_POWER_OFF,
         After::Reboot => libc::RB_AUTOBOOT,
     };
@@ -194,6 +198,9 @@ fn serve_stdio(agent: &mut Agent) {
                 {
                     return;
                 }
+            }
+            if let After::WriteIdentityFiles(files) = response.after {
+                files.write();
             }
         }
     }

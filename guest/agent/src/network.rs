@@ -73,6 +73,29 @@ pub struct NetworkPlan {
     dns: Option<Vec<IpAddr>>,
 }
 
+/// Interfaces an earlier `ConfigureNetwork` configured: name and MAC, so
+/// the next call finds them with one ioctl each instead of a scan of
+/// `/sys/class/net`. A template's list lives on in its clones' memory: on
+/// a fresh clone the scan and the `arp_notify` writes were ~10 ms of guest
+/// code TCG translates afresh. A stale entry (the NIC was unplugged, or
+/// renamed) fails its ioctl check and the scan runs as before.
+#[derive(Debug, Default)]
+pub struct KnownInterfaces(Vec<(String, Mac)>);
+
+impl KnownInterfaces {
+    fn name_of(&self, mac: &Mac) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(_, known)| known == mac)
+            .map(|(name, _)| name.as_str())
+    }
+
+    fn remember(&mut self, name: &str, mac: Mac) {
+        self.0.retain(|(known, _)| known != name);
+        self.0.push((name.to_owned(), mac));
+    }
+}
+
 fn parse_mac(s: &str) -> Option<Mac> {
     let mut out = [0u8; 6];
     let mut parts = s.split(':');
@@ -185,28 +208,34 @@ impl NetworkPlan {
     /// Applies the plan. Interfaces are configured in order; a failure
     /// stops there (earlier interfaces stay configured: calling again with
     /// the same request is safe and finishes the job).
-    pub fn apply(&self) -> Result<ConfigureNetworkReply, NetworkFailure> {
+    pub fn apply(
+        &self,
+        known: &mut KnownInterfaces,
+    ) -> Result<ConfigureNetworkReply, NetworkFailure> {
         let sock = Socket::new().map_err(|e| NetworkFailure::Failed(format!("socket: {e}")))?;
         let failed = |what: &str, name: &str, e: io::Error| {
             NetworkFailure::Failed(format!("{what} {name}: {e}"))
         };
         // Loopback too: guest services usually expect it.
         sock.set_up("lo", true).map_err(|e| failed("up", "lo", e))?;
-        let names = self.find_interfaces()?;
+        let names = self.find_interfaces(&sock, known)?;
         let mut reply = ConfigureNetworkReply::default();
         let mut gateway_dev = None;
-        for (plan, name) in self.interfaces.iter().zip(&names) {
+        for (plan, (name, seen_before)) in self.interfaces.iter().zip(&names) {
             let running = sock.is_up(name).map_err(|e| failed("flags of", name, e))?;
             if plan.ipv6 == Some(false) {
                 set_ipv6(name, false).map_err(|e| failed("turn IPv6 off on", name, e))?;
             }
             // Gratuitous ARP when the interface comes up or its MAC is set
             // (best effort: a missing sysctl only costs the announcement).
-            let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{name}/arp_notify"), "1\n");
+            // Once per interface: the sysctl stays set.
+            if !seen_before {
+                let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{name}/arp_notify"), "1\n");
+            }
             // A running NIC with another MAC (a clone's, restored from a
             // template that saved it up) gets its own MAC first: nothing
             // it sends once it has an address may carry the template's.
-            if running && read_mac(name) != Some(plan.mac) {
+            if running && sock.mac(name).ok() != Some(plan.mac) {
                 sock.set_mac_live(name, &plan.mac)
                     .map_err(|e| failed("set MAC of", name, e))?;
             }
@@ -234,7 +263,7 @@ impl NetworkPlan {
             // Last, so the announcement carries the final address. A
             // running NIC gets it written even when unchanged: that is
             // what makes the kernel announce a new address on it.
-            if running || read_mac(name) != Some(plan.mac) {
+            if running || sock.mac(name).ok() != Some(plan.mac) {
                 sock.set_mac_live(name, &plan.mac)
                     .map_err(|e| failed("set MAC of", name, e))?;
             }
@@ -242,9 +271,11 @@ impl NetworkPlan {
             if plan.ipv6 == Some(true) {
                 set_ipv6(name, true).map_err(|e| failed("turn IPv6 on on", name, e))?;
             }
+            let mac = sock.mac(name).unwrap_or(plan.mac);
+            known.remember(name, mac);
             reply.interfaces.push(ConfiguredInterface {
                 name: name.clone(),
-                mac: format_mac(&read_mac(name).unwrap_or(plan.mac)),
+                mac: format_mac(&mac),
             });
         }
         if let (Some(gateway), Some(dev)) = (self.gateway, gateway_dev) {
@@ -257,9 +288,31 @@ impl NetworkPlan {
         Ok(reply)
     }
 
-    /// Interface names for the plan's entries, in order, waiting a little
-    /// for interfaces that have not appeared yet.
-    fn find_interfaces(&self) -> Result<Vec<String>, NetworkFailure> {
+    /// Interface names for the plan's entries, in order, and whether an
+    /// earlier call configured each: the known ones if their MAC is still
+    /// what was remembered, else a scan, waiting a little for interfaces
+    /// that have not appeared yet.
+    fn find_interfaces(
+        &self,
+        sock: &Socket,
+        known: &KnownInterfaces,
+    ) -> Result<Vec<(String, bool)>, NetworkFailure> {
+        let remembered: Option<Vec<(String, bool)>> = self
+            .interfaces
+            .iter()
+            .map(|plan| {
+                [Some(plan.mac), plan.previous]
+                    .into_iter()
+                    .flatten()
+                    .find_map(|mac| {
+                        let name = known.name_of(&mac)?;
+                        (sock.mac(name).ok() == Some(mac)).then(|| (name.to_owned(), true))
+                    })
+            })
+            .collect();
+        if let Some(names) = remembered {
+            return Ok(names);
+        }
         let deadline = Instant::now() + APPEAR_TIMEOUT;
         loop {
             let present = list_interfaces();
@@ -274,7 +327,7 @@ impl NetworkPlan {
                             .and_then(|p| present.iter().find(|(_, mac)| *mac == p))
                     });
                 match found {
-                    Some((name, _)) => names.push(name.clone()),
+                    Some((name, _)) => names.push((name.clone(), false)),
                     None => {
                         missing = Some(format_mac(&plan.mac));
                         break;
@@ -453,6 +506,19 @@ impl Socket {
         }
     }
 
+    /// The interface's MAC (`SIOCGIFHWADDR`).
+    fn mac(&self, name: &str) -> io::Result<Mac> {
+        let mut req = Self::ifreq(name)?;
+        self.ioctl(libc::SIOCGIFHWADDR, &mut req)?;
+        // SAFETY: SIOCGIFHWADDR filled the hwaddr member.
+        let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+        let mut mac = [0u8; 6];
+        for (dst, src) in mac.iter_mut().zip(hw.sa_data) {
+            *dst = src as u8;
+        }
+        Ok(mac)
+    }
+
     fn set_mac(&self, name: &str, mac: &Mac) -> io::Result<()> {
         let mut req = Self::ifreq(name)?;
         // SAFETY: sockaddr is plain old data; all-zero is a valid value.
@@ -536,6 +602,18 @@ impl Socket {
 mod tests {
     use super::*;
     use kiln_agent_proto::NetworkInterface;
+
+    #[test]
+    fn known_interfaces_follow_the_last_configuration() {
+        let mut known = KnownInterfaces::default();
+        let (a, b) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        known.remember("eth0", a);
+        assert_eq!(known.name_of(&a), Some("eth0"));
+        // A clone gave eth0 its own MAC: the template's is forgotten.
+        known.remember("eth0", b);
+        assert_eq!(known.name_of(&a), None);
+        assert_eq!(known.name_of(&b), Some("eth0"));
+    }
 
     fn iface(mac: &str, address: Option<&str>, prefix: Option<u8>) -> NetworkInterface {
         NetworkInterface {

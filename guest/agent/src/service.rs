@@ -22,8 +22,8 @@ use crate::container::{ContainerError, Containers};
 use crate::exec::{self, Plan, SpawnFailed};
 use crate::files::{self, FileError, Target};
 use crate::frame::Frame;
-use crate::identity::Identity;
-use crate::network::{NetworkFailure, NetworkPlan};
+use crate::identity::{Identity, IdentityFiles};
+use crate::network::{KnownInterfaces, NetworkFailure, NetworkPlan};
 use crate::params::{self, InvalidParameter};
 use crate::session::{self, SessionError, Sessions};
 use crate::{log, sys};
@@ -44,10 +44,12 @@ const INTERFACE_NOT_FOUND: &str = "org.varlink.service.InterfaceNotFound";
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the main loop must do once the reply has been written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum After {
     /// Keep serving.
     Continue,
+    /// Write an identity's files, then keep serving (`Identity::apply`).
+    WriteIdentityFiles(IdentityFiles),
     /// `sync` and power off.
     PowerOff,
     /// `sync` and reboot.
@@ -68,6 +70,7 @@ pub struct Response {
 pub struct Agent {
     containers: Containers,
     sessions: Sessions,
+    interfaces: KnownInterfaces,
 }
 
 impl Agent {
@@ -82,6 +85,7 @@ impl Agent {
         Self {
             containers,
             sessions: Sessions::default(),
+            interfaces: KnownInterfaces::default(),
         }
     }
 
@@ -196,6 +200,16 @@ impl Agent {
                 .map(|at| self.file_call(&at, files::stat_path)),
             method::LIST_DIRECTORY => params::decode::<FileLocation>(params)
                 .map(|at| self.file_call(&at, files::list_directory)),
+            method::CONFIGURE_NETWORK => params::decode::<ConfigureNetworkRequest>(params)
+                .and_then(NetworkPlan::new)
+                .map(|plan| match plan.apply(&mut self.interfaces) {
+                    Ok(reply) => ok(&reply),
+                    Err(NetworkFailure::NoSuchInterface(mac)) => error_reply(
+                        error::NO_SUCH_INTERFACE,
+                        json!(NoSuchInterfaceParameters { mac }),
+                    ),
+                    Err(NetworkFailure::Failed(message)) => failure(error::NETWORK_FAILED, message),
+                }),
             _ => return dispatch(call),
         };
         // A container that collected its own streamed process's exit
@@ -410,22 +424,15 @@ fn dispatch(call: &Call) -> (Reply, After) {
     let params = call.parameters.as_ref();
     let reply = match call.method.as_str() {
         method::PING => params::decode::<PingRequest>(params).map(|req| ok(&ping(req))),
-        method::SET_IDENTITY => params::decode::<SetIdentityRequest>(params)
-            .and_then(Identity::new)
-            .map(|identity| match identity.apply() {
-                Ok(()) => ok(&json!({})),
-                Err(e) => failure(error::IDENTITY_FAILED, e.0),
-            }),
-        method::CONFIGURE_NETWORK => params::decode::<ConfigureNetworkRequest>(params)
-            .and_then(NetworkPlan::new)
-            .map(|plan| match plan.apply() {
-                Ok(reply) => ok(&reply),
-                Err(NetworkFailure::NoSuchInterface(mac)) => error_reply(
-                    error::NO_SUCH_INTERFACE,
-                    json!(NoSuchInterfaceParameters { mac }),
-                ),
-                Err(NetworkFailure::Failed(message)) => failure(error::NETWORK_FAILED, message),
-            }),
+        method::SET_IDENTITY => {
+            match params::decode::<SetIdentityRequest>(params).and_then(Identity::new) {
+                Ok(identity) => match identity.apply() {
+                    Ok(files) => return (ok(&json!({})), After::WriteIdentityFiles(files)),
+                    Err(e) => Ok(failure(error::IDENTITY_FAILED, e.0)),
+                },
+                Err(p) => Err(p),
+            }
+        }
         method::SHUTDOWN => {
             return (ok(&json!({})), After::PowerOff);
         }
@@ -525,6 +532,22 @@ mod tests {
         assert_eq!(reply["parameters"]["nonce"], 42);
         assert_eq!(reply["parameters"]["agentVersion"], AGENT_VERSION);
         assert!(reply.get("error").is_none());
+    }
+
+    #[test]
+    fn identity_files_are_written_after_the_reply() {
+        // An empty identity changes nothing in the kernel; the files are
+        // left to the main loop, after the reply.
+        let (reply, after) = call(r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{}}"#);
+        assert!(reply.get("error").is_none(), "{reply}");
+        assert!(matches!(after, After::WriteIdentityFiles(_)), "{after:?}");
+        let (_, after) =
+            call(r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{"machineId":"x"}}"#);
+        assert_eq!(
+            after,
+            After::Continue,
+            "nothing to write for a rejected call"
+        );
     }
 
     #[test]
