@@ -23,4 +23,8 @@ kilnd: reach it with  varlinkctl call unix:$dev/io.kiln.Manager io.kiln.Manager.
 kilnd: take a VM:     varlinkctl call unix:$dev/io.kiln.Manager io.kiln.Manager.Acquire '{"pool":"default"}'
 kilnd: Ctrl-C stops kilnd; VMs keep running and are re-adopted next time
 MSG
+# The environment kilnd.service gives it (its malloc tuning).
+while IFS= read -r line; do
+    export "${line#Environment=}"
+done < <(grep '^Environment=' units/kilnd.service)
 exec "$target/release/kilnd" --config "$config"

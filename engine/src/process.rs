@@ -119,6 +119,8 @@ impl VmProcess {
         let mut command = tokio::process::Command::new(&argv[0]);
         command
             .args(&argv[1..])
+            // kilnd's own malloc tuning (kilnd.service) is not QEMU's.
+            .env_remove("GLIBC_TUNABLES")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().map_err(exec_err)?)
             .stderr(log)

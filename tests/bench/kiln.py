@@ -99,6 +99,21 @@ def argv_of(pid):
         return [a.decode() for a in f.read().split(b"\0") if a]
 
 
+UNIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "units", "kilnd.service")
+
+
+def unit_environment():
+    """The `Environment=` of kilnd.service: the bench measures kilnd as it
+    ships (its malloc tuning is there)."""
+    env = {}
+    with open(UNIT) as f:
+        for line in f:
+            if line.startswith("Environment="):
+                name, _, value = line.strip().removeprefix("Environment=").partition("=")
+                env[name] = value
+    return env
+
+
 # Not kilnd's default ("kiln"): a benchmark's VMs never share a cgroup
 # parent with a kilnd of the host's own.
 CGROUP_PARENT = "kiln-bench"
@@ -157,7 +172,7 @@ class Kilnd:
                     f'{self.extra_config}')
         self.log = open(os.path.join(self.work, "kilnd.log"), "w")
         self.proc = subprocess.Popen(self.wrap + [KILND, "--config", config], stdout=self.log,
-                                     stderr=self.log)
+                                     stderr=self.log, env={**os.environ, **unit_environment()})
         deadline = time.monotonic() + 30
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -466,6 +466,19 @@ def check_machined(c, flow, vid, pid):
     cgroup = c.out(f"cat /proc/{pid}/cgroup")
     check("machine.slice/machine-kiln" in cgroup, f"{flow}: QEMU {pid} runs in its own machine scope, not in kilnd.service", cgroup)
     check_unprivileged(c, flow, pid)
+    check_malloc_tuning(c, flow, pid)
+
+
+def check_malloc_tuning(c, flow, qemu_pid):
+    """kilnd runs with the unit's GLIBC_TUNABLES (its malloc tuning); the
+    QEMU it starts does not (glibc's defaults, like raw QEMU)."""
+    def environ(pid):
+        return c.out(f"tr '\\0' '\\n' < /proc/{pid}/environ | grep ^GLIBC_TUNABLES= || true").strip()
+    kilnd = c.out("systemctl show -P MainPID kilnd.service").strip()
+    check("tcache_count=0" in environ(kilnd), f"{flow}: kilnd runs with the unit's malloc tuning",
+          environ(kilnd))
+    check(environ(qemu_pid) == "", f"{flow}: QEMU {qemu_pid} runs without kilnd's GLIBC_TUNABLES",
+          environ(qemu_pid))
 
 
 def check_unprivileged(c, flow, pid):
