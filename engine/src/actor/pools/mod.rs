@@ -300,15 +300,22 @@ impl Engine {
                     info!(pool = %name, from = %old, to = %container.digest, "pool image tag moved");
                     pool.image = ImageSlot::Ready(Box::new(container));
                     self.release_pool_image(name, &old);
-                    // Hot VMs of the old image are not what the tag names
-                    // any more; leased ones stay with their holders.
-                    for id in self.hot_vms(name) {
-                        let stale = self.vms.get(&id).is_some_and(|e| {
-                            e.record.containers.first().is_some_and(|c| c.digest == old)
-                        });
-                        if stale {
-                            self.destroy_vm(&id);
-                        }
+                    // Unleased VMs of the old image are not what the tag
+                    // names any more: hot ones, and booting ones, which
+                    // would turn hot with it; leased ones stay with their
+                    // holders.
+                    let stale: Vec<String> = self
+                        .vms
+                        .iter()
+                        .filter(|(_, e)| {
+                            e.record.pool.as_deref() == Some(name)
+                                && e.record.lease.is_none()
+                                && e.record.containers.first().is_some_and(|c| c.digest == old)
+                        })
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in stale {
+                        self.destroy_vm(&id);
                     }
                     self.refill(name);
                     self.publish_pool(name);
