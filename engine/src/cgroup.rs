@@ -17,11 +17,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// How often and how long [`VmCgroup::remove`] tries a busy directory
-/// again (a zombie QEMU waiting for init to reap it): 5 s in all.
-const BUSY_RETRY_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
-const BUSY_RETRIES: u32 = 100;
-
 /// Where the controllers are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
@@ -324,42 +319,15 @@ impl VmCgroup {
         }
     }
 
-    /// Removes the directories (once no process is left in them). A
-    /// directory still busy is tried again off the caller's thread for a
-    /// while: a QEMU that is not kilnd's child (re-adopted after a
-    /// restart) is reaped by init, and until then its zombie still counts
-    /// as the cgroup's member (the likeliest source of the one to three
-    /// empty VM cgroups a whole `make test` left behind).
+    /// Removes the directories (once no process is left in them).
     pub fn remove(&self) {
-        let mut busy = Vec::new();
         for dir in self.dirs() {
-            match std::fs::remove_dir(dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => busy.push(dir.clone()),
-                Err(e) => {
-                    tracing::debug!(dir = %dir.display(), error = %e, "cannot remove a VM cgroup")
+            if let Err(e) = std::fs::remove_dir(dir) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::debug!(dir = %dir.display(), error = %e, "cannot remove a VM cgroup");
                 }
             }
         }
-        if busy.is_empty() {
-            return;
-        }
-        std::thread::spawn(move || {
-            for _ in 0..BUSY_RETRIES {
-                std::thread::sleep(BUSY_RETRY_EVERY);
-                busy.retain(|dir| match std::fs::remove_dir(dir) {
-                    Err(e) => e.raw_os_error() == Some(libc::EBUSY),
-                    Ok(()) => false,
-                });
-                if busy.is_empty() {
-                    return;
-                }
-            }
-            for dir in busy {
-                tracing::debug!(dir = %dir.display(), "a VM cgroup stayed busy; left");
-            }
-        });
     }
 
     /// The memory directory (where an operator looks first).
