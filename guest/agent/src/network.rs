@@ -83,6 +83,16 @@ pub struct NetworkPlan {
 pub struct KnownInterfaces(Vec<(String, Mac)>);
 
 impl KnownInterfaces {
+    /// The known interfaces whose MAC is still the one remembered.
+    fn still_there(&self, sock: &Socket) -> Vec<(String, Mac)> {
+        self.0
+            .iter()
+            .filter(|(name, mac)| sock.mac(name).ok() == Some(*mac))
+            .cloned()
+            .collect()
+    }
+
+    #[cfg(test)]
     fn name_of(&self, mac: &Mac) -> Option<&str> {
         self.0
             .iter()
@@ -289,59 +299,44 @@ impl NetworkPlan {
     }
 
     /// Interface names for the plan's entries, in order, and whether an
-    /// earlier call configured each: the known ones if their MAC is still
-    /// what was remembered, else a scan, waiting a little for interfaces
-    /// that have not appeared yet.
+    /// earlier call configured each: among the known interfaces that still
+    /// have the MAC they were left with, else among all (a scan), waiting
+    /// a little for interfaces that have not appeared yet.
     fn find_interfaces(
         &self,
         sock: &Socket,
         known: &KnownInterfaces,
     ) -> Result<Vec<(String, bool)>, NetworkFailure> {
-        let remembered: Option<Vec<(String, bool)>> = self
-            .interfaces
-            .iter()
-            .map(|plan| {
-                [Some(plan.mac), plan.previous]
-                    .into_iter()
-                    .flatten()
-                    .find_map(|mac| {
-                        let name = known.name_of(&mac)?;
-                        (sock.mac(name).ok() == Some(mac)).then(|| (name.to_owned(), true))
-                    })
-            })
-            .collect();
-        if let Some(names) = remembered {
-            return Ok(names);
+        let flagged =
+            |names: Vec<String>, seen_before| names.into_iter().map(|n| (n, seen_before)).collect();
+        if let Ok(names) = self.match_interfaces(&known.still_there(sock)) {
+            return Ok(flagged(names, true));
         }
         let deadline = Instant::now() + APPEAR_TIMEOUT;
         loop {
-            let present = list_interfaces();
-            let mut names = Vec::with_capacity(self.interfaces.len());
-            let mut missing = None;
-            for plan in &self.interfaces {
-                let found = present
-                    .iter()
-                    .find(|(_, mac)| *mac == plan.mac)
-                    .or_else(|| {
-                        plan.previous
-                            .and_then(|p| present.iter().find(|(_, mac)| *mac == p))
-                    });
-                match found {
-                    Some((name, _)) => names.push((name.clone(), false)),
-                    None => {
-                        missing = Some(format_mac(&plan.mac));
-                        break;
-                    }
-                }
-            }
-            match missing {
-                None => return Ok(names),
-                Some(mac) if Instant::now() >= deadline => {
+            match self.match_interfaces(&list_interfaces()) {
+                Ok(names) => return Ok(flagged(names, false)),
+                Err(mac) if Instant::now() >= deadline => {
                     return Err(NetworkFailure::NoSuchInterface(mac))
                 }
-                Some(_) => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
+    }
+
+    /// The name in `present` for each of the plan's entries, by its MAC or
+    /// else its previous MAC; the first entry with neither, as text.
+    fn match_interfaces(&self, present: &[(String, Mac)]) -> Result<Vec<String>, String> {
+        let named = |mac: Mac| present.iter().find(|(_, m)| *m == mac);
+        self.interfaces
+            .iter()
+            .map(|plan| {
+                named(plan.mac)
+                    .or_else(|| plan.previous.and_then(named))
+                    .map(|(name, _)| name.clone())
+                    .ok_or_else(|| format_mac(&plan.mac))
+            })
+            .collect()
     }
 }
 
