@@ -304,16 +304,9 @@ impl Engine {
                     // names any more: hot ones, and booting ones, which
                     // would turn hot with it; leased ones stay with their
                     // holders.
-                    let stale: Vec<String> = self
-                        .vms
-                        .iter()
-                        .filter(|(_, e)| {
-                            e.record.pool.as_deref() == Some(name)
-                                && e.record.lease.is_none()
-                                && e.record.containers.first().is_some_and(|c| c.digest == old)
-                        })
-                        .map(|(id, _)| id.clone())
-                        .collect();
+                    let stale = self.unleased_vms(name, |e| {
+                        e.record.containers.first().is_some_and(|c| c.digest == old)
+                    });
                     for id in stale {
                         self.destroy_vm(&id);
                     }
@@ -409,13 +402,7 @@ impl Engine {
                 .reply
                 .send(Err(EngineError::NoSuchPool(name.to_owned())));
         }
-        let members: Vec<String> = self
-            .vms
-            .iter()
-            .filter(|(_, e)| e.record.pool.as_deref() == Some(name) && e.record.lease.is_none())
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in members {
+        for id in self.unleased_vms(name, |_| true) {
             self.destroy_vm(&id);
         }
         self.remove_unused_templates(name);
@@ -968,6 +955,17 @@ impl Engine {
     // ----- helpers -----------------------------------------------------------
 
     /// Delete a VM without anyone waiting for the result.
+    /// Ids of pool `name`'s VMs that no one holds (hot, booting or being
+    /// destroyed) and that `which` picks.
+    fn unleased_vms(&self, name: &str, which: impl Fn(&super::VmEntry) -> bool) -> Vec<String> {
+        self.vms
+            .iter()
+            .filter(|(_, e)| e.record.pool.as_deref() == Some(name) && e.record.lease.is_none())
+            .filter(|(_, e)| which(e))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     pub(super) fn destroy_vm(&mut self, id: &str) {
         let (reply, _ignored) = oneshot::channel();
         self.delete_vm(id, reply);
