@@ -52,6 +52,29 @@ impl AgentError {
     }
 }
 
+/// A call sent in the same write as the `Ping` that syncs a new connection
+/// ([`AgentClient::wait_ready_then`]).
+#[derive(Debug, Clone)]
+pub struct FollowUp {
+    /// Method called.
+    pub method: &'static str,
+    /// Its parameters.
+    pub parameters: Value,
+    /// Deadline of its reply, counted from the reply before it.
+    pub timeout: Duration,
+}
+
+/// The answers to a [`AgentClient::wait_ready_then`].
+#[derive(Debug)]
+pub struct ReadyReplies {
+    /// The syncing `Ping`'s reply.
+    pub ping: proto::PingReply,
+    /// When it came.
+    pub ready_at: std::time::Instant,
+    /// Each follow-up's reply and when it came, in order.
+    pub replies: Vec<(Value, std::time::Instant)>,
+}
+
 /// Deadline of one `Ping` attempt in [`AgentClient::wait_ready`].
 const PING_ATTEMPT: Duration = Duration::from_secs(2);
 
@@ -108,7 +131,7 @@ impl AgentClient {
         }
         let result = tokio::time::timeout_at(deadline, async {
             if guard.is_none() {
-                *guard = Some(self.connect_and_sync().await?.0);
+                *guard = Some(self.connect_and_sync(&[]).await?.0);
             }
             let conn = guard.as_mut().ok_or(AgentError::Disconnected)?;
             roundtrip(conn, method, parameters).await
@@ -130,34 +153,7 @@ impl AgentClient {
         result
     }
 
-    /// `Ping`, for [`AgentClient::wait_ready`]. On a new connection the
-    /// `Ping` that syncs it is the answer: a second one would cost a clone
-    /// another round trip through a guest whose code is not translated yet.
-    async fn ping(&self, timeout: Duration) -> Result<proto::PingReply, AgentError> {
-        {
-            let mut guard = self.conn.lock().await;
-            if guard.as_ref().is_some_and(|c| c.in_flight) {
-                *guard = None;
-            }
-            if guard.is_none() {
-                let (conn, reply) = tokio::time::timeout(timeout, self.connect_and_sync())
-                    .await
-                    .map_err(|_| AgentError::Timeout {
-                        method: proto::method::PING.into(),
-                    })??;
-                *guard = Some(conn);
-                return Ok(reply);
-            }
-        }
-        let protocol = |e: serde_json::Error| AgentError::Protocol(e.to_string());
-        let request = serde_json::to_value(proto::PingRequest::default()).map_err(protocol)?;
-        let reply = self
-            .call_json(proto::method::PING, request, timeout)
-            .await?;
-        serde_json::from_value(reply).map_err(protocol)
-    }
-
-    /// Retry `Ping` (reconnecting as needed) until the agent answers or
+    /// Retry `Ping` on a new connection until the agent answers or
     /// `timeout` passes. Used while a guest boots.
     ///
     /// Each attempt has a short deadline of its own: a ping queued before
@@ -165,7 +161,29 @@ impl AgentClient {
     /// one the guest swallowed (a reset in mid-call) would otherwise be
     /// waited for until the whole boot timeout is gone.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<proto::PingReply, AgentError> {
+        Ok(self.wait_ready_then(timeout, &[]).await?.ping)
+    }
+
+    /// [`AgentClient::wait_ready`], with `follow_ups` sent behind the
+    /// syncing `Ping` in the same write: a just-restored clone wakes once
+    /// for its Ping, `SetIdentity` and `ConfigureNetwork`, and the agent
+    /// can leave what it does after a reply (the identity's files) until
+    /// it has answered them all. A retried attempt sends them again, which
+    /// is why only calls that may run twice belong here. The first
+    /// follow-up that fails ends it with its error.
+    pub async fn wait_ready_then(
+        &self,
+        timeout: Duration,
+        follow_ups: &[FollowUp],
+    ) -> Result<ReadyReplies, AgentError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let calls: Vec<Call> = follow_ups
+            .iter()
+            .map(|f| Call {
+                method: f.method.to_owned(),
+                parameters: Some(f.parameters.clone()),
+            })
+            .collect();
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -173,14 +191,34 @@ impl AgentClient {
                     method: proto::method::PING.into(),
                 });
             }
-            match self.ping(left.min(PING_ATTEMPT)).await {
-                Ok(reply) => return Ok(reply),
+            // The lock per attempt, not for the whole wait: a caller that
+            // comes meanwhile gets its turn (and its own deadline).
+            let mut guard = self.conn.lock().await;
+            *guard = None;
+            let attempt = self.connect_and_sync(&calls);
+            match tokio::time::timeout(left.min(PING_ATTEMPT), attempt).await {
+                Ok(Ok((mut conn, ping))) => {
+                    let ready_at = std::time::Instant::now();
+                    let replies = receive_follow_ups(&mut conn, follow_ups).await?;
+                    *guard = Some(conn);
+                    return Ok(ReadyReplies {
+                        ping,
+                        ready_at,
+                        replies,
+                    });
+                }
                 // Socket not there yet or QEMU not accepting: try again soon.
-                Err(AgentError::Connect(_) | AgentError::Disconnected) => {
+                Ok(Err(AgentError::Connect(_) | AgentError::Disconnected)) => {
+                    drop(guard);
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err(AgentError::Timeout { .. }) if left > PING_ATTEMPT => {}
-                Err(e) => return Err(e),
+                Ok(Err(e)) => return Err(e),
+                Err(_) if left > PING_ATTEMPT => {}
+                Err(_) => {
+                    return Err(AgentError::Timeout {
+                        method: proto::method::PING.into(),
+                    })
+                }
             }
         }
     }
@@ -191,7 +229,12 @@ impl AgentClient {
     }
 
     /// A new connection, synced by a `Ping` with a nonce; that Ping's reply.
-    async fn connect_and_sync(&self) -> Result<(Connection, proto::PingReply), AgentError> {
+    /// `follow_ups` go in the same write, after the Ping: their replies are
+    /// the next ones on the connection.
+    async fn connect_and_sync(
+        &self,
+        follow_ups: &[Call],
+    ) -> Result<(Connection, proto::PingReply), AgentError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|e| AgentError::Connect(e.to_string()))?;
@@ -214,8 +257,9 @@ impl AgentClient {
         // A lone NUL first ends any request a previous host left half-sent
         // (the agent keeps a partial frame for a moment across reconnects);
         // whatever it answers to that is skipped below with stale replies.
-        // One write with the Ping: the guest wakes once for both.
-        send(&mut conn, &[0], &call).await?;
+        // One write with the Ping: the guest wakes once for all.
+        let calls: Vec<&Call> = std::iter::once(&call).chain(follow_ups).collect();
+        send(&mut conn, &[0], &calls).await?;
         loop {
             let reply = receive(&mut conn).await?;
             let echoed = reply
@@ -233,6 +277,24 @@ impl AgentClient {
     }
 }
 
+/// The replies to the follow-ups of a sync, in order, each with when it
+/// came. On an error the caller drops the connection.
+async fn receive_follow_ups(
+    conn: &mut Connection,
+    follow_ups: &[FollowUp],
+) -> Result<Vec<(Value, std::time::Instant)>, AgentError> {
+    let mut replies = Vec::with_capacity(follow_ups.len());
+    for follow_up in follow_ups {
+        let reply = tokio::time::timeout(follow_up.timeout, receive(conn))
+            .await
+            .map_err(|_| AgentError::Timeout {
+                method: follow_up.method.to_owned(),
+            })??;
+        replies.push((into_result(reply)?, std::time::Instant::now()));
+    }
+    Ok(replies)
+}
+
 async fn roundtrip(
     conn: &mut Connection,
     method: &str,
@@ -243,9 +305,14 @@ async fn roundtrip(
         parameters: Some(parameters),
     };
     conn.in_flight = true;
-    send(conn, &[], &call).await?;
+    send(conn, &[], &[&call]).await?;
     let reply = receive(conn).await?;
     conn.in_flight = false;
+    into_result(reply)
+}
+
+/// A reply's parameters, or its error as [`AgentError::Call`].
+fn into_result(reply: Reply) -> Result<Value, AgentError> {
     match reply.error {
         None => Ok(reply
             .parameters
@@ -269,10 +336,13 @@ async fn roundtrip(
     }
 }
 
-/// Writes `call`'s frame, after `lead` in the same write.
-async fn send(conn: &mut Connection, lead: &[u8], call: &Call) -> Result<(), AgentError> {
-    let frame = proto::encode(call).map_err(|e| AgentError::Protocol(e.to_string()))?;
-    let bytes = [lead, &frame].concat();
+/// Writes the frames of `calls`, after `lead`, in one write.
+async fn send(conn: &mut Connection, lead: &[u8], calls: &[&Call]) -> Result<(), AgentError> {
+    let mut bytes = lead.to_vec();
+    for call in calls {
+        let frame = proto::encode(call).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        bytes.extend_from_slice(&frame);
+    }
     conn.writer
         .write_all(&bytes)
         .await
@@ -434,11 +504,120 @@ mod tests {
         assert_eq!(reply["stdout"], "mine", "{reply}");
     }
 
+    /// Follow-ups go out with the syncing Ping, before its reply: this
+    /// agent reads all three calls before it answers any (a client that
+    /// waited for the Ping's reply first would hang here), sends a stale
+    /// reply first, then answers in order, failing the last call.
+    #[tokio::test]
+    async fn follow_ups_ride_on_the_sync_ping_and_are_answered_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let agent = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut reader = BufReader::new(read);
+            let ping = read_frame(&mut reader).await;
+            let identity = read_frame(&mut reader).await;
+            let network = read_frame(&mut reader).await;
+            let nonce = ping.parameters.expect("params")["nonce"].clone();
+            let replies = [
+                Reply {
+                    parameters: Some(serde_json::json!({"stale": true})),
+                    error: None,
+                },
+                Reply {
+                    parameters: Some(serde_json::json!({"agentVersion": "t",
+                        "kernelRelease": "k", "bootId": "b", "hostname": "h",
+                        "uptimeMs": 1, "nonce": nonce})),
+                    error: None,
+                },
+                Reply {
+                    parameters: Some(serde_json::json!({"set": identity.method})),
+                    error: None,
+                },
+                Reply {
+                    parameters: Some(serde_json::json!({"message": "no such NIC"})),
+                    error: Some("io.kiln.Agent.NetworkFailed".into()),
+                },
+            ];
+            for reply in &replies {
+                write
+                    .write_all(&proto::encode(reply).expect("encode"))
+                    .await
+                    .expect("write");
+            }
+            (ping.method, network.method)
+        });
+        let client = AgentClient::new(&path);
+        let follow_up = |method| FollowUp {
+            method,
+            parameters: serde_json::json!({}),
+            timeout: Duration::from_secs(5),
+        };
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.wait_ready_then(
+                Duration::from_secs(5),
+                &[
+                    follow_up(proto::method::SET_IDENTITY),
+                    follow_up(proto::method::CONFIGURE_NETWORK),
+                ],
+            ),
+        )
+        .await
+        .expect("the follow-ups were not sent before the Ping's reply");
+        let err = result.expect_err("the network call failed");
+        assert!(err.is_call("io.kiln.Agent.NetworkFailed"), "{err:?}");
+        let (first, last) = agent.await.expect("agent");
+        assert_eq!(
+            (first.as_str(), last.as_str()),
+            (proto::method::PING, proto::method::CONFIGURE_NETWORK)
+        );
+
+        // All answered: the replies in order, the Ping's first.
+        let listener = UnixListener::bind(dir.path().join("ok.sock")).expect("bind");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut reader = BufReader::new(read);
+            answer_sync(&mut reader, &mut write).await;
+            let call = read_frame(&mut reader).await;
+            let reply = Reply {
+                parameters: Some(serde_json::json!({"answered": call.method})),
+                error: None,
+            };
+            write
+                .write_all(&proto::encode(&reply).expect("encode"))
+                .await
+                .expect("write");
+            let _keep = (reader, write);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let client = AgentClient::new(dir.path().join("ok.sock"));
+        let ready = client
+            .wait_ready_then(
+                Duration::from_secs(5),
+                &[follow_up(proto::method::SET_IDENTITY)],
+            )
+            .await
+            .expect("ready");
+        assert_eq!(ready.ping.boot_id, "b");
+        assert_eq!(ready.replies[0].0["answered"], proto::method::SET_IDENTITY);
+        assert!(ready.replies[0].1 >= ready.ready_at);
+    }
+
     #[tokio::test]
     async fn no_socket_is_a_connect_error_and_wait_ready_times_out() {
         let client = AgentClient::new("/nonexistent/agent.sock");
         assert!(matches!(
-            client.ping(Duration::from_secs(1)).await,
+            client
+                .call_json(
+                    proto::method::PING,
+                    serde_json::json!({}),
+                    Duration::from_secs(1)
+                )
+                .await,
             Err(AgentError::Connect(_))
         ));
         let err = client

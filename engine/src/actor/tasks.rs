@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::network::{NetPlan, TapHome, TAP_FD};
 use super::Internal;
+use crate::agent::{AgentError, FollowUp};
 use crate::error::EngineError;
 use crate::ids::{fill_random, hex};
 use crate::process::bound_console_log;
@@ -96,21 +97,34 @@ pub(super) async fn boot(
         qmp.restore_clone(state).await?;
         steps.done("restore");
     }
-    let ping = until_qemu_exits(Some(&qemu), async {
-        Ok(agent.wait_ready(plan.boot_timeout).await?)
-    })
-    .await?;
-    steps.done("agent");
+    // Identity and network ride on the Ping that finds the agent: one
+    // write, one wake-up of a guest whose code is not translated yet, and
+    // the agent writes the identity's files once it has answered both.
+    let mut follow_ups = Vec::new();
     if let Some(identity) = &plan.identity {
-        let _: serde_json::Value = agent
-            .call(proto::method::SET_IDENTITY, identity, plan.qmp_timeout)
-            .await?;
-        steps.done("identity");
+        follow_ups.push(FollowUp {
+            method: proto::method::SET_IDENTITY,
+            parameters: to_parameters(identity)?,
+            timeout: plan.qmp_timeout,
+        });
     }
     if let Some(n) = &plan.net {
-        agent
-            .configure_network(&n.guest, CONFIGURE_NETWORK_TIMEOUT)
-            .await?;
+        follow_ups.push(FollowUp {
+            method: proto::method::CONFIGURE_NETWORK,
+            parameters: to_parameters(&n.guest)?,
+            timeout: CONFIGURE_NETWORK_TIMEOUT,
+        });
+    }
+    let ready = until_qemu_exits(Some(&qemu), async {
+        Ok(agent.wait_ready_then(plan.boot_timeout, follow_ups).await?)
+    })
+    .await?;
+    steps.done_at("agent", ready.ready_at);
+    let mut arrivals = ready.replies.iter().map(|(_, at)| *at);
+    if plan.identity.is_some() {
+        steps.done_at("identity", arrivals.next().unwrap_or(ready.ready_at));
+    }
+    if let Some(n) = &plan.net {
         // Forwards only once the guest has its address.
         if let TapHome::Bridge(net) = &n.home {
             for forward in &n.forwards {
@@ -120,7 +134,12 @@ pub(super) async fn boot(
         steps.done("network");
     }
     tracing::debug!(vm = %id, clone = plan.restore.is_some(), steps = %steps, "boot steps");
-    Ok(ping)
+    Ok(ready.ping)
+}
+
+/// A request as the JSON parameters of an agent call.
+fn to_parameters(request: &impl serde::Serialize) -> Result<serde_json::Value, EngineError> {
+    serde_json::to_value(request).map_err(|e| AgentError::Protocol(e.to_string()).into())
 }
 
 /// How long each step of a boot took, logged at debug (`boot steps`) for
@@ -140,9 +159,14 @@ impl BootSteps {
 
     /// Step `name` ended now.
     fn done(&mut self, name: &'static str) {
-        let now = std::time::Instant::now();
-        self.done.push((name, now - self.last));
-        self.last = now;
+        self.done_at(name, std::time::Instant::now());
+    }
+
+    /// Step `name` ended at `at`.
+    fn done_at(&mut self, name: &'static str, at: std::time::Instant) {
+        self.done
+            .push((name, at.saturating_duration_since(self.last)));
+        self.last = at;
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::{BoxFuture, GuestAgent, Monitor, Process, Reconnected, Started, Vmm};
-use crate::agent::AgentError;
+use crate::agent::{AgentError, FollowUp, ReadyReplies};
 use crate::error::EngineError;
 use crate::pool::template::{BuildPlan, Template};
 use crate::process::ProcessError;
@@ -574,12 +574,28 @@ impl GuestAgent for FakeAgent {
         })
     }
 
-    fn wait_ready(&self, timeout: Duration) -> BoxFuture<'_, Result<PingReply, AgentError>> {
+    fn wait_ready_then(
+        &self,
+        timeout: Duration,
+        follow_ups: Vec<FollowUp>,
+    ) -> BoxFuture<'_, Result<ReadyReplies, AgentError>> {
         Box::pin(async move {
             let value = self
                 .call_json(proto::method::PING, json!({}), timeout)
                 .await?;
-            serde_json::from_value(value).map_err(|e| AgentError::Protocol(e.to_string()))
+            let ping =
+                serde_json::from_value(value).map_err(|e| AgentError::Protocol(e.to_string()))?;
+            let ready_at = std::time::Instant::now();
+            let mut replies = Vec::new();
+            for f in follow_ups {
+                let reply = self.call_json(f.method, f.parameters, f.timeout).await?;
+                replies.push((reply, std::time::Instant::now()));
+            }
+            Ok(ReadyReplies {
+                ping,
+                ready_at,
+                replies,
+            })
         })
     }
 

@@ -35,7 +35,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::agent::AgentError;
+use crate::agent::{AgentError, FollowUp, ReadyReplies};
 use crate::container::DiskAttachment;
 use crate::error::EngineError;
 use crate::pool::template::{BuildPlan, Template};
@@ -250,8 +250,14 @@ pub trait GuestAgent: Send + Sync + Debug {
         parameters: Value,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<Value, AgentError>>;
-    /// Ping until the agent answers or `timeout` passes.
-    fn wait_ready(&self, timeout: Duration) -> BoxFuture<'_, Result<PingReply, AgentError>>;
+    /// Ping on a new connection until the agent answers or `timeout`
+    /// passes, with `follow_ups` sent behind the Ping in the same write
+    /// (`AgentClient::wait_ready_then`).
+    fn wait_ready_then(
+        &self,
+        timeout: Duration,
+        follow_ups: Vec<FollowUp>,
+    ) -> BoxFuture<'_, Result<ReadyReplies, AgentError>>;
     /// Drop the connection: the next call connects afresh.
     fn disconnect(&self) -> BoxFuture<'_, ()>;
 }
@@ -268,6 +274,12 @@ impl dyn GuestAgent + '_ {
             serde_json::to_value(parameters).map_err(|e| AgentError::Protocol(e.to_string()))?;
         let value = self.call_json(method, parameters, timeout).await?;
         serde_json::from_value(value).map_err(|e| AgentError::Protocol(e.to_string()))
+    }
+
+    /// Ping on a new connection until the agent answers or `timeout`
+    /// passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<PingReply, AgentError> {
+        Ok(self.wait_ready_then(timeout, Vec::new()).await?.ping)
     }
 
     /// `Ping`: liveness and guest facts.

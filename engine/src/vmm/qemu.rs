@@ -6,13 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_agent_proto::PingReply;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{BoxFuture, GuestAgent, Monitor, Process, Reconnected, Started, Vmm};
-use crate::agent::{AgentClient, AgentError};
+use crate::agent::{AgentClient, AgentError, FollowUp, ReadyReplies};
 use crate::error::EngineError;
 use crate::pool::template::{BuildPlan, Template};
 use crate::process::{console_tail, is_qemu_of, read_pid_file, ProcessError, VmProcess};
@@ -380,8 +379,12 @@ impl GuestAgent for AgentClient {
         let method = method.to_owned();
         Box::pin(async move { AgentClient::call_json(self, &method, parameters, timeout).await })
     }
-    fn wait_ready(&self, timeout: Duration) -> BoxFuture<'_, Result<PingReply, AgentError>> {
-        Box::pin(AgentClient::wait_ready(self, timeout))
+    fn wait_ready_then(
+        &self,
+        timeout: Duration,
+        follow_ups: Vec<FollowUp>,
+    ) -> BoxFuture<'_, Result<ReadyReplies, AgentError>> {
+        Box::pin(async move { AgentClient::wait_ready_then(self, timeout, &follow_ups).await })
     }
     fn disconnect(&self) -> BoxFuture<'_, ()> {
         Box::pin(AgentClient::disconnect(self))

@@ -56,14 +56,14 @@ impl Identity {
 
     /// Applies what the kernel holds — entropy first (it matters most
     /// for clones), then the hostname — and returns the files still to
-    /// write. The caller writes them once the reply is sent and before it
-    /// reads the next call (`After::WriteIdentityFiles`): a fresh clone's
-    /// first file writes are ~10 ms of guest code TCG translates afresh,
-    /// and nothing that reaches the guest through the agent can see the
-    /// old contents in between.
-    pub fn apply(&self) -> Result<IdentityFiles, IdentityFailed> {
+    /// write. The agent writes them after the reply, once it has nothing
+    /// else to answer or before any call that could read them
+    /// (`Agent::catch_up`).
+    /// `random` is `/dev/random` opened for writing, if the agent has it
+    /// open already ([`open_random`]).
+    pub fn apply(&self, random: Option<&File>) -> Result<IdentityFiles, IdentityFailed> {
         if let Some(seed) = &self.entropy {
-            add_entropy(seed).map_err(|e| IdentityFailed(format!("entropy: {e}")))?;
+            add_entropy(seed, random).map_err(|e| IdentityFailed(format!("entropy: {e}")))?;
         }
         if let Some(name) = &self.hostname {
             sys::sethostname(name).map_err(|e| IdentityFailed(format!("sethostname: {e}")))?;
@@ -146,15 +146,29 @@ fn rand_pool_info(seed: &[u8]) -> Option<Vec<u8>> {
     Some(info)
 }
 
+/// `/dev/random` for writing. The agent opens it when it starts, so a
+/// clone's agent (its template's, restored) has it open: the open was part
+/// of the guest code a fresh clone's `SetIdentity` ran afresh under TCG.
+pub fn open_random() -> io::Result<File> {
+    OpenOptions::new().write(true).open("/dev/random")
+}
+
 /// Mixes `seed` into the input pool, credited, then forces a CRNG reseed so
 /// the very next `/dev/urandom` bytes depend on it.
-fn add_entropy(seed: &[u8]) -> io::Result<()> {
+fn add_entropy(seed: &[u8], random: Option<&File>) -> io::Result<()> {
     let info = rand_pool_info(seed)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seed too large"))?;
-    let random: File = OpenOptions::new().write(true).open("/dev/random")?;
-    sys::ioctl_ptr(&random, sys::RNDADDENTROPY, info.as_ptr())
+    let opened;
+    let random = match random {
+        Some(file) => file,
+        None => {
+            opened = open_random()?;
+            &opened
+        }
+    };
+    sys::ioctl_ptr(random, sys::RNDADDENTROPY, info.as_ptr())
         .map_err(|e| io::Error::new(e.kind(), format!("RNDADDENTROPY: {e}")))?;
-    sys::ioctl_ptr(&random, sys::RNDRESEEDCRNG, std::ptr::null())
+    sys::ioctl_ptr(random, sys::RNDRESEEDCRNG, std::ptr::null())
         .map_err(|e| io::Error::new(e.kind(), format!("RNDRESEEDCRNG: {e}")))
 }
 

@@ -118,6 +118,7 @@ fn serve_port(agent: &mut Agent, port: &mut Port) -> ! {
                 for frame in frames.drain(..) {
                     handle_one(agent, port, &frame);
                 }
+                agent.catch_up();
             }
             Ok(Incoming::HostGone) => {
                 // A frame cut short by a host that went away must not be
@@ -162,10 +163,6 @@ fn handle_one(agent: &mut Agent, port: &mut Port, frame: &Frame) {
     agent.reap();
     let cmd = match response.after {
         After::Continue => return,
-        After::WriteIdentityFiles(files) => {
-            files.write();
-            return;
-        }
         After::PowerOff => libc::RB_POWER_OFF,
         After::Reboot => libc::RB_AUTOBOOT,
     };
@@ -199,9 +196,7 @@ fn serve_stdio(agent: &mut Agent) {
                     return;
                 }
             }
-            if let After::WriteIdentityFiles(files) = response.after {
-                files.write();
-            }
         }
+        agent.catch_up();
     }
 }

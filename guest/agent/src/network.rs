@@ -33,6 +33,7 @@ use kiln_agent_proto::{
     ConfigureNetworkReply, ConfigureNetworkRequest, ConfiguredInterface, MAX_NETWORK_INTERFACES,
 };
 
+use crate::log;
 use crate::params::InvalidParameter;
 
 const SYS_CLASS_NET: &str = "/sys/class/net";
@@ -73,6 +74,53 @@ pub struct NetworkPlan {
     dns: Option<Vec<IpAddr>>,
 }
 
+/// What the agent keeps from one `ConfigureNetwork` to the next. A
+/// template's lives on in its clones' memory, which is the point: on a
+/// fresh clone every kernel path the call takes is guest code TCG
+/// translates afresh, so what the template already did is not redone.
+#[derive(Debug, Default)]
+pub struct NetworkState {
+    interfaces: KnownInterfaces,
+    /// The ioctl socket, opened once: `socket()` was ~2.5 ms of a fresh
+    /// clone's call.
+    socket: Option<Socket>,
+    /// Interfaces whose IPv6 the last call turns on once the agent has
+    /// answered ([`NetworkState::catch_up`]).
+    ipv6_due: Vec<String>,
+}
+
+impl NetworkState {
+    /// Turns IPv6 on where the last `ConfigureNetwork` asked for it. Left
+    /// until after the reply (~4 ms of a fresh clone's call, and the
+    /// address configuration it starts runs on after it): the link-local
+    /// address it makes is tentative for the whole duplicate address
+    /// detection anyway, far longer than this wait. Failures are logged:
+    /// the reply has gone.
+    pub fn catch_up(&mut self) {
+        for name in self.ipv6_due.drain(..) {
+            if let Err(e) = set_ipv6(&name, true) {
+                log::error!("ConfigureNetwork: turn IPv6 on on {name}: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+impl NetworkState {
+    /// A state with IPv6 due on `names`.
+    pub fn with_ipv6_due(names: &[&str]) -> Self {
+        Self {
+            ipv6_due: names.iter().map(|n| (*n).to_owned()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Whether IPv6 is still due somewhere.
+    pub fn has_ipv6_due(&self) -> bool {
+        !self.ipv6_due.is_empty()
+    }
+}
+
 /// Interfaces an earlier `ConfigureNetwork` configured: name and MAC, so
 /// the next call finds them with one ioctl each instead of a scan of
 /// `/sys/class/net`. A template's list lives on in its clones' memory: on
@@ -80,7 +128,7 @@ pub struct NetworkPlan {
 /// code TCG translates afresh. A stale entry (the NIC was unplugged, or
 /// renamed) fails its ioctl check and the scan runs as before.
 #[derive(Debug, Default)]
-pub struct KnownInterfaces(Vec<(String, Mac)>);
+struct KnownInterfaces(Vec<(String, Mac)>);
 
 impl KnownInterfaces {
     /// The known interfaces whose MAC is still the one remembered.
@@ -218,17 +266,23 @@ impl NetworkPlan {
     /// Applies the plan. Interfaces are configured in order; a failure
     /// stops there (earlier interfaces stay configured: calling again with
     /// the same request is safe and finishes the job).
-    pub fn apply(
-        &self,
-        known: &mut KnownInterfaces,
-    ) -> Result<ConfigureNetworkReply, NetworkFailure> {
-        let sock = Socket::new().map_err(|e| NetworkFailure::Failed(format!("socket: {e}")))?;
+    pub fn apply(&self, state: &mut NetworkState) -> Result<ConfigureNetworkReply, NetworkFailure> {
+        let NetworkState {
+            interfaces: known,
+            socket,
+            ipv6_due,
+        } = state;
+        let sock = match socket {
+            Some(sock) => &*sock,
+            None => socket
+                .insert(Socket::new().map_err(|e| NetworkFailure::Failed(format!("socket: {e}")))?),
+        };
         let failed = |what: &str, name: &str, e: io::Error| {
             NetworkFailure::Failed(format!("{what} {name}: {e}"))
         };
         // Loopback too: guest services usually expect it.
         sock.set_up("lo", true).map_err(|e| failed("up", "lo", e))?;
-        let names = self.find_interfaces(&sock, known)?;
+        let names = self.find_interfaces(sock, known)?;
         let mut reply = ConfigureNetworkReply::default();
         let mut gateway_dev = None;
         for (plan, (name, seen_before)) in self.interfaces.iter().zip(&names) {
@@ -279,7 +333,7 @@ impl NetworkPlan {
             }
             sock.set_up(name, true).map_err(|e| failed("up", name, e))?;
             if plan.ipv6 == Some(true) {
-                set_ipv6(name, true).map_err(|e| failed("turn IPv6 on on", name, e))?;
+                ipv6_due.push(name.clone());
             }
             let mac = sock.mac(name).unwrap_or(plan.mac);
             known.remember(name, mac);
@@ -416,6 +470,7 @@ fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
 }
 
 /// An `AF_INET` datagram socket for interface ioctls.
+#[derive(Debug)]
 struct Socket(OwnedFd);
 
 impl Socket {

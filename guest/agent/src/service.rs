@@ -23,7 +23,7 @@ use crate::exec::{self, Plan, SpawnFailed};
 use crate::files::{self, FileError, Target};
 use crate::frame::Frame;
 use crate::identity::{Identity, IdentityFiles};
-use crate::network::{KnownInterfaces, NetworkFailure, NetworkPlan};
+use crate::network::{NetworkFailure, NetworkPlan, NetworkState};
 use crate::params::{self, InvalidParameter};
 use crate::session::{self, SessionError, Sessions};
 use crate::{log, sys};
@@ -48,8 +48,6 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub enum After {
     /// Keep serving.
     Continue,
-    /// Write an identity's files, then keep serving (`Identity::apply`).
-    WriteIdentityFiles(IdentityFiles),
     /// `sync` and power off.
     PowerOff,
     /// `sync` and reboot.
@@ -70,7 +68,12 @@ pub struct Response {
 pub struct Agent {
     containers: Containers,
     sessions: Sessions,
-    interfaces: KnownInterfaces,
+    network: NetworkState,
+    /// The files of the last `SetIdentity`, not written yet: see
+    /// [`Agent::catch_up`].
+    identity_files_due: Option<IdentityFiles>,
+    /// `/dev/random`, kept open for `SetIdentity` (`identity::open_random`).
+    random: Option<std::fs::File>,
 }
 
 impl Agent {
@@ -85,7 +88,11 @@ impl Agent {
         Self {
             containers,
             sessions: Sessions::default(),
-            interfaces: KnownInterfaces::default(),
+            network: NetworkState::default(),
+            identity_files_due: None,
+            random: crate::identity::open_random()
+                .map_err(|e| log::error!("/dev/random: {e}"))
+                .ok(),
         }
     }
 
@@ -98,6 +105,36 @@ impl Agent {
             containers.child_exited(pid, status);
             sessions.child_exited(pid, status);
         });
+    }
+
+    /// Does the work left until the agent has answered every call it has
+    /// read: writing the last identity's files and turning IPv6 on where
+    /// the last `ConfigureNetwork` asked for it. kilnd sends a fresh
+    /// clone's `SetIdentity` and `ConfigureNetwork` together, and each is
+    /// guest code TCG translates afresh (the first file writes ~10 ms,
+    /// IPv6 ~4 ms): left until both are answered, neither delays the
+    /// clone. A call that could see the result does the work first
+    /// ([`Agent::catch_up_before`]).
+    pub fn catch_up(&mut self) {
+        if let Some(files) = self.identity_files_due.take() {
+            files.write();
+        }
+        self.network.catch_up();
+    }
+
+    /// The part of [`Agent::catch_up`] a call to `method` could see: all
+    /// of it, but for the identity's files before a `Ping` or a
+    /// `ConfigureNetwork` (neither reads them) and IPv6 before a `Ping` or
+    /// a `SetIdentity`.
+    fn catch_up_before(&mut self, method: &str) {
+        if !matches!(method, method::PING | method::CONFIGURE_NETWORK) {
+            if let Some(files) = self.identity_files_due.take() {
+                files.write();
+            }
+        }
+        if !matches!(method, method::PING | method::SET_IDENTITY) {
+            self.network.catch_up();
+        }
     }
 
     /// Handles one frame from the port.
@@ -133,6 +170,7 @@ impl Agent {
                 )
             }
         };
+        self.catch_up_before(&call.method);
         // Container methods see exits that happened while the host was idle.
         self.reap();
         let (reply, after) = self.dispatch(&call);
@@ -200,9 +238,18 @@ impl Agent {
                 .map(|at| self.file_call(&at, files::stat_path)),
             method::LIST_DIRECTORY => params::decode::<FileLocation>(params)
                 .map(|at| self.file_call(&at, files::list_directory)),
+            method::SET_IDENTITY => params::decode::<SetIdentityRequest>(params)
+                .and_then(Identity::new)
+                .map(|identity| match identity.apply(self.random.as_ref()) {
+                    Ok(files) => {
+                        self.identity_files_due = Some(files);
+                        ok(&json!({}))
+                    }
+                    Err(e) => failure(error::IDENTITY_FAILED, e.0),
+                }),
             method::CONFIGURE_NETWORK => params::decode::<ConfigureNetworkRequest>(params)
                 .and_then(NetworkPlan::new)
-                .map(|plan| match plan.apply(&mut self.interfaces) {
+                .map(|plan| match plan.apply(&mut self.network) {
                     Ok(reply) => ok(&reply),
                     Err(NetworkFailure::NoSuchInterface(mac)) => error_reply(
                         error::NO_SUCH_INTERFACE,
@@ -424,15 +471,6 @@ fn dispatch(call: &Call) -> (Reply, After) {
     let params = call.parameters.as_ref();
     let reply = match call.method.as_str() {
         method::PING => params::decode::<PingRequest>(params).map(|req| ok(&ping(req))),
-        method::SET_IDENTITY => {
-            match params::decode::<SetIdentityRequest>(params).and_then(Identity::new) {
-                Ok(identity) => match identity.apply() {
-                    Ok(files) => return (ok(&json!({})), After::WriteIdentityFiles(files)),
-                    Err(e) => Ok(failure(error::IDENTITY_FAILED, e.0)),
-                },
-                Err(p) => Err(p),
-            }
-        }
         method::SHUTDOWN => {
             return (ok(&json!({})), After::PowerOff);
         }
@@ -472,9 +510,17 @@ fn interface_description(params: Option<&Value>) -> Result<Reply, InvalidParamet
 
 fn ping(req: PingRequest) -> PingReply {
     let (kernel_release, hostname) = sys::uname();
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
+    // Read once: it is the boot's, and a clone's agent (its template's,
+    // restored) has it already — a file read in a fresh clone's first
+    // call is guest code TCG translates afresh.
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let boot_id = match BOOT_ID.get() {
+        Some(id) => id.clone(),
+        None => match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+            Ok(text) => BOOT_ID.get_or_init(|| text.trim().to_owned()).clone(),
+            Err(_) => String::new(),
+        },
+    };
     PingReply {
         agent_version: AGENT_VERSION.to_owned(),
         kernel_release,
@@ -534,20 +580,86 @@ mod tests {
         assert!(reply.get("error").is_none());
     }
 
+    fn frame(agent: &mut Agent, frame: &str) -> Value {
+        let bytes = agent
+            .handle_frame(&Frame::Message(frame.as_bytes().to_vec()))
+            .bytes
+            .expect("a reply");
+        serde_json::from_slice(bytes.get(..bytes.len() - 1).expect("frame")).expect("json")
+    }
+
     #[test]
-    fn identity_files_are_written_after_the_reply() {
-        // An empty identity changes nothing in the kernel; the files are
-        // left to the main loop, after the reply.
-        let (reply, after) = call(r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{}}"#);
+    fn identity_files_wait_only_for_calls_that_cannot_read_them() {
+        // An empty identity changes nothing in the kernel and has no file
+        // to write: what is checked is when the agent would write them.
+        let mut agent = agent();
+        let reply = frame(
+            &mut agent,
+            r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{}}"#,
+        );
         assert!(reply.get("error").is_none(), "{reply}");
-        assert!(matches!(after, After::WriteIdentityFiles(_)), "{after:?}");
-        let (_, after) =
-            call(r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{"machineId":"x"}}"#);
-        assert_eq!(
-            after,
-            After::Continue,
+        assert!(agent.identity_files_due.is_some());
+        frame(&mut agent, r#"{"method":"io.kiln.Agent.Ping"}"#);
+        let reply = frame(
+            &mut agent,
+            r#"{"method":"io.kiln.Agent.ConfigureNetwork","parameters":{"interfaces":[{"mac":"zz"}]}}"#,
+        );
+        assert!(
+            reply.get("error").is_some(),
+            "rejected before the network is touched"
+        );
+        assert!(
+            agent.identity_files_due.is_some(),
+            "still due after Ping and ConfigureNetwork"
+        );
+        frame(&mut agent, r#"{"method":"io.kiln.Agent.ListContainers"}"#);
+        assert!(
+            agent.identity_files_due.is_none(),
+            "written before another call"
+        );
+
+        frame(
+            &mut agent,
+            r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{}}"#,
+        );
+        agent.catch_up();
+        assert!(
+            agent.identity_files_due.is_none(),
+            "written once the agent is idle"
+        );
+        frame(
+            &mut agent,
+            r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{"machineId":"x"}}"#,
+        );
+        assert!(
+            agent.identity_files_due.is_none(),
             "nothing to write for a rejected call"
         );
+    }
+
+    #[test]
+    fn ipv6_waits_only_for_calls_that_cannot_see_it() {
+        // An interface that does not exist: turning IPv6 on there is a
+        // no-op, what is checked is when the agent does it.
+        let mut agent = agent();
+        agent.network = NetworkState::with_ipv6_due(&["kiln-none0"]);
+        frame(&mut agent, r#"{"method":"io.kiln.Agent.Ping"}"#);
+        frame(
+            &mut agent,
+            r#"{"method":"io.kiln.Agent.SetIdentity","parameters":{}}"#,
+        );
+        assert!(
+            agent.network.has_ipv6_due(),
+            "still due after Ping and SetIdentity"
+        );
+        frame(
+            &mut agent,
+            r#"{"method":"io.kiln.Agent.StatPath","parameters":{"path":"/"}}"#,
+        );
+        assert!(!agent.network.has_ipv6_due(), "done before another call");
+        agent.network = NetworkState::with_ipv6_due(&["kiln-none0"]);
+        agent.catch_up();
+        assert!(!agent.network.has_ipv6_due(), "done once the agent is idle");
     }
 
     #[test]

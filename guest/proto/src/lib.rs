@@ -327,7 +327,9 @@ pub struct NetworkInterface {
     pub mtu: Option<u32>,
     /// IPv6 on the interface (`disable_ipv6`): `false` turns it off before
     /// the interface comes up, `true` on once its MAC is set (so its
-    /// link-local address is made from that MAC); absent: left as it is.
+    /// link-local address is made from that MAC), after the reply: once
+    /// the agent has answered every call it has read, and before any later
+    /// call but `Ping` and `SetIdentity`; absent: left as it is.
     /// A template brings its NICs up with IPv6 off, so a clone sends
     /// nothing from the template's MAC before it has its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
