@@ -8,7 +8,16 @@ without, are measured alternately:
 net: kilnd-clone ...   Acquire with nothing hot: the clone's boot includes
                        its TAP and the agent's ConfigureNetwork;
 net: kilnd-hot ...     Acquire with a VM hot: the NIC was made while the VM
-                       warmed, so nothing network-related is on this path.
+                       warmed, so nothing network-related is on this path;
+net: raw-qemu-clone ...  plain QEMU restoring the NIC pool's template with the
+                       argv of a kilnd clone and a TAP of its own on the same
+                       bridge (made before the clock starts; kilnd's is in
+                       its `prepare` step, ~1 ms), timed to the agent's Ping:
+                       the floor for NIC clones; and the same, then the guest
+                       work kilnd's clone does, sent as kilnd sends it (Ping,
+                       SetIdentity and ConfigureNetwork in one write), which
+                       under TCG is mostly kernel code a fresh clone
+                       translates afresh.
 
 Throughput: host -> guest and guest -> host TCP to/from a busybox `nc` in
 the guest, and the guest's own loopback as its ceiling under TCG (iperf3
@@ -16,18 +25,31 @@ is not in the guest image: it is busybox plus the agent). The host side
 runs in a thread that entered the namespace with setns(2).
 """
 import ctypes
+import fcntl
 import os
+import secrets
+import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
 
-from kiln import Kilnd, VarlinkConnection, delete_pool, log, wait_pool
+from kiln import Kilnd, VarlinkConnection, argv_of, delete_pool, log, wait_pool
+from pools import identity_call, raw_clone_argv, raw_restore, step_medians, template_dir_of
 
 CLONE_NIC = "net: kilnd-clone with a bridge NIC (Acquire, nothing hot)"
 CLONE_PLAIN = "net: kilnd-clone without a NIC (Acquire, nothing hot)"
 HOT_NIC = "net: kilnd-hot Acquire with a bridge NIC (varlink)"
 HOT_PLAIN = "net: kilnd-hot Acquire without a NIC (varlink)"
+RAW_NIC = "net: raw-qemu-clone with a bridge NIC (template restore)"
+RAW_NIC_WORK = "net: raw-qemu-clone with a bridge NIC + identity + network (one write)"
+TUNSETIFF = 0x400454CA
+TAP_FLAGS = 0x0002 | 0x1000 | 0x4000  # IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, as kilnd's TAPs
+RAW_TAP = "kbraw0"
+# kilnd's IPAM hands addresses out round-robin from the bottom of the
+# subnet; the clone phase uses a few dozen at most.
+RAW_ADDRESS = "10.77.0.254"
 GATEWAY = "10.77.0.1"
 # A receiver in the guest that counts what arrives into a file. busybox nc
 # in listen mode hangs up when its own stdin ends (exec gives it none), so
@@ -60,6 +82,43 @@ def in_netns(ns, fn, *args):
     if "error" in out:
         raise out["error"]
     return out["value"]
+
+
+def open_tap(name):
+    """A TAP named `name` in the calling thread's network namespace; its fd
+    (the TAP goes when the last fd on it closes)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), TAP_FLAGS))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def raw_nic_clone(ns, clone, raw_dir, calls):
+    """raw_restore of the NIC template, the clone's argv given a TAP of its
+    own on the namespace's bridge as its NIC's fd."""
+    argv, vm, vm_dir, template_dir = clone
+    os.makedirs(raw_dir)
+    fd = in_netns(ns, open_tap, RAW_TAP)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", RAW_TAP, "master", "kb0", "up"], check=True)
+        raw_argv = [a.replace("fd=3", f"fd={fd}") if a.startswith("tap,") else a
+                    for a in raw_clone_argv(argv, vm, vm_dir, raw_dir)]
+        return raw_restore(raw_argv, raw_dir, template_dir, calls, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+        shutil.rmtree(raw_dir, ignore_errors=True)
+
+
+def network_call(template_mac):
+    """The ConfigureNetwork kilnd sends a NIC clone (a MAC of its own, the
+    template's as the previous one, an address, the gateway, IPv6 on), as a
+    raw_restore call."""
+    mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+    interface = {"mac": mac, "previousMac": template_mac, "address": RAW_ADDRESS, "prefixLength": 24, "ipv6": True}
+    return ("network", "io.kiln.Agent.ConfigureNetwork", {"interfaces": [interface], "gateway": GATEWAY})
 
 
 def exec_vm(conn, vm_id, script, timeout_s=120):
@@ -168,7 +227,8 @@ def run(plan):
     ns = f"kiln-bench-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-    samples = {CLONE_NIC: [], CLONE_PLAIN: [], HOT_NIC: [], HOT_PLAIN: []}
+    samples = {CLONE_NIC: [], CLONE_PLAIN: [], HOT_NIC: [], HOT_PLAIN: [], RAW_NIC: [], RAW_NIC_WORK: []}
+    steps = {RAW_NIC: [], RAW_NIC_WORK: []}
     try:
         config = '[network]\nbridge = "kb0"\nsubnet = "10.77.0.0/24"\n'
         with Kilnd(extra_config=config, wrap=["ip", "netns", "exec", ns]) as k:
@@ -177,10 +237,19 @@ def run(plan):
             for pool, extra in shapes.items():
                 conn.call("CreatePool", {"name": pool, "spec": {"mode": "template", "warm": 0, "max": 1,
                                                                 "vm": dict({"memoryMiB": 128}, **extra)}})
-            # Warm-up: each pool's template is built by its first Acquire.
+            # Warm-up: each pool's template is built by its first Acquire;
+            # the NIC clone's argv becomes the raw peer's.
             for pool in shapes:
                 vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 300000})["vm"]
+                if pool == "net":
+                    argv = argv_of(vm["pid"])
+                    clone = (argv, vm, k.vm_dir(vm["id"]), template_dir_of(argv))
                 conn.call("Release", {"id": vm["id"]})
+            # The template's MAC, which a raw clone's NIC starts with.
+            probe = ("mac", "io.kiln.Agent.Exec", {"argv": ["sh", "-c", "cat /sys/class/net/e*/address"]})
+            _, _, [probed] = raw_nic_clone(ns, clone, os.path.join(k.work, "rawnic"), [probe])
+            template_mac = probed["stdout"].strip()
+            kilnd_steps_before = len(k.boot_steps())
             for i in range(plan["clones"]):
                 for pool, name in (("net", CLONE_NIC), ("plain", CLONE_PLAIN))[:: 1 if i % 2 == 0 else -1]:
                     wait_pool(conn, pool, lambda p: p["leased"] == 0 and p["booting"] == 0)
@@ -188,6 +257,14 @@ def run(plan):
                     vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 60000})["vm"]
                     samples[name].append((time.monotonic() - t0) * 1000)
                     conn.call("Release", {"id": vm["id"]})
+                for name, calls in ((RAW_NIC, []), (RAW_NIC_WORK, [identity_call(), network_call(template_mac)])):
+                    total, raw_steps, _ = raw_nic_clone(ns, clone, os.path.join(k.work, f"rawnic{i}"), calls)
+                    samples[name].append(total)
+                    steps[name].append(raw_steps)
+            # The NIC clones' own steps (kilnd's debug log): with a NIC,
+            # the only clones carrying a `network` step.
+            kilnd_nic_steps = [s for s in k.boot_steps()[kilnd_steps_before:]
+                               if s.pop("clone") and "network" in s]
             for pool in shapes:
                 conn.call("ResizePool", {"name": pool, "warm": 1, "max": 2})
             for i in range(plan["hot"]):
@@ -208,6 +285,8 @@ def run(plan):
             conn.close()
         note = ("TAP create + enslave + up alone: ~3 ms per NIC (`cargo test -p kiln-net --test netns "
                 "tap_create_attach_delete_cost -- --nocapture`), done in the boot sub-task before QEMU starts.")
-        return samples, {"throughput": rows, "note": note}
+        clone_steps = {"raw": step_medians(steps[RAW_NIC]), "raw_work": step_medians(steps[RAW_NIC_WORK]),
+                       "kilnd": step_medians(kilnd_nic_steps), "n": len(kilnd_nic_steps)}
+        return samples, {"throughput": rows, "note": note, "clone_steps": clone_steps}
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)

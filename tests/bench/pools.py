@@ -6,8 +6,9 @@ raw-qemu-clone  plain QEMU restoring a kilnd pool template with the argv of a
                 without its run state, so the clone runs once loaded),
                 timed to the agent's Ping: the floor for clones;
 raw-qemu-clone + identity  the same, then the guest work kilnd's clone does
-                too: the synced Ping (a lone NUL first) and SetIdentity
-                (hostname, machine id, entropy) on that connection. Under
+                too, sent as kilnd sends it: the synced Ping (a lone NUL
+                first) and SetIdentity (hostname, machine id, entropy) in
+                one write. Under
                 TCG the first SetIdentity of a clone costs ~20 ms of guest
                 code translated afresh (a second one ~1 ms), so this is the
                 floor for the same work;
@@ -51,42 +52,60 @@ def dbus_manager():
     return DBusAddress("/io/kiln/Kiln1/Manager", bus_name="io.kiln.Kiln1", interface="io.kiln.Kiln1.Manager")
 
 
-def raw_restore(argv, run_dir, template_dir, identity=False):
+def raw_restore(argv, run_dir, template_dir, calls=(), pass_fds=()):
     """Exec a clone's argv, restore the template over QMP, time to agent Ping.
 
     The template was saved without its run state, so the clone runs by
-    itself once loaded, as in kilnd: no polling, no `cont`. Returns the
-    total in ms and the steps kilnd's `boot steps` log names (launch: exec
-    to QMP connected; restore: the load started; agent: to the Ping reply,
-    the load included)."""
+    itself once loaded, as in kilnd: no polling, no `cont`. `calls`
+    ((step, method, parameters), ...) are sent behind a synced Ping in one
+    write, as kilnd sends a clone's SetIdentity and ConfigureNetwork, and
+    timed to their replies. Returns the total in ms and the steps kilnd's
+    `boot steps` log names (launch: exec to QMP connected; restore: the
+    load started; agent: to the Ping reply, the load included; then one
+    per call), and the calls' replies."""
     t0 = time.monotonic()
-    qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            pass_fds=pass_fds)
     try:
         qmp = Qmp(os.path.join(run_dir, "qmp.sock"), timeout=30, pause=0.001)
         t_launch = time.monotonic()
         qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
         qmp.cmd("migrate-incoming", uri=f"file:{template_dir}/state")
         t_restore = time.monotonic()
-        if not identity:
+        steps = {"launch": t_launch - t0, "restore": t_restore - t_launch}
+        if not calls:
             agent_ping(os.path.join(run_dir, "agent.sock"), t0 + 60)
-            t_agent = time.monotonic()
-            steps = {"launch": t_launch - t0, "restore": t_restore - t_launch, "agent": t_agent - t_restore}
-            return (t_agent - t0) * 1000, {k: v * 1000 for k, v in steps.items()}
-        agent = Agent(os.path.join(run_dir, "agent.sock"), connect_timeout=60, pause=0.002)
-        try:
-            agent.sync_ping()
-            t_agent = time.monotonic()
-            agent.call("io.kiln.Agent.SetIdentity", {"hostname": "raw-clone", "machineId": secrets.token_hex(16),
-                                                     "entropyHex": secrets.token_hex(32)})
-            t_identity = time.monotonic()
-        finally:
-            agent.close()
-        steps = {"launch": t_launch - t0, "restore": t_restore - t_launch, "agent": t_agent - t_restore,
-                 "identity": t_identity - t_agent}
-        return (t_identity - t0) * 1000, {k: v * 1000 for k, v in steps.items()}
+            t_agent, replies = time.monotonic(), []
+        else:
+            agent = Agent(os.path.join(run_dir, "agent.sock"), connect_timeout=60, pause=0.002)
+            try:
+                _, t_agent, replies = agent.sync_ping_then([(method, params) for _, method, params in calls])
+            finally:
+                agent.close()
+        steps["agent"] = t_agent - t_restore
+        t_end = t_agent
+        for (step, _, _), (_, t_reply) in zip(calls, replies):
+            steps[step], t_end = t_reply - t_end, t_reply
+        return (t_end - t0) * 1000, {k: v * 1000 for k, v in steps.items()}, [r for r, _ in replies]
     finally:
         qemu.kill()
         qemu.wait()
+
+
+def identity_call():
+    """The SetIdentity kilnd sends a clone, as a raw_restore call."""
+    return ("identity", "io.kiln.Agent.SetIdentity",
+            {"hostname": "raw-clone", "machineId": secrets.token_hex(16), "entropyHex": secrets.token_hex(32)})
+
+
+def raw_clone_argv(argv, vm, vm_dir, raw_dir):
+    """A kilnd clone's argv with its run dir and name swapped for `raw_dir`'s."""
+    return [a.replace(vm_dir, raw_dir).replace(f"kiln-{vm['id']}", "kiln-bench-raw") for a in argv]
+
+
+def template_dir_of(argv):
+    """The template a clone's argv maps its RAM from."""
+    return os.path.dirname(next(a for a in argv if "mem-path=" in a).split("mem-path=")[1])
 
 
 def step_medians(runs):
@@ -110,7 +129,7 @@ def clones(kilnd, rounds, pool, concurrency):
     vm = conn.call("Acquire", {"pool": pool, "timeoutMs": 300000})["vm"]
     template_build_ms = (time.monotonic() - t0) * 1000
     argv = argv_of(vm["pid"])
-    template_dir = os.path.dirname(next(a for a in argv if "mem-path=" in a).split("mem-path=")[1])
+    template_dir = template_dir_of(argv)
     conn.call("Release", {"id": vm["id"]})
     vm_dir = kilnd.vm_dir(vm["id"])
     raw_steps, raw_identity_steps = [], []
@@ -120,8 +139,8 @@ def clones(kilnd, rounds, pool, concurrency):
                                           (RAW_CLONE_IDENTITY, True, raw_identity_steps)):
             raw_dir = os.path.join(kilnd.work, f"rawclone{i}")
             os.makedirs(raw_dir)
-            raw_argv = [a.replace(vm_dir, raw_dir).replace(f"kiln-{vm['id']}", "kiln-bench-raw") for a in argv]
-            total, steps = raw_restore(raw_argv, raw_dir, template_dir, identity)
+            calls = [identity_call()] if identity else []
+            total, steps, _ = raw_restore(raw_clone_argv(argv, vm, vm_dir, raw_dir), raw_dir, template_dir, calls)
             results[name].append(total)
             step_list.append(steps)
             shutil.rmtree(raw_dir, ignore_errors=True)

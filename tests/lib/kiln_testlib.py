@@ -172,16 +172,33 @@ class Agent(VarlinkConnection):
 
     def sync_ping(self, timeout=AGENT_CALL_TIMEOUT):
         """Ping with a fresh nonce, skipping stale replies (how kilnd syncs)."""
+        return self.sync_ping_then([], timeout)[0]
+
+    def sync_ping_then(self, calls, timeout=AGENT_CALL_TIMEOUT):
+        """sync_ping with `calls` ((method, parameters), ...) in the same
+        write, behind the Ping, as kilnd sends a clone's SetIdentity and
+        ConfigureNetwork. Returns the Ping's parameters, the monotonic time
+        its reply came, and each call's (parameters, time its reply came);
+        VarlinkError for the first that fails."""
         self.nonce += 1
         nonce = self.nonce
+        frames = [{"method": "io.kiln.Agent.Ping", "parameters": {"nonce": nonce}}]
+        frames += [{"method": m, "parameters": p} for m, p in calls]
         # A lone NUL first ends any partial frame left by an earlier client.
-        self.sock.sendall(b"\0")
-        self.send("io.kiln.Agent.Ping", {"nonce": nonce})
+        self.sock.sendall(b"\0" + b"".join(json.dumps(f).encode() + b"\0" for f in frames))
         deadline = time.monotonic() + timeout
         while True:
             reply = self.recv(max(0.1, deadline - time.monotonic()))
             if reply.get("parameters", {}).get("nonce") == nonce:
-                return reply["parameters"]
+                ping, ping_time = reply["parameters"], time.monotonic()
+                break
+        replies = []
+        for method, _ in calls:
+            reply = self.recv(max(0.1, deadline - time.monotonic()))
+            if "error" in reply:
+                raise VarlinkError(method, reply)
+            replies.append((reply.get("parameters", {}), time.monotonic()))
+        return ping, ping_time, replies
 
     def exec(self, argv, **kw):
         """io.kiln.Agent.Exec of `argv` (`kw`: stdin, env, timeoutMs, ...)."""
