@@ -32,11 +32,19 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== unit and integration tests (real QEMU, TCG where KVM is unusable)"
+# Each test sandbox reports a VM cgroup its kilnd left behind here
+# (kiln-testkit, process.rs), then removes it.
+leaks=/tmp/kiln-test-leaks.log
+rm -f "$leaks"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast
 else
     echo "cargo-nextest not found, falling back to cargo test" >&2
     cargo test --workspace --no-fail-fast
+fi
+if [ -s "$leaks" ]; then
+    echo "== VM cgroups the tests' kilnds left behind (removed by the sandboxes):"
+    cat "$leaks"
 fi
 
 echo "== guest agent against real QEMU: exec, reconnects, snapshot + clone, reboot, shutdown"
