@@ -97,13 +97,20 @@ pub fn kill_qemus_under(root: &Path) {
         if pid != me && names_root {
             // SAFETY: kill(2) with a pid and a signal number.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // A QEMU whose run dir is gone (a test's tmpfs over `run/`
+            // unmounted first) still names it: its cgroup is the
+            // sandbox's to remove too.
+            vm_ids.extend(vm_id_in(&cmdline, &format!("{needle}run/vms/")));
         }
     }
+    vm_ids.sort();
+    vm_ids.dedup();
     remove_vm_cgroups(&vm_ids);
-    // The VMs the sandbox's kilnd made and destroyed itself: their cgroups
-    // must be gone already. One left behind is kilnd's leak: reported (one
-    // empty VM cgroup per full `make test` was seen, cause not found yet),
-    // then removed so the host stays clean.
+    // The VMs the sandbox's kilnd made and no longer ran: their cgroups
+    // must be gone already. One left behind is kilnd's leak: reported,
+    // then removed so the host stays clean. (The one empty VM cgroup a
+    // full `make test` used to leave was the sandbox's own: a QEMU whose
+    // run dir a test had unmounted, handled above.)
     let destroyed: Vec<String> = vms_created_in_log(root)
         .into_iter()
         .filter(|id| !vm_ids.contains(id))
@@ -131,6 +138,16 @@ pub fn kill_qemus_under(root: &Path) {
             ));
         }
     }
+}
+
+/// The VM id in a command line that names `<vms_dir><id>/…`.
+fn vm_id_in(cmdline: &[u8], vms_dir: &str) -> Option<String> {
+    cmdline.split(|b| *b == 0).find_map(|arg| {
+        let arg = String::from_utf8_lossy(arg);
+        let rest = arg.split(vms_dir).nth(1)?;
+        let id = rest.split('/').next()?;
+        (!id.is_empty()).then(|| id.to_owned())
+    })
 }
 
 /// Where leftover VM cgroups are reported: `scripts/test.sh` prints it

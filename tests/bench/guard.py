@@ -4,7 +4,8 @@
 Every metric is lower-is-better. Latency scenarios that have a floor in the
 same run (raw QEMU, the transport's no-op call) are compared by their ratio to
 it, which survives a busy machine far better than milliseconds; the floors
-themselves measure the machine, not Kiln, and are not compared. Also: per-VM
+themselves measure the machine, not Kiln, and are not compared, nor is a
+scenario with a single sample. Also: per-VM
 PSS at each density step and of a per-image pool's VMs (MiB), idle CPU per
 VM from N = 10 (% of a core), the fill time
 (s), kilnd's idle RSS after start and at the end of the run (MiB), a Kiln pod's PSS through containerd (MiB). A metric more than 2x worse than the baseline
@@ -31,6 +32,10 @@ def metrics(report):
     scenarios = report.get("scenarios", {})
     floors = {s["floor"] for s in scenarios.values() if "floor" in s}
     for name, s in scenarios.items():
+        # One sample (a cold pool's single Acquire in a QUICK run) is a
+        # moment of the machine, not a median: nothing to compare.
+        if s.get("n", 0) < 2:
+            continue
         if "vs_floor" in s:
             out[f"{name}: median vs {s['floor']}"] = (s["vs_floor"], "x")
         elif name not in floors:

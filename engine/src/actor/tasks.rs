@@ -99,7 +99,8 @@ pub(super) async fn boot(
     }
     // Identity and network ride on the Ping that finds the agent: one
     // write, one wake-up of a guest whose code is not translated yet, and
-    // the agent writes the identity's files once it has answered both.
+    // the agent leaves what follows its replies (the identity's files,
+    // IPv6) until it has answered them all.
     let mut follow_ups = Vec::new();
     if let Some(identity) = &plan.identity {
         follow_ups.push(FollowUp {

@@ -485,6 +485,29 @@ async fn failing_boots_back_off_then_fail_the_pool_and_recover() {
     assert_eq!(ready.state, PoolState::Ready);
 }
 
+/// A clone's identity goes with the Ping that finds its agent (one
+/// write): a guest that refuses it fails that boot, the clone is never
+/// handed out, and the pool serves once identities are taken again.
+#[tokio::test(start_paused = true)]
+async fn a_clone_whose_identity_is_refused_is_never_handed_out() {
+    let h = Harness::start().await;
+    h.fake
+        .set_behaviour(|b| b.failing_agent_call = Some(kiln_agent_proto::method::SET_IDENTITY));
+    h.create_pool("t", PoolMode::Template, 0, 1).await;
+    let refused = h.acquire("t", Duration::from_secs(5), "alice").await;
+    assert!(refused.is_err(), "{refused:?}");
+    let vms = h.engine.list_vms().await.expect("list");
+    assert!(vms.iter().all(|vm| vm.state != VmState::Leased), "{vms:?}");
+    h.fake.set_behaviour(|b| b.failing_agent_call = None);
+    h.engine.resize_pool("t", 1, None).await.expect("resize");
+    h.pool_until("t", |p| p.hot == 1).await;
+    let vm = h
+        .acquire("t", Duration::from_secs(5), "alice")
+        .await
+        .expect("acquire");
+    assert_eq!(vm.state, VmState::Leased);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failing_template_build_backs_off() {
     let h = Harness::start().await;

@@ -116,9 +116,7 @@ impl Agent {
     /// clone. A call that could see the result does the work first
     /// ([`Agent::catch_up_before`]).
     pub fn catch_up(&mut self) {
-        if let Some(files) = self.identity_files_due.take() {
-            files.write();
-        }
+        self.write_identity_files();
         self.network.catch_up();
     }
 
@@ -128,12 +126,16 @@ impl Agent {
     /// a `SetIdentity`.
     fn catch_up_before(&mut self, method: &str) {
         if !matches!(method, method::PING | method::CONFIGURE_NETWORK) {
-            if let Some(files) = self.identity_files_due.take() {
-                files.write();
-            }
+            self.write_identity_files();
         }
         if !matches!(method, method::PING | method::SET_IDENTITY) {
             self.network.catch_up();
+        }
+    }
+
+    fn write_identity_files(&mut self) {
+        if let Some(files) = self.identity_files_due.take() {
+            files.write();
         }
     }
 
