@@ -139,7 +139,7 @@ def summary(report):
         k, r = sc["kilnd-clone (Acquire, nothing hot)"], sc[same_work]
         rows.append(f"| template clone, against raw QEMU doing the same guest work | {ms(k['median_ms'])} ms | "
                     f"{same_work}: {ms(r['median_ms'])} ms | {k['median_ms'] / r['median_ms']:.2f}x | "
-                    "identity is ~20 ms of guest code TCG translates afresh in every clone |")
+                    "the identity (fresh entropy first) is guest code TCG translates afresh in every clone |")
     line("template clone with a bridge NIC, Acquire with nothing hot",
          "net: kilnd-clone with a bridge NIC (Acquire, nothing hot)", "target ≤ 1.15x raw")
     nic_work = "net: raw-qemu-clone with a bridge NIC + identity + network (one write)"
