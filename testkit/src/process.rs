@@ -116,28 +116,27 @@ pub fn kill_qemus_under(root: &Path) {
         .filter(|id| !vm_ids.contains(id))
         .collect();
     for id in &destroyed {
-        let left: Vec<PathBuf> = vm_cgroup_dirs(id)
-            .into_iter()
-            .filter(|d| d.is_dir())
-            .collect();
-        if !left.is_empty() {
+        if let Some(dir) = vm_cgroup_left(id) {
             report_leak(&format!(
-                "kilnd destroyed VM {id} but left its cgroup ({})",
-                left.first()
-                    .map(|d| d.display().to_string())
-                    .unwrap_or_default()
+                "kilnd no longer runs VM {id} but left its cgroup ({})",
+                dir.display()
             ));
         }
     }
     remove_vm_cgroups(&destroyed);
     for id in &vm_ids {
-        if let Some(dir) = vm_cgroup_dirs(id).into_iter().find(|d| d.is_dir()) {
+        if let Some(dir) = vm_cgroup_left(id) {
             report_leak(&format!(
                 "the cgroup of VM {id} is still busy after its QEMU was killed ({})",
                 dir.display()
             ));
         }
     }
+}
+
+/// A directory of VM `id`'s cgroup that still exists, if any.
+fn vm_cgroup_left(id: &str) -> Option<PathBuf> {
+    vm_cgroup_dirs(id).into_iter().find(|d| d.is_dir())
 }
 
 /// The VM id in a command line that names `<vms_dir><id>/…`.

@@ -9,8 +9,8 @@ raw-qemu-clone + identity  the same, then the guest work kilnd's clone does
                 too, sent as kilnd sends it: the synced Ping (a lone NUL
                 first) and SetIdentity (hostname, machine id, entropy) in
                 one write. Under
-                TCG the first SetIdentity of a clone costs ~20 ms of guest
-                code translated afresh (a second one ~1 ms), so this is the
+                TCG a clone's first SetIdentity is guest code translated
+                afresh (~5–10 ms; a second one ~1 ms), so this is the
                 floor for the same work;
 kilnd-clone     Acquire from a template pool with nothing hot (warm 0), so the
                 call waits for a fresh clone (identity set-up included);

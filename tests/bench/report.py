@@ -123,6 +123,13 @@ def summary(report):
         ratio = f"{s['vs_floor']:.2f}x" if "vs_floor" in s else ""
         rows.append(f"| {label} | {ms(s['median_ms'])} ms (p99 {ms(s['p99_ms'])}, n={s['n']}) | {fl} | {ratio} | {anchor} |")
 
+    def against(label, name, other, anchor=""):
+        """`name`'s median against a scenario other than its floor."""
+        if name not in sc or other not in sc:
+            return
+        k, o = sc[name]["median_ms"], sc[other]["median_ms"]
+        rows.append(f"| {label} | {ms(k)} ms | {other}: {ms(o)} ms | {k / o:.2f}x | {anchor} |")
+
     line("cold boot to agent, kilnd StartVM", "kilnd-cold (varlink StartVM)", "CH/KVM ~74 ms; Kata 0.5–1 s")
     line("cold boot to agent, libvirt virsh create", "libvirt virsh create", "")
     if "libvirt virsh create" in sc and "kilnd-cold (varlink StartVM)" in sc:
@@ -134,27 +141,16 @@ def summary(report):
         rows.append(f"| libvirt virsh create | skipped: {report['libvirt']['skipped']} | | | |")
     line("template clone to agent, Acquire with nothing hot", "kilnd-clone (Acquire, nothing hot)",
          "CH/KVM warm restore ~25 ms; target ≤ 1.5x raw")
-    same_work = "raw-qemu-clone + identity (restore, synced Ping, SetIdentity)"
-    if same_work in sc and "kilnd-clone (Acquire, nothing hot)" in sc:
-        k, r = sc["kilnd-clone (Acquire, nothing hot)"], sc[same_work]
-        rows.append(f"| template clone, against raw QEMU doing the same guest work | {ms(k['median_ms'])} ms | "
-                    f"{same_work}: {ms(r['median_ms'])} ms | {k['median_ms'] / r['median_ms']:.2f}x | "
-                    "the identity (fresh entropy first) is guest code TCG translates afresh in every clone |")
-    line("template clone with a bridge NIC, Acquire with nothing hot",
-         "net: kilnd-clone with a bridge NIC (Acquire, nothing hot)", "target ≤ 1.15x raw")
-    nic_work = "net: raw-qemu-clone with a bridge NIC + identity + network (one write)"
-    nic_clone, plain_clone = ("net: kilnd-clone with a bridge NIC (Acquire, nothing hot)",
-                              "net: kilnd-clone without a NIC (Acquire, nothing hot)")
-    if nic_work in sc and nic_clone in sc:
-        k, r = sc[nic_clone], sc[nic_work]
-        rows.append(f"| template clone with a bridge NIC, against raw QEMU doing the same guest work | "
-                    f"{ms(k['median_ms'])} ms | {nic_work}: {ms(r['median_ms'])} ms | "
-                    f"{k['median_ms'] / r['median_ms']:.2f}x | the guest's network set-up is kernel code "
-                    "TCG translates afresh in every clone |")
-    if plain_clone in sc and nic_clone in sc:
-        k, p = sc[nic_clone], sc[plain_clone]
-        rows.append(f"| template clone, with a bridge NIC against without (one kilnd) | {ms(k['median_ms'])} ms | "
-                    f"{plain_clone}: {ms(p['median_ms'])} ms | {k['median_ms'] / p['median_ms']:.2f}x | |")
+    against("template clone, against raw QEMU doing the same guest work", "kilnd-clone (Acquire, nothing hot)",
+            "raw-qemu-clone + identity (restore, synced Ping, SetIdentity)",
+            "the identity (fresh entropy first) is guest code TCG translates afresh in every clone")
+    nic_clone = "net: kilnd-clone with a bridge NIC (Acquire, nothing hot)"
+    line("template clone with a bridge NIC, Acquire with nothing hot", nic_clone, "target ≤ 1.15x raw")
+    against("template clone with a bridge NIC, against raw QEMU doing the same guest work", nic_clone,
+            "net: raw-qemu-clone with a bridge NIC + identity + network (one write)",
+            "the guest's network set-up is kernel code TCG translates afresh in every clone")
+    against("template clone, with a bridge NIC against without (one kilnd)", nic_clone,
+            "net: kilnd-clone without a NIC (Acquire, nothing hot)")
     line("libvirt's clone: virsh restore of a saved domain to agent", "libvirt virsh restore",
          "in a systemd container; Firecracker snapshot restore ~5–10 ms on KVM (published)")
     line("hot Acquire, varlink", "kilnd-hot Acquire (varlink)", "")
@@ -316,9 +312,18 @@ def clone_steps_md(report):
            "(exec to QMP connected, cgroup), restore (`migrate-set-capabilities` and `migrate-incoming` "
            "sent; the clone runs once loaded), agent (to the Ping reply, the load included), identity "
            "(SetIdentity), network (ConfigureNetwork); the rest of the Acquire is outside the boot task.", "",
-           "| step | raw QEMU | raw QEMU + identity | kilnd |", "| --- | --- | --- | --- |"]
-    for name in list(dict.fromkeys(list(kilnd) + list(raw_identity) + list(raw))):
-        out.append(f"| {name} | {fmt(raw.get(name))} | {fmt(raw_identity.get(name))} | {fmt(kilnd.get(name))} |")
+           ]
+    return out + steps_table([("raw QEMU", raw), ("raw QEMU + identity", raw_identity), ("kilnd", kilnd)])
+
+
+def steps_table(columns):
+    """A step-by-step table, one column per (title, {step: ms}); the rows
+    are every step any column has, the last column's order first."""
+    names = list(dict.fromkeys(name for _, steps in reversed(columns) for name in steps))
+    out = ["| step | " + " | ".join(title for title, _ in columns) + " |",
+           "| --- |" + " --- |" * len(columns)]
+    for name in names:
+        out.append(f"| {name} | " + " | ".join(fmt(steps.get(name)) for _, steps in columns) + " |")
     return out
 
 
@@ -395,10 +400,8 @@ def network_md(report):
         raw, work, kilnd = steps["raw"], steps["raw_work"], steps["kilnd"]
         out += ["", f"A clone with a bridge NIC, step by step (median ms; kilnd n = {steps['n']}): raw QEMU "
                 "restoring the same template with a TAP of its own, alone and with the guest work kilnd's "
-                "clone does (Ping, SetIdentity, ConfigureNetwork in one write).", "",
-                "| step | raw QEMU | raw QEMU + identity + network | kilnd |", "| --- | --- | --- | --- |"]
-        for name in list(dict.fromkeys(list(kilnd) + list(work) + list(raw))):
-            out.append(f"| {name} | {fmt(raw.get(name))} | {fmt(work.get(name))} | {fmt(kilnd.get(name))} |")
+                "clone does (Ping, SetIdentity, ConfigureNetwork in one write).", ""]
+        out += steps_table([("raw QEMU", raw), ("raw QEMU + identity + network", work), ("kilnd", kilnd)])
     if n.get("note"):
         out += ["", n["note"]]
     return out

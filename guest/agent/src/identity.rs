@@ -59,6 +59,7 @@ impl Identity {
     /// write. The agent writes them after the reply, once it has nothing
     /// else to answer or before any call that could read them
     /// (`Agent::catch_up`).
+    ///
     /// `random` is `/dev/random` opened for writing, if the agent has it
     /// open already ([`open_random`]).
     pub fn apply(&self, random: Option<&File>) -> Result<IdentityFiles, IdentityFailed> {

@@ -954,7 +954,6 @@ impl Engine {
 
     // ----- helpers -----------------------------------------------------------
 
-    /// Delete a VM without anyone waiting for the result.
     /// Ids of pool `name`'s VMs that no one holds (hot, booting or being
     /// destroyed) and that `which` picks.
     fn unleased_vms(&self, name: &str, which: impl Fn(&super::VmEntry) -> bool) -> Vec<String> {
@@ -966,6 +965,7 @@ impl Engine {
             .collect()
     }
 
+    /// Delete a VM without anyone waiting for the result.
     pub(super) fn destroy_vm(&mut self, id: &str) {
         let (reply, _ignored) = oneshot::channel();
         self.delete_vm(id, reply);
