@@ -121,9 +121,10 @@ pub(super) async fn boot(
     })
     .await?;
     steps.done_at("agent", ready.ready_at);
-    let mut arrivals = ready.replies.iter().map(|(_, at)| *at);
     if plan.identity.is_some() {
-        steps.done_at("identity", arrivals.next().unwrap_or(ready.ready_at));
+        // Its reply is the first follow-up's.
+        let at = ready.replies.first().map_or(ready.ready_at, |(_, at)| *at);
+        steps.done_at("identity", at);
     }
     if let Some(n) = &plan.net {
         // Forwards only once the guest has its address.
